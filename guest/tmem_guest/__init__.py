@@ -1,0 +1,1 @@
+"""The tmem guest agent: frontswap via NBD, cleancache via FUSE (stdlib-only)."""

@@ -1,0 +1,1 @@
+"""Wire protocols shared by host and guest: stdlib-only, sans-IO."""
