@@ -1,0 +1,851 @@
+"""The tmem wire ABI: frames, opcodes, statuses and payload codecs (docs/ABI.md).
+
+Stdlib-only and sans-IO (h11 style): bytes go in, frames come out, nothing here
+reads or writes a socket. Both tmemd (host) and the guest agent import it.
+
+Exception tree::
+
+    TmemWireError           root of everything this module raises on bad input
+     +-- ProtocolError      malformed or unacceptable bytes; carries a Status:
+                              PROTOCOL_ERROR  framing is broken: the stream is
+                                              unusable until a new HELLO
+                              INVALID         a well-framed payload holds a bad
+                                              value: answer it, carry on
+
+`FrameDecoder` only raises PROTOCOL_ERROR. The payload codecs raise
+PROTOCOL_ERROR when the payload's size or structure is wrong and INVALID when a
+value in it is (unknown flag bits, page shift out of range, reserved bytes set,
+no common version in `negotiate`). Encoders raise ValueError on arguments that
+cannot be encoded: that is a bug in the caller, not bad input from the peer.
+"""
+
+from __future__ import annotations
+
+import struct
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from enum import IntEnum, IntFlag
+from typing import ClassVar, Final, TypeAlias
+
+__all__ = [
+    "ALL_POOLS", "BATCH_HEADER_SIZE", "DESCRIPTOR_SIZE", "FLAG_REPLY", "HEADER_SIZE",
+    "HELLO_SIZE", "MAGIC", "MAX_BATCH", "MAX_ERROR_TEXT", "MAX_PAGE_SHIFT",
+    "MAX_PAYLOAD", "MIN_PAGE_SHIFT", "NEED_DATA", "NEW_POOL_SIZE", "POOL_GRANT_SIZE",
+    "POOL_STATS_SIZE", "VERSION", "WHOLE_OBJECT",
+    "Buffer", "Feature", "Flag", "Frame", "FrameDecoder", "Hello", "Key", "NeedData",
+    "NewPool", "Oid", "Op", "PoolFlag", "PoolStats", "ProtocolError", "Status",
+    "TmemWireError",
+    "decode_batch_reply", "decode_key_batch", "decode_pool_grant", "decode_pool_stats",
+    "decode_put_batch", "encode_batch_reply", "encode_frame", "encode_key_batch",
+    "encode_pool_grant", "encode_pool_stats", "encode_put_batch", "error_text",
+    "max_batch_pages", "negotiate", "pack_header_into", "page_size_mask", "reply_to",
+]
+
+MAGIC: Final = 0x4D454D54  # b"TMEM" on the wire (little-endian)
+VERSION: Final = 1
+HEADER_SIZE: Final = 64
+MIN_PAGE_SHIFT: Final = 12  # 4 KiB
+MAX_PAGE_SHIFT: Final = 21  # 2 MiB
+MAX_PAYLOAD: Final = 4 * 1024 * 1024 + 4096
+MAX_BATCH: Final = 1024
+ALL_POOLS: Final = 0xFFFFFFFF
+# FLUSH_BATCH descriptor index meaning "the whole object" (never a page index).
+WHOLE_OBJECT: Final = 0xFFFFFFFFFFFFFFFF
+# A non-OK reply may explain itself in at most this many bytes of UTF-8.
+MAX_ERROR_TEXT: Final = 256
+
+Oid: TypeAlias = tuple[int, int, int]
+Key: TypeAlias = tuple[Oid, int]  # (oid, page index)
+Buffer: TypeAlias = bytes | bytearray | memoryview
+
+_HEADER: Final = struct.Struct("<IBBHQIIQQQQII")
+assert _HEADER.size == HEADER_SIZE
+_MAGIC_BYTES: Final = struct.pack("<I", MAGIC)
+
+
+class Op(IntEnum):
+    HELLO = 1
+    NEW_POOL = 2
+    DESTROY_POOL = 3
+    PUT = 4
+    GET = 5
+    FLUSH_PAGE = 6
+    FLUSH_OBJECT = 7
+    PUT_BATCH = 8
+    GET_BATCH = 9
+    FLUSH_BATCH = 10
+    STATS = 11
+
+
+class Status(IntEnum):
+    OK = 0
+    MISS = 1
+    REFUSED = 2  # no room, or over the guest's cap
+    FROZEN = 3
+    INVALID = 4  # bad pool id, page size mismatch, bad argument
+    NOT_PERMITTED = 5
+    PROTOCOL_ERROR = 6
+
+
+class Flag(IntFlag):
+    """Header flags; every bit but REPLY is reserved and must be 0."""
+
+    REPLY = 1
+
+
+FLAG_REPLY: Final = Flag.REPLY
+
+
+class Feature(IntFlag):
+    BATCH = 1  # PUT_BATCH, GET_BATCH, FLUSH_BATCH
+    ASYNC = 2  # several requests in flight, replies in any order
+    STATS = 4  # the STATS opcode
+
+
+class PoolFlag(IntFlag):
+    PERSISTENT = 1  # frontswap: the host never drops a page it accepted
+    SHARED = 2  # pool named by a UUID that several guests may open
+    INCLUSIVE_GETS = 4  # a GET leaves the page in an ephemeral pool
+
+
+_KNOWN_FEATURES: Final = int(Feature.BATCH | Feature.ASYNC | Feature.STATS)
+_KNOWN_POOL_FLAGS: Final = int(PoolFlag.PERSISTENT | PoolFlag.SHARED | PoolFlag.INCLUSIVE_GETS)
+_STATUS_VALUES: Final = frozenset(int(status) for status in Status)
+_OP_VALUES: Final = frozenset(int(op) for op in Op)
+
+
+class TmemWireError(Exception):
+    """Root of the errors this module raises on bad input."""
+
+
+class ProtocolError(TmemWireError):
+    """Malformed input; `status` is what the receiver answers (see module doc)."""
+
+    def __init__(self, status: Status, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.status.name}: {self.message}"
+
+
+def _framing(message: str) -> ProtocolError:
+    return ProtocolError(Status.PROTOCOL_ERROR, message)
+
+
+def _invalid(message: str) -> ProtocolError:
+    return ProtocolError(Status.INVALID, message)
+
+
+def _nbytes(buffer: Buffer) -> int:
+    return buffer.nbytes if isinstance(buffer, memoryview) else len(buffer)
+
+
+# --------------------------------------------------------------------------- frames
+
+
+@dataclass(slots=True)
+class Frame:
+    opcode: int
+    request_id: int
+    status: int = 0
+    pool_id: int = 0
+    oid: Oid = (0, 0, 0)
+    index: int = 0
+    payload: Buffer = b""
+    flags: int = 0
+    version: int = VERSION
+
+    @property
+    def is_reply(self) -> bool:
+        return bool(self.flags & Flag.REPLY)
+
+
+def pack_header_into(
+    buffer: bytearray | memoryview,
+    offset: int,
+    *,
+    opcode: int,
+    flags: int,
+    request_id: int,
+    status: int,
+    pool_id: int,
+    oid: Oid,
+    index: int,
+    payload_length: int,
+    version: int = VERSION,
+) -> None:
+    """Write a 64-byte header at buffer[offset:] (senders with preallocated buffers)."""
+    if not 0 <= payload_length <= MAX_PAYLOAD:
+        raise ValueError(f"payload of {payload_length} bytes exceeds {MAX_PAYLOAD}")
+    try:
+        _HEADER.pack_into(
+            buffer, offset, MAGIC, version, opcode, flags, request_id, status,
+            pool_id, oid[0], oid[1], oid[2], index, payload_length, 0,
+        )
+    except struct.error as error:
+        raise ValueError(f"header field out of range: {error}") from None
+
+
+def encode_frame(frame: Frame) -> bytes:
+    length = _nbytes(frame.payload)
+    header = bytearray(HEADER_SIZE)
+    pack_header_into(
+        header, 0, opcode=frame.opcode, flags=frame.flags, request_id=frame.request_id,
+        status=frame.status, pool_id=frame.pool_id, oid=frame.oid, index=frame.index,
+        payload_length=length, version=frame.version,
+    )
+    return b"".join((header, frame.payload))
+
+
+def reply_to(
+    request: Frame, status: Status, payload: Buffer = b"", pool_id: int | None = None
+) -> Frame:
+    """The reply frame to `request`: same opcode, id, pool, oid and index."""
+    return Frame(
+        opcode=request.opcode, request_id=request.request_id, status=int(status),
+        pool_id=request.pool_id if pool_id is None else pool_id, oid=request.oid,
+        index=request.index, payload=payload, flags=int(Flag.REPLY), version=request.version,
+    )
+
+
+def error_text(frame: Frame) -> str:
+    """The diagnostic a non-OK reply may carry ("" when it carries none)."""
+    if frame.status == Status.OK:
+        return ""
+    return bytes(frame.payload).decode("utf-8", errors="replace")
+
+
+class NeedData:
+    """The type of NEED_DATA: the decoder needs more bytes before the next frame."""
+
+    _instance: ClassVar[NeedData | None] = None
+
+    def __new__(cls) -> NeedData:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA: Final = NeedData()
+
+
+# Request fields an opcode does not use must be zero (bit 0: pool_id, 1: oid, 2: index).
+_POOL, _OID, _INDEX = 1, 2, 4
+_UNUSED_REQUEST_FIELDS: Final[dict[int, int]] = {
+    Op.HELLO: _POOL | _OID | _INDEX,
+    Op.NEW_POOL: _POOL | _OID | _INDEX,
+    Op.DESTROY_POOL: _OID | _INDEX,
+    Op.PUT: 0,
+    Op.GET: 0,
+    Op.FLUSH_PAGE: 0,
+    Op.FLUSH_OBJECT: _INDEX,
+    Op.PUT_BATCH: _OID | _INDEX,
+    Op.GET_BATCH: _OID | _INDEX,
+    Op.FLUSH_BATCH: _OID | _INDEX,
+    Op.STATS: _OID | _INDEX,
+}
+
+
+def _is_page_size(length: int) -> bool:
+    return (1 << MIN_PAGE_SHIFT) <= length <= (1 << MAX_PAGE_SHIFT) and not length & (length - 1)
+
+
+def _check_header(header: tuple[int, ...], max_payload: int) -> None:
+    """Checks of an unpacked header that need no payload bytes; raises PROTOCOL_ERROR."""
+    magic, version, opcode, flags, _, status, pool_id, oid0, oid1, oid2, index, length, reserved = (
+        header
+    )
+    if magic != MAGIC:
+        raise _framing(f"bad magic {magic:#010x}")
+    if version != VERSION:
+        raise _framing(f"unsupported version {version}")
+    if opcode not in _OP_VALUES:
+        raise _framing(f"unknown opcode {opcode}")
+    if flags & ~int(Flag.REPLY):
+        raise _framing(f"reserved flag bits set: {flags:#06x}")
+    if reserved:
+        raise _framing("reserved header field is not 0")
+    if length > max_payload:
+        raise _framing(f"payload of {length} bytes exceeds the limit of {max_payload}")
+    if status not in _STATUS_VALUES:
+        raise _framing(f"unknown status {status}")
+    if flags & Flag.REPLY:
+        if status != Status.OK:
+            if length > MAX_ERROR_TEXT:
+                raise _framing(f"error reply with a {length}-byte payload")
+            return
+        expected = _REPLY_SIZES.get(opcode)
+    else:
+        if status:
+            raise _framing("request with a nonzero status")
+        unused = _UNUSED_REQUEST_FIELDS[opcode]
+        if (unused & _POOL and pool_id) or (unused & _OID and (oid0 or oid1 or oid2)) or (
+            unused & _INDEX and index
+        ):
+            raise _framing(f"{Op(opcode).name} request sets a field it does not use")
+        expected = _REQUEST_SIZES.get(opcode)
+    if expected is not None:
+        if length != expected:
+            raise _framing(f"{Op(opcode).name} payload must be {expected} bytes, not {length}")
+    elif opcode in (Op.PUT, Op.GET):  # PUT request or GET reply: one page
+        if not _is_page_size(length):
+            raise _framing(f"{length} bytes is not a page size")
+    elif opcode == Op.STATS:
+        if length % POOL_STATS_SIZE:
+            raise _framing(f"STATS reply of {length} bytes is not whole records")
+    elif length < BATCH_HEADER_SIZE:
+        raise _framing(f"{Op(opcode).name} payload shorter than its batch header")
+
+
+def _check_payload(frame_opcode: int, is_reply: bool, status: int, payload: bytes) -> None:
+    """Structural payload checks for batch frames; raises PROTOCOL_ERROR."""
+    if status != Status.OK:
+        return
+    if is_reply:
+        if frame_opcode == Op.GET_BATCH:
+            _parse_batch_reply(payload, pages=True)
+        elif frame_opcode in (Op.PUT_BATCH, Op.FLUSH_BATCH):
+            _parse_batch_reply(payload, pages=False)
+    elif frame_opcode == Op.PUT_BATCH:
+        _parse_batch_header(payload, with_pages=True)
+    elif frame_opcode in (Op.GET_BATCH, Op.FLUSH_BATCH):
+        _parse_batch_header(payload, with_pages=False)
+
+
+class FrameDecoder:
+    """Incremental frame decoder.
+
+    feed() any number of bytes, then call next_frame() until it returns NEED_DATA.
+    Payloads come out as bytes (the decoder's buffer is reused). After it raised
+    ProtocolError the decoder is broken for good: every later call raises the same
+    error; start a new one (with resync=True) for the next session.
+
+    With resync=True the decoder first discards bytes until a valid HELLO frame
+    header (request or reply) starts: a session always opens with HELLO, and this
+    lets a receiver find it after reconnects lost bytes mid-frame.
+    """
+
+    _COMPACT_AT: Final = 1 << 20
+
+    def __init__(self, *, max_payload: int = MAX_PAYLOAD, resync: bool = False) -> None:
+        if not 0 <= max_payload <= MAX_PAYLOAD:
+            raise ValueError(f"max_payload must be within 0..{MAX_PAYLOAD}")
+        self.max_payload = max_payload
+        self.discarded = 0  # bytes skipped while resynchronising
+        self._hunting = resync
+        self._buffer = bytearray()
+        self._offset = 0
+        self._header: tuple[int, ...] | None = None
+        self._error: ProtocolError | None = None
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes received but not yet returned as a frame (partial frame at EOF)."""
+        return len(self._buffer) - self._offset
+
+    def feed(self, data: Buffer) -> None:
+        if self._error is not None:
+            raise self._error
+        self._buffer += data
+
+    def next_frame(self) -> Frame | NeedData:
+        if self._error is not None:
+            raise self._error
+        try:
+            return self._next_frame()
+        except ProtocolError as error:
+            self._error = error
+            raise
+
+    def _next_frame(self) -> Frame | NeedData:
+        buffer = self._buffer
+        if self._header is None:
+            if self._hunting and not self._hunt():
+                return NEED_DATA
+            if len(buffer) - self._offset < HEADER_SIZE:
+                self._compact()
+                return NEED_DATA
+            header = _HEADER.unpack_from(buffer, self._offset)
+            _check_header(header, self.max_payload)
+            self._offset += HEADER_SIZE
+            self._header = header
+        header = self._header
+        length = header[11]
+        start = self._offset
+        if len(buffer) - start < length:
+            return NEED_DATA
+        if length:
+            with memoryview(buffer) as view:
+                payload = bytes(view[start : start + length])
+        else:
+            payload = b""
+        self._offset = start + length
+        self._header = None
+        _, version, opcode, flags, request_id, status, pool_id, o0, o1, o2, index, _, _ = header
+        _check_payload(opcode, bool(flags & Flag.REPLY), status, payload)
+        self._compact()
+        return Frame(
+            opcode=opcode, request_id=request_id, status=status, pool_id=pool_id,
+            oid=(o0, o1, o2), index=index, payload=payload, flags=flags, version=version,
+        )
+
+    def _hunt(self) -> bool:
+        """Skip to the next valid HELLO header; False when more bytes are needed."""
+        buffer = self._buffer
+        while True:
+            found = buffer.find(_MAGIC_BYTES, self._offset)
+            if found < 0:
+                # Keep a tail that may be the start of a split magic.
+                keep_from = max(self._offset, len(buffer) - (len(_MAGIC_BYTES) - 1))
+                self.discarded += keep_from - self._offset
+                self._offset = keep_from
+                self._compact()
+                return False
+            self.discarded += found - self._offset
+            self._offset = found
+            if len(buffer) - found < HEADER_SIZE:
+                self._compact()
+                return False
+            header = _HEADER.unpack_from(buffer, found)
+            if header[2] == Op.HELLO:
+                try:
+                    _check_header(header, self.max_payload)
+                except ProtocolError:
+                    pass
+                else:
+                    self._hunting = False
+                    return True
+            self._offset += 1
+            self.discarded += 1
+
+    def _compact(self) -> None:
+        # Consumed bytes are dropped only when everything is consumed or the dead
+        # prefix is large, so that per-frame cost stays O(frame), not O(buffer).
+        if self._offset == len(self._buffer):
+            self._buffer.clear()
+            self._offset = 0
+        elif self._offset >= self._COMPACT_AT:
+            del self._buffer[: self._offset]
+            self._offset = 0
+
+
+# --------------------------------------------------------------------------- HELLO
+
+_HELLO: Final = struct.Struct("<HHIIIIIQ")
+HELLO_SIZE: Final = _HELLO.size  # 32
+_PAGE_SIZE_BITS: Final = sum(1 << shift for shift in range(MIN_PAGE_SHIFT, MAX_PAGE_SHIFT + 1))
+_MIN_FRAME: Final = HEADER_SIZE + (1 << MIN_PAGE_SHIFT)
+
+
+def page_size_mask(*page_shifts: int) -> int:
+    """The HELLO page-size mask for these page shifts (bit n = 2**n-byte pages)."""
+    mask = 0
+    for shift in page_shifts:
+        if not MIN_PAGE_SHIFT <= shift <= MAX_PAGE_SHIFT:
+            raise ValueError(f"page shift {shift} outside {MIN_PAGE_SHIFT}..{MAX_PAGE_SHIFT}")
+        mask |= 1 << shift
+    return mask
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """HELLO payload. A request offers ranges and limits; the reply holds the
+    negotiated values (min_version == max_version == the session's version)."""
+
+    min_version: int = VERSION
+    max_version: int = VERSION
+    features: Feature = Feature.BATCH | Feature.ASYNC | Feature.STATS
+    max_batch_pages: int = MAX_BATCH
+    page_sizes: int = _PAGE_SIZE_BITS  # bit n set: 2**n-byte pages supported
+    max_in_flight: int = 64
+    max_frame: int = HEADER_SIZE + MAX_PAYLOAD
+
+    def encode(self) -> bytes:
+        try:
+            return _HELLO.pack(
+                self.min_version, self.max_version, int(self.features), self.max_batch_pages,
+                self.page_sizes, self.max_in_flight, self.max_frame, 0,
+            )
+        except struct.error as error:
+            raise ValueError(f"HELLO field out of range: {error}") from None
+
+    @classmethod
+    def decode(cls, payload: Buffer) -> Hello:
+        if _nbytes(payload) != HELLO_SIZE:
+            raise _framing(f"HELLO payload must be {HELLO_SIZE} bytes")
+        low, high, features, batch, sizes, in_flight, max_frame, reserved = _HELLO.unpack(payload)
+        if reserved:
+            raise _invalid("HELLO reserved field is not 0")
+        if not 1 <= low <= high:
+            raise _invalid(f"bad version range {low}..{high}")
+        if batch > MAX_BATCH:
+            raise _invalid(f"max_batch_pages {batch} exceeds {MAX_BATCH}")
+        if not sizes or sizes & ~_PAGE_SIZE_BITS:
+            raise _invalid(f"bad page size mask {sizes:#x}")
+        if in_flight < 1:
+            raise _invalid("max_in_flight must be at least 1")
+        if not _MIN_FRAME <= max_frame <= HEADER_SIZE + MAX_PAYLOAD:
+            raise _invalid(f"max_frame {max_frame} outside {_MIN_FRAME}..{HEADER_SIZE + MAX_PAYLOAD}")
+        # Unknown feature bits are kept: a newer client may offer them, negotiate drops them.
+        return cls(low, high, Feature(features), batch, sizes, in_flight, max_frame)
+
+
+def negotiate(client: Hello, server: Hello) -> Hello:
+    """The HELLO reply a server with limits `server` sends to `client`.
+
+    Raises ProtocolError(INVALID) when there is no common version or page size.
+    """
+    version = min(client.max_version, server.max_version)
+    if version < max(client.min_version, server.min_version):
+        raise _invalid(
+            f"no common version: client {client.min_version}..{client.max_version}, "
+            f"server {server.min_version}..{server.max_version}"
+        )
+    page_sizes = client.page_sizes & server.page_sizes
+    if not page_sizes:
+        raise _invalid("no common page size")
+    features = Feature(int(client.features) & int(server.features) & _KNOWN_FEATURES)
+    batch = min(client.max_batch_pages, server.max_batch_pages)
+    if not batch:
+        features &= ~Feature.BATCH
+    if Feature.BATCH not in features:
+        batch = 0
+    in_flight = min(client.max_in_flight, server.max_in_flight)
+    if Feature.ASYNC not in features:
+        in_flight = 1
+    return Hello(
+        version, version, features, batch, page_sizes, in_flight,
+        min(client.max_frame, server.max_frame),
+    )
+
+
+def max_batch_pages(page_shift: int, max_frame: int = HEADER_SIZE + MAX_PAYLOAD) -> int:
+    """The most pages of 2**page_shift bytes one PUT_BATCH frame of max_frame can carry."""
+    room = max_frame - HEADER_SIZE - BATCH_HEADER_SIZE
+    return max(0, min(MAX_BATCH, room // ((1 << page_shift) + DESCRIPTOR_SIZE)))
+
+
+# --------------------------------------------------------------------------- NEW_POOL
+
+_NEW_POOL: Final = struct.Struct("<IB3x16s")
+NEW_POOL_SIZE: Final = _NEW_POOL.size  # 24
+_POOL_GRANT: Final = struct.Struct("<I")
+POOL_GRANT_SIZE: Final = _POOL_GRANT.size  # 4
+_ZERO_UUID: Final = bytes(16)
+
+
+@dataclass(frozen=True, slots=True)
+class NewPool:
+    """NEW_POOL request payload; `uuid` is set iff PoolFlag.SHARED is."""
+
+    flags: PoolFlag
+    page_shift: int = MIN_PAGE_SHIFT
+    uuid: uuid.UUID | None = None
+
+    def encode(self) -> bytes:
+        if int(self.flags) & ~_KNOWN_POOL_FLAGS:
+            raise ValueError(f"unknown pool flags {int(self.flags):#x}")
+        if not MIN_PAGE_SHIFT <= self.page_shift <= MAX_PAGE_SHIFT:
+            raise ValueError(f"page shift {self.page_shift} out of range")
+        if (PoolFlag.SHARED in self.flags) != (self.uuid is not None):
+            raise ValueError("a SHARED pool needs a uuid, a private one must not have one")
+        uuid_bytes = self.uuid.bytes if self.uuid is not None else _ZERO_UUID
+        return _NEW_POOL.pack(int(self.flags), self.page_shift, uuid_bytes)
+
+    @classmethod
+    def decode(cls, payload: Buffer) -> NewPool:
+        if _nbytes(payload) != NEW_POOL_SIZE:
+            raise _framing(f"NEW_POOL payload must be {NEW_POOL_SIZE} bytes")
+        flags, page_shift, uuid_bytes = _NEW_POOL.unpack(payload)
+        if bytes(payload)[5:8] != b"\0\0\0":
+            raise _invalid("NEW_POOL reserved bytes are not 0")
+        if flags & ~_KNOWN_POOL_FLAGS:
+            raise _invalid(f"unknown pool flags {flags:#x}")
+        if not MIN_PAGE_SHIFT <= page_shift <= MAX_PAGE_SHIFT:
+            raise _invalid(f"page shift {page_shift} outside {MIN_PAGE_SHIFT}..{MAX_PAGE_SHIFT}")
+        shared = bool(flags & PoolFlag.SHARED)
+        if shared == (uuid_bytes == _ZERO_UUID):
+            raise _invalid("a SHARED pool needs a nonzero uuid, a private one a zero uuid")
+        return cls(PoolFlag(flags), page_shift, uuid.UUID(bytes=uuid_bytes) if shared else None)
+
+
+def encode_pool_grant(flags: PoolFlag) -> bytes:
+    """NEW_POOL OK reply payload: the pool flags actually granted."""
+    if int(flags) & ~_KNOWN_POOL_FLAGS:
+        raise ValueError(f"unknown pool flags {int(flags):#x}")
+    return _POOL_GRANT.pack(int(flags))
+
+
+def decode_pool_grant(payload: Buffer) -> PoolFlag:
+    if _nbytes(payload) != POOL_GRANT_SIZE:
+        raise _framing(f"NEW_POOL reply payload must be {POOL_GRANT_SIZE} bytes")
+    (flags,) = _POOL_GRANT.unpack(payload)
+    if flags & ~_KNOWN_POOL_FLAGS:
+        raise _invalid(f"unknown pool flags {flags:#x}")
+    return PoolFlag(flags)
+
+
+# --------------------------------------------------------------------------- batches
+
+# Batch header: u32 count, u8 page_shift (0 when no pages follow), 3 reserved bytes.
+_BATCH_HEADER: Final = struct.Struct("<IB3x")
+BATCH_HEADER_SIZE: Final = _BATCH_HEADER.size  # 8
+_DESCRIPTOR: Final = struct.Struct("<QQQQ")  # oid[0], oid[1], oid[2], index
+DESCRIPTOR_SIZE: Final = _DESCRIPTOR.size  # 32
+
+
+def _pad8(length: int) -> int:
+    return (length + 7) & ~7
+
+
+def _parse_batch_header(payload: Buffer, *, with_pages: bool) -> tuple[int, int]:
+    """(count, page_shift) of a batch request; checks its exact length (PROTOCOL_ERROR)."""
+    length = _nbytes(payload)
+    if length < BATCH_HEADER_SIZE:
+        raise _framing("batch payload shorter than its header")
+    count, page_shift = _BATCH_HEADER.unpack_from(payload)
+    if not 1 <= count <= MAX_BATCH:
+        raise _framing(f"batch count {count} outside 1..{MAX_BATCH}")
+    page_size = 0
+    if with_pages:
+        if not MIN_PAGE_SHIFT <= page_shift <= MAX_PAGE_SHIFT:
+            raise _framing(f"batch page shift {page_shift} out of range")
+        page_size = 1 << page_shift
+    elif page_shift:
+        raise _framing("key batch with a nonzero page shift")
+    expected = BATCH_HEADER_SIZE + count * (DESCRIPTOR_SIZE + page_size)
+    if length != expected:
+        raise _framing(f"batch of {count} entries must be {expected} bytes, not {length}")
+    return count, page_shift
+
+
+def _check_reserved(payload: Buffer, start: int, end: int, what: str) -> None:
+    if any(memoryview(payload).cast("B")[start:end]):
+        raise _invalid(f"{what} are not 0")
+
+
+def _encode_keys(out: bytearray, keys: Sequence[Key]) -> None:
+    pack = _DESCRIPTOR.pack_into
+    offset = len(out)
+    out.extend(bytes(DESCRIPTOR_SIZE * len(keys)))
+    try:
+        for (o0, o1, o2), index in keys:
+            pack(out, offset, o0, o1, o2, index)
+            offset += DESCRIPTOR_SIZE
+    except struct.error as error:
+        raise ValueError(f"batch key out of range: {error}") from None
+
+
+def _decode_keys(payload: Buffer, count: int) -> list[Key]:
+    return [
+        ((o0, o1, o2), index)
+        for o0, o1, o2, index in _DESCRIPTOR.iter_unpack(
+            memoryview(payload)[BATCH_HEADER_SIZE : BATCH_HEADER_SIZE + count * DESCRIPTOR_SIZE]
+        )
+    ]
+
+
+def _check_count(count: int) -> None:
+    if not 1 <= count <= MAX_BATCH:
+        raise ValueError(f"a batch holds 1..{MAX_BATCH} entries, not {count}")
+
+
+def encode_put_batch(page_shift: int, keys: Sequence[Key], pages: Sequence[Buffer]) -> bytes:
+    """PUT_BATCH request payload: header, descriptors, then the pages in key order."""
+    _check_count(len(keys))
+    if len(pages) != len(keys):
+        raise ValueError(f"{len(keys)} keys but {len(pages)} pages")
+    if not MIN_PAGE_SHIFT <= page_shift <= MAX_PAGE_SHIFT:
+        raise ValueError(f"page shift {page_shift} out of range")
+    page_size = 1 << page_shift
+    out = bytearray(_BATCH_HEADER.pack(len(keys), page_shift))
+    _encode_keys(out, keys)
+    for page in pages:
+        if _nbytes(page) != page_size:
+            raise ValueError(f"page of {_nbytes(page)} bytes in a batch of {page_size}-byte pages")
+        out += page
+    if len(out) > MAX_PAYLOAD:
+        raise ValueError(f"batch of {len(out)} bytes exceeds {MAX_PAYLOAD}")
+    return bytes(out)
+
+
+def decode_put_batch(payload: Buffer) -> tuple[int, list[Key], list[bytes]]:
+    """(page_shift, keys, pages) of a PUT_BATCH request payload."""
+    count, page_shift = _parse_batch_header(payload, with_pages=True)
+    _check_reserved(payload, 5, 8, "batch header reserved bytes")
+    page_size = 1 << page_shift
+    start = BATCH_HEADER_SIZE + count * DESCRIPTOR_SIZE
+    data = bytes(payload)
+    pages = [data[offset : offset + page_size] for offset in range(start, len(data), page_size)]
+    return page_shift, _decode_keys(payload, count), pages
+
+
+def encode_key_batch(keys: Sequence[Key]) -> bytes:
+    """GET_BATCH / FLUSH_BATCH request payload (index WHOLE_OBJECT: flush the object)."""
+    _check_count(len(keys))
+    out = bytearray(_BATCH_HEADER.pack(len(keys), 0))
+    _encode_keys(out, keys)
+    return bytes(out)
+
+
+def decode_key_batch(payload: Buffer) -> list[Key]:
+    count, _ = _parse_batch_header(payload, with_pages=False)
+    _check_reserved(payload, 5, 8, "batch header reserved bytes")
+    return _decode_keys(payload, count)
+
+
+def _parse_batch_reply(payload: Buffer, *, pages: bool) -> tuple[int, int, int]:
+    """(count, page_shift, page_count) of a batch reply; checks its exact length."""
+    length = _nbytes(payload)
+    if length < BATCH_HEADER_SIZE:
+        raise _framing("batch reply shorter than its header")
+    count, page_shift = _BATCH_HEADER.unpack_from(payload)
+    if not 1 <= count <= MAX_BATCH:
+        raise _framing(f"batch reply count {count} outside 1..{MAX_BATCH}")
+    statuses_end = BATCH_HEADER_SIZE + _pad8(count)
+    if length < statuses_end:
+        raise _framing("batch reply shorter than its statuses")
+    page_count = 0
+    if pages:
+        if not MIN_PAGE_SHIFT <= page_shift <= MAX_PAGE_SHIFT:
+            raise _framing(f"GET_BATCH reply page shift {page_shift} out of range")
+        page_count = bytes(memoryview(payload)[BATCH_HEADER_SIZE : BATCH_HEADER_SIZE + count]).count(0)
+        expected = statuses_end + (page_count << page_shift)
+    else:
+        if page_shift:
+            raise _framing("batch reply without pages has a nonzero page shift")
+        expected = statuses_end
+    if length != expected:
+        raise _framing(f"batch reply must be {expected} bytes, not {length}")
+    return count, page_shift, page_count
+
+
+def encode_batch_reply(
+    statuses: Sequence[Status], pages: Sequence[Buffer] = (), *, page_shift: int = 0
+) -> bytes:
+    """Batch reply payload. GET_BATCH replies pass page_shift and one page per OK
+    status, in order; PUT_BATCH/FLUSH_BATCH replies pass neither."""
+    _check_count(len(statuses))
+    ok_count = sum(1 for status in statuses if status == Status.OK)
+    if page_shift:
+        if not MIN_PAGE_SHIFT <= page_shift <= MAX_PAGE_SHIFT:
+            raise ValueError(f"page shift {page_shift} out of range")
+        if len(pages) != ok_count:
+            raise ValueError(f"{ok_count} OK statuses but {len(pages)} pages")
+    elif pages:
+        raise ValueError("pages in a batch reply need a page_shift")
+    out = bytearray(_BATCH_HEADER.pack(len(statuses), page_shift))
+    out += bytes(int(status) for status in statuses)
+    out += bytes(_pad8(len(statuses)) - len(statuses))
+    page_size = 1 << page_shift
+    for page in pages:
+        if _nbytes(page) != page_size:
+            raise ValueError(f"page of {_nbytes(page)} bytes in a reply of {page_size}-byte pages")
+        out += page
+    if len(out) > MAX_PAYLOAD:
+        raise ValueError(f"batch reply of {len(out)} bytes exceeds {MAX_PAYLOAD}")
+    return bytes(out)
+
+
+def decode_batch_reply(
+    payload: Buffer, page_shift: int | None = None
+) -> tuple[list[Status], list[bytes]]:
+    """(statuses, pages) of a batch reply. For a GET_BATCH reply pass the pool's
+    page_shift (the reply must carry the same); pages hold the OK entries' pages."""
+    count, reply_shift, page_count = _parse_batch_reply(payload, pages=page_shift is not None)
+    if page_shift is not None and reply_shift != page_shift:
+        raise _invalid(f"GET_BATCH reply has page shift {reply_shift}, expected {page_shift}")
+    _check_reserved(payload, 5, 8, "batch header reserved bytes")
+    data = bytes(payload)
+    statuses_end = BATCH_HEADER_SIZE + _pad8(count)
+    _check_reserved(data, BATCH_HEADER_SIZE + count, statuses_end, "status padding bytes")
+    raw_statuses = data[BATCH_HEADER_SIZE : BATCH_HEADER_SIZE + count]
+    if not set(raw_statuses) <= _STATUS_VALUES:
+        raise _invalid("unknown status in batch reply")
+    page_size = 1 << reply_shift
+    pages = [
+        data[offset : offset + page_size]
+        for offset in range(statuses_end, statuses_end + page_count * page_size, page_size)
+    ]
+    return [Status(value) for value in raw_statuses], pages
+
+
+# --------------------------------------------------------------------------- STATS
+
+_POOL_STATS: Final = struct.Struct("<12Q")
+POOL_STATS_SIZE: Final = _POOL_STATS.size  # 96
+
+
+@dataclass(frozen=True, slots=True)
+class PoolStats:
+    """One pool's record in a STATS reply (all counters since the pool was created)."""
+
+    pool_id: int
+    flags: PoolFlag
+    page_shift: int
+    pages: int  # pages stored now
+    raw_bytes: int  # their uncompressed size
+    stored_bytes: int  # what they cost the host after compression
+    puts: int
+    gets: int
+    hits: int
+    flushes: int
+    refusals: int
+    evictions: int
+
+    def encode(self) -> bytes:
+        try:
+            return _POOL_STATS.pack(
+                self.pool_id, int(self.flags), self.page_shift, self.pages, self.raw_bytes,
+                self.stored_bytes, self.puts, self.gets, self.hits, self.flushes,
+                self.refusals, self.evictions,
+            )
+        except struct.error as error:
+            raise ValueError(f"pool stats field out of range: {error}") from None
+
+    @classmethod
+    def decode(cls, record: Buffer) -> PoolStats:
+        if _nbytes(record) != POOL_STATS_SIZE:
+            raise _framing(f"a pool stats record is {POOL_STATS_SIZE} bytes")
+        pool_id, flags, page_shift, *counters = _POOL_STATS.unpack(record)
+        if pool_id >= ALL_POOLS:
+            raise _invalid(f"pool id {pool_id} out of range")
+        if flags & ~_KNOWN_POOL_FLAGS:
+            raise _invalid(f"unknown pool flags {flags:#x}")
+        if not MIN_PAGE_SHIFT <= page_shift <= MAX_PAGE_SHIFT:
+            raise _invalid(f"page shift {page_shift} out of range")
+        return cls(pool_id, PoolFlag(flags), page_shift, *counters)
+
+
+def encode_pool_stats(records: Iterable[PoolStats]) -> bytes:
+    """STATS OK reply payload: the records back to back (none: empty payload)."""
+    return b"".join(record.encode() for record in records)
+
+
+def decode_pool_stats(payload: Buffer) -> list[PoolStats]:
+    view = memoryview(payload).cast("B")
+    if len(view) % POOL_STATS_SIZE:
+        raise _framing(f"STATS reply of {len(view)} bytes is not whole records")
+    return [
+        PoolStats.decode(view[offset : offset + POOL_STATS_SIZE])
+        for offset in range(0, len(view), POOL_STATS_SIZE)
+    ]
+
+
+# Fixed payload sizes per opcode; None: variable, checked by _check_header/_check_payload.
+_REQUEST_SIZES: Final[dict[int, int | None]] = {
+    Op.HELLO: HELLO_SIZE, Op.NEW_POOL: NEW_POOL_SIZE, Op.DESTROY_POOL: 0, Op.PUT: None,
+    Op.GET: 0, Op.FLUSH_PAGE: 0, Op.FLUSH_OBJECT: 0, Op.PUT_BATCH: None,
+    Op.GET_BATCH: None, Op.FLUSH_BATCH: None, Op.STATS: 0,
+}
+_REPLY_SIZES: Final[dict[int, int | None]] = {
+    Op.HELLO: HELLO_SIZE, Op.NEW_POOL: POOL_GRANT_SIZE, Op.DESTROY_POOL: 0, Op.PUT: 0,
+    Op.GET: None, Op.FLUSH_PAGE: 0, Op.FLUSH_OBJECT: 0, Op.PUT_BATCH: None,
+    Op.GET_BATCH: None, Op.FLUSH_BATCH: None, Op.STATS: None,
+}
