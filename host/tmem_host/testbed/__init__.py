@@ -1,0 +1,1 @@
+"""make testbed: scenarios, modes, the runner, statistics and reports."""

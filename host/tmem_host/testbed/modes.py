@@ -1,0 +1,61 @@
+"""The configurations the testbed compares: tmem's two frontends and the baselines
+Linux actually chose (disk swap, zswap, the host page cache).
+
+A mode is data, not code: the runner reads these fields to decide how to boot the
+guest, whether tmemd runs, and what to start inside the guest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+SwapKind = Literal["none", "hdd", "ssd", "hostcache", "nbd"]
+AgentMode = Literal["sync", "batched", "pipelined"]
+
+
+@dataclass(frozen=True, slots=True)
+class Mode:
+    name: str
+    summary: str
+    swap: SwapKind
+    # Give the guest enough RAM that the workload never swaps (the floor).
+    enough_memory: bool = False
+    zswap: bool = False
+    tmemd: bool = False
+    # The in-guest agent's frontswap mode; None means no agent.
+    agent: AgentMode | None = None
+    compress: bool = True
+
+
+MODES: dict[str, Mode] = {
+    mode.name: mode
+    for mode in (
+        Mode("bigmem", "the same workload with enough RAM: the floor", swap="none", enough_memory=True),
+        Mode("disk-hdd", "swap on a disk throttled to ~200 IOPS", swap="hdd"),
+        Mode("disk-hostcache", "swap on an unthrottled disk backed by the host page cache", swap="hostcache"),
+        Mode("zswap", "in-guest compressed swap cache (zswap, lz4) over the hdd disk", swap="hdd", zswap=True),
+        Mode("tmem-blk", "swap on tmemd's NBD export through QEMU's block layer", swap="nbd", tmemd=True),
+        Mode(
+            "tmem-agent",
+            "the guest agent, pipelined batches over virtio-serial, hdd fallback",
+            swap="hdd",
+            tmemd=True,
+            agent="pipelined",
+        ),
+        Mode(
+            "tmem-agent-sync",
+            "the guest agent, one page per round trip (the 2011 ABI), hdd fallback",
+            swap="hdd",
+            tmemd=True,
+            agent="sync",
+        ),
+        Mode(
+            "tmem-nocompress",
+            "tmemd's NBD export with compression off",
+            swap="nbd",
+            tmemd=True,
+            compress=False,
+        ),
+    )
+}

@@ -1,0 +1,352 @@
+"""Reports from a run's raw data (run.json): summary rows, Markdown, HTML with
+plots, a rich table, and the comparison of two runs.
+
+Everything here is a pure function of run.json, so `tmem-testbed report RESULTS`
+rebuilds a report byte for byte from the raw samples, and a report never shows a
+number that is not in the raw data.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from tmem_host.testbed import stats
+
+RUN_FILE = "run.json"
+
+
+def load_run(results: Path) -> dict[str, Any]:
+    path = results / RUN_FILE if results.is_dir() else results
+    data: dict[str, Any] = json.loads(path.read_text())
+    return data
+
+
+@dataclass(frozen=True, slots=True)
+class ModeRow:
+    """One line of the summary: a mode (per guest when several ran at once)."""
+
+    key: str
+    mode: str
+    samples: int
+    failures: int
+    wall: stats.Summary | None
+    change_pct: float | None  # against the baseline's mean wall time
+    welch: stats.WelchResult | None
+    swap_out_pages: float | None
+    swap_in_pages: float | None
+    major_faults: float | None
+    tmem_hit_ratio: float | None
+    compression_ratio: float | None
+
+    @property
+    def mark(self) -> str:
+        return stats.significance_mark(self.welch)
+
+
+def _key(sample: Mapping[str, Any], guests: int) -> str:
+    return str(sample["mode"]) if guests <= 1 else f"{sample['mode']}/{sample['guest']}"
+
+
+def _mean(values: Iterable[float | None]) -> float | None:
+    present = [value for value in values if value is not None]
+    return sum(present) / len(present) if present else None
+
+
+def _walls(samples: Sequence[Mapping[str, Any]]) -> list[float]:
+    return [float(sample["wall_s"]) for sample in samples if sample.get("ok") and sample.get("wall_s") is not None]
+
+
+def _hit_ratio(sample: Mapping[str, Any]) -> float | None:
+    tmemd = sample.get("tmemd") or {}
+    gets = tmemd.get("gets")
+    return float(tmemd["hits"]) / gets if gets else None
+
+
+def _compression_ratio(sample: Mapping[str, Any]) -> float | None:
+    tmemd = sample.get("tmemd") or {}
+    stored = tmemd.get("stored_bytes")
+    return float(tmemd["raw_bytes"]) / stored if stored else None
+
+
+def _vmstat(sample: Mapping[str, Any], name: str) -> float | None:
+    value = (sample.get("vmstat") or {}).get(name)
+    return float(value) if value is not None else None
+
+
+def summarize_run(run: Mapping[str, Any]) -> list[ModeRow]:
+    scenario = run["scenario"]
+    guests = int(scenario["guests"]["count"])
+    groups: dict[str, list[Mapping[str, Any]]] = {}
+    for sample in run["samples"]:
+        groups.setdefault(_key(sample, guests), []).append(sample)
+    baseline_walls = _walls([s for s in run["samples"] if s["mode"] == scenario["baseline"]])
+    baseline_mean = stats.summarize(baseline_walls).mean if baseline_walls else None
+    rows = []
+    for mode in scenario["modes"]:
+        for key, samples in groups.items():
+            if samples[0]["mode"] != mode:
+                continue
+            walls = _walls(samples)
+            wall = stats.summarize(walls) if walls else None
+            rows.append(
+                ModeRow(
+                    key=key,
+                    mode=mode,
+                    samples=len(samples),
+                    failures=sum(1 for s in samples if not s.get("ok")),
+                    wall=wall,
+                    change_pct=(
+                        stats.percent_change(wall.mean, baseline_mean)
+                        if wall is not None and baseline_mean is not None
+                        else None
+                    ),
+                    welch=None if mode == scenario["baseline"] else stats.welch_t_test(walls, baseline_walls),
+                    swap_out_pages=_mean(_vmstat(s, "pswpout") for s in samples),
+                    swap_in_pages=_mean(_vmstat(s, "pswpin") for s in samples),
+                    major_faults=_mean(_vmstat(s, "pgmajfault") for s in samples),
+                    tmem_hit_ratio=_mean(_hit_ratio(s) for s in samples),
+                    compression_ratio=_mean(_compression_ratio(s) for s in samples),
+                )
+            )
+    return rows
+
+
+def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
+    return "-" if value is None else f"{value:{spec}}{suffix}"
+
+
+COLUMNS = ("mode", "runs", "wall s (mean ± sd)", "vs baseline", "swap out", "swap in", "major faults",
+           "tmem hits", "compression")
+
+
+def row_cells(row: ModeRow, baseline: str) -> list[str]:
+    wall = "-" if row.wall is None else f"{row.wall.mean:.1f} ± {row.wall.stdev:.1f}"
+    if row.mode == baseline:
+        change = "baseline"
+    elif row.change_pct is None:
+        change = "-"
+    else:
+        change = f"{row.change_pct:+.1f}%{row.mark}"
+    runs = f"{row.samples - row.failures}/{row.samples}"
+    return [
+        row.key,
+        runs,
+        wall,
+        change,
+        _fmt(row.swap_out_pages, ".0f"),
+        _fmt(row.swap_in_pages, ".0f"),
+        _fmt(row.major_faults, ".0f"),
+        _fmt(None if row.tmem_hit_ratio is None else row.tmem_hit_ratio * 100, ".1f", "%"),
+        _fmt(row.compression_ratio, ".2f", "x"),
+    ]
+
+
+def summary_table(run: Mapping[str, Any], title: str | None = None) -> Table:
+    baseline = run["scenario"]["baseline"]
+    table = Table(title=title or f"{run['scenario']['name']}: workload wall time per mode")
+    for column in COLUMNS:
+        table.add_column(column, justify="left" if column == "mode" else "right")
+    for row in summarize_run(run):
+        table.add_row(*row_cells(row, baseline))
+    return table
+
+
+def markdown_table(run: Mapping[str, Any]) -> str:
+    baseline = run["scenario"]["baseline"]
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for row in summarize_run(run):
+        lines.append("| " + " | ".join(row_cells(row, baseline)) + " |")
+    return "\n".join(lines)
+
+
+def _metadata_lines(run: Mapping[str, Any]) -> list[str]:
+    meta = run.get("metadata", {})
+    names = {
+        "qemu_version": "QEMU",
+        "accelerator": "accelerator (as QMP reports it)",
+        "guest_kernel": "guest kernel",
+        "image_hash": "image",
+        "host_cpu": "host CPU",
+        "host_load": "host load (1/5/15 min, at start)",
+        "started": "started",
+        "finished": "finished",
+    }
+    return [f"- {label}: {meta[key]}" for key, label in names.items() if key in meta]
+
+
+def render_markdown(run: Mapping[str, Any], plots: Sequence[str] = ()) -> str:
+    scenario = run["scenario"]
+    failures = [s for s in run["samples"] if not s.get("ok")]
+    lines = [
+        f"# tmem-testbed: {scenario['name']}",
+        "",
+        scenario.get("description") or "",
+        "",
+        f"Workload `{scenario['workload']}` {json.dumps(scenario['params'], sort_keys=True)}; "
+        f"{scenario['guests']['count']} guest(s) of {scenario['guests']['memory_mib']} MiB; "
+        f"{scenario['repetitions']} repetition(s); baseline `{scenario['baseline']}`.",
+        "",
+        markdown_table(run),
+        "",
+        "`*` p < 0.05, `**` p < 0.01 (Welch's t-test against the baseline's wall times); "
+        "swap in/out and major faults are guest /proc/vmstat deltas in pages, mean per run; "
+        "tmem hits = tmemd gets that hit; compression = raw / stored bytes in tmemd.",
+        "",
+    ]
+    if failures:
+        lines += ["## Failures", ""]
+        lines += [f"- {s['mode']} #{s['repetition']} {s.get('guest', '')}: {s.get('error')}" for s in failures]
+        lines.append("")
+    lines += ["## Run", "", *_metadata_lines(run), ""]
+    if plots:
+        lines += ["## Plots", ""] + [f"![{name}](plots/{name}.png)" for name in plots] + [""]
+    return "\n".join(lines)
+
+
+def make_plots(run: Mapping[str, Any]) -> dict[str, bytes]:
+    """PNG plots: runtime per mode (error bars), swap I/O, tmem hit ratio, host memory."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = summarize_run(run)
+    labels = [row.key for row in rows]
+    plots: dict[str, bytes] = {}
+
+    def save(name: str, figure: Any) -> None:
+        buffer = io.BytesIO()
+        figure.tight_layout()
+        figure.savefig(buffer, format="png", dpi=96)
+        plt.close(figure)
+        plots[name] = buffer.getvalue()
+
+    figure, axes = plt.subplots(figsize=(8, 4))
+    axes.bar(labels, [r.wall.mean if r.wall else 0 for r in rows],
+             yerr=[r.wall.stdev if r.wall else 0 for r in rows], capsize=4, color="#4c72b0")
+    axes.set_ylabel("workload wall time (s)")
+    axes.set_title("runtime per mode (mean ± sd)")
+    axes.tick_params(axis="x", rotation=30)
+    save("runtime", figure)
+
+    figure, axes = plt.subplots(figsize=(8, 4))
+    positions = range(len(rows))
+    axes.bar([p - 0.2 for p in positions], [r.swap_out_pages or 0 for r in rows], width=0.4, label="pswpout")
+    axes.bar([p + 0.2 for p in positions], [r.swap_in_pages or 0 for r in rows], width=0.4, label="pswpin")
+    axes.set_xticks(list(positions), labels, rotation=30)
+    axes.set_ylabel("pages (guest /proc/vmstat)")
+    axes.set_title("guest swap I/O per run")
+    axes.legend()
+    save("swap_io", figure)
+
+    tmem_rows = [r for r in rows if r.tmem_hit_ratio is not None]
+    if tmem_rows:
+        figure, axes = plt.subplots(figsize=(8, 4))
+        axes.bar([r.key for r in tmem_rows], [r.tmem_hit_ratio * 100 for r in tmem_rows if r.tmem_hit_ratio is not None],
+                 color="#55a868")
+        axes.set_ylabel("gets that hit (%)")
+        axes.set_ylim(0, 100)
+        axes.set_title("tmem hit ratio")
+        axes.tick_params(axis="x", rotation=30)
+        save("tmem_hits", figure)
+
+    timelines = [s for s in run["samples"] if s.get("timeline")]
+    if timelines:
+        figure, axes = plt.subplots(figsize=(8, 4))
+        for sample in timelines:
+            times = [point[0] for point in sample["timeline"]]
+            total_mib = [(point[1] + point[2]) / (1 << 20) for point in sample["timeline"]]
+            axes.plot(times, total_mib, label=f"{sample['mode']} #{sample['repetition']}", linewidth=1)
+        axes.set_xlabel("time in workload (s)")
+        axes.set_ylabel("host RSS of tmemd + QEMU (MiB)")
+        axes.set_title("host memory over time")
+        axes.legend(fontsize="x-small", ncol=2)
+        save("host_memory", figure)
+    return plots
+
+
+def render_html(run: Mapping[str, Any], plots: Mapping[str, bytes]) -> str:
+    scenario = run["scenario"]
+    baseline = scenario["baseline"]
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row_cells(row, baseline)) + "</tr>"
+        for row in summarize_run(run)
+    )
+    images = "".join(
+        f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+        f"<figcaption>{html.escape(name)}</figcaption></figure>"
+        for name, png in plots.items()
+    )
+    meta = "".join(f"<li>{html.escape(line[2:])}</li>" for line in _metadata_lines(run))
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'>"
+        f"<title>tmem-testbed: {html.escape(scenario['name'])}</title>"
+        "<style>body{font-family:sans-serif;max-width:70em;margin:2em auto}"
+        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.3em .6em;text-align:right}"
+        "td:first-child{text-align:left}img{max-width:100%}</style></head><body>"
+        f"<h1>tmem-testbed: {html.escape(scenario['name'])}</h1>"
+        f"<p>{html.escape(scenario.get('description') or '')}</p>"
+        f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+        "<p>* p &lt; 0.05, ** p &lt; 0.01 (Welch's t-test against the baseline).</p>"
+        f"<h2>Run</h2><ul>{meta}</ul><h2>Plots</h2>{images}</body></html>\n"
+    )
+
+
+def write_reports(results: Path) -> list[Path]:
+    """(Re)build report.md, report.html and plots/*.png from results/run.json."""
+    run = load_run(results)
+    plots = make_plots(run)
+    plot_dir = results / "plots"
+    plot_dir.mkdir(exist_ok=True)
+    written = []
+    for name, png in plots.items():
+        path = plot_dir / f"{name}.png"
+        path.write_bytes(png)
+        written.append(path)
+    markdown = results / "report.md"
+    markdown.write_text(render_markdown(run, list(plots)))
+    page = results / "report.html"
+    page.write_text(render_html(run, plots))
+    return [markdown, page, *written]
+
+
+def compare_table(run_a: Mapping[str, Any], run_b: Mapping[str, Any]) -> Table:
+    """Mode by mode: wall time of run B against run A, with Welch's test."""
+    table = Table(title=f"{run_a.get('id', 'A')} -> {run_b.get('id', 'B')}: workload wall time")
+    for column in ("mode", "A mean s", "B mean s", "change", "p"):
+        table.add_column(column, justify="left" if column == "mode" else "right")
+    rows_b = {row.key: row for row in summarize_run(run_b)}
+    walls_a = _walls_by_key(run_a)
+    walls_b = _walls_by_key(run_b)
+    for row_a in summarize_run(run_a):
+        row_b = rows_b.get(row_a.key)
+        if row_b is None or row_a.wall is None or row_b.wall is None:
+            continue
+        welch = stats.welch_t_test(walls_b[row_a.key], walls_a[row_a.key])
+        change = stats.percent_change(row_b.wall.mean, row_a.wall.mean)
+        table.add_row(
+            row_a.key,
+            f"{row_a.wall.mean:.1f}",
+            f"{row_b.wall.mean:.1f}",
+            f"{change:+.1f}%{stats.significance_mark(welch)}",
+            "-" if welch is None else f"{welch.p_value:.3f}",
+        )
+    return table
+
+
+def _walls_by_key(run: Mapping[str, Any]) -> dict[str, list[float]]:
+    guests = int(run["scenario"]["guests"]["count"])
+    grouped: dict[str, list[Mapping[str, Any]]] = {}
+    for sample in run["samples"]:
+        grouped.setdefault(_key(sample, guests), []).append(sample)
+    return {key: _walls(samples) for key, samples in grouped.items()}

@@ -1,0 +1,298 @@
+"""Scenario files (TOML): what to boot, what to run, which modes to compare.
+
+Validation is strict and speaks in one line naming the file, the key and what is
+wrong (`default.toml: workload.ratio: must be a number > 0, got 'x'`), so that a
+typo never costs a 20-minute run. Unknown keys are errors too.
+
+    name = "default"
+    repetitions = 3
+    baseline = "disk-hdd"
+    modes = ["bigmem", "disk-hdd", "tmem-blk"]
+
+    [guests]            # identical guests booted side by side
+    count = 1
+    memory_mib = 256
+    vcpus = 1
+    swap_mib = 1024
+    weights = [100]     # optional, one per guest
+    caps = ["0"]        # optional, one per guest ("0" = no cap)
+
+    [host]
+    budget = "1G"       # tmemd's global budget
+
+    [workload]
+    kind = "usemem"     # see WORKLOADS
+    ratio = 1.5         # working set as a fraction of guest RAM
+
+    [timeouts]
+    boot_s = 240
+    workload_s = 900
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tmem_host.testbed.modes import MODES
+from tmem_host.daemon.config import parse_size
+
+
+class ScenarioError(Exception):
+    """A scenario file that cannot be run; str() is the one-line diagnosis."""
+
+    def __init__(self, source: str, key: str, problem: str) -> None:
+        super().__init__(f"{source}: {key}: {problem}" if key else f"{source}: {problem}")
+        self.source = source
+        self.key = key
+        self.problem = problem
+
+
+@dataclass(frozen=True, slots=True)
+class WorkloadSpec:
+    """A workload kind and the parameters it accepts, with their defaults."""
+
+    kind: str
+    summary: str
+    defaults: Mapping[str, Any]
+    guests_min: int = 1
+
+
+WORKLOADS: dict[str, WorkloadSpec] = {
+    spec.kind: spec
+    for spec in (
+        WorkloadSpec(
+            "usemem",
+            "checksummed page toucher: write a working set, verify every page",
+            {"ratio": 1.5, "order": "sequential", "passes": 1},
+        ),
+        WorkloadSpec(
+            "stress-vm",
+            "stress-ng --vm with --verify over a working set",
+            {"ratio": 1.5, "method": "write64", "seconds": 30},
+        ),
+        WorkloadSpec(
+            "contention",
+            "several guests under one host budget, bursty usemem phases",
+            {"ratio": 1.5, "order": "random", "passes": 1, "bursts": 2},
+            guests_min=2,
+        ),
+    )
+}
+
+_ORDERS = ("sequential", "random")
+
+
+@dataclass(frozen=True, slots=True)
+class GuestsSpec:
+    count: int = 1
+    memory_mib: int = 256
+    vcpus: int = 1
+    swap_mib: int = 1024
+    weights: tuple[int, ...] = ()
+    caps: tuple[int, ...] = ()  # bytes, 0 = no cap
+
+    def weight(self, index: int) -> int:
+        return self.weights[index] if self.weights else 100
+
+    def cap(self, index: int) -> int:
+        return self.caps[index] if self.caps else 0
+
+
+@dataclass(frozen=True, slots=True)
+class Scenario:
+    name: str
+    source: str
+    modes: tuple[str, ...]
+    baseline: str
+    repetitions: int
+    guests: GuestsSpec
+    budget_bytes: int
+    workload: str
+    params: Mapping[str, Any]
+    boot_timeout_s: float = 240.0
+    workload_timeout_s: float = 900.0
+    description: str = ""
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["params"] = dict(self.params)
+        data["extra"] = dict(self.extra)
+        return data
+
+
+class _Reader:
+    """Typed access to one TOML table that remembers the keys it has not read."""
+
+    def __init__(self, source: str, prefix: str, table: Mapping[str, Any]) -> None:
+        self.source = source
+        self.prefix = prefix
+        self.table = table
+        self.unread = set(table)
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}{name}"
+
+    def fail(self, name: str, problem: str) -> ScenarioError:
+        return ScenarioError(self.source, self.key(name), problem)
+
+    def raw(self, name: str, default: Any) -> Any:
+        self.unread.discard(name)
+        return self.table.get(name, default)
+
+    def integer(self, name: str, default: int, *, minimum: int, maximum: int | None = None) -> int:
+        value = self.raw(name, default)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.fail(name, f"must be an integer, got {value!r}")
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
+            raise self.fail(name, f"must be {bound}, got {value}")
+        return value
+
+    def number(self, name: str, default: float, *, above: float) -> float:
+        value = self.raw(name, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.fail(name, f"must be a number > {above:g}, got {value!r}")
+        if not value > above:
+            raise self.fail(name, f"must be a number > {above:g}, got {value!r}")
+        return float(value)
+
+    def string(self, name: str, default: str, *, choices: tuple[str, ...] | None = None) -> str:
+        value = self.raw(name, default)
+        if not isinstance(value, str):
+            raise self.fail(name, f"must be a string, got {value!r}")
+        if choices is not None and value not in choices:
+            raise self.fail(name, f"must be one of {', '.join(choices)}; got {value!r}")
+        return value
+
+    def size(self, name: str, default: str) -> int:
+        value = self.raw(name, default)
+        try:
+            return parse_size(value)
+        except (ValueError, TypeError) as error:
+            raise self.fail(name, str(error)) from None
+
+    def table_of(self, name: str) -> _Reader:
+        value = self.raw(name, {})
+        if not isinstance(value, dict):
+            raise self.fail(name, f"must be a table ([{self.key(name)}]), got {value!r}")
+        return _Reader(self.source, f"{self.key(name)}.", value)
+
+    def list_of(self, name: str, parse: Callable[[Any], Any], what: str) -> tuple[Any, ...]:
+        value = self.raw(name, [])
+        if not isinstance(value, list):
+            raise self.fail(name, f"must be a list of {what}, got {value!r}")
+        parsed = []
+        for position, item in enumerate(value):
+            try:
+                parsed.append(parse(item))
+            except (ValueError, TypeError) as error:
+                raise ScenarioError(self.source, f"{self.key(name)}[{position}]", str(error)) from None
+        return tuple(parsed)
+
+    def finish(self) -> None:
+        if self.unread:
+            name = sorted(self.unread)[0]
+            raise self.fail(name, "unknown key")
+
+
+def _positive_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"must be a positive integer, got {value!r}")
+    return value
+
+
+def _mode_name(value: Any) -> str:
+    if value not in MODES:
+        raise ValueError(f"unknown mode {value!r}; modes are {', '.join(MODES)}")
+    return str(value)
+
+
+def parse_scenario(data: Mapping[str, Any], source: str) -> Scenario:
+    top = _Reader(source, "", data)
+    name = top.string("name", Path(source).stem)
+    description = top.string("description", "")
+    modes = top.list_of("modes", _mode_name, "mode names")
+    if not modes:
+        raise top.fail("modes", f"must name at least one mode; modes are {', '.join(MODES)}")
+    if len(set(modes)) != len(modes):
+        raise top.fail("modes", "names a mode twice")
+    baseline = top.string("baseline", modes[0])
+    if baseline not in modes:
+        raise top.fail("baseline", f"must be one of the scenario's modes ({', '.join(modes)}), got {baseline!r}")
+    repetitions = top.integer("repetitions", 3, minimum=1, maximum=50)
+
+    guests_table = top.table_of("guests")
+    count = guests_table.integer("count", 1, minimum=1, maximum=8)
+    guests = GuestsSpec(
+        count=count,
+        memory_mib=guests_table.integer("memory_mib", 256, minimum=128, maximum=16384),
+        vcpus=guests_table.integer("vcpus", 1, minimum=1, maximum=8),
+        swap_mib=guests_table.integer("swap_mib", 1024, minimum=64, maximum=65536),
+        weights=guests_table.list_of("weights", _positive_int, "positive integers"),
+        caps=guests_table.list_of("caps", parse_size, "sizes"),
+    )
+    for key, values in (("weights", guests.weights), ("caps", guests.caps)):
+        if values and len(values) != count:
+            raise guests_table.fail(key, f"must have one entry per guest ({count}), got {len(values)}")
+    guests_table.finish()
+
+    host = top.table_of("host")
+    budget = host.size("budget", "1G")
+    if budget <= 0:
+        raise host.fail("budget", "must be > 0")
+    host.finish()
+
+    workload_table = top.table_of("workload")
+    kind = workload_table.string("kind", "usemem", choices=tuple(WORKLOADS))
+    spec = WORKLOADS[kind]
+    params: dict[str, Any] = {}
+    for key, default in spec.defaults.items():
+        if key == "ratio":
+            params[key] = workload_table.number(key, default, above=0.0)
+        elif key == "order":
+            params[key] = workload_table.string(key, default, choices=_ORDERS)
+        elif isinstance(default, int):
+            params[key] = workload_table.integer(key, default, minimum=1)
+        else:
+            params[key] = workload_table.string(key, default)
+    workload_table.finish()
+    if count < spec.guests_min:
+        raise ScenarioError(source, "guests.count", f"workload {kind!r} needs at least {spec.guests_min} guests")
+
+    timeouts = top.table_of("timeouts")
+    boot_timeout = timeouts.number("boot_s", 240.0, above=0.0)
+    workload_timeout = timeouts.number("workload_s", 900.0, above=0.0)
+    timeouts.finish()
+    top.finish()
+    return Scenario(
+        name=name,
+        source=source,
+        modes=modes,
+        baseline=baseline,
+        repetitions=repetitions,
+        guests=guests,
+        budget_bytes=budget,
+        workload=kind,
+        params=params,
+        boot_timeout_s=boot_timeout,
+        workload_timeout_s=workload_timeout,
+        description=description,
+    )
+
+
+def load_scenario(path: Path) -> Scenario:
+    source = path.name
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise ScenarioError(source, "", f"cannot read: {error.strerror}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise ScenarioError(source, "", f"not valid TOML: {error}") from None
+    return parse_scenario(data, source)

@@ -1,0 +1,78 @@
+"""Scenario validation: good files resolve with defaults; every mistake is one line
+naming the file and the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tmem_host.testbed.scenario import ScenarioError, load_scenario
+
+REPO = Path(__file__).resolve().parents[2]
+
+GOOD = """
+name = "small"
+modes = ["disk-hdd", "tmem-blk"]
+repetitions = 2
+[guests]
+memory_mib = 256
+[host]
+budget = "512M"
+[workload]
+kind = "usemem"
+ratio = 1.5
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "scenario.toml"
+    path.write_text(text)
+    return path
+
+
+def test_good_scenario_resolves_defaults(tmp_path: Path) -> None:
+    scenario = load_scenario(write(tmp_path, GOOD))
+    assert scenario.name == "small"
+    assert scenario.modes == ("disk-hdd", "tmem-blk")
+    assert scenario.baseline == "disk-hdd"  # the first mode unless named
+    assert scenario.budget_bytes == 512 << 20
+    assert scenario.params == {"ratio": 1.5, "order": "sequential", "passes": 1}
+    assert scenario.guests.count == 1 and scenario.guests.weight(0) == 100 and scenario.guests.cap(0) == 0
+    assert scenario.to_json()["params"]["ratio"] == 1.5
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "scenarios").glob("*.toml")), ids=lambda p: p.name)
+def test_shipped_scenarios_are_valid(path: Path) -> None:
+    load_scenario(path)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (('ratio = 1.5', 'ratio = "x"'), "scenario.toml: workload.ratio: must be a number > 0, got 'x'"),
+        (('ratio = 1.5', 'ratio = 0'), "scenario.toml: workload.ratio: must be a number > 0, got 0"),
+        (('"tmem-blk"]', '"tmem-blkk"]'), "scenario.toml: modes[1]: unknown mode 'tmem-blkk'"),
+        (('repetitions = 2', 'repetitions = 0'), "scenario.toml: repetitions: must be between 1 and 50, got 0"),
+        (('budget = "512M"', 'budget = "lots"'), "scenario.toml: host.budget: not a size: 'lots'"),
+        (('memory_mib = 256', 'memory_mib = 256\nmemroy = 1'), "scenario.toml: guests.memroy: unknown key"),
+        (('kind = "usemem"', 'kind = "contention"'), "scenario.toml: guests.count: workload 'contention' needs at least 2"),
+        (('memory_mib = 256', 'memory_mib = 256\nweights = [1, 2]'), "scenario.toml: guests.weights: must have one entry per guest (1), got 2"),
+        (('repetitions = 2', 'repetitions = 2\nbaseline = "zswap"'), "scenario.toml: baseline: must be one of the scenario's modes"),
+        (('[workload]', '[workload'), "scenario.toml: not valid TOML"),
+        (('kind = "usemem"', 'kind = "usemem"\norder = "backwards"'), "scenario.toml: workload.order: must be one of sequential, random; got 'backwards'"),
+    ],
+)
+def test_mistakes_are_one_line_with_file_and_key(tmp_path: Path, edit: tuple[str, str], message: str) -> None:
+    old, new = edit
+    assert old in GOOD
+    with pytest.raises(ScenarioError) as raised:
+        load_scenario(write(tmp_path, GOOD.replace(old, new)))
+    text = str(raised.value)
+    assert text.startswith(message)
+    assert "\n" not in text
+
+
+def test_missing_file_is_a_scenario_error(tmp_path: Path) -> None:
+    with pytest.raises(ScenarioError, match="missing.toml: cannot read"):
+        load_scenario(tmp_path / "missing.toml")
