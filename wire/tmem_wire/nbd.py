@@ -22,12 +22,15 @@ import enum
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Final
+from typing import ClassVar, Final
+
+# One "need more bytes" sentinel for every codec in tmem_wire.
+from tmem_wire.abi import NEED_DATA, NeedData
 
 __all__ = [
     "NBDMAGIC", "IHAVEOPT", "OPTION_REPLY_MAGIC", "REQUEST_MAGIC", "SIMPLE_REPLY_MAGIC",
     "HandshakeFlag", "ClientFlag", "TransmissionFlag", "Option", "ReplyType", "InfoType",
-    "Command", "CommandFlag", "Error", "NbdProtocolError", "NEED_DATA", "PAUSED",
+    "Command", "CommandFlag", "Error", "NbdProtocolError", "NEED_DATA", "NeedData", "PAUSED", "Paused",
     "REQUEST_HEADER", "SIMPLE_REPLY_HEADER", "MAX_OPTION_DATA", "DEFAULT_MAX_PAYLOAD",
     "ClientFlags", "ExportNameOption", "InfoOption", "ListOption", "AbortOption",
     "OtherOption", "MalformedOption", "Request", "ConnectionClosed",
@@ -164,20 +167,21 @@ class NbdProtocolError(Exception):
     """The peer broke the protocol; the only exception the codec raises on input."""
 
 
-class _Sentinel:
-    __slots__ = ("name",)
+class Paused:
+    """The type of PAUSED: an option awaits the server's reply; what follows depends on it."""
 
-    def __init__(self, name: str) -> None:
-        self.name = name
+    _instance: ClassVar[Paused | None] = None
+
+    def __new__(cls) -> Paused:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
 
     def __repr__(self) -> str:
-        return self.name
+        return "PAUSED"
 
 
-NEED_DATA: Final = _Sentinel("NEED_DATA")
-"""More bytes are needed before the next event."""
-PAUSED: Final = _Sentinel("PAUSED")
-"""An option awaits the server's reply; what follows depends on that reply."""
+PAUSED: Final = Paused()
 
 
 # ---- events from the client -------------------------------------------------------
@@ -396,7 +400,7 @@ class TransmissionDecoder:
             return  # nothing may follow NBD_CMD_DISC; what does is ignored
         self._queue.append(data)
 
-    def next_event(self) -> Request | ConnectionClosed | _Sentinel:
+    def next_event(self) -> Request | ConnectionClosed | NeedData:
         if self._disconnected:
             return ConnectionClosed()
         queue = self._queue
@@ -422,7 +426,7 @@ class TransmissionDecoder:
         return self._disconnected
 
 
-def _end_or_need(queue: _ByteQueue) -> ConnectionClosed | _Sentinel:
+def _end_or_need(queue: _ByteQueue) -> ConnectionClosed | NeedData:
     if not queue.eof:
         return NEED_DATA
     if len(queue):
@@ -467,7 +471,7 @@ class NbdServerConnection:
         elif self.phase is not Phase.CLOSED:
             self._queue.append(data)
 
-    def next_event(self) -> ClientEvent | _Sentinel:
+    def next_event(self) -> ClientEvent | NeedData | Paused:
         if self.phase is Phase.TRANSMISSION:
             event = self._transmission.next_event()
             if isinstance(event, ConnectionClosed):
@@ -486,7 +490,7 @@ class NbdServerConnection:
             raise NbdProtocolError("client spoke before the server's greeting")
         return _end_or_need(self._queue)
 
-    def _next_client_flags(self) -> ClientFlags | ConnectionClosed | _Sentinel:
+    def _next_client_flags(self) -> ClientFlags | ConnectionClosed | NeedData:
         if len(self._queue) < CLIENT_FLAGS.size:
             return self._closed_if(_end_or_need(self._queue))
         (raw,) = self._queue.peek_unpack(CLIENT_FLAGS)
@@ -498,7 +502,7 @@ class NbdServerConnection:
         self.phase = Phase.OPTIONS
         return ClientFlags(self.client_flags)
 
-    def _next_option(self) -> ClientEvent | _Sentinel:
+    def _next_option(self) -> ClientEvent | NeedData | Paused:
         if len(self._queue) < OPTION_HEADER.size:
             return self._closed_if(_end_or_need(self._queue))
         magic, option, length = self._queue.peek_unpack(OPTION_HEADER)
@@ -514,7 +518,7 @@ class NbdServerConnection:
         self._pending = event
         return event
 
-    def _closed_if(self, event: ConnectionClosed | _Sentinel) -> ConnectionClosed | _Sentinel:
+    def _closed_if(self, event: ConnectionClosed | NeedData) -> ConnectionClosed | NeedData:
         if isinstance(event, ConnectionClosed):
             self.phase = Phase.CLOSED
         return event
