@@ -1,1 +1,26 @@
+"""tmem_host.store: the in-memory tmem page store behind tmemd (pure, no I/O)."""
 
+from .pagecodec import decode_page, encode_page
+from .store import (
+    DEFAULT_WEIGHT,
+    INVALID_UUID,
+    MAX_POOLS_PER_CLIENT,
+    MAX_SHARED_POOLS,
+    PAGE_OVERHEAD_BYTES,
+    Client,
+    Pool,
+    Store,
+)
+
+__all__ = [
+    "DEFAULT_WEIGHT",
+    "INVALID_UUID",
+    "MAX_POOLS_PER_CLIENT",
+    "MAX_SHARED_POOLS",
+    "PAGE_OVERHEAD_BYTES",
+    "Client",
+    "Pool",
+    "Store",
+    "decode_page",
+    "encode_page",
+]

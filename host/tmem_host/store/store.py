@@ -1,0 +1,864 @@
+"""The tmem page store: clients, pools, budget, caps, weighted eviction.
+
+Pure and synchronous: no I/O, no threads, one caller at a time. Semantics
+follow Xen's tmem (xen/common/tmem.c) unless docs/STORE.md says otherwise.
+
+Layout, chosen for a lean per-page path:
+
+- ``Pool.objects`` maps an object id to ``{index: stored page}``; a stored page
+  is a bare ``int``/``bytes`` (see :mod:`.pagecodec`) or, in a dedup pool,
+  a shared :class:`DedupBlob`.
+- Ephemeral pages also sit in their owner client's ``lru`` (an OrderedDict
+  from ``(pool, oid, index)`` to a global tick). The global LRU is the oldest
+  head among the clients' LRUs, so a put touches one LRU, not two.
+- Accounting is in stored bytes: data bytes plus ``PAGE_OVERHEAD_BYTES`` per
+  page. A dedup blob's data bytes are charged to the client once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import math
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from operator import itemgetter
+from typing import Any, Final, TypeAlias
+from uuid import UUID
+
+from tmem_wire.abi import (
+    MAX_PAGE_SHIFT,
+    MIN_PAGE_SHIFT,
+    WHOLE_OBJECT,
+    Key,
+    Oid,
+    PoolFlag,
+    PoolStats,
+    Status,
+)
+
+from .pagecodec import StoredPage, decode_page, encode_page
+
+#: Xen's MAX_POOLS_PER_DOMAIN and MAX_GLOBAL_SHARED_POOLS.
+MAX_POOLS_PER_CLIENT: Final = 16
+MAX_SHARED_POOLS: Final = 16
+DEFAULT_WEIGHT: Final = 100
+#: Charged per stored page on top of its data bytes: what a page costs the
+#: host beyond its data (dict slot, LRU node, key tuple), rounded; it also
+#: makes same-filled pages cost something, so a budget bounds their number.
+PAGE_OVERHEAD_BYTES: Final = 64
+#: Xen treats the all-ones UUID as "no UUID": such a shared request is private.
+INVALID_UUID: Final = UUID(int=(1 << 128) - 1)
+
+_OK: Final = Status.OK
+_MISS: Final = Status.MISS
+_REFUSED: Final = Status.REFUSED
+_FROZEN: Final = Status.FROZEN
+_INVALID: Final = Status.INVALID
+_NOT_PERMITTED: Final = Status.NOT_PERMITTED
+
+_LruKey: TypeAlias = "tuple[Pool, Oid, int]"
+
+
+class DedupBlob:
+    """One stored page content referenced by ``refs`` pages of one client."""
+
+    __slots__ = ("digest", "stored", "data_bytes", "refs")
+
+    def __init__(self, digest: bytes, stored: StoredPage, data_bytes: int) -> None:
+        self.digest = digest
+        self.stored = stored
+        self.data_bytes = data_bytes
+        self.refs = 0
+
+
+_PageValue: TypeAlias = "bytes | int | DedupBlob"
+
+
+class OpCounters:
+    """Cumulative operation counters, kept per pool and per client."""
+
+    __slots__ = ("puts", "refusals", "gets", "hits", "flushes", "evictions")
+
+    COUNTER_NAMES: Final = ("puts", "refusals", "gets", "hits", "flushes", "evictions")
+
+    def __init__(self) -> None:
+        self.puts = 0
+        self.refusals = 0
+        self.gets = 0
+        self.hits = 0
+        self.flushes = 0
+        self.evictions = 0
+
+    def counters(self) -> dict[str, int]:
+        values = {name: getattr(self, name) for name in self.COUNTER_NAMES}
+        values["misses"] = self.gets - self.hits
+        return values
+
+    def add_counters(self, other: OpCounters) -> None:
+        for name in self.COUNTER_NAMES:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+class Pool(OpCounters):
+    """A tmem pool; a shared pool is one object in several clients' slots."""
+
+    __slots__ = (
+        "objects",
+        "persistent",
+        "shared_uuid",
+        "page_shift",
+        "page_size",
+        "inclusive_gets",
+        "exclusive_gets",
+        "dedup",
+        "owner",
+        "members",
+        "pages",
+        "stored_bytes",
+    )
+
+    def __init__(
+        self,
+        owner: Client,
+        persistent: bool,
+        page_shift: int,
+        shared_uuid: UUID | None,
+        inclusive_gets: bool,
+    ) -> None:
+        super().__init__()
+        self.objects: dict[Oid, dict[int, _PageValue]] = {}
+        self.persistent = persistent
+        self.shared_uuid = shared_uuid
+        self.page_shift = page_shift
+        self.page_size = 1 << page_shift
+        shared = shared_uuid is not None
+        # Only private ephemeral pools have inclusive/exclusive choice (Xen:
+        # persistent and shared gets never remove the page).
+        self.inclusive_gets = inclusive_gets and not persistent and not shared
+        self.exclusive_gets = not persistent and not shared and not inclusive_gets
+        # Never dedup a shared pool: its content is visible to other clients,
+        # so a dedup hit would leak the owner's private pages.
+        self.dedup = owner.dedup and not shared
+        # The owner is charged for the pool's pages (Xen's pool->client).
+        self.owner = owner
+        self.members: list[Client] = [owner]
+        self.pages = 0
+        #: Data + overhead of every page, as if no page were deduplicated.
+        self.stored_bytes = 0
+
+    @property
+    def shared(self) -> bool:
+        return self.shared_uuid is not None
+
+
+class Client(OpCounters):
+    """A guest: its pools, limits and accounting. Build with Store.add_client."""
+
+    __slots__ = (
+        "name",
+        "weight",
+        "cap_bytes",
+        "dedup",
+        "shared_uuids",
+        "frozen",
+        "pools",
+        "pages",
+        "raw_bytes",
+        "stored_bytes",
+        "ephemeral_bytes",
+        "lru",
+        "dedup_table",
+        "dedup_hits",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        weight: int,
+        cap_bytes: int | None,
+        dedup: bool,
+        shared_uuids: frozenset[UUID],
+    ) -> None:
+        super().__init__()
+        self.name = name
+        self.weight = weight
+        self.cap_bytes = cap_bytes
+        self.dedup = dedup
+        self.shared_uuids = shared_uuids
+        self.frozen = False
+        self.pools: list[Pool | None] = [None] * MAX_POOLS_PER_CLIENT
+        self.pages = 0
+        self.raw_bytes = 0
+        #: Bytes charged to this client (dedup blobs once), overhead included.
+        self.stored_bytes = 0
+        #: Upper bound of what evicting all its ephemeral pages would free.
+        self.ephemeral_bytes = 0
+        self.lru: OrderedDict[_LruKey, int] = OrderedDict()
+        self.dedup_table: dict[bytes, DedupBlob] = {}
+        self.dedup_hits = 0
+
+    def __repr__(self) -> str:
+        return f"Client({self.name!r})"
+
+
+class Store:
+    """All clients' pages within one budget of stored bytes."""
+
+    def __init__(self, budget_bytes: int, compress: bool = True) -> None:
+        if budget_bytes < 0:
+            raise ValueError("budget_bytes must be >= 0")
+        self.budget_bytes = budget_bytes
+        self.compress = compress
+        self.used_bytes = 0
+        self.pages = 0
+        self.raw_bytes = 0
+        self.ephemeral_bytes = 0
+        self._clients: dict[str, Client] = {}
+        self._shared_pools: dict[UUID, Pool] = {}
+        self._total_weight = 0
+        self._tick = itertools.count()
+        # Counters of removed clients, so global totals never go backwards.
+        self._retired = OpCounters()
+
+    # ----------------------------------------------------------- clients
+
+    def add_client(
+        self,
+        name: str,
+        weight: int = DEFAULT_WEIGHT,
+        cap_bytes: int | None = None,
+        dedup: bool = False,
+        shared_uuids: frozenset[UUID] = frozenset(),
+    ) -> Client:
+        if name in self._clients:
+            raise ValueError(f"client {name!r} exists")
+        _check_weight(weight)
+        _check_cap(cap_bytes)
+        client = Client(name, weight, cap_bytes, dedup, frozenset(shared_uuids))
+        self._clients[name] = client
+        self._total_weight += weight
+        return client
+
+    def client(self, name: str) -> Client:
+        """The client called ``name``; KeyError if there is none."""
+        return self._clients[name]
+
+    @property
+    def clients(self) -> list[Client]:
+        return list(self._clients.values())
+
+    def remove_client(self, client: Client | str) -> None:
+        """Leave every pool (dropping what only it used) and forget the client."""
+        client = self._resolve(client)
+        for pool_id, pool in enumerate(client.pools):
+            if pool is not None:
+                self.destroy_pool(client, pool_id)
+        self._retired.add_counters(client)
+        self._total_weight -= client.weight
+        del self._clients[client.name]
+
+    def set_budget(self, budget_bytes: int) -> None:
+        """Change the budget; ephemeral pages are evicted down to it."""
+        if budget_bytes < 0:
+            raise ValueError("budget_bytes must be >= 0")
+        self.budget_bytes = budget_bytes
+        while self.used_bytes > self.budget_bytes:
+            victim = self._pick_victim(None)
+            if victim is None:
+                break  # only persistent pages left: kept, further puts refused
+            self._evict_oldest(victim)
+
+    def set_weight(self, client: Client | str, weight: int) -> None:
+        client = self._resolve(client)
+        _check_weight(weight)
+        self._total_weight += weight - client.weight
+        client.weight = weight
+
+    def set_cap(self, client: Client | str, cap_bytes: int | None) -> None:
+        """Change a client's cap; its ephemeral pages are evicted down to it."""
+        client = self._resolve(client)
+        _check_cap(cap_bytes)
+        client.cap_bytes = cap_bytes
+        if cap_bytes is not None:
+            while client.stored_bytes > cap_bytes and client.lru:
+                self._evict_oldest(client)
+
+    def set_shared_uuids(self, client: Client | str, shared_uuids: Iterable[UUID]) -> None:
+        """Authorise ``client`` for exactly these shared-pool UUIDs (new pools only)."""
+        self._resolve(client).shared_uuids = frozenset(shared_uuids)
+
+    def freeze(self, client: Client | str) -> None:
+        self._resolve(client).frozen = True
+
+    def thaw(self, client: Client | str) -> None:
+        self._resolve(client).frozen = False
+
+    def flush_client(self, client: Client | str) -> int:
+        """Drop every page charged to the client; return how many."""
+        client = self._resolve(client)
+        flushed = 0
+        for pool in _unique_pools(client):
+            if pool.owner is client:
+                count = self._drop_all_pages(pool)
+                pool.flushes += count
+                flushed += count
+        client.flushes += flushed
+        return flushed
+
+    # ------------------------------------------------------------- pools
+
+    def new_pool(
+        self,
+        client: Client,
+        persistent: bool,
+        page_shift: int = MIN_PAGE_SHIFT,
+        shared_uuid: UUID | None = None,
+        inclusive_gets: bool = False,
+    ) -> tuple[Status, int, bool]:
+        """Create (or join) a pool: (status, local pool id or -1, shared?).
+
+        A shared request is honoured only for an ephemeral pool whose UUID the
+        client is authorised for; otherwise the pool is private, as in Xen.
+        """
+        if not MIN_PAGE_SHIFT <= page_shift <= MAX_PAGE_SHIFT:
+            return _INVALID, -1, False
+        try:
+            pool_id = client.pools.index(None)
+        except ValueError:
+            return _NOT_PERMITTED, -1, False
+        if (
+            shared_uuid is not None
+            and shared_uuid != INVALID_UUID
+            and not persistent
+            and shared_uuid in client.shared_uuids
+        ):
+            existing = self._shared_pools.get(shared_uuid)
+            if existing is not None and existing.page_shift == page_shift:
+                existing.members.append(client)
+                client.pools[pool_id] = existing
+                return _OK, pool_id, True
+            if existing is None:
+                if len(self._shared_pools) >= MAX_SHARED_POOLS:
+                    return _NOT_PERMITTED, -1, False
+                pool = Pool(client, persistent, page_shift, shared_uuid, inclusive_gets)
+                self._shared_pools[shared_uuid] = pool
+                client.pools[pool_id] = pool
+                return _OK, pool_id, True
+            # Same UUID, other page size: cannot be the same pool; private.
+        client.pools[pool_id] = Pool(client, persistent, page_shift, None, inclusive_gets)
+        return _OK, pool_id, False
+
+    def destroy_pool(self, client: Client, pool_id: int) -> Status:
+        """Free the client's pool slot; a shared pool dies with its last member."""
+        pool = _pool_of(client, pool_id)
+        if pool is None:
+            return _INVALID
+        client.pools[pool_id] = None
+        if pool.shared_uuid is not None:
+            pool.members.remove(client)
+            if pool.members:
+                if pool.owner is client and client not in pool.members:
+                    self._reassign_owner(pool, pool.members[0])
+                return _OK
+            del self._shared_pools[pool.shared_uuid]
+        self._drop_all_pages(pool)
+        return _OK
+
+    def flush_pool(self, client: Client, pool_id: int) -> Status:
+        """Drop every page of a pool, keeping the pool."""
+        pool = _pool_of(client, pool_id)
+        if pool is None:
+            return _INVALID
+        count = self._drop_all_pages(pool)
+        pool.flushes += count
+        client.flushes += count
+        return _OK
+
+    # ------------------------------------------------------------- pages
+
+    def put(self, client: Client, pool_id: int, oid: Oid, index: int, data: bytes) -> Status:
+        pool = _pool_of(client, pool_id)
+        if pool is None or len(data) != pool.page_size:
+            return _INVALID
+        client.puts += 1
+        pool.puts += 1
+        if client.frozen:
+            status = self._refuse_put(pool, oid, index, _FROZEN)
+        else:
+            status = self._put_page(pool, oid, index, data)
+        if status is not _OK:
+            client.refusals += 1
+            pool.refusals += 1
+        return status
+
+    def put_many(
+        self,
+        client: Client,
+        pool_id: int,
+        keys: Sequence[Key],
+        pages: Sequence[bytes],
+    ) -> list[Status]:
+        """Put ``pages[i]`` at ``keys[i]`` (oid, index); one status per page."""
+        if len(keys) != len(pages):
+            raise ValueError("keys and pages differ in length")
+        pool = _pool_of(client, pool_id)
+        if pool is None:
+            return [_INVALID] * len(keys)
+        page_size = pool.page_size
+        put_page = self._refuse_frozen_put if client.frozen else self._put_page
+        statuses: list[Status] = []
+        append = statuses.append
+        refused = 0
+        invalid = 0
+        for (oid, index), data in zip(keys, pages):
+            if len(data) != page_size:
+                append(_INVALID)
+                invalid += 1
+                continue
+            status = put_page(pool, oid, index, data)
+            if status is not _OK:
+                refused += 1
+            append(status)
+        valid = len(keys) - invalid
+        client.puts += valid
+        pool.puts += valid
+        client.refusals += refused
+        pool.refusals += refused
+        return statuses
+
+    def get(self, client: Client, pool_id: int, oid: Oid, index: int) -> tuple[Status, bytes | None]:
+        pool = _pool_of(client, pool_id)
+        if pool is None:
+            return _INVALID, None
+        client.gets += 1
+        pool.gets += 1
+        data = self._get_page(pool, oid, index)
+        if data is None:
+            return _MISS, None
+        client.hits += 1
+        pool.hits += 1
+        return _OK, data
+
+    def get_many(
+        self, client: Client, pool_id: int, keys: Sequence[Key]
+    ) -> tuple[list[Status], list[bytes]]:
+        """Get each key: statuses, and the data of the hits in key order."""
+        pool = _pool_of(client, pool_id)
+        if pool is None:
+            return [_INVALID] * len(keys), []
+        statuses: list[Status] = []
+        found: list[bytes] = []
+        get_page = self._get_page
+        for oid, index in keys:
+            data = get_page(pool, oid, index)
+            if data is None:
+                statuses.append(_MISS)
+            else:
+                statuses.append(_OK)
+                found.append(data)
+        client.gets += len(keys)
+        pool.gets += len(keys)
+        client.hits += len(found)
+        pool.hits += len(found)
+        return statuses, found
+
+    def flush_page(self, client: Client, pool_id: int, oid: Oid, index: int) -> Status:
+        """Drop one page; OK whether or not it was there (as Xen)."""
+        pool = _pool_of(client, pool_id)
+        if pool is None:
+            return _INVALID
+        obj = pool.objects.get(oid)
+        if obj is not None and index in obj:
+            self._drop_page(pool, obj, oid, index)
+            pool.flushes += 1
+            client.flushes += 1
+        return _OK
+
+    def flush_many(self, client: Client, pool_id: int, keys: Sequence[Key]) -> list[Status]:
+        """Flush each key; index WHOLE_OBJECT flushes the whole object (ABI)."""
+        pool = _pool_of(client, pool_id)
+        if pool is None:
+            return [_INVALID] * len(keys)
+        objects = pool.objects
+        flushed = 0
+        for oid, index in keys:
+            obj = objects.get(oid)
+            if obj is None:
+                continue
+            if index == WHOLE_OBJECT:
+                flushed += len(obj)
+                for each_index in list(obj):
+                    self._drop_page(pool, obj, oid, each_index)
+            elif index in obj:
+                self._drop_page(pool, obj, oid, index)
+                flushed += 1
+        pool.flushes += flushed
+        client.flushes += flushed
+        return [_OK] * len(keys)
+
+    def flush_object(self, client: Client, pool_id: int, oid: Oid) -> Status:
+        """Drop every page of one object; OK whether or not it existed."""
+        pool = _pool_of(client, pool_id)
+        if pool is None:
+            return _INVALID
+        return self.flush_many(client, pool_id, [(oid, WHOLE_OBJECT)])[0]
+
+    # ------------------------------------------------------------- stats
+
+    def pool_stats(self, client: Client, pool_id: int | None = None) -> list[PoolStats]:
+        """The client's pool records (one pool, or all when ``pool_id`` is None)."""
+        if pool_id is None:
+            slots = list(enumerate(client.pools))
+        else:
+            pool = _pool_of(client, pool_id)
+            slots = [(pool_id, pool)]
+        return [
+            PoolStats(
+                pool_id=each_id,
+                flags=_pool_flags(pool),
+                page_shift=pool.page_shift,
+                pages=pool.pages,
+                raw_bytes=pool.pages * pool.page_size,
+                stored_bytes=pool.stored_bytes,
+                puts=pool.puts,
+                gets=pool.gets,
+                hits=pool.hits,
+                flushes=pool.flushes,
+                refusals=pool.refusals,
+                evictions=pool.evictions,
+            )
+            for each_id, pool in slots
+            if pool is not None
+        ]
+
+    def stats(self) -> dict[str, Any]:
+        """Global, per-client and per-pool figures; JSON-serialisable."""
+        totals = OpCounters()
+        totals.add_counters(self._retired)
+        clients: dict[str, Any] = {}
+        for client in self._clients.values():
+            totals.add_counters(client)
+            clients[client.name] = self._client_stats(client)
+        return {
+            "budget_bytes": self.budget_bytes,
+            "used_bytes": self.used_bytes,
+            "free_bytes": max(0, self.budget_bytes - self.used_bytes),
+            "compress": self.compress,
+            "page_overhead_bytes": PAGE_OVERHEAD_BYTES,
+            "pages": self.pages,
+            "raw_bytes": self.raw_bytes,
+            "stored_bytes": self.used_bytes,
+            "ephemeral_bytes": self.ephemeral_bytes,
+            "shared_pools": len(self._shared_pools),
+            **totals.counters(),
+            "clients": clients,
+        }
+
+    def _client_stats(self, client: Client) -> dict[str, Any]:
+        share = (
+            self.budget_bytes * client.weight // self._total_weight if self._total_weight else 0
+        )
+        pools = []
+        for pool_id, pool in enumerate(client.pools):
+            if pool is not None:
+                pools.append({"pool_id": pool_id, **_pool_stats(pool, client)})
+        return {
+            "weight": client.weight,
+            "cap_bytes": client.cap_bytes,
+            "share_bytes": share,
+            "dedup": client.dedup,
+            "frozen": client.frozen,
+            "pages": client.pages,
+            "raw_bytes": client.raw_bytes,
+            "stored_bytes": client.stored_bytes,
+            "ephemeral_bytes": client.ephemeral_bytes,
+            "dedup_blobs": len(client.dedup_table),
+            "dedup_hits": client.dedup_hits,
+            **client.counters(),
+            "pools": pools,
+        }
+
+    # ---------------------------------------------------------- internals
+
+    def _resolve(self, client: Client | str) -> Client:
+        if isinstance(client, str):
+            return self._clients[client]
+        if self._clients.get(client.name) is not client:
+            raise KeyError(client.name)
+        return client
+
+    def _put_page(self, pool: Pool, oid: Oid, index: int, data: bytes) -> Status:
+        objects = pool.objects
+        obj = objects.get(oid)
+        if obj is not None and index in obj:
+            # Drop the old copy first: if the new one is refused, a later get
+            # must miss rather than return stale data (Xen's failed dup put).
+            self._drop_page(pool, obj, oid, index)
+        if pool.dedup:
+            return self._put_dedup_page(pool, oid, index, data)
+        owner = pool.owner
+        stored = encode_page(data, pool.page_size, self.compress)
+        cost = PAGE_OVERHEAD_BYTES + (len(stored) if type(stored) is bytes else 0)
+        if self.used_bytes + cost > self.budget_bytes or (
+            owner.cap_bytes is not None and owner.stored_bytes + cost > owner.cap_bytes
+        ):
+            if not self._make_room(owner, cost):
+                return _REFUSED
+        obj = objects.get(oid)
+        if obj is None:
+            obj = objects[oid] = {}
+        obj[index] = stored
+        self._charge(pool, owner, oid, index, cost, cost)
+        return _OK
+
+    def _put_dedup_page(self, pool: Pool, oid: Oid, index: int, data: bytes) -> Status:
+        owner = pool.owner
+        digest = hashlib.blake2b(data, digest_size=16).digest()
+        blob = owner.dedup_table.get(digest)
+        if blob is None:
+            stored = encode_page(data, pool.page_size, self.compress)
+            blob = DedupBlob(digest, stored, len(stored) if type(stored) is bytes else 0)
+            charged = PAGE_OVERHEAD_BYTES + blob.data_bytes
+        else:
+            charged = PAGE_OVERHEAD_BYTES
+        # Pin the blob so that making room cannot free it under us.
+        blob.refs += 1
+        if self.used_bytes + charged > self.budget_bytes or (
+            owner.cap_bytes is not None and owner.stored_bytes + charged > owner.cap_bytes
+        ):
+            if not self._make_room(owner, charged):
+                # If eviction took every other page of the blob, its data
+                # bytes are still charged: the last unref frees them.
+                freed = self._unref_blob(owner, blob)
+                owner.stored_bytes -= freed
+                self.used_bytes -= freed
+                return _REFUSED
+        if blob.refs == 1:
+            owner.dedup_table[digest] = blob
+        else:
+            owner.dedup_hits += 1
+        obj = pool.objects.get(oid)
+        if obj is None:
+            obj = pool.objects[oid] = {}
+        obj[index] = blob
+        self._charge(pool, owner, oid, index, charged, PAGE_OVERHEAD_BYTES + blob.data_bytes)
+        return _OK
+
+    def _unref_blob(self, owner: Client, blob: DedupBlob) -> int:
+        """Drop one reference; return the data bytes freed (all, on the last)."""
+        blob.refs -= 1
+        if blob.refs:
+            return 0
+        if owner.dedup_table.get(blob.digest) is blob:
+            del owner.dedup_table[blob.digest]
+            return blob.data_bytes
+        return 0  # a pinned blob that was never entered: nothing was charged
+
+    def _charge(
+        self, pool: Pool, owner: Client, oid: Oid, index: int, charged: int, logical: int
+    ) -> None:
+        page_size = pool.page_size
+        pool.pages += 1
+        pool.stored_bytes += logical
+        owner.pages += 1
+        owner.raw_bytes += page_size
+        owner.stored_bytes += charged
+        self.pages += 1
+        self.raw_bytes += page_size
+        self.used_bytes += charged
+        if not pool.persistent:
+            owner.lru[(pool, oid, index)] = next(self._tick)
+            owner.ephemeral_bytes += logical
+            self.ephemeral_bytes += logical
+
+    def _drop_page(self, pool: Pool, obj: dict[int, _PageValue], oid: Oid, index: int) -> None:
+        """Remove a present page and undo its accounting."""
+        stored = obj.pop(index)
+        if not obj:
+            del pool.objects[oid]
+        owner = pool.owner
+        if type(stored) is DedupBlob:
+            logical = PAGE_OVERHEAD_BYTES + stored.data_bytes
+            freed = PAGE_OVERHEAD_BYTES + self._unref_blob(owner, stored)
+        else:
+            freed = logical = PAGE_OVERHEAD_BYTES + (len(stored) if type(stored) is bytes else 0)
+        page_size = pool.page_size
+        pool.pages -= 1
+        pool.stored_bytes -= logical
+        owner.pages -= 1
+        owner.raw_bytes -= page_size
+        owner.stored_bytes -= freed
+        self.pages -= 1
+        self.raw_bytes -= page_size
+        self.used_bytes -= freed
+        if not pool.persistent:
+            del owner.lru[(pool, oid, index)]
+            owner.ephemeral_bytes -= logical
+            self.ephemeral_bytes -= logical
+
+    def _drop_all_pages(self, pool: Pool) -> int:
+        count = pool.pages
+        objects = pool.objects
+        for oid in list(objects):
+            obj = objects[oid]
+            for index in list(obj):
+                self._drop_page(pool, obj, oid, index)
+        return count
+
+    def _refuse_put(self, pool: Pool, oid: Oid, index: int, status: Status) -> Status:
+        obj = pool.objects.get(oid)
+        if obj is not None and index in obj:
+            self._drop_page(pool, obj, oid, index)  # never leave a stale copy
+        return status
+
+    def _refuse_frozen_put(self, pool: Pool, oid: Oid, index: int, data: bytes) -> Status:
+        return self._refuse_put(pool, oid, index, _FROZEN)
+
+    def _get_page(self, pool: Pool, oid: Oid, index: int) -> bytes | None:
+        obj = pool.objects.get(oid)
+        if obj is None:
+            return None
+        stored = obj.get(index)
+        if stored is None:
+            return None
+        if isinstance(stored, DedupBlob):
+            data = decode_page(stored.stored, pool.page_size)
+        else:
+            data = decode_page(stored, pool.page_size)
+        if pool.exclusive_gets:
+            self._drop_page(pool, obj, oid, index)
+        elif not pool.persistent:
+            lru = pool.owner.lru
+            key = (pool, oid, index)
+            lru.move_to_end(key)
+            lru[key] = next(self._tick)
+        return data
+
+    def _make_room(self, owner: Client, cost: int) -> bool:
+        """Evict ephemeral pages until ``cost`` more bytes fit; False if they cannot."""
+        cap = owner.cap_bytes
+        if cap is not None and owner.stored_bytes + cost > cap:
+            # A client at its cap makes room from its own ephemeral pages only.
+            if owner.stored_bytes - owner.ephemeral_bytes + cost > cap:
+                return False
+            while owner.stored_bytes + cost > cap:
+                if not owner.lru:
+                    return False
+                self._evict_oldest(owner)
+        if self.used_bytes + cost > self.budget_bytes:
+            if self.used_bytes - self.ephemeral_bytes + cost > self.budget_bytes:
+                return False
+            while self.used_bytes + cost > self.budget_bytes:
+                victim = self._pick_victim(owner)
+                if victim is None:
+                    return False
+                self._evict_oldest(victim)
+        return True
+
+    def _pick_victim(self, putter: Client | None) -> Client | None:
+        """Whose oldest ephemeral page goes next (weighted fair shares).
+
+        As Xen's tmem_evict: a putter over its weighted share of the budget
+        evicts its own pages. Beyond Xen, otherwise the client furthest over
+        its share loses pages, so an under-share client keeps its share; if
+        no client with ephemeral pages is over its share, the global LRU.
+        """
+        total_weight = self._total_weight
+        budget = self.budget_bytes
+        if (
+            putter is not None
+            and putter.lru
+            and putter.stored_bytes * total_weight > budget * putter.weight
+        ):
+            return putter
+        worst: Client | None = None
+        worst_ratio = -1.0
+        oldest: Client | None = None
+        oldest_tick = math.inf
+        for client in self._clients.values():
+            if not client.lru:
+                continue
+            if client.stored_bytes * total_weight > budget * client.weight:
+                ratio = client.stored_bytes / client.weight if client.weight else math.inf
+                if ratio > worst_ratio:
+                    worst, worst_ratio = client, ratio
+            tick = next(iter(client.lru.values()))
+            if tick < oldest_tick:
+                oldest, oldest_tick = client, tick
+        return worst if worst is not None else oldest
+
+    def _evict_oldest(self, victim: Client) -> None:
+        pool, oid, index = next(iter(victim.lru))
+        self._drop_page(pool, pool.objects[oid], oid, index)
+        pool.evictions += 1
+        victim.evictions += 1
+
+    def _reassign_owner(self, pool: Pool, new_owner: Client) -> None:
+        """Charge a shared pool to another member (Xen's shared_pool_reassign)."""
+        old_owner = pool.owner
+        raw = pool.pages * pool.page_size
+        # Shared pools never dedup, so logical bytes are the charged bytes.
+        for client, sign in ((old_owner, -1), (new_owner, 1)):
+            client.pages += sign * pool.pages
+            client.raw_bytes += sign * raw
+            client.stored_bytes += sign * pool.stored_bytes
+            client.ephemeral_bytes += sign * pool.stored_bytes
+        moved = [(key, tick) for key, tick in old_owner.lru.items() if key[0] is pool]
+        for key, _ in moved:
+            del old_owner.lru[key]
+        # Keep the new owner's LRU in tick order: merge, not append.
+        merged = sorted(itertools.chain(new_owner.lru.items(), moved), key=itemgetter(1))
+        new_owner.lru = OrderedDict(merged)
+        pool.owner = new_owner
+
+
+def _pool_of(client: Client, pool_id: int) -> Pool | None:
+    if 0 <= pool_id < MAX_POOLS_PER_CLIENT:
+        return client.pools[pool_id]
+    return None
+
+
+def _unique_pools(client: Client) -> list[Pool]:
+    pools: list[Pool] = []
+    for pool in client.pools:
+        if pool is not None and all(pool is not seen for seen in pools):
+            pools.append(pool)
+    return pools
+
+
+def _pool_stats(pool: Pool, viewer: Client) -> dict[str, Any]:
+    return {
+        "persistent": pool.persistent,
+        "shared": pool.shared,
+        "shared_uuid": str(pool.shared_uuid) if pool.shared_uuid is not None else None,
+        "owner": pool.owner is viewer,
+        "page_shift": pool.page_shift,
+        "inclusive_gets": pool.inclusive_gets,
+        "dedup": pool.dedup,
+        "pages": pool.pages,
+        "raw_bytes": pool.pages * pool.page_size,
+        "stored_bytes": pool.stored_bytes,
+        **pool.counters(),
+    }
+
+
+def _pool_flags(pool: Pool) -> PoolFlag:
+    flags = PoolFlag(0)
+    if pool.persistent:
+        flags |= PoolFlag.PERSISTENT
+    if pool.shared:
+        flags |= PoolFlag.SHARED
+    if pool.inclusive_gets:
+        flags |= PoolFlag.INCLUSIVE_GETS
+    return flags
+
+
+def _check_weight(weight: int) -> None:
+    if weight < 0:
+        raise ValueError("weight must be >= 0")
+
+
+def _check_cap(cap_bytes: int | None) -> None:
+    if cap_bytes is not None and cap_bytes < 0:
+        raise ValueError("cap_bytes must be >= 0 or None")
