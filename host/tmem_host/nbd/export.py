@@ -1,0 +1,430 @@
+"""tmemd's NBD export: a guest's swap disk with frontswap semantics.
+
+QEMU's NBD client attaches the export as a virtio-blk disk and the guest swaps
+on it. Each 4 KiB slot of the disk is a frontswap page: a WRITE puts the pages
+into the guest's persistent pool; a page the store refuses goes to a sparse
+fallback file at the same offset; a bitmap says which of the two holds each
+slot. A READ gets from tmem or reads the fallback (zeros if never written).
+TRIM and WRITE_ZEROES flush slots and punch holes in the fallback; FLUSH is
+fdatasync of the fallback. Key mapping and rules: docs/NBD.md.
+
+The store is synchronous and single-threaded, so requests are served in the
+order they arrive, and the replies to everything one ``data_received`` brought
+leave in one transport write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import ctypes.util
+import errno
+import logging
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any, Final
+
+from tmem_host.store import Client, Store
+from tmem_wire import nbd
+from tmem_wire.abi import Status
+
+log = logging.getLogger("tmemd.nbd")
+
+PAGE_SHIFT: Final = 12
+PAGE_SIZE: Final = 1 << PAGE_SHIFT
+# Linux drivers/xen/tmem.c spreads a swap type's offsets over 16 objects.
+SWIZ_BITS: Final = 4
+SWIZ_MASK: Final = (1 << SWIZ_BITS) - 1
+SWAP_TYPE: Final = 0
+MAX_PAYLOAD: Final = 32 * 1024 * 1024
+TRANSMISSION_FLAGS: Final = (
+    nbd.TransmissionFlag.HAS_FLAGS
+    | nbd.TransmissionFlag.SEND_FLUSH
+    | nbd.TransmissionFlag.SEND_TRIM
+    | nbd.TransmissionFlag.SEND_WRITE_ZEROES
+    | nbd.TransmissionFlag.SEND_FAST_ZERO
+    # All state is the export's, served by one thread: every connection sees
+    # every other's completed writes, and FLUSH covers them all.
+    | nbd.TransmissionFlag.CAN_MULTI_CONN
+)
+ALLOWED_COMMAND_FLAGS: Final = {
+    nbd.Command.WRITE_ZEROES: nbd.CommandFlag.NO_HOLE | nbd.CommandFlag.FAST_ZERO,
+}
+# Histogram buckets of request sizes, in pages: 1, 2-3, 4-7, ... 256+.
+HISTOGRAM_BUCKETS: Final = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+FALLOC_FL_KEEP_SIZE: Final = 0x01
+FALLOC_FL_PUNCH_HOLE: Final = 0x02
+
+
+def swap_key(slot: int) -> tuple[tuple[int, int, int], int]:
+    """The tmem (oid, index) of a swap slot, as Linux's Xen tmem frontswap made it."""
+    return ((SWAP_TYPE << SWIZ_BITS) | (slot & SWIZ_MASK), 0, 0), slot >> SWIZ_BITS
+
+
+def size_bucket(pages: int) -> str:
+    label = "1"
+    for bucket in HISTOGRAM_BUCKETS:
+        if pages >= bucket:
+            label = str(bucket)
+    return f"{label}+" if label == str(HISTOGRAM_BUCKETS[-1]) else label
+
+
+class _HolePuncher:
+    """fallocate(PUNCH_HOLE) through libc; writes zeros where that is unavailable."""
+
+    def __init__(self) -> None:
+        self._fallocate: Any = None
+        libc_name = ctypes.util.find_library("c")
+        if libc_name is not None:
+            libc = ctypes.CDLL(libc_name, use_errno=True)
+            fallocate = getattr(libc, "fallocate", None)
+            if fallocate is not None:
+                fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+                fallocate.restype = ctypes.c_int
+                self._fallocate = fallocate
+
+    def punch(self, fd: int, offset: int, length: int) -> None:
+        if self._fallocate is not None:
+            if self._fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) == 0:
+                return
+            if ctypes.get_errno() not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                raise OSError(ctypes.get_errno(), "fallocate(PUNCH_HOLE) failed")
+            self._fallocate = None  # this file system cannot: zeros from now on
+        zeros = bytes(min(length, MAX_PAYLOAD))
+        done = 0
+        while done < length:
+            done += os.pwrite(fd, zeros[: length - done], offset + done)
+
+
+class NbdExport:
+    """One guest's NBD export; state outlives connections (QEMU reconnects)."""
+
+    def __init__(self, store: Store, client: Client, *, name: str, size_bytes: int,
+                 fallback_path: str | os.PathLike[str], description: str = "tmem swap") -> None:
+        if size_bytes <= 0 or size_bytes % PAGE_SIZE:
+            raise ValueError(f"export size must be a positive multiple of {PAGE_SIZE}")
+        self.store = store
+        self.client = client
+        self.name = name
+        self.size_bytes = size_bytes
+        self.description = description
+        self.fallback_path = Path(fallback_path)
+        self.slots = size_bytes // PAGE_SIZE
+        # Bit set: the slot's page is in tmem; clear: in the fallback file (or never written).
+        self._in_tmem = bytearray((self.slots + 7) // 8)
+        self._pool_id: int | None = None
+        self._fallback_fd = os.open(self.fallback_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        # A fresh export: whatever an earlier run left in the file is not this guest's swap.
+        os.ftruncate(self._fallback_fd, 0)
+        os.ftruncate(self._fallback_fd, size_bytes)
+        self._hole_puncher = _HolePuncher()
+        self._connections: set[NbdConnection] = set()
+        self._closed = False
+        self.counters: Counter[str] = Counter()
+        self.request_pages: Counter[str] = Counter()
+
+    # -- tmemd's interface --
+
+    def connection(self) -> asyncio.Protocol:
+        """Protocol factory for ``loop.create_unix_server``."""
+        return NbdConnection(self)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for connection in list(self._connections):
+            connection.abort("export closed")
+        if self._pool_id is not None:
+            self.store.destroy_pool(self.client, self._pool_id)
+            self._pool_id = None
+        os.close(self._fallback_fd)
+
+    def stats(self) -> dict[str, Any]:
+        in_tmem = sum(byte.bit_count() for byte in self._in_tmem)
+        return {
+            "name": self.name,
+            "size_bytes": self.size_bytes,
+            "pool_id": self._pool_id,
+            "connections": len(self._connections),
+            "slots_in_tmem": in_tmem,
+            **{key: self.counters[key] for key in COUNTER_NAMES},
+            "request_pages_histogram": {label: self.request_pages[label]
+                                        for label in HISTOGRAM_LABELS},
+        }
+
+    # -- slots --
+
+    def _is_in_tmem(self, slot: int) -> bool:
+        return bool(self._in_tmem[slot >> 3] & (1 << (slot & 7)))
+
+    def _mark(self, slot: int, in_tmem: bool) -> None:
+        if in_tmem:
+            self._in_tmem[slot >> 3] |= 1 << (slot & 7)
+        else:
+            self._in_tmem[slot >> 3] &= ~(1 << (slot & 7)) & 0xFF
+
+    def _pool(self) -> int | None:
+        """The guest's persistent pool, created on first use (None if the store refuses)."""
+        if self._pool_id is None:
+            status, pool_id, _shared = self.store.new_pool(self.client, persistent=True,
+                                                           page_shift=PAGE_SHIFT)
+            if status != Status.OK:
+                self.counters["pool_create_failures"] += 1
+                return None
+            self._pool_id = pool_id
+        return self._pool_id
+
+    # -- requests --
+
+    def serve(self, request: nbd.Request) -> tuple[int, bytes]:
+        """Serve one request: (NBD error, READ payload)."""
+        self.counters["requests"] += 1
+        try:
+            command = nbd.Command(request.command)
+        except ValueError:
+            self.counters["invalid_requests"] += 1
+            return nbd.Error.EINVAL, b""
+        allowed = ALLOWED_COMMAND_FLAGS.get(command, 0)
+        if request.flags & ~allowed:
+            self.counters["invalid_requests"] += 1
+            return nbd.Error.EINVAL, b""
+        if command is nbd.Command.FLUSH:
+            self.counters["flushes"] += 1
+            os.fdatasync(self._fallback_fd)
+            return nbd.Error.OK, b""
+        if command not in (nbd.Command.READ, nbd.Command.WRITE, nbd.Command.TRIM,
+                           nbd.Command.WRITE_ZEROES):
+            self.counters["invalid_requests"] += 1
+            return nbd.Error.EINVAL, b""
+        if request.offset + request.length > self.size_bytes:
+            self.counters["invalid_requests"] += 1
+            return (nbd.Error.ENOSPC if command is not nbd.Command.READ else nbd.Error.EINVAL), b""
+        # The advertised minimum block is a page: clients that asked honour it,
+        # and a page is never half-written behind a client's back.
+        if (request.offset | request.length) & (PAGE_SIZE - 1) or request.length > MAX_PAYLOAD:
+            self.counters["invalid_requests"] += 1
+            return nbd.Error.EINVAL, b""
+        first_slot = request.offset >> PAGE_SHIFT
+        pages = request.length >> PAGE_SHIFT
+        self.request_pages[size_bucket(max(pages, 1))] += 1
+        try:
+            if command is nbd.Command.READ:
+                return self._read(first_slot, pages)
+            if command is nbd.Command.WRITE:
+                self._write(first_slot, request.data)
+            else:
+                self._discard(first_slot, pages, zeroing=command is nbd.Command.WRITE_ZEROES)
+        except OSError as exc:  # the fallback file failed (disk full, I/O error)
+            self.counters["fallback_errors"] += 1
+            log.error("NBD fallback file error", extra={"guest": self.name, "error": str(exc)})
+            return (nbd.Error.ENOSPC if exc.errno in (errno.ENOSPC, errno.EDQUOT)
+                    else nbd.Error.EIO), b""
+        return nbd.Error.OK, b""
+
+    def _write(self, first_slot: int, data: bytes) -> None:
+        self.counters["writes"] += 1
+        pages = len(data) >> PAGE_SHIFT
+        pool_id = self._pool()
+        if pool_id is None:
+            statuses = [Status.REFUSED] * pages
+        else:
+            keys = [swap_key(slot) for slot in range(first_slot, first_slot + pages)]
+            page_data = [data[page << PAGE_SHIFT : (page + 1) << PAGE_SHIFT] for page in range(pages)]
+            # A refused put also drops the slot's older tmem copy (the store's rule).
+            statuses = self.store.put_many(self.client, pool_id, keys, page_data)
+        view = memoryview(data)
+        page = 0
+        while page < pages:
+            if statuses[page] == Status.OK:
+                self._mark(first_slot + page, True)  # any fallback copy is superseded
+                self.counters["pages_put_tmem"] += 1
+                page += 1
+                continue
+            # A run of refused pages is one pwrite.
+            run_end = page + 1
+            while run_end < pages and statuses[run_end] != Status.OK:
+                run_end += 1
+            for slot in range(first_slot + page, first_slot + run_end):
+                self._mark(slot, False)
+            os.pwrite(self._fallback_fd, view[page << PAGE_SHIFT : run_end << PAGE_SHIFT],
+                      (first_slot + page) << PAGE_SHIFT)
+            self.counters["pages_refused_fallback"] += run_end - page
+            page = run_end
+
+    def _read(self, first_slot: int, pages: int) -> tuple[int, bytes]:
+        self.counters["reads"] += 1
+        out = bytearray(pages << PAGE_SHIFT)
+        tmem_pages = [page for page in range(pages) if self._is_in_tmem(first_slot + page)]
+        if tmem_pages:
+            if self._pool_id is None:
+                return self._stale(first_slot + tmem_pages[0])
+            keys = [swap_key(first_slot + page) for page in tmem_pages]
+            statuses, found = self.store.get_many(self.client, self._pool_id, keys)
+            for page, status in zip(tmem_pages, statuses):
+                if status != Status.OK:
+                    return self._stale(first_slot + page, status)
+            for page, content in zip(tmem_pages, found):
+                out[page << PAGE_SHIFT : (page + 1) << PAGE_SHIFT] = content
+            self.counters["pages_read_tmem"] += len(tmem_pages)
+        page = 0
+        while page < pages:
+            if self._is_in_tmem(first_slot + page):
+                page += 1
+                continue
+            # A run of fallback slots is one pread.
+            run_end = page + 1
+            while run_end < pages and not self._is_in_tmem(first_slot + run_end):
+                run_end += 1
+            chunk = os.pread(self._fallback_fd, (run_end - page) << PAGE_SHIFT,
+                             (first_slot + page) << PAGE_SHIFT)
+            # The file has the export's size, so a short read cannot happen; were
+            # it to, the rest of the bytearray is zeros, as the file would read.
+            out[page << PAGE_SHIFT : (page << PAGE_SHIFT) + len(chunk)] = chunk
+            self.counters["pages_read_fallback"] += run_end - page
+            page = run_end
+        return nbd.Error.OK, bytes(out)
+
+    def _stale(self, slot: int, status: object = None) -> tuple[int, bytes]:
+        # The page was put and tmem lost it (an admin flush, the pool destroyed):
+        # the fallback holds an older version, if anything. Never serve it.
+        self.counters["read_errors"] += 1
+        log.error("tmem lost a swap page: failing the read",
+                  extra={"guest": self.name, "slot": slot, "status": str(status)})
+        return nbd.Error.EIO, b""
+
+    def _discard(self, first_slot: int, pages: int, *, zeroing: bool) -> None:
+        self.counters["zeroes" if zeroing else "trims"] += 1
+        self.counters["pages_discarded"] += pages
+        in_tmem = [slot for slot in range(first_slot, first_slot + pages) if self._is_in_tmem(slot)]
+        if in_tmem and self._pool_id is not None:
+            self.store.flush_many(self.client, self._pool_id, [swap_key(slot) for slot in in_tmem])
+        for slot in in_tmem:
+            self._mark(slot, False)
+        if pages:
+            self._hole_puncher.punch(self._fallback_fd, first_slot << PAGE_SHIFT,
+                                     pages << PAGE_SHIFT)
+
+    # -- connections --
+
+    def _attach(self, connection: NbdConnection) -> None:
+        self._connections.add(connection)
+        self.counters["connections_total"] += 1
+
+    def _detach(self, connection: NbdConnection) -> None:
+        self._connections.discard(connection)
+
+
+COUNTER_NAMES: Final = (
+    "requests", "reads", "writes", "trims", "zeroes", "flushes", "invalid_requests",
+    "pages_put_tmem", "pages_refused_fallback", "pages_read_tmem", "pages_read_fallback",
+    "pages_discarded", "read_errors", "fallback_errors", "pool_create_failures", "connections_total",
+    "protocol_errors",
+)
+HISTOGRAM_LABELS: Final = tuple(str(b) for b in HISTOGRAM_BUCKETS[:-1]) + (f"{HISTOGRAM_BUCKETS[-1]}+",)
+
+
+class NbdConnection(asyncio.Protocol):
+    """One client connection to an export: handshake, then requests in order."""
+
+    def __init__(self, export: NbdExport) -> None:
+        self.export = export
+        self.codec = nbd.NbdServerConnection(max_payload=MAX_PAYLOAD)
+        self.transport: asyncio.Transport | None = None
+        self._closing = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        if self.export._closed:
+            transport.abort()
+            return
+        self.export._attach(self)
+        transport.write(self.codec.send(nbd.Greeting()))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.export._detach(self)
+
+    def data_received(self, data: bytes) -> None:
+        self._feed(data)
+
+    def eof_received(self) -> bool | None:
+        self._feed(b"")
+        return None
+
+    # Slow reader: stop taking requests until its replies drain.
+    def pause_writing(self) -> None:
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.transport is not None and not self._closing:
+            self.transport.resume_reading()
+
+    def abort(self, reason: str) -> None:
+        self._closing = True
+        log.info("closing NBD connection", extra={"guest": self.export.name, "reason": reason})
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _feed(self, data: bytes) -> None:
+        if self._closing or self.transport is None:
+            return
+        output: list[bytes] = []
+        try:
+            self.codec.receive_data(data)
+            finished = self._serve_events(output)
+        except nbd.NbdProtocolError as exc:
+            self.export.counters["protocol_errors"] += 1
+            log.warning("NBD protocol error", extra={"guest": self.export.name, "error": str(exc)})
+            self.transport.write(b"".join(output))
+            self.abort("protocol error")
+            return
+        if output:
+            self.transport.write(b"".join(output))
+        if finished:
+            self._closing = True
+            self.transport.close()
+
+    def _serve_events(self, output: list[bytes]) -> bool:
+        """Answer every complete event; True once the session is over."""
+        codec = self.codec
+        export = self.export
+        while True:
+            event = codec.next_event()
+            if event is nbd.NEED_DATA or event is nbd.PAUSED:
+                return False
+            if isinstance(event, nbd.ConnectionClosed):
+                return True
+            if isinstance(event, nbd.Request):
+                if event.command == nbd.Command.DISC:
+                    continue  # the codec reports ConnectionClosed next
+                error, payload = export.serve(event)
+                output.append(codec.send(nbd.SimpleReply(event.handle, error, payload)))
+            elif isinstance(event, nbd.InfoOption):
+                if event.name in ("", export.name):
+                    output.append(codec.send(nbd.ExportInfo(
+                        name=export.name, size=export.size_bytes,
+                        transmission_flags=TRANSMISSION_FLAGS, minimum_block=PAGE_SIZE,
+                        preferred_block=PAGE_SIZE, maximum_payload=MAX_PAYLOAD,
+                        description=export.description)))
+                else:
+                    output.append(codec.send(nbd.OptionError(
+                        nbd.ReplyType.ERR_UNKNOWN, f"no export {event.name!r} here")))
+            elif isinstance(event, nbd.ExportNameOption):
+                if event.name not in ("", export.name):
+                    raise nbd.NbdProtocolError(f"unknown export {event.name!r}")
+                output.append(codec.send(nbd.ExportChosen(export.size_bytes, TRANSMISSION_FLAGS)))
+            elif isinstance(event, nbd.ListOption):
+                output.append(codec.send(nbd.ExportList((export.name,))))
+            elif isinstance(event, nbd.AbortOption):
+                output.append(codec.send(nbd.OptionReply(nbd.ReplyType.ACK)))
+                return True
+            elif isinstance(event, nbd.MalformedOption):
+                output.append(codec.send(nbd.OptionError(nbd.ReplyType.ERR_INVALID, event.reason)))
+            elif isinstance(event, nbd.OtherOption):
+                output.append(codec.send(nbd.OptionError(
+                    nbd.ReplyType.ERR_UNSUP, f"option {event.option} not supported")))
+            # ClientFlags needs no answer.
