@@ -1,0 +1,71 @@
+"""`tmemd`: the transcendent-memory host daemon (see docs/ARCHITECTURE.md)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from tmem_host.daemon.config import ConfigError, build_config, load_toml
+from tmem_host.daemon.logsetup import configure_logging
+from tmem_host.daemon.server import Daemon
+
+log = logging.getLogger("tmemd")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tmemd",
+        description="Serve transcendent memory to QEMU guests over per-guest unix sockets.",
+    )
+    parser.add_argument("--run-dir", type=Path, help="directory for sockets, pid file, fallbacks")
+    parser.add_argument("--budget", help="memory budget for stored pages, e.g. 512M")
+    parser.add_argument(
+        "--guest", dest="guests", action="append", default=[], metavar="SPEC",
+        help="NAME[:weight=W][:cap=SIZE][:shared=UUID,...][:dedup]; repeatable",
+    )
+    parser.add_argument("--config", type=Path, help="TOML file with the same settings")
+    parser.add_argument("--no-compress", dest="compress", action="store_const", const=False,
+                        default=None, help="store pages uncompressed")
+    parser.add_argument("--nbd-size", help="size of each guest's NBD swap export (default 1G)")
+    parser.add_argument("--vsock-port", type=int, help="also listen on AF_VSOCK at this port")
+    parser.add_argument(
+        "--guest-cid", dest="guest_cids", action="append", default=[], metavar="NAME=CID",
+        help="vsock peer CID that identifies a configured guest; repeatable",
+    )
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-format", choices=["text", "json"])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = build_config(
+            file_settings=load_toml(args.config) if args.config else {},
+            run_dir=args.run_dir,
+            budget=args.budget,
+            guest_specs=args.guests,
+            guest_cids=args.guest_cids,
+            compress=args.compress,
+            nbd_size=args.nbd_size,
+            vsock_port=args.vsock_port,
+            log_level=args.log_level,
+            log_format=args.log_format,
+        )
+    except ConfigError as exc:
+        print(f"tmemd: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(config.log_level, config.log_format)
+    try:
+        asyncio.run(Daemon(config).run())
+    except ConfigError as exc:
+        log.error("cannot start", extra={"reason": str(exc)})
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""Run a real tmemd as a child process: for the tests, the bench and the fuzzer.
+
+The daemon's stderr (its log) goes to `RUN_DIR/tmemd.log`; its stdout carries
+only the ready line, which `start()` waits for.
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+
+from tmem_host.daemon.control import ControlClient
+from tmem_host.daemon.server import READY_LINE, abi_socket_path, nbd_socket_path
+
+LOG_FILE_NAME = "tmemd.log"
+
+
+class TmemdFailed(RuntimeError):
+    """tmemd exited or never became ready; the message carries its log tail."""
+
+
+class TmemdProcess:
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        budget: str = "256M",
+        guests: Sequence[str] = ("g1", "g2"),
+        extra_args: Sequence[str] = (),
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        self.args = [
+            sys.executable, "-m", "tmem_host.daemon.main",
+            "--run-dir", str(self.run_dir), "--budget", budget,
+            *(arg for spec in guests for arg in ("--guest", spec)),
+            *extra_args,
+        ]
+        self.log_path = self.run_dir / LOG_FILE_NAME
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes]:
+        if self._proc is None:
+            raise TmemdFailed("tmemd was not started")
+        return self._proc
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def start(self, timeout: float = 20.0) -> TmemdProcess:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log_file:
+            self._proc = subprocess.Popen(
+                self.args, stdout=subprocess.PIPE, stderr=log_file, stdin=subprocess.DEVNULL
+            )
+        self._wait_ready(timeout)
+        return self
+
+    def _wait_ready(self, timeout: float) -> None:
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        output = b""
+        with selectors.DefaultSelector() as selector:
+            selector.register(self.proc.stdout, selectors.EVENT_READ)
+            while READY_LINE.encode() not in output:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not selector.select(remaining):
+                    self.kill()
+                    raise TmemdFailed(f"tmemd not ready after {timeout} s\n{self.log_tail()}")
+                chunk = os.read(self.proc.stdout.fileno(), 4096)
+                if not chunk:
+                    self.proc.wait()
+                    raise TmemdFailed(
+                        f"tmemd exited with {self.proc.returncode}\n{self.log_tail()}"
+                    )
+                output += chunk
+
+    def abi_socket(self, guest: str) -> Path:
+        return abi_socket_path(self.run_dir, guest)
+
+    def nbd_socket(self, guest: str) -> Path:
+        return nbd_socket_path(self.run_dir, guest)
+
+    def control(self) -> ControlClient:
+        return ControlClient(self.run_dir)
+
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+    def terminate(self, timeout: float = 15.0) -> int:
+        """SIGTERM and wait; return the exit code (kill and raise if it hangs)."""
+        if self._proc is None:
+            return 0
+        if self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGTERM)
+            try:
+                self._proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                raise TmemdFailed(f"tmemd ignored SIGTERM for {timeout} s\n{self.log_tail()}")
+        self._close_pipes()
+        return self._proc.returncode
+
+    def kill(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+        self._close_pipes()
+
+    def _close_pipes(self) -> None:
+        if self._proc is not None and self._proc.stdout is not None:
+            self._proc.stdout.close()
+
+    def __enter__(self) -> TmemdProcess:
+        return self.start() if self._proc is None else self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.terminate()

@@ -1,0 +1,360 @@
+"""One ABI connection of one guest: frames in, store calls, replies out.
+
+An asyncio.Protocol rather than streams: `data_received` decodes every
+complete frame, serves each synchronously against the store and writes all
+replies of that chunk with one `transport.write`.
+
+Session rules (docs/CONTROL.md, "Reconnects and resync"):
+- A new connection discards bytes until the first valid HELLO header (the
+  decoder's resync mode): after a virtio-serial reconnect the stream may
+  start mid-frame. A later HELLO restarts the session state.
+- Pools belong to the guest (the store client), so they outlive connections.
+- Well-framed but unacceptable requests get an error status with a short
+  reason; bytes the decoder cannot frame close the connection (logged).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from tmem_wire.abi import (
+    ALL_POOLS,
+    HEADER_SIZE,
+    MAX_ERROR_TEXT,
+    NEED_DATA,
+    WHOLE_OBJECT,
+    Flag,
+    Frame,
+    FrameDecoder,
+    Hello,
+    NewPool,
+    Op,
+    PoolFlag,
+    ProtocolError,
+    Status,
+    decode_key_batch,
+    decode_put_batch,
+    encode_batch_reply,
+    encode_pool_grant,
+    encode_pool_stats,
+    negotiate,
+    pack_header_into,
+)
+
+from tmem_host.store import Store
+
+if TYPE_CHECKING:
+    from tmem_host.daemon.server import GuestRuntime
+
+log = logging.getLogger("tmemd.session")
+
+# What tmemd offers in HELLO; the reply holds the minimum of both sides.
+SERVER_HELLO = Hello(max_in_flight=128)
+# Pause reading while this much reply data waits for a slow reader.
+WRITE_HIGH_WATER = 4 << 20
+
+_OK = Status.OK
+# Reply pieces of one data_received, joined into one write.
+_Chunks = list[bytes | bytearray]
+_REPLY = int(Flag.REPLY)
+
+
+class _Refusal(Exception):
+    """A well-framed request tmemd will not serve: answered with status + reason."""
+
+    def __init__(self, status: Status, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+class AbiSession(asyncio.Protocol):
+    def __init__(
+        self,
+        store: Store,
+        resolve_guest: Callable[[asyncio.BaseTransport], GuestRuntime | None],
+        transport_kind: str,
+    ) -> None:
+        self.store = store
+        self._resolve_guest = resolve_guest
+        self.transport_kind = transport_kind
+        self.guest: GuestRuntime | None = None
+        self._transport: asyncio.Transport | None = None
+        self._decoder = FrameDecoder(resync=True)
+        self._negotiated: Hello | None = None
+        self._connected_at = time.time()
+        self._handlers: dict[int, Callable[[Frame, _Chunks], None]] = {
+            Op.NEW_POOL: self._new_pool,
+            Op.DESTROY_POOL: self._destroy_pool,
+            Op.PUT: self._put,
+            Op.GET: self._get,
+            Op.FLUSH_PAGE: self._flush_page,
+            Op.FLUSH_OBJECT: self._flush_object,
+            Op.PUT_BATCH: self._put_batch,
+            Op.GET_BATCH: self._get_batch,
+            Op.FLUSH_BATCH: self._flush_batch,
+            Op.STATS: self._stats,
+        }
+        self.frames_in = 0
+        self.frames_out = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.errors = 0
+        self.hellos = 0
+        self.in_flight_max = 0
+
+    # -- asyncio callbacks ---------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        guest = self._resolve_guest(transport)
+        if guest is None:
+            log.warning("connection refused: unknown peer",
+                        extra={"transport": self.transport_kind,
+                               "peer": str(transport.get_extra_info("peername"))})
+            transport.close()
+            return
+        self.guest = guest
+        guest.sessions.add(self)
+        guest.connections_total += 1
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        log.info("guest connected", extra={"guest": guest.name, "transport": self.transport_kind})
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.guest is not None:
+            self.guest.sessions.discard(self)
+            log.info("guest disconnected",
+                     extra={"guest": self.guest.name, "frames_in": self.frames_in,
+                            "errors": self.errors,
+                            "reason": str(exc) if exc else "closed"})
+        self._transport = None
+
+    def pause_writing(self) -> None:
+        # The guest is not reading its replies: stop reading its requests.
+        if self._transport is not None:
+            self._transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self._transport is not None:
+            self._transport.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        transport = self._transport
+        if transport is None or self.guest is None:
+            return
+        self.bytes_in += len(data)
+        out: _Chunks = []
+        decoder = self._decoder
+        handlers = self._handlers
+        served = 0
+        try:
+            decoder.feed(data)
+            while (frame := decoder.next_frame()) is not NEED_DATA:
+                assert isinstance(frame, Frame)
+                served += 1
+                if frame.flags & _REPLY:
+                    raise ProtocolError(Status.PROTOCOL_ERROR, "the guest sent a reply frame")
+                opcode = frame.opcode
+                if opcode == Op.HELLO:
+                    self._hello(frame, out)
+                    continue
+                negotiated = self._negotiated
+                try:
+                    if negotiated is None:
+                        raise _Refusal(Status.PROTOCOL_ERROR, "HELLO first")
+                    # Every frame of this chunk arrived before any of its replies
+                    # left, so the guest had at least `served` requests in flight.
+                    if served > negotiated.max_in_flight:
+                        raise _Refusal(Status.INVALID, f"more than {negotiated.max_in_flight}"
+                                       " requests in flight")
+                    handlers[opcode](frame, out)
+                except _Refusal as refusal:
+                    self.errors += 1
+                    _append_reply(out, frame, refusal.status,
+                                  refusal.reason.encode()[:MAX_ERROR_TEXT])
+                except ProtocolError as error:  # a payload codec rejected a value
+                    self.errors += 1
+                    _append_reply(out, frame, error.status, error.message.encode()[:MAX_ERROR_TEXT])
+        except ProtocolError as error:
+            self.errors += 1
+            self._write(transport, out, served)
+            log.warning("closing connection: undecodable input",
+                        extra={"guest": self.guest.name, "reason": str(error)})
+            transport.close()
+            return
+        self._write(transport, out, served)
+
+    def _write(self, transport: asyncio.Transport, out: _Chunks, served: int) -> None:
+        self.frames_in += served
+        if served > self.in_flight_max:
+            self.in_flight_max = served
+        if out:
+            reply = b"".join(out)
+            self.bytes_out += len(reply)
+            self.frames_out += served
+            transport.write(reply)
+
+    # -- requests ---------------------------------------------------------------
+
+    def _hello(self, frame: Frame, out: _Chunks) -> None:
+        try:
+            offer = Hello.decode(frame.payload)
+            agreed = negotiate(offer, SERVER_HELLO)
+        except ProtocolError as error:
+            self.errors += 1
+            _append_reply(out, frame, error.status, error.message.encode()[:MAX_ERROR_TEXT])
+            return
+        if self._negotiated is not None:
+            log.info("session restarted by HELLO", extra={"guest": self._guest_name()})
+        self.hellos += 1
+        self._negotiated = agreed
+        self._decoder.max_payload = agreed.max_frame - HEADER_SIZE
+        _append_reply(out, frame, _OK, agreed.encode())
+
+    def _new_pool(self, frame: Frame, out: _Chunks) -> None:
+        request = NewPool.decode(frame.payload)
+        assert self._negotiated is not None and self.guest is not None
+        if not self._negotiated.page_sizes & (1 << request.page_shift):
+            raise _Refusal(Status.INVALID, f"page shift {request.page_shift} not negotiated")
+        persistent = PoolFlag.PERSISTENT in request.flags
+        inclusive = PoolFlag.INCLUSIVE_GETS in request.flags
+        status, pool_id, shared = self.store.new_pool(
+            self.guest.client, persistent, request.page_shift, request.uuid, inclusive
+        )
+        if status != _OK:
+            raise _Refusal(status, "no free pool slot" if status == Status.NOT_PERMITTED
+                           else "pool refused")
+        granted = PoolFlag(0)
+        if persistent:
+            granted |= PoolFlag.PERSISTENT
+        if shared:
+            granted |= PoolFlag.SHARED
+        elif inclusive and not persistent:  # the store honours it for private ephemeral pools
+            granted |= PoolFlag.INCLUSIVE_GETS
+        _append_reply(out, frame, _OK, encode_pool_grant(granted), pool_id)
+
+    def _destroy_pool(self, frame: Frame, out: _Chunks) -> None:
+        assert self.guest is not None
+        _append_reply(out, frame, self.store.destroy_pool(self.guest.client, frame.pool_id))
+
+    def _put(self, frame: Frame, out: _Chunks) -> None:
+        assert self.guest is not None
+        page = frame.payload
+        assert isinstance(page, bytes)  # the decoder hands out payloads as bytes
+        status = self.store.put(self.guest.client, frame.pool_id, frame.oid, frame.index, page)
+        _append_reply(out, frame, status)
+
+    def _get(self, frame: Frame, out: _Chunks) -> None:
+        assert self.guest is not None
+        status, page = self.store.get(self.guest.client, frame.pool_id, frame.oid, frame.index)
+        _append_reply(out, frame, status, page or b"")
+
+    def _flush_page(self, frame: Frame, out: _Chunks) -> None:
+        assert self.guest is not None
+        _append_reply(out, frame, self.store.flush_page(
+            self.guest.client, frame.pool_id, frame.oid, frame.index))
+
+    def _flush_object(self, frame: Frame, out: _Chunks) -> None:
+        assert self.guest is not None
+        _append_reply(out, frame, self.store.flush_object(
+            self.guest.client, frame.pool_id, frame.oid))
+
+    def _check_batch(self, count: int) -> None:
+        assert self._negotiated is not None
+        if count > self._negotiated.max_batch_pages:
+            raise _Refusal(Status.INVALID, f"batch of {count} exceeds the negotiated "
+                           f"{self._negotiated.max_batch_pages}")
+
+    def _put_batch(self, frame: Frame, out: _Chunks) -> None:
+        assert self.guest is not None
+        page_shift, keys, pages = decode_put_batch(frame.payload)
+        self._check_batch(len(keys))
+        pool_shift = self._pool_page_shift(frame.pool_id)
+        if page_shift != pool_shift:
+            raise _Refusal(Status.INVALID, f"batch of 2^{page_shift}-byte pages for a pool of "
+                           f"2^{pool_shift}-byte pages")
+        statuses = self.store.put_many(self.guest.client, frame.pool_id, keys, pages)
+        _append_reply(out, frame, _OK, encode_batch_reply(statuses))
+
+    def _get_batch(self, frame: Frame, out: _Chunks) -> None:
+        assert self.guest is not None
+        keys = decode_key_batch(frame.payload)
+        self._check_batch(len(keys))
+        page_shift = self._pool_page_shift(frame.pool_id)
+        statuses, pages = self.store.get_many(self.guest.client, frame.pool_id, keys)
+        _append_reply(out, frame, _OK,
+                      encode_batch_reply(statuses, pages, page_shift=page_shift))
+
+    def _flush_batch(self, frame: Frame, out: _Chunks) -> None:
+        assert self.guest is not None
+        keys = decode_key_batch(frame.payload)
+        self._check_batch(len(keys))
+        self._pool_page_shift(frame.pool_id)
+        client = self.guest.client
+        pages = [key for key in keys if key[1] != WHOLE_OBJECT]
+        statuses = iter(self.store.flush_many(client, frame.pool_id, pages) if pages else [])
+        flush_object = self.store.flush_object
+        results = [flush_object(client, frame.pool_id, oid) if index == WHOLE_OBJECT
+                   else next(statuses) for oid, index in keys]
+        _append_reply(out, frame, _OK, encode_batch_reply(results))
+
+    def _stats(self, frame: Frame, out: _Chunks) -> None:
+        assert self.guest is not None
+        pool_id = None if frame.pool_id == ALL_POOLS else frame.pool_id
+        if pool_id is not None:
+            self._pool_page_shift(pool_id)
+        records = self.store.pool_stats(self.guest.client, pool_id)
+        _append_reply(out, frame, _OK, encode_pool_stats(records))
+
+    def _pool_page_shift(self, pool_id: int) -> int:
+        assert self.guest is not None
+        pools = self.guest.client.pools
+        pool = pools[pool_id] if 0 <= pool_id < len(pools) else None
+        if pool is None:
+            raise _Refusal(Status.INVALID, f"no pool {pool_id}")
+        return pool.page_shift
+
+    # -- control ------------------------------------------------------------------
+
+    def _guest_name(self) -> str:
+        return self.guest.name if self.guest is not None else "?"
+
+    def close(self, reason: str) -> None:
+        if self._transport is not None:
+            log.info("closing connection", extra={"guest": self._guest_name(), "reason": reason})
+            self._transport.close()
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "guest": self._guest_name(),
+            "transport": self.transport_kind,
+            "connected_s": round(time.time() - self._connected_at, 3),
+            "negotiated": self._negotiated is not None,
+            "frames_in": self.frames_in,
+            "frames_out": self.frames_out,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "errors": self.errors,
+            "in_flight_max": self.in_flight_max,
+            "resyncs": max(0, self.hellos - 1),
+            "discarded_bytes": self._decoder.discarded,
+        }
+
+
+def _append_reply(out: _Chunks, request: Frame, status: Status, payload: bytes = b"",
+                  pool_id: int | None = None) -> None:
+    header = bytearray(HEADER_SIZE)
+    pack_header_into(
+        header, 0, opcode=request.opcode, flags=_REPLY, request_id=request.request_id,
+        status=status, pool_id=request.pool_id if pool_id is None else pool_id,
+        oid=request.oid, index=request.index, payload_length=len(payload),
+    )
+    out.append(header)
+    if payload:
+        out.append(payload)
+
