@@ -466,14 +466,29 @@ class Hello:
     max_in_flight: int = 64
     max_frame: int = HEADER_SIZE + MAX_PAYLOAD
 
+    def problem(self) -> str | None:
+        """What makes these values invalid on the wire, or None."""
+        if not 1 <= self.min_version <= self.max_version <= 0xFFFF:
+            return f"bad version range {self.min_version}..{self.max_version}"
+        if not 0 <= int(self.features) <= 0xFFFFFFFF:
+            return "features do not fit 32 bits"
+        if not 0 <= self.max_batch_pages <= MAX_BATCH:
+            return f"max_batch_pages {self.max_batch_pages} outside 0..{MAX_BATCH}"
+        if not self.page_sizes or self.page_sizes & ~_PAGE_SIZE_BITS:
+            return f"bad page size mask {self.page_sizes:#x}"
+        if not 1 <= self.max_in_flight <= 0xFFFFFFFF:
+            return f"max_in_flight {self.max_in_flight} outside 1..2**32-1"
+        if not _MIN_FRAME <= self.max_frame <= HEADER_SIZE + MAX_PAYLOAD:
+            return f"max_frame {self.max_frame} outside {_MIN_FRAME}..{HEADER_SIZE + MAX_PAYLOAD}"
+        return None
+
     def encode(self) -> bytes:
-        try:
-            return _HELLO.pack(
-                self.min_version, self.max_version, int(self.features), self.max_batch_pages,
-                self.page_sizes, self.max_in_flight, self.max_frame, 0,
-            )
-        except struct.error as error:
-            raise ValueError(f"HELLO field out of range: {error}") from None
+        if (problem := self.problem()) is not None:
+            raise ValueError(problem)
+        return _HELLO.pack(
+            self.min_version, self.max_version, int(self.features), self.max_batch_pages,
+            self.page_sizes, self.max_in_flight, self.max_frame, 0,
+        )
 
     @classmethod
     def decode(cls, payload: Buffer) -> Hello:
@@ -482,18 +497,11 @@ class Hello:
         low, high, features, batch, sizes, in_flight, max_frame, reserved = _HELLO.unpack(payload)
         if reserved:
             raise _invalid("HELLO reserved field is not 0")
-        if not 1 <= low <= high:
-            raise _invalid(f"bad version range {low}..{high}")
-        if batch > MAX_BATCH:
-            raise _invalid(f"max_batch_pages {batch} exceeds {MAX_BATCH}")
-        if not sizes or sizes & ~_PAGE_SIZE_BITS:
-            raise _invalid(f"bad page size mask {sizes:#x}")
-        if in_flight < 1:
-            raise _invalid("max_in_flight must be at least 1")
-        if not _MIN_FRAME <= max_frame <= HEADER_SIZE + MAX_PAYLOAD:
-            raise _invalid(f"max_frame {max_frame} outside {_MIN_FRAME}..{HEADER_SIZE + MAX_PAYLOAD}")
         # Unknown feature bits are kept: a newer client may offer them, negotiate drops them.
-        return cls(low, high, Feature(features), batch, sizes, in_flight, max_frame)
+        hello = cls(low, high, Feature(features), batch, sizes, in_flight, max_frame)
+        if (problem := hello.problem()) is not None:
+            raise _invalid(problem)
+        return hello
 
 
 def negotiate(client: Hello, server: Hello) -> Hello:
@@ -548,13 +556,17 @@ class NewPool:
     page_shift: int = MIN_PAGE_SHIFT
     uuid: uuid.UUID | None = None
 
+    def problem(self) -> str | None:
+        """What makes these values invalid on the wire, or None."""
+        if (problem := _pool_problem(int(self.flags), self.page_shift)) is not None:
+            return problem
+        if (PoolFlag.SHARED in self.flags) != (self.uuid is not None and self.uuid.int != 0):
+            return "a SHARED pool needs a nonzero uuid, a private one none"
+        return None
+
     def encode(self) -> bytes:
-        if int(self.flags) & ~_KNOWN_POOL_FLAGS:
-            raise ValueError(f"unknown pool flags {int(self.flags):#x}")
-        if not MIN_PAGE_SHIFT <= self.page_shift <= MAX_PAGE_SHIFT:
-            raise ValueError(f"page shift {self.page_shift} out of range")
-        if (PoolFlag.SHARED in self.flags) != (self.uuid is not None):
-            raise ValueError("a SHARED pool needs a uuid, a private one must not have one")
+        if (problem := self.problem()) is not None:
+            raise ValueError(problem)
         uuid_bytes = self.uuid.bytes if self.uuid is not None else _ZERO_UUID
         return _NEW_POOL.pack(int(self.flags), self.page_shift, uuid_bytes)
 
@@ -563,22 +575,28 @@ class NewPool:
         if _nbytes(payload) != NEW_POOL_SIZE:
             raise _framing(f"NEW_POOL payload must be {NEW_POOL_SIZE} bytes")
         flags, page_shift, uuid_bytes = _NEW_POOL.unpack(payload)
-        if bytes(payload)[5:8] != b"\0\0\0":
-            raise _invalid("NEW_POOL reserved bytes are not 0")
-        if flags & ~_KNOWN_POOL_FLAGS:
-            raise _invalid(f"unknown pool flags {flags:#x}")
-        if not MIN_PAGE_SHIFT <= page_shift <= MAX_PAGE_SHIFT:
-            raise _invalid(f"page shift {page_shift} outside {MIN_PAGE_SHIFT}..{MAX_PAGE_SHIFT}")
-        shared = bool(flags & PoolFlag.SHARED)
-        if shared == (uuid_bytes == _ZERO_UUID):
-            raise _invalid("a SHARED pool needs a nonzero uuid, a private one a zero uuid")
-        return cls(PoolFlag(flags), page_shift, uuid.UUID(bytes=uuid_bytes) if shared else None)
+        _check_reserved(payload, 5, 8, "NEW_POOL reserved bytes")
+        if uuid_bytes == _ZERO_UUID:
+            new_pool = cls(PoolFlag(flags), page_shift)
+        else:
+            new_pool = cls(PoolFlag(flags), page_shift, uuid.UUID(bytes=uuid_bytes))
+        if (problem := new_pool.problem()) is not None:
+            raise _invalid(problem)
+        return new_pool
+
+
+def _pool_problem(flags: int, page_shift: int) -> str | None:
+    if not 0 <= flags <= _KNOWN_POOL_FLAGS or flags & ~_KNOWN_POOL_FLAGS:
+        return f"unknown pool flags {flags:#x}"
+    if not MIN_PAGE_SHIFT <= page_shift <= MAX_PAGE_SHIFT:
+        return f"page shift {page_shift} outside {MIN_PAGE_SHIFT}..{MAX_PAGE_SHIFT}"
+    return None
 
 
 def encode_pool_grant(flags: PoolFlag) -> bytes:
     """NEW_POOL OK reply payload: the pool flags actually granted."""
-    if int(flags) & ~_KNOWN_POOL_FLAGS:
-        raise ValueError(f"unknown pool flags {int(flags):#x}")
+    if (problem := _pool_problem(int(flags), MIN_PAGE_SHIFT)) is not None:
+        raise ValueError(problem)
     return _POOL_GRANT.pack(int(flags))
 
 
@@ -586,8 +604,8 @@ def decode_pool_grant(payload: Buffer) -> PoolFlag:
     if _nbytes(payload) != POOL_GRANT_SIZE:
         raise _framing(f"NEW_POOL reply payload must be {POOL_GRANT_SIZE} bytes")
     (flags,) = _POOL_GRANT.unpack(payload)
-    if flags & ~_KNOWN_POOL_FLAGS:
-        raise _invalid(f"unknown pool flags {flags:#x}")
+    if (problem := _pool_problem(flags, MIN_PAGE_SHIFT)) is not None:
+        raise _invalid(problem)
     return PoolFlag(flags)
 
 
@@ -799,7 +817,15 @@ class PoolStats:
     refusals: int
     evictions: int
 
+    def problem(self) -> str | None:
+        """What makes these values invalid on the wire, or None (counters: u64)."""
+        if not 0 <= self.pool_id < ALL_POOLS:
+            return f"pool id {self.pool_id} out of range"
+        return _pool_problem(int(self.flags), self.page_shift)
+
     def encode(self) -> bytes:
+        if (problem := self.problem()) is not None:
+            raise ValueError(problem)
         try:
             return _POOL_STATS.pack(
                 self.pool_id, int(self.flags), self.page_shift, self.pages, self.raw_bytes,
@@ -807,20 +833,17 @@ class PoolStats:
                 self.refusals, self.evictions,
             )
         except struct.error as error:
-            raise ValueError(f"pool stats field out of range: {error}") from None
+            raise ValueError(f"pool stats counter out of range: {error}") from None
 
     @classmethod
     def decode(cls, record: Buffer) -> PoolStats:
         if _nbytes(record) != POOL_STATS_SIZE:
             raise _framing(f"a pool stats record is {POOL_STATS_SIZE} bytes")
         pool_id, flags, page_shift, *counters = _POOL_STATS.unpack(record)
-        if pool_id >= ALL_POOLS:
-            raise _invalid(f"pool id {pool_id} out of range")
-        if flags & ~_KNOWN_POOL_FLAGS:
-            raise _invalid(f"unknown pool flags {flags:#x}")
-        if not MIN_PAGE_SHIFT <= page_shift <= MAX_PAGE_SHIFT:
-            raise _invalid(f"page shift {page_shift} out of range")
-        return cls(pool_id, PoolFlag(flags), page_shift, *counters)
+        stats = cls(pool_id, PoolFlag(flags), page_shift, *counters)
+        if (problem := stats.problem()) is not None:
+            raise _invalid(problem)
+        return stats
 
 
 def encode_pool_stats(records: Iterable[PoolStats]) -> bytes:
