@@ -1,0 +1,364 @@
+"""The agent's one session layer to tmemd: many requests in flight, one reader.
+
+Callers on any thread send a request and block on their own `_Call`; a reader
+thread decodes replies and completes the call whose request id matches, so
+replies may come in any order (Feature.ASYNC). The same thread owns the
+connection: it (re)connects with bounded backoff, says HELLO, re-attaches the
+registered pools (STATS tells whether tmemd still has them; otherwise NEW_POOL)
+and only then lets calls through. While the channel is down every call raises
+`ChannelDown` at once, so frontends fall back (swap to its disk, cache to a
+miss) instead of waiting.
+
+Buffers: each `_Call` owns a preallocated frame buffer, and at most
+`max_in_flight` calls exist, which also bounds what is in flight. Frames are
+written with one `Channel.send` each (the port channel cuts them into <= 32 KiB
+writes).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from tmem_guest.channel import Channel, ChannelDown
+from tmem_wire import abi
+from tmem_wire.abi import Frame, Key, Oid, Op, PoolFlag, Status
+
+log = logging.getLogger("tmem_guest.session")
+
+__all__ = ["ChannelDown", "Pool", "Session"]
+
+# Batches are cut at this many pages per frame: the NBD and FUSE frontends send
+# at most 32 per request, and per-call buffers are sized for this.
+MAX_FRAME_PAGES = 64
+RECEIVE_BUFFER_BYTES = 64 * 1024
+
+
+@dataclass(slots=True)
+class Pool:
+    """A pool the session keeps attached across reconnects; `pool_id` is None while detached."""
+
+    persistent: bool
+    page_shift: int = abi.MIN_PAGE_SHIFT
+    pool_id: int | None = None
+
+    @property
+    def flags(self) -> PoolFlag:
+        return PoolFlag.PERSISTENT if self.persistent else PoolFlag(0)
+
+    @property
+    def page_size(self) -> int:
+        return 1 << self.page_shift
+
+
+class _Call:
+    """One request slot: its frame buffer and the lock its reply releases."""
+
+    __slots__ = ("buffer", "view", "done", "request_id", "reply")
+
+    def __init__(self, size: int) -> None:
+        self.buffer = bytearray(size)
+        self.view = memoryview(self.buffer)
+        self.done = threading.Lock()
+        self.done.acquire()  # held until the reader (or a disconnect) completes the call
+        self.request_id = 0
+        self.reply: Frame | None = None
+
+
+class Session:
+    def __init__(
+        self,
+        channel: Channel,
+        *,
+        max_in_flight: int = 8,
+        request_timeout: float = 30.0,
+        backoff_initial: float = 0.05,
+        backoff_max: float = 2.0,
+        handshake_timeout: float = 10.0,
+    ) -> None:
+        self.channel = channel
+        self.request_timeout = request_timeout
+        self.backoff_initial = backoff_initial
+        self.backoff_max = backoff_max
+        self.handshake_timeout = handshake_timeout
+        self.pools: list[Pool] = []
+        self.negotiated: abi.Hello | None = None
+        self.connections = 0  # successful handshakes so far
+        size = abi.HEADER_SIZE + abi.BATCH_HEADER_SIZE + MAX_FRAME_PAGES * (
+            (1 << abi.MIN_PAGE_SHIFT) + abi.DESCRIPTOR_SIZE
+        )
+        self._free: queue.SimpleQueue[_Call] = queue.SimpleQueue()
+        for _ in range(max_in_flight):
+            self._free.put(_Call(size))
+        self._max_in_flight = max_in_flight
+        self._request_ids = itertools.count(1)
+        self._pending: dict[int, _Call] = {}
+        self._pending_lock = threading.Lock()
+        self._send_lock = threading.Lock()
+        self._up = threading.Event()
+        self._stopped = threading.Event()
+        self._reader = threading.Thread(target=self._run, name="tmem-session", daemon=True)
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def register_pool(self, *, persistent: bool) -> Pool:
+        """A pool to (re)attach on every connection; register before start()."""
+        pool = Pool(persistent)
+        self.pools.append(pool)
+        return pool
+
+    def start(self) -> None:
+        self._reader.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._mark_down()
+        self.channel.disconnect()
+
+    @property
+    def is_up(self) -> bool:
+        return self._up.is_set()
+
+    def wait_up(self, timeout: float) -> bool:
+        return self._up.wait(timeout)
+
+    @property
+    def batch_pages(self) -> int:
+        """Pages per batch frame: what both sides accept, at most MAX_FRAME_PAGES."""
+        hello = self.negotiated
+        if hello is None or abi.Feature.BATCH not in hello.features:
+            return 0
+        return min(hello.max_batch_pages, MAX_FRAME_PAGES)
+
+    # -- the connection thread ------------------------------------------------
+
+    def _run(self) -> None:
+        backoff = self.backoff_initial
+        receive = bytearray(RECEIVE_BUFFER_BYTES)
+        receive_view = memoryview(receive)
+        while not self._stopped.is_set():
+            if not self.channel.connect():
+                self._stopped.wait(backoff)
+                backoff = min(backoff * 2, self.backoff_max)
+                continue
+            # Bytes of an earlier connection may still arrive: hunt for our HELLO reply.
+            decoder = abi.FrameDecoder(resync=True)
+            try:
+                self._handshake(decoder, receive_view)
+            except (ChannelDown, abi.ProtocolError, TimeoutError) as error:
+                log.warning("handshake with tmemd failed: %s", error)
+                self.channel.disconnect()
+                self._stopped.wait(backoff)
+                backoff = min(backoff * 2, self.backoff_max)
+                continue
+            backoff = self.backoff_initial
+            with self._send_lock:
+                self.connections += 1
+                self._up.set()
+            log.info("tmemd session up (connection %d)", self.connections)
+            try:
+                while True:
+                    count = self.channel.recv_into(receive_view)
+                    if count == 0:
+                        break
+                    decoder.feed(receive_view[:count])
+                    while (frame := decoder.next_frame()) is not abi.NEED_DATA:
+                        assert isinstance(frame, Frame)
+                        self._complete(frame)
+            except abi.ProtocolError as error:
+                log.error("tmemd broke the protocol, reconnecting: %s", error)
+            self._mark_down()
+            self.channel.disconnect()
+            log.warning("tmemd session down")
+
+    def _mark_down(self) -> None:
+        """Fail every pending call: their requests may or may not have been served."""
+        with self._pending_lock:
+            self._up.clear()
+            pending = list(self._pending.values())
+            self._pending.clear()
+        for call in pending:
+            call.reply = None
+            call.done.release()
+
+    def _complete(self, frame: Frame) -> None:
+        with self._pending_lock:
+            call = self._pending.pop(frame.request_id, None)
+        if call is None:
+            log.warning("reply to unknown request %d (op %d) dropped", frame.request_id, frame.opcode)
+            return
+        call.reply = frame
+        call.done.release()
+
+    def _handshake(self, decoder: abi.FrameDecoder, receive: memoryview) -> None:
+        """HELLO, then attach every pool; runs before any caller may send."""
+        hello = self._exchange(decoder, receive, Op.HELLO, payload=abi.Hello(max_in_flight=self._max_in_flight).encode())
+        self.negotiated = abi.Hello.decode(hello.payload)
+        existing: dict[int, abi.PoolStats] = {}
+        if abi.Feature.STATS in self.negotiated.features:
+            reply = self._exchange(decoder, receive, Op.STATS, pool_id=abi.ALL_POOLS)
+            existing = {record.pool_id: record for record in abi.decode_pool_stats(reply.payload)}
+        for pool in self.pools:
+            record = existing.get(pool.pool_id) if pool.pool_id is not None else None
+            if record is not None and record.flags & PoolFlag.PERSISTENT == pool.flags & PoolFlag.PERSISTENT:
+                continue  # tmemd kept it (the channel dropped, tmemd did not): keep its pages
+            reply = self._exchange(
+                decoder, receive, Op.NEW_POOL, payload=abi.NewPool(pool.flags, pool.page_shift).encode()
+            )
+            granted = abi.decode_pool_grant(reply.payload)
+            if granted & PoolFlag.PERSISTENT != pool.flags & PoolFlag.PERSISTENT:
+                raise abi.ProtocolError(Status.INVALID, f"asked pool flags {pool.flags!r}, granted {granted!r}")
+            log.info("pool %d created (persistent=%s)", reply.pool_id, pool.persistent)
+            pool.pool_id = reply.pool_id
+
+    def _exchange(
+        self, decoder: abi.FrameDecoder, receive: memoryview, opcode: Op, *, pool_id: int = 0, payload: bytes = b""
+    ) -> Frame:
+        """Send one request and read frames until its reply (handshake only: no other caller)."""
+        request_id = next(self._request_ids)
+        header = bytearray(abi.HEADER_SIZE)
+        abi.pack_header_into(
+            header, 0, opcode=opcode, flags=0, request_id=request_id, status=0,
+            pool_id=pool_id, oid=(0, 0, 0), index=0, payload_length=len(payload),
+        )
+        with self._send_lock:
+            self.channel.send(memoryview(header + payload))
+        deadline = time.monotonic() + self.handshake_timeout
+        while True:
+            frame = decoder.next_frame()
+            if frame is abi.NEED_DATA:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not self.channel.wait_readable(remaining):
+                    raise TimeoutError(f"no reply to {opcode.name} within {self.handshake_timeout} s")
+                count = self.channel.recv_into(receive)
+                if count == 0:
+                    raise ChannelDown("tmemd went away during the handshake")
+                decoder.feed(receive[:count])
+                continue
+            assert isinstance(frame, Frame)
+            if frame.request_id != request_id or not frame.is_reply:
+                continue  # a stale reply from before the reconnect
+            if frame.status != Status.OK:
+                raise abi.ProtocolError(Status(frame.status), f"{opcode.name}: {abi.error_text(frame)}")
+            return frame
+
+    # -- calls ---------------------------------------------------------------------
+
+    def _call(self, opcode: Op, pool: Pool, oid: Oid, index: int, payload: abi.Buffer = b"") -> Frame:
+        """Send one request, wait for its reply; raise ChannelDown if it cannot be had."""
+        call = self._free.get()
+        try:
+            pool_id = pool.pool_id
+            if not self._up.is_set() or pool_id is None:
+                raise ChannelDown("tmemd session is down")
+            length = len(payload) if not isinstance(payload, memoryview) else payload.nbytes
+            call.view[abi.HEADER_SIZE : abi.HEADER_SIZE + length] = payload
+            request_id = call.request_id = next(self._request_ids)
+            abi.pack_header_into(
+                call.buffer, 0, opcode=opcode, flags=0, request_id=request_id, status=0,
+                pool_id=pool_id, oid=oid, index=index, payload_length=length,
+            )
+            with self._pending_lock:
+                if not self._up.is_set():
+                    raise ChannelDown("tmemd session is down")
+                generation = self.connections
+                self._pending[request_id] = call
+            with self._send_lock:
+                # A reconnect since registering: this request must not precede the new HELLO.
+                if generation != self.connections or not self._up.is_set():
+                    self._withdraw(call)
+                    raise ChannelDown("tmemd session went down before the request was sent")
+                try:
+                    self.channel.send(call.view[: abi.HEADER_SIZE + length])
+                except ChannelDown:
+                    self._withdraw(call)
+                    raise
+            if not call.done.acquire(timeout=self.request_timeout):
+                self._withdraw(call)
+                raise ChannelDown(f"no reply to {opcode.name} within {self.request_timeout} s")
+            reply, call.reply = call.reply, None
+            if reply is None:
+                raise ChannelDown("tmemd session went down with the request in flight")
+            return reply
+        finally:
+            self._free.put(call)
+
+    def _withdraw(self, call: _Call) -> None:
+        """Take an unanswered call back; if it was completed meanwhile, consume that completion."""
+        with self._pending_lock:
+            completed = self._pending.pop(call.request_id, None) is None
+        if completed:
+            call.done.acquire()
+        call.reply = None
+
+    def put(self, pool: Pool, oid: Oid, index: int, page: abi.Buffer) -> bool:
+        """PUT one page; True if tmem took it."""
+        return self._call(Op.PUT, pool, oid, index, page).status == Status.OK
+
+    def get(self, pool: Pool, oid: Oid, index: int, into: memoryview) -> bool:
+        """GET one page into `into`; True on a hit."""
+        reply = self._call(Op.GET, pool, oid, index)
+        if reply.status != Status.OK:
+            return False
+        into[:] = reply.payload
+        return True
+
+    def flush_page(self, pool: Pool, oid: Oid, index: int) -> None:
+        self._call(Op.FLUSH_PAGE, pool, oid, index)
+
+    def flush_object(self, pool: Pool, oid: Oid) -> None:
+        self._call(Op.FLUSH_OBJECT, pool, oid, 0)
+
+    def _chunks(self, count: int) -> range:
+        step = self.batch_pages
+        if step == 0:
+            raise ChannelDown("batch operations need Feature.BATCH, which tmemd did not grant")
+        return range(0, count, step)
+
+    def put_batch(self, pool: Pool, keys: Sequence[Key], pages: Sequence[abi.Buffer]) -> list[bool]:
+        """PUT_BATCH (split to the negotiated batch size); one accepted flag per page."""
+        accepted: list[bool] = []
+        for start in self._chunks(len(keys)):
+            end = start + self.batch_pages
+            payload = abi.encode_put_batch(pool.page_shift, keys[start:end], pages[start:end])
+            reply = self._call(Op.PUT_BATCH, pool, (0, 0, 0), 0, payload)
+            if reply.status != Status.OK:
+                accepted += [False] * len(keys[start:end])
+                continue
+            statuses, _ = abi.decode_batch_reply(reply.payload)
+            accepted += [status == Status.OK for status in statuses]
+        return accepted
+
+    def get_batch(self, pool: Pool, keys: Sequence[Key], into: Sequence[memoryview]) -> list[bool]:
+        """GET_BATCH into `into` (one page view per key); one hit flag per key."""
+        found: list[bool] = []
+        for start in self._chunks(len(keys)):
+            end = start + self.batch_pages
+            reply = self._call(Op.GET_BATCH, pool, (0, 0, 0), 0, abi.encode_key_batch(keys[start:end]))
+            if reply.status != Status.OK:
+                found += [False] * len(keys[start:end])
+                continue
+            statuses, pages = abi.decode_batch_reply(reply.payload, pool.page_shift)
+            hit_pages = iter(pages)
+            for position, status in enumerate(statuses, start):
+                if status == Status.OK:
+                    into[position][:] = next(hit_pages)
+                    found.append(True)
+                else:
+                    found.append(False)
+        return found
+
+    def flush_batch(self, pool: Pool, keys: Sequence[Key]) -> None:
+        """FLUSH_BATCH; a key with index abi.WHOLE_OBJECT flushes its whole object."""
+        for start in self._chunks(len(keys)):
+            self._call(Op.FLUSH_BATCH, pool, (0, 0, 0), 0, abi.encode_key_batch(keys[start : start + self.batch_pages]))
+
+    def pool_stats(self, pool: Pool) -> abi.PoolStats | None:
+        reply = self._call(Op.STATS, pool, (0, 0, 0), 0)
+        records = abi.decode_pool_stats(reply.payload) if reply.status == Status.OK else []
+        return records[0] if records else None

@@ -1,0 +1,64 @@
+"""Guest system plumbing: memory locking, IO_FLUSHER, VM sysctls, disks by serial.
+
+Why: the swap agent sits on the guest's own reclaim path. If it page-faults or
+its kernel allocations wait on reclaim, reclaim waits on the agent: deadlock
+(measured, docs/AGENT.md). mlockall keeps its memory resident, PR_SET_IO_FLUSHER
+makes its allocations GFP_NOIO, and larger free-memory watermarks leave the
+kernel room for the bounce buffers and socket buffers the agent's I/O needs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import mmap
+import os
+from pathlib import Path
+
+MCL_CURRENT = 1
+MCL_FUTURE = 2
+PR_SET_IO_FLUSHER = 57
+
+# The tuning that (with mlock and IO_FLUSHER) kept a Python NBD agent alive in a
+# 256 MiB TCG guest, /work/shared/FACTS.md.
+SWAP_AGENT_SYSCTLS = {
+    "vm/min_free_kbytes": "16384",
+    "vm/watermark_scale_factor": "1000",
+}
+
+
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+def lock_memory() -> None:
+    """mlockall(MCL_CURRENT | MCL_FUTURE): the agent must never wait on its own swap."""
+    if _libc().mlockall(MCL_CURRENT | MCL_FUTURE) != 0:
+        error = ctypes.get_errno()
+        raise OSError(error, f"mlockall: {os.strerror(error)}")
+
+
+def become_io_flusher() -> None:
+    """prctl(PR_SET_IO_FLUSHER, 1): this process's allocations no longer recurse into I/O."""
+    if _libc().prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) != 0:
+        error = ctypes.get_errno()
+        raise OSError(error, f"prctl(PR_SET_IO_FLUSHER): {os.strerror(error)}")
+
+
+def write_sysctls(settings: dict[str, str], proc_sys: Path = Path("/proc/sys")) -> None:
+    for name, value in settings.items():
+        (proc_sys / name).write_text(value)
+
+
+def find_disk_by_serial(serial: str, sysfs: Path = Path("/sys/block")) -> Path:
+    """The /dev node of the virtio-blk disk whose serial is `serial` (names follow PCI order)."""
+    for entry in sorted(sysfs.glob("*")):
+        serial_file = entry / "serial"
+        if serial_file.is_file() and serial_file.read_text().strip() == serial:
+            return Path("/dev") / entry.name
+    raise FileNotFoundError(f"no disk with serial {serial!r} under {sysfs}")
+
+
+def aligned_buffer(size: int) -> mmap.mmap:
+    """A page-aligned anonymous buffer, as O_DIRECT needs; allocated once, reused."""
+    return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)

@@ -1,0 +1,152 @@
+"""The agent's session layer against a real tmemd, over the unix socket QEMU would use."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tmem_guest.channel import ChannelDown, UnixSocketChannel
+from tmem_guest.keys import PAGE_SIZE, frontswap_key
+from tmem_guest.session import Pool, Session
+from tmem_host.daemon.process import TmemdProcess
+from tmem_wire import abi
+
+GUEST = "g1"
+CAPPED = "capped"
+CAP_PAGES = 16
+
+
+def page(seed: int) -> bytes:
+    return seed.to_bytes(8, "little") * (PAGE_SIZE // 8)
+
+
+@pytest.fixture
+def tmemd(tmp_path: Path) -> Iterator[TmemdProcess]:
+    with TmemdProcess(tmp_path / "run", guests=(GUEST, f"{CAPPED}:cap={CAP_PAGES * PAGE_SIZE}")) as daemon:
+        yield daemon
+
+
+def open_session(daemon: TmemdProcess, guest: str = GUEST, *, persistent: bool = True) -> tuple[Session, Pool]:
+    session = Session(UnixSocketChannel(daemon.abi_socket(guest)), backoff_max=0.2, request_timeout=10)
+    pool = session.register_pool(persistent=persistent)
+    session.start()
+    assert session.wait_up(10), "session did not come up"
+    return session, pool
+
+
+def test_single_page_put_get_flush_roundtrip(tmemd: TmemdProcess) -> None:
+    session, pool = open_session(tmemd)
+    try:
+        oid, index = frontswap_key(0, 37)
+        assert session.put(pool, oid, index, page(37))
+        into = memoryview(bytearray(PAGE_SIZE))
+        assert session.get(pool, oid, index, into)
+        assert into == page(37)
+        session.flush_page(pool, oid, index)
+        assert not session.get(pool, oid, index, into)
+    finally:
+        session.stop()
+
+
+def test_batches_return_each_page_to_its_slot_and_report_misses(tmemd: TmemdProcess) -> None:
+    session, pool = open_session(tmemd)
+    try:
+        slots = list(range(100, 200))  # more than one frame's worth: the session splits
+        keys = [frontswap_key(0, slot) for slot in slots]
+        assert session.put_batch(pool, keys, [page(slot) for slot in slots]) == [True] * len(slots)
+        session.flush_batch(pool, keys[::2])
+        buffer = bytearray(len(slots) * PAGE_SIZE)
+        into = [memoryview(buffer)[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] for i in range(len(slots))]
+        found = session.get_batch(pool, keys, into)
+        assert found == [i % 2 == 1 for i in range(len(slots))]
+        for i in range(1, len(slots), 2):
+            assert into[i] == page(slots[i])
+        session.flush_batch(pool, [(keys[1][0], abi.WHOLE_OBJECT)])
+        assert not session.get(pool, keys[1][0], keys[1][1], into[0])
+    finally:
+        session.stop()
+
+
+def test_many_threads_in_flight_each_get_their_own_reply(tmemd: TmemdProcess) -> None:
+    session, pool = open_session(tmemd)
+    failures: list[str] = []
+
+    def worker(thread: int) -> None:
+        into = memoryview(bytearray(PAGE_SIZE))
+        for n in range(60):
+            slot = thread * 1000 + n
+            oid, index = frontswap_key(1, slot)
+            if not session.put(pool, oid, index, page(slot)):
+                failures.append(f"put {slot} refused")
+            if not session.get(pool, oid, index, into) or into != page(slot):
+                failures.append(f"get {slot} wrong")
+
+    try:
+        threads = [threading.Thread(target=worker, args=(number,)) for number in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert failures == []
+    finally:
+        session.stop()
+
+
+def test_cap_refuses_puts_beyond_it(tmemd: TmemdProcess) -> None:
+    session, pool = open_session(tmemd, CAPPED)
+    try:
+        slots = list(range(CAP_PAGES * 4))
+        # Random pages: the cap counts stored (compressed) bytes.
+        accepted = session.put_batch(pool, [frontswap_key(0, s) for s in slots], [os.urandom(PAGE_SIZE) for _ in slots])
+        assert 0 < sum(accepted) <= CAP_PAGES + 1
+        assert accepted.count(False) >= len(slots) - CAP_PAGES - 1
+    finally:
+        session.stop()
+
+
+def test_channel_drop_reattaches_the_same_pool_and_keeps_its_pages(tmemd: TmemdProcess) -> None:
+    session, pool = open_session(tmemd)
+    try:
+        oid, index = frontswap_key(0, 5)
+        assert session.put(pool, oid, index, page(5))
+        pool_id = pool.pool_id
+        session.channel.disconnect()  # what a QEMU chardev reconnect looks like to the agent
+        assert session.wait_up(10)
+        into = memoryview(bytearray(PAGE_SIZE))
+        for _ in range(50):  # the reader may not have seen the drop yet
+            try:
+                if session.connections >= 2 and session.get(pool, oid, index, into):
+                    break
+            except ChannelDown:
+                pass
+            session.wait_up(1)
+            threading.Event().wait(0.05)
+        assert session.connections >= 2
+        assert pool.pool_id == pool_id
+        assert into == page(5)
+    finally:
+        session.stop()
+
+
+def test_tmemd_restart_calls_fail_fast_then_a_fresh_pool_is_created(tmemd: TmemdProcess) -> None:
+    session, pool = open_session(tmemd)
+    try:
+        oid, index = frontswap_key(0, 9)
+        assert session.put(pool, oid, index, page(9))
+        tmemd.terminate()
+        with pytest.raises(ChannelDown):
+            for _ in range(100):  # until the reader noticed
+                session.put(pool, oid, index, page(9))
+                threading.Event().wait(0.05)
+        tmemd.start()
+        assert session.wait_up(15)
+        into = memoryview(bytearray(PAGE_SIZE))
+        assert not session.get(pool, oid, index, into)  # tmemd lost it: a miss, never stale data
+        assert session.put(pool, oid, index, page(10))
+        assert session.get(pool, oid, index, into) and into == page(10)
+    finally:
+        session.stop()
