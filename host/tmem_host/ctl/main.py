@@ -1,0 +1,234 @@
+"""`tmemctl`: inspect and steer a running tmemd through its control socket."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+
+from tmem_host.daemon.config import ConfigError, format_size, parse_cap, parse_size
+from tmem_host.daemon.control import ControlClient, ControlError
+
+# Counters `top` turns into per-second rates (names as in Store.stats()).
+RATE_COUNTERS = ("puts", "gets", "hits", "refusals", "evictions")
+# Output width when not on a terminal, so tables do not wrap in logs and tests.
+PIPE_WIDTH = 160
+
+
+class UsageError(Exception):
+    """Bad arguments that argparse cannot catch (key=value pairs, sizes)."""
+
+
+def _console() -> Console:
+    console = Console()
+    return console if console.is_terminal else Console(width=PIPE_WIDTH)
+
+
+def _ratio(raw_bytes: int, stored_bytes: int) -> str:
+    return f"{raw_bytes / stored_bytes:.2f}x" if stored_bytes else "-"
+
+
+def _size(num_bytes: int | None) -> str:
+    if num_bytes is None:
+        return "-"
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if num_bytes >= scale:
+            return f"{num_bytes / scale:.1f} {unit}"
+    return f"{num_bytes} B"
+
+
+# -- commands --------------------------------------------------------------------
+
+
+def cmd_list(control: ControlClient, args: argparse.Namespace) -> None:
+    table = Table(title="tmemd guests and pools")
+    for column in ("guest", "weight", "cap", "conns", "pool", "flags", "page", "pages",
+                   "raw", "stored"):
+        table.add_column(column, justify="left" if column in ("guest", "flags") else "right")
+    for guest in control.request("guests"):
+        pools = guest["pools"] or [None]
+        for number, pool in enumerate(pools):
+            first = number == 0
+            row = [
+                guest["name"] if first else "",
+                str(guest["weight"]) if first else "",
+                _size(guest["cap_bytes"]) if first else "",
+                str(guest["connections"]) if first else "",
+            ]
+            if pool is None:
+                row += ["-"] * 6
+            else:
+                row += [str(pool["pool_id"]), ",".join(pool["flags"]) or "ephemeral",
+                        _size(1 << pool["page_shift"]), str(pool["pages"]),
+                        _size(pool["raw_bytes"]), _size(pool["stored_bytes"])]
+            table.add_row(*row)
+    _console().print(table)
+
+
+def stats_table(stats: dict[str, Any]) -> Group:
+    store = stats["store"]
+    summary = Table.grid(padding=(0, 2))
+    summary.add_row(
+        f"budget {_size(store['budget_bytes'])}", f"used {_size(store['used_bytes'])}",
+        f"free {_size(store['free_bytes'])}", f"pages {store['pages']}",
+        f"ratio {_ratio(store['raw_bytes'], store['stored_bytes'])}",
+        f"uptime {stats['daemon']['uptime_s']:.0f} s",
+    )
+    table = Table(title="tmemd stats")
+    columns = ("guest", "weight", "cap", "frozen", "pages", "raw", "stored", "ratio", "puts",
+               "gets", "hits", "refusals", "evictions", "flushes", "conns")
+    for column in columns:
+        table.add_column(column, justify="left" if column == "guest" else "right")
+    for name, client in store["clients"].items():
+        table.add_row(
+            name, str(client["weight"]), _size(client["cap_bytes"]),
+            "yes" if client["frozen"] else "no", str(client["pages"]),
+            _size(client["raw_bytes"]), _size(client["stored_bytes"]),
+            _ratio(client["raw_bytes"], client["stored_bytes"]),
+            *(str(client[counter]) for counter in ("puts", "gets", "hits", "refusals",
+                                                   "evictions", "flushes")),
+            str(stats["guests"].get(name, {}).get("connections", 0)),
+        )
+    return Group(summary, table)
+
+
+def cmd_stats(control: ControlClient, args: argparse.Namespace) -> None:
+    stats = control.request("stats")
+    if args.json:
+        print(json.dumps(stats, indent=2))
+    else:
+        _console().print(stats_table(stats))
+
+
+def top_table(before: dict[str, Any], after: dict[str, Any], seconds: float) -> Table:
+    """Per-guest rates between two `stats` snapshots taken `seconds` apart."""
+    store = after["store"]
+    table = Table(title=f"tmemd top: used {_size(store['used_bytes'])} of "
+                        f"{_size(store['budget_bytes'])}, {store['pages']} pages")
+    for column in ("guest", "pages", "raw", "stored", "ratio",
+                   *(f"{counter}/s" for counter in RATE_COUNTERS)):
+        table.add_column(column, justify="left" if column == "guest" else "right")
+    previous = before["store"]["clients"]
+    for name, client in store["clients"].items():
+        old = previous.get(name, client)
+        rates = [f"{(client[c] - old[c]) / seconds:.0f}" for c in RATE_COUNTERS]
+        table.add_row(name, str(client["pages"]), _size(client["raw_bytes"]),
+                      _size(client["stored_bytes"]),
+                      _ratio(client["raw_bytes"], client["stored_bytes"]), *rates)
+    return table
+
+
+def cmd_top(control: ControlClient, args: argparse.Namespace) -> None:
+    before, taken = control.request("stats"), time.monotonic()
+    if args.once:
+        time.sleep(args.interval)
+        after = control.request("stats")
+        _console().print(top_table(before, after, time.monotonic() - taken))
+        return
+    try:
+        with Live(top_table(before, before, 1.0), console=_console(), screen=False) as live:
+            while True:
+                time.sleep(args.interval)
+                after, now = control.request("stats"), time.monotonic()
+                live.update(top_table(before, after, now - taken))
+                before, taken = after, now
+    except KeyboardInterrupt:
+        pass
+
+
+def cmd_set(control: ControlClient, args: argparse.Namespace) -> None:
+    if not args.settings:
+        raise UsageError("set needs weight=N and/or cap=SIZE")
+    for setting in args.settings:
+        key, sep, value = setting.partition("=")
+        if not sep:
+            raise UsageError(f"expected key=value, not {setting!r}")
+        if key == "weight":
+            try:
+                weight = int(value)
+            except ValueError:
+                raise UsageError(f"weight must be an integer, not {value!r}") from None
+            control.request("set-weight", guest=args.guest, weight=weight)
+        elif key == "cap":
+            control.request("set-cap", guest=args.guest, cap=parse_cap(value))
+        else:
+            raise UsageError(f"unknown setting {key!r} (weight or cap)")
+    print(f"{args.guest}: " + " ".join(args.settings))
+
+
+def cmd_set_budget(control: ControlClient, args: argparse.Namespace) -> None:
+    result = control.request("set-budget", size=parse_size(args.size))
+    print(f"budget {format_size(result['budget_bytes'])}")
+
+
+def _guest_command(command: str, done: str) -> Callable[[ControlClient, argparse.Namespace], None]:
+    def run(control: ControlClient, args: argparse.Namespace) -> None:
+        control.request(command, guest=args.guest)
+        print(f"{args.guest}: {done}")
+
+    return run
+
+
+def cmd_flush(control: ControlClient, args: argparse.Namespace) -> None:
+    control.request("flush", guest=args.guest, pool=args.pool)
+    print(f"{args.guest}: flushed" + (f" pool {args.pool}" if args.pool is not None else ""))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tmemctl", description="Control a running tmemd.")
+    parser.add_argument("--run-dir", type=Path, required=True, help="tmemd's run directory")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("list", help="guests and their pools").set_defaults(run=cmd_list)
+    stats = commands.add_parser("stats", help="counters of the store and every guest")
+    stats.add_argument("--json", action="store_true", help="print the raw stats JSON")
+    stats.set_defaults(run=cmd_stats)
+    top = commands.add_parser("top", help="live per-guest rates")
+    top.add_argument("--once", action="store_true", help="print one frame and exit")
+    top.add_argument("--interval", type=float, default=1.0, help="seconds between frames")
+    top.set_defaults(run=cmd_top)
+    set_parser = commands.add_parser("set", help="set a guest's weight and/or cap")
+    set_parser.add_argument("guest")
+    set_parser.add_argument("settings", nargs="*", metavar="weight=N|cap=SIZE")
+    set_parser.set_defaults(run=cmd_set)
+    budget = commands.add_parser("set-budget", help="change the memory budget")
+    budget.add_argument("size")
+    budget.set_defaults(run=cmd_set_budget)
+    for name, done, text in (("freeze", "frozen", "refuse the guest's puts"),
+                             ("thaw", "thawed", "accept the guest's puts again")):
+        guest_parser = commands.add_parser(name, help=text)
+        guest_parser.add_argument("guest")
+        guest_parser.set_defaults(run=_guest_command(name, done))
+    flush = commands.add_parser("flush", help="drop a guest's pages (or one pool's)")
+    flush.add_argument("guest")
+    flush.add_argument("pool", type=int, nargs="?")
+    flush.set_defaults(run=cmd_flush)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        with ControlClient(args.run_dir) as control:
+            args.run(control, args)
+    except (UsageError, ConfigError) as exc:
+        print(f"tmemctl: {exc}", file=sys.stderr)
+        return 2
+    except ControlError as exc:
+        print(f"tmemctl: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"tmemctl: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
