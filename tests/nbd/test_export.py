@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 
 from tmem_host.daemon.process import TmemdProcess
+from tmem_host.nbd.client import ClientRequest, NbdClient
 from tmem_host.nbd.export import swap_key
 from tmem_wire import nbd
 
@@ -125,53 +126,16 @@ def test_lost_tmem_page_fails_the_read_instead_of_serving_stale_data(tmemd: Tmem
     assert "tmem lost a swap page" in tmemd.log_text()
 
 
-def handshake(sock: socket.socket, export: str) -> None:
-    """The client half of a GO handshake (raw bytes, to send what real clients would not)."""
-    greeting = sock.recv(18, socket.MSG_WAITALL)
-    assert struct.unpack(">QQH", greeting) == (nbd.NBDMAGIC, nbd.IHAVEOPT, 3)
-    name = export.encode()
-    data = struct.pack(">I", len(name)) + name + struct.pack(">H", 0)
-    sock.sendall(struct.pack(">I", 3) + struct.pack(">QII", nbd.IHAVEOPT, nbd.Option.GO, len(data)) + data)
-    while True:
-        magic, _option, reply_type, length = struct.unpack(">QIII", sock.recv(20, socket.MSG_WAITALL))
-        assert magic == nbd.OPTION_REPLY_MAGIC
-        if length:
-            sock.recv(length, socket.MSG_WAITALL)
-        if reply_type == nbd.ReplyType.ACK:
-            return
-        assert reply_type == nbd.ReplyType.INFO
-
-
-def request(sock: socket.socket, command: int, handle: int, offset: int, length: int,
-            data: bytes = b"") -> tuple[int, int]:
-    sock.sendall(struct.pack(">IHHQQI", nbd.REQUEST_MAGIC, 0, command, handle, offset, length) + data)
-    magic, error, reply_handle = struct.unpack(">IIQ", sock.recv(16, socket.MSG_WAITALL))
-    assert magic == nbd.SIMPLE_REPLY_MAGIC and reply_handle == handle
-    return error, reply_handle
-
-
 def test_unaligned_and_out_of_range_requests_get_errors_not_damage(tmemd: TmemdProcess) -> None:
     qemu_io(tmemd, "g1", "write -P 0x44 0 8k")
-    with socket.socket(socket.AF_UNIX) as sock:
-        sock.connect(str(tmemd.nbd_socket("g1")))
-        handshake(sock, "g1")
-        assert request(sock, nbd.Command.WRITE, 1, 100, 10, b"x" * 10)[0] == nbd.Error.EINVAL
-        assert request(sock, nbd.Command.READ, 2, 0, 100)[0] == nbd.Error.EINVAL
-        assert request(sock, nbd.Command.WRITE, 3, 64 * MIB, 4096, bytes(4096))[0] == nbd.Error.ENOSPC
-        assert request(sock, nbd.Command.CACHE, 4, 0, 4096)[0] == nbd.Error.EINVAL
-        error, _ = request(sock, nbd.Command.READ, 5, 0, 4096)
-        assert error == 0 and sock.recv(4096, socket.MSG_WAITALL) == b"\x44" * 4096
+    with NbdClient(tmemd.nbd_socket("g1"), "g1") as client:
+        assert client.write(100, b"x" * 10) == nbd.Error.EINVAL
+        assert client.read(0, 100)[0] == nbd.Error.EINVAL
+        assert client.write(64 * MIB, bytes(4096)) == nbd.Error.ENOSPC
+        assert client.call(ClientRequest(nbd.Command.CACHE, 0, 4096)).error == nbd.Error.EINVAL
+        assert client.read(0, 4096) == (nbd.Error.OK, b"\x44" * 4096)
     qemu_io(tmemd, "g1", "read -P 0x44 0 8k")
     assert export_stats(tmemd, "g1")["invalid_requests"] == 4
-
-
-def wait_until_closed(sock: socket.socket) -> None:
-    sock.settimeout(10)
-    try:
-        while sock.recv(1 << 16):
-            pass
-    except ConnectionResetError:
-        pass
 
 
 def test_garbage_and_half_requests_do_not_disturb_another_guest(tmemd: TmemdProcess) -> None:
@@ -188,18 +152,18 @@ def test_garbage_and_half_requests_do_not_disturb_another_guest(tmemd: TmemdProc
     reader = threading.Thread(target=keep_verifying)
     reader.start()
     try:
-        for attempt in range(20):
+        for _ in range(10):
             with socket.socket(socket.AF_UNIX) as sock:
                 sock.connect(str(tmemd.nbd_socket("g2")))
-                if attempt % 2:
-                    sock.sendall(b"\xff" * 64)  # garbage instead of client flags
-                else:
-                    handshake(sock, "g2")
-                    # Half a write, then gone.
-                    header = struct.pack(">IHHQQI", nbd.REQUEST_MAGIC, 0, nbd.Command.WRITE, 1, 0, 65536)
-                    sock.sendall(header + bytes(1000))
-                    sock.shutdown(socket.SHUT_WR)
-                wait_until_closed(sock)
+                sock.sendall(b"\xff" * 64)  # garbage instead of client flags
+                sock.settimeout(10)
+                while sock.recv(1 << 16):  # the greeting, then the server hangs up
+                    pass
+            with NbdClient(tmemd.nbd_socket("g2"), "g2") as client:
+                # Half a write, then gone.
+                client.send_raw(struct.pack(">IHHQQI", nbd.REQUEST_MAGIC, 0, nbd.Command.WRITE,
+                                            1, 0, 65536) + b"\x99" * 1000)
+                assert client.close_write_and_wait() == b""
     finally:
         stop.set()
         reader.join()
