@@ -46,6 +46,10 @@ class Pool:
     persistent: bool
     page_shift: int = abi.MIN_PAGE_SHIFT
     pool_id: int | None = None
+    # Set when an invalidation may not have reached tmemd: the pool's contents can
+    # no longer be trusted, so the next handshake destroys it and makes a new one.
+    # Frontends treat the pool as empty while this is set.
+    untrusted: bool = False
 
     @property
     def flags(self) -> PoolFlag:
@@ -204,6 +208,9 @@ class Session:
             reply = self._exchange(decoder, receive, Op.STATS, pool_id=abi.ALL_POOLS)
             existing = {record.pool_id: record for record in abi.decode_pool_stats(reply.payload)}
         for pool in self.pools:
+            if pool.untrusted and pool.pool_id is not None:
+                self._exchange(decoder, receive, Op.DESTROY_POOL, pool_id=pool.pool_id, check=False)
+                existing.pop(pool.pool_id, None)
             record = existing.get(pool.pool_id) if pool.pool_id is not None else None
             if record is not None and record.flags & PoolFlag.PERSISTENT == pool.flags & PoolFlag.PERSISTENT:
                 continue  # tmemd kept it (the channel dropped, tmemd did not): keep its pages
@@ -215,9 +222,17 @@ class Session:
                 raise abi.ProtocolError(Status.INVALID, f"asked pool flags {pool.flags!r}, granted {granted!r}")
             log.info("pool %d created (persistent=%s)", reply.pool_id, pool.persistent)
             pool.pool_id = reply.pool_id
+            pool.untrusted = False
 
     def _exchange(
-        self, decoder: abi.FrameDecoder, receive: memoryview, opcode: Op, *, pool_id: int = 0, payload: bytes = b""
+        self,
+        decoder: abi.FrameDecoder,
+        receive: memoryview,
+        opcode: Op,
+        *,
+        pool_id: int = 0,
+        payload: bytes = b"",
+        check: bool = True,
     ) -> Frame:
         """Send one request and read frames until its reply (handshake only: no other caller)."""
         request_id = next(self._request_ids)
@@ -243,7 +258,7 @@ class Session:
             assert isinstance(frame, Frame)
             if frame.request_id != request_id or not frame.is_reply:
                 continue  # a stale reply from before the reconnect
-            if frame.status != Status.OK:
+            if check and frame.status != Status.OK:
                 raise abi.ProtocolError(Status(frame.status), f"{opcode.name}: {abi.error_text(frame)}")
             return frame
 

@@ -1,0 +1,152 @@
+"""The guest agent's command line.
+
+    python3 -m tmem_guest start --swap batched [--cache SOURCE MOUNTPOINT] [options]
+    python3 -m tmem_guest stats            # every frontend's counters, one JSON object
+
+`start` runs in the foreground until SIGTERM/SIGINT, then swapoff, unmount and
+exit. It writes /run/tmem-agent/ready once swap is on and the cache mounted.
+One process serves both frontends because a virtio-serial port has one opener.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+from tmem_guest import counters, system
+from tmem_guest.channel import open_channel
+from tmem_guest.session import Session
+
+log = logging.getLogger("tmem_guest")
+
+READY_FILE = counters.STATS_DIR / "ready"
+# Every agent thread's stack is locked by mlockall(MCL_FUTURE): keep them small
+# (Python's default 8 MiB each would pin tens of MiB in a 256 MiB guest).
+THREAD_STACK_BYTES = 512 * 1024
+
+
+def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python3 -m tmem_guest", description="tmem guest agent")
+    commands = parser.add_subparsers(dest="command", required=True)
+    start = commands.add_parser("start", help="run the agent (foreground)")
+    start.add_argument("--channel", default="port", help="port, port:NAME, a /dev path, or unix:PATH")
+    start.add_argument("--swap", choices=("sync", "batched", "pipelined"), help="serve frontswap in this mode")
+    start.add_argument("--swap-disk-serial", default="tmem-swap", help="virtio-blk serial of the fallback disk")
+    start.add_argument("--nbd", default="/dev/nbd0", type=Path, help="the NBD device to serve")
+    start.add_argument("--swap-mib", type=int, default=0, help="swap size (default: the fallback disk's size)")
+    start.add_argument("--swap-priority", type=int, default=10)
+    start.add_argument("--depth", type=int, default=4, help="pipelined mode: NBD requests served at once")
+    start.add_argument("--cache", nargs=2, metavar=("SOURCE", "MOUNTPOINT"), help="cleancache FUSE mount")
+    start.add_argument("--no-lock", action="store_true", help="skip mlockall/IO_FLUSHER (experiments only)")
+    start.add_argument("--stats-interval", type=float, default=1.0)
+    start.add_argument("--verbose", action="store_true")
+    commands.add_parser("stats", help="print the agent's counters as JSON")
+    return parser.parse_args(argv)
+
+
+def run_agent(arguments: argparse.Namespace) -> int:
+    from tmem_guest.keys import Where
+    from tmem_guest.swap import FallbackDisk, NbdSwapServer, SwapStore
+
+    threading.stack_size(THREAD_STACK_BYTES)
+    if arguments.swap and not arguments.no_lock:
+        system.lock_memory()
+        system.become_io_flusher()
+        system.write_sysctls(system.SWAP_AGENT_SYSCTLS)
+    READY_FILE.unlink(missing_ok=True)
+    session = Session(open_channel(arguments.channel))
+    swap_pool = session.register_pool(persistent=True) if arguments.swap else None
+    cache_pool = session.register_pool(persistent=False) if arguments.cache else None
+    session.start()
+    if not session.wait_up(10):
+        log.warning("tmemd not reachable yet: starting on the fallback paths")
+    stopping = threading.Event()
+    publishers: list[counters.StatsPublisher] = []
+    server: NbdSwapServer | None = None
+    if arguments.swap:
+        assert swap_pool is not None
+        disk = FallbackDisk(system.find_disk_by_serial(arguments.swap_disk_serial))
+        swap_counters = counters.Counters("swap", arguments.swap)
+        slot_count = (arguments.swap_mib << 20 >> 12) if arguments.swap_mib else None
+        store = SwapStore(
+            session, swap_pool, disk, swap_counters, batched=arguments.swap != "sync", slot_count=slot_count
+        )
+        server = NbdSwapServer(arguments.nbd, store, mode=arguments.swap, depth=arguments.depth)
+        server.start()
+        subprocess.run(["mkswap", str(arguments.nbd)], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(["swapon", "-p", str(arguments.swap_priority), "--discard", str(arguments.nbd)], check=True)
+        publishers.append(
+            counters.StatsPublisher(
+                "swap",
+                lambda: swap_counters.snapshot(
+                    {
+                        "session_up": session.is_up,
+                        "connections": session.connections,
+                        "pool_id": swap_pool.pool_id,
+                        "slots_in_tmem": store.slots.count(Where.TMEM),
+                        "slots_on_disk": store.slots.count(Where.DISK),
+                    }
+                ),
+                interval=arguments.stats_interval,
+            )
+        )
+    for publisher in publishers:
+        publisher.start()
+
+    def request_stop(signum: int, frame: object) -> None:
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    try:
+        if arguments.cache:
+            from tmem_guest.cache import serve_cache
+
+            assert cache_pool is not None
+            source, mountpoint = (Path(path) for path in arguments.cache)
+            cache_counters = counters.Counters("cache", "batched")
+            cache_publisher = counters.StatsPublisher(
+                "cache", lambda: cache_counters.snapshot({"pool_id": cache_pool.pool_id}), interval=arguments.stats_interval
+            )
+            cache_publisher.start()
+            publishers.append(cache_publisher)
+            serve_cache(session, cache_pool, cache_counters, source, mountpoint, ready=READY_FILE, stopping=stopping)
+        else:
+            READY_FILE.write_text(f"{os.getpid()}\n")
+            while not stopping.wait(1.0):
+                if server is not None and server.finished.is_set():
+                    log.error("the NBD device went away")
+                    return 1
+    finally:
+        if server is not None:
+            subprocess.run(["swapoff", str(arguments.nbd)], check=False)
+            server.disconnect()
+        session.stop()
+        for publisher in publishers:
+            publisher.stop()
+        READY_FILE.unlink(missing_ok=True)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    arguments = parse_arguments(argv)
+    if arguments.command == "stats":
+        print(json.dumps(counters.read_all(), sort_keys=True))
+        return 0
+    logging.basicConfig(
+        level=logging.DEBUG if arguments.verbose else logging.INFO,
+        format="%(asctime)s %(threadName)s %(name)s: %(message)s",
+    )
+    return run_agent(arguments)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,420 @@
+"""Frontswap via NBD: the agent serves /dev/nbdN itself and the guest swaps onto it.
+
+The kernel's NBD client talks to one end of a socketpair (set up with the NBD
+ioctls, no nbd-client, no handshake); the agent decodes requests with
+`tmem_wire.nbd.TransmissionDecoder` on the other end. Each 4 KiB block is a
+swap slot. A WRITE offers its pages to the guest's persistent tmem pool; what
+tmem refuses (cap, budget, channel down) goes to the fallback disk at the same
+offset; `SlotMap` records which of the two holds each slot. A READ takes each
+page from where the map says; a page tmem has lost is answered with EIO, never
+with stale data. TRIM (swapon --discard frees whole clusters) becomes FLUSH.
+
+Modes: `sync` (one page per round trip, as the 2011 hypercall ABI), `batched`
+(one PUT_BATCH/GET_BATCH frame per NBD request), `pipelined` (batched, with
+several NBD requests served at once by worker threads).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import mmap
+import os
+import queue
+import socket
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from tmem_guest.counters import Counters
+from tmem_guest.keys import PAGE_SHIFT, PAGE_SIZE, SlotMap, Where, frontswap_key
+from tmem_guest.session import ChannelDown, Pool, Session
+from tmem_guest.system import aligned_buffer
+from tmem_wire import nbd
+from tmem_wire.abi import Oid
+
+log = logging.getLogger("tmem_guest.swap")
+
+MODES = ("sync", "batched", "pipelined")
+
+# Linux NBD ioctls (include/uapi/linux/nbd.h).
+NBD_SET_SOCK = 0xAB00
+NBD_SET_BLKSIZE = 0xAB01
+NBD_DO_IT = 0xAB03
+NBD_CLEAR_SOCK = 0xAB04
+NBD_SET_SIZE_BLOCKS = 0xAB07
+NBD_DISCONNECT = 0xAB08
+NBD_SET_FLAGS = 0xAB0A
+
+# Requests are capped at 128 KiB (max_sectors_kb, set below): the per-worker
+# buffers are sized for that, and 32-page frames are what the channel moves best.
+MAX_REQUEST_BYTES = 128 * 1024
+# A bigger request (should max_sectors_kb not stick) gets a one-off buffer rather
+# than a protocol error; beyond this the kernel is misbehaving.
+DECODER_MAX_PAYLOAD = 32 * 1024 * 1024
+# FLUSH frames for a large discard are cut into batches of this many pages.
+FLUSH_BATCH_PAGES = 256
+# How long a READ of a slot that lives in tmem waits for a lost channel to return
+# before it fails with EIO (the page is safe in tmemd meanwhile).
+READ_RECONNECT_WAIT_S = 30.0
+
+
+class FallbackDisk:
+    """The virtio-blk disk that holds refused pages, opened O_DIRECT.
+
+    O_DIRECT keeps swap-out from allocating guest page cache under memory
+    pressure; it needs page-aligned buffers, which `aligned_buffer` provides.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_RDWR | os.O_DIRECT | os.O_CLOEXEC)
+        self.size_bytes = os.lseek(self.fd, 0, os.SEEK_END)
+
+    def write(self, offset: int, data: memoryview) -> None:
+        while data:
+            written = os.pwritev(self.fd, [data], offset)
+            data, offset = data[written:], offset + written
+
+    def read_into(self, offset: int, into: memoryview) -> None:
+        while into:
+            count = os.preadv(self.fd, [into], offset)
+            if count == 0:
+                raise OSError(f"{self.path}: short read at {offset}")
+            into, offset = into[count:], offset + count
+
+    def sync(self) -> None:
+        os.fdatasync(self.fd)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def contiguous_runs(positions: Sequence[int]) -> list[tuple[int, int]]:
+    """Split sorted positions into (first, count) runs of consecutive values."""
+    runs: list[tuple[int, int]] = []
+    for position in positions:
+        if runs and runs[-1][0] + runs[-1][1] == position:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((position, 1))
+    return runs
+
+
+@dataclass(slots=True)
+class Scratch:
+    """A worker's preallocated page-aligned buffers (write staging, read replies)."""
+
+    staging: mmap.mmap
+    reply: mmap.mmap
+
+    @classmethod
+    def allocate(cls) -> Scratch:
+        return cls(aligned_buffer(MAX_REQUEST_BYTES), aligned_buffer(MAX_REQUEST_BYTES))
+
+
+class SwapStore:
+    """The page logic behind the NBD device: tmem first, fallback disk second."""
+
+    def __init__(
+        self,
+        session: Session,
+        pool: Pool,
+        disk: FallbackDisk,
+        counters: Counters,
+        *,
+        batched: bool,
+        swap_type: int = 0,
+        slot_count: int | None = None,
+    ) -> None:
+        self.session = session
+        self.pool = pool
+        self.disk = disk
+        self.counters = counters
+        self.batched = batched
+        self.swap_type = swap_type
+        self.slots = SlotMap(slot_count or disk.size_bytes >> PAGE_SHIFT)
+
+    @property
+    def size_bytes(self) -> int:
+        return self.slots.slot_count << PAGE_SHIFT
+
+    def _keys(self, slots: Sequence[int]) -> list[tuple[Oid, int]]:
+        return [frontswap_key(self.swap_type, slot) for slot in slots]
+
+    def _check_range(self, offset: int, length: int) -> range | None:
+        if offset % PAGE_SIZE or length % PAGE_SIZE or offset + length > self.size_bytes:
+            return None
+        return range(offset >> PAGE_SHIFT, (offset + length) >> PAGE_SHIFT)
+
+    # -- tmem operations, one frame per page (sync) or per request (batched) --
+
+    def _put(self, keys: list[tuple[Oid, int]], pages: list[memoryview]) -> list[bool]:
+        started = time.monotonic()
+        if self.batched:
+            accepted = self.session.put_batch(self.pool, keys, pages)
+        else:
+            accepted = [self.session.put(self.pool, oid, index, page) for (oid, index), page in zip(keys, pages)]
+        self.counters.observe("put_batch" if self.batched else "put", time.monotonic() - started)
+        return accepted
+
+    def _get(self, keys: list[tuple[Oid, int]], into: list[memoryview]) -> list[bool]:
+        started = time.monotonic()
+        if self.batched:
+            found = self.session.get_batch(self.pool, keys, into)
+        else:
+            found = [self.session.get(self.pool, oid, index, page) for (oid, index), page in zip(keys, into)]
+        self.counters.observe("get_batch" if self.batched else "get", time.monotonic() - started)
+        return found
+
+    def _flush(self, keys: list[tuple[Oid, int]]) -> None:
+        for start in range(0, len(keys), FLUSH_BATCH_PAGES):
+            chunk = keys[start : start + FLUSH_BATCH_PAGES]
+            if self.batched:
+                self.session.flush_batch(self.pool, chunk)
+            else:
+                for oid, index in chunk:
+                    self.session.flush_page(self.pool, oid, index)
+            self.counters.add(flushes=len(chunk))
+
+    # -- NBD commands --
+
+    def write(self, offset: int, data: bytes, scratch: Scratch) -> int:
+        slots = self._check_range(offset, len(data))
+        if slots is None:
+            return nbd.Error.EINVAL
+        source = memoryview(data)
+        pages = [source[i << PAGE_SHIFT : (i + 1) << PAGE_SHIFT] for i in range(len(slots))]
+        keys = self._keys(slots)
+        offered = 0
+        accepted = [False] * len(slots)
+        if self.session.is_up:
+            try:
+                accepted = self._put(keys, pages)
+                offered = len(slots)
+            except ChannelDown:
+                self.counters.add(channel_down=1)
+        refused = [i for i, ok in enumerate(accepted) if not ok]
+        stale = [keys[i] for i in refused if self.slots.get(slots[i]) is Where.TMEM]
+        for i, ok in enumerate(accepted):
+            if ok:
+                self.slots.set(slots[i], Where.TMEM)
+        if refused:
+            staging = memoryview(scratch.staging) if len(data) <= MAX_REQUEST_BYTES else memoryview(aligned_buffer(len(data)))
+            staging[: len(data)] = source
+            for first, count in contiguous_runs(refused):
+                self.disk.write(
+                    offset + (first << PAGE_SHIFT), staging[first << PAGE_SHIFT : (first + count) << PAGE_SHIFT]
+                )
+            for i in refused:
+                self.slots.set(slots[i], Where.DISK)
+        if stale:
+            # The slot's older page is still in tmem: free it, the disk copy is current.
+            try:
+                self._flush(stale)
+            except ChannelDown:
+                self.counters.add(channel_down=1)
+        put_pages = len(slots) - len(refused)
+        self.counters.add(
+            puts=offered,
+            put_refusals=len(refused),
+            bytes_put=put_pages << PAGE_SHIFT,
+            disk_writes=len(refused),
+        )
+        return nbd.Error.OK
+
+    def read(self, offset: int, length: int, into: memoryview) -> int:
+        slots = self._check_range(offset, length)
+        if slots is None:
+            return nbd.Error.EINVAL
+        from_tmem = [i for i, slot in enumerate(slots) if self.slots.get(slot) is Where.TMEM]
+        from_disk = [i for i, slot in enumerate(slots) if self.slots.get(slot) is not Where.TMEM]
+        for first, count in contiguous_runs(from_disk):
+            self.disk.read_into(offset + (first << PAGE_SHIFT), into[first << PAGE_SHIFT : (first + count) << PAGE_SHIFT])
+        self.counters.add(disk_reads=len(from_disk))
+        if not from_tmem:
+            return nbd.Error.OK
+        keys = self._keys([slots[i] for i in from_tmem])
+        pages = [into[i << PAGE_SHIFT : (i + 1) << PAGE_SHIFT] for i in from_tmem]
+        try:
+            found = self._get(keys, pages)
+        except ChannelDown:
+            # The pages are safe in tmemd while the channel is down: wait for it.
+            self.counters.add(channel_down=1)
+            if not self.session.wait_up(READ_RECONNECT_WAIT_S):
+                self.counters.add(errors=1)
+                return nbd.Error.EIO
+            try:
+                found = self._get(keys, pages)
+            except ChannelDown:
+                self.counters.add(errors=1)
+                return nbd.Error.EIO
+        hits = sum(found)
+        self.counters.add(gets=len(keys), hits=hits, misses=len(keys) - hits, bytes_got=hits << PAGE_SHIFT)
+        if hits != len(keys):
+            # Only tmem had these pages: answering anything but an error would be stale data.
+            self.counters.add(lost_pages=len(keys) - hits, errors=1)
+            log.error("tmem lost %d swap page(s) at offset %d", len(keys) - hits, offset)
+            return nbd.Error.EIO
+        return nbd.Error.OK
+
+    def trim(self, offset: int, length: int) -> int:
+        slots = self._check_range(offset, length)
+        if slots is None:
+            return nbd.Error.EINVAL
+        in_tmem = list(self.slots.slots_in(slots, Where.TMEM))
+        self.slots.set_range(slots, Where.NOWHERE)
+        if in_tmem:
+            try:
+                self._flush(self._keys(in_tmem))
+            except ChannelDown:
+                # The copies stay orphaned in tmemd; the map no longer points at them.
+                self.counters.add(channel_down=1)
+        return nbd.Error.OK
+
+    def flush(self) -> int:
+        self.disk.sync()
+        return nbd.Error.OK
+
+
+class NbdSwapServer:
+    """Serves one /dev/nbdN from `store` through a socketpair."""
+
+    def __init__(self, device: Path, store: SwapStore, *, mode: str, depth: int = 4) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+        self.device = device
+        self.store = store
+        self.mode = mode
+        self.depth = depth if mode == "pipelined" else 1
+        self._kernel_end, self._agent_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._device_fd = -1
+        self._send_lock = threading.Lock()
+        self._work: queue.SimpleQueue[nbd.Request | None] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self.finished = threading.Event()
+
+    def start(self) -> None:
+        """Attach the socketpair to the device; requests flow once this returns."""
+        fd = os.open(self.device, os.O_RDWR | os.O_CLOEXEC)
+        self._device_fd = fd
+        fcntl.ioctl(fd, NBD_CLEAR_SOCK)
+        fcntl.ioctl(fd, NBD_SET_BLKSIZE, PAGE_SIZE)
+        fcntl.ioctl(fd, NBD_SET_SIZE_BLOCKS, self.store.slots.slot_count)
+        flags = nbd.TransmissionFlag.HAS_FLAGS | nbd.TransmissionFlag.SEND_FLUSH | nbd.TransmissionFlag.SEND_TRIM
+        fcntl.ioctl(fd, NBD_SET_FLAGS, int(flags))
+        fcntl.ioctl(fd, NBD_SET_SOCK, self._kernel_end.fileno())
+        self._set_queue_limit("max_sectors_kb", str(MAX_REQUEST_BYTES // 1024))
+        self._spawn(self._do_it, "nbd-do-it")
+        for number in range(self.depth if self.mode == "pipelined" else 0):
+            self._spawn(self._worker, f"nbd-worker-{number}")
+        self._spawn(self._receive, "nbd-receive")
+
+    def _spawn(self, target: object, name: str) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)  # type: ignore[arg-type]
+        self._threads.append(thread)
+        thread.start()
+
+    def _set_queue_limit(self, name: str, value: str) -> None:
+        path = Path("/sys/block") / self.device.name / "queue" / name
+        try:
+            path.write_text(value)
+        except OSError as error:
+            log.warning("could not set %s to %s: %s", path, value, error)
+
+    def _do_it(self) -> None:
+        # NBD_DO_IT returns only when the device is disconnected; ioctl releases the GIL.
+        try:
+            fcntl.ioctl(self._device_fd, NBD_DO_IT)
+        except OSError as error:
+            log.info("NBD_DO_IT ended: %s", error)
+        finally:
+            self.finished.set()
+
+    def _receive(self) -> None:
+        decoder = nbd.TransmissionDecoder(max_payload=DECODER_MAX_PAYLOAD)
+        buffer = bytearray(MAX_REQUEST_BYTES + nbd.REQUEST_HEADER.size)
+        view = memoryview(buffer)
+        scratch = Scratch.allocate() if self.mode != "pipelined" else None
+        try:
+            while True:
+                count = self._agent_end.recv_into(view)
+                decoder.receive_data(view[:count])
+                while True:
+                    event = decoder.next_event()
+                    if event is nbd.NEED_DATA:
+                        break
+                    if isinstance(event, nbd.ConnectionClosed):
+                        return
+                    assert isinstance(event, nbd.Request)
+                    if scratch is None:
+                        self._work.put(event)
+                    else:
+                        self._serve(event, scratch)
+        except nbd.NbdProtocolError as error:
+            log.error("NBD protocol error from the kernel: %s", error)
+        finally:
+            for _ in range(self.depth):
+                self._work.put(None)
+            self.finished.set()
+
+    def _worker(self) -> None:
+        scratch = Scratch.allocate()
+        while (request := self._work.get()) is not None:
+            self._serve(request, scratch)
+
+    def _serve(self, request: nbd.Request, scratch: Scratch) -> None:
+        started = time.monotonic()
+        counters = self.store.counters
+        payload = memoryview(b"")
+        try:
+            if request.command == nbd.Command.WRITE:
+                error = self.store.write(request.offset, request.data, scratch)
+                operation = "nbd_write"
+            elif request.command == nbd.Command.READ:
+                reply = memoryview(scratch.reply) if request.length <= MAX_REQUEST_BYTES else memoryview(aligned_buffer(request.length))
+                payload = reply[: request.length]
+                error = self.store.read(request.offset, request.length, payload)
+                operation = "nbd_read"
+            elif request.command == nbd.Command.TRIM:
+                error = self.store.trim(request.offset, request.length)
+                operation = "nbd_trim"
+            elif request.command == nbd.Command.FLUSH:
+                error = self.store.flush()
+                operation = "nbd_flush"
+            else:
+                error, operation = nbd.Error.EINVAL, "nbd_other"
+        except OSError as failure:
+            log.error("NBD command %d at %d failed: %s", request.command, request.offset, failure)
+            error, operation = nbd.Error.EIO, "nbd_failed"
+        if error != nbd.Error.OK:
+            payload = memoryview(b"")
+            counters.add(errors=1)
+        self._reply(request.handle, error, payload)
+        counters.add(requests=1)
+        counters.observe(operation, time.monotonic() - started)
+
+    def _reply(self, handle: int, error: int, payload: memoryview) -> None:
+        header = bytearray(nbd.SIMPLE_REPLY_HEADER.size)
+        nbd.pack_simple_reply_into(header, 0, handle, error)
+        parts = [memoryview(header), payload]
+        with self._send_lock:
+            while parts:
+                sent = self._agent_end.sendmsg(parts)
+                while parts and sent >= len(parts[0]):
+                    sent -= len(parts[0])
+                    parts.pop(0)
+                if parts:
+                    parts[0] = parts[0][sent:]
+                    if not parts[0]:
+                        parts.pop(0)
+
+    def disconnect(self) -> None:
+        """Ask the kernel to drop the device (after swapoff)."""
+        if self._device_fd >= 0:
+            try:
+                fcntl.ioctl(self._device_fd, NBD_DISCONNECT)
+            except OSError as error:
+                log.warning("NBD_DISCONNECT: %s", error)
