@@ -163,8 +163,6 @@ class Client(OpCounters):
         "shared_uuids",
         "frozen",
         "pools",
-        "pages",
-        "raw_bytes",
         "stored_bytes",
         "ephemeral_bytes",
         "lru",
@@ -188,8 +186,6 @@ class Client(OpCounters):
         self.shared_uuids = shared_uuids
         self.frozen = False
         self.pools: list[Pool | None] = [None] * MAX_POOLS_PER_CLIENT
-        self.pages = 0
-        self.raw_bytes = 0
         #: Bytes charged to this client (dedup blobs once), overhead included.
         self.stored_bytes = 0
         #: Upper bound of what evicting all its ephemeral pages would free.
@@ -201,6 +197,25 @@ class Client(OpCounters):
     def __repr__(self) -> str:
         return f"Client({self.name!r})"
 
+    def owned_pools(self) -> list[Pool]:
+        """The pools charged to this client, each once (a client may hold a
+        shared pool in two slots)."""
+        pools: list[Pool] = []
+        for pool in self.pools:
+            if pool is not None and pool.owner is self and all(pool is not p for p in pools):
+                pools.append(pool)
+        return pools
+
+    # Page counts are summed over the pools on demand, keeping the put path
+    # down to the byte counters that budget and cap checks need.
+    @property
+    def pages(self) -> int:
+        return sum(pool.pages for pool in self.owned_pools())
+
+    @property
+    def raw_bytes(self) -> int:
+        return sum(pool.pages * pool.page_size for pool in self.owned_pools())
+
 
 class Store:
     """All clients' pages within one budget of stored bytes."""
@@ -211,8 +226,6 @@ class Store:
         self.budget_bytes = budget_bytes
         self.compress = compress
         self.used_bytes = 0
-        self.pages = 0
-        self.raw_bytes = 0
         self.ephemeral_bytes = 0
         self._clients: dict[str, Client] = {}
         self._shared_pools: dict[UUID, Pool] = {}
@@ -220,6 +233,14 @@ class Store:
         self._tick = itertools.count()
         # Counters of removed clients, so global totals never go backwards.
         self._retired = OpCounters()
+
+    @property
+    def pages(self) -> int:
+        return sum(client.pages for client in self._clients.values())
+
+    @property
+    def raw_bytes(self) -> int:
+        return sum(client.raw_bytes for client in self._clients.values())
 
     # ----------------------------------------------------------- clients
 
@@ -264,7 +285,7 @@ class Store:
             raise ValueError("budget_bytes must be >= 0")
         self.budget_bytes = budget_bytes
         while self.used_bytes > self.budget_bytes:
-            victim = self._pick_victim(None)
+            victim = self._pick_victim(None, 0)
             if victim is None:
                 break  # only persistent pages left: kept, further puts refused
             self._evict_oldest(victim)
@@ -298,11 +319,10 @@ class Store:
         """Drop every page charged to the client; return how many."""
         client = self._resolve(client)
         flushed = 0
-        for pool in _unique_pools(client):
-            if pool.owner is client:
-                count = self._drop_all_pages(pool)
-                pool.flushes += count
-                flushed += count
+        for pool in client.owned_pools():
+            count = self._drop_all_pages(pool)
+            pool.flushes += count
+            flushed += count
         client.flushes += flushed
         return flushed
 
@@ -658,14 +678,9 @@ class Store:
     def _charge(
         self, pool: Pool, owner: Client, oid: Oid, index: int, charged: int, logical: int
     ) -> None:
-        page_size = pool.page_size
         pool.pages += 1
         pool.stored_bytes += logical
-        owner.pages += 1
-        owner.raw_bytes += page_size
         owner.stored_bytes += charged
-        self.pages += 1
-        self.raw_bytes += page_size
         self.used_bytes += charged
         if not pool.persistent:
             owner.lru[(pool, oid, index)] = next(self._tick)
@@ -683,14 +698,9 @@ class Store:
             freed = PAGE_OVERHEAD_BYTES + self._unref_blob(owner, stored)
         else:
             freed = logical = PAGE_OVERHEAD_BYTES + (len(stored) if type(stored) is bytes else 0)
-        page_size = pool.page_size
         pool.pages -= 1
         pool.stored_bytes -= logical
-        owner.pages -= 1
-        owner.raw_bytes -= page_size
         owner.stored_bytes -= freed
-        self.pages -= 1
-        self.raw_bytes -= page_size
         self.used_bytes -= freed
         if not pool.persistent:
             del owner.lru[(pool, oid, index)]
@@ -750,26 +760,27 @@ class Store:
             if self.used_bytes - self.ephemeral_bytes + cost > self.budget_bytes:
                 return False
             while self.used_bytes + cost > self.budget_bytes:
-                victim = self._pick_victim(owner)
+                victim = self._pick_victim(owner, cost)
                 if victim is None:
                     return False
                 self._evict_oldest(victim)
         return True
 
-    def _pick_victim(self, putter: Client | None) -> Client | None:
+    def _pick_victim(self, putter: Client | None, cost: int) -> Client | None:
         """Whose oldest ephemeral page goes next (weighted fair shares).
 
-        As Xen's tmem_evict: a putter over its weighted share of the budget
-        evicts its own pages. Beyond Xen, otherwise the client furthest over
-        its share loses pages, so an under-share client keeps its share; if
-        no client with ephemeral pages is over its share, the global LRU.
+        As Xen's tmem_evict: a putter that this put takes over its weighted
+        share of the budget evicts its own pages. Beyond Xen, otherwise the
+        client furthest over its share loses pages, so a client within its
+        share keeps it; if no client with ephemeral pages is over its share,
+        the global LRU decides.
         """
         total_weight = self._total_weight
         budget = self.budget_bytes
         if (
             putter is not None
             and putter.lru
-            and putter.stored_bytes * total_weight > budget * putter.weight
+            and (putter.stored_bytes + cost) * total_weight > budget * putter.weight
         ):
             return putter
         worst: Client | None = None
@@ -797,11 +808,8 @@ class Store:
     def _reassign_owner(self, pool: Pool, new_owner: Client) -> None:
         """Charge a shared pool to another member (Xen's shared_pool_reassign)."""
         old_owner = pool.owner
-        raw = pool.pages * pool.page_size
         # Shared pools never dedup, so logical bytes are the charged bytes.
         for client, sign in ((old_owner, -1), (new_owner, 1)):
-            client.pages += sign * pool.pages
-            client.raw_bytes += sign * raw
             client.stored_bytes += sign * pool.stored_bytes
             client.ephemeral_bytes += sign * pool.stored_bytes
         moved = [(key, tick) for key, tick in old_owner.lru.items() if key[0] is pool]
@@ -817,14 +825,6 @@ def _pool_of(client: Client, pool_id: int) -> Pool | None:
     if 0 <= pool_id < MAX_POOLS_PER_CLIENT:
         return client.pools[pool_id]
     return None
-
-
-def _unique_pools(client: Client) -> list[Pool]:
-    pools: list[Pool] = []
-    for pool in client.pools:
-        if pool is not None and all(pool is not seen for seen in pools):
-            pools.append(pool)
-    return pools
 
 
 def _pool_stats(pool: Pool, viewer: Client) -> dict[str, Any]:
