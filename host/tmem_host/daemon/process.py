@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -138,3 +138,7 @@ class TmemdProcess:
         traceback: TracebackType | None,
     ) -> None:
         self.terminate()
+
+
+# The type of the tests' `start_tmemd` fixture (tests/conftest.py).
+StartTmemd = Callable[..., TmemdProcess]
