@@ -1,0 +1,705 @@
+"""Boot a tmem guest in QEMU and talk to it: SSH, QMP, the serial console.
+
+    config = GuestConfig(name="g1", memory_mib=256, swap="nbd",
+                         nbd_socket=run / "g1.nbd.sock", nbd_export="g1",
+                         tmem_socket=run / "g1.tmem.sock")
+    with Guest(config) as guest:          # start() + wait_ready()
+        print(guest.ssh("free -m").stdout)
+        guest.qmp("query-status")         # -> {"status": "running", ...}
+
+Each guest has a run directory (console.log, qemu-stderr.log, qmp.log, the SSH
+key, disk files). Disks carry virtio-blk serials (tmem-root, tmem-swap,
+tmem-data) for guest code to find them via /sys/block/*/serial. The agent
+source (guest/, wire/) is shared read-only over 9p and is on the guest's
+Python path. QEMU runs in its own process group with PR_SET_PDEATHSIG, and an
+atexit hook kills what is left, so no QEMU outlives the process that started it.
+Start guests from a thread that lives as long as they do: the death signal
+follows the thread that forked QEMU.
+"""
+from __future__ import annotations
+
+import asyncio
+import atexit
+import base64
+import ctypes
+import io
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal, TypeVar
+
+import paramiko
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from qemu.qmp import ExecuteError, QMPClient, QMPError
+
+from tmem_host.vm import accel as accel_probe
+from tmem_host.vm.image import READY_MARKER, REPO_ROOT, GuestImage, ImageError, require_image
+
+Accel = Literal["auto", "kvm", "tcg"]
+SwapKind = Literal["none", "hdd", "ssd", "hostcache", "nbd"]
+QEMU_BINARY = "qemu-system-x86_64"
+# Disk speed classes: a 200-IOPS spinning disk, a few-thousand-IOPS SSD.
+SWAP_IOPS: dict[str, int] = {"hdd": 200, "ssd": 4000}
+DISK_SERIALS = {"root": "tmem-root", "swap": "tmem-swap", "data": "tmem-data"}
+TMEM_PORT_NAME = "org.tmem.0"
+AGENT_SHARES = {"tmemguest": REPO_ROOT / "guest", "tmemwire": REPO_ROOT / "wire"}
+PANIC_PATTERNS = (b"Kernel panic - not syncing", b"tmem-initramfs: ")
+LOG_TAIL_LINES = 20
+PR_SET_PDEATHSIG = 1
+# TCG boots in 8-15 s here but the host is shared and noisy: generous defaults.
+BOOT_TIMEOUT_S = {"tcg": 180.0, "kvm": 60.0}
+SOFT_SHUTDOWN_TIMEOUT_S = 30.0
+QUIT_TIMEOUT_S = 10.0
+
+T = TypeVar("T")
+
+
+class LauncherError(Exception):
+    """Root of every launcher failure.
+
+    LauncherError
+    ├── GuestConfigError        the configuration cannot work (checked before QEMU starts)
+    │   ├── MissingImageError   kernel, initrd or root image missing
+    │   └── SocketNotListeningError  tmemd's channel or NBD socket refuses connections
+    ├── QemuError               QEMU misbehaved: the message carries its exit code,
+    │   │                       command line, stderr and console tails
+    │   ├── QemuExitedError     QEMU exited when it should be running
+    │   ├── GuestPanicError     the guest kernel panicked (seen on the console)
+    │   ├── BootTimeoutError    no readiness marker or SSH within the boot timeout
+    │   └── QmpError            a QMP command failed
+    └── SshError                SSH connection or transfer failed
+        ├── SshTimeoutError     a command outlived its timeout
+        └── CommandFailedError  a command exited non-zero under check=True (.result)
+    """
+
+
+class GuestConfigError(LauncherError):
+    pass
+
+
+class MissingImageError(GuestConfigError):
+    pass
+
+
+class SocketNotListeningError(GuestConfigError):
+    pass
+
+
+class QemuError(LauncherError):
+    pass
+
+
+class QemuExitedError(QemuError):
+    pass
+
+
+class GuestPanicError(QemuError):
+    pass
+
+
+class BootTimeoutError(QemuError):
+    pass
+
+
+class QmpError(QemuError):
+    pass
+
+
+class SshError(LauncherError):
+    pass
+
+
+class SshTimeoutError(SshError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class CommandResult:
+    command: str
+    exit_status: int
+    stdout: str
+    stderr: str
+
+
+class CommandFailedError(SshError):
+    def __init__(self, result: CommandResult) -> None:
+        super().__init__(
+            f"guest command {result.command!r} exited {result.exit_status}\n"
+            f"stdout: {result.stdout[-2000:]}\nstderr: {result.stderr[-2000:]}"
+        )
+        self.result = result
+
+
+@dataclass(slots=True)
+class GuestConfig:
+    """What to boot. Sizes in MiB; socket paths must be listening before start()."""
+
+    name: str
+    memory_mib: int = 256
+    vcpus: int = 1
+    accel: Accel = "auto"
+    swap: SwapKind = "none"
+    swap_mib: int = 512
+    nbd_socket: Path | None = None  # swap="nbd": tmemd's DIR/NAME.nbd.sock
+    nbd_export: str | None = None  # swap="nbd": the export name (the guest's name)
+    data_disk_mib: int = 0  # 0: no data disk
+    tmem_socket: Path | None = None  # tmemd's DIR/NAME.tmem.sock: adds org.tmem.0
+    vsock_cid: int | None = None  # needs /dev/vhost-vsock
+    share_agent: bool = True  # 9p-share guest/ and wire/ at /opt/tmem
+    run_dir: Path | None = None  # default: a new directory under the system temp dir
+    image: GuestImage | None = None  # default: the cached image of the current recipe
+    kernel: Path | None = None  # overrides the image's kernel
+    kernel_args: Sequence[str] = ()
+    qemu_args: Sequence[str] = ()  # appended verbatim
+    boot_timeout: float | None = None  # default by accelerator
+    qemu_binary: str = QEMU_BINARY
+
+
+@dataclass(slots=True)
+class BootTimes:
+    """Seconds from QEMU's start (wall clock on the host)."""
+
+    marker: float | None = None  # the init's readiness line on the console
+    ssh: float | None = None  # first successful SSH login
+    guest_uptime: float | None = None  # the guest's own uptime at the marker
+
+
+@dataclass(slots=True)
+class ShutdownResult:
+    exit_code: int | None
+    method: Literal["poweroff", "quit", "kill", "exited"]
+
+
+_LIVE_GUESTS: set[Guest] = set()
+
+
+@atexit.register
+def _kill_live_guests() -> None:
+    for guest in list(_LIVE_GUESTS):
+        guest.kill()
+
+
+def _set_parent_death_signal() -> None:
+    """In the forked child: die with the parent (thread) that started QEMU."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def free_local_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def check_listening(path: Path, what: str) -> None:
+    """Fail before QEMU starts if nothing accepts connections on a unix socket."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(5.0)
+        try:
+            probe.connect(str(path))
+        except OSError as error:
+            raise SocketNotListeningError(
+                f"{what} {path} is not listening ({error.strerror or error}): "
+                "start tmemd first (python -m tmem_host.daemon.main --run-dir DIR --guest NAME)"
+            ) from error
+
+
+def tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    try:
+        text = path.read_bytes().decode(errors="replace")
+    except OSError:
+        return "(missing)"
+    return "\n".join(text.splitlines()[-lines:]) or "(empty)"
+
+
+class Guest:
+    """One QEMU guest. A context manager: boots on entry, shuts down on exit."""
+
+    def __init__(self, config: GuestConfig) -> None:
+        self.config = config
+        self.run_dir = config.run_dir or Path(tempfile.mkdtemp(prefix=f"tmem-{config.name}-"))
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.console_log = self.run_dir / "console.log"
+        self.stderr_log = self.run_dir / "qemu-stderr.log"
+        self.qmp_log = self.run_dir / "qmp.log"
+        self.key_path = self.run_dir / "ssh_key"
+        self.accel: Literal["kvm", "tcg"] | None = None
+        self.ssh_port: int | None = None
+        self.command: list[str] = []
+        self.boot_times = BootTimes()
+        self.exit_code: int | None = None
+        self._process: subprocess.Popen[bytes] | None = None
+        self._started_at = 0.0
+        self._ssh_key = self._make_ssh_key()
+        self._ssh: paramiko.SSHClient | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: threading.Thread | None = None
+        self._qmp_client: QMPClient | None = None
+        self._qmp_log_lock = threading.Lock()
+        self._event_task: asyncio.Task[None] | None = None
+        self._monitor_socket: socket.socket | None = None
+
+    # -- lifecycle ------------------------------------------------------------
+
+    def __enter__(self) -> Guest:
+        try:
+            self.start()
+            self.wait_ready()
+        except BaseException:
+            self.kill()
+            raise
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if kind is None:
+            self.shutdown()
+        else:
+            self.kill()
+
+    def start(self) -> None:
+        """Check the configuration, start QEMU and connect QMP (does not wait for boot)."""
+        if self._process is not None:
+            raise GuestConfigError(f"guest {self.config.name} already started")
+        image = self._check_config()
+        for attempt in range(3):
+            self.ssh_port = free_local_port()
+            self.command = self._build_command(image)
+            self._spawn()
+            try:
+                self._connect_qmp()
+                return
+            except QemuExitedError:
+                # Another process may have taken the forwarded port in between.
+                if attempt < 2 and "hostfwd" in tail(self.stderr_log).lower():
+                    self._cleanup()
+                    self._process = None
+                    continue
+                raise
+
+    def wait_ready(self, timeout: float | None = None) -> BootTimes:
+        """Wait for the console marker, then for an SSH login; returns the boot times."""
+        assert self.accel is not None
+        timeout = timeout or self.config.boot_timeout or BOOT_TIMEOUT_S[self.accel]
+        deadline = self._started_at + timeout
+        while True:
+            console = self._check_alive()
+            marker = console.find(READY_MARKER.encode())
+            if marker >= 0:
+                break
+            if time.monotonic() > deadline:
+                raise self._error(BootTimeoutError, f"no {READY_MARKER} on the console "
+                                  f"within {timeout:.0f} s")
+            time.sleep(0.1)
+        self.boot_times.marker = time.monotonic() - self._started_at
+        line = console[marker:].split(b"\n", 1)[0].decode(errors="replace")
+        uptime = re.search(r"uptime=([0-9.]+)", line)
+        self.boot_times.guest_uptime = float(uptime.group(1)) if uptime else None
+        self._connect_ssh(deadline)
+        self.boot_times.ssh = time.monotonic() - self._started_at
+        return self.boot_times
+
+    def shutdown(self) -> ShutdownResult:
+        """poweroff over SSH, then QMP quit, then SIGKILL; each step with a timeout."""
+        process = self._process
+        if process is None:
+            return ShutdownResult(self.exit_code, "exited")
+        method: Literal["poweroff", "quit", "kill", "exited"] = "exited"
+        try:
+            if process.poll() is None and self._ssh is not None:
+                method = "poweroff"
+                self._request_poweroff()
+                self._wait_exit(SOFT_SHUTDOWN_TIMEOUT_S)
+            if process.poll() is None and self._qmp_client is not None:
+                method = "quit"
+                try:
+                    self.qmp("quit")
+                except LauncherError:
+                    pass
+                self._wait_exit(QUIT_TIMEOUT_S)
+            if process.poll() is None:
+                method = "kill"
+        finally:
+            self.kill()
+        return ShutdownResult(self.exit_code, method)
+
+    def kill(self) -> None:
+        """Kill QEMU's process group at once and release everything (idempotent)."""
+        process = self._process
+        if process is not None and process.poll() is None:
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if process is not None:
+            process.wait()
+            self.exit_code = process.returncode
+        self._cleanup()
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def console_text(self) -> str:
+        try:
+            return self.console_log.read_bytes().decode(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    # -- SSH ------------------------------------------------------------------
+
+    def ssh(self, command: str, timeout: float = 60.0, check: bool = True,
+            input: bytes | None = None) -> CommandResult:
+        """Run a shell command as root; raises CommandFailedError on non-zero if check."""
+        transport = self._transport()
+        channel = transport.open_session()
+        stdout, stderr = bytearray(), bytearray()
+        try:
+            channel.exec_command(command)
+            if input is not None:
+                channel.sendall(input)
+            channel.shutdown_write()
+            deadline = time.monotonic() + timeout
+            while True:
+                while channel.recv_ready():
+                    stdout += channel.recv(65536)
+                while channel.recv_stderr_ready():
+                    stderr += channel.recv_stderr(65536)
+                if channel.exit_status_ready() and not (
+                        channel.recv_ready() or channel.recv_stderr_ready()):
+                    break
+                if time.monotonic() > deadline:
+                    raise SshTimeoutError(
+                        f"guest command {command!r} still running after {timeout} s\n"
+                        f"stdout so far: {bytes(stdout[-2000:]).decode(errors='replace')}\n"
+                        f"stderr so far: {bytes(stderr[-2000:]).decode(errors='replace')}")
+                if not channel.closed:
+                    self._check_alive()
+                channel.status_event.wait(0.05)
+            result = CommandResult(command, channel.recv_exit_status(),
+                                   stdout.decode(errors="replace"),
+                                   stderr.decode(errors="replace"))
+        finally:
+            channel.close()
+        if check and result.exit_status != 0:
+            raise CommandFailedError(result)
+        return result
+
+    def put_file(self, local: Path, remote: str) -> None:
+        with self._transport_sftp() as sftp:
+            sftp.put(str(local), remote)
+
+    def get_file(self, remote: str, local: Path) -> None:
+        with self._transport_sftp() as sftp:
+            sftp.get(remote, str(local))
+
+    def ssh_command_line(self) -> str:
+        """A command a human can paste to log in (debugging)."""
+        return (f"ssh -i {self.key_path} -p {self.ssh_port} -o StrictHostKeyChecking=no "
+                "-o UserKnownHostsFile=/dev/null root@127.0.0.1")
+
+    # -- QMP ------------------------------------------------------------------
+
+    def qmp(self, command: str, arguments: Mapping[str, object] | None = None,
+            **keyword_arguments: object) -> Any:
+        """Execute a QMP command; returns its "return" value, raises QmpError."""
+        client = self._qmp_client
+        if client is None:
+            raise self._error(QmpError, f"QMP {command}: not connected")
+        merged = {**(arguments or {}), **keyword_arguments}
+        self._log_qmp("->", {"execute": command, "arguments": merged})
+        try:
+            reply = self._in_loop(client.execute(command, merged or None), timeout=60.0)
+        except ExecuteError as error:
+            self._log_qmp("<-", {"error": str(error)})
+            raise self._error(QmpError, f"QMP {command} failed: {error}") from error
+        except (QMPError, OSError, EOFError, TimeoutError) as error:
+            raise self._error(QmpError, f"QMP {command}: {error!r}") from error
+        self._log_qmp("<-", {"return": reply})
+        return reply
+
+    # -- internals ------------------------------------------------------------
+
+    def _check_config(self) -> GuestImage:
+        config = self.config
+        if shutil.which(config.qemu_binary) is None:
+            raise GuestConfigError(f"{config.qemu_binary} not found: apt-get install qemu-system-x86")
+        try:
+            image = config.image or require_image()
+        except ImageError as error:
+            raise MissingImageError(str(error)) from error
+        for what, path in (("kernel", config.kernel or image.kernel), ("initrd", image.initrd),
+                           ("root image", image.rootfs)):
+            if not path.is_file():
+                raise MissingImageError(f"guest {what} {path} does not exist "
+                                        "(run `make image` to build the guest image)")
+        if config.swap == "nbd":
+            if config.nbd_socket is None or not config.nbd_export:
+                raise GuestConfigError("swap='nbd' needs nbd_socket and nbd_export")
+            check_listening(config.nbd_socket, "the NBD export socket")
+        if config.tmem_socket is not None:
+            check_listening(config.tmem_socket, "the tmem channel socket")
+        if config.vsock_cid is not None and not Path("/dev/vhost-vsock").exists():
+            raise GuestConfigError("vsock requested but /dev/vhost-vsock does not exist")
+        self.accel = self._resolve_accel(image)
+        return image
+
+    def _resolve_accel(self, image: GuestImage) -> Literal["kvm", "tcg"]:
+        if self.config.accel == "tcg":
+            return "tcg"
+        if self.config.accel == "kvm":
+            if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+                raise GuestConfigError("accel='kvm' but /dev/kvm is not usable")
+            return "kvm"
+        return accel_probe.verdict(image).accel
+
+    def _build_command(self, image: GuestImage) -> list[str]:
+        config = self.config
+        assert self.accel is not None
+        public_key = f"{self._ssh_key.get_name()} {self._ssh_key.get_base64()} tmem-testbed"
+        kernel_args = [
+            "console=ttyS0", "panic=-1", "quiet",
+            f"tmem.hostname={config.name}",
+            "tmem.ssh_key=" + base64.b64encode(public_key.encode()).decode(),
+            *config.kernel_args,
+        ]
+        cpu = ["-accel", "kvm", "-cpu", "host"] if self.accel == "kvm" else \
+            ["-accel", "tcg", "-cpu", "max"]
+        command = [
+            config.qemu_binary, "-name", config.name, "-M", "q35", *cpu,
+            "-m", str(config.memory_mib), "-smp", str(config.vcpus),
+            "-nodefaults", "-display", "none", "-no-reboot",
+            "-chardev", f"file,id=console,path={self.console_log}", "-serial", "chardev:console",
+            "-kernel", str(config.kernel or image.kernel), "-initrd", str(image.initrd),
+            "-append", " ".join(kernel_args),
+            "-drive", f"file={image.rootfs},if=none,id=root,format=raw,snapshot=on",
+            "-device", f"virtio-blk-pci,drive=root,serial={DISK_SERIALS['root']}",
+            "-netdev", f"user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{self.ssh_port}-:22",
+            "-device", "virtio-net-pci,netdev=n0",
+        ]
+        command += self._swap_args()
+        if config.data_disk_mib > 0:
+            data = self._sparse_file("data.img", config.data_disk_mib)
+            command += ["-drive", f"file={data},if=none,id=data,format=raw",
+                        "-device", f"virtio-blk-pci,drive=data,serial={DISK_SERIALS['data']}"]
+        if config.tmem_socket is not None:
+            command += ["-device", "virtio-serial-pci",
+                        "-chardev", f"socket,id=tmem0,path={config.tmem_socket},"
+                                    "server=off,reconnect=1",
+                        "-device", f"virtserialport,chardev=tmem0,name={TMEM_PORT_NAME}"]
+        if config.vsock_cid is not None:
+            command += ["-device", f"vhost-vsock-pci,guest-cid={config.vsock_cid}"]
+        if config.share_agent:
+            for tag, path in AGENT_SHARES.items():
+                command += ["-virtfs", f"local,path={path},mount_tag={tag},"
+                                       "security_model=none,readonly=on"]
+        return command + list(config.qemu_args)
+
+    def _swap_args(self) -> list[str]:
+        config = self.config
+        device = ["-device", f"virtio-blk-pci,drive=swap,serial={DISK_SERIALS['swap']}"]
+        if config.swap == "none":
+            return []
+        if config.swap == "nbd":
+            return ["-blockdev", f"driver=nbd,node-name=swap,server.type=unix,"
+                                 f"server.path={config.nbd_socket},export={config.nbd_export}",
+                    *device]
+        swap = self._sparse_file("swap.img", config.swap_mib)
+        throttle = (f",throttling.iops-total={SWAP_IOPS[config.swap]}"
+                    if config.swap in SWAP_IOPS else "")
+        return ["-drive", f"file={swap},if=none,id=swap,format=raw{throttle}", *device]
+
+    def _sparse_file(self, name: str, size_mib: int) -> Path:
+        path = self.run_dir / name
+        with path.open("wb") as sparse:
+            sparse.truncate(size_mib << 20)
+        return path
+
+    def _spawn(self) -> None:
+        monitor_ours, monitor_qemu = socket.socketpair()
+        self._monitor_socket = monitor_ours
+        fd = monitor_qemu.fileno()
+        self.command[1:1] = ["-chardev", f"socket,id=mon,fd={fd}",
+                             "-mon", "chardev=mon,mode=control"]
+        self.console_log.unlink(missing_ok=True)
+        with self.stderr_log.open("wb") as stderr_file:
+            stderr_file.write(f"$ {shlex.join(self.command)}\n".encode())
+            stderr_file.flush()
+            self._started_at = time.monotonic()
+            self._process = subprocess.Popen(
+                self.command, stdin=subprocess.DEVNULL, stdout=stderr_file, stderr=stderr_file,
+                pass_fds=(fd,), start_new_session=True, preexec_fn=_set_parent_death_signal,
+            )
+        monitor_qemu.close()
+        _LIVE_GUESTS.add(self)
+
+    def _connect_qmp(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._loop_thread = threading.Thread(target=self._loop.run_forever,
+                                             name=f"qmp-{self.config.name}", daemon=True)
+        self._loop_thread.start()
+        self._qmp_client = QMPClient(self.config.name)
+        assert self._monitor_socket is not None
+        try:
+            self._in_loop(self._qmp_client.connect(self._monitor_socket), timeout=30.0)
+        except (QMPError, OSError, EOFError, TimeoutError) as error:
+            self._wait_exit(2.0)
+            if self._process is not None and self._process.poll() is not None:
+                raise self._error(QemuExitedError, "QEMU exited during start-up") from error
+            raise self._error(QmpError, f"QMP handshake failed: {error!r}") from error
+        self._in_loop(self._log_events(self._qmp_client), timeout=5.0)
+
+    async def _log_events(self, client: QMPClient) -> None:
+        """Start a task that copies QMP events into qmp.log."""
+        async def copy_events() -> None:
+            async for event in client.events:
+                self._log_qmp("event", dict(event))
+        self._event_task = asyncio.get_running_loop().create_task(copy_events())
+
+    def _in_loop(self, coroutine: Any, timeout: float) -> Any:
+        assert self._loop is not None
+        future: Future[Any] = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+        try:
+            return future.result(timeout)
+        except TimeoutError:
+            future.cancel()
+            raise
+
+    def _log_qmp(self, direction: str, message: Mapping[str, Any]) -> None:
+        line = json.dumps({"t": round(time.monotonic() - self._started_at, 3),
+                           "dir": direction, "msg": message}, default=str)
+        with self._qmp_log_lock, self.qmp_log.open("a") as log:
+            log.write(line + "\n")
+
+    def _make_ssh_key(self) -> paramiko.Ed25519Key:
+        pem = Ed25519PrivateKey.generate().private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+            serialization.NoEncryption()).decode()
+        self.key_path.touch(mode=0o600)
+        self.key_path.write_text(pem)
+        return paramiko.Ed25519Key.from_private_key(io.StringIO(pem))
+
+    def _connect_ssh(self, deadline: float) -> None:
+        assert self.ssh_port is not None
+        last_error: Exception | None = None
+        while time.monotonic() < deadline:
+            self._check_alive()
+            client = paramiko.SSHClient()
+            # Host keys are made at each boot and the port is ours on 127.0.0.1.
+            client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
+            try:
+                client.connect("127.0.0.1", port=self.ssh_port, username="root",
+                               pkey=self._ssh_key, timeout=10.0, banner_timeout=20.0,
+                               auth_timeout=20.0, allow_agent=False, look_for_keys=False)
+            except (paramiko.SSHException, OSError, EOFError) as error:
+                client.close()
+                last_error = error
+                time.sleep(0.5)
+                continue
+            self._ssh = client
+            return
+        raise self._error(BootTimeoutError, f"no SSH login on port {self.ssh_port} "
+                          f"before the boot timeout (last error: {last_error!r})")
+
+    def _transport(self) -> paramiko.Transport:
+        if self._ssh is None:
+            raise SshError(f"guest {self.config.name}: not connected (call wait_ready())")
+        transport = self._ssh.get_transport()
+        if transport is None or not transport.is_active():
+            self._check_alive()
+            raise SshError(f"guest {self.config.name}: the SSH connection dropped")
+        return transport
+
+    def _transport_sftp(self) -> paramiko.SFTPClient:
+        try:
+            return paramiko.SFTPClient.from_transport(self._transport()) or self._no_sftp()
+        except paramiko.SSHException as error:
+            raise SshError(f"SFTP to {self.config.name}: {error}") from error
+
+    def _no_sftp(self) -> paramiko.SFTPClient:
+        raise SshError(f"guest {self.config.name}: SFTP channel refused")
+
+    def _request_poweroff(self) -> None:
+        try:
+            self.ssh("poweroff", timeout=10.0, check=False)
+        except (SshError, QemuError):
+            pass  # the guest may drop the connection as it goes down
+
+    def _wait_exit(self, timeout: float) -> None:
+        if self._process is None:
+            return
+        try:
+            self._process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return
+        self.exit_code = self._process.returncode
+
+    def _check_alive(self) -> bytes:
+        """The console so far; raises at once on a guest panic or a QEMU exit."""
+        try:
+            console = self.console_log.read_bytes()
+        except FileNotFoundError:
+            console = b""
+        for pattern in PANIC_PATTERNS:
+            if pattern in console:
+                raise self._error(GuestPanicError, "the guest kernel panicked")
+        if self._process is not None and self._process.poll() is not None:
+            self.exit_code = self._process.returncode
+            raise self._error(QemuExitedError, f"QEMU exited with code {self.exit_code}")
+        return console
+
+    def _error(self, kind: type[LauncherError], message: str) -> LauncherError:
+        exit_code = self._process.poll() if self._process is not None else None
+        return kind(
+            f"guest {self.config.name}: {message}\n"
+            f"QEMU exit code: {exit_code if exit_code is not None else 'still running'}\n"
+            f"command: {shlex.join(self.command)}\n"
+            f"run directory: {self.run_dir}\n"
+            f"--- qemu-stderr.log (tail) ---\n{tail(self.stderr_log)}\n"
+            f"--- console.log (tail) ---\n{tail(self.console_log)}"
+        )
+
+    def _cleanup(self) -> None:
+        if self._ssh is not None:
+            self._ssh.close()
+            self._ssh = None
+        if self._event_task is not None and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._event_task.cancel)
+            self._event_task = None
+        if self._qmp_client is not None and self._loop is not None:
+            try:
+                self._in_loop(self._qmp_client.disconnect(), timeout=5.0)
+            except (QMPError, OSError, EOFError, TimeoutError):
+                pass
+            self._qmp_client = None
+        if self._loop is not None and self._loop_thread is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._loop_thread.join(5.0)
+            self._loop.close()
+            self._loop = None
+            self._loop_thread = None
+        if self._monitor_socket is not None:
+            self._monitor_socket.close()
+            self._monitor_socket = None
+        _LIVE_GUESTS.discard(self)
