@@ -69,8 +69,9 @@ def test_negotiate_takes_the_intersection() -> None:
                    1 << 20)
     server = Hello(1, 1, Feature.BATCH | Feature.ASYNC | Feature.STATS, 1024,
                    abi.page_size_mask(12, 21), 32, abi.HEADER_SIZE + abi.MAX_PAYLOAD)
+    # 13 is the client's only, 21 does not fit the client's 1 MiB frames.
     assert abi.negotiate(client, server) == Hello(
-        1, 1, Feature.BATCH | Feature.ASYNC, 512, abi.page_size_mask(12, 21), 32, 1 << 20)
+        1, 1, Feature.BATCH | Feature.ASYNC, 512, abi.page_size_mask(12), 32, 1 << 20)
 
 
 def test_negotiate_without_batch_or_async() -> None:
@@ -85,6 +86,14 @@ def test_negotiate_failures_are_invalid() -> None:
     raises_status(Status.INVALID, lambda: abi.negotiate(Hello(2, 3), Hello(1, 1)))
     raises_status(Status.INVALID, lambda: abi.negotiate(
         Hello(page_sizes=abi.page_size_mask(13)), Hello(page_sizes=abi.page_size_mask(12))))
+    # 2 MiB pages cannot travel in 1 MiB frames.
+    raises_status(Status.INVALID, lambda: abi.negotiate(
+        Hello(page_sizes=abi.page_size_mask(21)), Hello(max_frame=1 << 20)))
+
+
+def test_negotiate_drops_page_sizes_that_do_not_fit_a_frame() -> None:
+    agreed = abi.negotiate(Hello(max_frame=abi.HEADER_SIZE + 8192), Hello())
+    assert agreed.page_sizes == abi.page_size_mask(12, 13)
 
 
 def test_page_size_mask_rejects_bad_shifts() -> None:

@@ -507,7 +507,8 @@ class Hello:
 def negotiate(client: Hello, server: Hello) -> Hello:
     """The HELLO reply a server with limits `server` sends to `client`.
 
-    Raises ProtocolError(INVALID) when there is no common version or page size.
+    Raises ProtocolError(INVALID) when there is no common version, or no common
+    page size of which one page fits the smaller max_frame.
     """
     version = min(client.max_version, server.max_version)
     if version < max(client.min_version, server.min_version):
@@ -515,9 +516,15 @@ def negotiate(client: Hello, server: Hello) -> Hello:
             f"no common version: client {client.min_version}..{client.max_version}, "
             f"server {server.min_version}..{server.max_version}"
         )
-    page_sizes = client.page_sizes & server.page_sizes
+    max_frame = min(client.max_frame, server.max_frame)
+    # A page size is usable only if a PUT of one such page fits the frame limit.
+    fitting = sum(
+        1 << shift for shift in range(MIN_PAGE_SHIFT, MAX_PAGE_SHIFT + 1)
+        if HEADER_SIZE + (1 << shift) <= max_frame
+    )
+    page_sizes = client.page_sizes & server.page_sizes & fitting
     if not page_sizes:
-        raise _invalid("no common page size")
+        raise _invalid("no common page size that fits the frame limit")
     features = Feature(int(client.features) & int(server.features) & _KNOWN_FEATURES)
     batch = min(client.max_batch_pages, server.max_batch_pages)
     if not batch:
@@ -527,10 +534,7 @@ def negotiate(client: Hello, server: Hello) -> Hello:
     in_flight = min(client.max_in_flight, server.max_in_flight)
     if Feature.ASYNC not in features:
         in_flight = 1
-    return Hello(
-        version, version, features, batch, page_sizes, in_flight,
-        min(client.max_frame, server.max_frame),
-    )
+    return Hello(version, version, features, batch, page_sizes, in_flight, max_frame)
 
 
 def max_batch_pages(page_shift: int, max_frame: int = HEADER_SIZE + MAX_PAYLOAD) -> int:
