@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tmem_host.daemon.process import TmemdProcess
+from tmem_host.daemon.process import StartTmemd, TmemdProcess
 
 CAPPED_GUEST = "small"
 CAP_BYTES = 256 * 1024
@@ -55,11 +53,7 @@ def export_stats(daemon: TmemdProcess, guest: str) -> dict[str, Any]:
 
 
 @pytest.fixture
-def tmemd(tmp_path: Path) -> Iterator[TmemdProcess]:
-    """tmemd with guests g1, g2 and a guest capped at 256 KiB, 64 MiB exports."""
-    daemon = TmemdProcess(tmp_path / "run", budget="64M",
-                          guests=("g1", "g2", f"{CAPPED_GUEST}:cap={CAP_BYTES}"),
-                          extra_args=("--nbd-size", "64M"))
-    with daemon:
-        yield daemon
-        assert daemon.alive(), daemon.log_tail()
+def tmemd(start_tmemd: StartTmemd) -> TmemdProcess:
+    """Overrides the suite's tmemd: guests g1, g2 and one capped at 256 KiB, 64 MiB exports."""
+    return start_tmemd(guests=("g1", "g2", f"{CAPPED_GUEST}:cap={CAP_BYTES}"), budget="64M",
+                       extra_args=("--nbd-size", "64M"))
