@@ -112,13 +112,20 @@ class AbiClient:
 
     def flush(self) -> None:
         if self._outgoing:
-            self.sock.sendall(b"".join(self._outgoing))
+            data = b"".join(self._outgoing)
             self._outgoing.clear()
+            self._send(data)
 
     def send_raw(self, data: bytes) -> None:
         """Send arbitrary bytes (fuzzing, resync tests)."""
         self.flush()
-        self.sock.sendall(data)
+        self._send(data)
+
+    def _send(self, data: bytes) -> None:
+        try:
+            self.sock.sendall(data)
+        except (BrokenPipeError, ConnectionResetError) as error:
+            raise ConnectionClosed(f"tmemd closed {self.path}") from error
 
     def receive(self) -> Frame:
         """The next reply off the wire, whatever its request id."""
@@ -127,7 +134,10 @@ class AbiClient:
             if frame is not NEED_DATA:
                 assert isinstance(frame, Frame)
                 return frame
-            data = self.sock.recv(_RECV_SIZE)
+            try:
+                data = self.sock.recv(_RECV_SIZE)
+            except ConnectionResetError:
+                data = b""
             if not data:
                 raise ConnectionClosed(f"tmemd closed {self.path}")
             self._decoder.feed(data)

@@ -1,0 +1,181 @@
+"""The control socket and tmemctl, with every effect checked through the ABI."""
+
+from __future__ import annotations
+
+import json
+import random
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tmem_host.daemon.client import AbiClient, ConnectionClosed
+from tmem_host.daemon.control import ControlClient, ControlError, DaemonNotRunning
+from tmem_host.daemon.process import StartTmemd, TmemdProcess
+from tmem_wire.abi import PoolFlag, Status
+
+RANDOM_PAGES = [random.Random(number).randbytes(4096) for number in range(64)]
+
+
+def tmemctl(daemon_or_dir: TmemdProcess | Path, *args: str) -> subprocess.CompletedProcess[str]:
+    run_dir = daemon_or_dir.run_dir if isinstance(daemon_or_dir, TmemdProcess) else daemon_or_dir
+    return subprocess.run([sys.executable, "-m", "tmem_host.ctl.main", "--run-dir", str(run_dir),
+                           *args], capture_output=True, text=True, timeout=60)
+
+
+def ok(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_guests_and_stats_describe_the_daemon(tmemd: TmemdProcess) -> None:
+    with AbiClient.open(tmemd.abi_socket("g1")) as client:
+        pool_id, _ = client.new_pool(PoolFlag.PERSISTENT)
+        client.put(pool_id, (1, 0, 0), 0, RANDOM_PAGES[0])
+        with tmemd.control() as control:
+            guests = {guest["name"]: guest for guest in control.request("guests")}
+            stats = control.request("stats")
+    assert set(guests) == {"g1", "g2"}
+    assert guests["g1"]["connections"] == 1
+    assert guests["g1"]["pools"][0]["flags"] == ["PERSISTENT"]
+    assert guests["g1"]["pools"][0]["pages"] == 1
+    assert stats["store"]["clients"]["g1"]["pages"] == 1
+    assert stats["store"]["budget_bytes"] == 64 << 20
+    assert [c["guest"] for c in stats["connections"]] == ["g1"]
+    assert stats["connections"][0]["frames_in"] == 3
+    assert set(stats["nbd"]) == {"g1", "g2"}
+    assert stats["daemon"]["pid"] == tmemd.pid
+
+
+def test_control_errors_are_one_line_replies(tmemd: TmemdProcess) -> None:
+    with tmemd.control() as control:
+        with pytest.raises(ControlError, match="unknown command 'nope'"):
+            control.request("nope")
+        with pytest.raises(ControlError, match="no guest 'g9'"):
+            control.request("freeze", guest="g9")
+        with pytest.raises(ControlError, match="weight must be an integer"):
+            control.request("set-weight", guest="g1", weight="heavy")
+        assert control.request("guests")  # the connection survives failed commands
+    with socket.socket(socket.AF_UNIX) as raw:
+        raw.connect(str(tmemd.run_dir / "control.sock"))
+        raw.sendall(b"this is not json\n")
+        reply = json.loads(raw.makefile().readline())
+        assert reply["ok"] is False and "not JSON" in reply["error"]
+        assert raw.recv(1) == b""  # then tmemd hangs up
+
+
+def test_tmemctl_stats_json_list_and_top(tmemd: TmemdProcess) -> None:
+    with AbiClient.open(tmemd.abi_socket("g2")) as client:
+        pool_id, _ = client.new_pool(PoolFlag(0))
+        text_page = (b"compressible text " * 300)[:4096]
+        client.put_batch(pool_id, [((1, 0, 0), i) for i in range(32)], [text_page] * 32)
+        stats = json.loads(ok(tmemctl(tmemd, "stats", "--json")))
+        assert stats["store"]["clients"]["g2"]["pages"] == 32
+        table = ok(tmemctl(tmemd, "stats"))
+        assert "g2" in table and "32" in table
+        listing = ok(tmemctl(tmemd, "list"))
+        assert "ephemeral" in listing and "4.0 KiB" in listing
+        top = ok(tmemctl(tmemd, "top", "--once", "--interval", "0.2"))
+    g2_row = next(line for line in top.splitlines() if " g2 " in line)
+    assert "32" in g2_row and "128.0 KiB" in g2_row  # pages and raw bytes
+    ratio = float(g2_row.split("│")[5].strip().rstrip("x"))
+    assert ratio > 10  # repeated text compresses far better than 10:1
+
+
+def test_tmemctl_freeze_and_thaw(tmemd: TmemdProcess) -> None:
+    with AbiClient.open(tmemd.abi_socket("g1")) as client:
+        pool_id, _ = client.new_pool(PoolFlag.PERSISTENT)
+        client.put(pool_id, (1, 0, 0), 0, RANDOM_PAGES[0])
+        assert "g1: frozen" in ok(tmemctl(tmemd, "freeze", "g1"))
+        assert client.put(pool_id, (1, 0, 0), 1, RANDOM_PAGES[1]) == Status.FROZEN
+        assert client.get(pool_id, (1, 0, 0), 0) == (Status.OK, RANDOM_PAGES[0])
+        ok(tmemctl(tmemd, "thaw", "g1"))
+        assert client.put(pool_id, (1, 0, 0), 1, RANDOM_PAGES[1]) == Status.OK
+
+
+def test_tmemctl_set_cap_and_weight(tmemd: TmemdProcess) -> None:
+    with AbiClient.open(tmemd.abi_socket("g1")) as client:
+        pool_id, _ = client.new_pool(PoolFlag.PERSISTENT)
+        ok(tmemctl(tmemd, "set", "g1", "weight=250", "cap=64K"))
+        statuses = client.put_batch(pool_id, [((1, 0, 0), i) for i in range(32)], RANDOM_PAGES[:32])
+        accepted = statuses.count(Status.OK)
+        # Random pages cost 4 KiB plus per-page overhead: fewer than 16 fit in 64 KiB.
+        assert 10 <= accepted < 16
+        assert statuses[accepted:] == [Status.REFUSED] * (32 - accepted)
+        ok(tmemctl(tmemd, "set", "g1", "cap=none"))
+        assert client.put(pool_id, (2, 0, 0), 0, RANDOM_PAGES[40]) == Status.OK
+    with tmemd.control() as control:
+        g1 = control.request("stats")["store"]["clients"]["g1"]
+    assert (g1["weight"], g1["cap_bytes"]) == (250, None)
+
+
+def test_tmemctl_set_budget_limits_every_guest(tmemd: TmemdProcess) -> None:
+    assert ok(tmemctl(tmemd, "set-budget", "48K")).strip() == "budget 48K"
+    with AbiClient.open(tmemd.abi_socket("g2")) as client:
+        pool_id, _ = client.new_pool(PoolFlag.PERSISTENT)
+        statuses = client.put_batch(pool_id, [((1, 0, 0), i) for i in range(16)], RANDOM_PAGES[:16])
+    assert 8 <= statuses.count(Status.OK) < 12
+    with tmemd.control() as control:
+        assert control.request("stats")["store"]["budget_bytes"] == 48 * 1024
+
+
+def test_tmemctl_flush_guest_or_pool(tmemd: TmemdProcess) -> None:
+    with AbiClient.open(tmemd.abi_socket("g1")) as client:
+        first, _ = client.new_pool(PoolFlag.PERSISTENT)
+        second, _ = client.new_pool(PoolFlag.PERSISTENT)
+        for pool_id in (first, second):
+            client.put(pool_id, (1, 0, 0), 0, RANDOM_PAGES[pool_id])
+        assert f"flushed pool {second}" in ok(tmemctl(tmemd, "flush", "g1", str(second)))
+        assert client.get(second, (1, 0, 0), 0) == (Status.MISS, None)
+        assert client.get(first, (1, 0, 0), 0) == (Status.OK, RANDOM_PAGES[first])
+        ok(tmemctl(tmemd, "flush", "g1"))
+        assert client.get(first, (1, 0, 0), 0) == (Status.MISS, None)
+        # Pools survive a flush.
+        assert client.put(second, (1, 0, 0), 0, RANDOM_PAGES[0]) == Status.OK
+
+
+def test_tmemctl_errors_are_one_line_with_nonzero_exit(tmemd: TmemdProcess,
+                                                       tmp_path: Path) -> None:
+    result = tmemctl(tmemd, "freeze", "ghost")
+    assert result.returncode == 1
+    assert result.stderr.strip() == "tmemctl: no guest 'ghost' (known: g1, g2)"
+    result = tmemctl(tmemd, "set", "g1", "colour=blue")
+    assert result.returncode == 2 and "unknown setting 'colour'" in result.stderr
+    result = tmemctl(tmp_path, "stats")
+    assert result.returncode == 1
+    assert result.stderr.startswith("tmemctl: tmemd is not running")
+    assert len(result.stderr.strip().splitlines()) == 1
+    with pytest.raises(DaemonNotRunning):
+        ControlClient(tmp_path)
+
+
+def test_guests_can_be_added_and_removed_at_run_time(tmemd: TmemdProcess) -> None:
+    with tmemd.control() as control:
+        added = control.request("add-guest", name="g3", weight=50, cap="1M")
+        assert (added["weight"], added["cap_bytes"]) == (50, 1 << 20)
+        assert tmemd.nbd_socket("g3").exists()
+        with AbiClient.open(tmemd.abi_socket("g3")) as client:
+            pool_id, _ = client.new_pool(PoolFlag.PERSISTENT)
+            assert client.put(pool_id, (1, 0, 0), 0, RANDOM_PAGES[3]) == Status.OK
+            with pytest.raises(ControlError, match="exists"):
+                control.request("add-guest", name="g3")
+            control.request("remove-guest", guest="g3")
+            with pytest.raises(ConnectionClosed):
+                client.get(pool_id, (1, 0, 0), 0)
+        assert not tmemd.abi_socket("g3").exists()
+        assert not tmemd.nbd_socket("g3").exists()
+        assert "g3" not in control.request("stats")["store"]["clients"]
+        # Added again, it starts empty.
+        control.request("add-guest", name="g3")
+        with AbiClient.open(tmemd.abi_socket("g3")) as client:
+            assert client.stats() == []
+
+
+def test_shutdown_command_stops_the_daemon(start_tmemd: StartTmemd) -> None:
+    daemon = start_tmemd()
+    with daemon.control() as control:
+        assert control.request("shutdown") == {"stopping": True}
+    assert daemon.proc.wait(15) == 0
+    assert not (daemon.run_dir / "control.sock").exists()
