@@ -112,7 +112,8 @@ class PoolFlag(IntFlag):
 _KNOWN_FEATURES: Final = int(Feature.BATCH | Feature.ASYNC | Feature.STATS)
 _KNOWN_POOL_FLAGS: Final = int(PoolFlag.PERSISTENT | PoolFlag.SHARED | PoolFlag.INCLUSIVE_GETS)
 _STATUS_VALUES: Final = frozenset(int(status) for status in Status)
-_OP_VALUES: Final = frozenset(int(op) for op in Op)
+_MAX_STATUS: Final = max(Status)  # statuses are dense from 0
+_REPLY_BIT: Final = int(Flag.REPLY)
 
 
 class TmemWireError(Exception):
@@ -160,7 +161,7 @@ class Frame:
 
     @property
     def is_reply(self) -> bool:
-        return bool(self.flags & Flag.REPLY)
+        return bool(self.flags & _REPLY_BIT)
 
 
 def pack_header_into(
@@ -207,7 +208,7 @@ def reply_to(
     return Frame(
         opcode=request.opcode, request_id=request.request_id, status=int(status),
         pool_id=request.pool_id if pool_id is None else pool_id, oid=request.oid,
-        index=request.index, payload=payload, flags=int(Flag.REPLY), version=request.version,
+        index=request.index, payload=payload, flags=_REPLY_BIT, version=request.version,
     )
 
 
@@ -256,8 +257,21 @@ def _is_page_size(length: int) -> bool:
     return (1 << MIN_PAGE_SHIFT) <= length <= (1 << MAX_PAGE_SHIFT) and not length & (length - 1)
 
 
-def _check_header(header: tuple[int, ...], max_payload: int) -> None:
-    """Checks of an unpacked header that need no payload bytes; raises PROTOCOL_ERROR."""
+# Payload shapes per opcode (lengths >= 0 are exact sizes). The header check
+# settles all but the batch shapes, which need the payload bytes.
+_PAGE: Final = -1  # one page: a power of two in 4 KiB..2 MiB
+_RECORDS: Final = -2  # whole STATS records
+_PAGE_BATCH: Final = -3
+_KEY_BATCH: Final = -4
+_REPLY_BATCH: Final = -5  # statuses only
+_REPLY_PAGE_BATCH: Final = -6  # statuses, then the OK entries' pages
+
+
+def _check_header(header: tuple[int, ...], max_payload: int) -> int:
+    """Checks of an unpacked header that need no payload bytes; raises PROTOCOL_ERROR.
+
+    Returns the batch shape still to check against the payload, or 0.
+    """
     magic, version, opcode, flags, _, status, pool_id, oid0, oid1, oid2, index, length, reserved = (
         header
     )
@@ -265,57 +279,57 @@ def _check_header(header: tuple[int, ...], max_payload: int) -> None:
         raise _framing(f"bad magic {magic:#010x}")
     if version != VERSION:
         raise _framing(f"unsupported version {version}")
-    if opcode not in _OP_VALUES:
+    if not 0 < opcode < len(_REQUEST_SHAPES):
         raise _framing(f"unknown opcode {opcode}")
-    if flags & ~int(Flag.REPLY):
+    if flags & ~_REPLY_BIT:
         raise _framing(f"reserved flag bits set: {flags:#06x}")
     if reserved:
         raise _framing("reserved header field is not 0")
     if length > max_payload:
         raise _framing(f"payload of {length} bytes exceeds the limit of {max_payload}")
-    if status not in _STATUS_VALUES:
+    if status > _MAX_STATUS:
         raise _framing(f"unknown status {status}")
-    if flags & Flag.REPLY:
-        if status != Status.OK:
+    if flags:
+        if status:
             if length > MAX_ERROR_TEXT:
                 raise _framing(f"error reply with a {length}-byte payload")
-            return
-        expected = _REPLY_SIZES.get(opcode)
+            return 0
+        shape = _REPLY_SHAPES[opcode]
     else:
         if status:
             raise _framing("request with a nonzero status")
         unused = _UNUSED_REQUEST_FIELDS[opcode]
-        if (unused & _POOL and pool_id) or (unused & _OID and (oid0 or oid1 or oid2)) or (
-            unused & _INDEX and index
+        if unused and (
+            (unused & _POOL and pool_id) or (unused & _OID and (oid0 or oid1 or oid2))
+            or (unused & _INDEX and index)
         ):
             raise _framing(f"{Op(opcode).name} request sets a field it does not use")
-        expected = _REQUEST_SIZES.get(opcode)
-    if expected is not None:
-        if length != expected:
-            raise _framing(f"{Op(opcode).name} payload must be {expected} bytes, not {length}")
-    elif opcode in (Op.PUT, Op.GET):  # PUT request or GET reply: one page
+        shape = _REQUEST_SHAPES[opcode]
+    if shape >= 0:
+        if length != shape:
+            raise _framing(f"{Op(opcode).name} payload must be {shape} bytes, not {length}")
+        return 0
+    if shape == _PAGE:
         if not _is_page_size(length):
             raise _framing(f"{length} bytes is not a page size")
-    elif opcode == Op.STATS:
+        return 0
+    if shape == _RECORDS:
         if length % POOL_STATS_SIZE:
             raise _framing(f"STATS reply of {length} bytes is not whole records")
-    elif length < BATCH_HEADER_SIZE:
+        return 0
+    if length < BATCH_HEADER_SIZE:
         raise _framing(f"{Op(opcode).name} payload shorter than its batch header")
+    return shape
 
 
-def _check_payload(frame_opcode: int, is_reply: bool, status: int, payload: bytes) -> None:
-    """Structural payload checks for batch frames; raises PROTOCOL_ERROR."""
-    if status != Status.OK:
-        return
-    if is_reply:
-        if frame_opcode == Op.GET_BATCH:
-            _parse_batch_reply(payload, pages=True)
-        elif frame_opcode in (Op.PUT_BATCH, Op.FLUSH_BATCH):
-            _parse_batch_reply(payload, pages=False)
-    elif frame_opcode == Op.PUT_BATCH:
+def _check_batch(shape: int, payload: bytes) -> None:
+    """Structural checks of a batch payload (shape from _check_header)."""
+    if shape == _PAGE_BATCH:
         _parse_batch_header(payload, with_pages=True)
-    elif frame_opcode in (Op.GET_BATCH, Op.FLUSH_BATCH):
+    elif shape == _KEY_BATCH:
         _parse_batch_header(payload, with_pages=False)
+    else:
+        _parse_batch_reply(payload, pages=shape == _REPLY_PAGE_BATCH)
 
 
 class FrameDecoder:
@@ -342,6 +356,7 @@ class FrameDecoder:
         self._buffer = bytearray()
         self._offset = 0
         self._header: tuple[int, ...] | None = None
+        self._shape = 0  # the pending header's batch shape, from _check_header
         self._error: ProtocolError | None = None
 
     @property
@@ -372,7 +387,7 @@ class FrameDecoder:
                 self._compact()
                 return NEED_DATA
             header = _HEADER.unpack_from(buffer, self._offset)
-            _check_header(header, self.max_payload)
+            self._shape = _check_header(header, self.max_payload)
             self._offset += HEADER_SIZE
             self._header = header
         header = self._header
@@ -388,7 +403,8 @@ class FrameDecoder:
         self._offset = start + length
         self._header = None
         _, version, opcode, flags, request_id, status, pool_id, o0, o1, o2, index, _, _ = header
-        _check_payload(opcode, bool(flags & Flag.REPLY), status, payload)
+        if self._shape:
+            _check_batch(self._shape, payload)
         self._compact()
         return Frame(
             opcode=opcode, request_id=request_id, status=status, pool_id=pool_id,
@@ -865,14 +881,12 @@ def decode_pool_stats(payload: Buffer) -> list[PoolStats]:
     ]
 
 
-# Fixed payload sizes per opcode; None: variable, checked by _check_header/_check_payload.
-_REQUEST_SIZES: Final[dict[int, int | None]] = {
-    Op.HELLO: HELLO_SIZE, Op.NEW_POOL: NEW_POOL_SIZE, Op.DESTROY_POOL: 0, Op.PUT: None,
-    Op.GET: 0, Op.FLUSH_PAGE: 0, Op.FLUSH_OBJECT: 0, Op.PUT_BATCH: None,
-    Op.GET_BATCH: None, Op.FLUSH_BATCH: None, Op.STATS: 0,
-}
-_REPLY_SIZES: Final[dict[int, int | None]] = {
-    Op.HELLO: HELLO_SIZE, Op.NEW_POOL: POOL_GRANT_SIZE, Op.DESTROY_POOL: 0, Op.PUT: 0,
-    Op.GET: None, Op.FLUSH_PAGE: 0, Op.FLUSH_OBJECT: 0, Op.PUT_BATCH: None,
-    Op.GET_BATCH: None, Op.FLUSH_BATCH: None, Op.STATS: None,
-}
+# Indexed by opcode; entry 0 is a placeholder (opcode 0 is not valid).
+_REQUEST_SHAPES: Final[tuple[int, ...]] = (
+    0, HELLO_SIZE, NEW_POOL_SIZE, 0, _PAGE, 0, 0, 0, _PAGE_BATCH, _KEY_BATCH, _KEY_BATCH, 0,
+)
+_REPLY_SHAPES: Final[tuple[int, ...]] = (
+    0, HELLO_SIZE, POOL_GRANT_SIZE, 0, 0, _PAGE, 0, 0, _REPLY_BATCH, _REPLY_PAGE_BATCH,
+    _REPLY_BATCH, _RECORDS,
+)
+assert len(_REQUEST_SHAPES) == len(_REPLY_SHAPES) == max(Op) + 1
