@@ -1,0 +1,232 @@
+"""Stateful test: the store against a plain model.
+
+Persistent pools must behave exactly like a dict (a refused put deletes the
+key: the never-stale rule). Ephemeral pools may lose any page at any time, but
+a hit must return the last accepted put of that key and never anything older.
+Invariants check the accounting after every step.
+"""
+
+from __future__ import annotations
+
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from tmem_guest.usemem import PAGE_SIZE, expected_page, page_templates
+from tmem_host.store import PAGE_OVERHEAD_BYTES, Client, Store
+from tmem_host.store.store import DedupBlob
+from tmem_wire.abi import WHOLE_OBJECT, Key, Oid, Status
+
+RAW_COST = PAGE_SIZE + PAGE_OVERHEAD_BYTES
+_TEMPLATES = page_templates(3)
+# Text, binary, stamped-zero and random pages (usemem's mix), plus same-filled
+# ones; sampling repeats contents, which exercises dedup.
+PAGES = [expected_page(_TEMPLATES, 3, number) for number in range(8)] + [
+    bytes(PAGE_SIZE),
+    b"\x5a" * PAGE_SIZE,
+]
+OIDS: list[Oid] = [(0, 0, 1), (0, 0, 2), (1 << 63, 5, 0)]
+# Per client: a persistent pool, an exclusive and an inclusive ephemeral pool.
+POOL_KINDS = ("persistent", "exclusive", "inclusive")
+
+keys = st.tuples(st.sampled_from(OIDS), st.integers(0, 5))
+# Pages are drawn by number: reprs of failing examples stay readable.
+page_numbers = st.integers(0, len(PAGES) - 1)
+clients = st.integers(0, 1)
+pool_kinds = st.sampled_from(POOL_KINDS)
+
+
+class StoreAgainstModel(RuleBasedStateMachine):
+    compress = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.store = Store(10 * RAW_COST, compress=self.compress)
+        self.clients: list[Client] = [
+            self.store.add_client("plain"),
+            self.store.add_client("dedup", weight=50, dedup=True),
+        ]
+        self.pool_ids: list[dict[str, int]] = []
+        for client in self.clients:
+            ids = {}
+            for kind in POOL_KINDS:
+                status, pool_id, _ = self.store.new_pool(
+                    client, kind == "persistent", inclusive_gets=kind == "inclusive"
+                )
+                assert status is Status.OK
+                ids[kind] = pool_id
+            self.pool_ids.append(ids)
+        # (client, pool kind, key) -> page: exact for persistent pools, the
+        # last accepted put for ephemeral ones.
+        self.model: dict[tuple[int, str, Key], bytes] = {}
+
+    # ------------------------------------------------------------ helpers
+
+    def _record_put(self, who: int, kind: str, key: Key, page: bytes, status: Status) -> None:
+        client = self.clients[who]
+        assert status is (Status.FROZEN if client.frozen else status)
+        if status is Status.OK:
+            self.model[(who, kind, key)] = page
+        else:
+            assert status in (Status.REFUSED, Status.FROZEN)
+            self.model.pop((who, kind, key), None)
+
+    def _check_get(self, who: int, kind: str, key: Key, status: Status, data: bytes | None) -> None:
+        expected = self.model.get((who, kind, key))
+        if kind == "persistent":
+            assert (status, data) == ((Status.OK, expected) if expected else (Status.MISS, None))
+            return
+        if status is Status.OK:
+            assert expected is not None and data == expected  # never stale
+            if kind == "exclusive":
+                del self.model[(who, kind, key)]
+        else:
+            assert (status, data) == (Status.MISS, None)
+            self.model.pop((who, kind, key), None)  # evicted
+
+    def _forget(self, who: int, kind: str, predicate: object) -> None:
+        for entry in [e for e in self.model if e[0] == who and e[1] == kind]:
+            if predicate is None or entry[2][0] == predicate:
+                del self.model[entry]
+
+    # -------------------------------------------------------------- rules
+
+    @rule(who=clients, kind=pool_kinds, key=keys, number=page_numbers)
+    def put(self, who: int, kind: str, key: Key, number: int) -> None:
+        page = PAGES[number]
+        status = self.store.put(self.clients[who], self.pool_ids[who][kind], key[0], key[1], page)
+        self._record_put(who, kind, key, page, status)
+
+    @rule(
+        who=clients,
+        kind=pool_kinds,
+        batch=st.lists(st.tuples(keys, page_numbers), min_size=1, max_size=6),
+    )
+    def put_many(self, who: int, kind: str, batch: list[tuple[Key, int]]) -> None:
+        statuses = self.store.put_many(
+            self.clients[who], self.pool_ids[who][kind],
+            [key for key, _ in batch], [PAGES[number] for _, number in batch],
+        )
+        assert len(statuses) == len(batch)
+        for (key, number), status in zip(batch, statuses):
+            self._record_put(who, kind, key, PAGES[number], status)
+
+    @rule(who=clients, kind=pool_kinds, key=keys)
+    def get(self, who: int, kind: str, key: Key) -> None:
+        status, data = self.store.get(self.clients[who], self.pool_ids[who][kind], *key)
+        self._check_get(who, kind, key, status, data)
+
+    @rule(who=clients, kind=pool_kinds, batch=st.lists(keys, min_size=1, max_size=6, unique=True))
+    def get_many(self, who: int, kind: str, batch: list[Key]) -> None:
+        statuses, found = self.store.get_many(self.clients[who], self.pool_ids[who][kind], batch)
+        hits = iter(found)
+        for key, status in zip(batch, statuses):
+            self._check_get(who, kind, key, status, next(hits) if status is Status.OK else None)
+        assert next(hits, None) is None
+
+    @rule(who=clients, kind=pool_kinds, key=keys)
+    def flush_page(self, who: int, kind: str, key: Key) -> None:
+        assert self.store.flush_page(self.clients[who], self.pool_ids[who][kind], *key) is Status.OK
+        self.model.pop((who, kind, key), None)
+
+    @rule(who=clients, kind=pool_kinds, oid=st.sampled_from(OIDS), batch=st.booleans())
+    def flush_object(self, who: int, kind: str, oid: Oid, batch: bool) -> None:
+        client, pool_id = self.clients[who], self.pool_ids[who][kind]
+        if batch:
+            assert self.store.flush_many(client, pool_id, [(oid, WHOLE_OBJECT)]) == [Status.OK]
+        else:
+            assert self.store.flush_object(client, pool_id, oid) is Status.OK
+        self._forget(who, kind, oid)
+
+    @rule(who=clients)
+    def flush_client(self, who: int) -> None:
+        self.store.flush_client(self.clients[who])
+        for kind in POOL_KINDS:
+            self._forget(who, kind, None)
+
+    @rule(pages_worth=st.integers(0, 16))
+    def set_budget(self, pages_worth: int) -> None:
+        self.store.set_budget(pages_worth * RAW_COST)
+
+    @rule(who=clients, pages_worth=st.none() | st.integers(0, 8))
+    def set_cap(self, who: int, pages_worth: int | None) -> None:
+        self.store.set_cap(self.clients[who], None if pages_worth is None else pages_worth * RAW_COST)
+
+    @rule(who=clients, weight=st.integers(0, 300))
+    def set_weight(self, who: int, weight: int) -> None:
+        self.store.set_weight(self.clients[who], weight)
+
+    @precondition(lambda self: not any(client.frozen for client in self.clients))
+    @rule(who=clients)
+    def freeze(self, who: int) -> None:
+        self.store.freeze(self.clients[who])
+
+    @rule(who=clients)
+    def thaw(self, who: int) -> None:
+        self.store.thaw(self.clients[who])
+
+    # --------------------------------------------------------- invariants
+
+    @invariant()
+    def accounting_adds_up(self) -> None:
+        store = self.store
+        total_used = 0
+        for client in self.clients:
+            pool_pages = 0
+            charged = 0
+            blobs: dict[int, DedupBlob] = {}
+            for pool in client.owned_pools():
+                pool_pages += pool.pages
+                logical = 0
+                for obj in pool.objects.values():
+                    assert obj, "an empty object must be dropped"
+                    for stored in obj.values():
+                        if isinstance(stored, DedupBlob):
+                            blobs[id(stored)] = stored
+                            logical += PAGE_OVERHEAD_BYTES + stored.data_bytes
+                            charged += PAGE_OVERHEAD_BYTES
+                        else:
+                            size = len(stored) if isinstance(stored, bytes) else 0
+                            logical += PAGE_OVERHEAD_BYTES + size
+                            charged += PAGE_OVERHEAD_BYTES + size
+                assert logical == pool.stored_bytes
+                assert pool.pages == sum(len(obj) for obj in pool.objects.values())
+            charged += sum(blob.data_bytes for blob in blobs.values())
+            assert client.stored_bytes == charged
+            assert {blob.digest for blob in blobs.values()} == set(client.dedup_table)
+            lru_pages = sum(
+                pool.pages for pool in client.owned_pools() if not pool.persistent
+            )
+            assert len(client.lru) == lru_pages
+            ticks = list(client.lru.values())
+            assert ticks == sorted(ticks), "LRU order and ages disagree"
+            if client.cap_bytes is not None and client.stored_bytes > client.cap_bytes:
+                assert not client.lru, "over its cap while holding ephemeral pages"
+            total_used += client.stored_bytes
+        assert store.used_bytes == total_used
+        if store.used_bytes > store.budget_bytes:
+            assert all(not client.lru for client in self.clients)
+
+    @invariant()
+    def persistent_pages_match_the_model(self) -> None:
+        for who, client in enumerate(self.clients):
+            pool = client.pools[self.pool_ids[who]["persistent"]]
+            assert pool is not None
+            expected = sum(1 for entry in self.model if entry[:2] == (who, "persistent"))
+            assert pool.pages == expected
+
+
+class StoreAgainstModelUncompressed(StoreAgainstModel):
+    compress = False
+
+
+_SETTINGS = settings(
+    max_examples=60,
+    stateful_step_count=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+TestStoreAgainstModel = StoreAgainstModel.TestCase
+TestStoreAgainstModel.settings = _SETTINGS
+TestStoreAgainstModelUncompressed = StoreAgainstModelUncompressed.TestCase
+TestStoreAgainstModelUncompressed.settings = _SETTINGS
