@@ -78,6 +78,7 @@ class TmemdProcess:
                 chunk = os.read(self.proc.stdout.fileno(), 4096)
                 if not chunk:
                     self.proc.wait()
+                    self._close_pipes()
                     raise TmemdFailed(
                         f"tmemd exited with {self.proc.returncode}\n{self.log_tail()}"
                     )
