@@ -656,8 +656,11 @@ def test_stats_are_json_and_add_up() -> None:
 
 def test_client_administration_errors() -> None:
     store, client = new_store()
+    assert store.client("g1") is client and store.clients == [client]
     with pytest.raises(ValueError):
         store.add_client("g1")
+    with pytest.raises(KeyError):
+        store.client("nobody")
     with pytest.raises(KeyError):
         store.freeze("nobody")
     with pytest.raises(ValueError):

@@ -21,7 +21,7 @@ import hashlib
 import itertools
 import math
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from operator import itemgetter
 from typing import Any, Final, TypeAlias
 from uuid import UUID
@@ -304,10 +304,6 @@ class Store:
         if cap_bytes is not None:
             while client.stored_bytes > cap_bytes and client.lru:
                 self._evict_oldest(client)
-
-    def set_shared_uuids(self, client: Client | str, shared_uuids: Iterable[UUID]) -> None:
-        """Authorise ``client`` for exactly these shared-pool UUIDs (new pools only)."""
-        self._resolve(client).shared_uuids = frozenset(shared_uuids)
 
     def freeze(self, client: Client | str) -> None:
         self._resolve(client).frozen = True
