@@ -202,3 +202,14 @@ def test_garbage_flood_closes_only_that_connection(tmemd: TmemdProcess, g1: AbiC
         # The same guest's other connection is untouched.
         assert other.put(0, (2, 0, 0), 0, PAGE) == Status.OK
         assert other.get(0, (2, 0, 0), 0) == (Status.OK, PAGE)
+
+
+def test_requests_after_a_failed_hello_get_protocol_error(tmemd: TmemdProcess) -> None:
+    with AbiClient(tmemd.abi_socket("g1")) as client:
+        bad_hello = bytearray(Hello().encode())
+        bad_hello[-1] = 1
+        assert client.call(Op.HELLO, payload=bytes(bad_hello)).status == Status.INVALID
+        reply = client.call(Op.NEW_POOL, payload=NewPool(PoolFlag(0)).encode())
+        assert (reply.status, error_text(reply)) == (Status.PROTOCOL_ERROR, "HELLO first")
+        client.hello()  # the connection was kept
+        assert client.new_pool()[0] == 0

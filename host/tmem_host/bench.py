@@ -1,0 +1,379 @@
+"""`make bench`: tmemd's page throughput on this host, against two reference points.
+
+All rows move the same 4 KiB pages of realistic mixed content (text, binary,
+zero-filled and random pages, fixed seed; `tmem_guest.usemem`'s templates):
+
+- in-process lz4 compress / decompress of the pages, no I/O: the ceiling;
+- tmemd over its unix socket (a tmemd the bench starts): one page per request,
+  pipelined (PIPELINE_DEPTH in flight), and batched (BATCH_PAGES per frame);
+- Redis (Debian's redis-server, started here on a unix socket, persistence off)
+  SET/GET of the same pages, unpipelined and pipelined BATCH_PAGES deep.
+
+Prints a table and writes bench/results/<timestamp>.json. More rows (the NBD
+export's) plug in as further suites: functions of BenchContext -> list[Row]
+appended to SUITES.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import lz4.block
+from rich.console import Console
+from rich.table import Table
+
+from tmem_guest.usemem import expected_page, page_templates
+from tmem_host.daemon.client import AbiClient, Request
+from tmem_host.daemon.process import TmemdProcess
+from tmem_wire.abi import Key, Op, PoolFlag, Status, decode_batch_reply
+
+PAGE_SIZE = 4096
+SEED = 20111
+PIPELINE_DEPTH = 32
+BATCH_PAGES = 64
+# Batch frames in flight in the batched rows (64 pages each).
+BATCH_DEPTH = 4
+RESULTS_DIR = Path("bench/results")
+BENCH_GUEST = "bench"
+REFERENCE_ROW = "redis SET pipelined"
+
+
+@dataclass
+class Row:
+    name: str
+    kind: str  # "put" or "get": which lz4 ceiling it compares with
+    pages: int
+    seconds: float
+
+    @property
+    def pages_per_s(self) -> float:
+        return self.pages / self.seconds if self.seconds else 0.0
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.pages_per_s * PAGE_SIZE / 1e6
+
+
+@dataclass
+class BenchContext:
+    pages: list[bytes]
+    keys: list[Key]
+    run_dir: Path
+    daemon: TmemdProcess
+    quick: bool
+    notes: dict[str, object] = field(default_factory=dict)
+
+
+def mixed_pages(count: int, seed: int = SEED) -> list[bytes]:
+    templates = page_templates(seed)
+    return [expected_page(templates, seed, number) for number in range(count)]
+
+
+def timed(name: str, kind: str, pages: int, work: Callable[[], object]) -> Row:
+    started = time.perf_counter()
+    work()
+    return Row(name, kind, pages, time.perf_counter() - started)
+
+
+# -- in-process lz4 --------------------------------------------------------------
+
+
+def lz4_suite(ctx: BenchContext) -> list[Row]:
+    compress, decompress = lz4.block.compress, lz4.block.decompress
+    packed = [compress(page, store_size=False) for page in ctx.pages]
+    ctx.notes["lz4_ratio"] = round(sum(map(len, packed)) / (len(ctx.pages) * PAGE_SIZE), 3)
+
+    def compress_all() -> None:
+        for page in ctx.pages:
+            compress(page, store_size=False)
+
+    def decompress_all() -> None:
+        for blob in packed:
+            decompress(blob, uncompressed_size=PAGE_SIZE)
+
+    return [timed("lz4 compress (in-process)", "put", len(ctx.pages), compress_all),
+            timed("lz4 decompress (in-process)", "get", len(ctx.pages), decompress_all)]
+
+
+# -- tmemd -----------------------------------------------------------------------
+
+
+def tmemd_suite(ctx: BenchContext) -> list[Row]:
+    pages, keys = ctx.pages, ctx.keys
+    sync_count = len(pages) // 4 if ctx.quick else len(pages) // 2
+    rows: list[Row] = []
+    with AbiClient.open(ctx.daemon.abi_socket(BENCH_GUEST)) as client:
+        pool_id, _ = client.new_pool(PoolFlag.PERSISTENT)
+
+        def check(statuses: Sequence[int], what: str) -> None:
+            if any(status != Status.OK for status in statuses):
+                raise RuntimeError(f"{what}: tmemd answered {sorted(set(statuses))}")
+
+        def put_sync() -> None:
+            check([client.put(pool_id, oid, index, page)
+                   for (oid, index), page in zip(keys[:sync_count], pages)], "PUT")
+
+        def get_sync() -> None:
+            check([client.get(pool_id, oid, index)[0] for oid, index in keys[:sync_count]], "GET")
+
+        def put_pipelined() -> None:
+            requests = (Request(Op.PUT, pool_id, oid, index, page)
+                        for (oid, index), page in zip(keys, pages))
+            check([reply.status for reply in client.pipelined(requests, PIPELINE_DEPTH)], "PUT")
+
+        def get_pipelined() -> None:
+            requests = (Request(Op.GET, pool_id, oid, index) for oid, index in keys)
+            check([reply.status for reply in client.pipelined(requests, PIPELINE_DEPTH)], "GET")
+
+        def batches() -> Iterator[range]:
+            return (range(start, min(start + BATCH_PAGES, len(pages)))
+                    for start in range(0, len(pages), BATCH_PAGES))
+
+        def put_batched() -> None:
+            window: list[int] = []
+            for batch in batches():
+                window.append(client.submit_put_batch(
+                    pool_id, keys[batch.start:batch.stop], pages[batch.start:batch.stop]))
+                if len(window) >= BATCH_DEPTH:
+                    check(_batch_statuses(client, window.pop(0)), "PUT_BATCH")
+            for request_id in window:
+                check(_batch_statuses(client, request_id), "PUT_BATCH")
+
+        def get_batched() -> None:
+            window: list[int] = []
+            for batch in batches():
+                window.append(client.submit_get_batch(pool_id, keys[batch.start:batch.stop]))
+                if len(window) >= BATCH_DEPTH:
+                    check(client.get_batch_reply(window.pop(0))[0], "GET_BATCH")
+            for request_id in window:
+                check(client.get_batch_reply(request_id)[0], "GET_BATCH")
+
+        rows.append(timed("tmemd PUT sync", "put", sync_count, put_sync))
+        rows.append(timed("tmemd GET sync", "get", sync_count, get_sync))
+        rows.append(timed(f"tmemd PUT pipelined x{PIPELINE_DEPTH}", "put", len(pages),
+                          put_pipelined))
+        rows.append(timed(f"tmemd GET pipelined x{PIPELINE_DEPTH}", "get", len(pages),
+                          get_pipelined))
+        rows.append(timed(f"tmemd PUT_BATCH {BATCH_PAGES}p x{BATCH_DEPTH}", "put", len(pages),
+                          put_batched))
+        rows.append(timed(f"tmemd GET_BATCH {BATCH_PAGES}p x{BATCH_DEPTH}", "get", len(pages),
+                          get_batched))
+        # Proof the data made the round trip, outside the timed part.
+        sample = range(0, len(pages), max(1, len(pages) // 97))
+        if client.get_batch(pool_id, [keys[i] for i in sample]) != [pages[i] for i in sample]:
+            raise RuntimeError("tmemd returned different pages than were put")
+        (record,) = client.stats(pool_id)
+        ctx.notes["tmemd_ratio"] = round(record.stored_bytes / max(1, record.raw_bytes), 3)
+    return rows
+
+
+def _batch_statuses(client: AbiClient, request_id: int) -> list[Status]:
+    reply = client.reply(request_id)
+    if reply.status != Status.OK:
+        return [Status(reply.status)]
+    return decode_batch_reply(reply.payload)[0]
+
+
+# -- Redis -----------------------------------------------------------------------
+
+
+class RespClient:
+    """Just enough RESP2 for SET and GET of binary values over a unix socket."""
+
+    def __init__(self, path: Path) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(str(path))
+        self._buffer = bytearray()
+
+    @staticmethod
+    def command(*parts: bytes) -> bytes:
+        out = [b"*%d\r\n" % len(parts)]
+        for part in parts:
+            out += [b"$%d\r\n" % len(part), part, b"\r\n"]
+        return b"".join(out)
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def _line(self) -> bytes:
+        while (end := self._buffer.find(b"\r\n")) < 0:
+            self._fill()
+        line = bytes(self._buffer[:end])
+        del self._buffer[:end + 2]
+        return line
+
+    def _fill(self) -> None:
+        chunk = self.sock.recv(1 << 18)
+        if not chunk:
+            raise ConnectionError("redis closed the connection")
+        self._buffer += chunk
+
+    def reply(self) -> bytes | None:
+        line = self._line()
+        kind, rest = line[:1], line[1:]
+        if kind == b"+":
+            return rest
+        if kind == b"$":
+            length = int(rest)
+            if length < 0:
+                return None
+            while len(self._buffer) < length + 2:
+                self._fill()
+            value = bytes(self._buffer[:length])
+            del self._buffer[:length + 2]
+            return value
+        raise RuntimeError(f"unexpected redis reply {line[:80]!r}")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@contextmanager
+def redis_server(temp_dir: Path) -> Iterator[Path]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError("redis-server is missing: install the packages in "
+                           "ci/system-packages.txt")
+    sock_path = temp_dir / "redis.sock"
+    process = subprocess.Popen(
+        [binary, "--port", "0", "--unixsocket", str(sock_path), "--save", "",
+         "--appendonly", "no", "--dir", str(temp_dir), "--loglevel", "warning"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while not sock_path.exists():
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("redis-server did not start")
+            time.sleep(0.02)
+        yield sock_path
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def redis_suite(ctx: BenchContext) -> list[Row]:
+    pages = ctx.pages
+    names = [b"page:%d" % number for number in range(len(pages))]
+    sync_count = len(pages) // 4 if ctx.quick else len(pages) // 2
+    with redis_server(ctx.run_dir) as sock_path:
+        client = RespClient(sock_path)
+        command = RespClient.command
+        try:
+            def set_sync() -> None:
+                for name, page in zip(names[:sync_count], pages):
+                    client.send(command(b"SET", name, page))
+                    client.reply()
+
+            def get_sync() -> None:
+                for name in names[:sync_count]:
+                    client.send(command(b"GET", name))
+                    client.reply()
+
+            def set_pipelined() -> None:
+                for start in range(0, len(pages), BATCH_PAGES):
+                    stop = start + BATCH_PAGES
+                    client.send(b"".join(command(b"SET", name, page) for name, page
+                                         in zip(names[start:stop], pages[start:stop])))
+                    for _ in names[start:stop]:
+                        client.reply()
+
+            found: list[bytes | None] = []
+
+            def get_pipelined() -> None:
+                for start in range(0, len(pages), BATCH_PAGES):
+                    stop = start + BATCH_PAGES
+                    client.send(b"".join(command(b"GET", name) for name in names[start:stop]))
+                    found.extend(client.reply() for _ in names[start:stop])
+
+            rows = [timed("redis SET", "put", sync_count, set_sync),
+                    timed("redis GET", "get", sync_count, get_sync),
+                    timed(REFERENCE_ROW, "put", len(pages), set_pipelined),
+                    timed("redis GET pipelined", "get", len(pages), get_pipelined)]
+            if found != pages:
+                raise RuntimeError("redis returned different pages than were set")
+        finally:
+            client.close()
+    return rows
+
+
+# Suites run in this order; the NBD export adds its rows by appending a suite.
+SUITES: list[Callable[[BenchContext], list[Row]]] = [lz4_suite, tmemd_suite, redis_suite]
+
+
+# -- report ----------------------------------------------------------------------
+
+
+def render(rows: list[Row], notes: dict[str, object]) -> Table:
+    by_name = {row.name: row for row in rows}
+    reference = by_name.get(REFERENCE_ROW)
+    ceilings = {"put": by_name.get("lz4 compress (in-process)"),
+                "get": by_name.get("lz4 decompress (in-process)")}
+    table = Table(title=f"tmemd bench: {PAGE_SIZE} B mixed pages "
+                        f"(lz4 ratio {notes.get('lz4_ratio')}, tmemd stored/raw "
+                        f"{notes.get('tmemd_ratio')})")
+    for column in ("operation", "pages/s", "MB/s", "vs redis SET pipelined", "vs lz4"):
+        table.add_column(column, justify="left" if column == "operation" else "right")
+    for row in rows:
+        ceiling = ceilings.get(row.kind)
+        table.add_row(
+            row.name, f"{row.pages_per_s:,.0f}", f"{row.mb_per_s:,.1f}",
+            f"{row.pages_per_s / reference.pages_per_s:.2f}" if reference else "-",
+            f"{row.pages_per_s / ceiling.pages_per_s:.2f}" if ceiling else "-",
+        )
+    return table
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+    except OSError:
+        return ""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tmem_host.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pages", type=int, default=32768, help="pages per row (default 128 MiB)")
+    parser.add_argument("--quick", action="store_true", help="fewer unpipelined round trips")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    args = parser.parse_args(argv)
+    pages = mixed_pages(args.pages)
+    keys: list[Key] = [((number >> 10, 0, 0), number & 1023) for number in range(len(pages))]
+    budget = f"{max(64, args.pages * PAGE_SIZE * 2 >> 20)}M"
+    with tempfile.TemporaryDirectory(prefix="tmem-bench-") as temp_dir, \
+            TmemdProcess(Path(temp_dir), budget=budget, guests=(BENCH_GUEST,),
+                         extra_args=("--log-level", "warning")) as daemon:
+        ctx = BenchContext(pages, keys, Path(temp_dir), daemon, args.quick)
+        rows = [row for suite in SUITES for row in suite(ctx)]
+    Console().print(render(rows, ctx.notes))
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    result_path = args.results_dir / f"{stamp}.json"
+    result_path.write_text(json.dumps({
+        "timestamp": stamp, "commit": _git_commit(), "host": platform.node(),
+        "cpus": os.cpu_count(), "python": sys.version.split()[0], "page_size": PAGE_SIZE,
+        "pages": args.pages, "seed": SEED, "pipeline_depth": PIPELINE_DEPTH,
+        "batch_pages": BATCH_PAGES, "batch_depth": BATCH_DEPTH, "notes": ctx.notes,
+        "rows": [{**asdict(row), "pages_per_s": round(row.pages_per_s),
+                  "mb_per_s": round(row.mb_per_s, 1)} for row in rows],
+    }, indent=2) + "\n")
+    print(f"results: {result_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
