@@ -207,6 +207,23 @@ def test_a_single_corrupted_header_byte_is_caught_or_harmless(position: int, xor
         assert decoded == []
 
 
+@PROFILE
+@given(st.binary(max_size=300).filter(lambda junk: b"TMEM" not in junk), hellos(),
+       st.lists(frames(), max_size=3), st.lists(st.integers(0, 2**20), max_size=6))
+def test_resync_finds_the_hello_after_any_junk(
+    junk: bytes, hello: Hello, after: list[Frame], cuts: list[int]
+) -> None:
+    sent = [Frame(Op.HELLO, 9, payload=hello.encode()), *after]
+    stream = junk + b"".join(abi.encode_frame(frame) for frame in sent)
+    decoder = FrameDecoder(resync=True)
+    decoded: list[Frame] = []
+    for chunk in chunked(stream, cuts):
+        decoder.feed(chunk)
+        while isinstance(frame := decoder.next_frame(), Frame):
+            decoded.append(frame)
+    assert decoded == sent and decoder.discarded == len(junk)
+
+
 # --------------------------------------------------------------------------- payloads
 
 PAYLOAD_DECODERS: dict[str, Callable[[bytes], object]] = {

@@ -340,6 +340,7 @@ class FrameDecoder:
     ProtocolError the decoder is broken for good: every later call raises the same
     error; start a new one (with resync=True) for the next session.
 
+    max_payload may be lowered after HELLO to the negotiated max_frame - HEADER_SIZE.
     With resync=True the decoder first discards bytes until a valid HELLO frame
     header (request or reply) starts: a session always opens with HELLO, and this
     lets a receiver find it after reconnects lost bytes mid-frame.
