@@ -197,6 +197,7 @@ class RespClient:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.connect(str(path))
         self._buffer = bytearray()
+        self._recv_buffer = memoryview(bytearray(1 << 18))
 
     @staticmethod
     def command(*parts: bytes) -> bytes:
@@ -216,10 +217,10 @@ class RespClient:
         return line
 
     def _fill(self) -> None:
-        chunk = self.sock.recv(1 << 18)
-        if not chunk:
+        received = self.sock.recv_into(self._recv_buffer)
+        if not received:
             raise ConnectionError("redis closed the connection")
-        self._buffer += chunk
+        self._buffer += self._recv_buffer[:received]
 
     def reply(self) -> bytes | None:
         line = self._line()
@@ -254,7 +255,7 @@ def redis_server(temp_dir: Path) -> Iterator[Path]:
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 10
-        while not sock_path.exists():
+        while not _accepts_connections(sock_path):
             if process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("redis-server did not start")
             time.sleep(0.02)
@@ -262,6 +263,15 @@ def redis_server(temp_dir: Path) -> Iterator[Path]:
     finally:
         process.terminate()
         process.wait(10)
+
+
+def _accepts_connections(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
 
 
 def redis_suite(ctx: BenchContext) -> list[Row]:

@@ -35,12 +35,15 @@ from tmem_wire.abi import (
     decode_pool_grant,
     decode_pool_stats,
     encode_key_batch,
-    encode_put_batch,
     error_text,
     pack_header_into,
 )
 
 _RECV_SIZE = 1 << 18
+# docs/ABI.md, batch header: u32 count, u8 page_shift, 3 reserved bytes.
+_BATCH_PAGE_SHIFT_OFFSET = 4
+# Chunks per sendmsg call (Linux's IOV_MAX is 1024).
+_MAX_IOVEC = 512
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,13 +70,13 @@ class ConnectionClosed(ConnectionError):
     """tmemd closed the connection before the awaited reply arrived."""
 
 
-def _encode_request(
-    opcode: int, request_id: int, pool_id: int, oid: Oid, index: int, payload: bytes
-) -> bytes:
+def _encode_header(
+    opcode: int, request_id: int, pool_id: int, oid: Oid, index: int, payload_length: int
+) -> bytearray:
     header = bytearray(HEADER_SIZE)
     pack_header_into(header, 0, opcode=opcode, flags=0, request_id=request_id, status=0,
-                     pool_id=pool_id, oid=oid, index=index, payload_length=len(payload))
-    return bytes(header) + payload if payload else bytes(header)
+                     pool_id=pool_id, oid=oid, index=index, payload_length=payload_length)
+    return header
 
 
 class AbiClient:
@@ -86,8 +89,10 @@ class AbiClient:
         self.sock.connect(str(self.path))
         self.negotiated: Hello | None = None
         self._decoder = FrameDecoder()
+        # recv_into a reused buffer: recv(N) would allocate N bytes per call.
+        self._recv_buffer = memoryview(bytearray(_RECV_SIZE))
         self._request_ids = itertools.count(1)
-        self._outgoing: list[bytes] = []
+        self._outgoing: list[bytes | bytearray] = []
         self._replies: dict[int, Frame] = {}
 
     @classmethod
@@ -107,23 +112,33 @@ class AbiClient:
                payload: bytes = b"") -> int:
         """Queue one request (sent on flush()); return its request id."""
         request_id = next(self._request_ids)
-        self._outgoing.append(_encode_request(opcode, request_id, pool_id, oid, index, payload))
+        self._outgoing.append(_encode_header(opcode, request_id, pool_id, oid, index,
+                                             len(payload)))
+        if payload:
+            self._outgoing.append(payload)
         return request_id
 
     def flush(self) -> None:
         if self._outgoing:
-            data = b"".join(self._outgoing)
-            self._outgoing.clear()
-            self._send(data)
+            chunks = self._outgoing
+            self._outgoing = []
+            self._send(chunks)
 
     def send_raw(self, data: bytes) -> None:
         """Send arbitrary bytes (fuzzing, resync tests)."""
         self.flush()
-        self._send(data)
+        self._send([data])
 
-    def _send(self, data: bytes) -> None:
+    def _send(self, chunks: list[bytes | bytearray]) -> None:
+        """Gather-write the chunks: big payloads are not copied into one buffer."""
+        views = [memoryview(chunk) for chunk in chunks]
         try:
-            self.sock.sendall(data)
+            while views:
+                sent = self.sock.sendmsg(views[:_MAX_IOVEC])
+                while views and sent >= len(views[0]):
+                    sent -= len(views.pop(0))
+                if sent:
+                    views[0] = views[0][sent:]
         except (BrokenPipeError, ConnectionResetError) as error:
             raise ConnectionClosed(f"tmemd closed {self.path}") from error
 
@@ -135,12 +150,12 @@ class AbiClient:
                 assert isinstance(frame, Frame)
                 return frame
             try:
-                data = self.sock.recv(_RECV_SIZE)
+                received = self.sock.recv_into(self._recv_buffer)
             except ConnectionResetError:
-                data = b""
-            if not data:
+                received = 0
+            if not received:
                 raise ConnectionClosed(f"tmemd closed {self.path}")
-            self._decoder.feed(data)
+            self._decoder.feed(self._recv_buffer[:received])
 
     def reply(self, request_id: int) -> Frame:
         """The reply to `request_id`, keeping other replies for their callers."""
@@ -205,8 +220,20 @@ class AbiClient:
 
     def submit_put_batch(self, pool_id: int, keys: Sequence[Key], pages: Sequence[bytes],
                          page_shift: int = MIN_PAGE_SHIFT) -> int:
-        return self.submit(Op.PUT_BATCH, pool_id=pool_id,
-                           payload=encode_put_batch(page_shift, keys, pages))
+        """Queue a PUT_BATCH. The pages go out as their own iovecs: encode_put_batch
+        grows one buffer page by page, which costs more than tmemd's whole put."""
+        page_size = 1 << page_shift
+        if len(pages) != len(keys) or any(len(page) != page_size for page in pages):
+            raise ValueError(f"a batch of {len(keys)} keys needs as many {page_size}-byte pages")
+        # A PUT_BATCH starts as a key batch does, with the page shift in byte 4.
+        head = bytearray(encode_key_batch(keys))
+        head[_BATCH_PAGE_SHIFT_OFFSET] = page_shift
+        request_id = next(self._request_ids)
+        self._outgoing.append(_encode_header(Op.PUT_BATCH, request_id, pool_id, (0, 0, 0), 0,
+                                             len(head) + len(pages) * page_size))
+        self._outgoing.append(head)
+        self._outgoing.extend(pages)
+        return request_id
 
     def put_batch(self, pool_id: int, keys: Sequence[Key], pages: Sequence[bytes],
                   page_shift: int = MIN_PAGE_SHIFT) -> list[Status]:

@@ -1,8 +1,9 @@
 """One ABI connection of one guest: frames in, store calls, replies out.
 
-An asyncio.Protocol rather than streams: `data_received` decodes every
-complete frame, serves each synchronously against the store and writes all
-replies of that chunk with one `transport.write`.
+An asyncio (buffered) protocol rather than streams: each chunk read decodes
+every complete frame, serves each synchronously against the store and writes
+all replies of that chunk with one `transport.write`. Buffered, because a
+plain Protocol makes asyncio allocate a fresh 256 KiB bytes per read.
 
 Session rules (docs/CONTROL.md, "Reconnects and resync"):
 - A new connection discards bytes until the first valid HELLO header (the
@@ -54,6 +55,8 @@ log = logging.getLogger("tmemd.session")
 
 # What tmemd offers in HELLO; the reply holds the minimum of both sides.
 SERVER_HELLO = Hello(max_in_flight=128)
+# One read's worth: a few batch frames.
+RECV_BUFFER_BYTES = 1 << 18
 # Pause reading while this much reply data waits for a slow reader.
 WRITE_HIGH_WATER = 4 << 20
 
@@ -72,7 +75,7 @@ class _Refusal(Exception):
         self.reason = reason
 
 
-class AbiSession(asyncio.Protocol):
+class AbiSession(asyncio.BufferedProtocol):
     def __init__(
         self,
         store: Store,
@@ -85,6 +88,7 @@ class AbiSession(asyncio.Protocol):
         self.guest: GuestRuntime | None = None
         self._transport: asyncio.Transport | None = None
         self._decoder = FrameDecoder(resync=True)
+        self._recv_buffer = memoryview(bytearray(RECV_BUFFER_BYTES))
         self._negotiated: Hello | None = None
         self._connected_at = time.time()
         self._handlers: dict[int, Callable[[Frame, _Chunks], None]] = {
@@ -143,7 +147,13 @@ class AbiSession(asyncio.Protocol):
         if self._transport is not None:
             self._transport.resume_reading()
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._recv_buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._serve_bytes(self._recv_buffer[:nbytes])
+
+    def _serve_bytes(self, data: memoryview) -> None:
         transport = self._transport
         if transport is None or self.guest is None:
             return
