@@ -82,7 +82,9 @@ def images_dir() -> Path:
 
 
 def recipe_files() -> list[Path]:
-    files = sorted(p for p in RECIPE_DIR.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+    """The files whose contents decide the image (documentation does not)."""
+    files = sorted(p for p in RECIPE_DIR.rglob("*")
+                   if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".md")
     return [*files, Path(__file__).resolve()]
 
 
@@ -423,6 +425,19 @@ def scratch_dir(parent: Path, digest: str) -> Iterator[Path]:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+def prune_images() -> list[Path]:
+    """Remove cached images of other recipes (and leftover scratch directories)."""
+    removed: list[Path] = []
+    with build_lock():
+        current = images_dir() / recipe_hash()
+        for path in images_dir().iterdir():
+            if path.is_dir() and path != current:
+                unmount_below(path)
+                shutil.rmtree(path)
+                removed.append(path)
+    return removed
+
+
 def unmount_below(directory: Path) -> None:
     """Unmount anything a failed debootstrap left mounted (proc, sys) before removal."""
     prefix = str(directory.resolve()) + "/"
@@ -438,11 +453,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     build = commands.add_parser("build", help="build the image unless it is cached")
     build.add_argument("--force", action="store_true", help="rebuild even if cached")
     commands.add_parser("status", help="print the recipe hash and the cached image, if any")
+    commands.add_parser("prune", help="remove cached images of other recipes")
     arguments = parser.parse_args(argv)
     try:
         if arguments.command == "build":
             image = build_image(force=arguments.force)
             print(f"guest image {image.directory} (kernel {image.kernel_version})")
+        elif arguments.command == "prune":
+            images_dir().mkdir(parents=True, exist_ok=True)
+            for path in prune_images():
+                print(f"removed {path}")
         else:
             cached = cached_image()
             print(f"recipe {recipe_hash()}: "

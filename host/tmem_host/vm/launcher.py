@@ -58,6 +58,8 @@ DISK_SERIALS = {"root": "tmem-root", "swap": "tmem-swap", "data": "tmem-data"}
 TMEM_PORT_NAME = "org.tmem.0"
 AGENT_SHARES = {"tmemguest": REPO_ROOT / "guest", "tmemwire": REPO_ROOT / "wire"}
 PANIC_PATTERNS = (b"Kernel panic - not syncing", b"tmem-initramfs: ")
+HOSTFWD_FAILURE = "Could not set up host forwarding rule"
+PANIC_WINDOW_BYTES = 128  # console bytes kept so a pattern split across reads matches
 LOG_TAIL_LINES = 20
 PR_SET_PDEATHSIG = 1
 # TCG boots in 8-15 s here but the host is shared and noisy: generous defaults.
@@ -253,6 +255,8 @@ class Guest:
         self._qmp_log_lock = threading.Lock()
         self._event_task: asyncio.Task[None] | None = None
         self._monitor_socket: socket.socket | None = None
+        self._console_offset = 0
+        self._console_tail = b""
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -279,20 +283,24 @@ class Guest:
         if self._process is not None:
             raise GuestConfigError(f"guest {self.config.name} already started")
         image = self._check_config()
-        for attempt in range(3):
-            self.ssh_port = free_local_port()
-            self.command = self._build_command(image)
-            self._spawn()
-            try:
-                self._connect_qmp()
-                return
-            except QemuExitedError:
-                # Another process may have taken the forwarded port in between.
-                if attempt < 2 and "hostfwd" in tail(self.stderr_log).lower():
-                    self._cleanup()
-                    self._process = None
-                    continue
-                raise
+        try:
+            for attempt in range(3):
+                self.ssh_port = free_local_port()
+                self.command = self._build_command(image)
+                self._spawn()
+                try:
+                    self._connect_qmp()
+                    return
+                except QemuExitedError:
+                    # Another process may have taken the forwarded port in between.
+                    if attempt < 2 and HOSTFWD_FAILURE in tail(self.stderr_log):
+                        self.kill()
+                        self._process = None
+                        continue
+                    raise
+        except BaseException:
+            self.kill()
+            raise
 
     def wait_ready(self, timeout: float | None = None) -> BootTimes:
         """Wait for the console marker, then for an SSH login; returns the boot times."""
@@ -300,7 +308,8 @@ class Guest:
         timeout = timeout or self.config.boot_timeout or BOOT_TIMEOUT_S[self.accel]
         deadline = self._started_at + timeout
         while True:
-            console = self._check_alive()
+            self._check_alive()
+            console = self.console_text().encode()
             marker = console.find(READY_MARKER.encode())
             if marker >= 0:
                 break
@@ -543,6 +552,8 @@ class Guest:
         self.command[1:1] = ["-chardev", f"socket,id=mon,fd={fd}",
                              "-mon", "chardev=mon,mode=control"]
         self.console_log.unlink(missing_ok=True)
+        self._console_offset = 0
+        self._console_tail = b""
         with self.stderr_log.open("wb") as stderr_file:
             stderr_file.write(f"$ {shlex.join(self.command)}\n".encode())
             stderr_file.flush()
@@ -655,19 +666,25 @@ class Guest:
             return
         self.exit_code = self._process.returncode
 
-    def _check_alive(self) -> bytes:
-        """The console so far; raises at once on a guest panic or a QEMU exit."""
+    def _check_alive(self) -> None:
+        """Raise at once on a guest panic or a QEMU exit (reads only new console output)."""
         try:
-            console = self.console_log.read_bytes()
+            with self.console_log.open("rb") as console:
+                console.seek(self._console_offset)
+                new = console.read()
         except FileNotFoundError:
-            console = b""
-        for pattern in PANIC_PATTERNS:
-            if pattern in console:
-                raise self._error(GuestPanicError, "the guest kernel panicked")
+            new = b""
+        window = self._console_tail + new
+        self._console_offset += len(new)
+        self._console_tail = window[-PANIC_WINDOW_BYTES:]
+        if any(pattern in window for pattern in PANIC_PATTERNS):
+            lines = self.console_text().splitlines()
+            first = next((line for line in lines
+                         if any(p.decode() in line for p in PANIC_PATTERNS)), "")
+            raise self._error(GuestPanicError, f"the guest kernel panicked: {first.strip()}")
         if self._process is not None and self._process.poll() is not None:
             self.exit_code = self._process.returncode
             raise self._error(QemuExitedError, f"QEMU exited with code {self.exit_code}")
-        return console
 
     def _error(self, kind: type[LauncherError], message: str) -> LauncherError:
         exit_code = self._process.poll() if self._process is not None else None

@@ -1,0 +1,69 @@
+"""Failures are caught before or at QEMU's start and explained; nothing is left running."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from tmem_host.vm.image import GuestImage
+from tmem_host.vm.launcher import (
+    GuestPanicError, Guest, GuestConfig, LauncherError, MissingImageError, QemuExitedError,
+    SocketNotListeningError,
+)
+
+from .conftest import processes_mentioning
+
+pytestmark = pytest.mark.vm
+
+
+def test_missing_kernel_is_reported_before_qemu_starts(image: GuestImage, tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-vmlinuz"
+    guest = Guest(GuestConfig(name="nokernel", image=image, kernel=missing, accel="tcg",
+                              run_dir=tmp_path / "run"))
+    with pytest.raises(MissingImageError, match="kernel .*no-such-vmlinuz does not exist"):
+        guest.start()
+    assert guest.pid is None
+
+
+def test_tmem_socket_must_listen_before_qemu_starts(image: GuestImage, tmp_path: Path) -> None:
+    absent = tmp_path / "absent.tmem.sock"
+    bound_only = tmp_path / "bound.tmem.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as not_listening:
+        not_listening.bind(str(bound_only))  # bound but never listen()s
+        for path in (absent, bound_only):
+            guest = Guest(GuestConfig(name="nochannel", image=image, accel="tcg",
+                                      tmem_socket=path, run_dir=tmp_path / "run"))
+            with pytest.raises(SocketNotListeningError, match=f"{path} is not listening"):
+                guest.start()
+            assert guest.pid is None
+
+
+def test_qemu_start_failure_carries_exit_code_command_and_log(
+        image: GuestImage, tmp_path: Path) -> None:
+    run_dir = tmp_path / "badopt"
+    guest = Guest(GuestConfig(name="badopt", image=image, accel="tcg", run_dir=run_dir,
+                              qemu_args=["-no-such-option"]))
+    with pytest.raises(QemuExitedError) as failure:
+        with guest:
+            pass
+    message = str(failure.value)
+    assert "QEMU exit code: 1" in message
+    assert "command: qemu-system-x86_64 " in message and "-no-such-option" in message
+    assert "invalid option" in message  # QEMU's own stderr, from the log tail
+    assert isinstance(failure.value, LauncherError)
+    assert guest.exit_code == 1 and processes_mentioning(str(run_dir)) == []
+
+
+@pytest.mark.slow
+def test_guest_kernel_panic_is_raised_at_once(image: GuestImage, tmp_path: Path) -> None:
+    run_dir = tmp_path / "panic"
+    # The initramfs cannot switch_root to a missing init, exits, and the kernel panics.
+    config = GuestConfig(name="panic", image=image, accel="tcg", run_dir=run_dir,
+                         kernel_args=["tmem.init=/no/such/init"])
+    with pytest.raises(GuestPanicError, match="panicked") as failure:
+        with Guest(config):
+            pass
+    assert "Kernel panic" in str(failure.value)  # the console tail is in the message
+    assert processes_mentioning(str(run_dir)) == []
