@@ -27,7 +27,6 @@ from tmem_wire.abi import (
     HEADER_SIZE,
     MAX_ERROR_TEXT,
     NEED_DATA,
-    WHOLE_OBJECT,
     Flag,
     Frame,
     FrameDecoder,
@@ -305,13 +304,9 @@ class AbiSession(asyncio.BufferedProtocol):
         keys = decode_key_batch(frame.payload)
         self._check_batch(len(keys))
         self._pool_page_shift(frame.pool_id)
-        client = self.guest.client
-        pages = [key for key in keys if key[1] != WHOLE_OBJECT]
-        statuses = iter(self.store.flush_many(client, frame.pool_id, pages) if pages else [])
-        flush_object = self.store.flush_object
-        results = [flush_object(client, frame.pool_id, oid) if index == WHOLE_OBJECT
-                   else next(statuses) for oid, index in keys]
-        _append_reply(out, frame, _OK, encode_batch_reply(results))
+        # The store takes index WHOLE_OBJECT as a flush of the whole object.
+        statuses = self.store.flush_many(self.guest.client, frame.pool_id, keys)
+        _append_reply(out, frame, _OK, encode_batch_reply(statuses))
 
     def _stats(self, frame: Frame, out: _Chunks) -> None:
         assert self.guest is not None
