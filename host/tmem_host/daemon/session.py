@@ -20,7 +20,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from tmem_wire.abi import (
     ALL_POOLS,
@@ -113,8 +113,8 @@ class AbiSession(asyncio.BufferedProtocol):
     # -- asyncio callbacks ---------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # A stream transport (uvloop's are not asyncio.Transport subclasses).
+        self._transport = transport = cast(asyncio.Transport, transport)
         guest = self._resolve_guest(transport)
         if guest is None:
             log.warning("connection refused: unknown peer",
