@@ -23,7 +23,7 @@ import logging
 import os
 from collections import Counter
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from tmem_host.store import Client, Store
 from tmem_wire import nbd
@@ -336,8 +336,8 @@ class NbdConnection(asyncio.Protocol):
         self._closing = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # A stream transport (uvloop's are not asyncio.Transport subclasses).
+        self.transport = transport = cast(asyncio.Transport, transport)
         if self.export._closed:
             transport.abort()
             return
