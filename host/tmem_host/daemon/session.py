@@ -60,7 +60,7 @@ RECV_BUFFER_BYTES = 1 << 18
 WRITE_HIGH_WATER = 4 << 20
 
 _OK = Status.OK
-# Reply pieces of one data_received, joined into one write.
+# Reply pieces of one read, joined into one write.
 _Chunks = list[bytes | bytearray]
 _REPLY = int(Flag.REPLY)
 
@@ -165,9 +165,9 @@ class AbiSession(asyncio.BufferedProtocol):
             decoder.feed(data)
             while (frame := decoder.next_frame()) is not NEED_DATA:
                 assert isinstance(frame, Frame)
-                served += 1
                 if frame.flags & _REPLY:
                     raise ProtocolError(Status.PROTOCOL_ERROR, "the guest sent a reply frame")
+                served += 1  # every request served gets exactly one reply
                 opcode = frame.opcode
                 if opcode == Op.HELLO:
                     self._hello(frame, out)
