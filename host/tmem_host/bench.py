@@ -6,12 +6,13 @@ zero-filled and random pages, fixed seed; `tmem_guest.usemem`'s templates):
 - in-process lz4 compress / decompress of the pages, no I/O: the ceiling;
 - tmemd over its unix socket (a tmemd the bench starts): one page per request,
   pipelined (PIPELINE_DEPTH in flight), and batched (BATCH_PAGES per frame);
+- tmemd's NBD export (the bench guest's): WRITE and READ of BATCH_PAGES-page
+  requests, BATCH_DEPTH in flight, as QEMU's NBD client would send swap I/O;
 - Redis (Debian's redis-server, started here on a unix socket, persistence off)
   SET/GET of the same pages, unpipelined and pipelined BATCH_PAGES deep.
 
-Prints a table and writes bench/results/<timestamp>.json. More rows (the NBD
-export's) plug in as further suites: functions of BenchContext -> list[Row]
-appended to SUITES.
+Prints a table and writes bench/results/<timestamp>.json. More rows plug in as
+further suites: functions of BenchContext -> list[Row] in SUITES.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from rich.table import Table
 from tmem_guest.usemem import expected_page, page_templates
 from tmem_host.daemon.client import AbiClient, Request
 from tmem_host.daemon.process import TmemdProcess
+from tmem_host.nbd.client import bench_export
 from tmem_wire.abi import Key, Op, PoolFlag, Status, decode_batch_reply
 
 PAGE_SIZE = 4096
@@ -319,8 +321,19 @@ def redis_suite(ctx: BenchContext) -> list[Row]:
     return rows
 
 
-# Suites run in this order; the NBD export adds its rows by appending a suite.
-SUITES: list[Callable[[BenchContext], list[Row]]] = [lz4_suite, tmemd_suite, redis_suite]
+# -- the NBD export -------------------------------------------------------------
+
+
+def nbd_suite(ctx: BenchContext) -> list[Row]:
+    """WRITE/READ of BATCH_PAGES-page requests on the bench guest's NBD export."""
+    return [Row(*row) for row in bench_export(ctx.daemon.nbd_socket(BENCH_GUEST), BENCH_GUEST,
+                                              ctx.pages, pages_per_request=BATCH_PAGES,
+                                              depth=BATCH_DEPTH)]
+
+
+# Suites run in this order.
+SUITES: list[Callable[[BenchContext], list[Row]]] = [lz4_suite, tmemd_suite, nbd_suite,
+                                                     redis_suite]
 
 
 # -- report ----------------------------------------------------------------------
