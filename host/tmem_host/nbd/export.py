@@ -179,7 +179,7 @@ class NbdExport:
 
     # -- requests --
 
-    def serve(self, request: nbd.Request) -> tuple[int, bytes]:
+    def serve(self, request: nbd.Request) -> tuple[int, bytes | bytearray]:
         """Serve one request: (NBD error, READ payload)."""
         self.counters["requests"] += 1
         try:
@@ -254,7 +254,7 @@ class NbdExport:
             self.counters["pages_refused_fallback"] += run_end - page
             page = run_end
 
-    def _read(self, first_slot: int, pages: int) -> tuple[int, bytes]:
+    def _read(self, first_slot: int, pages: int) -> tuple[int, bytes | bytearray]:
         self.counters["reads"] += 1
         out = bytearray(pages << PAGE_SHIFT)
         tmem_pages = [page for page in range(pages) if self._is_in_tmem(first_slot + page)]
@@ -285,7 +285,7 @@ class NbdExport:
             out[page << PAGE_SHIFT : (page << PAGE_SHIFT) + len(chunk)] = chunk
             self.counters["pages_read_fallback"] += run_end - page
             page = run_end
-        return nbd.Error.OK, bytes(out)
+        return nbd.Error.OK, out
 
     def _stale(self, slot: int, status: object = None) -> tuple[int, bytes]:
         # The page was put and tmem lost it (an admin flush, the pool destroyed):
@@ -372,7 +372,7 @@ class NbdConnection(asyncio.Protocol):
     def _feed(self, data: bytes) -> None:
         if self._closing or self.transport is None:
             return
-        output: list[bytes] = []
+        output: list[bytes | bytearray] = []
         try:
             self.codec.receive_data(data)
             finished = self._serve_events(output)
@@ -388,7 +388,7 @@ class NbdConnection(asyncio.Protocol):
             self._closing = True
             self.transport.close()
 
-    def _serve_events(self, output: list[bytes]) -> bool:
+    def _serve_events(self, output: list[bytes | bytearray]) -> bool:
         """Answer every complete event; True once the session is over."""
         codec = self.codec
         export = self.export
@@ -402,7 +402,10 @@ class NbdConnection(asyncio.Protocol):
                 if event.command == nbd.Command.DISC:
                     continue  # the codec reports ConnectionClosed next
                 error, payload = export.serve(event)
-                output.append(codec.send(nbd.SimpleReply(event.handle, error, payload)))
+                # The header, then the READ payload as it is: no copy to glue them.
+                output.append(codec.send(nbd.SimpleReply(event.handle, error)))
+                if payload:
+                    output.append(payload)
             elif isinstance(event, nbd.InfoOption):
                 if event.name in ("", export.name):
                     output.append(codec.send(nbd.ExportInfo(
