@@ -413,15 +413,20 @@ def test_shared_pool_survives_its_owner_and_dies_with_its_last_member() -> None:
     two = store.add_client("g2", shared_uuids=frozenset({SHARED}))
     _, id_one, _ = store.new_pool(one, False, shared_uuid=SHARED)
     _, id_two, _ = store.new_pool(two, False, shared_uuid=SHARED)
+    private = new_pool(store, two, persistent=False)
     fill(store, one, id_one, 3)
-    assert one.stored_bytes == 3 * RAW_COST and two.stored_bytes == 0
+    fill(store, two, private, 1, first=100)  # younger than the shared pages
+    assert one.stored_bytes == 3 * RAW_COST and two.stored_bytes == RAW_COST
     store.remove_client(one)  # the owner leaves: g2 is charged from now on
-    assert two.stored_bytes == 3 * RAW_COST and store.used_bytes == 3 * RAW_COST
+    assert two.stored_bytes == 4 * RAW_COST and store.used_bytes == 4 * RAW_COST
     assert store.get(two, id_two, OID, 2) == (Status.OK, random_page(2))
     fill(store, two, id_two, 1, first=3)
-    store.set_budget(2 * RAW_COST)  # the moved pages are evictable, oldest first
+    # The moved pages join g2's LRU by age: the two oldest shared pages go.
+    store.set_budget(3 * RAW_COST)
     assert [i for i in range(4) if page_present(store, two, id_two, i)] == [2, 3]
+    assert page_present(store, two, private, 100)
     assert store.destroy_pool(two, id_two) is Status.OK
+    assert store.destroy_pool(two, private) is Status.OK
     assert store.used_bytes == 0 and store.stats()["shared_pools"] == 0
     _, again, _ = store.new_pool(two, False, shared_uuid=SHARED)
     assert store.get(two, again, OID, 2) == (Status.MISS, None)

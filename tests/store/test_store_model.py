@@ -8,6 +8,8 @@ Invariants check the accounting after every step.
 
 from __future__ import annotations
 
+import uuid
+
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -26,8 +28,11 @@ PAGES = [expected_page(_TEMPLATES, 3, number) for number in range(8)] + [
     b"\x5a" * PAGE_SIZE,
 ]
 OIDS: list[Oid] = [(0, 0, 1), (0, 0, 2), (1 << 63, 5, 0)]
-# Per client: a persistent pool, an exclusive and an inclusive ephemeral pool.
-POOL_KINDS = ("persistent", "exclusive", "inclusive")
+# Per client: a persistent pool, an exclusive and an inclusive ephemeral pool,
+# and its slot of the one shared pool both clients join.
+POOL_KINDS = ("persistent", "exclusive", "inclusive", "shared")
+SHARED_UUID = uuid.UUID(int=7)
+SHARED_OWNER = -1  # the model keys shared-pool pages by this, not by client
 
 keys = st.tuples(st.sampled_from(OIDS), st.integers(0, 5))
 # Pages are drawn by number: reprs of failing examples stay readable.
@@ -42,18 +47,22 @@ class StoreAgainstModel(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.store = Store(10 * RAW_COST, compress=self.compress)
+        authorised = frozenset({SHARED_UUID})
         self.clients: list[Client] = [
-            self.store.add_client("plain"),
-            self.store.add_client("dedup", weight=50, dedup=True),
+            self.store.add_client("plain", shared_uuids=authorised),
+            self.store.add_client("dedup", weight=50, dedup=True, shared_uuids=authorised),
         ]
         self.pool_ids: list[dict[str, int]] = []
         for client in self.clients:
             ids = {}
             for kind in POOL_KINDS:
-                status, pool_id, _ = self.store.new_pool(
-                    client, kind == "persistent", inclusive_gets=kind == "inclusive"
+                status, pool_id, shared = self.store.new_pool(
+                    client,
+                    kind == "persistent",
+                    shared_uuid=SHARED_UUID if kind == "shared" else None,
+                    inclusive_gets=kind == "inclusive",
                 )
-                assert status is Status.OK
+                assert status is Status.OK and shared is (kind == "shared")
                 ids[kind] = pool_id
             self.pool_ids.append(ids)
         # (client, pool kind, key) -> page: exact for persistent pools, the
@@ -62,31 +71,38 @@ class StoreAgainstModel(RuleBasedStateMachine):
 
     # ------------------------------------------------------------ helpers
 
+    @staticmethod
+    def _entry(who: int, kind: str, key: Key) -> tuple[int, str, Key]:
+        return (SHARED_OWNER if kind == "shared" else who, kind, key)
+
     def _record_put(self, who: int, kind: str, key: Key, page: bytes, status: Status) -> None:
         client = self.clients[who]
         assert status is (Status.FROZEN if client.frozen else status)
         if status is Status.OK:
-            self.model[(who, kind, key)] = page
+            self.model[self._entry(who, kind, key)] = page
         else:
             assert status in (Status.REFUSED, Status.FROZEN)
-            self.model.pop((who, kind, key), None)
+            self.model.pop(self._entry(who, kind, key), None)
 
     def _check_get(self, who: int, kind: str, key: Key, status: Status, data: bytes | None) -> None:
-        expected = self.model.get((who, kind, key))
+        entry = self._entry(who, kind, key)
+        expected = self.model.get(entry)
         if kind == "persistent":
             assert (status, data) == ((Status.OK, expected) if expected else (Status.MISS, None))
             return
         if status is Status.OK:
             assert expected is not None and data == expected  # never stale
             if kind == "exclusive":
-                del self.model[(who, kind, key)]
+                del self.model[entry]
         else:
             assert (status, data) == (Status.MISS, None)
-            self.model.pop((who, kind, key), None)  # evicted
+            self.model.pop(entry, None)  # evicted
 
-    def _forget(self, who: int, kind: str, predicate: object) -> None:
-        for entry in [e for e in self.model if e[0] == who and e[1] == kind]:
-            if predicate is None or entry[2][0] == predicate:
+    def _forget(self, who: int, kind: str, oid: Oid | None) -> None:
+        """Drop the model's pages of one pool (of one object, if ``oid``)."""
+        owner = self._entry(who, kind, ((0, 0, 0), 0))[0]
+        for entry in [e for e in self.model if e[:2] == (owner, kind)]:
+            if oid is None or entry[2][0] == oid:
                 del self.model[entry]
 
     # -------------------------------------------------------------- rules
@@ -127,7 +143,7 @@ class StoreAgainstModel(RuleBasedStateMachine):
     @rule(who=clients, kind=pool_kinds, key=keys)
     def flush_page(self, who: int, kind: str, key: Key) -> None:
         assert self.store.flush_page(self.clients[who], self.pool_ids[who][kind], *key) is Status.OK
-        self.model.pop((who, kind, key), None)
+        self.model.pop(self._entry(who, kind, key), None)
 
     @rule(who=clients, kind=pool_kinds, oid=st.sampled_from(OIDS), batch=st.booleans())
     def flush_object(self, who: int, kind: str, oid: Oid, batch: bool) -> None:
@@ -140,9 +156,31 @@ class StoreAgainstModel(RuleBasedStateMachine):
 
     @rule(who=clients)
     def flush_client(self, who: int) -> None:
-        self.store.flush_client(self.clients[who])
+        client = self.clients[who]
+        shared_pool = client.pools[self.pool_ids[who]["shared"]]
+        assert shared_pool is not None
+        owns_shared = shared_pool.owner is client
+        self.store.flush_client(client)
         for kind in POOL_KINDS:
-            self._forget(who, kind, None)
+            if kind != "shared" or owns_shared:
+                self._forget(who, kind, None)
+
+    @rule(who=clients)
+    def rejoin_shared_pool(self, who: int) -> None:
+        """Leave the shared pool and join it again; the last to leave kills it."""
+        client = self.clients[who]
+        pool_id = self.pool_ids[who]["shared"]
+        pool = client.pools[pool_id]
+        assert pool is not None
+        last_member = pool.members == [client]
+        assert self.store.destroy_pool(client, pool_id) is Status.OK
+        if last_member:
+            self._forget(who, "shared", None)
+        else:
+            assert pool.owner is not client
+        status, new_id, shared = self.store.new_pool(client, False, shared_uuid=SHARED_UUID)
+        assert (status, new_id, shared) == (Status.OK, pool_id, True)
+        assert (client.pools[new_id] is pool) is not last_member
 
     @rule(pages_worth=st.integers(0, 16))
     def set_budget(self, pages_worth: int) -> None:
