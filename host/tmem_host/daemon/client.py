@@ -16,8 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from tmem_host.daemon.gather import put_batch_chunks
 from tmem_wire.abi import (
     ALL_POOLS,
+    Buffer,
     HEADER_SIZE,
     MIN_PAGE_SHIFT,
     NEED_DATA,
@@ -40,8 +42,6 @@ from tmem_wire.abi import (
 )
 
 _RECV_SIZE = 1 << 18
-# docs/ABI.md, batch header: u32 count, u8 page_shift, 3 reserved bytes.
-_BATCH_PAGE_SHIFT_OFFSET = 4
 # Chunks per sendmsg call (Linux's IOV_MAX is 1024).
 _MAX_IOVEC = 512
 
@@ -92,7 +92,7 @@ class AbiClient:
         # recv_into a reused buffer: recv(N) would allocate N bytes per call.
         self._recv_buffer = memoryview(bytearray(_RECV_SIZE))
         self._request_ids = itertools.count(1)
-        self._outgoing: list[bytes | bytearray] = []
+        self._outgoing: list[Buffer] = []
         self._replies: dict[int, Frame] = {}
 
     @classmethod
@@ -129,7 +129,7 @@ class AbiClient:
         self.flush()
         self._send([data])
 
-    def _send(self, chunks: list[bytes | bytearray]) -> None:
+    def _send(self, chunks: list[Buffer]) -> None:
         """Gather-write the chunks: big payloads are not copied into one buffer."""
         views = [memoryview(chunk) for chunk in chunks]
         try:
@@ -220,19 +220,12 @@ class AbiClient:
 
     def submit_put_batch(self, pool_id: int, keys: Sequence[Key], pages: Sequence[bytes],
                          page_shift: int = MIN_PAGE_SHIFT) -> int:
-        """Queue a PUT_BATCH. The pages go out as their own iovecs: encode_put_batch
-        grows one buffer page by page, which costs more than tmemd's whole put."""
-        page_size = 1 << page_shift
-        if len(pages) != len(keys) or any(len(page) != page_size for page in pages):
-            raise ValueError(f"a batch of {len(keys)} keys needs as many {page_size}-byte pages")
-        # A PUT_BATCH starts as a key batch does, with the page shift in byte 4.
-        head = bytearray(encode_key_batch(keys))
-        head[_BATCH_PAGE_SHIFT_OFFSET] = page_shift
+        """Queue a PUT_BATCH; its pages go out as their own iovecs, uncopied."""
+        chunks = put_batch_chunks(page_shift, keys, pages)
         request_id = next(self._request_ids)
         self._outgoing.append(_encode_header(Op.PUT_BATCH, request_id, pool_id, (0, 0, 0), 0,
-                                             len(head) + len(pages) * page_size))
-        self._outgoing.append(head)
-        self._outgoing.extend(pages)
+                                             sum(len(chunk) for chunk in chunks)))
+        self._outgoing.extend(chunks)
         return request_id
 
     def put_batch(self, pool_id: int, keys: Sequence[Key], pages: Sequence[bytes],

@@ -22,8 +22,10 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
+from tmem_host.daemon.gather import get_batch_reply_chunks
 from tmem_wire.abi import (
     ALL_POOLS,
+    Buffer,
     HEADER_SIZE,
     MAX_ERROR_TEXT,
     NEED_DATA,
@@ -61,7 +63,7 @@ WRITE_HIGH_WATER = 4 << 20
 
 _OK = Status.OK
 # Reply pieces of one read, joined into one write.
-_Chunks = list[bytes | bytearray]
+_Chunks = list[Buffer]
 _REPLY = int(Flag.REPLY)
 
 
@@ -245,7 +247,7 @@ class AbiSession(asyncio.BufferedProtocol):
             granted |= PoolFlag.SHARED
         elif inclusive and not persistent:  # the store honours it for private ephemeral pools
             granted |= PoolFlag.INCLUSIVE_GETS
-        _append_reply(out, frame, _OK, encode_pool_grant(granted), pool_id)
+        _append_reply(out, frame, _OK, encode_pool_grant(granted), pool_id=pool_id)
 
     def _destroy_pool(self, frame: Frame, out: _Chunks) -> None:
         assert self.guest is not None
@@ -296,8 +298,7 @@ class AbiSession(asyncio.BufferedProtocol):
         self._check_batch(len(keys))
         page_shift = self._pool_page_shift(frame.pool_id)
         statuses, pages = self.store.get_many(self.guest.client, frame.pool_id, keys)
-        _append_reply(out, frame, _OK,
-                      encode_batch_reply(statuses, pages, page_shift=page_shift))
+        _append_reply(out, frame, _OK, *get_batch_reply_chunks(statuses, pages, page_shift))
 
     def _flush_batch(self, frame: Frame, out: _Chunks) -> None:
         assert self.guest is not None
@@ -351,15 +352,15 @@ class AbiSession(asyncio.BufferedProtocol):
         }
 
 
-def _append_reply(out: _Chunks, request: Frame, status: Status, payload: bytes = b"",
+def _append_reply(out: _Chunks, request: Frame, status: Status, *payload: Buffer,
                   pool_id: int | None = None) -> None:
+    """Queue a reply: header, then the payload (given as one or more chunks)."""
     header = bytearray(HEADER_SIZE)
     pack_header_into(
         header, 0, opcode=request.opcode, flags=_REPLY, request_id=request.request_id,
         status=status, pool_id=request.pool_id if pool_id is None else pool_id,
-        oid=request.oid, index=request.index, payload_length=len(payload),
+        oid=request.oid, index=request.index,
+        payload_length=sum(len(chunk) for chunk in payload),
     )
     out.append(header)
-    if payload:
-        out.append(payload)
-
+    out.extend(payload)
