@@ -265,7 +265,7 @@ def make_plots(run: Mapping[str, Any]) -> dict[str, bytes]:
         for sample in timelines:
             times = [point[0] for point in sample["timeline"]]
             total_mib = [(point[1] + point[2]) / (1 << 20) for point in sample["timeline"]]
-            axes.plot(times, total_mib, label=f"{sample['mode']} #{sample['repetition']}", linewidth=1)
+            axes.plot(times, total_mib, label=f"{sample['mode']} #{sample['repetition'] + 1}", linewidth=1)
         axes.set_xlabel("time in workload (s)")
         axes.set_ylabel("host RSS of tmemd + QEMU (MiB)")
         axes.set_title("host memory over time")

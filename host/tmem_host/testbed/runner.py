@@ -1,0 +1,387 @@
+"""Run a scenario: for every mode and repetition, start tmemd if the mode needs it,
+boot the guests, prepare swap the mode's way, run the workload, collect metrics,
+tear everything down; write run.json and the reports.
+
+Every repetition boots fresh guests (and a fresh tmemd), so no run inherits page
+cache, swap slots or tmem pages from the one before it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import secrets
+import shlex
+import shutil
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tmem_host.daemon.config import format_size
+from tmem_host.daemon.process import TmemdFailed, TmemdProcess
+from tmem_host.testbed import hostmetrics, report
+from tmem_host.testbed.modes import MODES, Mode
+from tmem_host.testbed.scenario import Scenario
+from tmem_host.vm import launcher
+from tmem_host.vm.image import ImageError, require_image
+
+# Exit codes of `tmem-testbed run`.
+EXIT_OK = 0
+EXIT_VERIFICATION_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INFRASTRUCTURE = 3
+
+# Headroom a bigmem guest gets above the working set so it never swaps.
+BIGMEM_HEADROOM_MIB = 192
+
+
+class VerificationFailed(Exception):
+    """The workload read back wrong data: the one failure that is never noise."""
+
+
+class InfrastructureError(Exception):
+    """QEMU, boot, image or tmemd failed: the run says nothing about tmem."""
+
+
+# What makes a run say nothing about tmem: the machinery under it failed.
+INFRASTRUCTURE_ERRORS: tuple[type[BaseException], ...] = (
+    InfrastructureError, launcher.LauncherError, TmemdFailed, ImageError, OSError,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class RunOutcome:
+    results: Path
+    exit_code: int
+    run: Mapping[str, Any]
+
+
+ProgressCallback = Callable[[str, int, int], None]  # description, completed, total
+
+
+def new_run_id(scenario: Scenario) -> str:
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+    return f"{stamp}-{scenario.name}-{secrets.token_hex(2)}"
+
+
+def _utc_now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def host_metadata() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    qemu_version = "not found"
+    if shutil.which(launcher.QEMU_BINARY):
+        qemu = subprocess.run([launcher.QEMU_BINARY, "--version"], capture_output=True, text=True, check=False)
+        qemu_version = qemu.stdout.splitlines()[0] if qemu.stdout else "unknown"
+    return {
+        "host_cpu": f"{cpu} ({os.cpu_count()} cores)",
+        "host_load": [round(load, 2) for load in os.getloadavg()],
+        "host_kernel": platform.release(),
+        "qemu_version": qemu_version,
+    }
+
+
+def guest_name(index: int) -> str:
+    return f"g{index}"
+
+
+def working_set_mib(scenario: Scenario) -> int:
+    return int(scenario.guests.memory_mib * float(scenario.params["ratio"]))
+
+
+def guest_memory_mib(scenario: Scenario, mode: Mode) -> int:
+    if mode.enough_memory:
+        return working_set_mib(scenario) + BIGMEM_HEADROOM_MIB
+    return scenario.guests.memory_mib
+
+
+def tmemd_guest_specs(scenario: Scenario) -> list[str]:
+    specs = []
+    for index in range(scenario.guests.count):
+        spec = f"{guest_name(index)}:weight={scenario.guests.weight(index)}"
+        if scenario.guests.cap(index):
+            spec += f":cap={format_size(scenario.guests.cap(index))}"
+        specs.append(spec)
+    return specs
+
+
+def guest_config(
+    scenario: Scenario, mode: Mode, index: int, tmemd: TmemdProcess | None, run_dir: Path
+) -> launcher.GuestConfig:
+    name = guest_name(index)
+    return launcher.GuestConfig(
+        name=name,
+        memory_mib=guest_memory_mib(scenario, mode),
+        vcpus=scenario.guests.vcpus,
+        swap=mode.swap,
+        swap_mib=scenario.guests.swap_mib,
+        nbd_socket=tmemd.nbd_socket(name) if tmemd is not None and mode.swap == "nbd" else None,
+        nbd_export=name if mode.swap == "nbd" else None,
+        tmem_socket=tmemd.abi_socket(name) if tmemd is not None and mode.agent is not None else None,
+        run_dir=run_dir / name,
+        boot_timeout=scenario.boot_timeout_s,
+    )
+
+
+def workload_command(scenario: Scenario, index: int, repetition: int) -> str:
+    params = scenario.params
+    mib = working_set_mib(scenario)
+    seed = 1000 * repetition + index + 1
+    if scenario.workload in ("usemem", "contention"):
+        command = (
+            f"python3 -m tmem_guest.usemem --mib {mib} --seed {seed} "
+            f"--order {params['order']} --passes {params['passes']}"
+        )
+        if scenario.workload == "contention":
+            # Bursty phases: the guests' working sets grow and shrink together.
+            return " && ".join([command] * int(params["bursts"]))
+        return command
+    if scenario.workload == "stress-vm":
+        return (
+            f"stress-ng --vm 1 --vm-bytes {mib}M --vm-method {shlex.quote(str(params['method']))} "
+            f"--vm-keep --verify --timeout {int(params['seconds'])}s --metrics-brief"
+        )
+    raise ValueError(f"unknown workload {scenario.workload!r}")
+
+
+SWAP_DISK_SERIAL = launcher.DISK_SERIALS["swap"]
+AGENT_READY_FILE = "/run/tmem-agent/ready"
+
+
+def prepare_swap(guest: launcher.Guest, mode: Mode) -> None:
+    """Swap the mode's way: a disk (maybe under zswap), the NBD export, or the agent."""
+    if mode.swap == "none":
+        return
+    if mode.zswap:
+        guest.ssh(
+            "modprobe lz4; modprobe zbud; "
+            "echo lz4 > /sys/module/zswap/parameters/compressor && "
+            "echo zbud > /sys/module/zswap/parameters/zpool && "
+            "echo Y > /sys/module/zswap/parameters/enabled",
+            timeout=60,
+        )
+    if mode.agent is not None:
+        # The agent serves /dev/nbd0 as swap (fallback: the swap disk) in the background.
+        guest.ssh(
+            f"rm -f {AGENT_READY_FILE}; setsid python3 -m tmem_guest start --swap {mode.agent} "
+            f"--swap-disk-serial {SWAP_DISK_SERIAL} > /run/tmem-agent.log 2>&1 < /dev/null &",
+            timeout=30,
+        )
+        guest.ssh(
+            f"for i in $(seq 600); do [ -e {AGENT_READY_FILE} ] && exit 0; sleep 0.2; done; "
+            "cat /run/tmem-agent.log; exit 1",
+            timeout=150,
+        )
+        return
+    guest.ssh(
+        f'dev=$(python3 -c "from tmem_guest.system import find_disk_by_serial as f; print(f(\'{SWAP_DISK_SERIAL}\'))")'
+        " && mkswap -q $dev && swapon --discard -p 10 $dev",
+        timeout=60,
+    )
+
+
+def _delta(after: Mapping[str, float], before: Mapping[str, float]) -> dict[str, float]:
+    return {key: after[key] - before.get(key, 0) for key in after if isinstance(after[key], (int, float))}
+
+
+TMEMD_COUNTERS = ("puts", "gets", "hits", "refusals", "evictions", "flushes", "pages", "raw_bytes", "stored_bytes")
+
+
+def _tmemd_counters(stats: Mapping[str, Any], guest: str) -> dict[str, Any]:
+    """A guest's store counters, plus its NBD export's when it has one."""
+    client = stats["store"]["clients"].get(guest, {})
+    counters: dict[str, Any] = {key: client.get(key, 0) for key in TMEMD_COUNTERS}
+    export = stats.get("nbd", {}).get(guest)
+    if export:
+        counters["nbd"] = export
+    return counters
+
+
+class Runner:
+    def __init__(
+        self,
+        scenario: Scenario,
+        results_root: Path,
+        *,
+        progress: ProgressCallback | None = None,
+        log: Callable[[str], None] = print,
+    ) -> None:
+        self.scenario = scenario
+        self.results_root = results_root
+        self.progress = progress
+        self.log = log
+        self.run_id = new_run_id(scenario)
+        self.results = results_root / self.run_id
+
+    def run(self) -> RunOutcome:
+        self.results.mkdir(parents=True)
+        image = require_image()
+        metadata = {"started": _utc_now(), **host_metadata(), "image_hash": image.directory.name,
+                    "guest_kernel": image.kernel_version}
+        samples: list[dict[str, Any]] = []
+        run: dict[str, Any] = {"schema": 1, "id": self.run_id, "scenario": self.scenario.to_json(),
+                               "metadata": metadata, "samples": samples}
+        total = len(self.scenario.modes) * self.scenario.repetitions
+        done = 0
+        exit_code = EXIT_OK
+        try:
+            for repetition in range(self.scenario.repetitions):
+                # Modes interleave across repetitions, so slow drift in host load
+                # spreads over all modes instead of biasing the last one.
+                for mode_name in self.scenario.modes:
+                    if self.progress:
+                        self.progress(f"{mode_name} #{repetition + 1}", done, total)
+                    new = self.run_once(MODES[mode_name], repetition, metadata)
+                    samples.extend(new)
+                    for sample in new:
+                        self.log(self._sample_line(sample))
+                        if sample["verified"] is False:
+                            exit_code = EXIT_VERIFICATION_FAILED  # wrong data trumps everything
+                        elif not sample["ok"] and exit_code == EXIT_OK:
+                            exit_code = EXIT_INFRASTRUCTURE
+                    done += 1
+                    self._save(run)
+        finally:
+            metadata["finished"] = _utc_now()
+            self._save(run)
+            report.write_reports(self.results)
+            self._point_latest()
+        if self.progress:
+            self.progress("done", total, total)
+        return RunOutcome(self.results, exit_code, run)
+
+    def _sample_line(self, sample: Mapping[str, Any]) -> str:
+        what = f"{sample['mode']} #{sample['repetition'] + 1} {sample['guest']}"
+        if sample["ok"]:
+            return f"{what}: {sample['wall_s']:.1f} s, verified"
+        return f"{what}: FAILED: {sample['error']}"
+
+    def _save(self, run: Mapping[str, Any]) -> None:
+        path = self.results / report.RUN_FILE
+        temporary = path.with_suffix(".tmp")
+        temporary.write_text(json.dumps(run, indent=1) + "\n")
+        temporary.replace(path)
+
+    def _point_latest(self) -> None:
+        latest = self.results_root / "latest"
+        temporary = self.results_root / f".latest-{os.getpid()}"
+        with contextlib.suppress(FileNotFoundError):
+            temporary.unlink()
+        temporary.symlink_to(self.results.name)
+        temporary.replace(latest)
+
+    @contextlib.contextmanager
+    def _tmemd(self, mode: Mode, vm_dir: Path) -> Iterator[TmemdProcess | None]:
+        if not mode.tmemd:
+            yield None
+            return
+        extra = ["--nbd-size", f"{self.scenario.guests.swap_mib}M"]
+        if not mode.compress:
+            extra.append("--no-compress")
+        tmemd = TmemdProcess(
+            vm_dir / "tmemd", budget=format_size(self.scenario.budget_bytes),
+            guests=tmemd_guest_specs(self.scenario), extra_args=extra,
+        )
+        with tmemd:
+            yield tmemd
+
+    def run_once(self, mode: Mode, repetition: int, metadata: dict[str, Any]) -> list[dict[str, Any]]:
+        """One repetition of one mode: a sample per guest."""
+        vm_dir = self.results / "vms" / f"{mode.name}-{repetition + 1}"
+        vm_dir.mkdir(parents=True)
+        base = {"mode": mode.name, "repetition": repetition}
+        names = [guest_name(index) for index in range(self.scenario.guests.count)]
+        try:
+            with self._tmemd(mode, vm_dir) as tmemd, contextlib.ExitStack() as stack:
+                guests = [
+                    stack.enter_context(launcher.Guest(guest_config(self.scenario, mode, index, tmemd, vm_dir)))
+                    for index in range(self.scenario.guests.count)
+                ]
+                for guest in guests:
+                    prepare_swap(guest, mode)
+                kvm = guests[0].qmp("query-kvm")
+                metadata.setdefault("accelerator", "kvm" if kvm.get("enabled") else "tcg")
+                return self._measure(mode, repetition, guests, tmemd)
+        except INFRASTRUCTURE_ERRORS as error:
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            return [{**base, "guest": name, "ok": False, "verified": None, "wall_s": None,
+                     "error": f"infrastructure: {first_line}"} for name in names]
+
+    def _measure(
+        self, mode: Mode, repetition: int, guests: list[launcher.Guest], tmemd: TmemdProcess | None
+    ) -> list[dict[str, Any]]:
+        before = [json.loads(guest.ssh("python3 -m tmem_guest.snapshot", timeout=60).stdout) for guest in guests]
+        qemu_pids = [guest.pid for guest in guests if guest.pid is not None]
+        processes = {"qemu": qemu_pids, "tmemd": [tmemd.pid] if tmemd else []}
+        host_before = {pid: hostmetrics.process_usage(pid) for pids in processes.values() for pid in pids}
+        timeout = self.scenario.workload_timeout_s
+        started = time.monotonic()
+        with hostmetrics.RssTimeline(processes) as timeline, ThreadPoolExecutor(len(guests)) as pool:
+            # All guests start their workload together (contention), each on its own SSH channel.
+            futures = [
+                pool.submit(guest.ssh, workload_command(self.scenario, index, repetition), timeout, False)
+                for index, guest in enumerate(guests)
+            ]
+            results = [future.result() for future in futures]
+        wall = time.monotonic() - started
+        tmemd_stats = tmemd.control().request("stats") if tmemd else {}
+        samples = []
+        for index, (guest, result) in enumerate(zip(guests, results)):
+            after = json.loads(guest.ssh("python3 -m tmem_guest.snapshot", timeout=60).stdout)
+            workload = _parse_workload_output(result.stdout)
+            verified = result.exit_status == 0 and workload.get("verified", True) is not False
+            host: dict[str, Any] = {}
+            for role, pid in (("qemu", guest.pid), ("tmemd", tmemd.pid if tmemd else None)):
+                usage_before = host_before.get(pid) if pid is not None else None
+                usage_after = hostmetrics.process_usage(pid) if pid is not None else None
+                if usage_before and usage_after:
+                    host[f"{role}_cpu_s"] = round(usage_after.cpu_s - usage_before.cpu_s, 2)
+                    host[f"{role}_peak_rss"] = usage_after.peak_rss_bytes
+            agent = None
+            if mode.agent is not None:
+                agent = json.loads(guest.ssh("python3 -m tmem_guest stats", timeout=60).stdout)
+            samples.append({
+                "mode": mode.name,
+                "repetition": repetition,
+                "guest": guest.config.name,
+                "ok": verified,
+                "verified": verified,
+                "error": None if verified else _failure_text(result),
+                "wall_s": round(float(workload.get("total_s", wall)), 3),
+                "workload": workload,
+                "vmstat": _delta(after["vmstat"], before[index]["vmstat"]),
+                "psi": _delta(after["psi"], before[index]["psi"]),
+                "agent": agent,
+                "tmemd": _tmemd_counters(tmemd_stats, guest.config.name) if tmemd else None,
+                "host": host,
+                "timeline": timeline.points,
+            })
+        return samples
+
+
+def _parse_workload_output(stdout: str) -> dict[str, Any]:
+    for line in reversed(stdout.splitlines()):
+        line = line.strip()
+        if line.startswith("{"):
+            with contextlib.suppress(json.JSONDecodeError):
+                parsed: dict[str, Any] = json.loads(line)
+                return parsed
+    return {"output_tail": stdout[-2000:]}
+
+
+def _failure_text(result: launcher.CommandResult) -> str:
+    tail = (result.stdout + result.stderr).strip().splitlines()[-3:]
+    return f"verification failed (exit {result.exit_status}): " + " | ".join(tail)

@@ -1,0 +1,76 @@
+"""`tmem-testbed run` end to end: the smoke scenario boots real TCG guests, and the
+exit codes say what went wrong (2 scenario, 3 infrastructure)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_testbed(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tmem_host.cli", *args], capture_output=True, text=True,
+        cwd=REPO, env=env, timeout=timeout, check=False,
+    )
+
+
+def test_scenario_error_exits_2_with_one_line(tmp_path: Path) -> None:
+    scenario = tmp_path / "typo.toml"
+    scenario.write_text('modes = ["disk-hdd"]\n[workload]\nratio = -1\n')
+    result = run_testbed("run", str(scenario), "--results", str(tmp_path / "results"))
+    assert result.returncode == 2
+    assert result.stderr.strip() == "tmem-testbed: typo.toml: workload.ratio: must be a number > 0, got -1"
+    assert not (tmp_path / "results").exists()
+
+
+def test_missing_qemu_is_an_infrastructure_error_exit_3(tmp_path: Path) -> None:
+    # A PATH without QEMU: the launcher refuses before booting; the run records it.
+    env = {**os.environ, "PATH": str(Path(sys.executable).parent)}
+    result = run_testbed("run", str(REPO / "scenarios" / "smoke.toml"), "--results", str(tmp_path), env=env)
+    assert result.returncode == 3, result.stderr
+    run = json.loads((tmp_path / "latest" / "run.json").read_text())
+    assert run["samples"] and all(not s["ok"] and s["verified"] is None for s in run["samples"])
+    assert "qemu-system-x86_64 not found" in run["samples"][0]["error"]
+
+
+def test_list_names_every_mode() -> None:
+    result = run_testbed("list", "--json")
+    listing = json.loads(result.stdout)
+    assert set(listing["modes"]) == {"bigmem", "disk-hdd", "disk-hostcache", "zswap", "tmem-blk", "tmem-agent",
+                                     "tmem-agent-sync", "tmem-nocompress"}
+    assert "usemem" in listing["workloads"]
+
+
+@pytest.mark.vm
+@pytest.mark.slow
+def test_smoke_scenario_end_to_end(tmp_path: Path) -> None:
+    result = run_testbed("run", str(REPO / "scenarios" / "smoke.toml"), "--results", str(tmp_path), timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = (tmp_path / "latest").resolve()
+    run = json.loads((results / "run.json").read_text())
+    assert run["metadata"]["accelerator"] in ("tcg", "kvm")
+    assert run["metadata"]["guest_kernel"].endswith("-amd64")
+    modes = {sample["mode"]: sample for sample in run["samples"]}
+    assert set(modes) == {"disk-hostcache", "tmem-blk"}
+    for sample in modes.values():
+        assert sample["ok"] and sample["verified"] and sample["wall_s"] > 0
+        assert sample["workload"]["bad_pages"] == 0
+        # 1.25x of RAM cannot fit: the guest must have swapped out and back in.
+        assert sample["vmstat"]["pswpout"] > 10_000 and sample["vmstat"]["pswpin"] > 1_000
+        assert sample["host"]["qemu_cpu_s"] > 0 and sample["timeline"]
+    tmem = modes["tmem-blk"]["tmemd"]
+    assert tmem["puts"] >= modes["tmem-blk"]["vmstat"]["pswpout"] * 0.9
+    assert tmem["hits"] > 1_000 and tmem["refusals"] == 0
+    assert modes["disk-hostcache"]["tmemd"] is None
+    report = (results / "report.md").read_text()
+    assert "| tmem-blk | 1/1 |" in report and "accelerator (as QMP reports it)" in report
+    assert (results / "report.html").stat().st_size > 10_000
+    assert {p.name for p in (results / "plots").iterdir()} >= {"runtime.png", "swap_io.png", "tmem_hits.png"}
+    assert "disk-hostcache" in result.stdout  # the closing summary table
