@@ -432,6 +432,18 @@ def test_shared_pool_survives_its_owner_and_dies_with_its_last_member() -> None:
     assert store.get(two, again, OID, 2) == (Status.MISS, None)
 
 
+def test_new_owner_of_a_shared_pool_is_held_to_its_cap() -> None:
+    store = Store(BIG)
+    one = store.add_client("g1", shared_uuids=frozenset({SHARED}))
+    two = store.add_client("g2", cap_bytes=RAW_COST, shared_uuids=frozenset({SHARED}))
+    _, id_one, _ = store.new_pool(one, False, shared_uuid=SHARED)
+    _, id_two, _ = store.new_pool(two, False, shared_uuid=SHARED)
+    fill(store, one, id_one, 3)
+    assert store.destroy_pool(one, id_one) is Status.OK
+    assert two.stored_bytes == store.used_bytes == RAW_COST and two.evictions == 2
+    assert [i for i in range(3) if page_present(store, two, id_two, i)] == [2]
+
+
 def test_shared_pool_count_is_bounded() -> None:
     store = Store(BIG)
     uuids = [uuid.UUID(int=number + 1) for number in range(MAX_SHARED_POOLS + 1)]

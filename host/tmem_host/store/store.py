@@ -301,9 +301,7 @@ class Store:
         client = self._resolve(client)
         _check_cap(cap_bytes)
         client.cap_bytes = cap_bytes
-        if cap_bytes is not None:
-            while client.stored_bytes > cap_bytes and client.lru:
-                self._evict_oldest(client)
+        self._evict_to_cap(client)
 
     def freeze(self, client: Client | str) -> None:
         self._resolve(client).frozen = True
@@ -815,6 +813,13 @@ class Store:
         merged = sorted(itertools.chain(new_owner.lru.items(), moved), key=itemgetter(1))
         new_owner.lru = OrderedDict(merged)
         pool.owner = new_owner
+        self._evict_to_cap(new_owner)  # the inherited pages may not fit its cap
+
+    def _evict_to_cap(self, client: Client) -> None:
+        cap = client.cap_bytes
+        if cap is not None:
+            while client.stored_bytes > cap and client.lru:
+                self._evict_oldest(client)
 
 
 def _pool_of(client: Client, pool_id: int) -> Pool | None:
