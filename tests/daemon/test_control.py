@@ -179,3 +179,19 @@ def test_shutdown_command_stops_the_daemon(start_tmemd: StartTmemd) -> None:
         assert control.request("shutdown") == {"stopping": True}
     assert daemon.proc.wait(15) == 0
     assert not (daemon.run_dir / "control.sock").exists()
+
+
+def test_add_guest_errors_are_replies_not_crashes(tmemd: TmemdProcess) -> None:
+    with tmemd.control() as control:
+        with pytest.raises(ControlError, match="bad guest name"):
+            control.request("add-guest", name="../escape")
+        with pytest.raises(ControlError, match="unknown guest keys"):
+            control.request("add-guest", name="g4", colour="blue")
+        # A legal name whose socket path exceeds what AF_UNIX can hold.
+        with pytest.raises(ControlError, match="too long"):
+            control.request("add-guest", name="x" * 64)
+        assert "x" * 64 not in control.request("stats")["store"]["clients"]
+        assert not list(tmemd.run_dir.glob("xxxx*"))
+        control.request("add-guest", name="g4")
+    with AbiClient.open(tmemd.abi_socket("g4")) as client:
+        assert client.stats() == []

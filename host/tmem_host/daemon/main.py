@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(config.log_level, config.log_format)
     try:
         asyncio.run(Daemon(config).run())
-    except ConfigError as exc:
+    except (ConfigError, OSError) as exc:  # OSError: a socket that cannot be created
         log.error("cannot start", extra={"reason": str(exc)})
         return 2
     return 0

@@ -104,6 +104,9 @@ class Daemon:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._on_signal, signum)
         self._prepare_run_dir()
+        # Claimed before any socket is touched, so a second tmemd on this run dir
+        # stops at the pid check instead of unlinking our sockets.
+        (self.run_dir / PID_FILE_NAME).write_text(f"{os.getpid()}\n")
         try:
             for guest in self.config.guests:
                 await self.add_guest(guest)
@@ -113,7 +116,6 @@ class Daemon:
             )
             if self.config.vsock_port is not None:
                 await self._start_vsock(self.config.vsock_port)
-            (self.run_dir / PID_FILE_NAME).write_text(f"{os.getpid()}\n")
             log.info(READY_LINE, extra={"run_dir": str(self.run_dir), "pid": os.getpid(),
                                         "guests": len(self.guests)})
             print(f"{READY_LINE} pid={os.getpid()} run_dir={self.run_dir}", flush=True)
@@ -182,8 +184,9 @@ class Daemon:
         except BaseException:
             if abi_server is not None:
                 abi_server.close()
-            abi_path.unlink(missing_ok=True)
             export.close()
+            for path in (abi_path, nbd_path, fallback_path(self.run_dir, guest.name)):
+                path.unlink(missing_ok=True)
             self.store.remove_client(client)
             raise
         runtime = GuestRuntime(guest, client, abi_server, export, nbd_server)
@@ -245,7 +248,7 @@ class Daemon:
             raise ControlError(f"unknown command {command!r}; known: {', '.join(self._commands)}")
         try:
             return await handler(request)
-        except ConfigError as exc:
+        except (ConfigError, OSError) as exc:  # e.g. a socket path too long for AF_UNIX
             raise ControlError(str(exc)) from None
 
     async def _cmd_guests(self, request: dict[str, Any]) -> Any:
