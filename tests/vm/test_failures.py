@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import signal
 import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -67,3 +72,50 @@ def test_guest_kernel_panic_is_raised_at_once(image: GuestImage, tmp_path: Path)
             pass
     assert "Kernel panic" in str(failure.value)  # the console tail is in the message
     assert processes_mentioning(str(run_dir)) == []
+
+
+# A launcher user that starts a guest and then dies (SIGKILL), is interrupted
+# (SIGINT, as Ctrl-C) or just returns without shutting the guest down.
+ABANDONING_PARENT = """
+import sys, time
+from pathlib import Path
+from tmem_host.vm.launcher import Guest, GuestConfig
+config = GuestConfig(name="orphan", accel="tcg", run_dir=Path(sys.argv[1]))
+if sys.argv[2] == "interrupt":
+    with Guest(config):
+        time.sleep(600)
+guest = Guest(config)
+guest.start()
+if sys.argv[2] == "kill":
+    time.sleep(600)
+"""
+
+
+def wait_for(condition: Callable[[], object], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.parametrize("ending", ["kill", "interrupt", "return"])
+def test_no_qemu_outlives_its_parent(image: GuestImage, tmp_path: Path, ending: str) -> None:
+    run_dir = tmp_path / ending
+    parent = subprocess.Popen([sys.executable, "-c", ABANDONING_PARENT, str(run_dir), ending],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        qemu_started = wait_for(lambda: processes_mentioning(f"{run_dir}/console.log"), 60.0)
+        assert qemu_started, parent.communicate(timeout=30)[0].decode(errors="replace")
+        if ending == "kill":
+            parent.kill()
+        elif ending == "interrupt":
+            parent.send_signal(signal.SIGINT)
+        output = parent.communicate(timeout=60)[0].decode(errors="replace")
+        if ending == "interrupt":
+            assert "KeyboardInterrupt" in output
+        assert wait_for(lambda: not processes_mentioning(f"{run_dir}/console.log"), 15.0)
+    finally:
+        parent.kill()
+        parent.wait()

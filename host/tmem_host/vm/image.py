@@ -1,7 +1,9 @@
 """The guest image: recipe hash, cache, and the build (`python -m tmem_host.vm.image build`).
 
 The recipe is the files in images/ plus this module's source. Its hash names the
-cache directory ~/.cache/tmem-testbed/images/<hash>/ holding vmlinuz, initrd.img,
+cache directory ~/.cache/tmem-testbed/images/<hash>/ holding vmlinuz (Debian's
+kernel as packaged), vmlinux (the same kernel decompressed, booted through its PVH
+entry: under TCG that skips seconds of firmware and decompression), initrd.img,
 probe-initrd.img, rootfs.ext4 and manifest.json. A build happens in a temporary
 directory next to it and is renamed into place, under a lock, so concurrent
 builders neither race nor leave half an image behind. The agent (guest/, wire/)
@@ -10,18 +12,22 @@ is not part of the image: the launcher shares it read-only over 9p at boot.
 from __future__ import annotations
 
 import argparse
+import bz2
 import contextlib
 import datetime
 import fcntl
 import gzip
 import hashlib
 import json
+import lzma
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+import zlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -48,7 +54,7 @@ class GuestImage:
     """A built image in the cache."""
 
     directory: Path
-    kernel: Path
+    kernel: Path  # what QEMU boots: vmlinux (PVH) when the kernel has the entry, else vmlinuz
     initrd: Path
     probe_initrd: Path
     rootfs: Path
@@ -63,7 +69,7 @@ class GuestImage:
         manifest = json.loads((directory / "manifest.json").read_text())
         return cls(
             directory=directory,
-            kernel=directory / "vmlinuz",
+            kernel=directory / manifest["boot_kernel"],
             initrd=directory / "initrd.img",
             probe_initrd=directory / "probe-initrd.img",
             rootfs=directory / "rootfs.ext4",
@@ -197,6 +203,50 @@ def host_debian_mirror(
     raise ImageError(f"no apt source for {SUITE} in {sources_dir} or {sources_list}")
 
 
+# Compressed payloads a bzImage may carry, as scripts/extract-vmlinux looks for them.
+KERNEL_PAYLOADS: tuple[tuple[bytes, Callable[[bytes], bytes]], ...] = (
+    (b"\xfd7zXZ\x00", lambda data: lzma.LZMADecompressor().decompress(data)),
+    (b"\x1f\x8b\x08", lambda data: zlib.decompressobj(31).decompress(data)),
+    (b"BZh", lambda data: bz2.BZ2Decompressor().decompress(data)),
+)
+XEN_ELFNOTE_PHYS32_ENTRY = 18  # the PVH entry point QEMU boots an ELF kernel through
+
+
+def decompress_kernel(bzimage: bytes) -> bytes | None:
+    """The ELF vmlinux inside a bzImage, or None when no known payload decodes to one."""
+    for magic, decompress in KERNEL_PAYLOADS:
+        offset = bzimage.find(magic)
+        while offset >= 0:
+            try:
+                elf = decompress(bzimage[offset:])
+            except (lzma.LZMAError, zlib.error, OSError, ValueError):
+                elf = b""
+            if elf.startswith(b"\x7fELF"):
+                return elf
+            offset = bzimage.find(magic, offset + 1)
+    return None
+
+
+def has_pvh_entry(elf: bytes) -> bool:
+    """Whether a 64-bit little-endian ELF has the Xen PVH entry note."""
+    if elf[4] != 2 or elf[5] != 1:  # ELFCLASS64, ELFDATA2LSB
+        return False
+    phoff, = struct.unpack_from("<Q", elf, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", elf, 0x36)
+    for index in range(phnum):
+        kind, _, offset, _, _, size = struct.unpack_from("<IIQQQQ", elf, phoff + index * phentsize)
+        if kind != 4:  # PT_NOTE
+            continue
+        position, end = offset, offset + size
+        while position + 12 <= end:
+            name_size, desc_size, note_type = struct.unpack_from("<III", elf, position)
+            name = elf[position + 12:position + 12 + name_size].rstrip(b"\0")
+            if name == b"Xen" and note_type == XEN_ELFNOTE_PHYS32_ENTRY:
+                return True
+            position += 12 + (name_size + 3) // 4 * 4 + (desc_size + 3) // 4 * 4
+    return False
+
+
 class Builder:
     """Runs the build steps in a scratch directory; commands log to build.log."""
 
@@ -208,6 +258,7 @@ class Builder:
         self.log_path = scratch / "build.log"
         self.progress = progress
         self.kernel_package_version = ""
+        self.boot_kernel = "vmlinuz"
 
     def run(self, argv: Sequence[str], cwd: Path | None = None, capture: bool = False) -> str:
         with self.log_path.open("a") as log:
@@ -252,6 +303,10 @@ class Builder:
         (vmlinuz,) = (unpacked / "boot").glob("vmlinuz-*")
         kernel_version = vmlinuz.name.removeprefix("vmlinuz-")
         shutil.copy2(vmlinuz, self.output / "vmlinuz")
+        elf = decompress_kernel(vmlinuz.read_bytes())
+        if elf is not None and has_pvh_entry(elf):
+            (self.output / "vmlinux").write_bytes(elf)
+            self.boot_kernel = "vmlinux"
         # Moved by hand: unpacking over the usrmerged root's /lib symlink is unsafe.
         modules = self.root / "usr/lib/modules"
         modules.mkdir(parents=True, exist_ok=True)
@@ -392,6 +447,7 @@ def _build(builder: Builder, digest: str, final: Path) -> GuestImage:
         "kernel_package": package,
         "kernel_package_version": builder.kernel_package_version,
         "kernel_version": kernel_version,
+        "boot_kernel": builder.boot_kernel,
         "root_label": ROOT_LABEL,
         "ready_marker": READY_MARKER,
         "probe_marker": PROBE_MARKER,
