@@ -228,6 +228,7 @@ class StoreAgainstModel(RuleBasedStateMachine):
                             logical += PAGE_OVERHEAD_BYTES + size
                             charged += PAGE_OVERHEAD_BYTES + size
                 assert logical == pool.stored_bytes
+                assert pool.lru_oids.keys() == (set() if pool.persistent else pool.objects.keys())
                 assert pool.pages == sum(len(obj) for obj in pool.objects.values())
             charged += sum(blob.data_bytes for blob in blobs.values())
             assert client.stored_bytes == charged

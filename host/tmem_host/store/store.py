@@ -44,10 +44,10 @@ MAX_POOLS_PER_CLIENT: Final = 16
 MAX_SHARED_POOLS: Final = 16
 DEFAULT_WEIGHT: Final = 100
 #: Charged per stored page on top of its data bytes. Measured (tracemalloc,
-#: CPython 3.11): a persistent page costs the host about 70 bytes beyond its
-#: data (object dict slot, index int, bytes header); an ephemeral one about
-#: 260 (plus its LRU entry), which is not charged. It also makes same-filled
-#: pages cost something, so a budget bounds their number.
+#: CPython 3.11, docs/STORE.md): a persistent page costs the host about 90
+#: bytes beyond its data, an ephemeral one about 290 (its LRU entry); the
+#: excess is not charged. It also makes same-filled pages cost something, so
+#: a budget bounds their number.
 PAGE_OVERHEAD_BYTES: Final = 64
 #: Xen treats the all-ones UUID as "no UUID": such a shared request is private.
 INVALID_UUID: Final = UUID(int=(1 << 128) - 1)
@@ -118,6 +118,7 @@ class Pool(OpCounters):
         "members",
         "pages",
         "stored_bytes",
+        "lru_oids",
     )
 
     def __init__(
@@ -148,6 +149,10 @@ class Pool(OpCounters):
         self.pages = 0
         #: Data + overhead of every page, as if no page were deduplicated.
         self.stored_bytes = 0
+        #: Ephemeral pools: one oid tuple per object for all its LRU keys.
+        #: Callers pass a fresh tuple per request (decoded from a frame);
+        #: keeping each one alive in an LRU key cost ~100 bytes per page.
+        self.lru_oids: dict[Oid, Oid] = {}
 
     @property
     def shared(self) -> bool:
@@ -679,7 +684,7 @@ class Store:
         owner.stored_bytes += charged
         self.used_bytes += charged
         if not pool.persistent:
-            owner.lru[(pool, oid, index)] = next(self._tick)
+            owner.lru[(pool, pool.lru_oids.setdefault(oid, oid), index)] = next(self._tick)
             owner.ephemeral_bytes += logical
             self.ephemeral_bytes += logical
 
@@ -688,6 +693,8 @@ class Store:
         stored = obj.pop(index)
         if not obj:
             del pool.objects[oid]
+            if not pool.persistent:
+                del pool.lru_oids[oid]
         owner = pool.owner
         if type(stored) is DedupBlob:
             logical = PAGE_OVERHEAD_BYTES + stored.data_bytes
