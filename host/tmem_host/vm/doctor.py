@@ -112,9 +112,9 @@ def run_doctor(arguments: argparse.Namespace) -> int:
     for check in CHECKS:
         result = check()
         failed |= result.level == "FAIL"
-        print(f"[{result.level:^4}] {result.topic:<11} {result.detail}", flush=True)
+        print(f"{'[' + result.level + ']':<7}{result.topic:<12}{result.detail}", flush=True)
         if result.fix:
-            print(f"{'':18}fix: {result.fix}", flush=True)
+            print(f"{'':19}fix: {result.fix}", flush=True)
     print("doctor: " + ("something essential is missing" if failed else "ready"))
     return 1 if failed else 0
 
