@@ -346,7 +346,7 @@ def render(rows: list[Row], notes: dict[str, object]) -> Table:
                 "get": by_name.get("lz4 decompress (in-process)")}
     table = Table(title=f"tmemd bench: {PAGE_SIZE} B mixed pages "
                         f"(lz4 ratio {notes.get('lz4_ratio')}, tmemd stored/raw "
-                        f"{notes.get('tmemd_ratio')})")
+                        f"{notes.get('tmemd_ratio')}, load {notes.get('loadavg_before')})")
     for column in ("operation", "pages/s", "MB/s", "vs redis SET pipelined", "vs lz4"):
         table.add_column(column, justify="left" if column == "operation" else "right")
     for row in rows:
@@ -381,7 +381,10 @@ def main(argv: list[str] | None = None) -> int:
             TmemdProcess(Path(temp_dir), budget=budget, guests=(BENCH_GUEST,),
                          extra_args=("--log-level", "warning")) as daemon:
         ctx = BenchContext(pages, keys, Path(temp_dir), daemon, args.quick)
+        # Other work on the host skews every row: record how busy it was.
+        ctx.notes["loadavg_before"] = round(os.getloadavg()[0], 2)
         rows = [row for suite in SUITES for row in suite(ctx)]
+        ctx.notes["loadavg_after"] = round(os.getloadavg()[0], 2)
     Console().print(render(rows, ctx.notes))
     args.results_dir.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
