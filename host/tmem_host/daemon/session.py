@@ -263,7 +263,10 @@ class AbiSession(asyncio.BufferedProtocol):
     def _get(self, frame: Frame, out: _Chunks) -> None:
         assert self.guest is not None
         status, page = self.store.get(self.guest.client, frame.pool_id, frame.oid, frame.index)
-        _append_reply(out, frame, status, page or b"")
+        if page is None:
+            _append_reply(out, frame, status)
+        else:
+            _append_reply(out, frame, status, page)
 
     def _flush_page(self, frame: Frame, out: _Chunks) -> None:
         assert self.guest is not None
@@ -360,7 +363,7 @@ def _append_reply(out: _Chunks, request: Frame, status: Status, *payload: Buffer
         header, 0, opcode=request.opcode, flags=_REPLY, request_id=request.request_id,
         status=status, pool_id=request.pool_id if pool_id is None else pool_id,
         oid=request.oid, index=request.index,
-        payload_length=sum(len(chunk) for chunk in payload),
+        payload_length=sum(map(len, payload)),
     )
     out.append(header)
     out.extend(payload)
