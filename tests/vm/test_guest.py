@@ -13,7 +13,8 @@ from tmem_host.daemon.process import TmemdProcess
 from tmem_host.vm import accel
 from tmem_host.vm.image import GuestImage
 from tmem_host.vm.launcher import (
-    DISK_SERIALS, TMEM_PORT_NAME, CommandFailedError, Guest, GuestConfig, SshTimeoutError,
+    DISK_SERIALS, TMEM_PORT_NAME, CommandFailedError, Guest, GuestConfig, SshError,
+    SshTimeoutError,
 )
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow]
@@ -112,6 +113,8 @@ def test_files_go_in_and_out(guest: Guest, tmp_path: Path) -> None:
     back = tmp_path / "back"
     guest.get_file("/tmp/payload", back)
     assert back.read_bytes() == payload
+    with pytest.raises(SshError, match="no/such/file"):
+        guest.get_file("/no/such/file", tmp_path / "never")
 
 
 def test_command_failures_and_timeouts_are_reported(guest: Guest) -> None:

@@ -278,8 +278,12 @@ class Builder:
 
     def debootstrap(self, mirror: str) -> None:
         packages = ",".join(read_list("packages.txt"))
+        # Downloaded .debs are kept for the next build (debootstrap checks them
+        # against the archive's checksums before use).
+        debs = cache_root() / "debootstrap-debs"
+        debs.mkdir(parents=True, exist_ok=True)
         self.run(["debootstrap", "--variant=minbase", f"--include={packages}",
-                  "--components=main", SUITE, str(self.root), mirror])
+                  "--components=main", f"--cache-dir={debs}", SUITE, str(self.root), mirror])
 
     def kernel_package(self) -> str:
         """The exact linux-image-6.1.0-N-amd64 the meta package depends on."""

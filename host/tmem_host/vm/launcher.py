@@ -309,7 +309,7 @@ class Guest:
         deadline = self._started_at + timeout
         while True:
             self._check_alive()
-            console = self.console_text().encode()
+            console = self._console_bytes()
             marker = console.find(READY_MARKER.encode())
             if marker >= 0:
                 break
@@ -371,16 +371,22 @@ class Guest:
         return self._process is not None and self._process.poll() is None
 
     def console_text(self) -> str:
+        return self._console_bytes().decode(errors="replace")
+
+    def _console_bytes(self) -> bytes:
         try:
-            return self.console_log.read_bytes().decode(errors="replace")
+            return self.console_log.read_bytes()
         except FileNotFoundError:
-            return ""
+            return b""
 
     # -- SSH ------------------------------------------------------------------
 
     def ssh(self, command: str, timeout: float = 60.0, check: bool = True,
             input: bytes | None = None) -> CommandResult:
-        """Run a shell command as root; raises CommandFailedError on non-zero if check."""
+        """Run a shell command as root; raises CommandFailedError on non-zero if check.
+
+        On SshTimeoutError the channel is closed, but the command may live on in the guest.
+        """
         transport = self._transport()
         channel = transport.open_session()
         stdout, stderr = bytearray(), bytearray()
@@ -403,8 +409,10 @@ class Guest:
                         f"guest command {command!r} still running after {timeout} s\n"
                         f"stdout so far: {bytes(stdout[-2000:]).decode(errors='replace')}\n"
                         f"stderr so far: {bytes(stderr[-2000:]).decode(errors='replace')}")
-                if not channel.closed:
-                    self._check_alive()
+                self._check_alive()
+                if channel.closed and not channel.exit_status_ready():
+                    raise SshError(f"guest {self.config.name}: the SSH connection closed "
+                                   f"while {command!r} ran")
                 channel.status_event.wait(0.05)
             result = CommandResult(command, channel.recv_exit_status(),
                                    stdout.decode(errors="replace"),
@@ -416,12 +424,20 @@ class Guest:
         return result
 
     def put_file(self, local: Path, remote: str) -> None:
-        with self._transport_sftp() as sftp:
-            sftp.put(str(local), remote)
+        """Copy a host file into the guest over SFTP."""
+        with self._sftp() as sftp:
+            try:
+                sftp.put(str(local), remote)
+            except OSError as error:
+                raise SshError(f"put {local} -> {self.config.name}:{remote}: {error}") from error
 
     def get_file(self, remote: str, local: Path) -> None:
-        with self._transport_sftp() as sftp:
-            sftp.get(remote, str(local))
+        """Copy a guest file to the host over SFTP."""
+        with self._sftp() as sftp:
+            try:
+                sftp.get(remote, str(local))
+            except OSError as error:
+                raise SshError(f"get {self.config.name}:{remote} -> {local}: {error}") from error
 
     def ssh_command_line(self) -> str:
         """A command a human can paste to log in (debugging)."""
@@ -642,14 +658,14 @@ class Guest:
             raise SshError(f"guest {self.config.name}: the SSH connection dropped")
         return transport
 
-    def _transport_sftp(self) -> paramiko.SFTPClient:
+    def _sftp(self) -> paramiko.SFTPClient:
         try:
-            return paramiko.SFTPClient.from_transport(self._transport()) or self._no_sftp()
+            sftp = paramiko.SFTPClient.from_transport(self._transport())
         except paramiko.SSHException as error:
             raise SshError(f"SFTP to {self.config.name}: {error}") from error
-
-    def _no_sftp(self) -> paramiko.SFTPClient:
-        raise SshError(f"guest {self.config.name}: SFTP channel refused")
+        if sftp is None:
+            raise SshError(f"guest {self.config.name}: SFTP channel refused")
+        return sftp
 
     def _request_poweroff(self) -> None:
         try:
