@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--budget", help="memory budget for stored pages, e.g. 512M")
     parser.add_argument(
         "--guest", dest="guests", action="append", default=[], metavar="SPEC",
-        help="NAME[:weight=W][:cap=SIZE][:shared=UUID,...][:dedup]; repeatable",
+        help="NAME[:weight=W][:cap=SIZE][:shared=UUID,...][:dedup][:cid=N]; repeatable",
     )
     parser.add_argument("--config", type=Path, help="TOML file with the same settings")
     parser.add_argument("--no-compress", dest="compress", action="store_const", const=False,
