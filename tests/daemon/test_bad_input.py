@@ -136,6 +136,7 @@ def test_pool_page_size_must_be_negotiated(tmemd: TmemdProcess) -> None:
         reply = client.call(Op.NEW_POOL, payload=NewPool(PoolFlag(0), page_shift=13).encode())
         assert (reply.status, error_text(reply)) == (Status.INVALID,
                                                      "page shift 13 not negotiated")
+    assert_daemon_serves_others(tmemd)
 
 
 def test_too_many_pools_are_refused(tmemd: TmemdProcess, g1: AbiClient) -> None:
@@ -158,6 +159,7 @@ def test_too_many_requests_in_flight_are_refused(tmemd: TmemdProcess) -> None:
         assert statuses[:4] == [Status.MISS] * 4
         assert statuses[4:] == [Status.INVALID] * 8
         assert client.get(pool_id, (1, 0, 0), 0) == (Status.MISS, None)
+    assert_daemon_serves_others(tmemd)
 
 
 def test_batches_over_the_negotiated_size_are_refused(tmemd: TmemdProcess) -> None:
@@ -170,6 +172,7 @@ def test_batches_over_the_negotiated_size_are_refused(tmemd: TmemdProcess) -> No
         assert (reply.status, error_text(reply)) == (
             Status.INVALID, "batch of 9 exceeds the negotiated 8")
         assert client.put_batch(pool_id, keys[:8], [PAGE] * 8) == [Status.OK] * 8
+    assert_daemon_serves_others(tmemd)
 
 
 def test_bad_payload_values_are_answered_with_the_codec_status(tmemd: TmemdProcess,
@@ -194,6 +197,7 @@ def test_requests_before_hello_are_discarded_as_resync(tmemd: TmemdProcess) -> N
         # The early NEW_POOL was never served: this is pool 0, and no reply has id 5.
         assert client.new_pool()[0] == 0
         assert client.stats()[0].pool_id == 0 and len(client.stats()) == 1
+    assert_daemon_serves_others(tmemd)
 
 
 def test_garbage_flood_closes_only_that_connection(tmemd: TmemdProcess, g1: AbiClient) -> None:
@@ -213,3 +217,4 @@ def test_requests_after_a_failed_hello_get_protocol_error(tmemd: TmemdProcess) -
         assert (reply.status, error_text(reply)) == (Status.PROTOCOL_ERROR, "HELLO first")
         client.hello()  # the connection was kept
         assert client.new_pool()[0] == 0
+    assert_daemon_serves_others(tmemd)
