@@ -55,4 +55,5 @@ def test_two_guests_boot_together_and_power_off_cleanly(image: GuestImage, tmp_p
         assert processes_mentioning(str(guest.run_dir)) == []
         for log in ("console.log", "qemu-stderr.log", "qmp.log"):
             assert (guest.run_dir / log).is_file()
+        assert not (guest.run_dir / "swap.img").exists()  # scratch disks go with QEMU
     assert "tmem-init: shutting down" in guests[0].console_text()

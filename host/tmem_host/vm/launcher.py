@@ -8,7 +8,7 @@
         guest.qmp("query-status")         # -> {"status": "running", ...}
 
 Each guest has a run directory (console.log, qemu-stderr.log, qmp.log, the SSH
-key, disk files). Disks carry virtio-blk serials (tmem-root, tmem-swap,
+key, and while it runs its scratch swap and data disks). Disks carry virtio-blk serials (tmem-root, tmem-swap,
 tmem-data) for guest code to find them via /sys/block/*/serial. The agent
 source (guest/, wire/) is shared read-only over 9p and is on the guest's
 Python path. QEMU runs in its own process group with PR_SET_PDEATHSIG, and an
@@ -257,6 +257,7 @@ class Guest:
         self._monitor_socket: socket.socket | None = None
         self._console_offset = 0
         self._console_tail = b""
+        self._scratch_disks: list[Path] = []
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -360,6 +361,8 @@ class Guest:
         if process is not None:
             process.wait()
             self.exit_code = process.returncode
+        for disk in self._scratch_disks:
+            disk.unlink(missing_ok=True)
         self._cleanup()
 
     @property
@@ -556,7 +559,10 @@ class Guest:
         return ["-drive", f"file={swap},if=none,id=swap,format=raw{throttle}", *device]
 
     def _sparse_file(self, name: str, size_mib: int) -> Path:
+        """A fresh scratch disk; kill() deletes it once QEMU is gone (it can grow to
+        its full size, and every boot makes a new one)."""
         path = self.run_dir / name
+        self._scratch_disks.append(path)
         with path.open("wb") as sparse:
             sparse.truncate(size_mib << 20)
         return path
