@@ -14,7 +14,7 @@ import pytest
 
 from tmem_host.vm.image import GuestImage
 from tmem_host.vm.launcher import (
-    GuestPanicError, Guest, GuestConfig, LauncherError, MissingImageError, QemuExitedError,
+    GuestConfigError, GuestPanicError, Guest, GuestConfig, LauncherError, MissingImageError, QemuExitedError,
     SocketNotListeningError,
 )
 
@@ -43,6 +43,15 @@ def test_tmem_socket_must_listen_before_qemu_starts(image: GuestImage, tmp_path:
             with pytest.raises(SocketNotListeningError, match=f"{path} is not listening"):
                 guest.start()
             assert guest.pid is None
+
+
+@pytest.mark.skipif(Path("/dev/vhost-vsock").exists(), reason="this host has vhost-vsock")
+def test_vsock_is_refused_without_vhost_vsock(image: GuestImage, tmp_path: Path) -> None:
+    guest = Guest(GuestConfig(name="novsock", image=image, accel="tcg", vsock_cid=3,
+                              run_dir=tmp_path / "run"))
+    with pytest.raises(GuestConfigError, match="/dev/vhost-vsock does not exist"):
+        guest.start()
+    assert guest.pid is None
 
 
 def test_qemu_start_failure_carries_exit_code_command_and_log(

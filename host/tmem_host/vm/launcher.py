@@ -39,7 +39,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 import paramiko
 from cryptography.hazmat.primitives import serialization
@@ -67,7 +67,6 @@ BOOT_TIMEOUT_S = {"tcg": 180.0, "kvm": 60.0}
 SOFT_SHUTDOWN_TIMEOUT_S = 30.0
 QUIT_TIMEOUT_S = 10.0
 
-T = TypeVar("T")
 
 
 class LauncherError(Exception):
