@@ -349,6 +349,8 @@ class NbdSwapServer:
                     if isinstance(event, nbd.ConnectionClosed):
                         return
                     assert isinstance(event, nbd.Request)
+                    if event.command == nbd.Command.DISC:
+                        return  # NBD_CMD_DISC has no reply
                     if scratch is None:
                         self._work.put(event)
                     else:
