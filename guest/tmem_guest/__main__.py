@@ -43,6 +43,7 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     start.add_argument("--nbd", default="/dev/nbd0", type=Path, help="the NBD device to serve")
     start.add_argument("--swap-mib", type=int, default=0, help="swap size (default: the fallback disk's size)")
     start.add_argument("--swap-priority", type=int, default=10)
+    start.add_argument("--swap-type", type=int, default=0, help="swap area number in the frontswap keys")
     start.add_argument("--depth", type=int, default=4, help="pipelined mode: NBD requests served at once")
     start.add_argument("--cache", nargs=2, metavar=("SOURCE", "MOUNTPOINT"), help="cleancache FUSE mount")
     start.add_argument("--no-lock", action="store_true", help="skip mlockall/IO_FLUSHER (experiments only)")
@@ -77,7 +78,8 @@ def run_agent(arguments: argparse.Namespace) -> int:
         swap_counters = counters.Counters("swap", arguments.swap)
         slot_count = (arguments.swap_mib << 20 >> 12) if arguments.swap_mib else None
         store = SwapStore(
-            session, swap_pool, disk, swap_counters, batched=arguments.swap != "sync", slot_count=slot_count
+            session, swap_pool, disk, swap_counters, batched=arguments.swap != "sync",
+            swap_type=arguments.swap_type, slot_count=slot_count,
         )
         server = NbdSwapServer(arguments.nbd, store, mode=arguments.swap, depth=arguments.depth)
         server.start()
