@@ -132,3 +132,9 @@ def test_command_failures_and_timeouts_are_reported(guest: Guest) -> None:
 def test_console_shows_the_readiness_marker(guest: Guest) -> None:
     assert "TMEM-GUEST-READY" in guest.console_text()
     assert guest.boot_times.marker is not None and guest.boot_times.ssh is not None
+
+
+def test_sysrq_dumps_reach_the_console_and_quiet_returns(guest: Guest) -> None:
+    dump = guest.sysrq("m")
+    assert "sysrq: Show Memory" in dump and "Mem-Info:" in dump
+    assert guest.ssh("cat /proc/sys/kernel/printk").stdout.split()[0] == "4"

@@ -66,7 +66,7 @@ PR_SET_PDEATHSIG = 1
 BOOT_TIMEOUT_S = {"tcg": 180.0, "kvm": 60.0}
 SOFT_SHUTDOWN_TIMEOUT_S = 30.0
 QUIT_TIMEOUT_S = 10.0
-
+QUIET_CONSOLE_LOGLEVEL = "4"  # what the kernel's `quiet` sets
 
 
 class LauncherError(Exception):
@@ -466,6 +466,19 @@ class Guest:
         self._log_qmp("<-", {"return": reply})
         return reply
 
+    def sysrq(self, key: str, settle: float = 3.0) -> str:
+        """Press Alt-SysRq-KEY on the guest's keyboard (QMP send-key: works while the
+        guest is too stuck for SSH) and return what it printed on the console within
+        `settle` seconds. "w": blocked tasks, "t": all task states, "m": memory."""
+        before = len(self._console_bytes())
+        # The console log level goes to 9 around the key: `quiet` hides the dumps.
+        for pressed in ("9", key, QUIET_CONSOLE_LOGLEVEL):
+            self.qmp("send-key", keys=[{"type": "qcode", "data": code}
+                                       for code in ("alt", "sysrq", pressed)])
+            if pressed == key:
+                time.sleep(settle)
+        return self._console_bytes()[before:].decode(errors="replace")
+
     # -- internals ------------------------------------------------------------
 
     def _check_config(self) -> GuestImage:
@@ -506,7 +519,8 @@ class Guest:
         assert self.accel is not None
         public_key = f"{self._ssh_key.get_name()} {self._ssh_key.get_base64()} tmem-testbed"
         kernel_args = [
-            "console=ttyS0", "panic=-1", "quiet",
+            # sysrq_always_enabled: Guest.sysrq() works even when the guest is stuck.
+            "console=ttyS0", "panic=-1", "quiet", "sysrq_always_enabled",
             f"tmem.hostname={config.name}",
             "tmem.ssh_key=" + base64.b64encode(public_key.encode()).decode(),
             *config.kernel_args,
