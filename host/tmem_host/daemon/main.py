@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
+import ctypes.util
 import logging
 import sys
 from pathlib import Path
@@ -40,6 +42,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# glibc mallopt parameters (malloc.h).
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+
+
+def keep_batch_buffers_on_the_heap() -> bool:
+    """Serve batch-sized buffers (a 256 KiB frame, its payload, the reply) from the
+    heap instead of a fresh mmap each time: glibc's default maps and unmaps them
+    per frame, and the page faults cost a third of tmemd's CPU per batched page.
+    Returns whether glibc took the settings (other libcs: nothing to tune)."""
+    libc_path = ctypes.util.find_library("c")
+    mallopt = getattr(ctypes.CDLL(libc_path), "mallopt", None) if libc_path else None
+    if mallopt is None:
+        return False
+    # Above the largest frame (4 MiB + 64) and below glibc's 32 MiB limit.
+    took_mmap = mallopt(M_MMAP_THRESHOLD, 16 << 20)
+    took_trim = mallopt(M_TRIM_THRESHOLD, 128 << 20)
+    return bool(took_mmap and took_trim)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -59,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tmemd: {exc}", file=sys.stderr)
         return 2
     configure_logging(config.log_level, config.log_format)
+    log.debug("malloc tuned for batch buffers", extra={"tuned": keep_batch_buffers_on_the_heap()})
     try:
         asyncio.run(Daemon(config).run())
     except (ConfigError, OSError) as exc:  # OSError: a socket that cannot be created
