@@ -38,6 +38,7 @@ from rich.table import Table
 
 from tmem_guest.usemem import expected_page, page_templates
 from tmem_host.daemon.client import AbiClient, Request
+from tmem_host.daemon.main import keep_batch_buffers_on_the_heap
 from tmem_host.daemon.process import TmemdProcess
 from tmem_host.nbd.client import bench_export
 from tmem_wire.abi import Key, Op, PoolFlag, Status, decode_batch_reply
@@ -374,6 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer unpipelined round trips")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
+    # The bench's own clients move batch-sized buffers too (same settings as tmemd).
+    keep_batch_buffers_on_the_heap()
     pages = mixed_pages(args.pages)
     keys: list[Key] = [((number >> 10, 0, 0), number & 1023) for number in range(len(pages))]
     budget = f"{max(64, args.pages * PAGE_SIZE * 2 >> 20)}M"
