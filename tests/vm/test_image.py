@@ -8,18 +8,19 @@ from pathlib import Path
 import pytest
 
 from tmem_host.vm import image as image_module
-from tmem_host.vm.image import (
-    GuestImage, decompress_kernel, has_pvh_entry, host_debian_mirror, recipe_files, recipe_hash,
-)
+from tmem_host.vm import recipe as recipe_module
+from tmem_host.vm.image import GuestImage, recipe_files, recipe_hash
+from tmem_host.vm.recipe import ImageError, decompress_kernel, has_pvh_entry, host_debian_mirror
 
 pytestmark = pytest.mark.vm
 
 
 def test_recipe_is_images_and_the_recipe_code_only() -> None:
-    repo = image_module.REPO_ROOT
+    repo = recipe_module.REPO_ROOT
     names = [path.relative_to(repo).parts[0] for path in recipe_files()]
     assert set(names) == {"images", "host"}
-    assert Path(image_module.__file__).resolve() in recipe_files()
+    assert [p for p in recipe_files() if p.parts[-4:-1] == ("host", "tmem_host", "vm")] == [
+        Path(recipe_module.__file__).resolve()]
     assert all(path.suffix != ".md" for path in recipe_files())
 
 
@@ -27,13 +28,13 @@ def test_recipe_hash_follows_recipe_contents_but_not_documentation(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # A copy of the recipe (images/ and the recipe code) in a scratch repository.
     recipe = tmp_path / "images"
-    shutil.copytree(image_module.RECIPE_DIR, recipe)
-    code = tmp_path / Path(image_module.__file__).resolve().relative_to(image_module.REPO_ROOT)
+    shutil.copytree(recipe_module.RECIPE_DIR, recipe)
+    code = tmp_path / Path(recipe_module.__file__).resolve().relative_to(recipe_module.REPO_ROOT)
     code.parent.mkdir(parents=True)
-    shutil.copy2(image_module.__file__, code)
+    shutil.copy2(recipe_module.__file__, code)
     monkeypatch.setattr(image_module, "RECIPE_DIR", recipe)
     monkeypatch.setattr(image_module, "REPO_ROOT", tmp_path)
-    monkeypatch.setattr(image_module, "__file__", str(code))
+    monkeypatch.setattr(recipe_module, "__file__", str(code))
     original = recipe_hash()
     (recipe / "README.md").write_text("rewritten documentation\n")
     assert recipe_hash() == original
@@ -64,7 +65,7 @@ def test_host_mirror_from_deb822_and_one_line_sources(tmp_path: Path) -> None:
                         "deb [arch=amd64] http://line.example/debian bookworm main\n")
     assert host_debian_mirror(sources_dir, one_line) == "http://line.example/debian"
     one_line.write_text("deb http://line.example/debian trixie main\n")
-    with pytest.raises(image_module.ImageError, match="no apt source for bookworm"):
+    with pytest.raises(ImageError, match="no apt source for bookworm"):
         host_debian_mirror(sources_dir, one_line)
 
 

@@ -18,7 +18,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
-from tmem_host.vm.image import PROBE_MARKER, GuestImage, cache_root
+from tmem_host.vm.image import GuestImage, cache_root
+from tmem_host.vm.recipe import PROBE_MARKER
 
 PROBE_TIMEOUT_S = 25.0
 QEMU_BINARY = "qemu-system-x86_64"

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Literal
 
 from tmem_host.vm import accel
-from tmem_host.vm.image import HOST_BUSYBOX, cache_root, cached_image, images_dir, recipe_hash
+from tmem_host.vm.image import cache_root, cached_image, images_dir, recipe_hash
+from tmem_host.vm.recipe import HOST_BUSYBOX
 
 Level = Literal["ok", "warn", "FAIL"]
 # Building the image takes about 1.5 GB of scratch plus the result; guests add overlays.

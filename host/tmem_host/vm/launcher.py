@@ -47,7 +47,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from qemu.qmp import ExecuteError, QMPClient, QMPError
 
 from tmem_host.vm import accel as accel_probe
-from tmem_host.vm.image import READY_MARKER, REPO_ROOT, GuestImage, ImageError, require_image
+from tmem_host.vm.image import GuestImage, ImageError, require_image
+from tmem_host.vm.recipe import READY_MARKER, REPO_ROOT
 
 Accel = Literal["auto", "kvm", "tcg"]
 SwapKind = Literal["none", "hdd", "ssd", "hostcache", "nbd"]
