@@ -141,14 +141,18 @@ def workload_command(scenario: Scenario, index: int, repetition: int) -> str:
     mib = working_set_mib(scenario)
     seed = 1000 * repetition + index + 1
     if scenario.workload in ("usemem", "contention"):
-        command = (
-            f"python3 -m tmem_guest.usemem --mib {mib} --seed {seed} "
-            f"--order {params['order']} --passes {params['passes']}"
-        )
+        def usemem(burst_seed: int) -> str:
+            return (
+                f"python3 -m tmem_guest.usemem --mib {mib} --seed {burst_seed} "
+                f"--order {params['order']} --passes {params['passes']}"
+            )
+
         if scenario.workload == "contention":
-            # Bursty phases: the guests' working sets grow and shrink together.
-            return " && ".join([command] * int(params["bursts"]))
-        return command
+            # Bursty phases: working sets grow, are released, idle, and grow again,
+            # so the host budget changes hands between the guests.
+            bursts = [usemem(seed * 100 + burst) for burst in range(int(params["bursts"]))]
+            return " && sleep 3 && ".join(bursts)
+        return usemem(seed)
     if scenario.workload == "stress-vm":
         return (
             f"stress-ng --vm 1 --vm-bytes {mib}M --vm-method {shlex.quote(str(params['method']))} "
@@ -328,18 +332,16 @@ class Runner:
         processes = {"qemu": qemu_pids, "tmemd": [tmemd.pid] if tmemd else []}
         host_before = {pid: hostmetrics.process_usage(pid) for pids in processes.values() for pid in pids}
         timeout = self.scenario.workload_timeout_s
-        started = time.monotonic()
         with hostmetrics.RssTimeline(processes) as timeline, ThreadPoolExecutor(len(guests)) as pool:
             # All guests start their workload together (contention), each on its own SSH channel.
             futures = [
-                pool.submit(guest.ssh, workload_command(self.scenario, index, repetition), timeout, False)
+                pool.submit(_timed_ssh, guest, workload_command(self.scenario, index, repetition), timeout)
                 for index, guest in enumerate(guests)
             ]
-            results = [future.result() for future in futures]
-        wall = time.monotonic() - started
+            timed_results = [future.result() for future in futures]
         tmemd_stats = tmemd.control().request("stats") if tmemd else {}
         samples = []
-        for index, (guest, result) in enumerate(zip(guests, results)):
+        for index, (guest, (result, wall)) in enumerate(zip(guests, timed_results)):
             after = json.loads(guest.ssh("python3 -m tmem_guest.snapshot", timeout=60).stdout)
             workload = _parse_workload_output(result.stdout)
             verified = result.exit_status == 0 and workload.get("verified", True) is not False
@@ -360,7 +362,8 @@ class Runner:
                 "ok": verified,
                 "verified": verified,
                 "error": None if verified else _failure_text(result),
-                "wall_s": round(float(workload.get("total_s", wall)), 3),
+                # usemem times itself inside the guest (no SSH overhead); others by the host.
+                "wall_s": round(float(workload.get("total_s", wall)) if self.scenario.workload == "usemem" else wall, 3),
                 "workload": workload,
                 "vmstat": _delta(after["vmstat"], before[index]["vmstat"]),
                 "psi": _delta(after["psi"], before[index]["psi"]),
@@ -370,6 +373,12 @@ class Runner:
                 "timeline": timeline.points,
             })
         return samples
+
+
+def _timed_ssh(guest: launcher.Guest, command: str, timeout: float) -> tuple[launcher.CommandResult, float]:
+    started = time.monotonic()
+    result = guest.ssh(command, timeout=timeout, check=False)
+    return result, time.monotonic() - started
 
 
 def _parse_workload_output(stdout: str) -> dict[str, Any]:
