@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 import struct
 import threading
@@ -17,6 +18,7 @@ from tmem_wire import nbd
 from .conftest import CAPPED_GUEST, export_stats, nbd_uri, qemu_io, run_tool
 
 MIB = 1024 * 1024
+PAGE = 4096
 
 
 def test_qemu_io_write_read_discard_zero(tmemd: TmemdProcess) -> None:
@@ -180,3 +182,40 @@ def test_swap_key_follows_linux_xen_frontswap() -> None:
     assert swap_key(0x1234) == ((0x4, 0, 0), 0x123)
     assert swap_key(15) == ((15, 0, 0), 0)
     assert swap_key(16) == ((0, 0, 0), 1)
+
+
+def test_random_operations_read_back_as_a_model_predicts(tmemd: TmemdProcess) -> None:
+    """Writes, trims, zeroes and reads at random over 8 MiB of the capped guest's export,
+    with the guest frozen and thawed on the way: tmem and fallback slots interleave,
+    and every read must match a plain model of the disk."""
+    rng = random.Random(1234)
+    slots = 2048
+    model = bytearray(slots * PAGE)
+    with NbdClient(tmemd.nbd_socket(CAPPED_GUEST), CAPPED_GUEST) as client, \
+            tmemd.control() as control:
+        for step in range(1500):
+            first = rng.randrange(slots)
+            count = min(rng.choice((1, 1, 2, 8, 32, 64)), slots - first)
+            span = slice(first * PAGE, (first + count) * PAGE)
+            choice = rng.random()
+            if choice < 0.45:
+                data = b"".join(rng.choice((rng.randbytes(PAGE), bytes([step % 251]) * PAGE))
+                                for _ in range(count))
+                assert client.write(first * PAGE, data) == nbd.Error.OK
+                model[span] = data
+            elif choice < 0.55:
+                command = rng.choice((nbd.Command.TRIM, nbd.Command.WRITE_ZEROES))
+                reply = client.call(ClientRequest(command, first * PAGE, count * PAGE))
+                assert reply.error == nbd.Error.OK
+                model[span] = bytes(count * PAGE)
+            elif choice < 0.57:
+                control.request(rng.choice(("freeze", "thaw")), guest=CAPPED_GUEST)
+            else:
+                assert client.read(first * PAGE, count * PAGE) == (nbd.Error.OK, bytes(model[span]))
+        for first in range(0, slots, 256):
+            span = slice(first * PAGE, (first + 256) * PAGE)
+            assert client.read(first * PAGE, 256 * PAGE) == (nbd.Error.OK, bytes(model[span]))
+    stats = export_stats(tmemd, CAPPED_GUEST)
+    assert stats["pages_put_tmem"] > 0 and stats["pages_refused_fallback"] > 0
+    assert stats["pages_read_tmem"] > 0 and stats["pages_read_fallback"] > 0
+    assert stats["read_errors"] == 0
