@@ -36,7 +36,7 @@ __all__ = [
     "OtherOption", "MalformedOption", "Request", "ConnectionClosed",
     "Greeting", "ExportChosen", "ExportInfo", "ExportList", "OptionReply", "OptionError",
     "SimpleReply", "encode_simple_reply", "pack_simple_reply_into",
-    "TransmissionDecoder", "NbdServerConnection",
+    "ClientEvent", "ServerEvent", "Phase", "TransmissionDecoder", "NbdServerConnection",
 ]
 
 NBDMAGIC: Final = 0x4E42444D41474943  # "NBDMAGIC"
