@@ -98,6 +98,29 @@ def test_every_page_kind_round_trips_byte_exact(kind: str, compress: bool, page_
     assert store.raw_bytes == size and store.pages == 1
 
 
+@pytest.mark.parametrize("compress", [True, False], ids=["lz4", "raw"])
+@pytest.mark.parametrize("dedup", [False, True], ids=["plain", "dedup"])
+def test_pages_given_as_views_are_stored_as_copies(compress: bool, dedup: bool) -> None:
+    """tmemd hands put_many views into a batch payload; the store must keep none."""
+    kinds = sorted(PAGE_KINDS)
+    pages = [PAGE_KINDS[kind](PAGE) for kind in kinds]
+    payload = bytearray(b"\0" * 8 + b"".join(pages))  # pages at an offset, as in a batch
+    views = [memoryview(payload)[8 + n * PAGE : 8 + (n + 1) * PAGE] for n in range(len(pages))]
+    keys = [(OID, index) for index in range(len(pages))]
+    stores = []
+    for given in (views, pages):
+        store = Store(BIG, compress=compress)
+        client = store.add_client("g1", dedup=dedup)
+        pool_id = new_pool(store, client, persistent=True)
+        assert store.put_many(client, pool_id, keys, given) == [Status.OK] * len(pages)
+        payload[:] = bytes(len(payload))  # the payload buffer is reused for the next read
+        statuses, got = store.get_many(client, pool_id, keys)
+        assert statuses == [Status.OK] * len(pages) and got == pages
+        stores.append(store)
+    by_views, by_bytes = stores
+    assert by_views.stats() == by_bytes.stats()  # same stored forms, same accounting
+
+
 # ---------------------------------------------------------------- get kinds
 
 

@@ -13,22 +13,35 @@ nothing beyond what lz4 returns:
 
 from __future__ import annotations
 
+import struct
 from typing import Final
 
 import lz4.block
+
+from tmem_wire.abi import Buffer
 
 FILL_WORD_BYTES: Final = 8
 
 _lz4_compress = lz4.block.compress
 _lz4_decompress = lz4.block.decompress
 
+_TWO_WORDS = struct.Struct("<2Q")
+
 StoredPage = bytes | int
 
 
-def encode_page(data: bytes, page_size: int, compress: bool) -> StoredPage:
-    """Return the stored form of ``data`` (``len(data) == page_size``)."""
-    if data[:FILL_WORD_BYTES] * (page_size // FILL_WORD_BYTES) == data:
-        return int.from_bytes(data[:FILL_WORD_BYTES], "little")
+def encode_page(data: Buffer, page_size: int, compress: bool) -> StoredPage:
+    """Return the stored form of ``data`` (``page_size`` bytes; bytes or a view)."""
+    # Most pages differ in their first two words: rule them out without
+    # building a page-sized fill pattern.
+    words: tuple[int, int] = _TWO_WORDS.unpack_from(data)
+    first, second = words
+    # bytes.startswith takes any buffer and memcmp()s (memoryview == compares
+    # item by item): of equal lengths, it is equality.
+    if first == second and (
+        first.to_bytes(FILL_WORD_BYTES, "little") * (page_size // FILL_WORD_BYTES)
+    ).startswith(data):
+        return first
     if compress:
         packed: bytes = _lz4_compress(data, store_size=False)
         if len(packed) < page_size:

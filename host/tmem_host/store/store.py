@@ -30,6 +30,7 @@ from tmem_wire.abi import (
     MAX_PAGE_SHIFT,
     MIN_PAGE_SHIFT,
     WHOLE_OBJECT,
+    Buffer,
     Key,
     Oid,
     PoolFlag,
@@ -398,7 +399,7 @@ class Store:
 
     # ------------------------------------------------------------- pages
 
-    def put(self, client: Client, pool_id: int, oid: Oid, index: int, data: bytes) -> Status:
+    def put(self, client: Client, pool_id: int, oid: Oid, index: int, data: Buffer) -> Status:
         pool = _pool_of(client, pool_id)
         if pool is None or len(data) != pool.page_size:
             return _INVALID
@@ -418,9 +419,10 @@ class Store:
         client: Client,
         pool_id: int,
         keys: Sequence[Key],
-        pages: Sequence[bytes],
+        pages: Sequence[Buffer],
     ) -> list[Status]:
-        """Put ``pages[i]`` at ``keys[i]`` (oid, index); one status per page."""
+        """Put ``pages[i]`` at ``keys[i]`` (oid, index); one status per page.
+        Pages may be views into a batch payload: the store keeps none of them."""
         if len(keys) != len(pages):
             raise ValueError("keys and pages differ in length")
         pool = _pool_of(client, pool_id)
@@ -609,7 +611,7 @@ class Store:
             raise KeyError(client.name)
         return client
 
-    def _put_page(self, pool: Pool, oid: Oid, index: int, data: bytes) -> Status:
+    def _put_page(self, pool: Pool, oid: Oid, index: int, data: Buffer) -> Status:
         objects = pool.objects
         obj = objects.get(oid)
         if obj is not None and index in obj:
@@ -633,7 +635,7 @@ class Store:
         self._charge(pool, owner, oid, index, cost, cost)
         return _OK
 
-    def _put_dedup_page(self, pool: Pool, oid: Oid, index: int, data: bytes) -> Status:
+    def _put_dedup_page(self, pool: Pool, oid: Oid, index: int, data: Buffer) -> Status:
         owner = pool.owner
         digest = hashlib.blake2b(data, digest_size=16).digest()
         blob = owner.dedup_table.get(digest)
@@ -725,7 +727,7 @@ class Store:
             self._drop_page(pool, obj, oid, index)  # never leave a stale copy
         return status
 
-    def _refuse_frozen_put(self, pool: Pool, oid: Oid, index: int, data: bytes) -> Status:
+    def _refuse_frozen_put(self, pool: Pool, oid: Oid, index: int, data: Buffer) -> Status:
         return self._refuse_put(pool, oid, index, _FROZEN)
 
     def _get_page(self, pool: Pool, oid: Oid, index: int) -> bytes | None:
