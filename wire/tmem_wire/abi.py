@@ -21,6 +21,7 @@ cannot be encoded: that is a bug in the caller, not bad input from the peer.
 
 from __future__ import annotations
 
+import functools
 import struct
 import uuid
 from collections.abc import Iterable, Sequence
@@ -681,13 +682,16 @@ def _encode_keys(out: bytearray, keys: Sequence[Key]) -> None:
         raise ValueError(f"batch key out of range: {error}") from None
 
 
+@functools.lru_cache(maxsize=64)
+def _words(count: int) -> struct.Struct:
+    """`count` little-endian u64s: one unpack for a whole descriptor block."""
+    return struct.Struct(f"<{count}Q")
+
+
 def _decode_keys(payload: Buffer, count: int) -> list[Key]:
-    return [
-        ((o0, o1, o2), index)
-        for o0, o1, o2, index in _DESCRIPTOR.iter_unpack(
-            memoryview(payload)[BATCH_HEADER_SIZE : BATCH_HEADER_SIZE + count * DESCRIPTOR_SIZE]
-        )
-    ]
+    # One unpack, then C-level zips: no per-descriptor Python loop.
+    words = _words(4 * count).unpack_from(payload, BATCH_HEADER_SIZE)
+    return list(zip(zip(words[0::4], words[1::4], words[2::4]), words[3::4]))
 
 
 def _check_count(count: int) -> None:
@@ -695,33 +699,45 @@ def _check_count(count: int) -> None:
         raise ValueError(f"a batch holds 1..{MAX_BATCH} entries, not {count}")
 
 
+def _check_page_shift(page_shift: int) -> None:
+    if not MIN_PAGE_SHIFT <= page_shift <= MAX_PAGE_SHIFT:
+        raise ValueError(f"page shift {page_shift} out of range")
+
+
+def _join_pages(head: Buffer, pages: Sequence[Buffer], page_shift: int, what: str) -> bytes:
+    """`head` then the pages, in one allocation (growing a buffer page by page
+    costs more than tmemd's whole put); every page must be 2^page_shift bytes."""
+    page_size = 1 << page_shift
+    for page in pages:
+        if _nbytes(page) != page_size:
+            raise ValueError(f"page of {_nbytes(page)} bytes in a {what} of {page_size}-byte pages")
+    length = _nbytes(head) + len(pages) * page_size
+    if length > MAX_PAYLOAD:
+        raise ValueError(f"{what} of {length} bytes exceeds {MAX_PAYLOAD}")
+    return b"".join((head, *pages))
+
+
 def encode_put_batch(page_shift: int, keys: Sequence[Key], pages: Sequence[Buffer]) -> bytes:
     """PUT_BATCH request payload: header, descriptors, then the pages in key order."""
     _check_count(len(keys))
     if len(pages) != len(keys):
         raise ValueError(f"{len(keys)} keys but {len(pages)} pages")
-    if not MIN_PAGE_SHIFT <= page_shift <= MAX_PAGE_SHIFT:
-        raise ValueError(f"page shift {page_shift} out of range")
-    page_size = 1 << page_shift
-    out = bytearray(_BATCH_HEADER.pack(len(keys), page_shift))
-    _encode_keys(out, keys)
-    for page in pages:
-        if _nbytes(page) != page_size:
-            raise ValueError(f"page of {_nbytes(page)} bytes in a batch of {page_size}-byte pages")
-        out += page
-    if len(out) > MAX_PAYLOAD:
-        raise ValueError(f"batch of {len(out)} bytes exceeds {MAX_PAYLOAD}")
-    return bytes(out)
+    _check_page_shift(page_shift)
+    head = bytearray(_BATCH_HEADER.pack(len(keys), page_shift))
+    _encode_keys(head, keys)
+    return _join_pages(head, pages, page_shift, "batch")
 
 
-def decode_put_batch(payload: Buffer) -> tuple[int, list[Key], list[bytes]]:
-    """(page_shift, keys, pages) of a PUT_BATCH request payload."""
+def decode_put_batch(payload: Buffer) -> tuple[int, list[Key], list[memoryview]]:
+    """(page_shift, keys, pages) of a PUT_BATCH request payload. The pages are
+    read-only views into `payload` (no copies): keep what outlives it as bytes."""
     count, page_shift = _parse_batch_header(payload, with_pages=True)
     _check_reserved(payload, 5, 8, "batch header reserved bytes")
     page_size = 1 << page_shift
     start = BATCH_HEADER_SIZE + count * DESCRIPTOR_SIZE
-    data = bytes(payload)
-    pages = [data[offset : offset + page_size] for offset in range(start, len(data), page_size)]
+    view = memoryview(payload).cast("B").toreadonly()
+    pages = [view[offset : offset + page_size]
+             for offset in range(start, start + count * page_size, page_size)]
     return page_shift, _decode_keys(payload, count), pages
 
 
@@ -770,26 +786,20 @@ def encode_batch_reply(
 ) -> bytes:
     """Batch reply payload. GET_BATCH replies pass page_shift and one page per OK
     status, in order; PUT_BATCH/FLUSH_BATCH replies pass neither."""
-    _check_count(len(statuses))
-    ok_count = sum(1 for status in statuses if status == Status.OK)
+    count = len(statuses)
+    _check_count(count)
     if page_shift:
-        if not MIN_PAGE_SHIFT <= page_shift <= MAX_PAGE_SHIFT:
-            raise ValueError(f"page shift {page_shift} out of range")
-        if len(pages) != ok_count:
-            raise ValueError(f"{ok_count} OK statuses but {len(pages)} pages")
-    elif pages:
-        raise ValueError("pages in a batch reply need a page_shift")
-    out = bytearray(_BATCH_HEADER.pack(len(statuses), page_shift))
-    out += bytes(int(status) for status in statuses)
-    out += bytes(_pad8(len(statuses)) - len(statuses))
-    page_size = 1 << page_shift
-    for page in pages:
-        if _nbytes(page) != page_size:
-            raise ValueError(f"page of {_nbytes(page)} bytes in a reply of {page_size}-byte pages")
-        out += page
-    if len(out) > MAX_PAYLOAD:
-        raise ValueError(f"batch reply of {len(out)} bytes exceeds {MAX_PAYLOAD}")
-    return bytes(out)
+        _check_page_shift(page_shift)
+    # Status is an IntEnum: bytes() takes its members as they are.
+    head = _BATCH_HEADER.pack(count, page_shift) + bytes(statuses) + bytes(_pad8(count) - count)
+    if not page_shift:
+        if pages:
+            raise ValueError("pages in a batch reply need a page_shift")
+        return head
+    ok_count = head.count(0, BATCH_HEADER_SIZE, BATCH_HEADER_SIZE + count)
+    if len(pages) != ok_count:
+        raise ValueError(f"{ok_count} OK statuses but {len(pages)} pages")
+    return _join_pages(head, pages, page_shift, "batch reply")
 
 
 def decode_batch_reply(
