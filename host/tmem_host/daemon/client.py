@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from tmem_host.daemon.gather import put_batch_chunks
 from tmem_wire.abi import (
     ALL_POOLS,
     Buffer,
@@ -37,6 +36,7 @@ from tmem_wire.abi import (
     decode_pool_grant,
     decode_pool_stats,
     encode_key_batch,
+    encode_put_batch,
     error_text,
     pack_header_into,
 )
@@ -218,17 +218,12 @@ class AbiClient:
     def flush_object(self, pool_id: int, oid: Oid) -> Status:
         return Status(self.call(Op.FLUSH_OBJECT, pool_id=pool_id, oid=oid).status)
 
-    def submit_put_batch(self, pool_id: int, keys: Sequence[Key], pages: Sequence[bytes],
+    def submit_put_batch(self, pool_id: int, keys: Sequence[Key], pages: Sequence[Buffer],
                          page_shift: int = MIN_PAGE_SHIFT) -> int:
-        """Queue a PUT_BATCH; its pages go out as their own iovecs, uncopied."""
-        chunks = put_batch_chunks(page_shift, keys, pages)
-        request_id = next(self._request_ids)
-        self._outgoing.append(_encode_header(Op.PUT_BATCH, request_id, pool_id, (0, 0, 0), 0,
-                                             sum(len(chunk) for chunk in chunks)))
-        self._outgoing.extend(chunks)
-        return request_id
+        return self.submit(Op.PUT_BATCH, pool_id=pool_id,
+                           payload=encode_put_batch(page_shift, keys, pages))
 
-    def put_batch(self, pool_id: int, keys: Sequence[Key], pages: Sequence[bytes],
+    def put_batch(self, pool_id: int, keys: Sequence[Key], pages: Sequence[Buffer],
                   page_shift: int = MIN_PAGE_SHIFT) -> list[Status]:
         frame = self.reply(self.submit_put_batch(pool_id, keys, pages, page_shift))
         _check(Op.PUT_BATCH, frame)

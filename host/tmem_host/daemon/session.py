@@ -22,29 +22,10 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
-from tmem_host.daemon.gather import get_batch_reply_chunks
 from tmem_wire.abi import (
-    ALL_POOLS,
-    Buffer,
-    HEADER_SIZE,
-    MAX_ERROR_TEXT,
-    NEED_DATA,
-    Flag,
-    Frame,
-    FrameDecoder,
-    Hello,
-    NewPool,
-    Op,
-    PoolFlag,
-    ProtocolError,
-    Status,
-    decode_key_batch,
-    decode_put_batch,
-    encode_batch_reply,
-    encode_pool_grant,
-    encode_pool_stats,
-    negotiate,
-    pack_header_into,
+    ALL_POOLS, FLAG_REPLY, HEADER_SIZE, MAX_ERROR_TEXT, NEED_DATA, Buffer, Frame, FrameDecoder,
+    Hello, NewPool, Op, PoolFlag, ProtocolError, Status, decode_key_batch, decode_put_batch,
+    encode_batch_reply, encode_pool_grant, encode_pool_stats, negotiate, pack_header_into,
 )
 
 from tmem_host.store import Store
@@ -64,7 +45,7 @@ WRITE_HIGH_WATER = 4 << 20
 _OK = Status.OK
 # Reply pieces of one read, joined into one write.
 _Chunks = list[Buffer]
-_REPLY = int(Flag.REPLY)
+_REPLY = int(FLAG_REPLY)
 
 
 class _Refusal(Exception):
@@ -301,7 +282,7 @@ class AbiSession(asyncio.BufferedProtocol):
         self._check_batch(len(keys))
         page_shift = self._pool_page_shift(frame.pool_id)
         statuses, pages = self.store.get_many(self.guest.client, frame.pool_id, keys)
-        _append_reply(out, frame, _OK, *get_batch_reply_chunks(statuses, pages, page_shift))
+        _append_reply(out, frame, _OK, encode_batch_reply(statuses, pages, page_shift=page_shift))
 
     def _flush_batch(self, frame: Frame, out: _Chunks) -> None:
         assert self.guest is not None
@@ -355,15 +336,15 @@ class AbiSession(asyncio.BufferedProtocol):
         }
 
 
-def _append_reply(out: _Chunks, request: Frame, status: Status, *payload: Buffer,
+def _append_reply(out: _Chunks, request: Frame, status: Status, payload: Buffer = b"",
                   pool_id: int | None = None) -> None:
-    """Queue a reply: header, then the payload (given as one or more chunks)."""
+    """Queue a reply: its header, then its payload (joined with the rest of the read's)."""
     header = bytearray(HEADER_SIZE)
     pack_header_into(
         header, 0, opcode=request.opcode, flags=_REPLY, request_id=request.request_id,
         status=status, pool_id=request.pool_id if pool_id is None else pool_id,
-        oid=request.oid, index=request.index,
-        payload_length=sum(map(len, payload)),
+        oid=request.oid, index=request.index, payload_length=len(payload),
     )
     out.append(header)
-    out.extend(payload)
+    if payload:
+        out.append(payload)
