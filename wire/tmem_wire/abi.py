@@ -114,6 +114,8 @@ _KNOWN_FEATURES: Final = int(Feature.BATCH | Feature.ASYNC | Feature.STATS)
 _KNOWN_POOL_FLAGS: Final = int(PoolFlag.PERSISTENT | PoolFlag.SHARED | PoolFlag.INCLUSIVE_GETS)
 _STATUS_VALUES: Final = frozenset(int(status) for status in Status)
 _MAX_STATUS: Final = max(Status)  # statuses are dense from 0
+# Status by wire value: indexing a tuple is ~10x cheaper than Status(value).
+_STATUS_BY_VALUE: Final = tuple(sorted(Status))
 _REPLY_BIT: Final = int(Flag.REPLY)
 
 
@@ -822,7 +824,7 @@ def decode_batch_reply(
         data[offset : offset + page_size]
         for offset in range(statuses_end, statuses_end + page_count * page_size, page_size)
     ]
-    return [Status(value) for value in raw_statuses], pages
+    return list(map(_STATUS_BY_VALUE.__getitem__, raw_statuses)), pages
 
 
 # --------------------------------------------------------------------------- STATS
