@@ -1,0 +1,85 @@
+"""Measure frontswap through the guest agent against plain swap disks.
+
+    .venv/bin/python bench/agent_swap.py [--mib 384] [--cgroup-max 128M] [--runs 1]
+        [--variants sync,batched,pipelined,hdd,hostcache]
+
+Each variant boots a fresh 256 MiB TCG guest and runs the checksummed page toucher
+(tmem_guest.usemem) in a cgroup with memory.max (the guard FACTS.md found robust).
+Agent variants swap through the agent (fallback: an unthrottled disk); `hdd` and
+`hostcache` swap straight onto a 200-IOPS or an unthrottled virtio-blk disk.
+Pages/s = (pswpin + pswpout) / workload runtime. Prints one JSON line per run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from tmem_host.daemon.process import TmemdProcess
+from tmem_host.vm.launcher import Guest, GuestConfig
+
+AGENT_MODES = ("sync", "batched", "pipelined")
+CGROUP = "/sys/fs/cgroup/workload"
+
+
+def vmstat_swaps(guest: Guest) -> int:
+    fields = dict(line.split() for line in guest.ssh("cat /proc/vmstat").stdout.splitlines())
+    return int(fields["pswpin"]) + int(fields["pswpout"])
+
+
+def run_variant(variant: str, mib: int, cgroup_max: str, work_dir: Path) -> dict[str, Any]:
+    agent = variant in AGENT_MODES
+    with TmemdProcess(work_dir / "tmemd", budget="1G", guests=("bench",)) as daemon:
+        config = GuestConfig(
+            name="bench", memory_mib=256, accel="tcg", swap="hostcache" if agent else variant,  # type: ignore[arg-type]
+            swap_mib=1024, tmem_socket=daemon.abi_socket("bench") if agent else None, run_dir=work_dir / "guest",
+        )
+        with Guest(config) as guest:
+            if agent:
+                guest.ssh(f"mkdir -p /run/tmem-agent && setsid -f python3 -m tmem_guest start --swap {variant} "
+                          "> /run/tmem-agent/agent.log 2>&1 < /dev/null")
+                guest.ssh("for i in $(seq 120); do test -f /run/tmem-agent/ready && exit 0; sleep 0.5; done; exit 1")
+            else:
+                guest.ssh("disk=; for d in /sys/block/*; do [ \"$(cat $d/serial 2>/dev/null)\" = tmem-swap ] && "
+                          "disk=/dev/$(basename $d); done; mkswap $disk >/dev/null && swapon -p 10 --discard $disk")
+            before = vmstat_swaps(guest)
+            script = (f"echo +memory > /sys/fs/cgroup/cgroup.subtree_control && mkdir -p {CGROUP} && "
+                      f"echo {cgroup_max} > {CGROUP}/memory.max && echo $$ > {CGROUP}/cgroup.procs && "
+                      f"exec python3 -m tmem_guest.usemem --mib {mib}")
+            started = time.monotonic()
+            output = guest.ssh(f"sh -c {shlex.quote(script)}", timeout=3600).stdout
+            wall = time.monotonic() - started
+            swapped = vmstat_swaps(guest) - before
+            result: dict[str, Any] = json.loads(output.strip().splitlines()[-1])
+            agent_stats = json.loads(guest.ssh("python3 -m tmem_guest stats").stdout).get("swap") if agent else None
+    return {
+        "variant": variant, "mib": mib, "cgroup_max": cgroup_max, "verified": result["verified"],
+        "workload_s": result["total_s"], "write_s": result["write_s"], "verify_s": result["verify_s"],
+        "wall_s": round(wall, 1), "pages_swapped": swapped,
+        "pages_per_s": round(swapped / result["total_s"]) if result["total_s"] else 0,
+        "agent_counters": agent_stats["counters"] if agent_stats else None,
+        "agent_latency_p50_us": {op: h["p50_us"] for op, h in agent_stats["latency"].items()} if agent_stats else None,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mib", type=int, default=384)
+    parser.add_argument("--cgroup-max", default="128M")
+    parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--variants", default=",".join((*AGENT_MODES, "hdd", "hostcache")))
+    arguments = parser.parse_args()
+    for run in range(arguments.runs):
+        for variant in arguments.variants.split(","):
+            with tempfile.TemporaryDirectory(prefix=f"agent-bench-{variant}-") as work_dir:
+                result = run_variant(variant, arguments.mib, arguments.cgroup_max, Path(work_dir))
+            print(json.dumps({"run": run, **result}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
