@@ -23,6 +23,11 @@ from tmem_host.testbed.scenario import WORKLOADS, ScenarioError, load_scenario
 DEFAULT_RESULTS = Path("results")
 
 
+def stdout_console() -> Console:
+    """Rich output; wide enough when piped to a log that tables do not wrap."""
+    return Console() if sys.stdout.isatty() else Console(width=160)
+
+
 def add_subcommands(subcommands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     run = subcommands.add_parser("run", help="run a scenario and write its report")
     run.add_argument("scenario", type=Path, help="scenario file (TOML)")
@@ -70,7 +75,7 @@ def command_run(args: argparse.Namespace) -> int:
         outcome = _run_guarded(runner)
     if outcome is None:
         return EXIT_INFRASTRUCTURE
-    Console().print(report.summary_table(outcome.run))
+    stdout_console().print(report.summary_table(outcome.run))
     print(f"results: {outcome.results} (report.md, report.html, run.json)")
     return outcome.exit_code
 
@@ -89,7 +94,7 @@ def command_compare(args: argparse.Namespace) -> int:
     except (OSError, ValueError, KeyError) as error:
         print(f"tmem-testbed: cannot read results: {error}", file=sys.stderr)
         return EXIT_USAGE
-    Console().print(report.compare_table(run_a, run_b))
+    stdout_console().print(report.compare_table(run_a, run_b))
     return 0
 
 
@@ -100,7 +105,7 @@ def command_report(args: argparse.Namespace) -> int:
     except (OSError, ValueError, KeyError) as error:
         print(f"tmem-testbed: cannot rebuild the report: {error}", file=sys.stderr)
         return EXIT_USAGE
-    Console().print(report.summary_table(run))
+    stdout_console().print(report.summary_table(run))
     for path in written[:2]:
         print(f"wrote {path}")
     return 0
@@ -114,7 +119,7 @@ def command_list(args: argparse.Namespace) -> int:
                           for kind, spec in WORKLOADS.items()},
         }, indent=1))
         return 0
-    console = Console()
+    console = stdout_console()
     modes = Table(title="modes")
     modes.add_column("mode")
     modes.add_column("what it measures")

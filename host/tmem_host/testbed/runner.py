@@ -17,6 +17,7 @@ import secrets
 import shlex
 import shutil
 import subprocess
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterator, Mapping
@@ -295,12 +296,19 @@ class Runner:
         extra = ["--nbd-size", f"{self.scenario.guests.swap_mib}M"]
         if not mode.compress:
             extra.append("--no-compress")
-        tmemd = TmemdProcess(
-            vm_dir / "tmemd", budget=format_size(self.scenario.budget_bytes),
-            guests=tmemd_guest_specs(self.scenario), extra_args=extra,
-        )
-        with tmemd:
-            yield tmemd
+        # Socket paths must fit sun_path (108 bytes): tmemd runs in a short
+        # temporary directory and its log is kept with the run's other logs.
+        with tempfile.TemporaryDirectory(prefix="tmemd-") as run_dir:
+            tmemd = TmemdProcess(
+                Path(run_dir), budget=format_size(self.scenario.budget_bytes),
+                guests=tmemd_guest_specs(self.scenario), extra_args=extra,
+            )
+            try:
+                with tmemd:
+                    yield tmemd
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    shutil.copy(tmemd.log_path, vm_dir / "tmemd.log")
 
     def run_once(self, mode: Mode, repetition: int, metadata: dict[str, Any]) -> list[dict[str, Any]]:
         """One repetition of one mode: a sample per guest."""
