@@ -13,7 +13,7 @@ from tmem_host.daemon.process import TmemdProcess
 from tmem_host.vm import accel
 from tmem_host.vm.image import GuestImage
 from tmem_host.vm.launcher import (
-    DISK_SERIALS, TMEM_PORT_NAME, CommandFailedError, Guest, GuestConfig, SshError,
+    DISK_IOPS, DISK_SERIALS, TMEM_PORT_NAME, CommandFailedError, Guest, GuestConfig, SshError,
     SshTimeoutError,
 )
 
@@ -35,7 +35,7 @@ def tmemd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TmemdProcess]:
 def guest(tmemd: TmemdProcess, image: GuestImage,
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Guest]:
     config = GuestConfig(name=NAME, memory_mib=MEMORY_MIB, vcpus=1, accel="auto",
-                         swap="hdd", swap_mib=SWAP_MIB, data_disk_mib=DATA_MIB,
+                         swap="hdd", swap_mib=SWAP_MIB, data_disk_mib=DATA_MIB, data_disk_speed="ssd",
                          tmem_socket=tmemd.abi_socket(NAME), image=image,
                          run_dir=tmp_path_factory.mktemp("guest"))
     with Guest(config) as booted:
@@ -88,6 +88,16 @@ def test_disks_are_found_by_serial_with_their_sizes(guest: Guest) -> None:
         assert sectors * 512 == size_mib << 20
     root = disk_by_serial(guest, DISK_SERIALS["root"])
     assert guest.ssh("findmnt -n -o SOURCE /").stdout.strip() == f"/dev/{root}"
+
+
+def test_disk_speed_classes_are_qemu_throttles(guest: Guest) -> None:
+    # The swap disk (hdd) and the data disk (ssd) share one throttling path; QEMU
+    # reports the limits it enforces; the root disk is unthrottled.
+    inserted = {block["device"]: block["inserted"] for block in guest.qmp("query-block")}
+    assert inserted["swap"]["iops"] == DISK_IOPS["hdd"] == 200
+    assert inserted["data"]["iops"] == DISK_IOPS["ssd"]
+    assert inserted["root"]["iops"] == 0
+    assert f"id=data,format=raw,throttling.iops-total={DISK_IOPS['ssd']}" in " ".join(guest.command)
 
 
 def test_agent_source_is_shared_read_only_and_importable(guest: Guest) -> None:

@@ -52,9 +52,11 @@ from tmem_host.vm.recipe import READY_MARKER, REPO_ROOT
 
 Accel = Literal["auto", "kvm", "tcg"]
 SwapKind = Literal["none", "hdd", "ssd", "hostcache", "nbd"]
+DiskSpeed = Literal["hdd", "ssd", "hostcache"]
 QEMU_BINARY = "qemu-system-x86_64"
-# Disk speed classes: a 200-IOPS spinning disk, a few-thousand-IOPS SSD.
-SWAP_IOPS: dict[str, int] = {"hdd": 200, "ssd": 4000}
+# Disk speed classes (swap and data disks): a 200-IOPS spinning disk, a
+# few-thousand-IOPS SSD; "hostcache" is unthrottled.
+DISK_IOPS: dict[str, int] = {"hdd": 200, "ssd": 4000}
 DISK_SERIALS = {"root": "tmem-root", "swap": "tmem-swap", "data": "tmem-data"}
 TMEM_PORT_NAME = "org.tmem.0"
 AGENT_SHARES = {"tmemguest": REPO_ROOT / "guest", "tmemwire": REPO_ROOT / "wire"}
@@ -159,6 +161,7 @@ class GuestConfig:
     nbd_socket: Path | None = None  # swap="nbd": tmemd's DIR/NAME.nbd.sock
     nbd_export: str | None = None  # swap="nbd": the export name (the guest's name)
     data_disk_mib: int = 0  # 0: no data disk
+    data_disk_speed: DiskSpeed = "hostcache"  # hdd/ssd throttled as swap; hostcache: unthrottled
     tmem_socket: Path | None = None  # tmemd's DIR/NAME.tmem.sock: adds org.tmem.0
     vsock_cid: int | None = None  # needs /dev/vhost-vsock
     share_agent: bool = True  # 9p-share guest/ and wire/ at /opt/tmem
@@ -542,9 +545,7 @@ class Guest:
         ]
         command += self._swap_args()
         if config.data_disk_mib > 0:
-            data = self._sparse_file("data.img", config.data_disk_mib)
-            command += ["-drive", f"file={data},if=none,id=data,format=raw",
-                        "-device", f"virtio-blk-pci,drive=data,serial={DISK_SERIALS['data']}"]
+            command += self._scratch_disk_args("data", config.data_disk_mib, config.data_disk_speed)
         if config.tmem_socket is not None:
             command += ["-device", "virtio-serial-pci",
                         "-chardev", f"socket,id=tmem0,path={config.tmem_socket},"
@@ -560,17 +561,21 @@ class Guest:
 
     def _swap_args(self) -> list[str]:
         config = self.config
-        device = ["-device", f"virtio-blk-pci,drive=swap,serial={DISK_SERIALS['swap']}"]
         if config.swap == "none":
             return []
         if config.swap == "nbd":
             return ["-blockdev", f"driver=nbd,node-name=swap,server.type=unix,"
                                  f"server.path={config.nbd_socket},export={config.nbd_export}",
-                    *device]
-        swap = self._sparse_file("swap.img", config.swap_mib)
-        throttle = (f",throttling.iops-total={SWAP_IOPS[config.swap]}"
-                    if config.swap in SWAP_IOPS else "")
-        return ["-drive", f"file={swap},if=none,id=swap,format=raw{throttle}", *device]
+                    "-device", f"virtio-blk-pci,drive=swap,serial={DISK_SERIALS['swap']}"]
+        return self._scratch_disk_args("swap", config.swap_mib, config.swap)
+
+    def _scratch_disk_args(self, role: str, size_mib: int, speed: str) -> list[str]:
+        """A fresh sparse disk `role` (swap, data) in a speed class: hdd and ssd are
+        throttled to their IOPS; hostcache is unthrottled (the host page cache absorbs it)."""
+        path = self._sparse_file(f"{role}.img", size_mib)
+        throttle = f",throttling.iops-total={DISK_IOPS[speed]}" if speed in DISK_IOPS else ""
+        return ["-drive", f"file={path},if=none,id={role},format=raw{throttle}",
+                "-device", f"virtio-blk-pci,drive={role},serial={DISK_SERIALS[role]}"]
 
     def _sparse_file(self, name: str, size_mib: int) -> Path:
         """A fresh scratch disk; kill() deletes it once QEMU is gone (it can grow to
