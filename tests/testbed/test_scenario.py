@@ -60,6 +60,7 @@ def test_shipped_scenarios_are_valid(path: Path) -> None:
         (('memory_mib = 256', 'memory_mib = 256\nweights = [1, 2]'), "scenario.toml: guests.weights: must have one entry per guest (1), got 2"),
         (('repetitions = 2', 'repetitions = 2\nbaseline = "zswap"'), "scenario.toml: baseline: must be one of the scenario's modes"),
         (('[workload]', '[workload'), "scenario.toml: not valid TOML"),
+        (('kind = "usemem"', 'kind = "pagecache"'), "scenario.toml: modes[1]: mode 'tmem-blk' does not apply to workload 'pagecache'; its modes are bigmem, disk-hdd, disk-hostcache, tmem-agent"),
         (('kind = "usemem"', 'kind = "usemem"\norder = "backwards"'), "scenario.toml: workload.order: must be one of sequential, random; got 'backwards'"),
     ],
 )

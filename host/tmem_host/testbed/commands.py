@@ -115,7 +115,8 @@ def command_list(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({
             "modes": {name: mode.summary for name, mode in MODES.items()},
-            "workloads": {kind: {"summary": spec.summary, "parameters": dict(spec.defaults)}
+            "workloads": {kind: {"summary": spec.summary, "parameters": dict(spec.defaults),
+                                 "modes": list(spec.modes)}
                           for kind, spec in WORKLOADS.items()},
         }, indent=1))
         return 0
@@ -129,8 +130,10 @@ def command_list(args: argparse.Namespace) -> int:
     workloads.add_column("kind")
     workloads.add_column("what it does")
     workloads.add_column("parameters (defaults)")
+    workloads.add_column("modes")
     for kind, spec in WORKLOADS.items():
-        workloads.add_row(kind, spec.summary, ", ".join(f"{k}={v}" for k, v in spec.defaults.items()))
+        workloads.add_row(kind, spec.summary, ", ".join(f"{k}={v}" for k, v in spec.defaults.items()),
+                          "all" if spec.modes == tuple(MODES) else ", ".join(spec.modes))
     console.print(modes)
     console.print(workloads)
     return 0

@@ -2,13 +2,18 @@
 Linux actually chose (disk swap, zswap, the host page cache).
 
 A mode is data, not code: the runner reads these fields to decide how to boot the
-guest, whether tmemd runs, and what to start inside the guest.
+guest, whether tmemd runs, and what to start inside the guest. Swap workloads use
+`swap` (and zswap, agent's swap mode); the page-cache workload uses `data_disk`
+(where its file set lives) and starts the agent's cleancache mount if `agent` is set.
+Which modes a workload accepts is listed on its WorkloadSpec (scenario.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
+
+from tmem_host.vm.launcher import DiskSpeed
 
 SwapKind = Literal["none", "hdd", "ssd", "hostcache", "nbd"]
 AgentMode = Literal["sync", "batched", "pipelined"]
@@ -26,19 +31,27 @@ class Mode:
     # The in-guest agent's frontswap mode; None means no agent.
     agent: AgentMode | None = None
     compress: bool = True
+    # The data disk's speed class (page-cache workloads).
+    data_disk: DiskSpeed = "hdd"
 
 
 MODES: dict[str, Mode] = {
     mode.name: mode
     for mode in (
         Mode("bigmem", "the same workload with enough RAM: the floor", swap="none", enough_memory=True),
-        Mode("disk-hdd", "swap on a disk throttled to ~200 IOPS", swap="hdd"),
-        Mode("disk-hostcache", "swap on an unthrottled disk backed by the host page cache", swap="hostcache"),
+        Mode("disk-hdd", "swap (or the file set) on a disk throttled to ~200 IOPS", swap="hdd"),
+        Mode(
+            "disk-hostcache",
+            "swap (or the file set) on an unthrottled disk backed by the host page cache",
+            swap="hostcache",
+            data_disk="hostcache",
+        ),
         Mode("zswap", "in-guest compressed swap cache (zswap, lz4) over the hdd disk", swap="hdd", zswap=True),
         Mode("tmem-blk", "swap on tmemd's NBD export through QEMU's block layer", swap="nbd", tmemd=True),
         Mode(
             "tmem-agent",
-            "the guest agent, pipelined batches over virtio-serial, hdd fallback",
+            "the guest agent over virtio-serial: pipelined frontswap (hdd fallback), or its FUSE "
+            "cleancache over files on the hdd disk",
             swap="hdd",
             tmemd=True,
             agent="pipelined",

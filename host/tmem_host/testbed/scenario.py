@@ -21,8 +21,9 @@ typo never costs a 20-minute run. Unknown keys are errors too.
     budget = "1G"       # tmemd's global budget
 
     [workload]
-    kind = "usemem"     # see WORKLOADS
+    kind = "usemem"     # see WORKLOADS (each lists the modes it accepts)
     ratio = 1.5         # working set as a fraction of guest RAM
+                        # (pagecache: file set as a fraction of reader_mib)
 
     [timeouts]
     boot_s = 240
@@ -58,8 +59,14 @@ class WorkloadSpec:
     kind: str
     summary: str
     defaults: Mapping[str, Any]
+    # The modes that mean something for this workload (a swap mode says nothing
+    # about a page-cache workload, and zswap has no page-cache counterpart).
+    modes: tuple[str, ...]
     guests_min: int = 1
 
+
+SWAP_MODES = tuple(MODES)
+PAGECACHE_MODES = ("bigmem", "disk-hdd", "disk-hostcache", "tmem-agent")
 
 WORKLOADS: dict[str, WorkloadSpec] = {
     spec.kind: spec
@@ -68,17 +75,27 @@ WORKLOADS: dict[str, WorkloadSpec] = {
             "usemem",
             "checksummed page toucher: write a working set, verify every page",
             {"ratio": 1.5, "order": "sequential", "passes": 1},
+            SWAP_MODES,
         ),
         WorkloadSpec(
             "stress-vm",
             "stress-ng --vm with --verify over a working set",
             {"ratio": 1.5, "method": "write64", "seconds": 30},
+            SWAP_MODES,
         ),
         WorkloadSpec(
             "contention",
             "several guests under one host budget, bursty usemem phases",
             {"ratio": 1.5, "order": "random", "passes": 1, "bursts": 2},
+            SWAP_MODES,
             guests_min=2,
+        ),
+        WorkloadSpec(
+            "pagecache",
+            "checksummed re-reads of a file set on the data disk (cleancache through the agent's FUSE mount)",
+            # reader_mib: the reader's memory cgroup limit (its page cache); the set is ratio x that.
+            {"ratio": 1.5, "passes": 2, "reader_mib": 96, "file_mib": 4},
+            PAGECACHE_MODES,
         ),
     )
 }
@@ -263,6 +280,10 @@ def parse_scenario(data: Mapping[str, Any], source: str) -> Scenario:
     workload_table.finish()
     if count < spec.guests_min:
         raise ScenarioError(source, "guests.count", f"workload {kind!r} needs at least {spec.guests_min} guests")
+    for position, mode in enumerate(modes):
+        if mode not in spec.modes:
+            raise top.fail(f"modes[{position}]", f"mode {mode!r} does not apply to workload {kind!r}; "
+                                                 f"its modes are {', '.join(spec.modes)}")
 
     timeouts = top.table_of("timeouts")
     boot_timeout = timeouts.number("boot_s", 240.0, above=0.0)
