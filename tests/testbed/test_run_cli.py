@@ -46,6 +46,7 @@ def test_list_names_every_mode() -> None:
     assert set(listing["modes"]) == {"bigmem", "disk-hdd", "disk-hostcache", "zswap", "tmem-blk", "tmem-agent",
                                      "tmem-agent-sync", "tmem-nocompress"}
     assert "usemem" in listing["workloads"]
+    assert listing["workloads"]["pagecache"]["modes"] == ["bigmem", "disk-hdd", "disk-hostcache", "tmem-agent"]
 
 
 @pytest.mark.vm
@@ -74,3 +75,49 @@ def test_smoke_scenario_end_to_end(tmp_path: Path) -> None:
     assert (results / "report.html").stat().st_size > 10_000
     assert {p.name for p in (results / "plots").iterdir()} >= {"runtime.png", "swap_io.png", "tmem_hits.png"}
     assert "disk-hostcache" in result.stdout  # the closing summary table
+
+
+TINY_PAGECACHE = """
+name = "tiny-pagecache"
+modes = ["disk-hdd", "tmem-agent"]
+repetitions = 1
+[guests]
+memory_mib = 256
+[host]
+budget = "256M"
+[workload]
+kind = "pagecache"
+ratio = 1.5
+reader_mib = 32
+file_mib = 2
+[timeouts]
+workload_s = 300
+"""
+
+
+@pytest.mark.vm
+@pytest.mark.slow
+def test_pagecache_scenario_end_to_end(tmp_path: Path) -> None:
+    scenario = tmp_path / "tiny-pagecache.toml"
+    scenario.write_text(TINY_PAGECACHE)
+    result = run_testbed("run", str(scenario), "--results", str(tmp_path / "results"), timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = (tmp_path / "results" / "latest").resolve()
+    run = json.loads((results / "run.json").read_text())
+    modes = {sample["mode"]: sample for sample in run["samples"]}
+    assert set(modes) == {"disk-hdd", "tmem-agent"}
+    set_pages = 48 * 256  # 1.5 x 32 MiB
+    for sample in modes.values():
+        workload = sample["workload"]
+        assert sample["ok"] and sample["verified"] and workload["verified"] and workload["bad_pages"] == 0
+        assert workload["bytes"] == 2 * set_pages * 4096 and len(workload["pass_s"]) == 2
+        assert sample["wall_s"] == workload["total_s"] > 0
+    assert modes["disk-hdd"]["tmemd"] is None and modes["disk-hdd"]["agent"] is None
+    agent = modes["tmem-agent"]
+    first, second = agent["workload"]["pass_tmemd"]
+    # The first pass fills tmem; the second pass is served from it.
+    assert first["puts"] >= set_pages * 0.9 and second["hits"] >= set_pages * 0.5, (first, second)
+    cache = agent["agent"]["cache"]["counters"]
+    assert cache["hits"] == agent["tmemd"]["hits"] and cache["errors"] == 0
+    report = (results / "report.md").read_text()
+    assert "| disk-hdd | 1/1 |" in report and "| tmem-agent | 1/1 |" in report

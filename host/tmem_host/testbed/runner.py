@@ -1,6 +1,6 @@
 """Run a scenario: for every mode and repetition, start tmemd if the mode needs it,
-boot the guests, prepare swap the mode's way, run the workload, collect metrics,
-tear everything down; write run.json and the reports.
+boot the guests, prepare swap (or the page-cache file set) the mode's way, run the
+workload, collect metrics, tear everything down; write run.json and the reports.
 
 Every repetition boots fresh guests (and a fresh tmemd), so no run inherits page
 cache, swap slots or tmem pages from the one before it.
@@ -100,7 +100,14 @@ def guest_name(index: int) -> str:
 
 
 def working_set_mib(scenario: Scenario) -> int:
+    """usemem & co: ratio x guest RAM; pagecache: the file set, ratio x the reader's limit."""
+    if scenario.workload == "pagecache":
+        return int(int(scenario.params["reader_mib"]) * float(scenario.params["ratio"]))
     return int(scenario.guests.memory_mib * float(scenario.params["ratio"]))
+
+
+def workload_seed(index: int, repetition: int) -> int:
+    return 1000 * repetition + index + 1
 
 
 def guest_memory_mib(scenario: Scenario, mode: Mode) -> int:
@@ -123,14 +130,20 @@ def guest_config(
     scenario: Scenario, mode: Mode, index: int, tmemd: TmemdProcess | None, run_dir: Path
 ) -> launcher.GuestConfig:
     name = guest_name(index)
+    # The page-cache workload does not swap: its disk is the data disk the file set is on.
+    pagecache = scenario.workload == "pagecache"
+    swap = "none" if pagecache else mode.swap
     return launcher.GuestConfig(
         name=name,
         memory_mib=guest_memory_mib(scenario, mode),
         vcpus=scenario.guests.vcpus,
-        swap=mode.swap,
+        swap=swap,
         swap_mib=scenario.guests.swap_mib,
-        nbd_socket=tmemd.nbd_socket(name) if tmemd is not None and mode.swap == "nbd" else None,
-        nbd_export=name if mode.swap == "nbd" else None,
+        nbd_socket=tmemd.nbd_socket(name) if tmemd is not None and swap == "nbd" else None,
+        nbd_export=name if swap == "nbd" else None,
+        # ext4 needs some room around the set.
+        data_disk_mib=working_set_mib(scenario) * 5 // 4 + 64 if pagecache else 0,
+        data_disk_speed=mode.data_disk,
         tmem_socket=tmemd.abi_socket(name) if tmemd is not None and mode.agent is not None else None,
         run_dir=run_dir / name,
         boot_timeout=scenario.boot_timeout_s,
@@ -140,7 +153,7 @@ def guest_config(
 def workload_command(scenario: Scenario, index: int, repetition: int) -> str:
     params = scenario.params
     mib = working_set_mib(scenario)
-    seed = 1000 * repetition + index + 1
+    seed = workload_seed(index, repetition)
     if scenario.workload in ("usemem", "contention"):
         def usemem(burst_seed: int) -> str:
             return (
@@ -162,8 +175,84 @@ def workload_command(scenario: Scenario, index: int, repetition: int) -> str:
     raise ValueError(f"unknown workload {scenario.workload!r}")
 
 
+def workload_phases(scenario: Scenario, mode: Mode, index: int, repetition: int) -> list[str]:
+    """The workload as guest commands run one after the other; tmemd's counters are
+    taken between them (pagecache: one reader per pass, so hits are per pass)."""
+    if scenario.workload != "pagecache":
+        return [workload_command(scenario, index, repetition)]
+    params = scenario.params
+    # The reader runs in a memory cgroup: memory.max bounds the page cache it may
+    # keep (its pages are charged to it), so a set of ratio x reader_mib cannot stay
+    # cached, while the agent, outside the cgroup, keeps the memory its FUSE I/O needs.
+    # A guest small enough to do this with its RAM would leave the agent no room, and
+    # a set of 1.5x a 256 MiB guest takes minutes through FUSE in Python under TCG.
+    # bigmem: no limit, the set stays in the guest page cache (the floor).
+    limit = "max" if mode.enough_memory else f"{int(params['reader_mib'])}M"
+    directory = CACHE_MOUNT if mode.agent is not None else FILE_SET
+    script = (
+        f"echo +memory > /sys/fs/cgroup/cgroup.subtree_control && mkdir -p {READER_CGROUP} && "
+        f"echo {limit} > {READER_CGROUP}/memory.max && echo $$ > {READER_CGROUP}/cgroup.procs && "
+        f"exec python3 -m tmem_guest.pagecache read --dir {directory} {_file_set_arguments(scenario, index, repetition)} "
+        "--passes 1"
+    )
+    return [f"sh -c {shlex.quote(script)}"] * int(params["passes"])
+
+
+def _file_set_arguments(scenario: Scenario, index: int, repetition: int) -> str:
+    return (f"--mib {working_set_mib(scenario)} --file-mib {int(scenario.params['file_mib'])} "
+            f"--seed {workload_seed(index, repetition)}")
+
+
 SWAP_DISK_SERIAL = launcher.DISK_SERIALS["swap"]
+DATA_DISK_SERIAL = launcher.DISK_SERIALS["data"]
 AGENT_READY_FILE = "/run/tmem-agent/ready"
+AGENT_LOG = "/run/tmem-agent.log"
+DATA_MOUNT = "/data"
+FILE_SET = f"{DATA_MOUNT}/set"
+CACHE_MOUNT = "/mnt/cache"
+READER_CGROUP = "/sys/fs/cgroup/pagecache-reader"
+
+
+def _disk_by_serial(serial: str) -> str:
+    """Shell: the guest's /dev path of the virtio disk with this serial."""
+    return f'$(python3 -c "from tmem_guest.system import find_disk_by_serial as f; print(f(\'{serial}\'))")'
+
+
+def start_agent(guest: launcher.Guest, arguments: str) -> None:
+    """`python3 -m tmem_guest start ARGUMENTS` in the background; wait until it is ready."""
+    guest.ssh(
+        f"rm -f {AGENT_READY_FILE}; setsid python3 -m tmem_guest start {arguments} "
+        f"> {AGENT_LOG} 2>&1 < /dev/null &",
+        timeout=30,
+    )
+    guest.ssh(
+        f"for i in $(seq 600); do [ -e {AGENT_READY_FILE} ] && exit 0; sleep 0.2; done; "
+        f"cat {AGENT_LOG}; exit 1",
+        timeout=150,
+    )
+
+
+def stop_agent(guest: launcher.Guest) -> None:
+    """SIGTERM the agent and wait for it to exit (it unmounts and publishes its final counters)."""
+    guest.ssh(
+        f"pid=$(cat {AGENT_READY_FILE}) && kill -TERM $pid && "
+        "for i in $(seq 600); do kill -0 $pid 2>/dev/null || exit 0; sleep 0.2; done; "
+        f"cat {AGENT_LOG}; exit 1",
+        timeout=150,
+    )
+
+
+def prepare_pagecache(guest: launcher.Guest, mode: Mode, scenario: Scenario, index: int, repetition: int) -> None:
+    """ext4 on the data disk, the file set written and dropped from the page cache;
+    for agent modes the agent's cleancache mount over it."""
+    guest.ssh(
+        f"dev={_disk_by_serial(DATA_DISK_SERIAL)} && mkfs.ext4 -q -F $dev && mkdir -p {DATA_MOUNT} && "
+        f"mount $dev {DATA_MOUNT} && python3 -m tmem_guest.pagecache prepare --dir {FILE_SET} "
+        f"{_file_set_arguments(scenario, index, repetition)}",
+        timeout=scenario.workload_timeout_s,
+    )
+    if mode.agent is not None:
+        start_agent(guest, f"--cache {FILE_SET} {CACHE_MOUNT}")
 
 
 def prepare_swap(guest: launcher.Guest, mode: Mode) -> None:
@@ -180,20 +269,10 @@ def prepare_swap(guest: launcher.Guest, mode: Mode) -> None:
         )
     if mode.agent is not None:
         # The agent serves /dev/nbd0 as swap (fallback: the swap disk) in the background.
-        guest.ssh(
-            f"rm -f {AGENT_READY_FILE}; setsid python3 -m tmem_guest start --swap {mode.agent} "
-            f"--swap-disk-serial {SWAP_DISK_SERIAL} > /run/tmem-agent.log 2>&1 < /dev/null &",
-            timeout=30,
-        )
-        guest.ssh(
-            f"for i in $(seq 600); do [ -e {AGENT_READY_FILE} ] && exit 0; sleep 0.2; done; "
-            "cat /run/tmem-agent.log; exit 1",
-            timeout=150,
-        )
+        start_agent(guest, f"--swap {mode.agent} --swap-disk-serial {SWAP_DISK_SERIAL}")
         return
     guest.ssh(
-        f'dev=$(python3 -c "from tmem_guest.system import find_disk_by_serial as f; print(f(\'{SWAP_DISK_SERIAL}\'))")'
-        " && mkswap -q $dev && swapon --discard -p 10 $dev",
+        f"dev={_disk_by_serial(SWAP_DISK_SERIAL)} && mkswap -q $dev && swapon --discard -p 10 $dev",
         timeout=60,
     )
 
@@ -322,8 +401,11 @@ class Runner:
                     stack.enter_context(launcher.Guest(guest_config(self.scenario, mode, index, tmemd, vm_dir)))
                     for index in range(self.scenario.guests.count)
                 ]
-                for guest in guests:
-                    prepare_swap(guest, mode)
+                for index, guest in enumerate(guests):
+                    if self.scenario.workload == "pagecache":
+                        prepare_pagecache(guest, mode, self.scenario, index, repetition)
+                    else:
+                        prepare_swap(guest, mode)
                 kvm = guests[0].qmp("query-kvm")
                 metadata.setdefault("accelerator", "kvm" if kvm.get("enabled") else "tcg")
                 return self._measure(mode, repetition, guests, tmemd)
@@ -343,15 +425,20 @@ class Runner:
         with hostmetrics.RssTimeline(processes) as timeline, ThreadPoolExecutor(len(guests)) as pool:
             # All guests start their workload together (contention), each on its own SSH channel.
             futures = [
-                pool.submit(_timed_ssh, guest, workload_command(self.scenario, index, repetition), timeout)
+                pool.submit(
+                    _run_phases, guest, workload_phases(self.scenario, mode, index, repetition), timeout,
+                    _tmemd_snapshot(tmemd, guest.config.name) if tmemd else None,
+                )
                 for index, guest in enumerate(guests)
             ]
-            timed_results = [future.result() for future in futures]
+            phase_runs = [future.result() for future in futures]
         tmemd_stats = tmemd.control().request("stats") if tmemd else {}
         samples = []
-        for index, (guest, (result, wall)) in enumerate(zip(guests, timed_results)):
+        for index, (guest, phases) in enumerate(zip(guests, phase_runs)):
             after = json.loads(guest.ssh("python3 -m tmem_guest.snapshot", timeout=60).stdout)
-            workload = _parse_workload_output(result.stdout)
+            result, wall = phases.results[-1], phases.wall_s
+            outputs = [_parse_workload_output(each.stdout) for each in phases.results]
+            workload = _merge_passes(outputs, phases.tmemd) if self.scenario.workload == "pagecache" else outputs[0]
             verified = result.exit_status == 0 and workload.get("verified", True) is not False
             host: dict[str, Any] = {}
             for role, pid in (("qemu", guest.pid), ("tmemd", tmemd.pid if tmemd else None)):
@@ -362,6 +449,8 @@ class Runner:
                     host[f"{role}_peak_rss"] = usage_after.peak_rss_bytes
             agent = None
             if mode.agent is not None:
+                if self.scenario.workload == "pagecache":
+                    stop_agent(guest)  # unmounts; its last counters are final
                 agent = json.loads(guest.ssh("python3 -m tmem_guest stats", timeout=60).stdout)
             samples.append({
                 "mode": mode.name,
@@ -370,8 +459,10 @@ class Runner:
                 "ok": verified,
                 "verified": verified,
                 "error": None if verified else _failure_text(result),
-                # usemem times itself inside the guest (no SSH overhead); others by the host.
-                "wall_s": round(float(workload.get("total_s", wall)) if self.scenario.workload == "usemem" else wall, 3),
+                # usemem and the pagecache reader time themselves inside the guest (no
+                # SSH overhead); others by the host.
+                "wall_s": round(float(workload.get("total_s", wall))
+                                if self.scenario.workload in ("usemem", "pagecache") else wall, 3),
                 "workload": workload,
                 "vmstat": _delta(after["vmstat"], before[index]["vmstat"]),
                 "psi": _delta(after["psi"], before[index]["psi"]),
@@ -383,10 +474,51 @@ class Runner:
         return samples
 
 
-def _timed_ssh(guest: launcher.Guest, command: str, timeout: float) -> tuple[launcher.CommandResult, float]:
+@dataclass(frozen=True, slots=True)
+class PhaseRuns:
+    results: list[launcher.CommandResult]  # up to the first that failed
+    wall_s: float  # host-side, all phases
+    tmemd: list[dict[str, Any]]  # the guest's tmemd counters before and after each phase
+
+
+def _run_phases(
+    guest: launcher.Guest, commands: list[str], timeout: float, snapshot: Callable[[], dict[str, Any]] | None
+) -> PhaseRuns:
     started = time.monotonic()
-    result = guest.ssh(command, timeout=timeout, check=False)
-    return result, time.monotonic() - started
+    results: list[launcher.CommandResult] = []
+    counters = [snapshot()] if snapshot else []
+    for command in commands:
+        results.append(guest.ssh(command, timeout=timeout, check=False))
+        if snapshot:
+            counters.append(snapshot())
+        if results[-1].exit_status != 0:
+            break
+    return PhaseRuns(results, time.monotonic() - started, counters)
+
+
+def _tmemd_snapshot(tmemd: TmemdProcess, guest: str) -> Callable[[], dict[str, Any]]:
+    def snapshot() -> dict[str, Any]:
+        with tmemd.control() as control:
+            return _tmemd_counters(control.request("stats"), guest)
+
+    return snapshot
+
+
+def _merge_passes(outputs: list[dict[str, Any]], tmemd: list[dict[str, Any]]) -> dict[str, Any]:
+    """One pagecache result from its one-pass readers, with tmemd's counters per pass."""
+    merged = dict(outputs[-1])
+    merged["passes"] = len(outputs)
+    merged["pass_s"] = [s for output in outputs for s in output.get("pass_s", [])]
+    merged["total_s"] = round(sum(merged["pass_s"]), 3)
+    merged["bytes"] = sum(int(output.get("bytes", 0)) for output in outputs)
+    merged["bad_pages"] = sum(int(output.get("bad_pages", 0)) for output in outputs)
+    merged["first_bad_pages"] = [page for output in outputs for page in output.get("first_bad_pages", [])][:16]
+    merged["verified"] = all(output.get("verified") is True for output in outputs)
+    if tmemd:
+        merged["pass_tmemd"] = [
+            {key: after[key] - before[key] for key in TMEMD_COUNTERS} for before, after in zip(tmemd, tmemd[1:])
+        ]
+    return merged
 
 
 def _parse_workload_output(stdout: str) -> dict[str, Any]:
