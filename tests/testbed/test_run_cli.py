@@ -121,3 +121,5 @@ def test_pagecache_scenario_end_to_end(tmp_path: Path) -> None:
     assert cache["hits"] == agent["tmemd"]["hits"] and cache["errors"] == 0
     report = (results / "report.md").read_text()
     assert "| disk-hdd | 1/1 |" in report and "| tmem-agent | 1/1 |" in report
+    assert f"| tmem-agent | {' / '.join(f'{t:.1f}' for t in agent['workload']['pass_s'])} | {first['hits']} / {second['hits']} |" in report
+    assert "| disk-hdd | " in report.split("## Passes")[1] and "| - / - |" in report

@@ -183,6 +183,26 @@ def _metadata_lines(run: Mapping[str, Any]) -> list[str]:
     return [f"- {label}: {meta[key]}" for key, label in names.items() if key in meta]
 
 
+def pass_lines(run: Mapping[str, Any]) -> list[str]:
+    """Workloads that read in passes (pagecache): each pass's mean time per mode, and
+    the tmem hits in it (the second pass is the one cleancache should serve)."""
+    header = ["## Passes", "", "| mode | pass times s (mean) | tmem hits per pass (mean) |", "|---|---|---|"]
+    rows = []
+    for mode in run["scenario"]["modes"]:
+        workloads = [s["workload"] for s in run["samples"]
+                     if s["mode"] == mode and s.get("ok") and (s.get("workload") or {}).get("pass_s")]
+        if not workloads:
+            continue
+        passes = range(min(len(w["pass_s"]) for w in workloads))
+        times = " / ".join(_fmt(_mean(w["pass_s"][i] for w in workloads), ".1f") for i in passes)
+        hits = " / ".join(
+            _fmt(_mean(w["pass_tmemd"][i]["hits"] if "pass_tmemd" in w else None for w in workloads), ".0f")
+            for i in passes
+        )
+        rows.append(f"| {mode} | {times} | {hits} |")
+    return header + rows + [""] if rows else []
+
+
 def render_markdown(run: Mapping[str, Any], plots: Sequence[str] = ()) -> str:
     scenario = run["scenario"]
     failures = [s for s in run["samples"] if not s.get("ok")]
@@ -202,6 +222,7 @@ def render_markdown(run: Mapping[str, Any], plots: Sequence[str] = ()) -> str:
         "tmem hits = tmemd gets that hit; compression = raw / stored bytes in tmemd.",
         "",
     ]
+    lines += pass_lines(run)
     if failures:
         lines += ["## Failures", ""]
         lines += [f"- {s['mode']} #{s['repetition']} {s.get('guest', '')}: {s.get('error')}" for s in failures]
