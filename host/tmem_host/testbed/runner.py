@@ -175,6 +175,16 @@ def workload_command(scenario: Scenario, index: int, repetition: int) -> str:
     raise ValueError(f"unknown workload {scenario.workload!r}")
 
 
+SWAP_DISK_SERIAL = launcher.DISK_SERIALS["swap"]
+DATA_DISK_SERIAL = launcher.DISK_SERIALS["data"]
+AGENT_READY_FILE = "/run/tmem-agent/ready"
+AGENT_LOG = "/run/tmem-agent.log"
+DATA_MOUNT = "/data"
+FILE_SET = f"{DATA_MOUNT}/set"
+CACHE_MOUNT = "/mnt/cache"
+READER_CGROUP = "/sys/fs/cgroup/pagecache-reader"
+
+
 def workload_phases(scenario: Scenario, mode: Mode, index: int, repetition: int) -> list[str]:
     """The workload as guest commands run one after the other; tmemd's counters are
     taken between them (pagecache: one reader per pass, so hits are per pass)."""
@@ -201,16 +211,6 @@ def workload_phases(scenario: Scenario, mode: Mode, index: int, repetition: int)
 def _file_set_arguments(scenario: Scenario, index: int, repetition: int) -> str:
     return (f"--mib {working_set_mib(scenario)} --file-mib {int(scenario.params['file_mib'])} "
             f"--seed {workload_seed(index, repetition)}")
-
-
-SWAP_DISK_SERIAL = launcher.DISK_SERIALS["swap"]
-DATA_DISK_SERIAL = launcher.DISK_SERIALS["data"]
-AGENT_READY_FILE = "/run/tmem-agent/ready"
-AGENT_LOG = "/run/tmem-agent.log"
-DATA_MOUNT = "/data"
-FILE_SET = f"{DATA_MOUNT}/set"
-CACHE_MOUNT = "/mnt/cache"
-READER_CGROUP = "/sys/fs/cgroup/pagecache-reader"
 
 
 def _disk_by_serial(serial: str) -> str:
