@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from tmem_host.daemon.process import TmemdProcess
-from tmem_host.vm.launcher import Guest, GuestConfig
+from tmem_host.vm.launcher import CommandResult, Guest, GuestConfig
 
 GUEST_NAME = "agent"
 AGENT_LOG = "/run/tmem-agent/agent.log"
@@ -76,7 +76,7 @@ def agent_stats(guest: Guest) -> dict[str, Any]:
     return stats
 
 
-def run_in_cgroup(guest: Guest, command: str, memory_max: str, timeout: float) -> str:
+def run_in_cgroup(guest: Guest, command: str, memory_max: str, timeout: float, check: bool = True) -> CommandResult:
     """Run `command` in a cgroup with memory.max: it swaps at that limit while the
     agent, outside it, keeps the memory its own I/O needs (FACTS.md: the robust guard
     against the reclaim deadlock)."""
@@ -86,12 +86,12 @@ def run_in_cgroup(guest: Guest, command: str, memory_max: str, timeout: float) -
         f"echo $$ > {WORKLOAD_CGROUP}/cgroup.procs && exec {command}"
     )
     result = guest.ssh(f"sh -c {shlex.quote(script)}", timeout=timeout, check=False)
-    if result.exit_status != 0:
+    if check and result.exit_status != 0:
         raise AssertionError(
             f"{command} exited {result.exit_status}\nstdout: {result.stdout}\nstderr: {result.stderr}\n"
             f"agent log:\n{agent_log(guest)}"
         )
-    return result.stdout
+    return result
 
 
 def guest_pools(tmemd: TmemdProcess) -> list[dict[str, Any]]:

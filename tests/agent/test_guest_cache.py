@@ -38,7 +38,7 @@ sync; echo 3 > /proc/sys/vm/drop_caches
 
 
 def read_all_and_check(guest: Guest) -> None:
-    run_in_cgroup(guest, f"sh -c 'cd {MOUNT} && md5sum -c --quiet /tmp/backing.md5'", READER_CGROUP_MAX, 300)
+    run_in_cgroup(guest, f"sh -c 'cd {MOUNT} && md5sum -c --quiet /tmp/backing.md5'", READER_CGROUP_MAX, 300).stdout
 
 
 def test_second_pass_hits_in_tmem_and_rewrites_are_never_stale(guest: Guest, tmemd: TmemdProcess) -> None:

@@ -8,6 +8,7 @@ both the data and that tmemd really stored the pages.
 from __future__ import annotations
 
 import json
+import threading
 from typing import Any
 
 import pytest
@@ -21,7 +22,7 @@ from .conftest import (
     stop_agent,
 )
 from tmem_host.daemon.process import TmemdProcess
-from tmem_host.vm.launcher import Guest
+from tmem_host.vm.launcher import CommandResult, Guest
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow]
 
@@ -37,7 +38,7 @@ MIN_SWAPPED_PAGES = 5_000  # at least ~20 MiB must have gone out and come back
 def run_usemem(guest: Guest, mib: int = WORKLOAD_MIB) -> dict[str, Any]:
     output = run_in_cgroup(
         guest, f"python3 -m tmem_guest.usemem --mib {mib}", WORKLOAD_CGROUP_MAX, WORKLOAD_TIMEOUT_S
-    )
+    ).stdout
     result: dict[str, Any] = json.loads(output.strip().splitlines()[-1])
     return result
 
@@ -108,3 +109,51 @@ def test_tmemd_restart_agent_falls_back_then_reconnects(guest: Guest, tmemd: Tme
     assert up["connections"] >= 2
     assert up["counters"]["puts"] - down["counters"]["puts"] > MIN_SWAPPED_PAGES, up["counters"]
     assert up["counters"]["lost_pages"] == 0, up["counters"]
+
+
+# Fill memory, announce it, wait for the go, verify: between the two, the test
+# makes tmemd lose the swapped-out pages.
+FILL_WAIT_VERIFY = """
+import mmap, os, sys, time
+from tmem_guest import usemem
+templates = usemem.page_templates(3)
+region = mmap.mmap(-1, {mib} << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+usemem.fill(region, templates, seed=3, order="sequential")
+open("/tmp/filled", "w").close()
+while not os.path.exists("/tmp/go"):
+    time.sleep(0.2)
+bad = usemem.verify(region, templates, seed=3, order="sequential", order_seed=0)
+print("bad pages", len(bad))
+sys.exit(1 if bad else 0)
+"""
+
+
+def test_pages_tmem_lost_read_as_errors_never_as_stale_data(guest: Guest, tmemd: TmemdProcess) -> None:
+    agent = start_agent(guest, "--swap batched")
+    verifier: dict[str, CommandResult] = {}
+    try:
+        guest.ssh("rm -f /tmp/filled /tmp/go; cat > /tmp/fill_wait_verify.py",
+                  input=FILL_WAIT_VERIFY.format(mib=WORKLOAD_MIB).encode())
+        # The verifier runs in the foreground of its own SSH channel, in the workload cgroup.
+        thread = threading.Thread(
+            target=lambda: verifier.update(
+                result=run_in_cgroup(guest, "python3 /tmp/fill_wait_verify.py", WORKLOAD_CGROUP_MAX,
+                                     WORKLOAD_TIMEOUT_S, check=False)
+            )
+        )
+        thread.start()
+        guest.ssh("for i in $(seq 600); do test -f /tmp/filled && exit 0; sleep 0.5; done; exit 1", timeout=330)
+        with tmemd.control() as control:
+            control.request("flush", guest=GUEST_NAME, pool=agent_stats(guest)["swap"]["pool_id"])
+        guest.ssh("touch /tmp/go")
+        thread.join(WORKLOAD_TIMEOUT_S + 30)
+        stats = agent_stats(guest)["swap"]["counters"]
+    finally:
+        stop_agent(guest, agent)
+    result = verifier["result"]
+    # The verifier was killed by SIGBUS (swap-in I/O error; sshd reports the signal,
+    # so no exit status) before it could compare a wrong page; had the agent served
+    # anything but the real page, it would have printed bad pages and exited 1.
+    assert result.exit_status == -1, result
+    assert "bad pages" not in result.stdout, result
+    assert stats["lost_pages"] > 0, stats
