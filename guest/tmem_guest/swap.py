@@ -109,10 +109,13 @@ class Scratch:
 
     staging: mmap.mmap
     reply: mmap.mmap
+    reply_header: bytearray
 
     @classmethod
     def allocate(cls) -> Scratch:
-        return cls(aligned_buffer(MAX_REQUEST_BYTES), aligned_buffer(MAX_REQUEST_BYTES))
+        return cls(
+            aligned_buffer(MAX_REQUEST_BYTES), aligned_buffer(MAX_REQUEST_BYTES), bytearray(nbd.SIMPLE_REPLY_HEADER.size)
+        )
 
 
 class SwapStore:
@@ -394,12 +397,11 @@ class NbdSwapServer:
         if error != nbd.Error.OK:
             payload = memoryview(b"")
             counters.add(errors=1)
-        self._reply(request.handle, error, payload)
+        self._reply(scratch.reply_header, request.handle, error, payload)
         counters.add(requests=1)
         counters.observe(operation, time.monotonic() - started)
 
-    def _reply(self, handle: int, error: int, payload: memoryview) -> None:
-        header = bytearray(nbd.SIMPLE_REPLY_HEADER.size)
+    def _reply(self, header: bytearray, handle: int, error: int, payload: memoryview) -> None:
         nbd.pack_simple_reply_into(header, 0, handle, error)
         parts = [memoryview(header), payload]
         with self._send_lock:
