@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from tmem_host.daemon.process import TmemdProcess
+from tmem_host.vm.guestops import enable_disk_swap
 from tmem_host.vm.launcher import Guest, GuestConfig, SwapKind
 
 from .conftest import export_stats
@@ -18,15 +19,11 @@ GUEST_MEMORY_MIB = 256
 # 1.5x the guest's RAM: well over what fits, so a large part must swap out and back.
 WORKLOAD_MIB = 384
 CAP = "32M"
-SWAP_ON = (
-    'dev=$(python3 -c "from tmem_guest.system import find_disk_by_serial as f; '
-    "print(f('tmem-swap'))\") && mkswap -q $dev && swapon --discard -p 10 $dev && echo $dev"
-)
 
 
 def run_swap_workload(guest: Guest) -> dict[str, Any]:
     """Swap on the guest's swap disk, run the checksummed page toucher, return its result."""
-    guest.ssh(SWAP_ON)
+    enable_disk_swap(guest)
     started = time.monotonic()
     result = guest.ssh(f"python3 -m tmem_guest.usemem --mib {WORKLOAD_MIB}",
                        timeout=600, check=False)

@@ -30,7 +30,7 @@ from tmem_host.daemon.process import TmemdFailed, TmemdProcess
 from tmem_host.testbed import hostmetrics, report
 from tmem_host.testbed.modes import MODES, Mode
 from tmem_host.testbed.scenario import Scenario
-from tmem_host.vm import launcher
+from tmem_host.vm import guestops, launcher
 from tmem_host.vm.image import ImageError, require_image
 
 # Exit codes of `tmem-testbed run`.
@@ -53,7 +53,7 @@ class InfrastructureError(Exception):
 
 # What makes a run say nothing about tmem: the machinery under it failed.
 INFRASTRUCTURE_ERRORS: tuple[type[BaseException], ...] = (
-    InfrastructureError, launcher.LauncherError, TmemdFailed, ImageError, OSError,
+    InfrastructureError, launcher.LauncherError, guestops.AgentError, TmemdFailed, ImageError, OSError,
 )
 
 
@@ -177,19 +177,17 @@ def workload_command(scenario: Scenario, index: int, repetition: int) -> str:
 
 SWAP_DISK_SERIAL = launcher.DISK_SERIALS["swap"]
 DATA_DISK_SERIAL = launcher.DISK_SERIALS["data"]
-AGENT_READY_FILE = "/run/tmem-agent/ready"
-AGENT_LOG = "/run/tmem-agent.log"
 DATA_MOUNT = "/data"
 FILE_SET = f"{DATA_MOUNT}/set"
 CACHE_MOUNT = "/mnt/cache"
-READER_CGROUP = "/sys/fs/cgroup/pagecache-reader"
 
 
 def workload_phases(scenario: Scenario, mode: Mode, index: int, repetition: int) -> list[str]:
     """The workload as guest commands run one after the other; tmemd's counters are
     taken between them (pagecache: one reader per pass, so hits are per pass)."""
     if scenario.workload != "pagecache":
-        return [workload_command(scenario, index, repetition)]
+        limit = "max" if mode.enough_memory else f"{scenario.guests.workload_memory_mib}M"
+        return [guestops.in_cgroup(workload_command(scenario, index, repetition), limit)]
     params = scenario.params
     # The reader runs in a memory cgroup: memory.max bounds the page cache it may
     # keep (its pages are charged to it), so a set of ratio x reader_mib cannot stay
@@ -199,13 +197,9 @@ def workload_phases(scenario: Scenario, mode: Mode, index: int, repetition: int)
     # bigmem: no limit, the set stays in the guest page cache (the floor).
     limit = "max" if mode.enough_memory else f"{int(params['reader_mib'])}M"
     directory = CACHE_MOUNT if mode.agent is not None else FILE_SET
-    script = (
-        f"echo +memory > /sys/fs/cgroup/cgroup.subtree_control && mkdir -p {READER_CGROUP} && "
-        f"echo {limit} > {READER_CGROUP}/memory.max && echo $$ > {READER_CGROUP}/cgroup.procs && "
-        f"exec python3 -m tmem_guest.pagecache read --dir {directory} {_file_set_arguments(scenario, index, repetition)} "
-        "--passes 1"
-    )
-    return [f"sh -c {shlex.quote(script)}"] * int(params["passes"])
+    reader = (f"python3 -m tmem_guest.pagecache read --dir {directory} "
+              f"{_file_set_arguments(scenario, index, repetition)} --passes 1")
+    return [guestops.in_cgroup(reader, limit, "pagecache-reader")] * int(params["passes"])
 
 
 def _file_set_arguments(scenario: Scenario, index: int, repetition: int) -> str:
@@ -213,52 +207,27 @@ def _file_set_arguments(scenario: Scenario, index: int, repetition: int) -> str:
             f"--seed {workload_seed(index, repetition)}")
 
 
-def _disk_by_serial(serial: str) -> str:
-    """Shell: the guest's /dev path of the virtio disk with this serial."""
-    return f'$(python3 -c "from tmem_guest.system import find_disk_by_serial as f; print(f(\'{serial}\'))")'
-
-
-def start_agent(guest: launcher.Guest, arguments: str) -> None:
-    """`python3 -m tmem_guest start ARGUMENTS` in the background; wait until it is ready."""
-    guest.ssh(
-        f"rm -f {AGENT_READY_FILE}; setsid python3 -m tmem_guest start {arguments} "
-        f"> {AGENT_LOG} 2>&1 < /dev/null &",
-        timeout=30,
-    )
-    guest.ssh(
-        f"for i in $(seq 600); do [ -e {AGENT_READY_FILE} ] && exit 0; sleep 0.2; done; "
-        f"cat {AGENT_LOG}; exit 1",
-        timeout=150,
-    )
-
-
-def stop_agent(guest: launcher.Guest) -> None:
-    """SIGTERM the agent and wait for it to exit (it unmounts and publishes its final counters)."""
-    guest.ssh(
-        f"pid=$(cat {AGENT_READY_FILE}) && kill -TERM $pid && "
-        "for i in $(seq 600); do kill -0 $pid 2>/dev/null || exit 0; sleep 0.2; done; "
-        f"cat {AGENT_LOG}; exit 1",
-        timeout=150,
-    )
-
-
-def prepare_pagecache(guest: launcher.Guest, mode: Mode, scenario: Scenario, index: int, repetition: int) -> None:
+def prepare_pagecache(
+    guest: launcher.Guest, mode: Mode, scenario: Scenario, index: int, repetition: int
+) -> int | None:
     """ext4 on the data disk, the file set written and dropped from the page cache;
     for agent modes the agent's cleancache mount over it."""
     guest.ssh(
-        f"dev={_disk_by_serial(DATA_DISK_SERIAL)} && mkfs.ext4 -q -F $dev && mkdir -p {DATA_MOUNT} && "
+        f"dev={guestops.disk_by_serial(DATA_DISK_SERIAL)} && mkfs.ext4 -q -F $dev && mkdir -p {DATA_MOUNT} && "
         f"mount $dev {DATA_MOUNT} && python3 -m tmem_guest.pagecache prepare --dir {FILE_SET} "
         f"{_file_set_arguments(scenario, index, repetition)}",
         timeout=scenario.workload_timeout_s,
     )
     if mode.agent is not None:
-        start_agent(guest, f"--cache {FILE_SET} {CACHE_MOUNT}")
+        return guestops.start_agent(guest, f"--cache {FILE_SET} {CACHE_MOUNT}")
+    return None
 
 
-def prepare_swap(guest: launcher.Guest, mode: Mode) -> None:
-    """Swap the mode's way: a disk (maybe under zswap), the NBD export, or the agent."""
+def prepare_swap(guest: launcher.Guest, mode: Mode) -> int | None:
+    """Swap the mode's way: a disk (maybe under zswap), the NBD export, or the agent
+    (whose pid is returned)."""
     if mode.swap == "none":
-        return
+        return None
     if mode.zswap:
         guest.ssh(
             "modprobe lz4; modprobe zbud; "
@@ -269,12 +238,9 @@ def prepare_swap(guest: launcher.Guest, mode: Mode) -> None:
         )
     if mode.agent is not None:
         # The agent serves /dev/nbd0 as swap (fallback: the swap disk) in the background.
-        start_agent(guest, f"--swap {mode.agent} --swap-disk-serial {SWAP_DISK_SERIAL}")
-        return
-    guest.ssh(
-        f"dev={_disk_by_serial(SWAP_DISK_SERIAL)} && mkswap -q $dev && swapon --discard -p 10 $dev",
-        timeout=60,
-    )
+        return guestops.start_agent(guest, f"--swap {mode.agent} --swap-disk-serial {SWAP_DISK_SERIAL}")
+    guestops.enable_disk_swap(guest, SWAP_DISK_SERIAL)
+    return None
 
 
 def _delta(after: Mapping[str, float], before: Mapping[str, float]) -> dict[str, float]:
@@ -401,21 +367,22 @@ class Runner:
                     stack.enter_context(launcher.Guest(guest_config(self.scenario, mode, index, tmemd, vm_dir)))
                     for index in range(self.scenario.guests.count)
                 ]
-                for index, guest in enumerate(guests):
-                    if self.scenario.workload == "pagecache":
-                        prepare_pagecache(guest, mode, self.scenario, index, repetition)
-                    else:
-                        prepare_swap(guest, mode)
+                agents = [
+                    prepare_pagecache(guest, mode, self.scenario, index, repetition)
+                    if self.scenario.workload == "pagecache" else prepare_swap(guest, mode)
+                    for index, guest in enumerate(guests)
+                ]
                 kvm = guests[0].qmp("query-kvm")
                 metadata.setdefault("accelerator", "kvm" if kvm.get("enabled") else "tcg")
-                return self._measure(mode, repetition, guests, tmemd)
+                return self._measure(mode, repetition, guests, agents, tmemd)
         except INFRASTRUCTURE_ERRORS as error:
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             return [{**base, "guest": name, "ok": False, "verified": None, "wall_s": None,
                      "error": f"infrastructure: {first_line}"} for name in names]
 
     def _measure(
-        self, mode: Mode, repetition: int, guests: list[launcher.Guest], tmemd: TmemdProcess | None
+        self, mode: Mode, repetition: int, guests: list[launcher.Guest], agents: list[int | None],
+        tmemd: TmemdProcess | None,
     ) -> list[dict[str, Any]]:
         before = [json.loads(guest.ssh("python3 -m tmem_guest.snapshot", timeout=60).stdout) for guest in guests]
         qemu_pids = [guest.pid for guest in guests if guest.pid is not None]
@@ -448,10 +415,11 @@ class Runner:
                     host[f"{role}_cpu_s"] = round(usage_after.cpu_s - usage_before.cpu_s, 2)
                     host[f"{role}_peak_rss"] = usage_after.peak_rss_bytes
             agent = None
-            if mode.agent is not None:
+            agent_pid = agents[index]
+            if agent_pid is not None:
                 if self.scenario.workload == "pagecache":
-                    stop_agent(guest)  # unmounts; its last counters are final
-                agent = json.loads(guest.ssh("python3 -m tmem_guest stats", timeout=60).stdout)
+                    guestops.stop_agent(guest, agent_pid)  # unmounts; its last counters are final
+                agent = guestops.agent_stats(guest)
             samples.append({
                 "mode": mode.name,
                 "repetition": repetition,

@@ -1,0 +1,91 @@
+"""Things the host does inside a booted guest over SSH: swap on a disk, start and
+stop the tmem agent, read its counters, run a command in a memory cgroup.
+
+One place for them, used by the testbed runner and the guest tests alike.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import time
+from typing import Any
+
+from tmem_host.vm.launcher import DISK_SERIALS, CommandResult, Guest
+
+AGENT_DIR = "/run/tmem-agent"
+AGENT_READY_FILE = f"{AGENT_DIR}/ready"  # holds the agent's pid once swap is on / the cache mounted
+AGENT_LOG = f"{AGENT_DIR}/agent.log"
+CGROUP_ROOT = "/sys/fs/cgroup"
+
+
+def disk_by_serial(serial: str) -> str:
+    """A shell expression for the /dev path of the guest's virtio disk with this serial."""
+    return f'$(python3 -c "from tmem_guest.system import find_disk_by_serial as f; print(f(\'{serial}\'))")'
+
+
+def enable_disk_swap(guest: Guest, serial: str = DISK_SERIALS["swap"], priority: int = 10) -> str:
+    """mkswap and swapon (with discard) the disk with this serial; returns its device."""
+    result = guest.ssh(
+        f"dev={disk_by_serial(serial)} && mkswap -q $dev && swapon --discard -p {priority} $dev && echo $dev",
+        timeout=60,
+    )
+    return result.stdout.strip()
+
+
+def start_agent(guest: Guest, arguments: str, timeout: float = 120.0) -> int:
+    """Start `python3 -m tmem_guest start ARGUMENTS` in the background and wait until
+    it is ready; returns its pid (which it writes into the ready file)."""
+    guest.ssh(
+        f"mkdir -p {AGENT_DIR} && rm -f {AGENT_READY_FILE} && setsid -f python3 -m tmem_guest start "
+        f"{arguments} > {AGENT_LOG} 2>&1 < /dev/null"
+    )
+    deadline = time.monotonic() + timeout
+    while (ready := guest.ssh(f"cat {AGENT_READY_FILE}", check=False)).exit_status != 0:
+        if time.monotonic() > deadline:
+            raise AgentError(f"agent not ready in {timeout:.0f} s:\n{agent_log(guest)}")
+        time.sleep(0.5)
+    return int(ready.stdout)
+
+
+def stop_agent(guest: Guest, pid: int, timeout: float = 120.0) -> None:
+    """SIGTERM the agent (it swaps off, unmounts, publishes its last counters) and wait."""
+    result = guest.ssh(
+        f"kill -TERM {pid}; for i in $(seq {int(timeout * 2)}); do "
+        f"kill -0 {pid} 2>/dev/null || exit 0; sleep 0.5; done; exit 1",
+        timeout=timeout + 10,
+        check=False,
+    )
+    if result.exit_status != 0:
+        raise AgentError(f"agent {pid} did not stop in {timeout:.0f} s:\n{agent_log(guest)}")
+
+
+class AgentError(RuntimeError):
+    """The agent did not start or stop; the message carries its log tail."""
+
+
+def agent_log(guest: Guest, lines: int = 40) -> str:
+    return guest.ssh(f"tail -n {lines} {AGENT_LOG}", check=False).stdout
+
+
+def agent_stats(guest: Guest) -> dict[str, Any]:
+    stats: dict[str, Any] = json.loads(guest.ssh("python3 -m tmem_guest stats", timeout=60).stdout)
+    return stats
+
+
+def in_cgroup(command: str, memory_max: str, cgroup: str = "workload") -> str:
+    """A shell command running COMMAND in a memory cgroup with this memory.max
+    ("max" for no limit). FACTS.md: a cgroup around the workload is the robust guard
+    against reclaim deadlocks with a user-space swap device, because the processes
+    outside it (the agent, sshd) keep the memory their own I/O needs."""
+    path = f"{CGROUP_ROOT}/{cgroup}"
+    script = (
+        f"echo +memory > {CGROUP_ROOT}/cgroup.subtree_control && mkdir -p {path} && "
+        f"echo {memory_max} > {path}/memory.max && echo $$ > {path}/cgroup.procs && exec {command}"
+    )
+    return f"sh -c {shlex.quote(script)}"
+
+
+def run_in_cgroup(guest: Guest, command: str, memory_max: str, timeout: float,
+                  cgroup: str = "workload") -> CommandResult:
+    return guest.ssh(in_cgroup(command, memory_max, cgroup), timeout=timeout, check=False)
