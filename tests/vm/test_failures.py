@@ -91,10 +91,12 @@ from pathlib import Path
 from tmem_host.vm.launcher import Guest, GuestConfig
 config = GuestConfig(name="orphan", accel="tcg", run_dir=Path(sys.argv[1]))
 if sys.argv[2] == "interrupt":
-    with Guest(config):
+    with Guest(config) as guest:
+        print(guest.pid, flush=True)
         time.sleep(600)
 guest = Guest(config)
 guest.start()
+print(guest.pid, flush=True)
 if sys.argv[2] == "kill":
     time.sleep(600)
 """
@@ -113,18 +115,22 @@ def wait_for(condition: Callable[[], object], timeout: float) -> bool:
 def test_no_qemu_outlives_its_parent(image: GuestImage, tmp_path: Path, ending: str) -> None:
     run_dir = tmp_path / ending
     parent = subprocess.Popen([sys.executable, "-c", ABANDONING_PARENT, str(run_dir), ending],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        qemu_started = wait_for(lambda: processes_mentioning(f"{run_dir}/console.log"), 60.0)
-        assert qemu_started, parent.communicate(timeout=30)[0].decode(errors="replace")
+        # The parent prints QEMU's pid once it runs ("return" exits right after,
+        # possibly before a poll here could see QEMU alive).
+        assert parent.stdout is not None
+        qemu_pid = parent.stdout.readline().strip()
+        assert qemu_pid.isdigit(), qemu_pid + parent.communicate(timeout=30)[0]
         if ending == "kill":
             parent.kill()
         elif ending == "interrupt":
             parent.send_signal(signal.SIGINT)
-        output = parent.communicate(timeout=60)[0].decode(errors="replace")
+        output = parent.communicate(timeout=60)[0]
         if ending == "interrupt":
             assert "KeyboardInterrupt" in output
-        assert wait_for(lambda: not processes_mentioning(f"{run_dir}/console.log"), 15.0)
+        assert wait_for(lambda: not Path(f"/proc/{int(qemu_pid)}").exists(), 15.0)
+        assert not processes_mentioning(f"{run_dir}/console.log")
     finally:
         parent.kill()
         parent.wait()
