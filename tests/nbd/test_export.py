@@ -44,6 +44,19 @@ def test_qemu_io_write_read_discard_zero(tmemd: TmemdProcess) -> None:
     qemu_io(tmemd, "g2", "read -P 0 0 2M")
 
 
+def test_whole_disk_trim_beyond_the_payload_maximum_is_served(tmemd: TmemdProcess) -> None:
+    # swapon --discard trims the whole swap area in one request: the maximum block
+    # size bounds payloads, not the span of a TRIM or WRITE_ZEROES.
+    before = export_stats(tmemd, "g2")
+    qemu_io(tmemd, "g2", "write -P 0x61 0 40M", "discard 0 64M", "read -P 0 0 64M",
+            "write -P 0x62 8M 4M", "write -z 0 64M", "read -P 0 0 64M")
+    stats = export_stats(tmemd, "g2")
+    assert stats["trims"] - before["trims"] >= 1 and stats["zeroes"] - before["zeroes"] >= 1
+    assert stats["pages_discarded"] - before["pages_discarded"] >= (40 + 4) * MIB // PAGE
+    assert stats["invalid_requests"] == before["invalid_requests"]
+    assert stats["slots_in_tmem"] == 0
+
+
 def test_concurrent_aio_requests_are_answered_by_handle(tmemd: TmemdProcess) -> None:
     writes = [f"aio_write -P {0x10 + n} {n * 64}k 64k" for n in range(16)]
     qemu_io(tmemd, "g1", *writes, "aio_flush")

@@ -56,6 +56,11 @@ def test_guest_swaps_on_the_export_with_and_without_a_cap(tmp_path: Path) -> Non
         assert stats["pages_put_tmem"] > 10_000 and stats["pages_read_tmem"] > 10_000
         assert stats["pages_refused_fallback"] == 0 and stats["read_errors"] == 0
         assert stats["protocol_errors"] == 0
+        # swapon --discard reaches tmemd as NBD TRIM (discard=unmap on the blockdev):
+        # the slots the workload freed when it exited were flushed from tmem.
+        assert stats["trims"] > 0 and stats["pages_discarded"] > 0, stats
+        print(f"\ndiscards: {stats['trims']} trims, {stats['pages_discarded']} pages, "
+              f"{stats['slots_in_tmem']} slots still in tmem")
 
         with boot("capped", "nbd", tmp_path, daemon) as guest:
             capped = run_swap_workload(guest)

@@ -203,8 +203,11 @@ class NbdExport:
             self.counters["invalid_requests"] += 1
             return (nbd.Error.ENOSPC if command is not nbd.Command.READ else nbd.Error.EINVAL), b""
         # The advertised minimum block is a page: clients that asked honour it,
-        # and a page is never half-written behind a client's back.
-        if (request.offset | request.length) & (PAGE_SIZE - 1) or request.length > MAX_PAYLOAD:
+        # and a page is never half-written behind a client's back. The maximum
+        # bounds payloads only: a TRIM or WRITE_ZEROES may span the whole export
+        # (swapon --discard trims the whole swap area in one request).
+        carries_payload = command in (nbd.Command.READ, nbd.Command.WRITE)
+        if (request.offset | request.length) & (PAGE_SIZE - 1) or (carries_payload and request.length > MAX_PAYLOAD):
             self.counters["invalid_requests"] += 1
             return nbd.Error.EINVAL, b""
         first_slot = request.offset >> PAGE_SHIFT

@@ -564,7 +564,9 @@ class Guest:
         if config.swap == "none":
             return []
         if config.swap == "nbd":
-            return ["-blockdev", f"driver=nbd,node-name=swap,server.type=unix,"
+            # discard=unmap: the guest's swap discards (swapon --discard) reach tmemd
+            # as NBD TRIM, so freed swap slots are flushed from tmem.
+            return ["-blockdev", f"driver=nbd,node-name=swap,discard=unmap,server.type=unix,"
                                  f"server.path={config.nbd_socket},export={config.nbd_export}",
                     "-device", f"virtio-blk-pci,drive=swap,serial={DISK_SERIALS['swap']}"]
         return self._scratch_disk_args("swap", config.swap_mib, config.swap)
