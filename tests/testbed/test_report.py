@@ -39,7 +39,7 @@ def test_reports_are_written_and_carry_the_numbers(results: Path) -> None:
     names = {path.name for path in written}
     assert {"report.md", "report.html", "runtime.png", "swap_io.png", "tmem_hits.png", "host_memory.png"} <= names
     markdown = (results / "report.md").read_text()
-    assert "| tmem-blk | 3/3 | 22.1 ± 2.0 | -72.4%** | 90001 | 60001 | 7000 | 100.0% | 3.08x |" in markdown
+    assert "| tmem-blk | 3/3 | 22.1 ± 2.0 | -72.4%** | 90001 | 60001 | 7000 | 120 | 0 | 100.0% | 3.08x |" in markdown
     assert "| zswap | 3/4 |" in markdown
     assert "verification failed: 3 bad pages" in markdown
     assert "accelerator (as QMP reports it): tcg" in markdown

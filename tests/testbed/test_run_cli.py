@@ -123,3 +123,42 @@ def test_pagecache_scenario_end_to_end(tmp_path: Path) -> None:
     assert "| disk-hdd | 1/1 |" in report and "| tmem-agent | 1/1 |" in report
     assert f"| tmem-agent | {' / '.join(f'{t:.1f}' for t in agent['workload']['pass_s'])} | {first['hits']} / {second['hits']} |" in report
     assert "| disk-hdd | " in report.split("## Passes")[1] and "| - / - |" in report
+
+
+CONTENTION = """
+name = "contention-tiny"
+modes = ["tmem-blk"]
+repetitions = 1
+[guests]
+count = 2
+memory_mib = 192
+weights = [100, 300]
+caps = ["0", "48M"]
+[host]
+budget = "512M"
+[workload]
+kind = "contention"
+ratio = 1.0
+bursts = 2
+"""
+
+
+@pytest.mark.vm
+@pytest.mark.slow
+def test_two_guests_under_one_budget_report_where_the_memory_went(tmp_path: Path) -> None:
+    scenario = tmp_path / "contention.toml"
+    scenario.write_text(CONTENTION)
+    result = run_testbed("run", str(scenario), "--results", str(tmp_path / "results"), timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = json.loads((tmp_path / "results" / "latest" / "run.json").read_text())
+    guests = {sample["guest"]: sample for sample in run["samples"]}
+    assert set(guests) == {"g0", "g1"} and all(s["verified"] for s in guests.values())
+    free, capped = guests["g0"]["tmemd"], guests["g1"]["tmemd"]
+    # Both swapped through tmemd at once; the capped guest was held to its cap and
+    # its refused pages went to the export's fallback file, the other was not refused.
+    assert free["puts"] > 10_000 and capped["puts"] > 10_000
+    assert free["refusals"] == 0 and capped["refusals"] > 1_000
+    assert capped["stored_bytes"] <= 48 << 20 < free["stored_bytes"]
+    assert capped["nbd"]["pages_refused_fallback"] == capped["refusals"]
+    report = (tmp_path / "results" / "latest" / "report.md").read_text()
+    assert "| tmem-blk/g0 | 1/1 |" in report and "| tmem-blk/g1 | 1/1 |" in report

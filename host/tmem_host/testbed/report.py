@@ -46,6 +46,10 @@ class ModeRow:
     major_faults: float | None
     tmem_hit_ratio: float | None
     compression_ratio: float | None
+    # Where the memory went: what tmemd held for the guest at the end, and the
+    # puts it refused (budget or cap; those pages went to the fallback disk).
+    tmem_stored_mib: float | None
+    tmem_refusals: float | None
 
     @property
     def mark(self) -> str:
@@ -69,6 +73,11 @@ def _hit_ratio(sample: Mapping[str, Any]) -> float | None:
     tmemd = sample.get("tmemd") or {}
     gets = tmemd.get("gets")
     return float(tmemd["hits"]) / gets if gets else None
+
+
+def _tmemd(sample: Mapping[str, Any], name: str) -> float | None:
+    value = (sample.get("tmemd") or {}).get(name)
+    return float(value) if value is not None else None
 
 
 def _compression_ratio(sample: Mapping[str, Any]) -> float | None:
@@ -115,6 +124,11 @@ def summarize_run(run: Mapping[str, Any]) -> list[ModeRow]:
                     major_faults=_mean(_vmstat(s, "pgmajfault") for s in samples),
                     tmem_hit_ratio=_mean(_hit_ratio(s) for s in samples),
                     compression_ratio=_mean(_compression_ratio(s) for s in samples),
+                    tmem_stored_mib=_mean(
+                        None if (stored := _tmemd(s, "stored_bytes")) is None else stored / (1 << 20)
+                        for s in samples
+                    ),
+                    tmem_refusals=_mean(_tmemd(s, "refusals") for s in samples),
                 )
             )
     return rows
@@ -125,6 +139,7 @@ def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
 
 
 COLUMNS = ("mode", "runs", "wall s (mean ± sd)", "vs baseline", "swap out", "swap in", "major faults",
+           "tmem MiB", "refused",
            "tmem hits", "compression")
 
 
@@ -145,6 +160,8 @@ def row_cells(row: ModeRow, baseline: str) -> list[str]:
         _fmt(row.swap_out_pages, ".0f"),
         _fmt(row.swap_in_pages, ".0f"),
         _fmt(row.major_faults, ".0f"),
+        _fmt(row.tmem_stored_mib, ".0f"),
+        _fmt(row.tmem_refusals, ".0f"),
         _fmt(None if row.tmem_hit_ratio is None else row.tmem_hit_ratio * 100, ".1f", "%"),
         _fmt(row.compression_ratio, ".2f", "x"),
     ]
@@ -219,6 +236,8 @@ def render_markdown(run: Mapping[str, Any], plots: Sequence[str] = ()) -> str:
         "",
         "`*` p < 0.05, `**` p < 0.01 (Welch's t-test against the baseline's wall times); "
         "swap in/out and major faults are guest /proc/vmstat deltas in pages, mean per run; "
+        "tmem MiB = what tmemd held for the guest at the end (stored bytes); refused = puts tmemd "
+        "refused (budget or cap: those pages went to the fallback); "
         "tmem hits = tmemd gets that hit; compression = raw / stored bytes in tmemd.",
         "",
     ]
