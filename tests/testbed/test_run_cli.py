@@ -153,6 +153,7 @@ def test_two_guests_under_one_budget_report_where_the_memory_went(tmp_path: Path
     run = json.loads((tmp_path / "results" / "latest" / "run.json").read_text())
     guests = {sample["guest"]: sample for sample in run["samples"]}
     assert set(guests) == {"g0", "g1"} and all(s["verified"] for s in guests.values())
+    assert all(len(s["workload"]["bursts"]) == 2 for s in guests.values())  # both bursts ran
     free, capped = guests["g0"]["tmemd"], guests["g1"]["tmemd"]
     # Both swapped through tmemd at once; the capped guest was held to its cap and
     # its refused pages went to the export's fallback file, the other was not refused.

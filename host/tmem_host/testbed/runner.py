@@ -489,14 +489,28 @@ def _merge_passes(outputs: list[dict[str, Any]], tmemd: list[dict[str, Any]]) ->
     return merged
 
 
-def _parse_workload_output(stdout: str) -> dict[str, Any]:
-    for line in reversed(stdout.splitlines()):
+def _json_lines(stdout: str) -> list[dict[str, Any]]:
+    results = []
+    for line in stdout.splitlines():
         line = line.strip()
         if line.startswith("{"):
             with contextlib.suppress(json.JSONDecodeError):
-                parsed: dict[str, Any] = json.loads(line)
-                return parsed
-    return {"output_tail": stdout[-2000:]}
+                results.append(json.loads(line))
+    return results
+
+
+def _parse_workload_output(stdout: str) -> dict[str, Any]:
+    """The workload's JSON result line; a multi-burst run's bursts, merged."""
+    results = _json_lines(stdout)
+    if not results:
+        return {"output_tail": stdout[-2000:]}
+    if len(results) == 1:
+        return results[0]
+    return {
+        "bursts": results,
+        "verified": all(result.get("verified") is True for result in results),
+        "total_s": round(sum(float(result.get("total_s", 0)) for result in results), 3),
+    }
 
 
 def _failure_text(result: launcher.CommandResult) -> str:

@@ -81,7 +81,8 @@ def in_cgroup(command: str, memory_max: str, cgroup: str = "workload") -> str:
     path = f"{CGROUP_ROOT}/{cgroup}"
     script = (
         f"echo +memory > {CGROUP_ROOT}/cgroup.subtree_control && mkdir -p {path} && "
-        f"echo {memory_max} > {path}/memory.max && echo $$ > {path}/cgroup.procs && exec {command}"
+        # COMMAND may be a compound (a && b): exec a shell for it, not its first word.
+        f"echo {memory_max} > {path}/memory.max && echo $$ > {path}/cgroup.procs && exec sh -c {shlex.quote(command)}"
     )
     return f"sh -c {shlex.quote(script)}"
 
