@@ -7,7 +7,7 @@ SYSDEPS_STAMP := $(VENV)/.system-packages
 VENV_STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: all test testbed image bench fuzz typecheck doctor deps clean
+.PHONY: all test stress testbed image bench fuzz typecheck doctor deps clean
 
 all: test
 
@@ -27,7 +27,11 @@ image: deps
 	$(PY) -m tmem_host.vm.image build
 
 test: image
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not stress" $(PYTEST_ARGS)
+
+# Guest runs near the agent's deadlock bound (no cgroup, 1.5-2x guest RAM).
+stress: image
+	$(PY) -m pytest -m stress $(PYTEST_ARGS)
 
 typecheck: deps
 	$(PY) -m mypy
