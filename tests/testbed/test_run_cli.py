@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,6 +20,15 @@ def run_testbed(*args: str, env: dict[str, str] | None = None, timeout: float = 
         [sys.executable, "-m", "tmem_host.cli", *args], capture_output=True, text=True,
         cwd=REPO, env=env, timeout=timeout, check=False,
     )
+
+
+def run_passing_scenario(scenario: Path, results_root: Path) -> tuple[subprocess.CompletedProcess[str], Path, dict[str, Any]]:
+    """Run a scenario that must pass; returns the command's result, its results
+    folder (results/latest, resolved) and its run.json."""
+    result = run_testbed("run", str(scenario), "--results", str(results_root), timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = (results_root / "latest").resolve()
+    return result, results, json.loads((results / "run.json").read_text())
 
 
 def test_scenario_error_exits_2_with_one_line(tmp_path: Path) -> None:
@@ -52,10 +62,7 @@ def test_list_names_every_mode() -> None:
 @pytest.mark.vm
 @pytest.mark.slow
 def test_smoke_scenario_end_to_end(tmp_path: Path) -> None:
-    result = run_testbed("run", str(REPO / "scenarios" / "smoke.toml"), "--results", str(tmp_path), timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
-    results = (tmp_path / "latest").resolve()
-    run = json.loads((results / "run.json").read_text())
+    result, results, run = run_passing_scenario(REPO / "scenarios" / "smoke.toml", tmp_path)
     assert run["metadata"]["accelerator"] in ("tcg", "kvm")
     assert run["metadata"]["guest_kernel"].endswith("-amd64")
     modes = {sample["mode"]: sample for sample in run["samples"]}
@@ -100,10 +107,7 @@ workload_s = 300
 def test_pagecache_scenario_end_to_end(tmp_path: Path) -> None:
     scenario = tmp_path / "tiny-pagecache.toml"
     scenario.write_text(TINY_PAGECACHE)
-    result = run_testbed("run", str(scenario), "--results", str(tmp_path / "results"), timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
-    results = (tmp_path / "results" / "latest").resolve()
-    run = json.loads((results / "run.json").read_text())
+    _, results, run = run_passing_scenario(scenario, tmp_path / "results")
     modes = {sample["mode"]: sample for sample in run["samples"]}
     assert set(modes) == {"disk-hdd", "tmem-agent"}
     set_pages = 48 * 256  # 1.5 x 32 MiB
@@ -148,9 +152,7 @@ bursts = 2
 def test_two_guests_under_one_budget_report_where_the_memory_went(tmp_path: Path) -> None:
     scenario = tmp_path / "contention.toml"
     scenario.write_text(CONTENTION)
-    result = run_testbed("run", str(scenario), "--results", str(tmp_path / "results"), timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
-    run = json.loads((tmp_path / "results" / "latest" / "run.json").read_text())
+    _, results, run = run_passing_scenario(scenario, tmp_path / "results")
     guests = {sample["guest"]: sample for sample in run["samples"]}
     assert set(guests) == {"g0", "g1"} and all(s["verified"] for s in guests.values())
     assert all(len(s["workload"]["bursts"]) == 2 for s in guests.values())  # both bursts ran
@@ -161,5 +163,5 @@ def test_two_guests_under_one_budget_report_where_the_memory_went(tmp_path: Path
     assert free["refusals"] == 0 and capped["refusals"] > 1_000
     assert capped["stored_bytes"] <= 48 << 20 < free["stored_bytes"]
     assert capped["nbd"]["pages_refused_fallback"] == capped["refusals"]
-    report = (tmp_path / "results" / "latest" / "report.md").read_text()
+    report = (results / "report.md").read_text()
     assert "| tmem-blk/g0 | 1/1 |" in report and "| tmem-blk/g1 | 1/1 |" in report
