@@ -22,7 +22,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from tmem_guest.channel import Channel, ChannelDown
@@ -63,11 +63,12 @@ class Pool:
 class _Call:
     """One request slot: its frame buffer and the lock its reply releases."""
 
-    __slots__ = ("buffer", "view", "done", "request_id", "reply")
+    __slots__ = ("buffer", "view", "payload_view", "done", "request_id", "reply")
 
     def __init__(self, size: int) -> None:
         self.buffer = bytearray(size)
         self.view = memoryview(self.buffer)
+        self.payload_view = self.view[abi.HEADER_SIZE :]
         self.done = threading.Lock()
         self.done.acquire()  # held until the reader (or a disconnect) completes the call
         self.request_id = 0
@@ -264,15 +265,24 @@ class Session:
 
     # -- calls ---------------------------------------------------------------------
 
-    def _call(self, opcode: Op, pool: Pool, oid: Oid, index: int, payload: abi.Buffer = b"") -> Frame:
-        """Send one request, wait for its reply; raise ChannelDown if it cannot be had."""
+    def _call(
+        self, opcode: Op, pool: Pool, oid: Oid, index: int, payload: abi.Buffer = b"",
+        encode: Callable[[memoryview], int] | None = None,
+    ) -> Frame:
+        """Send one request, wait for its reply; raise ChannelDown if it cannot be had.
+
+        `encode`, if given, writes the payload straight into the call's frame
+        buffer (the view after the header) and returns its length: no payload object."""
         call = self._free.get()
         try:
             pool_id = pool.pool_id
             if not self._up.is_set() or pool_id is None:
                 raise ChannelDown("tmemd session is down")
-            length = len(payload) if not isinstance(payload, memoryview) else payload.nbytes
-            call.view[abi.HEADER_SIZE : abi.HEADER_SIZE + length] = payload
+            if encode is not None:
+                length = encode(call.payload_view)
+            else:
+                length = len(payload) if not isinstance(payload, memoryview) else payload.nbytes
+                call.view[abi.HEADER_SIZE : abi.HEADER_SIZE + length] = payload
             request_id = call.request_id = next(self._request_ids)
             abi.pack_header_into(
                 call.buffer, 0, opcode=opcode, flags=0, request_id=request_id, status=0,
@@ -340,8 +350,11 @@ class Session:
         accepted: list[bool] = []
         for start in self._chunks(len(keys)):
             end = start + self.batch_pages
-            payload = abi.encode_put_batch(pool.page_shift, keys[start:end], pages[start:end])
-            reply = self._call(Op.PUT_BATCH, pool, (0, 0, 0), 0, payload)
+            chunk_keys, chunk_pages = keys[start:end], pages[start:end]
+            reply = self._call(
+                Op.PUT_BATCH, pool, (0, 0, 0), 0,
+                encode=lambda out: abi.encode_put_batch_into(out, 0, pool.page_shift, chunk_keys, chunk_pages),
+            )
             if reply.status != Status.OK:
                 accepted += [False] * len(keys[start:end])
                 continue
@@ -354,24 +367,23 @@ class Session:
         found: list[bool] = []
         for start in self._chunks(len(keys)):
             end = start + self.batch_pages
-            reply = self._call(Op.GET_BATCH, pool, (0, 0, 0), 0, abi.encode_key_batch(keys[start:end]))
+            chunk_keys = keys[start:end]
+            reply = self._call(
+                Op.GET_BATCH, pool, (0, 0, 0), 0, encode=lambda out: abi.encode_key_batch_into(out, 0, chunk_keys)
+            )
             if reply.status != Status.OK:
-                found += [False] * len(keys[start:end])
+                found += [False] * len(chunk_keys)
                 continue
-            statuses, pages = abi.decode_batch_reply(reply.payload, pool.page_shift)
-            hit_pages = iter(pages)
-            for position, status in enumerate(statuses, start):
-                if status == Status.OK:
-                    into[position][:] = next(hit_pages)
-                    found.append(True)
-                else:
-                    found.append(False)
+            found += abi.decode_batch_reply_into(reply.payload, pool.page_shift, into[start:end])
         return found
 
     def flush_batch(self, pool: Pool, keys: Sequence[Key]) -> None:
         """FLUSH_BATCH; a key with index abi.WHOLE_OBJECT flushes its whole object."""
         for start in self._chunks(len(keys)):
-            self._call(Op.FLUSH_BATCH, pool, (0, 0, 0), 0, abi.encode_key_batch(keys[start : start + self.batch_pages]))
+            chunk_keys = keys[start : start + self.batch_pages]
+            self._call(
+                Op.FLUSH_BATCH, pool, (0, 0, 0), 0, encode=lambda out: abi.encode_key_batch_into(out, 0, chunk_keys)
+            )
 
     def pool_stats(self, pool: Pool) -> abi.PoolStats | None:
         reply = self._call(Op.STATS, pool, (0, 0, 0), 0)

@@ -37,9 +37,9 @@ __all__ = [
     "Buffer", "Feature", "Flag", "Frame", "FrameDecoder", "Hello", "Key", "NeedData",
     "NewPool", "Oid", "Op", "PoolFlag", "PoolStats", "ProtocolError", "Status",
     "TmemWireError",
-    "decode_batch_reply", "decode_key_batch", "decode_pool_grant", "decode_pool_stats",
-    "decode_put_batch", "encode_batch_reply", "encode_frame", "encode_key_batch",
-    "encode_pool_grant", "encode_pool_stats", "encode_put_batch", "error_text",
+    "decode_batch_reply", "decode_batch_reply_into", "decode_key_batch", "decode_pool_grant", "decode_pool_stats",
+    "decode_put_batch", "encode_batch_reply", "encode_frame", "encode_key_batch", "encode_key_batch_into",
+    "encode_pool_grant", "encode_pool_stats", "encode_put_batch", "encode_put_batch_into", "error_text",
     "max_batch_pages", "negotiate", "pack_header_into", "page_size_mask", "reply_to",
 ]
 
@@ -673,15 +673,21 @@ def _check_reserved(payload: Buffer, start: int, end: int, what: str) -> None:
 
 
 def _encode_keys(out: bytearray, keys: Sequence[Key]) -> None:
-    pack = _DESCRIPTOR.pack_into
     offset = len(out)
     out.extend(bytes(DESCRIPTOR_SIZE * len(keys)))
+    _pack_keys_into(out, offset, keys)
+
+
+def _pack_keys_into(buffer: bytearray | memoryview, offset: int, keys: Sequence[Key]) -> int:
+    """Descriptors at buffer[offset:]; returns the offset after them."""
+    pack = _DESCRIPTOR.pack_into
     try:
         for (o0, o1, o2), index in keys:
-            pack(out, offset, o0, o1, o2, index)
+            pack(buffer, offset, o0, o1, o2, index)
             offset += DESCRIPTOR_SIZE
     except struct.error as error:
         raise ValueError(f"batch key out of range: {error}") from None
+    return offset
 
 
 @functools.lru_cache(maxsize=64)
@@ -706,28 +712,58 @@ def _check_page_shift(page_shift: int) -> None:
         raise ValueError(f"page shift {page_shift} out of range")
 
 
-def _join_pages(head: Buffer, pages: Sequence[Buffer], page_shift: int, what: str) -> bytes:
-    """`head` then the pages, in one allocation (growing a buffer page by page
-    costs more than tmemd's whole put); every page must be 2^page_shift bytes."""
+def _check_pages(head_length: int, pages: Sequence[Buffer], page_shift: int, what: str) -> int:
+    """The payload length of `head_length` bytes then the pages; every page must
+    be 2^page_shift bytes and the whole within MAX_PAYLOAD."""
     page_size = 1 << page_shift
     for page in pages:
         if _nbytes(page) != page_size:
             raise ValueError(f"page of {_nbytes(page)} bytes in a {what} of {page_size}-byte pages")
-    length = _nbytes(head) + len(pages) * page_size
+    length = head_length + len(pages) * page_size
     if length > MAX_PAYLOAD:
         raise ValueError(f"{what} of {length} bytes exceeds {MAX_PAYLOAD}")
+    return length
+
+
+def _join_pages(head: Buffer, pages: Sequence[Buffer], page_shift: int, what: str) -> bytes:
+    """`head` then the pages, in one allocation (growing a buffer page by page
+    costs more than tmemd's whole put)."""
+    _check_pages(_nbytes(head), pages, page_shift, what)
     return b"".join((head, *pages))
 
 
-def encode_put_batch(page_shift: int, keys: Sequence[Key], pages: Sequence[Buffer]) -> bytes:
-    """PUT_BATCH request payload: header, descriptors, then the pages in key order."""
+def _check_put_batch(page_shift: int, keys: Sequence[Key], pages: Sequence[Buffer]) -> None:
     _check_count(len(keys))
     if len(pages) != len(keys):
         raise ValueError(f"{len(keys)} keys but {len(pages)} pages")
     _check_page_shift(page_shift)
+
+
+def encode_put_batch(page_shift: int, keys: Sequence[Key], pages: Sequence[Buffer]) -> bytes:
+    """PUT_BATCH request payload: header, descriptors, then the pages in key order."""
+    _check_put_batch(page_shift, keys, pages)
     head = bytearray(_BATCH_HEADER.pack(len(keys), page_shift))
     _encode_keys(head, keys)
     return _join_pages(head, pages, page_shift, "batch")
+
+
+def encode_put_batch_into(
+    buffer: bytearray | memoryview, offset: int, page_shift: int, keys: Sequence[Key], pages: Sequence[Buffer]
+) -> int:
+    """encode_put_batch written at buffer[offset:] (a sender's preallocated frame
+    buffer: no payload object, one copy of each page); returns the payload length."""
+    _check_put_batch(page_shift, keys, pages)
+    head_length = BATCH_HEADER_SIZE + len(keys) * DESCRIPTOR_SIZE
+    length = _check_pages(head_length, pages, page_shift, "batch")
+    if offset + length > len(buffer):
+        raise ValueError(f"batch of {length} bytes does not fit the buffer")
+    _BATCH_HEADER.pack_into(buffer, offset, len(keys), page_shift)
+    position = _pack_keys_into(buffer, offset + BATCH_HEADER_SIZE, keys)
+    page_size = 1 << page_shift
+    for page in pages:
+        buffer[position : position + page_size] = page
+        position += page_size
+    return length
 
 
 def decode_put_batch(payload: Buffer) -> tuple[int, list[Key], list[memoryview]]:
@@ -749,6 +785,17 @@ def encode_key_batch(keys: Sequence[Key]) -> bytes:
     out = bytearray(_BATCH_HEADER.pack(len(keys), 0))
     _encode_keys(out, keys)
     return bytes(out)
+
+
+def encode_key_batch_into(buffer: bytearray | memoryview, offset: int, keys: Sequence[Key]) -> int:
+    """encode_key_batch written at buffer[offset:]; returns the payload length."""
+    _check_count(len(keys))
+    length = BATCH_HEADER_SIZE + len(keys) * DESCRIPTOR_SIZE
+    if offset + length > len(buffer):
+        raise ValueError(f"key batch of {length} bytes does not fit the buffer")
+    _BATCH_HEADER.pack_into(buffer, offset, len(keys), 0)
+    _pack_keys_into(buffer, offset + BATCH_HEADER_SIZE, keys)
+    return length
 
 
 def decode_key_batch(payload: Buffer) -> list[Key]:
@@ -809,22 +856,48 @@ def decode_batch_reply(
 ) -> tuple[list[Status], list[bytes]]:
     """(statuses, pages) of a batch reply. For a GET_BATCH reply pass the pool's
     page_shift (the reply must carry the same); pages hold the OK entries' pages."""
-    count, reply_shift, page_count = _parse_batch_reply(payload, pages=page_shift is not None)
-    if page_shift is not None and reply_shift != page_shift:
-        raise _invalid(f"GET_BATCH reply has page shift {reply_shift}, expected {page_shift}")
-    _check_reserved(payload, 5, 8, "batch header reserved bytes")
+    raw_statuses, reply_shift, statuses_end, page_count = _check_batch_reply(payload, page_shift)
     data = bytes(payload)
-    statuses_end = BATCH_HEADER_SIZE + _pad8(count)
-    _check_reserved(data, BATCH_HEADER_SIZE + count, statuses_end, "status padding bytes")
-    raw_statuses = data[BATCH_HEADER_SIZE : BATCH_HEADER_SIZE + count]
-    if not set(raw_statuses) <= _STATUS_VALUES:
-        raise _invalid("unknown status in batch reply")
     page_size = 1 << reply_shift
     pages = [
         data[offset : offset + page_size]
         for offset in range(statuses_end, statuses_end + page_count * page_size, page_size)
     ]
     return list(map(_STATUS_BY_VALUE.__getitem__, raw_statuses)), pages
+
+
+def decode_batch_reply_into(payload: Buffer, page_shift: int, into: Sequence[memoryview]) -> list[bool]:
+    """A GET_BATCH reply's pages copied straight into `into` (one view per key
+    asked, in order): no intermediate copies. One hit flag per key."""
+    raw_statuses, _, position, _ = _check_batch_reply(payload, page_shift)
+    if len(raw_statuses) != len(into):
+        raise _invalid(f"GET_BATCH reply for {len(raw_statuses)} keys, {len(into)} asked")
+    page_size = 1 << page_shift
+    found: list[bool] = []
+    with memoryview(payload) as source:
+        for status, target in zip(raw_statuses, into):
+            if status == Status.OK:
+                target[:] = source[position : position + page_size]
+                position += page_size
+                found.append(True)
+            else:
+                found.append(False)
+    return found
+
+
+def _check_batch_reply(payload: Buffer, page_shift: int | None) -> tuple[bytes, int, int, int]:
+    """(raw statuses, page shift, end of statuses, page count) of a valid batch reply."""
+    count, reply_shift, page_count = _parse_batch_reply(payload, pages=page_shift is not None)
+    if page_shift is not None and reply_shift != page_shift:
+        raise _invalid(f"GET_BATCH reply has page shift {reply_shift}, expected {page_shift}")
+    _check_reserved(payload, 5, 8, "batch header reserved bytes")
+    statuses_end = BATCH_HEADER_SIZE + _pad8(count)
+    _check_reserved(payload, BATCH_HEADER_SIZE + count, statuses_end, "status padding bytes")
+    with memoryview(payload) as view:
+        raw_statuses = bytes(view[BATCH_HEADER_SIZE : BATCH_HEADER_SIZE + count])
+    if not set(raw_statuses) <= _STATUS_VALUES:
+        raise _invalid("unknown status in batch reply")
+    return raw_statuses, reply_shift, statuses_end, page_count
 
 
 # --------------------------------------------------------------------------- STATS

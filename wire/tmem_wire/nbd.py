@@ -31,7 +31,7 @@ __all__ = [
     "NBDMAGIC", "IHAVEOPT", "OPTION_REPLY_MAGIC", "REQUEST_MAGIC", "SIMPLE_REPLY_MAGIC",
     "HandshakeFlag", "ClientFlag", "TransmissionFlag", "Option", "ReplyType", "InfoType",
     "Command", "CommandFlag", "Error", "NbdProtocolError", "NEED_DATA", "NeedData", "PAUSED", "Paused",
-    "REQUEST_HEADER", "SIMPLE_REPLY_HEADER", "MAX_OPTION_DATA", "DEFAULT_MAX_PAYLOAD",
+    "REQUEST_HEADER", "SIMPLE_REPLY_HEADER", "check_request_header", "MAX_OPTION_DATA", "DEFAULT_MAX_PAYLOAD",
     "ClientFlags", "ExportNameOption", "InfoOption", "ListOption", "AbortOption",
     "OtherOption", "MalformedOption", "Request", "ConnectionClosed",
     "Greeting", "ExportChosen", "ExportInfo", "ExportList", "OptionReply", "OptionError",
@@ -346,6 +346,20 @@ def pack_simple_reply_into(buffer: bytearray | memoryview, offset: int, handle: 
     SIMPLE_REPLY_HEADER.pack_into(buffer, offset, SIMPLE_REPLY_MAGIC, error, handle)
 
 
+def check_request_header(header: tuple[int, ...], max_payload: int) -> tuple[int, int, int, int, int]:
+    """(flags, command, handle, offset, length) of an unpacked REQUEST_HEADER.
+
+    Raises NbdProtocolError for a bad magic or a WRITE payload beyond
+    ``max_payload``. For servers that read the header and then the payload
+    straight into their own buffers (no copy through a decoder)."""
+    magic, flags, command, handle, offset, length = header
+    if magic != REQUEST_MAGIC:
+        raise NbdProtocolError(f"bad request magic {magic:#010x}")
+    if command == Command.WRITE and length > max_payload:
+        raise NbdProtocolError(f"write payload of {length} bytes exceeds {max_payload}")
+    return flags, command, handle, offset, length
+
+
 class _ByteQueue:
     """Received bytes with a read position; compacted lazily so parsing stays linear."""
 
@@ -406,12 +420,10 @@ class TransmissionDecoder:
         queue = self._queue
         if len(queue) < REQUEST_HEADER.size:
             return _end_or_need(queue)
-        magic, flags, command, handle, offset, length = queue.peek_unpack(REQUEST_HEADER)
-        if magic != REQUEST_MAGIC:
-            raise NbdProtocolError(f"bad request magic {magic:#010x}")
+        flags, command, handle, offset, length = check_request_header(
+            queue.peek_unpack(REQUEST_HEADER), self.max_payload
+        )
         payload_length = length if command == Command.WRITE else 0
-        if payload_length > self.max_payload:
-            raise NbdProtocolError(f"write payload of {length} bytes exceeds {self.max_payload}")
         if len(queue) < REQUEST_HEADER.size + payload_length:
             return _end_or_need(queue)
         queue.skip(REQUEST_HEADER.size)
