@@ -163,6 +163,19 @@ def test_memoryview_feed_and_payload() -> None:
     assert isinstance(decoded, Frame) and decoded.payload == PAGE
 
 
+def test_a_reply_may_carry_the_drain_flag() -> None:
+    decoder = FrameDecoder()
+    decoder.feed(raw_header(opcode=Op.STATS, flags=int(abi.Flag.REPLY | abi.Flag.DRAIN), oid=(0, 0, 0), index=0))
+    frame = decoder.next_frame()
+    assert isinstance(frame, abi.Frame) and frame.is_reply and frame.flags & abi.Flag.DRAIN
+
+
+def test_drain_feature_is_granted_only_when_both_sides_offer_it() -> None:
+    both = abi.Hello(features=abi.Feature.BATCH | abi.Feature.DRAIN)
+    assert abi.Feature.DRAIN in abi.negotiate(both, both).features
+    assert abi.Feature.DRAIN not in abi.negotiate(abi.Hello(), both).features
+
+
 def test_partial_frame_stays_pending() -> None:
     decoder = FrameDecoder()
     data = abi.encode_frame(PUT_REQUEST)
@@ -177,7 +190,8 @@ MALFORMED = {
     "bad magic": raw_header(magic=0x4D454D55),
     "version 0": raw_header(version=0),
     "version 2": raw_header(version=2),
-    "reserved flag bit": raw_header(flags=2),
+    "DRAIN flag on a request": raw_header(flags=int(abi.Flag.DRAIN)),
+    "reserved flag bit": raw_header(flags=4),
     "reserved high flag bit": raw_header(flags=0x8000),
     "reserved field": raw_header(reserved=1),
     "opcode 0": raw_header(opcode=0),

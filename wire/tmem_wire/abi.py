@@ -90,9 +90,13 @@ class Status(IntEnum):
 
 
 class Flag(IntFlag):
-    """Header flags; every bit but REPLY is reserved and must be 0."""
+    """Header flags; bits 2..15 are reserved and must be 0."""
 
     REPLY = 1
+    # On replies only, to clients that negotiated Feature.DRAIN: the host asks the
+    # guest to take its persistent pages back (tmemctl drain). The ABI is
+    # request/reply, so the signal rides on replies (an idle agent's heartbeat).
+    DRAIN = 2
 
 
 FLAG_REPLY: Final = Flag.REPLY
@@ -102,6 +106,7 @@ class Feature(IntFlag):
     BATCH = 1  # PUT_BATCH, GET_BATCH, FLUSH_BATCH
     ASYNC = 2  # several requests in flight, replies in any order
     STATS = 4  # the STATS opcode
+    DRAIN = 8  # replies may carry Flag.DRAIN
 
 
 class PoolFlag(IntFlag):
@@ -110,13 +115,14 @@ class PoolFlag(IntFlag):
     INCLUSIVE_GETS = 4  # a GET leaves the page in an ephemeral pool
 
 
-_KNOWN_FEATURES: Final = int(Feature.BATCH | Feature.ASYNC | Feature.STATS)
+_KNOWN_FEATURES: Final = int(Feature.BATCH | Feature.ASYNC | Feature.STATS | Feature.DRAIN)
 _KNOWN_POOL_FLAGS: Final = int(PoolFlag.PERSISTENT | PoolFlag.SHARED | PoolFlag.INCLUSIVE_GETS)
 _STATUS_VALUES: Final = frozenset(int(status) for status in Status)
 _MAX_STATUS: Final = max(Status)  # statuses are dense from 0
 # Status by wire value: indexing a tuple is ~10x cheaper than Status(value).
 _STATUS_BY_VALUE: Final = tuple(sorted(Status))
 _REPLY_BIT: Final = int(Flag.REPLY)
+_DRAIN_BIT: Final = int(Flag.DRAIN)
 
 
 class TmemWireError(Exception):
@@ -284,15 +290,17 @@ def _check_header(header: tuple[int, ...], max_payload: int) -> int:
         raise _framing(f"unsupported version {version}")
     if not 0 < opcode < len(_REQUEST_SHAPES):
         raise _framing(f"unknown opcode {opcode}")
-    if flags & ~_REPLY_BIT:
+    if flags & ~(_REPLY_BIT | _DRAIN_BIT):
         raise _framing(f"reserved flag bits set: {flags:#06x}")
+    if flags == _DRAIN_BIT:
+        raise _framing("DRAIN flag on a request")
     if reserved:
         raise _framing("reserved header field is not 0")
     if length > max_payload:
         raise _framing(f"payload of {length} bytes exceeds the limit of {max_payload}")
     if status > _MAX_STATUS:
         raise _framing(f"unknown status {status}")
-    if flags:
+    if flags & _REPLY_BIT:
         if status:
             if length > MAX_ERROR_TEXT:
                 raise _framing(f"error reply with a {length}-byte payload")
