@@ -83,6 +83,13 @@ class DaemonConfig:
     vsock_port: int | None = None
     log_level: str = "info"
     log_format: str = "text"
+    # Journals (NAME.journal) and NBD fallback files live here; None: the run dir.
+    state_dir: Path | None = None
+    journal: bool = True
+
+    @property
+    def state_path(self) -> Path:
+        return self.state_dir if self.state_dir is not None else self.run_dir
 
     def guest_for_cid(self, cid: int) -> GuestConfig | None:
         return next((guest for guest in self.guests if guest.cid == cid), None)
@@ -192,10 +199,12 @@ def build_config(
     vsock_port: int | None,
     log_level: str | None,
     log_format: str | None,
+    state_dir: Path | None = None,
+    journal: bool | None = None,
 ) -> DaemonConfig:
     """Merge the TOML settings with command-line values (which take precedence)."""
     known = {"run_dir", "budget", "compress", "nbd_size", "vsock_port", "log_level",
-             "log_format", "guest"}
+             "log_format", "guest", "state_dir", "journal"}
     unknown = set(file_settings) - known
     if unknown:
         raise ConfigError(f"unknown config keys: {sorted(unknown)}")
@@ -237,4 +246,7 @@ def build_config(
         vsock_port=port,
         log_level=level,
         log_format=fmt,
+        state_dir=Path(state_value) if (state_value := state_dir or file_settings.get("state_dir"))
+        else None,
+        journal=journal if journal is not None else bool(file_settings.get("journal", True)),
     )

@@ -32,6 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-compress", dest="compress", action="store_const", const=False,
                         default=None, help="store pages uncompressed")
     parser.add_argument("--nbd-size", help="size of each guest's NBD swap export (default 1G)")
+    parser.add_argument("--state-dir", type=Path,
+                        help="directory for the journals and NBD fallback files (default: run dir)")
+    parser.add_argument("--no-journal", dest="journal", action="store_const", const=False,
+                        default=None, help="keep no journal: a crash loses the persistent pages")
     parser.add_argument("--vsock-port", type=int, help="also listen on AF_VSOCK at this port")
     parser.add_argument(
         "--guest-cid", dest="guest_cids", action="append", default=[], metavar="NAME=CID",
@@ -76,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
             vsock_port=args.vsock_port,
             log_level=args.log_level,
             log_format=args.log_format,
+            state_dir=args.state_dir,
+            journal=args.journal,
         )
     except ConfigError as exc:
         print(f"tmemd: {exc}", file=sys.stderr)

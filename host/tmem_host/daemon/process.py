@@ -125,6 +125,13 @@ class TmemdProcess:
             self._proc.wait()
         self._close_pipes()
 
+    def crash_and_restart(self, downtime: float = 0.0, timeout: float = 20.0) -> None:
+        """SIGKILL tmemd (no cleanup: sockets, pid file and journals stay), wait
+        ``downtime`` seconds, start it again with the same arguments and state dir."""
+        self.kill()
+        time.sleep(downtime)
+        self.start(timeout)
+
     def _close_pipes(self) -> None:
         if self._proc is not None and self._proc.stdout is not None:
             self._proc.stdout.close()

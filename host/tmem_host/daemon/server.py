@@ -33,6 +33,7 @@ from tmem_host.daemon.control import (
 )
 from tmem_host.daemon.session import AbiSession
 from tmem_host.daemon.vsock import guest_for_peer, open_vsock_listener
+from tmem_host.journal.journaled import JournaledStore
 from tmem_host.nbd.export import NbdExport
 from tmem_host.store import Client, Store
 from tmem_wire.abi import PoolFlag, PoolStats, Status
@@ -51,8 +52,8 @@ def nbd_socket_path(run_dir: Path, guest: str) -> Path:
     return run_dir / f"{guest}.nbd.sock"
 
 
-def fallback_path(run_dir: Path, guest: str) -> Path:
-    return run_dir / f"{guest}.fallback"
+def fallback_path(state_dir: Path, guest: str) -> Path:
+    return state_dir / f"{guest}.fallback"
 
 
 @dataclass(eq=False)
@@ -76,7 +77,10 @@ class Daemon:
     def __init__(self, config: DaemonConfig) -> None:
         self.config = config
         self.run_dir = config.run_dir
-        self.store = Store(config.budget_bytes, compress=config.compress)
+        self.state_dir = config.state_path
+        self.store: Store = (JournaledStore(config.budget_bytes, compress=config.compress,
+                                            state_dir=self.state_dir)
+                             if config.journal else Store(config.budget_bytes, config.compress))
         self.guests: dict[str, GuestRuntime] = {}
         self._control_server: asyncio.Server | None = None
         self._vsock_server: asyncio.Server | None = None
@@ -168,9 +172,13 @@ class Daemon:
         nbd_path = nbd_socket_path(self.run_dir, guest.name)
         for stale in (abi_path, nbd_path):
             stale.unlink(missing_ok=True)
+        # After a crash the journal brought the export's pool back: resume it, and
+        # keep the fallback file, whose slots the pool does not hold.
+        resume = isinstance(self.store, JournaledStore) and self.store.journal_existed(client)
         export = NbdExport(self.store, client, name=guest.name,
                            size_bytes=self.config.nbd_size_bytes,
-                           fallback_path=fallback_path(self.run_dir, guest.name))
+                           fallback_path=fallback_path(self.state_dir, guest.name),
+                           resume=resume)
         abi_server: asyncio.Server | None = None
         try:
             # The guest is fixed by the socket: nothing the peer sends can change it.
@@ -185,7 +193,7 @@ class Daemon:
             if abi_server is not None:
                 abi_server.close()
             export.close()
-            for path in (abi_path, nbd_path, fallback_path(self.run_dir, guest.name)):
+            for path in (abi_path, nbd_path, fallback_path(self.state_dir, guest.name)):
                 path.unlink(missing_ok=True)
             self.store.remove_client(client)
             raise
@@ -208,7 +216,7 @@ class Daemon:
         await runtime.abi_server.wait_closed()
         await runtime.nbd_server.wait_closed()
         for path in (abi_socket_path(self.run_dir, name), nbd_socket_path(self.run_dir, name),
-                     fallback_path(self.run_dir, name)):
+                     fallback_path(self.state_dir, name)):
             path.unlink(missing_ok=True)
         self.store.remove_client(runtime.client)
         log.info("guest removed", extra={"guest": name})
@@ -271,6 +279,9 @@ class Daemon:
             "connections": [session.stats() for runtime in self.guests.values()
                             for session in runtime.sessions],
             "nbd": {name: runtime.nbd_export.stats() for name, runtime in self.guests.items()},
+            "journal": ({name: self.store.journal_stats(runtime.client)
+                         for name, runtime in self.guests.items()}
+                        if isinstance(self.store, JournaledStore) else {}),
         }
 
     async def _cmd_set_budget(self, request: dict[str, Any]) -> Any:

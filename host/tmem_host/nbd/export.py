@@ -54,6 +54,9 @@ ALLOWED_COMMAND_FLAGS: Final = {
 # Histogram buckets of request sizes, in pages: 1, 2-3, 4-7, ... 256+.
 HISTOGRAM_BUCKETS: Final = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
+#: The store label of the export's pool: how a restarted tmemd finds it again.
+EXPORT_POOL_LABEL: Final = "nbd"
+
 FALLOC_FL_KEEP_SIZE: Final = 0x01
 FALLOC_FL_PUNCH_HOLE: Final = 0x02
 
@@ -102,7 +105,13 @@ class NbdExport:
     """One guest's NBD export; state outlives connections (QEMU reconnects)."""
 
     def __init__(self, store: Store, client: Client, *, name: str, size_bytes: int,
-                 fallback_path: str | os.PathLike[str], description: str = "tmem swap") -> None:
+                 fallback_path: str | os.PathLike[str], description: str = "tmem swap",
+                 resume: bool = False) -> None:
+        """``resume``: tmemd restarted and replayed the guest's journal. The export
+        takes back its pool (labelled EXPORT_POOL_LABEL) and the fallback file as
+        they are, and rebuilds the slot bitmap from the pool: a slot in the pool is
+        in tmem (the newest copy, by the write path's ordering), any other slot is
+        in the fallback file."""
         if size_bytes <= 0 or size_bytes % PAGE_SIZE:
             raise ValueError(f"export size must be a positive multiple of {PAGE_SIZE}")
         self.store = store
@@ -116,8 +125,11 @@ class NbdExport:
         self._in_tmem = bytearray((self.slots + 7) // 8)
         self._pool_id: int | None = None
         self._fallback_fd = os.open(self.fallback_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        # A fresh export: whatever an earlier run left in the file is not this guest's swap.
-        os.ftruncate(self._fallback_fd, 0)
+        if resume:
+            self._resume()
+        else:
+            # A fresh export: whatever an earlier run left in the file is not this guest's swap.
+            os.ftruncate(self._fallback_fd, 0)
         os.ftruncate(self._fallback_fd, size_bytes)
         self._hole_puncher = _HolePuncher()
         self._connections: set[NbdConnection] = set()
@@ -141,6 +153,77 @@ class NbdExport:
             self.store.destroy_pool(self.client, self._pool_id)
             self._pool_id = None
         os.close(self._fallback_fd)
+
+    def _resume(self) -> None:
+        for pool_id, pool in enumerate(self.client.pools):
+            if pool is not None and pool.persistent and pool.label == EXPORT_POOL_LABEL:
+                self._pool_id = pool_id
+                for oid, index, _stored in Store.stored_pages(pool):
+                    slot = (index << SWIZ_BITS) | (oid[0] & SWIZ_MASK)
+                    if slot < self.slots:
+                        self._mark(slot, True)
+                log.info("NBD export resumed", extra={"guest": self.name, "pool_id": pool_id,
+                                                      "slots_in_tmem": pool.pages})
+                return
+
+    def drain_step(self, from_slot: int, max_pages: int) -> tuple[int, int]:
+        """Move up to ``max_pages`` tmem-held slots from ``from_slot`` on to the
+        fallback file: (pages moved, the slot to continue from; ``self.slots`` when
+        done). Per slot: the page is written to the fallback at the slot's offset,
+        the slot marked as fallback, and only then flushed from tmem (journaled), so
+        a crash in between leaves two equal copies and the bitmap rebuilt from the
+        pool still points at a current one. A slot tmem lost stays marked: its
+        reads keep failing rather than serving the fallback's older content."""
+        if self._pool_id is None:
+            return 0, self.slots
+        slots: list[int] = []
+        next_slot = self.slots
+        byte_index = from_slot >> 3
+        byte = self._in_tmem[byte_index] & (0xFF << (from_slot & 7)) if from_slot < self.slots else 0
+        while True:
+            while byte:
+                if len(slots) == max_pages:
+                    next_slot = (byte_index << 3) | ((byte & -byte).bit_length() - 1)
+                    break
+                slots.append((byte_index << 3) | ((byte & -byte).bit_length() - 1))
+                byte &= byte - 1
+            byte_index += 1
+            if next_slot < self.slots or byte_index >= len(self._in_tmem):
+                break
+            byte = self._in_tmem[byte_index]
+        if not slots:
+            return 0, self.slots
+        keys = [swap_key(slot) for slot in slots]
+        statuses, found = self.store.get_many(self.client, self._pool_id, keys)
+        pages = iter(found)
+        moved: list[int] = []
+        for slot, status in zip(slots, statuses):
+            if status != Status.OK:
+                continue
+            os.pwrite(self._fallback_fd, next(pages), slot << PAGE_SHIFT)
+            self._mark(slot, False)
+            moved.append(slot)
+        if moved:
+            self.store.flush_many(self.client, self._pool_id, [swap_key(slot) for slot in moved])
+        self.counters["pages_drained"] += len(moved)
+        return len(moved), next_slot
+
+    async def drain(self, pages_per_step: int = 1024) -> int:
+        """Write every tmem-held page of this export to its fallback file and flush
+        it from tmem, while the export keeps serving: the event loop runs other
+        requests between steps of ``pages_per_step`` pages. Returns the pages moved.
+
+        For ``tmemctl drain GUEST``. One pass over the slots: writes that arrive
+        meanwhile may put pages into slots already passed; to empty tmem for good,
+        freeze the guest's store client first (its puts are then refused and go to
+        the fallback file)."""
+        moved = 0
+        slot = 0
+        while slot < self.slots:
+            step, slot = self.drain_step(slot, pages_per_step)
+            moved += step
+            await asyncio.sleep(0)
+        return moved
 
     def stats(self) -> dict[str, Any]:
         in_tmem = sum(byte.bit_count() for byte in self._in_tmem)
@@ -170,7 +253,8 @@ class NbdExport:
         """The guest's persistent pool, created on first use (None if the store refuses)."""
         if self._pool_id is None:
             status, pool_id, _shared = self.store.new_pool(self.client, persistent=True,
-                                                           page_shift=PAGE_SHIFT)
+                                                           page_shift=PAGE_SHIFT,
+                                                           label=EXPORT_POOL_LABEL)
             if status != Status.OK:
                 self.counters["pool_create_failures"] += 1
                 return None
@@ -324,7 +408,7 @@ COUNTER_NAMES: Final = (
     "requests", "reads", "writes", "trims", "zeroes", "flushes", "invalid_requests",
     "pages_put_tmem", "pages_refused_fallback", "pages_read_tmem", "pages_read_fallback",
     "pages_discarded", "read_errors", "fallback_errors", "pool_create_failures", "connections_total",
-    "protocol_errors",
+    "protocol_errors", "pages_drained",
 )
 HISTOGRAM_LABELS: Final = tuple(str(b) for b in HISTOGRAM_BUCKETS[:-1]) + (f"{HISTOGRAM_BUCKETS[-1]}+",)
 

@@ -21,7 +21,7 @@ import hashlib
 import itertools
 import math
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from operator import itemgetter
 from typing import Any, Final, TypeAlias
 from uuid import UUID
@@ -38,7 +38,7 @@ from tmem_wire.abi import (
     Status,
 )
 
-from .pagecodec import StoredPage, decode_page, encode_page
+from .pagecodec import StoredPage, decode_page, encode_page, stored_data_bytes
 
 #: Xen's MAX_POOLS_PER_DOMAIN and MAX_GLOBAL_SHARED_POOLS.
 MAX_POOLS_PER_CLIENT: Final = 16
@@ -120,6 +120,7 @@ class Pool(OpCounters):
         "pages",
         "stored_bytes",
         "lru_oids",
+        "label",
     )
 
     def __init__(
@@ -129,8 +130,11 @@ class Pool(OpCounters):
         page_shift: int,
         shared_uuid: UUID | None,
         inclusive_gets: bool,
+        label: str = "",
     ) -> None:
         super().__init__()
+        #: Who made the pool, for tmemd's own use ("nbd": the NBD export's pool).
+        self.label = label
         self.objects: dict[Oid, dict[int, _PageValue]] = {}
         self.persistent = persistent
         self.shared_uuid = shared_uuid
@@ -337,11 +341,14 @@ class Store:
         page_shift: int = MIN_PAGE_SHIFT,
         shared_uuid: UUID | None = None,
         inclusive_gets: bool = False,
+        label: str = "",
     ) -> tuple[Status, int, bool]:
         """Create (or join) a pool: (status, local pool id or -1, shared?).
 
         A shared request is honoured only for an ephemeral pool whose UUID the
         client is authorised for; otherwise the pool is private, as in Xen.
+        ``label`` tags a private pool for its creator inside tmemd (the NBD
+        export finds its pool again after a restart by it).
         """
         if not MIN_PAGE_SHIFT <= page_shift <= MAX_PAGE_SHIFT:
             return _INVALID, -1, False
@@ -368,8 +375,54 @@ class Store:
                 client.pools[pool_id] = pool
                 return _OK, pool_id, True
             # Same UUID, other page size: cannot be the same pool; private.
-        client.pools[pool_id] = Pool(client, persistent, page_shift, None, inclusive_gets)
+        client.pools[pool_id] = Pool(client, persistent, page_shift, None, inclusive_gets, label)
         return _OK, pool_id, False
+
+    def restore_pool(self, client: Client, pool_id: int, page_shift: int, label: str = "") -> Pool:
+        """Recreate a private persistent pool under the id it had before a restart
+        (tmemd's journal replay); ValueError if that id is taken or invalid."""
+        if not MIN_PAGE_SHIFT <= page_shift <= MAX_PAGE_SHIFT:
+            raise ValueError(f"page shift {page_shift} out of range")
+        if not 0 <= pool_id < MAX_POOLS_PER_CLIENT or client.pools[pool_id] is not None:
+            raise ValueError(f"pool id {pool_id} of {client.name!r} is invalid or taken")
+        pool = Pool(client, True, page_shift, None, False, label)
+        client.pools[pool_id] = pool
+        return pool
+
+    def restore_page(self, client: Client, pool_id: int, oid: Oid, index: int,
+                     stored: StoredPage) -> None:
+        """Put a page back in the stored form a journal kept: no recompression and
+        no budget or cap check (it was accepted before the restart; persistent
+        pages are never evicted, so they are charged even above a lowered budget)."""
+        pool = _pool_of(client, pool_id)
+        if pool is None:
+            raise ValueError(f"no pool {pool_id} of {client.name!r}")
+        obj = pool.objects.get(oid)
+        if obj is not None and index in obj:
+            self._drop_page(pool, obj, oid, index)
+        owner = pool.owner
+        data_bytes = stored_data_bytes(stored)
+        value: _PageValue = stored
+        charged = logical = PAGE_OVERHEAD_BYTES + data_bytes
+        if pool.dedup:
+            digest = hashlib.blake2b(decode_page(stored, pool.page_size), digest_size=16).digest()
+            blob = owner.dedup_table.get(digest)
+            if blob is None:
+                blob = owner.dedup_table[digest] = DedupBlob(digest, stored, data_bytes)
+            else:
+                charged = PAGE_OVERHEAD_BYTES
+            blob.refs += 1
+            value = blob
+            logical = PAGE_OVERHEAD_BYTES + blob.data_bytes
+        pool.objects.setdefault(oid, {})[index] = value
+        self._charge(pool, owner, oid, index, charged, logical)
+
+    @staticmethod
+    def stored_pages(pool: Pool) -> Iterator[tuple[Oid, int, StoredPage]]:
+        """Every page of a pool as (oid, index, stored form), dedup blobs unwrapped."""
+        for oid, obj in pool.objects.items():
+            for index, value in obj.items():
+                yield oid, index, value.stored if isinstance(value, DedupBlob) else value
 
     def destroy_pool(self, client: Client, pool_id: int) -> Status:
         """Free the client's pool slot; a shared pool dies with its last member."""
@@ -848,6 +901,7 @@ def _pool_stats(pool: Pool, viewer: Client) -> dict[str, Any]:
         "page_shift": pool.page_shift,
         "inclusive_gets": pool.inclusive_gets,
         "dedup": pool.dedup,
+        "label": pool.label,
         "pages": pool.pages,
         "raw_bytes": pool.pages * pool.page_size,
         "stored_bytes": pool.stored_bytes,

@@ -1,0 +1,259 @@
+"""The journal's record codec: sans-IO, bytes in, records out (docs/RELIABILITY.md).
+
+A journal is a sequence of records, each
+
+    magic u16 | type u8 | reserved u8 | body length u32 | crc32 u32 | body
+
+little-endian, where the crc32 covers the first 8 header bytes and the body, so
+a record a crash cut short (a torn tail) or a flipped bit is detected. Bodies:
+
+    NEW_POOL      pool u8, page shift u8, label length u8, label (ASCII)
+    PUT           pool u8, oid 3 x u64, index u64, tag u8, stored page
+    FLUSH_PAGE    pool u8, oid 3 x u64, index u64
+    FLUSH_OBJECT  pool u8, oid 3 x u64
+    FLUSH_POOL    pool u8
+    DESTROY_POOL  pool u8
+
+A stored page is the store's own form (tmem_host.store.pagecodec): tag FILL and
+the 8-byte fill word, or tag DATA and the lz4 block or raw page bytes, so a
+replay never recompresses. Only persistent pools are journaled, so NEW_POOL
+has no flags: every journaled pool is persistent and private.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Final
+
+# The wire codecs' need-more-bytes sentinel, re-exported: one for every decoder.
+from tmem_wire.abi import NEED_DATA as NEED_DATA
+from tmem_wire.abi import Buffer, Oid
+from tmem_wire.abi import NeedData as NeedData
+
+MAGIC: Final = 0x4A54  # "TJ" little-endian
+HEADER = struct.Struct("<HBBII")
+HEADER_SIZE: Final = HEADER.size
+#: The header bytes the crc covers (all but the crc itself).
+_CRC_COVERED: Final = 8
+# Far above any record tmemd writes (a 2 MiB page plus its key): a length beyond
+# it is corruption, not a record to wait for.
+MAX_BODY: Final = (2 << 20) + 64
+MAX_LABEL: Final = 255
+
+_POOL = struct.Struct("<B")
+_NEW_POOL = struct.Struct("<BBB")
+_KEY = struct.Struct("<BQQQQ")
+_OBJECT = struct.Struct("<BQQQ")
+_PUT = struct.Struct("<BQQQQB")
+_WORD = struct.Struct("<Q")
+
+
+class RecordType(IntEnum):
+    NEW_POOL = 1
+    PUT = 2
+    FLUSH_PAGE = 3
+    FLUSH_OBJECT = 4
+    FLUSH_POOL = 5
+    DESTROY_POOL = 6
+
+
+class PageTag(IntEnum):
+    FILL = 0  # the page is one 8-byte word repeated: the word
+    DATA = 1  # an lz4 block (shorter than the page) or the raw page
+
+
+class JournalError(ValueError):
+    """Bytes that are not a valid record (bad magic, crc, type or length)."""
+
+
+@dataclass(frozen=True, slots=True)
+class NewPool:
+    pool_id: int
+    page_shift: int
+    label: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Put:
+    pool_id: int
+    oid: Oid
+    index: int
+    stored: int | bytes  # the store's stored form: fill word or data bytes
+
+
+@dataclass(frozen=True, slots=True)
+class FlushPage:
+    pool_id: int
+    oid: Oid
+    index: int
+
+
+@dataclass(frozen=True, slots=True)
+class FlushObject:
+    pool_id: int
+    oid: Oid
+
+
+@dataclass(frozen=True, slots=True)
+class FlushPool:
+    pool_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class DestroyPool:
+    pool_id: int
+
+
+Record = NewPool | Put | FlushPage | FlushObject | FlushPool | DestroyPool
+
+
+# -- encoding ------------------------------------------------------------------
+
+_HEADER_PREFIX = struct.Struct("<HBBI")
+
+
+def _frame(record_type: RecordType, *body: Buffer) -> list[Buffer]:
+    length = sum(len(part) for part in body)
+    prefix = _HEADER_PREFIX.pack(MAGIC, record_type, 0, length)
+    crc = zlib.crc32(prefix)
+    for part in body:
+        crc = zlib.crc32(part, crc)
+    return [prefix, crc.to_bytes(4, "little"), *body]
+
+
+def put_record(pool_id: int, oid: Oid, index: int, stored: int | bytes) -> list[Buffer]:
+    """The pieces of one PUT record (the hot path: no join, the caller writes them)."""
+    if type(stored) is int:
+        fixed = _PUT.pack(pool_id, oid[0], oid[1], oid[2], index, PageTag.FILL)
+        data: bytes = _WORD.pack(stored)
+    else:
+        assert isinstance(stored, bytes)
+        fixed = _PUT.pack(pool_id, oid[0], oid[1], oid[2], index, PageTag.DATA)
+        data = stored
+    length = _PUT.size + len(data)
+    prefix = _HEADER_PREFIX.pack(MAGIC, RecordType.PUT, 0, length)
+    crc = zlib.crc32(data, zlib.crc32(fixed, zlib.crc32(prefix)))
+    return [prefix, crc.to_bytes(4, "little"), fixed, data]
+
+
+#: Bytes a PUT record adds to its stored page's data bytes.
+PUT_RECORD_OVERHEAD: Final = HEADER_SIZE + _PUT.size
+
+
+def encode(record: Record) -> bytes:
+    """One record as bytes."""
+    if isinstance(record, Put):
+        return b"".join(put_record(record.pool_id, record.oid, record.index, record.stored))
+    if isinstance(record, NewPool):
+        label = record.label.encode("ascii")
+        if len(label) > MAX_LABEL:
+            raise ValueError(f"pool label longer than {MAX_LABEL} bytes")
+        pieces = _frame(RecordType.NEW_POOL,
+                        _NEW_POOL.pack(record.pool_id, record.page_shift, len(label)), label)
+    elif isinstance(record, FlushPage):
+        pieces = _frame(RecordType.FLUSH_PAGE, _KEY.pack(record.pool_id, *record.oid, record.index))
+    elif isinstance(record, FlushObject):
+        pieces = _frame(RecordType.FLUSH_OBJECT, _OBJECT.pack(record.pool_id, *record.oid))
+    elif isinstance(record, FlushPool):
+        pieces = _frame(RecordType.FLUSH_POOL, _POOL.pack(record.pool_id))
+    else:
+        pieces = _frame(RecordType.DESTROY_POOL, _POOL.pack(record.pool_id))
+    return b"".join(pieces)
+
+
+# -- decoding ------------------------------------------------------------------
+
+
+class JournalDecoder:
+    """Feed journal bytes, take records: ``feed(data)``, ``next_record()`` until
+    NEED_DATA. ``consumed`` counts the bytes of the records returned so far:
+    where a torn or corrupt tail starts. Anything invalid raises JournalError."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self._offset = 0
+        self.consumed = 0
+
+    @property
+    def pending(self) -> int:
+        """Bytes fed but not yet part of a returned record (a torn tail at EOF)."""
+        return len(self._buffer) - self._offset
+
+    def feed(self, data: Buffer) -> None:
+        if self._offset:
+            del self._buffer[: self._offset]
+            self._offset = 0
+        self._buffer += data
+
+    def next_record(self) -> Record | NeedData:
+        buffer = self._buffer
+        start = self._offset
+        if len(buffer) - start < HEADER_SIZE:
+            return NEED_DATA
+        magic, record_type, _reserved, length, crc = HEADER.unpack_from(buffer, start)
+        if magic != MAGIC:
+            raise JournalError(f"bad record magic {magic:#06x} at byte {self.consumed}")
+        if length > MAX_BODY:
+            raise JournalError(f"record of {length} bytes at byte {self.consumed}")
+        end = start + HEADER_SIZE + length
+        if len(buffer) < end:
+            return NEED_DATA
+        view = memoryview(buffer)
+        try:
+            actual = zlib.crc32(view[start + HEADER_SIZE : end],
+                                zlib.crc32(view[start : start + _CRC_COVERED]))
+            if actual != crc:
+                raise JournalError(f"bad record crc at byte {self.consumed}")
+            record = _decode_body(record_type, bytes(view[start + HEADER_SIZE : end]))
+        finally:
+            view.release()
+        self._offset = end
+        self.consumed += end - start
+        return record
+
+
+def _decode_body(record_type: int, body: bytes) -> Record:
+    try:
+        kind = RecordType(record_type)
+    except ValueError:
+        raise JournalError(f"unknown record type {record_type}") from None
+    try:
+        if kind is RecordType.PUT:
+            pool_id, oid0, oid1, oid2, index, tag = _PUT.unpack_from(body)
+            data = body[_PUT.size :]
+            if tag == PageTag.FILL:
+                if len(data) != _WORD.size:
+                    raise JournalError("fill-word PUT record of the wrong length")
+                stored: int | bytes = _WORD.unpack(data)[0]
+            elif tag == PageTag.DATA:
+                stored = data
+            else:
+                raise JournalError(f"unknown page tag {tag}")
+            return Put(pool_id, (oid0, oid1, oid2), index, stored)
+        if kind is RecordType.NEW_POOL:
+            pool_id, page_shift, label_length = _NEW_POOL.unpack_from(body)
+            label = body[_NEW_POOL.size :]
+            if len(label) != label_length:
+                raise JournalError("NEW_POOL label length disagrees with the record")
+            return NewPool(pool_id, page_shift, label.decode("ascii"))
+        if kind is RecordType.FLUSH_PAGE:
+            _exact(body, _KEY)
+            pool_id, oid0, oid1, oid2, index = _KEY.unpack(body)
+            return FlushPage(pool_id, (oid0, oid1, oid2), index)
+        if kind is RecordType.FLUSH_OBJECT:
+            _exact(body, _OBJECT)
+            pool_id, oid0, oid1, oid2 = _OBJECT.unpack(body)
+            return FlushObject(pool_id, (oid0, oid1, oid2))
+        _exact(body, _POOL)
+        (pool_id,) = _POOL.unpack(body)
+        return FlushPool(pool_id) if kind is RecordType.FLUSH_POOL else DestroyPool(pool_id)
+    except (struct.error, UnicodeDecodeError) as exc:
+        raise JournalError(f"malformed {kind.name} record: {exc}") from None
+
+
+def _exact(body: bytes, layout: struct.Struct) -> None:
+    if len(body) != layout.size:
+        raise JournalError(f"record body of {len(body)} bytes, expected {layout.size}")

@@ -1,0 +1,434 @@
+"""JournaledStore: the Store, with every persistent-pool mutation appended to a
+per-guest journal before the caller replies (docs/RELIABILITY.md).
+
+Both frontends (the ABI session and the NBD export) call the store, so the hook
+is here, once. A request's records leave in one ``writev`` before the store
+call returns; the data is then in the host page cache and survives a kill -9
+of tmemd (not a host crash: there is no fsync). Ephemeral pools are never
+journaled. ``add_client`` replays ``STATE_DIR/NAME.journal`` first, so a
+restarted tmemd has the guest's persistent pools back under the same ids.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+from uuid import UUID
+
+from tmem_wire.abi import WHOLE_OBJECT, Buffer, Key, Oid, Status
+
+from tmem_host.store import DEFAULT_WEIGHT, PAGE_OVERHEAD_BYTES, Client, Pool, Store
+from tmem_host.store.store import DedupBlob
+
+from . import codec
+
+log = logging.getLogger("tmemd.journal")
+
+#: Compact once the journal is larger than twice its live records plus this.
+DEFAULT_COMPACT_FLOOR: Final = 64 << 20
+JOURNAL_SUFFIX: Final = ".journal"
+#: Where a journal goes once a write to it failed: kept for inspection, never replayed.
+BROKEN_SUFFIX: Final = ".journal.broken"
+_READ_CHUNK: Final = 1 << 20
+_IOV_MAX: Final = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+# Records per write while compacting: bounds the memory of one write.
+_COMPACT_RECORDS_PER_WRITE: Final = 4096
+_PERSISTENT_CHANGES: Final = (Status.OK, Status.REFUSED, Status.FROZEN)
+
+
+def journal_path(state_dir: Path, guest: str) -> Path:
+    return state_dir / f"{guest}{JOURNAL_SUFFIX}"
+
+
+@dataclass
+class ReplayResult:
+    records: int = 0
+    pages: int = 0  # pages restored (live after the replay)
+    truncated_bytes: int = 0  # a torn or corrupt tail cut off
+    seconds: float = 0.0
+    error: str = ""  # why the tail was cut, if it was corrupt rather than torn
+
+
+class GuestJournal:
+    """One guest's append-only journal file."""
+
+    def __init__(self, path: Path, compact_floor: int) -> None:
+        self.path = path
+        self.compact_floor = compact_floor
+        self.existed = path.exists() and path.stat().st_size > 0
+        # A crash during compaction leaves the temporary file; the journal is intact.
+        self.tmp_path.unlink(missing_ok=True)
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        self.size_bytes = os.fstat(self.fd).st_size
+        self.broken = False
+        self.writes = 0
+        self.records = 0
+        self.write_errors = 0
+        self.compactions = 0
+        self.last_compaction_s = 0.0
+        self.replay = ReplayResult()
+
+    @property
+    def tmp_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".tmp")
+
+    def append(self, pieces: Sequence[Buffer], records: int) -> None:
+        """Write the pieces of ``records`` records in one system call (short
+        writes finished). A failure cuts the partial record off and retires the
+        journal: the guest's pages stay in memory, unprotected, and a later
+        restart restores nothing of it (it never replays stale pages)."""
+        if self.broken or not pieces:
+            return
+        try:
+            written = _write_all(self.fd, pieces)
+        except OSError as error:
+            self.write_errors += 1
+            self._retire(str(error))
+            return
+        self.size_bytes += written
+        self.writes += 1
+        self.records += records
+
+    def _retire(self, reason: str) -> None:
+        self.broken = True
+        log.error("journal write failed: this guest's persistent pages no longer survive "
+                  "a tmemd crash", extra={"journal": str(self.path), "error": reason})
+        try:
+            os.ftruncate(self.fd, self.size_bytes)
+            os.replace(self.path, self.path.with_name(self.path.name.removesuffix(JOURNAL_SUFFIX)
+                                                      + BROKEN_SUFFIX))
+        except OSError as error:
+            log.error("cannot retire the journal", extra={"journal": str(self.path),
+                                                          "error": str(error)})
+
+    def read_records(self) -> tuple[list[codec.Record], ReplayResult]:
+        """Every valid record from the start; a torn or corrupt tail is cut off."""
+        result = ReplayResult()
+        decoder = codec.JournalDecoder()
+        records: list[codec.Record] = []
+        offset = 0
+        try:
+            while chunk := os.pread(self.fd, _READ_CHUNK, offset):
+                offset += len(chunk)
+                decoder.feed(chunk)
+                while not isinstance(record := decoder.next_record(), codec.NeedData):
+                    records.append(record)
+        except codec.JournalError as error:
+            result.error = str(error)
+        if decoder.consumed < self.size_bytes:
+            result.truncated_bytes = self.size_bytes - decoder.consumed
+            os.ftruncate(self.fd, decoder.consumed)
+            self.size_bytes = decoder.consumed
+        result.records = len(records)
+        return records, result
+
+    def rewrite(self, pools: list[tuple[int, Pool]]) -> None:
+        """Compaction: the live persistent pages into NAME.journal.tmp, then an
+        atomic os.replace; a crash before the replace leaves the old journal."""
+        started = time.perf_counter()
+        fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        size = 0
+        try:
+            pieces: list[Buffer] = []
+            count = 0
+            for pool_id, pool in pools:
+                pieces.append(codec.encode(codec.NewPool(pool_id, pool.page_shift, pool.label)))
+                for oid, index, stored in Store.stored_pages(pool):
+                    pieces += codec.put_record(pool_id, oid, index, stored)
+                    count += 1
+                    if count % _COMPACT_RECORDS_PER_WRITE == 0:
+                        size += _write_all(fd, pieces)
+                        pieces = []
+            size += _write_all(fd, pieces)
+        except BaseException:
+            os.close(fd)
+            self.tmp_path.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        os.replace(self.tmp_path, self.path)
+        os.close(self.fd)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
+        self.size_bytes = size
+        self.compactions += 1
+        self.last_compaction_s = time.perf_counter() - started
+
+    def close(self, *, delete: bool) -> None:
+        os.close(self.fd)
+        if delete:
+            self.path.unlink(missing_ok=True)
+
+
+def _write_all(fd: int, pieces: Sequence[Buffer]) -> int:
+    if len(pieces) > _IOV_MAX:
+        pieces = [b"".join(pieces)]
+    total = sum(len(piece) for piece in pieces)
+    written = os.writev(fd, pieces)
+    if written < total:  # a regular file writes short only on a signal or a full disk
+        rest = memoryview(b"".join(pieces))[written:]
+        while rest:
+            step = os.write(fd, rest)
+            rest = rest[step:]
+    return total
+
+
+def _live_pools(client: Client) -> list[tuple[int, Pool]]:
+    return [(pool_id, pool) for pool_id, pool in enumerate(client.pools)
+            if pool is not None and pool.persistent]
+
+
+def _stored_form(pool: Pool, oid: Oid, index: int) -> int | bytes:
+    value = pool.objects[oid][index]
+    return value.stored if isinstance(value, DedupBlob) else value
+
+
+class JournaledStore(Store):
+    """A Store whose persistent pools survive a kill -9 through per-guest journals
+    in ``state_dir``. ``add_client`` replays; ``remove_client`` deletes the journal
+    (the guest is gone for good)."""
+
+    def __init__(self, budget_bytes: int, compress: bool = True, *, state_dir: Path,
+                 compact_floor: int = DEFAULT_COMPACT_FLOOR) -> None:
+        super().__init__(budget_bytes, compress)
+        self.state_dir = Path(state_dir)
+        self.compact_floor = compact_floor
+        self._journals: dict[str, GuestJournal] = {}
+
+    # -- clients -------------------------------------------------------------
+
+    def add_client(
+        self,
+        name: str,
+        weight: int = DEFAULT_WEIGHT,
+        cap_bytes: int | None = None,
+        dedup: bool = False,
+        shared_uuids: frozenset[UUID] = frozenset(),
+    ) -> Client:
+        """Add the client and restore its persistent pools from its journal."""
+        client = super().add_client(name, weight, cap_bytes, dedup, shared_uuids)
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            journal = GuestJournal(journal_path(self.state_dir, name), self.compact_floor)
+        except BaseException:
+            super().remove_client(client)
+            raise
+        # Not registered yet: the replay's own store calls write no records.
+        journal.replay = self._replay(client, journal)
+        self._journals[name] = journal
+        if journal.replay.records:
+            log.info("journal replayed", extra={
+                "guest": name, "records": journal.replay.records, "pages": journal.replay.pages,
+                "truncated_bytes": journal.replay.truncated_bytes,
+                "seconds": round(journal.replay.seconds, 3)})
+        if journal.replay.error:
+            # Records after a corrupt one are lost: rewrite the journal from what was
+            # restored, so that later appends do not sit behind the damage.
+            log.error("journal corrupt: restored up to the damage", extra={
+                "guest": name, "error": journal.replay.error})
+            self.compact(client)
+        return client
+
+    def remove_client(self, client: Client | str) -> None:
+        client = self._resolve(client)
+        journal = self._journals.pop(client.name, None)
+        super().remove_client(client)
+        if journal is not None:
+            journal.close(delete=True)
+
+    def journal(self, client: Client | str) -> GuestJournal | None:
+        return self._journals.get(self._resolve(client).name)
+
+    def journal_existed(self, client: Client | str) -> bool:
+        """Whether the client's journal held records when tmemd started (a restart)."""
+        journal = self.journal(client)
+        return journal is not None and journal.existed
+
+    def journal_stats(self, client: Client | str) -> dict[str, Any]:
+        client = self._resolve(client)
+        journal = self._journals[client.name]
+        return {
+            "path": str(journal.path),
+            "size_bytes": journal.size_bytes,
+            "live_bytes": self._live_bytes(client),
+            "broken": journal.broken,
+            "writes": journal.writes,
+            "records": journal.records,
+            "write_errors": journal.write_errors,
+            "compactions": journal.compactions,
+            "last_compaction_s": round(journal.last_compaction_s, 4),
+            "replayed_records": journal.replay.records,
+            "replayed_pages": journal.replay.pages,
+            "replay_truncated_bytes": journal.replay.truncated_bytes,
+            "replay_s": round(journal.replay.seconds, 4),
+        }
+
+    # -- the replay ----------------------------------------------------------
+
+    def _replay(self, client: Client, journal: GuestJournal) -> ReplayResult:
+        started = time.perf_counter()
+        records, result = journal.read_records()
+        for number, record in enumerate(records):
+            try:
+                self._apply(client, record)
+            except ValueError as error:  # a record that contradicts the ones before
+                result.error = f"record {number}: {error}"
+                break
+        result.pages = sum(pool.pages for _, pool in _live_pools(client))
+        result.seconds = time.perf_counter() - started
+        return result
+
+    def _apply(self, client: Client, record: codec.Record) -> None:
+        if isinstance(record, codec.Put):
+            self.restore_page(client, record.pool_id, record.oid, record.index, record.stored)
+        elif isinstance(record, codec.NewPool):
+            self.restore_pool(client, record.pool_id, record.page_shift, record.label)
+        elif isinstance(record, codec.FlushPage):
+            self._expect_ok(super().flush_page(client, record.pool_id, record.oid, record.index))
+        elif isinstance(record, codec.FlushObject):
+            self._expect_ok(super().flush_object(client, record.pool_id, record.oid))
+        elif isinstance(record, codec.FlushPool):
+            self._expect_ok(super().flush_pool(client, record.pool_id))
+        else:
+            self._expect_ok(super().destroy_pool(client, record.pool_id))
+
+    @staticmethod
+    def _expect_ok(status: Status) -> None:
+        if status != Status.OK:
+            raise ValueError(f"replayed operation gave {status.name}")
+
+    # -- the hooks -------------------------------------------------------------
+
+    def _journal_for(self, client: Client, pool_id: int) -> tuple[GuestJournal, Pool] | None:
+        """The client's journal and pool, if the pool is persistent and journaled."""
+        journal = self._journals.get(client.name)
+        if journal is None or journal.broken or not 0 <= pool_id < len(client.pools):
+            return None
+        pool = client.pools[pool_id]
+        if pool is None or not pool.persistent:
+            return None
+        return journal, pool
+
+    def _commit(self, client: Client, journal: GuestJournal, pieces: Sequence[Buffer],
+                records: int) -> None:
+        journal.append(pieces, records)
+        if journal.size_bytes > journal.compact_floor and not journal.broken:
+            if journal.size_bytes > 2 * self._live_bytes(client) + journal.compact_floor:
+                self.compact(client)
+
+    def compact(self, client: Client | str) -> None:
+        """Rewrite the client's journal from its live persistent pages."""
+        client = self._resolve(client)
+        journal = self._journals[client.name]
+        before = journal.size_bytes
+        journal.rewrite(_live_pools(client))
+        log.info("journal compacted", extra={"guest": client.name, "before_bytes": before,
+                                             "after_bytes": journal.size_bytes,
+                                             "seconds": round(journal.last_compaction_s, 3)})
+
+    @staticmethod
+    def _live_bytes(client: Client) -> int:
+        """What a compacted journal would hold: one PUT per live page and one
+        NEW_POOL per pool (fill pages counted as data-free, a few bytes short)."""
+        live = 0
+        for _, pool in _live_pools(client):
+            live += (pool.stored_bytes + pool.pages * (codec.PUT_RECORD_OVERHEAD - PAGE_OVERHEAD_BYTES)
+                     + codec.HEADER_SIZE + 3 + len(pool.label))
+        return live
+
+    def new_pool(
+        self,
+        client: Client,
+        persistent: bool,
+        page_shift: int = 12,
+        shared_uuid: UUID | None = None,
+        inclusive_gets: bool = False,
+        label: str = "",
+    ) -> tuple[Status, int, bool]:
+        status, pool_id, shared = super().new_pool(client, persistent, page_shift, shared_uuid,
+                                                   inclusive_gets, label)
+        if status == Status.OK and (found := self._journal_for(client, pool_id)) is not None:
+            journal, pool = found
+            if pool.owner is client and not shared:
+                self._commit(client, journal, [codec.encode(
+                    codec.NewPool(pool_id, page_shift, label))], 1)
+        return status, pool_id, shared
+
+    def destroy_pool(self, client: Client, pool_id: int) -> Status:
+        found = self._journal_for(client, pool_id)
+        status = super().destroy_pool(client, pool_id)
+        if found is not None and status == Status.OK:
+            self._commit(client, found[0], [codec.encode(codec.DestroyPool(pool_id))], 1)
+        return status
+
+    def flush_pool(self, client: Client, pool_id: int) -> Status:
+        status = super().flush_pool(client, pool_id)
+        if status == Status.OK and (found := self._journal_for(client, pool_id)) is not None:
+            self._commit(client, found[0], [codec.encode(codec.FlushPool(pool_id))], 1)
+        return status
+
+    def flush_client(self, client: Client | str) -> int:
+        client = self._resolve(client)
+        flushed = super().flush_client(client)
+        journal = self._journals.get(client.name)
+        if journal is not None and not journal.broken:
+            pools = [pool_id for pool_id, pool in _live_pools(client) if pool.owner is client]
+            if pools:
+                self._commit(client, journal, [codec.encode(codec.FlushPool(pool_id))
+                                               for pool_id in pools], len(pools))
+        return flushed
+
+    def put(self, client: Client, pool_id: int, oid: Oid, index: int, data: Buffer) -> Status:
+        status = super().put(client, pool_id, oid, index, data)
+        if status in _PERSISTENT_CHANGES and (found := self._journal_for(client, pool_id)):
+            journal, pool = found
+            if status == Status.OK:
+                pieces = codec.put_record(pool_id, oid, index, _stored_form(pool, oid, index))
+            else:  # the store dropped the old copy: so must a replay
+                pieces = [codec.encode(codec.FlushPage(pool_id, oid, index))]
+            self._commit(client, journal, pieces, 1)
+        return status
+
+    def put_many(self, client: Client, pool_id: int, keys: Sequence[Key],
+                 pages: Sequence[Buffer]) -> list[Status]:
+        statuses = super().put_many(client, pool_id, keys, pages)
+        found = self._journal_for(client, pool_id)
+        if found is None:
+            return statuses
+        journal, pool = found
+        objects = pool.objects
+        put_record = codec.put_record
+        pieces: list[Buffer] = []
+        records = 0
+        for (oid, index), status in zip(keys, statuses):
+            if status == Status.OK:
+                value = objects[oid][index]
+                pieces += put_record(pool_id, oid, index,
+                                     value.stored if isinstance(value, DedupBlob) else value)
+            elif status == Status.INVALID:
+                continue
+            else:
+                pieces.append(codec.encode(codec.FlushPage(pool_id, oid, index)))
+            records += 1
+        self._commit(client, journal, pieces, records)
+        return statuses
+
+    def flush_page(self, client: Client, pool_id: int, oid: Oid, index: int) -> Status:
+        status = super().flush_page(client, pool_id, oid, index)
+        if status == Status.OK and (found := self._journal_for(client, pool_id)) is not None:
+            self._commit(client, found[0], [codec.encode(codec.FlushPage(pool_id, oid, index))], 1)
+        return status
+
+    def flush_many(self, client: Client, pool_id: int, keys: Sequence[Key]) -> list[Status]:
+        # flush_object goes through here too (the store implements it with flush_many).
+        statuses = super().flush_many(client, pool_id, keys)
+        found = self._journal_for(client, pool_id)
+        if found is not None and keys:
+            pieces = [codec.encode(codec.FlushObject(pool_id, oid) if index == WHOLE_OBJECT
+                                   else codec.FlushPage(pool_id, oid, index))
+                      for oid, index in keys]
+            self._commit(client, found[0], pieces, len(pieces))
+        return statuses

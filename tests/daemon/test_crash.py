@@ -1,0 +1,158 @@
+"""kill -9 of a real tmemd in the middle of a put stream, then a restart on the same
+state dir: every acknowledged persistent page comes back with the same bytes under
+the same pool id; flushed pages stay gone; ephemeral pools are gone; the cap
+counts the restored pages."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+from tmem_guest.usemem import expected_page, page_templates
+from tmem_host.daemon.client import AbiClient
+from tmem_host.daemon.process import StartTmemd, TmemdProcess
+from tmem_wire.abi import PoolFlag, Status
+
+TEMPLATES = page_templates(11)
+BATCH = 32
+
+
+def page(number: int, version: int = 0) -> bytes:
+    return expected_page(TEMPLATES, 11 + version, number)
+
+
+class PutStream(threading.Thread):
+    """Batches of fresh keys into one pool until tmemd dies; records what was acknowledged."""
+
+    def __init__(self, daemon: TmemdProcess, pool_id: int) -> None:
+        super().__init__(daemon=True)
+        self.client = AbiClient.open(daemon.abi_socket("g1"))
+        self.pool_id = pool_id
+        self.acknowledged: list[int] = []
+        self.refused = 0
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        number = 0
+        try:
+            while True:
+                numbers = range(number, number + BATCH)
+                keys = [((7, 0, 0), n) for n in numbers]
+                statuses = self.client.put_batch(self.pool_id, keys, [page(n) for n in numbers])
+                for n, status in zip(numbers, statuses):
+                    if status == Status.OK:
+                        self.acknowledged.append(n)
+                    else:
+                        self.refused += 1
+                number += BATCH
+        except OSError as error:  # tmemd was killed: the reply never came
+            self.error = error
+        finally:
+            self.client.close()
+
+
+def test_kill_9_mid_stream_loses_no_acknowledged_page(start_tmemd: StartTmemd) -> None:
+    daemon = start_tmemd(guests=("g1",), budget="256M")
+    with AbiClient.open(daemon.abi_socket("g1")) as client:
+        ephemeral, _ = client.new_pool(PoolFlag(0))
+        single, _ = client.new_pool(PoolFlag.PERSISTENT)
+        batched, _ = client.new_pool(PoolFlag.PERSISTENT)
+        doomed, _ = client.new_pool(PoolFlag.PERSISTENT)
+        streamed, _ = client.new_pool(PoolFlag.PERSISTENT)
+        for n in range(100):
+            assert client.put(single, (1, 0, 0), n, page(n)) == Status.OK
+        keys = [((2, n % 3, 0), n) for n in range(256)]
+        assert client.put_batch(batched, keys, [page(n) for n in range(256)]) == [Status.OK] * 256
+        assert client.put(ephemeral, (1, 0, 0), 0, page(0)) == Status.OK
+        assert client.put(doomed, (1, 0, 0), 0, page(0)) == Status.OK
+        assert client.destroy_pool(doomed) == Status.OK
+        assert client.flush_page(single, (1, 0, 0), 5) == Status.OK
+        assert client.flush_object(batched, (2, 1, 0)) == Status.OK
+        assert client.flush_batch(batched, [((2, 0, 0), 0), ((2, 0, 0), 3)]) == [Status.OK] * 2
+        assert client.put(single, (1, 0, 0), 6, page(6, version=1)) == Status.OK
+        before = {record.pool_id: record for record in client.stats()}
+
+    stream = PutStream(daemon, streamed)
+    stream.start()
+    deadline = time.monotonic() + 30
+    while len(stream.acknowledged) < 3000 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    daemon.crash_and_restart()
+    stream.join(10)
+    assert not stream.is_alive() and isinstance(stream.error, OSError)
+    assert len(stream.acknowledged) >= 3000 and stream.refused == 0
+
+    with AbiClient.open(daemon.abi_socket("g1")) as client:
+        after = {record.pool_id: record for record in client.stats()}
+        assert set(after) == {single, batched, streamed}  # same ids; ephemeral, destroyed gone
+        for pool_id in (single, batched):
+            assert after[pool_id].pages == before[pool_id].pages
+            assert after[pool_id].stored_bytes == before[pool_id].stored_bytes
+            assert after[pool_id].flags == PoolFlag.PERSISTENT
+        assert client.get(single, (1, 0, 0), 5) == (Status.MISS, None)
+        assert client.get(single, (1, 0, 0), 6) == (Status.OK, page(6, version=1))
+        found = client.get_batch(single, [((1, 0, 0), n) for n in range(100)])
+        assert found == [None if n == 5 else page(6, 1) if n == 6 else page(n) for n in range(100)]
+        found = client.get_batch(batched, keys)
+        assert found == [None if n % 3 == 1 or n in (0, 3) else page(n) for n in range(256)]
+        acked = set(stream.acknowledged)
+        for start in range(0, max(acked) + BATCH, 256):
+            numbers = range(start, start + 256)
+            pages = client.get_batch(streamed, [((7, 0, 0), n) for n in numbers])
+            for n, data in zip(numbers, pages):
+                if n in acked:
+                    assert data == page(n), f"acknowledged page {n} lost or wrong"
+                else:  # in flight when tmemd died: absent, or complete and correct
+                    assert data is None or data == page(n)
+        # A fresh pool takes the lowest free id (the ephemeral pool's).
+        assert client.new_pool(PoolFlag(0))[0] == ephemeral
+
+    with daemon.control() as control:
+        stats = control.request("stats")
+    store = stats["store"]["clients"]["g1"]
+    assert store["pages"] == sum(record.pages for record in after.values())
+    assert stats["store"]["used_bytes"] == store["stored_bytes"] == sum(
+        record.stored_bytes for record in after.values())
+    journal = stats["journal"]["g1"]
+    assert journal["replayed_pages"] == store["pages"] and journal["size_bytes"] > 0
+
+
+def test_restored_pages_count_against_the_cap(start_tmemd: StartTmemd) -> None:
+    daemon = start_tmemd(guests=("g1:cap=256K",), budget="64M")
+    incompressible = [expected_page(TEMPLATES, 11, n) for n in range(3, 400, 4)]  # random kind
+    with AbiClient.open(daemon.abi_socket("g1")) as client:
+        pool, _ = client.new_pool(PoolFlag.PERSISTENT)
+        statuses = [client.put(pool, (0, 0, 0), n, data) for n, data in enumerate(incompressible)]
+    accepted = statuses.count(Status.OK)
+    assert 0 < accepted < len(incompressible) and Status.REFUSED in statuses
+    daemon.crash_and_restart()
+    with AbiClient.open(daemon.abi_socket("g1")) as client:
+        assert client.stats(pool)[0].pages == accepted
+        # Full before the crash, full after it: the restored pages fill the cap.
+        assert client.put(pool, (1, 0, 0), 0, incompressible[0]) == Status.REFUSED
+        assert client.flush_object(pool, (0, 0, 0)) == Status.OK
+        assert client.put(pool, (1, 0, 0), 0, incompressible[0]) == Status.OK
+
+
+def test_no_journal_means_nothing_survives(start_tmemd: StartTmemd) -> None:
+    daemon = start_tmemd(guests=("g1",), extra_args=("--no-journal",))
+    with AbiClient.open(daemon.abi_socket("g1")) as client:
+        pool, _ = client.new_pool(PoolFlag.PERSISTENT)
+        assert client.put(pool, (0, 0, 0), 0, page(0)) == Status.OK
+    daemon.crash_and_restart()
+    assert not list(daemon.run_dir.glob("*.journal"))
+    with AbiClient.open(daemon.abi_socket("g1")) as client:
+        assert client.stats() == []
+
+
+def test_a_graceful_stop_removes_the_state(start_tmemd: StartTmemd, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    daemon = start_tmemd(guests=("g1",), extra_args=("--state-dir", str(state)))
+    with AbiClient.open(daemon.abi_socket("g1")) as client:
+        pool, _ = client.new_pool(PoolFlag.PERSISTENT)
+        assert client.put(pool, (0, 0, 0), 0, page(0)) == Status.OK
+    assert (state / "g1.journal").stat().st_size > 0 and (state / "g1.fallback").exists()
+    assert not (daemon.run_dir / "g1.journal").exists()
+    assert daemon.terminate() == 0
+    assert list(state.iterdir()) == []

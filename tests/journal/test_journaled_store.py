@@ -1,0 +1,217 @@
+"""JournaledStore against real journal files: what a second store replays from the
+first one's state dir is exactly the first one's persistent pools (ids, pages,
+accounting), never a page that was flushed, refused or overwritten."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+from tmem_host.journal.journaled import JournaledStore, journal_path
+from tmem_host.store import Client, Store
+from tmem_wire.abi import WHOLE_OBJECT, Status
+
+PAGE = 4096
+
+
+def page(number: int, version: int = 0) -> bytes:
+    """Mixed content: same-filled, compressible and incompressible pages."""
+    kind = number % 3
+    if kind == 0:
+        return (number * 1000 + version).to_bytes(8, "little") * (PAGE // 8)
+    if kind == 1:
+        return (f"page {number} version {version} " * 300).encode()[:PAGE]
+    return random.Random(number * 7 + version).randbytes(PAGE)
+
+
+def reopen(state_dir: Path, name: str = "g1", **client_args: object) -> tuple[JournaledStore, Client]:
+    """A new store on the same state dir: what tmemd does after a kill -9."""
+    store = JournaledStore(1 << 30, state_dir=state_dir)
+    return store, store.add_client(name, **client_args)  # type: ignore[arg-type]
+
+
+def contents(store: Store, client: Client) -> dict[tuple[int, tuple[int, int, int], int], bytes]:
+    found = {}
+    for pool_id, pool in enumerate(client.pools):
+        if pool is not None:
+            for oid, index, _ in list(Store.stored_pages(pool)):
+                status, data = store.get(client, pool_id, oid, index)
+                assert status == Status.OK and data is not None
+                found[(pool_id, oid, index)] = data
+    return found
+
+
+def test_persistent_pools_come_back_with_ids_pages_and_accounting(tmp_path: Path) -> None:
+    store, client = reopen(tmp_path)
+    _, eph, _ = store.new_pool(client, persistent=False)
+    _, p1, _ = store.new_pool(client, persistent=True)
+    _, p2, _ = store.new_pool(client, persistent=True, label="nbd")
+    _, gone, _ = store.new_pool(client, persistent=True)
+    assert (eph, p1, p2, gone) == (0, 1, 2, 3)
+    for number in range(300):
+        assert store.put(client, p1, (number % 5, 0, 0), number, page(number)) == Status.OK
+    keys = [((9, 9, 9), index) for index in range(64)]
+    assert store.put_many(client, p2, keys, [page(i) for i in range(64)]) == [Status.OK] * 64
+    store.put(client, eph, (1, 0, 0), 0, page(1))
+    store.put(client, gone, (1, 0, 0), 0, page(2))
+    store.flush_page(client, p1, (0, 0, 0), 0)
+    store.flush_object(client, p1, (1, 0, 0))
+    store.flush_many(client, p2, [((9, 9, 9), 3), ((9, 9, 9), 4)])
+    store.put(client, p1, (2, 0, 0), 2, page(2, version=1))  # an overwrite
+    assert store.destroy_pool(client, gone) == Status.OK
+    expected = contents(store, client)
+    expected = {key: data for key, data in expected.items() if key[0] != eph}
+    persistent_bytes = client.stored_bytes - client.ephemeral_bytes
+
+    again, restored = reopen(tmp_path)
+    assert contents(again, restored) == expected
+    assert [pool is not None for pool in restored.pools[:4]] == [False, True, True, False]
+    assert restored.pools[2] is not None and restored.pools[2].label == "nbd"
+    assert again.get(restored, p1, (0, 0, 0), 0)[0] == Status.MISS
+    assert again.get(restored, p1, (1, 0, 0), 1)[0] == Status.MISS
+    assert again.get(restored, p1, (2, 0, 0), 2) == (Status.OK, page(2, version=1))
+    assert restored.stored_bytes == again.used_bytes == persistent_bytes
+    assert again.stats()["clients"]["g1"]["pages"] == len(expected)
+    # A new pool takes the lowest free id, around the restored ones.
+    assert again.new_pool(restored, persistent=False)[1] == 0
+    assert again.new_pool(restored, persistent=True)[1] == 3
+
+
+def test_a_refused_or_frozen_put_erases_the_older_copy_in_the_journal(tmp_path: Path) -> None:
+    store = JournaledStore(1 << 30, state_dir=tmp_path)
+    client = store.add_client("g1", cap_bytes=PAGE * 4)
+    _, pool, _ = store.new_pool(client, persistent=True)
+    incompressible = [random.Random(n).randbytes(PAGE) for n in range(6)]
+    keys = [((0, 0, 0), n) for n in range(6)]
+    assert store.put_many(client, pool, keys[:2], incompressible[:2]) == [Status.OK] * 2
+    statuses = store.put_many(client, pool, keys, incompressible[::-1])
+    assert Status.REFUSED in statuses
+    store.freeze(client)
+    assert store.put(client, pool, (0, 0, 0), 0, page(5)) == Status.FROZEN
+    expected = contents(store, client)
+
+    again, restored = reopen(tmp_path, cap_bytes=PAGE * 4)
+    assert contents(again, restored) == expected
+    for (oid, index), status in zip(keys, statuses):
+        if status != Status.OK or index == 0:
+            assert again.get(restored, pool, oid, index)[0] == Status.MISS
+
+
+def test_dedup_and_fill_pages_replay_with_the_same_accounting(tmp_path: Path) -> None:
+    store, client = reopen(tmp_path, dedup=True)
+    _, pool, _ = store.new_pool(client, persistent=True)
+    same = page(2)
+    for index in range(10):
+        store.put(client, pool, (0, 0, 0), index, same if index % 2 else page(index * 3))
+    before = store.stats()["clients"]["g1"]
+    again, restored = reopen(tmp_path, dedup=True)
+    after = again.stats()["clients"]["g1"]
+    assert contents(again, restored) == contents(store, client)
+    for key in ("pages", "stored_bytes", "raw_bytes", "dedup_blobs"):
+        assert after[key] == before[key], key
+
+
+def test_a_torn_tail_is_cut_and_everything_before_it_restored(tmp_path: Path) -> None:
+    store, client = reopen(tmp_path)
+    _, pool, _ = store.new_pool(client, persistent=True)
+    for index in range(20):
+        store.put(client, pool, (0, 0, 0), index, page(index + 1))
+    path = journal_path(tmp_path, "g1")
+    size = path.stat().st_size
+    os.truncate(path, size - 100)  # the last PUT, cut mid-record by a crash
+    again, restored = reopen(tmp_path)
+    journal = again.journal(restored)
+    assert journal is not None and journal.replay.truncated_bytes > 0
+    assert restored.pools[pool] is not None and restored.pools[pool].pages == 19
+    assert again.get(restored, pool, (0, 0, 0), 19)[0] == Status.MISS
+    assert path.stat().st_size == journal.size_bytes < size - 100
+    # Appends continue from the cut: a third start sees them.
+    again.put(restored, pool, (0, 0, 0), 19, page(99))
+    third, restored3 = reopen(tmp_path)
+    assert third.get(restored3, pool, (0, 0, 0), 19) == (Status.OK, page(99))
+
+
+def test_compaction_keeps_content_and_shrinks_the_file(tmp_path: Path) -> None:
+    store = JournaledStore(1 << 30, state_dir=tmp_path, compact_floor=256 << 10)
+    client = store.add_client("g1")
+    _, pool, _ = store.new_pool(client, persistent=True)
+    _, other, _ = store.new_pool(client, persistent=True, label="nbd")
+    store.put(client, other, (5, 0, 0), 1, page(2))
+    keys = [((n % 16, 0, 0), n // 16) for n in range(64)]
+    for version in range(40):  # the same 64 keys rewritten: mostly dead records
+        store.put_many(client, pool, keys, [page(n, version) for n in range(64)])
+        store.flush_many(client, pool, [((3, 0, 0), WHOLE_OBJECT)])
+    journal = store.journal(client)
+    assert journal is not None and journal.compactions > 0
+    stats = store.journal_stats(client)
+    assert stats["size_bytes"] < 2 * stats["live_bytes"] + (256 << 10)
+    assert journal_path(tmp_path, "g1").stat().st_size == stats["size_bytes"]
+    expected = contents(store, client)
+    again, restored = reopen(tmp_path)
+    assert contents(again, restored) == expected and len(expected) == 61
+    assert restored.pools[other] is not None and restored.pools[other].label == "nbd"
+
+
+def test_a_crash_during_compaction_leaves_the_old_journal(tmp_path: Path) -> None:
+    store, client = reopen(tmp_path)
+    _, pool, _ = store.new_pool(client, persistent=True)
+    for index in range(50):
+        store.put(client, pool, (0, 0, 0), index, page(index))
+    expected = contents(store, client)
+    path = journal_path(tmp_path, "g1")
+    # What a kill -9 halfway through a compaction leaves: a partial NAME.journal.tmp
+    # next to the intact journal (os.replace never ran).
+    store.compact(client)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(path.read_bytes()[:1000])
+    store.put(client, pool, (0, 0, 0), 0, page(0, version=5))
+    expected[(pool, (0, 0, 0), 0)] = page(0, version=5)
+    again, restored = reopen(tmp_path)
+    assert contents(again, restored) == expected
+    assert not tmp.exists()
+
+
+def test_remove_client_deletes_its_journal(tmp_path: Path) -> None:
+    store, client = reopen(tmp_path)
+    _, pool, _ = store.new_pool(client, persistent=True)
+    store.put(client, pool, (0, 0, 0), 0, page(1))
+    store.remove_client(client)
+    assert not journal_path(tmp_path, "g1").exists()
+    again, restored = reopen(tmp_path)
+    assert all(each is None for each in restored.pools)
+
+
+def test_ephemeral_pools_write_no_records(tmp_path: Path) -> None:
+    store, client = reopen(tmp_path)
+    _, pool, _ = store.new_pool(client, persistent=False)
+    store.put_many(client, pool, [((0, 0, 0), n) for n in range(32)], [page(n) for n in range(32)])
+    store.get(client, pool, (0, 0, 0), 1)
+    store.flush_many(client, pool, [((0, 0, 0), 2)])
+    store.destroy_pool(client, pool)
+    assert journal_path(tmp_path, "g1").stat().st_size == 0
+
+
+@pytest.mark.parametrize("damage_at", [0.3, 0.7])
+def test_corruption_in_the_middle_restores_up_to_it_and_rewrites(tmp_path: Path,
+                                                                 damage_at: float) -> None:
+    store, client = reopen(tmp_path)
+    _, pool, _ = store.new_pool(client, persistent=True)
+    for index in range(40):
+        store.put(client, pool, (0, 0, 0), index, page(3 * index + 2))  # incompressible
+    path = journal_path(tmp_path, "g1")
+    data = bytearray(path.read_bytes())
+    data[int(len(data) * damage_at)] ^= 0xFF
+    path.write_bytes(bytes(data))
+    again, restored = reopen(tmp_path)
+    journal = again.journal(restored)
+    assert journal is not None and journal.replay.error
+    kept = restored.pools[pool]
+    assert kept is not None and 0 < kept.pages < 40
+    for index in range(kept.pages):
+        assert again.get(restored, pool, (0, 0, 0), index) == (Status.OK, page(3 * index + 2))
+    # The journal was rewritten from what was restored: the next start agrees.
+    third, restored3 = reopen(tmp_path)
+    assert contents(third, restored3) == contents(again, restored)
