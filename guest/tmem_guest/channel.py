@@ -19,6 +19,7 @@ from typing import Protocol
 
 PORT_NAME = "org.tmem.0"
 VIRTIO_PORTS = Path("/sys/class/virtio-ports")
+DEV = Path("/dev")
 # virtio_console copies each write() into a kernel bounce buffer of at most 32 KiB:
 # bigger writes are cut there anyway, and smaller contiguous allocations are the
 # ones that still succeed under memory pressure.
@@ -54,12 +55,12 @@ class Channel(Protocol):
         ...
 
 
-def find_port(name: str = PORT_NAME, sysfs: Path = VIRTIO_PORTS) -> Path:
+def find_port(name: str = PORT_NAME, sysfs: Path = VIRTIO_PORTS, dev: Path = DEV) -> Path:
     """The /dev node of the virtio-serial port called `name` (no udev in the guest)."""
     for entry in sorted(sysfs.glob("*")):
         name_file = entry / "name"
         if name_file.is_file() and name_file.read_text().strip() == name:
-            return Path("/dev") / entry.name
+            return dev / entry.name
     raise FileNotFoundError(f"no virtio-serial port named {name!r} under {sysfs}")
 
 
@@ -68,34 +69,67 @@ class VirtioPortChannel:
 
     Non-blocking because a blocking write() waits for as long as the host is
     disconnected; here a send notices the disconnect (POLLHUP) and raises
-    ChannelDown, so frontends fall back instead of stalling. The device stays
-    open across host disconnects.
+    ChannelDown, so frontends fall back instead of stalling.
+
+    The port is looked up by name and opened on every connect(), and closed by
+    disconnect(): when the host removes the port and adds it again (QMP
+    device_del / device_add), the new port may get another /dev/vportNpM, and
+    a descriptor of the removed port only ever reports a hang-up. A channel
+    made with a fixed `path` reopens that path instead.
     """
 
-    def __init__(self, path: Path, *, send_timeout: float = 30.0) -> None:
+    def __init__(self, name: str = PORT_NAME, *, path: Path | None = None,
+                 send_timeout: float = 30.0, sysfs: Path = VIRTIO_PORTS,
+                 dev: Path = DEV) -> None:
+        self.name = name
         self.path = path
         self.send_timeout = send_timeout
-        self._fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        self._fixed_path = path
+        self._sysfs = sysfs
+        self._dev = dev
+        self._fd: int | None = None
+        # send() (callers' threads) against connect()/disconnect() (the reader's):
+        # a descriptor is never closed, or its number reused, under a write.
+        self._io_lock = threading.Lock()
         self._writable = select.poll()
-        self._writable.register(self._fd, select.POLLOUT)
         self._readable = select.poll()
-        self._readable.register(self._fd, select.POLLIN)
         self._iovec_source: memoryview | None = None
         self._iovec_list: list[memoryview] = []
 
     def connect(self) -> bool:
-        # POLLHUP is reported for as long as no host process holds the chardev.
-        for _, events in self._writable.poll(0):
-            return not events & select.POLLHUP
-        return True
+        with self._io_lock:
+            try:
+                self.path = self._fixed_path or find_port(self.name, self._sysfs, self._dev)
+                fd = os.open(self.path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError:  # no such port (yet): removed, or not re-added so far
+                return False
+            self._close()
+            self._fd = fd
+            self._writable = select.poll()
+            self._writable.register(fd, select.POLLOUT)
+            self._readable = select.poll()
+            self._readable.register(fd, select.POLLIN)
+            # POLLHUP is reported for as long as no host process holds the chardev.
+            for _, events in self._writable.poll(0):
+                if events & select.POLLHUP:
+                    self._close()  # the next try looks the port up again
+                    return False
+            return True
 
     def send(self, data: memoryview) -> None:
+        with self._io_lock:
+            fd = self._fd
+            if fd is None:
+                raise ChannelDown(f"port {self.name!r}: not connected")
+            self._send(fd, data)
+
+    def _send(self, fd: int, data: memoryview) -> None:
         deadline = time.monotonic() + self.send_timeout
         for start in range(0, len(data), MAX_PORT_WRITE):
             chunk = data[start : start + MAX_PORT_WRITE]
             while chunk:
                 try:
-                    chunk = chunk[os.write(self._fd, chunk) :]
+                    chunk = chunk[os.write(fd, chunk) :]
                     continue
                 except BlockingIOError:
                     pass
@@ -117,10 +151,13 @@ class VirtioPortChannel:
         # the next iovec while each comes back full: one iovec per port buffer drains
         # a whole batch reply in one syscall instead of one read (and poll) per 4 KiB.
         # Poll only when nothing is there.
+        fd = self._fd  # only the reader thread, which also (dis)connects, calls this
+        if fd is None:
+            return 0
         iovecs = self._iovecs(buffer)
         while True:
             try:
-                return os.readv(self._fd, iovecs)  # 0 while the host is disconnected
+                return os.readv(fd, iovecs)  # 0 while the host is disconnected
             except BlockingIOError:
                 self._readable.poll()
             except OSError:
@@ -134,7 +171,13 @@ class VirtioPortChannel:
         return self._iovec_list
 
     def disconnect(self) -> None:
-        """Nothing to close: the port stays open and reports the next host connection."""
+        with self._io_lock:
+            self._close()
+
+    def _close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 class UnixSocketChannel:
@@ -198,10 +241,10 @@ def open_channel(spec: str) -> Channel:
     if spec.startswith("unix:"):
         return UnixSocketChannel(Path(spec[len("unix:") :]))
     if spec == "port":
-        return VirtioPortChannel(find_port())
+        return VirtioPortChannel()
     if spec.startswith("port:"):
-        return VirtioPortChannel(find_port(spec[len("port:") :]))
-    return VirtioPortChannel(Path(spec))
+        return VirtioPortChannel(spec[len("port:") :])
+    return VirtioPortChannel(path=Path(spec))
 
 
 __all__ = ["Channel", "ChannelDown", "UnixSocketChannel", "VirtioPortChannel", "find_port", "open_channel"]
