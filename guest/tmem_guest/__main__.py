@@ -131,6 +131,7 @@ def run_agent(arguments: argparse.Namespace) -> int:
         if server is not None:
             subprocess.run(["swapoff", str(arguments.nbd)], check=False)
             server.disconnect()
+            server.close()
         session.stop()
         for publisher in publishers:
             publisher.stop()
@@ -143,6 +144,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if arguments.command == "stats":
         print(json.dumps(counters.read_all(), sort_keys=True))
         return 0
+    if arguments.swap and not arguments.no_lock and not system.with_allocator_settings():
+        # Swap agent: its memory must be reused, not returned and faulted in again (system.py).
+        system.reexec_with_allocator_settings("tmem_guest", list(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(
         level=logging.DEBUG if arguments.verbose else logging.INFO,
         format="%(asctime)s %(threadName)s %(name)s: %(message)s",

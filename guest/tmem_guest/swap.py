@@ -20,7 +20,6 @@ import fcntl
 import logging
 import mmap
 import os
-import queue
 import socket
 import threading
 import time
@@ -103,19 +102,42 @@ def contiguous_runs(positions: Sequence[int]) -> list[tuple[int, int]]:
     return runs
 
 
+# A READ reply is sent as one contiguous buffer: the 16-byte reply header sits just
+# before the page-aligned payload (O_DIRECT reads land there), so one send() carries both.
+REPLY_PAYLOAD_OFFSET = PAGE_SIZE
+REPLY_HEADER_OFFSET = REPLY_PAYLOAD_OFFSET - nbd.SIMPLE_REPLY_HEADER.size
+
+
 @dataclass(slots=True)
 class Scratch:
-    """A worker's preallocated page-aligned buffers (write staging, read replies)."""
+    """A worker's preallocated buffers: the request header, the WRITE payload (read
+    from the socket straight into page-aligned memory, which O_DIRECT writes from
+    as is) and the reply (header + READ payload). Nothing is allocated per request."""
 
-    staging: mmap.mmap
-    reply: mmap.mmap
-    reply_header: bytearray
+    request: bytearray
+    request_view: memoryview
+    payload: memoryview
+    reply: memoryview
 
     @classmethod
     def allocate(cls) -> Scratch:
+        request = bytearray(nbd.REQUEST_HEADER.size)
         return cls(
-            aligned_buffer(MAX_REQUEST_BYTES), aligned_buffer(MAX_REQUEST_BYTES), bytearray(nbd.SIMPLE_REPLY_HEADER.size)
+            request, memoryview(request), memoryview(aligned_buffer(MAX_REQUEST_BYTES)),
+            memoryview(aligned_buffer(REPLY_PAYLOAD_OFFSET + MAX_REQUEST_BYTES)),
         )
+
+    def payload_buffer(self, length: int) -> memoryview:
+        """WRITE payload space; a request beyond the negotiated maximum gets a one-off buffer."""
+        if length <= MAX_REQUEST_BYTES:
+            return self.payload[:length]
+        return memoryview(aligned_buffer(length))
+
+    def reply_buffer(self, length: int) -> memoryview:
+        """Reply header + READ payload space, the payload page-aligned at REPLY_PAYLOAD_OFFSET."""
+        if length <= MAX_REQUEST_BYTES:
+            return self.reply[: REPLY_PAYLOAD_OFFSET + length]
+        return memoryview(aligned_buffer(REPLY_PAYLOAD_OFFSET + length))
 
 
 class SwapStore:
@@ -184,12 +206,13 @@ class SwapStore:
 
     # -- NBD commands --
 
-    def write(self, offset: int, data: bytes, scratch: Scratch) -> int:
+    def write(self, offset: int, data: memoryview) -> int:
+        """`data` must be page-aligned memory (a Scratch payload): refused pages go
+        from it to the O_DIRECT disk without a copy."""
         slots = self._check_range(offset, len(data))
         if slots is None:
             return nbd.Error.EINVAL
-        source = memoryview(data)
-        pages = [source[i << PAGE_SHIFT : (i + 1) << PAGE_SHIFT] for i in range(len(slots))]
+        pages = [data[i << PAGE_SHIFT : (i + 1) << PAGE_SHIFT] for i in range(len(slots))]
         keys = self._keys(slots)
         offered = 0
         accepted = [False] * len(slots)
@@ -205,12 +228,8 @@ class SwapStore:
             if ok:
                 self.slots.set(slots[i], Where.TMEM)
         if refused:
-            staging = memoryview(scratch.staging) if len(data) <= MAX_REQUEST_BYTES else memoryview(aligned_buffer(len(data)))
-            staging[: len(data)] = source
             for first, count in contiguous_runs(refused):
-                self.disk.write(
-                    offset + (first << PAGE_SHIFT), staging[first << PAGE_SHIFT : (first + count) << PAGE_SHIFT]
-                )
+                self.disk.write(offset + (first << PAGE_SHIFT), data[first << PAGE_SHIFT : (first + count) << PAGE_SHIFT])
             for i in refused:
                 self.slots.set(slots[i], Where.DISK)
         if stale:
@@ -283,7 +302,14 @@ class SwapStore:
 
 
 class NbdSwapServer:
-    """Serves one /dev/nbdN from `store` through a socketpair."""
+    """Serves one /dev/nbdN from `store` through a socketpair.
+
+    Workers take turns as the reader (leader/follower): a worker holds the receive
+    lock while it reads one request, header then WRITE payload, straight into its
+    own Scratch, then serves it and replies; meanwhile the next worker reads. No
+    thread hands requests to another and nothing is copied through a decoder.
+    `sync` and `batched` have one worker, `pipelined` `depth` of them.
+    """
 
     def __init__(self, device: Path, store: SwapStore, *, mode: str, depth: int = 4) -> None:
         if mode not in MODES:
@@ -292,10 +318,12 @@ class NbdSwapServer:
         self.store = store
         self.mode = mode
         self.depth = depth if mode == "pipelined" else 1
-        self._kernel_end, self._agent_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        # kernel_end is what NBD_SET_SOCK hands the kernel (host tests speak NBD on it).
+        self.kernel_end, self._agent_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self._device_fd = -1
+        self._receive_lock = threading.Lock()
         self._send_lock = threading.Lock()
-        self._work: queue.SimpleQueue[nbd.Request | None] = queue.SimpleQueue()
+        self._closed = False
         self._threads: list[threading.Thread] = []
         self.finished = threading.Event()
 
@@ -308,12 +336,15 @@ class NbdSwapServer:
         fcntl.ioctl(fd, NBD_SET_SIZE_BLOCKS, self.store.slots.slot_count)
         flags = nbd.TransmissionFlag.HAS_FLAGS | nbd.TransmissionFlag.SEND_FLUSH | nbd.TransmissionFlag.SEND_TRIM
         fcntl.ioctl(fd, NBD_SET_FLAGS, int(flags))
-        fcntl.ioctl(fd, NBD_SET_SOCK, self._kernel_end.fileno())
+        fcntl.ioctl(fd, NBD_SET_SOCK, self.kernel_end.fileno())
         self._set_queue_limit("max_sectors_kb", str(MAX_REQUEST_BYTES // 1024))
         self._spawn(self._do_it, "nbd-do-it")
-        for number in range(self.depth if self.mode == "pipelined" else 0):
+        self.start_workers()
+
+    def start_workers(self) -> None:
+        """Serve requests arriving on kernel_end (start() calls this after the ioctls)."""
+        for number in range(self.depth):
             self._spawn(self._worker, f"nbd-worker-{number}")
-        self._spawn(self._receive, "nbd-receive")
 
     def _spawn(self, target: object, name: str) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)  # type: ignore[arg-type]
@@ -336,84 +367,93 @@ class NbdSwapServer:
         finally:
             self.finished.set()
 
-    def _receive(self) -> None:
-        decoder = nbd.TransmissionDecoder(max_payload=DECODER_MAX_PAYLOAD)
-        buffer = bytearray(MAX_REQUEST_BYTES + nbd.REQUEST_HEADER.size)
-        view = memoryview(buffer)
-        scratch = Scratch.allocate() if self.mode != "pipelined" else None
-        try:
-            while True:
-                count = self._agent_end.recv_into(view)
-                decoder.receive_data(view[:count])
-                while True:
-                    event = decoder.next_event()
-                    if event is nbd.NEED_DATA:
-                        break
-                    if isinstance(event, nbd.ConnectionClosed):
-                        return
-                    assert isinstance(event, nbd.Request)
-                    if event.command == nbd.Command.DISC:
-                        return  # NBD_CMD_DISC has no reply
-                    if scratch is None:
-                        self._work.put(event)
-                    else:
-                        self._serve(event, scratch)
-        except nbd.NbdProtocolError as error:
-            log.error("NBD protocol error from the kernel: %s", error)
-        finally:
-            for _ in range(self.depth):
-                self._work.put(None)
-            self.finished.set()
-
     def _worker(self) -> None:
         scratch = Scratch.allocate()
-        while (request := self._work.get()) is not None:
-            self._serve(request, scratch)
+        try:
+            while True:
+                with self._receive_lock:
+                    if self._closed:
+                        return
+                    request = self._read_request(scratch)
+                    if request is None:
+                        self._closed = True
+                        return
+                self._serve(scratch, *request)
+        except (nbd.NbdProtocolError, OSError) as error:
+            log.error("NBD connection from the kernel failed: %s", error)
+            self._closed = True
+        finally:
+            if self._closed:
+                self.finished.set()
 
-    def _serve(self, request: nbd.Request, scratch: Scratch) -> None:
+    def _read_request(self, scratch: Scratch) -> tuple[int, int, int, int, memoryview] | None:
+        """(command, handle, offset, length, WRITE payload) of the next request; None at
+        the end (EOF or NBD_CMD_DISC, which has no reply)."""
+        if not self._receive_exactly(scratch.request_view):
+            return None
+        _, command, handle, offset, length = nbd.check_request_header(
+            nbd.REQUEST_HEADER.unpack_from(scratch.request), DECODER_MAX_PAYLOAD
+        )
+        if command == nbd.Command.DISC:
+            return None
+        payload = scratch.payload[:0]
+        if command == nbd.Command.WRITE:
+            payload = scratch.payload_buffer(length)
+            if not self._receive_exactly(payload):
+                raise nbd.NbdProtocolError("connection closed in the middle of a WRITE")
+        return command, handle, offset, length, payload
+
+    def _receive_exactly(self, into: memoryview) -> bool:
+        """Fill `into` from the socket (MSG_WAITALL: one syscall as a rule); False on EOF
+        before the first byte."""
+        received = self._agent_end.recv_into(into, 0, socket.MSG_WAITALL)
+        while received < len(into):
+            if received == 0:
+                return False
+            count = self._agent_end.recv_into(into[received:], 0, socket.MSG_WAITALL)
+            if count == 0:
+                raise nbd.NbdProtocolError("connection closed in the middle of a message")
+            received += count
+        return True
+
+    def _serve(self, scratch: Scratch, command: int, handle: int, offset: int, length: int, payload: memoryview) -> None:
         started = time.monotonic()
         counters = self.store.counters
-        payload = memoryview(b"")
+        reply_length = 0
+        reply = scratch.reply
         try:
-            if request.command == nbd.Command.WRITE:
-                error = self.store.write(request.offset, request.data, scratch)
+            if command == nbd.Command.WRITE:
+                error = self.store.write(offset, payload)
                 operation = "nbd_write"
-            elif request.command == nbd.Command.READ:
-                reply = memoryview(scratch.reply) if request.length <= MAX_REQUEST_BYTES else memoryview(aligned_buffer(request.length))
-                payload = reply[: request.length]
-                error = self.store.read(request.offset, request.length, payload)
+            elif command == nbd.Command.READ:
+                reply = scratch.reply_buffer(length)
+                error = self.store.read(offset, length, reply[REPLY_PAYLOAD_OFFSET:])
+                reply_length = length
                 operation = "nbd_read"
-            elif request.command == nbd.Command.TRIM:
-                error = self.store.trim(request.offset, request.length)
+            elif command == nbd.Command.TRIM:
+                error = self.store.trim(offset, length)
                 operation = "nbd_trim"
-            elif request.command == nbd.Command.FLUSH:
+            elif command == nbd.Command.FLUSH:
                 error = self.store.flush()
                 operation = "nbd_flush"
             else:
                 error, operation = nbd.Error.EINVAL, "nbd_other"
         except OSError as failure:
-            log.error("NBD command %d at %d failed: %s", request.command, request.offset, failure)
+            log.error("NBD command %d at %d failed: %s", command, offset, failure)
             error, operation = nbd.Error.EIO, "nbd_failed"
         if error != nbd.Error.OK:
-            payload = memoryview(b"")
+            reply_length = 0
             counters.add(errors=1)
-        self._reply(scratch.reply_header, request.handle, error, payload)
+        nbd.pack_simple_reply_into(reply, REPLY_HEADER_OFFSET, handle, error)
+        with self._send_lock:
+            self._agent_end.sendall(reply[REPLY_HEADER_OFFSET : REPLY_PAYLOAD_OFFSET + reply_length])
         counters.add(requests=1)
         counters.observe(operation, time.monotonic() - started)
 
-    def _reply(self, header: bytearray, handle: int, error: int, payload: memoryview) -> None:
-        nbd.pack_simple_reply_into(header, 0, handle, error)
-        parts = [memoryview(header), payload]
-        with self._send_lock:
-            while parts:
-                sent = self._agent_end.sendmsg(parts)
-                while parts and sent >= len(parts[0]):
-                    sent -= len(parts[0])
-                    parts.pop(0)
-                if parts:
-                    parts[0] = parts[0][sent:]
-                    if not parts[0]:
-                        parts.pop(0)
+    def close(self) -> None:
+        """Close both socket ends (after disconnect, or EOF in host tests)."""
+        self.kernel_end.close()
+        self._agent_end.close()
 
     def disconnect(self) -> None:
         """Ask the kernel to drop the device (after swapoff)."""

@@ -13,6 +13,7 @@ import ctypes
 import ctypes.util
 import mmap
 import os
+import sys
 from pathlib import Path
 
 MCL_CURRENT = 1
@@ -25,6 +26,34 @@ SWAP_AGENT_SYSCTLS = {
     "vm/min_free_kbytes": "16384",
     "vm/watermark_scale_factor": "1000",
 }
+
+
+# Allocator settings for the swap agent's process (read at interpreter start, so
+# the agent re-executes itself with them). Memory the agent frees must stay in its
+# locked heap and be reused: pymalloc returns empty 1 MiB arenas with munmap and
+# glibc serves big blocks (a 128 KiB batch frame) with mmap/munmap and trims the
+# heap top, and every fresh mapping is a fault-in (MCL_FUTURE locks it) that needs
+# free guest pages exactly when reclaim is waiting on the agent. So: plain malloc
+# for Python objects, one arena (not one per thread), nothing mmapped below 32 MiB,
+# no trimming, and a pad that grows the heap in 8 MiB steps.
+ALLOCATOR_ENVIRONMENT = {
+    "PYTHONMALLOC": "malloc",
+    "MALLOC_ARENA_MAX": "1",
+    "MALLOC_MMAP_THRESHOLD_": str(32 * 1024 * 1024),
+    "MALLOC_TRIM_THRESHOLD_": str(1024 * 1024 * 1024),
+    "MALLOC_TOP_PAD_": str(8 * 1024 * 1024),
+}
+
+
+def with_allocator_settings() -> bool:
+    """True if this process started with ALLOCATOR_ENVIRONMENT."""
+    return all(os.environ.get(name) == value for name, value in ALLOCATOR_ENVIRONMENT.items())
+
+
+def reexec_with_allocator_settings(module: str, arguments: list[str]) -> None:
+    """Replace this process by `python3 -m MODULE ARGUMENTS` with ALLOCATOR_ENVIRONMENT."""
+    environment = {**os.environ, **ALLOCATOR_ENVIRONMENT}
+    os.execve(sys.executable, [sys.executable, "-m", module, *arguments], environment)
 
 
 def _libc() -> ctypes.CDLL:
