@@ -6,7 +6,6 @@ counts the restored pages."""
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 
 from tmem_guest.usemem import expected_page, page_templates
@@ -75,10 +74,7 @@ def test_kill_9_mid_stream_loses_no_acknowledged_page(start_tmemd: StartTmemd) -
 
     stream = PutStream(daemon, streamed)
     stream.start()
-    deadline = time.monotonic() + 30
-    while len(stream.acknowledged) < 3000 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    daemon.crash_and_restart()
+    daemon.crash_and_restart(when=lambda: len(stream.acknowledged) >= 3000, wait_s=30)
     stream.join(10)
     assert not stream.is_alive() and isinstance(stream.error, OSError)
     assert len(stream.acknowledged) >= 3000 and stream.refused == 0

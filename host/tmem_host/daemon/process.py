@@ -125,9 +125,17 @@ class TmemdProcess:
             self._proc.wait()
         self._close_pipes()
 
-    def crash_and_restart(self, downtime: float = 0.0, timeout: float = 20.0) -> None:
+    def crash_and_restart(self, downtime: float = 0.0, timeout: float = 20.0, *,
+                          when: Callable[[], bool] | None = None, wait_s: float = 60.0) -> None:
         """SIGKILL tmemd (no cleanup: sockets, pid file and journals stay), wait
-        ``downtime`` seconds, start it again with the same arguments and state dir."""
+        ``downtime`` seconds, start it again with the same arguments and state dir.
+        ``when``: first poll it until it is true (TimeoutError after ``wait_s``), so a
+        test kills tmemd in the middle of a workload rather than before it."""
+        deadline = time.monotonic() + wait_s
+        while when is not None and not when():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the crash condition did not hold within {wait_s} s")
+            time.sleep(0.05)
         self.kill()
         time.sleep(downtime)
         self.start(timeout)
