@@ -7,6 +7,7 @@ import random
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ import pytest
 from tmem_host.daemon.client import AbiClient, ConnectionClosed
 from tmem_host.daemon.control import ControlClient, ControlError, DaemonNotRunning
 from tmem_host.daemon.process import StartTmemd, TmemdProcess
-from tmem_wire.abi import PoolFlag, Status
+from tmem_wire.abi import Feature, Flag, Hello, Op, PoolFlag, Status
 
 RANDOM_PAGES = [random.Random(number).randbytes(4096) for number in range(64)]
 
@@ -195,3 +196,37 @@ def test_add_guest_errors_are_replies_not_crashes(tmemd: TmemdProcess) -> None:
         control.request("add-guest", name="g4")
     with AbiClient.open(tmemd.abi_socket("g4")) as client:
         assert client.stats() == []
+
+
+def test_drain_refuses_puts_flags_replies_to_agents_that_asked_and_thaw_ends_it(tmemd: TmemdProcess) -> None:
+    keys = [((1, 0, 0), index) for index in range(8)]
+    drain_offer = Hello(features=Feature.BATCH | Feature.ASYNC | Feature.STATS | Feature.DRAIN)
+    with AbiClient.open(tmemd.abi_socket("g1"), offer=drain_offer) as agent, \
+            AbiClient.open(tmemd.abi_socket("g1")) as old_client:
+        assert agent.negotiated is not None and Feature.DRAIN in agent.negotiated.features
+        pool_id, _ = agent.new_pool(PoolFlag.PERSISTENT)
+        assert agent.put_batch(pool_id, keys, RANDOM_PAGES[:8]) == [Status.OK] * 8
+        assert not agent.call(Op.STATS, pool_id=pool_id).flags & Flag.DRAIN
+        # Nobody takes the pages back: the drain times out with a nonzero exit and says how many.
+        result = tmemctl(tmemd, "drain", "g1", "--timeout", "0.5")
+        assert result.returncode == 1 and "8 of 8 persistent pages still in tmem" in result.stderr
+        waiting = subprocess.Popen([sys.executable, "-m", "tmem_host.ctl.main", "--run-dir", str(tmemd.run_dir),
+                                    "drain", "g1", "--timeout", "30"], stdout=subprocess.PIPE, text=True)
+        reply = agent.call(Op.STATS, pool_id=pool_id)
+        assert reply.flags & Flag.DRAIN and reply.is_reply
+        assert not old_client.call(Op.STATS, pool_id=pool_id).flags & Flag.DRAIN  # it never asked
+        assert agent.put(pool_id, (2, 0, 0), 0, RANDOM_PAGES[9]) == Status.FROZEN
+        assert agent.get(pool_id, *keys[0]) == (Status.OK, RANDOM_PAGES[0])  # gets still served
+        with tmemd.control() as control:
+            assert control.request("guests")[0]["draining"] is True
+        for _ in range(300):  # until the waiting tmemctl's drain request is in
+            if tmemd.log_text().count("guest draining") == 2:
+                break
+            time.sleep(0.1)
+        # What the agent does on the flag: take the pages back, then flush them.
+        agent.flush_batch(pool_id, keys)
+        output, _ = waiting.communicate(timeout=30)
+        assert waiting.returncode == 0 and output.startswith("g1: drained 8 persistent pages in "), output
+        ok(tmemctl(tmemd, "thaw", "g1"))
+        assert not agent.call(Op.STATS, pool_id=pool_id).flags & Flag.DRAIN
+        assert agent.put(pool_id, (2, 0, 0), 0, RANDOM_PAGES[9]) == Status.OK

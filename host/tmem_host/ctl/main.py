@@ -7,6 +7,7 @@ import json
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -177,6 +178,40 @@ def _guest_command(command: str, done: str) -> Callable[[ControlClient, argparse
     return run
 
 
+@dataclass(frozen=True, slots=True)
+class DrainResult:
+    guest: str
+    pages_at_start: int  # persistent pages tmemd held when the drain began
+    pages_left: int
+    seconds: float
+
+
+def guest_persistent_pages(control: ControlClient, guest: str) -> int:
+    for record in control.request("guests"):
+        if record["name"] == guest:
+            return sum(pool["pages"] for pool in record["pools"] if "PERSISTENT" in pool["flags"])
+    raise ControlError(f"no guest {guest!r}")
+
+
+def drain(control: ControlClient, guest: str, timeout: float, interval: float = 0.2) -> DrainResult:
+    """Start draining GUEST and wait until tmemd holds none of its persistent pages
+    (or `timeout` seconds passed: pages_left > 0)."""
+    started = time.monotonic()
+    at_start = control.request("drain", guest=guest)["persistent_pages"]
+    while (left := guest_persistent_pages(control, guest)) and time.monotonic() - started < timeout:
+        time.sleep(interval)
+    return DrainResult(guest, at_start, left, time.monotonic() - started)
+
+
+def cmd_drain(control: ControlClient, args: argparse.Namespace) -> None:
+    result = drain(control, args.guest, args.timeout)
+    if result.pages_left:
+        raise ControlError(f"{args.guest}: {result.pages_left} of {result.pages_at_start} persistent pages "
+                           f"still in tmem after {result.seconds:.1f} s (the guest stays draining)")
+    print(f"{args.guest}: drained {result.pages_at_start} persistent pages in {result.seconds:.1f} s; "
+          "new pages go to its fallback disk until 'tmemctl thaw'")
+
+
 def cmd_flush(control: ControlClient, args: argparse.Namespace) -> None:
     control.request("flush", guest=args.guest, pool=args.pool)
     print(f"{args.guest}: flushed" + (f" pool {args.pool}" if args.pool is not None else ""))
@@ -202,10 +237,15 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("size")
     budget.set_defaults(run=cmd_set_budget)
     for name, done, text in (("freeze", "frozen", "refuse the guest's puts"),
-                             ("thaw", "thawed", "accept the guest's puts again")):
+                             ("thaw", "thawed", "accept the guest's puts again (ends a drain)")):
         guest_parser = commands.add_parser(name, help=text)
         guest_parser.add_argument("guest")
         guest_parser.set_defaults(run=_guest_command(name, done))
+    drain_parser = commands.add_parser(
+        "drain", help="move a guest's persistent pages back to the guest (its fallback disk) and wait")
+    drain_parser.add_argument("guest")
+    drain_parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait (then exit 1)")
+    drain_parser.set_defaults(run=cmd_drain)
     flush = commands.add_parser("flush", help="drop a guest's pages (or one pool's)")
     flush.add_argument("guest")
     flush.add_argument("pool", type=int, nargs="?")

@@ -67,6 +67,8 @@ class GuestRuntime:
     nbd_server: asyncio.Server
     sessions: set[AbiSession] = field(default_factory=set)
     connections_total: int = 0
+    # `tmemctl drain` until `thaw`: puts refused (frozen), replies carry Flag.DRAIN.
+    draining: bool = False
 
     @property
     def name(self) -> str:
@@ -94,6 +96,7 @@ class Daemon:
             "set-cap": self._cmd_set_cap,
             "freeze": self._cmd_freeze,
             "thaw": self._cmd_thaw,
+            "drain": self._cmd_drain,
             "flush": self._cmd_flush,
             "add-guest": self._cmd_add_guest,
             "remove-guest": self._cmd_remove_guest,
@@ -267,6 +270,7 @@ class Daemon:
             **runtime.config.to_json(),
             "connections": len(runtime.sessions),
             "connections_total": runtime.connections_total,
+            "draining": runtime.draining,
             "pools": [pool_stats_json(pool) for pool in self.store.pool_stats(runtime.client)],
         }
 
@@ -321,8 +325,22 @@ class Daemon:
     async def _cmd_thaw(self, request: dict[str, Any]) -> Any:
         runtime = self._guest(request.get("guest"))
         self.store.thaw(runtime.client)
+        runtime.draining = False
         log.info("guest thawed", extra={"guest": runtime.name})
-        return {"guest": runtime.name, "frozen": False}
+        return {"guest": runtime.name, "frozen": False, "draining": False}
+
+    async def _cmd_drain(self, request: dict[str, Any]) -> Any:
+        """Start draining: freeze the guest (new pages go to its fallback disk) and
+        flag every reply to its agent; tmemctl then waits for 0 persistent pages."""
+        runtime = self._guest(request.get("guest"))
+        self.store.freeze(runtime.client)
+        runtime.draining = True
+        agents = sum(1 for session in runtime.sessions if session.drain_negotiated)
+        pages = persistent_pages(self.store.pool_stats(runtime.client))
+        log.info("guest draining", extra={"guest": runtime.name, "persistent_pages": pages,
+                                          "agents": agents})
+        return {"guest": runtime.name, "draining": True, "persistent_pages": pages,
+                "agent_connections": agents}
 
     async def _cmd_flush(self, request: dict[str, Any]) -> Any:
         runtime = self._guest(request.get("guest"))
@@ -353,6 +371,11 @@ class Daemon:
         # Reply first: the stop happens once this handler has returned.
         asyncio.get_running_loop().call_soon(self._stopping.set)
         return {"stopping": True}
+
+
+def persistent_pages(pools: list[PoolStats]) -> int:
+    """Pages held in persistent pools: what a drain must bring to 0."""
+    return sum(pool.pages for pool in pools if PoolFlag.PERSISTENT in pool.flags)
 
 
 def pool_stats_json(pool: PoolStats) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 from tmem_wire.abi import (
-    ALL_POOLS, FLAG_REPLY, HEADER_SIZE, MAX_ERROR_TEXT, NEED_DATA, Buffer, Frame, FrameDecoder,
+    ALL_POOLS, FLAG_REPLY, Feature, Flag, HEADER_SIZE, MAX_ERROR_TEXT, NEED_DATA, Buffer, Frame, FrameDecoder,
     Hello, NewPool, Op, PoolFlag, ProtocolError, Status, decode_key_batch, decode_put_batch,
     encode_batch_reply, encode_pool_grant, encode_pool_stats, negotiate, pack_header_into,
 )
@@ -36,7 +36,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("tmemd.session")
 
 # What tmemd offers in HELLO; the reply holds the minimum of both sides.
-SERVER_HELLO = Hello(max_in_flight=128)
+SERVER_HELLO = Hello(features=Feature.BATCH | Feature.ASYNC | Feature.STATS | Feature.DRAIN,
+                     max_in_flight=128)
 # One read's worth: a few batch frames.
 RECV_BUFFER_BYTES = 1 << 18
 # Pause reading while this much reply data waits for a slow reader.
@@ -46,6 +47,7 @@ _OK = Status.OK
 # Reply pieces of one read, joined into one write.
 _Chunks = list[Buffer]
 _REPLY = int(FLAG_REPLY)
+_REPLY_DRAIN = int(FLAG_REPLY | Flag.DRAIN)
 
 
 class _Refusal(Exception):
@@ -72,6 +74,8 @@ class AbiSession(asyncio.BufferedProtocol):
         self._decoder = FrameDecoder(resync=True)
         self._recv_buffer = memoryview(bytearray(RECV_BUFFER_BYTES))
         self._negotiated: Hello | None = None
+        # REPLY, plus DRAIN while the guest is draining and negotiated Feature.DRAIN.
+        self._reply_flags = _REPLY
         self._connected_at = time.time()
         self._handlers: dict[int, Callable[[Frame, _Chunks], None]] = {
             Op.NEW_POOL: self._new_pool,
@@ -141,6 +145,7 @@ class AbiSession(asyncio.BufferedProtocol):
             return
         self.bytes_in += len(data)
         out: _Chunks = []
+        self._reply_flags = _REPLY_DRAIN if self.guest.draining and self.drain_negotiated else _REPLY
         decoder = self._decoder
         handlers = self._handlers
         served = 0
@@ -167,11 +172,10 @@ class AbiSession(asyncio.BufferedProtocol):
                     handlers[opcode](frame, out)
                 except _Refusal as refusal:
                     self.errors += 1
-                    _append_reply(out, frame, refusal.status,
-                                  refusal.reason.encode()[:MAX_ERROR_TEXT])
+                    self._reply(out, frame, refusal.status, refusal.reason.encode()[:MAX_ERROR_TEXT])
                 except ProtocolError as error:  # a payload codec rejected a value
                     self.errors += 1
-                    _append_reply(out, frame, error.status, error.message.encode()[:MAX_ERROR_TEXT])
+                    self._reply(out, frame, error.status, error.message.encode()[:MAX_ERROR_TEXT])
         except ProtocolError as error:
             self.errors += 1
             self._write(transport, out, served)
@@ -199,14 +203,14 @@ class AbiSession(asyncio.BufferedProtocol):
             agreed = negotiate(offer, SERVER_HELLO)
         except ProtocolError as error:
             self.errors += 1
-            _append_reply(out, frame, error.status, error.message.encode()[:MAX_ERROR_TEXT])
+            self._reply(out, frame, error.status, error.message.encode()[:MAX_ERROR_TEXT])
             return
         if self._negotiated is not None:
             log.info("session restarted by HELLO", extra={"guest": self._guest_name()})
         self.hellos += 1
         self._negotiated = agreed
         self._decoder.max_payload = agreed.max_frame - HEADER_SIZE
-        _append_reply(out, frame, _OK, agreed.encode())
+        self._reply(out, frame, _OK, agreed.encode())
 
     def _new_pool(self, frame: Frame, out: _Chunks) -> None:
         request = NewPool.decode(frame.payload)
@@ -228,35 +232,35 @@ class AbiSession(asyncio.BufferedProtocol):
             granted |= PoolFlag.SHARED
         elif inclusive and not persistent:  # the store honours it for private ephemeral pools
             granted |= PoolFlag.INCLUSIVE_GETS
-        _append_reply(out, frame, _OK, encode_pool_grant(granted), pool_id=pool_id)
+        self._reply(out, frame, _OK, encode_pool_grant(granted), pool_id=pool_id)
 
     def _destroy_pool(self, frame: Frame, out: _Chunks) -> None:
         assert self.guest is not None
-        _append_reply(out, frame, self.store.destroy_pool(self.guest.client, frame.pool_id))
+        self._reply(out, frame, self.store.destroy_pool(self.guest.client, frame.pool_id))
 
     def _put(self, frame: Frame, out: _Chunks) -> None:
         assert self.guest is not None
         page = frame.payload
         assert isinstance(page, bytes)  # the decoder hands out payloads as bytes
         status = self.store.put(self.guest.client, frame.pool_id, frame.oid, frame.index, page)
-        _append_reply(out, frame, status)
+        self._reply(out, frame, status)
 
     def _get(self, frame: Frame, out: _Chunks) -> None:
         assert self.guest is not None
         status, page = self.store.get(self.guest.client, frame.pool_id, frame.oid, frame.index)
         if page is None:
-            _append_reply(out, frame, status)
+            self._reply(out, frame, status)
         else:
-            _append_reply(out, frame, status, page)
+            self._reply(out, frame, status, page)
 
     def _flush_page(self, frame: Frame, out: _Chunks) -> None:
         assert self.guest is not None
-        _append_reply(out, frame, self.store.flush_page(
+        self._reply(out, frame, self.store.flush_page(
             self.guest.client, frame.pool_id, frame.oid, frame.index))
 
     def _flush_object(self, frame: Frame, out: _Chunks) -> None:
         assert self.guest is not None
-        _append_reply(out, frame, self.store.flush_object(
+        self._reply(out, frame, self.store.flush_object(
             self.guest.client, frame.pool_id, frame.oid))
 
     def _check_batch(self, count: int) -> None:
@@ -274,7 +278,7 @@ class AbiSession(asyncio.BufferedProtocol):
             raise _Refusal(Status.INVALID, f"batch of 2^{page_shift}-byte pages for a pool of "
                            f"2^{pool_shift}-byte pages")
         statuses = self.store.put_many(self.guest.client, frame.pool_id, keys, pages)
-        _append_reply(out, frame, _OK, encode_batch_reply(statuses))
+        self._reply(out, frame, _OK, encode_batch_reply(statuses))
 
     def _get_batch(self, frame: Frame, out: _Chunks) -> None:
         assert self.guest is not None
@@ -282,7 +286,7 @@ class AbiSession(asyncio.BufferedProtocol):
         self._check_batch(len(keys))
         page_shift = self._pool_page_shift(frame.pool_id)
         statuses, pages = self.store.get_many(self.guest.client, frame.pool_id, keys)
-        _append_reply(out, frame, _OK, encode_batch_reply(statuses, pages, page_shift=page_shift))
+        self._reply(out, frame, _OK, encode_batch_reply(statuses, pages, page_shift=page_shift))
 
     def _flush_batch(self, frame: Frame, out: _Chunks) -> None:
         assert self.guest is not None
@@ -291,7 +295,7 @@ class AbiSession(asyncio.BufferedProtocol):
         self._pool_page_shift(frame.pool_id)
         # The store takes index WHOLE_OBJECT as a flush of the whole object.
         statuses = self.store.flush_many(self.guest.client, frame.pool_id, keys)
-        _append_reply(out, frame, _OK, encode_batch_reply(statuses))
+        self._reply(out, frame, _OK, encode_batch_reply(statuses))
 
     def _stats(self, frame: Frame, out: _Chunks) -> None:
         assert self.guest is not None
@@ -299,7 +303,7 @@ class AbiSession(asyncio.BufferedProtocol):
         if pool_id is not None:
             self._pool_page_shift(pool_id)
         records = self.store.pool_stats(self.guest.client, pool_id)
-        _append_reply(out, frame, _OK, encode_pool_stats(records))
+        self._reply(out, frame, _OK, encode_pool_stats(records))
 
     def _pool_page_shift(self, pool_id: int) -> int:
         assert self.guest is not None
@@ -308,6 +312,15 @@ class AbiSession(asyncio.BufferedProtocol):
         if pool is None:
             raise _Refusal(Status.INVALID, f"no pool {pool_id}")
         return pool.page_shift
+
+    @property
+    def drain_negotiated(self) -> bool:
+        """Whether this connection's client can be told to drain (Feature.DRAIN)."""
+        return self._negotiated is not None and Feature.DRAIN in self._negotiated.features
+
+    def _reply(self, out: _Chunks, request: Frame, status: Status, payload: Buffer = b"",
+               pool_id: int | None = None) -> None:
+        _append_reply(out, request, status, payload, pool_id, self._reply_flags)
 
     # -- control ------------------------------------------------------------------
 
@@ -337,11 +350,11 @@ class AbiSession(asyncio.BufferedProtocol):
 
 
 def _append_reply(out: _Chunks, request: Frame, status: Status, payload: Buffer = b"",
-                  pool_id: int | None = None) -> None:
+                  pool_id: int | None = None, flags: int = _REPLY) -> None:
     """Queue a reply: its header, then its payload (joined with the rest of the read's)."""
     header = bytearray(HEADER_SIZE)
     pack_header_into(
-        header, 0, opcode=request.opcode, flags=_REPLY, request_id=request.request_id,
+        header, 0, opcode=request.opcode, flags=flags, request_id=request.request_id,
         status=status, pool_id=request.pool_id if pool_id is None else pool_id,
         oid=request.oid, index=request.index, payload_length=len(payload),
     )
