@@ -12,7 +12,8 @@ import pytest
 
 from tmem_host.daemon.client import AbiClient, ConnectionClosed
 from tmem_host.daemon.process import TmemdProcess
-from tmem_host.fuzz import CleanGuest, OFFSET_LENGTH, OFFSET_OPCODE
+from tmem_guest.mutation import OFFSET_LENGTH, OFFSET_OPCODE
+from tmem_host.fuzz import CleanGuest
 from tmem_host.store import MAX_POOLS_PER_CLIENT
 from tmem_wire.abi import (
     HEADER_SIZE,
