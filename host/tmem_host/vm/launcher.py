@@ -44,7 +44,7 @@ from typing import Any, Literal
 import paramiko
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from qemu.qmp import ExecuteError, QMPClient, QMPError
+from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError
 
 from tmem_host.vm import accel as accel_probe
 from tmem_host.vm.image import GuestImage, ImageError, require_image
@@ -54,11 +54,18 @@ Accel = Literal["auto", "kvm", "tcg"]
 SwapKind = Literal["none", "hdd", "ssd", "hostcache", "nbd"]
 DiskSpeed = Literal["hdd", "ssd", "hostcache"]
 QEMU_BINARY = "qemu-system-x86_64"
+# Seconds QEMU's NBD client holds requests while tmemd restarts (docs/RELIABILITY.md).
+NBD_RECONNECT_DELAY_S = 30
 # Disk speed classes (swap and data disks): a 200-IOPS spinning disk, a
 # few-thousand-IOPS SSD; "hostcache" is unthrottled.
 DISK_IOPS: dict[str, int] = {"hdd": 200, "ssd": 4000}
 DISK_SERIALS = {"root": "tmem-root", "swap": "tmem-swap", "data": "tmem-data"}
 TMEM_PORT_NAME = "org.tmem.0"
+# QEMU ids of the tmem channel's pieces: Guest.remove_tmem_channel() and
+# add_tmem_channel() address them.
+TMEM_SERIAL_BUS_ID = "tmemserial"
+TMEM_PORT_ID = "tmemport"
+TMEM_CHARDEV_ID = "tmem0"
 AGENT_SHARES = {"tmemguest": REPO_ROOT / "guest", "tmemwire": REPO_ROOT / "wire"}
 PANIC_PATTERNS = (b"Kernel panic - not syncing", b"tmem-initramfs: ")
 HOSTFWD_FAILURE = "Could not set up host forwarding rule"
@@ -470,6 +477,41 @@ class Guest:
         self._log_qmp("<-", {"return": reply})
         return reply
 
+    def remove_tmem_channel(self, timeout: float = 30.0) -> None:
+        """Hot-unplug the guest's org.tmem.0 port and remove its chardev (which
+        drops the connection to tmemd). The port is gone once QEMU reports
+        DEVICE_DELETED; only then is the chardev free to remove."""
+        self._in_loop(self._delete_device(TMEM_PORT_ID), timeout)
+        self.qmp("chardev-remove", id=TMEM_CHARDEV_ID)
+
+    def add_tmem_channel(self) -> None:
+        """Plug the org.tmem.0 port back in: the chardev (connecting to tmemd's
+        socket, reconnecting as at boot), then the port on the same bus."""
+        socket_path = self.config.tmem_socket
+        if socket_path is None:
+            raise self._error(GuestConfigError, "this guest has no tmem channel")
+        self.qmp("chardev-add", id=TMEM_CHARDEV_ID, backend={"type": "socket", "data": {
+            "addr": {"type": "unix", "data": {"path": str(socket_path)}},
+            "server": False, "reconnect": 1}})
+        self.qmp("device_add", driver="virtserialport", id=TMEM_PORT_ID,
+                 chardev=TMEM_CHARDEV_ID, bus=f"{TMEM_SERIAL_BUS_ID}.0", name=TMEM_PORT_NAME)
+
+    async def _delete_device(self, device_id: str) -> None:
+        """device_del, then wait for its DEVICE_DELETED (listening before asking)."""
+        client = self._qmp_client
+        if client is None:
+            raise self._error(QmpError, f"device_del {device_id}: not connected")
+        deleted = EventListener("DEVICE_DELETED", lambda event: (
+            isinstance(data := event.get("data"), dict) and data.get("device") == device_id))
+        with client.listen(deleted):
+            self._log_qmp("->", {"execute": "device_del", "arguments": {"id": device_id}})
+            try:
+                await client.execute("device_del", {"id": device_id})
+            except ExecuteError as error:
+                raise self._error(QmpError, f"QMP device_del {device_id} failed: {error}") \
+                    from error
+            await deleted.get()
+
     def sysrq(self, key: str, settle: float = 3.0) -> str:
         """Press Alt-SysRq-KEY on the guest's keyboard (QMP send-key: works while the
         guest is too stuck for SSH) and return what it printed on the console within
@@ -547,10 +589,11 @@ class Guest:
         if config.data_disk_mib > 0:
             command += self._scratch_disk_args("data", config.data_disk_mib, config.data_disk_speed)
         if config.tmem_socket is not None:
-            command += ["-device", "virtio-serial-pci",
-                        "-chardev", f"socket,id=tmem0,path={config.tmem_socket},"
+            command += ["-device", f"virtio-serial-pci,id={TMEM_SERIAL_BUS_ID}",
+                        "-chardev", f"socket,id={TMEM_CHARDEV_ID},path={config.tmem_socket},"
                                     "server=off,reconnect=1",
-                        "-device", f"virtserialport,chardev=tmem0,name={TMEM_PORT_NAME}"]
+                        "-device", f"virtserialport,id={TMEM_PORT_ID},chardev={TMEM_CHARDEV_ID},"
+                                   f"bus={TMEM_SERIAL_BUS_ID}.0,name={TMEM_PORT_NAME}"]
         if config.vsock_cid is not None:
             command += ["-device", f"vhost-vsock-pci,guest-cid={config.vsock_cid}"]
         if config.share_agent:
@@ -566,8 +609,12 @@ class Guest:
         if config.swap == "nbd":
             # discard=unmap: the guest's swap discards (swapon --discard) reach tmemd
             # as NBD TRIM, so freed swap slots are flushed from tmem.
+            # reconnect-delay: if tmemd dies, QEMU reconnects and reruns the requests
+            # in flight for this long instead of failing them (EIO in the guest);
+            # a restarted tmemd has the swap pages back from its journal.
             return ["-blockdev", f"driver=nbd,node-name=swap,discard=unmap,server.type=unix,"
-                                 f"server.path={config.nbd_socket},export={config.nbd_export}",
+                                 f"server.path={config.nbd_socket},export={config.nbd_export},"
+                                 f"reconnect-delay={NBD_RECONNECT_DELAY_S}",
                     "-device", f"virtio-blk-pci,drive=swap,serial={DISK_SERIALS['swap']}"]
         return self._scratch_disk_args("swap", config.swap_mib, config.swap)
 
