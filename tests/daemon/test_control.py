@@ -15,6 +15,7 @@ import pytest
 from tmem_host.daemon.client import AbiClient, ConnectionClosed
 from tmem_host.daemon.control import ControlClient, ControlError, DaemonNotRunning
 from tmem_host.daemon.process import StartTmemd, TmemdProcess
+from tmem_host.nbd.client import NbdClient
 from tmem_wire.abi import Feature, Flag, Hello, Op, PoolFlag, Status
 
 RANDOM_PAGES = [random.Random(number).randbytes(4096) for number in range(64)]
@@ -230,3 +231,17 @@ def test_drain_refuses_puts_flags_replies_to_agents_that_asked_and_thaw_ends_it(
         ok(tmemctl(tmemd, "thaw", "g1"))
         assert not agent.call(Op.STATS, pool_id=pool_id).flags & Flag.DRAIN
         assert agent.put(pool_id, (2, 0, 0), 0, RANDOM_PAGES[9]) == Status.OK
+
+
+def test_tmemctl_drain_moves_an_nbd_exports_pages_to_its_fallback_file(tmemd: TmemdProcess) -> None:
+    pages = RANDOM_PAGES[:32]
+    with NbdClient(tmemd.nbd_socket("g2"), "g2") as export:
+        assert export.write(0, b"".join(pages)) == 0
+        with tmemd.control() as control:
+            assert control.request("stats")["nbd"]["g2"]["slots_in_tmem"] == 32
+        assert "g2: drained 32 persistent pages" in ok(tmemctl(tmemd, "drain", "g2", "--timeout", "30"))
+        assert export.write(32 * 4096, RANDOM_PAGES[40]) == 0  # refused by tmem: to the fallback file
+        with tmemd.control() as control:
+            assert control.request("stats")["nbd"]["g2"]["slots_in_tmem"] == 0
+        assert export.read(0, 33 * 4096) == (0, b"".join(pages) + RANDOM_PAGES[40])
+        ok(tmemctl(tmemd, "thaw", "g2"))

@@ -69,6 +69,8 @@ class GuestRuntime:
     connections_total: int = 0
     # `tmemctl drain` until `thaw`: puts refused (frozen), replies carry Flag.DRAIN.
     draining: bool = False
+    # The NBD export's drain (its pages to its fallback file), while it runs.
+    export_drain: asyncio.Task[int] | None = None
 
     @property
     def name(self) -> str:
@@ -215,6 +217,8 @@ class Daemon:
         runtime.nbd_server.close()
         for session in list(runtime.sessions):
             session.close("guest removed")
+        if runtime.export_drain is not None:
+            runtime.export_drain.cancel()
         runtime.nbd_export.close()
         await runtime.abi_server.wait_closed()
         await runtime.nbd_server.wait_closed()
@@ -335,12 +339,22 @@ class Daemon:
         runtime = self._guest(request.get("guest"))
         self.store.freeze(runtime.client)
         runtime.draining = True
+        # The export has no agent to ask: tmemd moves its pages itself, between requests.
+        if runtime.export_drain is None or runtime.export_drain.done():
+            runtime.export_drain = asyncio.get_running_loop().create_task(self._drain_export(runtime))
         agents = sum(1 for session in runtime.sessions if session.drain_negotiated)
         pages = persistent_pages(self.store.pool_stats(runtime.client))
         log.info("guest draining", extra={"guest": runtime.name, "persistent_pages": pages,
                                           "agents": agents})
         return {"guest": runtime.name, "draining": True, "persistent_pages": pages,
                 "agent_connections": agents}
+
+    async def _drain_export(self, runtime: GuestRuntime) -> int:
+        started = time.monotonic()
+        moved = await runtime.nbd_export.drain()
+        log.info("NBD export drained", extra={"guest": runtime.name, "pages": moved,
+                                              "seconds": round(time.monotonic() - started, 3)})
+        return moved
 
     async def _cmd_flush(self, request: dict[str, Any]) -> Any:
         runtime = self._guest(request.get("guest"))
