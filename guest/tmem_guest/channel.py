@@ -183,8 +183,9 @@ class VirtioPortChannel:
 class UnixSocketChannel:
     """A client connection to tmemd's per-guest ABI socket (what QEMU's chardev does)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, send_timeout: float = 30.0) -> None:
         self.path = path
+        self.send_timeout = send_timeout
         self._socket: socket.socket | None = None
         self._lock = threading.Lock()
 
@@ -198,6 +199,9 @@ class UnixSocketChannel:
             except OSError:
                 candidate.close()
                 return False
+            # Bounds sendall() against a host that stopped reading; recv_into is only
+            # called once wait_readable said there is something.
+            candidate.settimeout(self.send_timeout)
             self._socket = candidate
             return True
 
@@ -214,7 +218,10 @@ class UnixSocketChannel:
         connection = self._socket
         if connection is None:
             return True  # recv_into reports the disconnect at once
-        return bool(select.select([connection], [], [], timeout)[0])
+        try:
+            return bool(select.select([connection], [], [], timeout)[0])
+        except (OSError, ValueError):  # closed under us (stop, disconnect): recv_into says 0
+            return True
 
     def recv_into(self, buffer: memoryview) -> int:
         connection = self._socket
@@ -236,15 +243,16 @@ class UnixSocketChannel:
                 self._socket = None
 
 
-def open_channel(spec: str) -> Channel:
-    """`port` (find org.tmem.0), `port:NAME`, a /dev path, or `unix:PATH`."""
+def open_channel(spec: str, *, send_timeout: float = 30.0) -> Channel:
+    """`port` (find org.tmem.0), `port:NAME`, a /dev path, or `unix:PATH`; a send
+    gives up (ChannelDown) after `send_timeout` seconds of a host not reading."""
     if spec.startswith("unix:"):
-        return UnixSocketChannel(Path(spec[len("unix:") :]))
+        return UnixSocketChannel(Path(spec[len("unix:") :]), send_timeout=send_timeout)
     if spec == "port":
-        return VirtioPortChannel()
+        return VirtioPortChannel(send_timeout=send_timeout)
     if spec.startswith("port:"):
-        return VirtioPortChannel(spec[len("port:") :])
-    return VirtioPortChannel(path=Path(spec))
+        return VirtioPortChannel(spec[len("port:") :], send_timeout=send_timeout)
+    return VirtioPortChannel(path=Path(spec), send_timeout=send_timeout)
 
 
 __all__ = ["Channel", "ChannelDown", "UnixSocketChannel", "VirtioPortChannel", "find_port", "open_channel"]

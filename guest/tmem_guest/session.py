@@ -9,6 +9,15 @@ and only then lets calls through. While the channel is down every call raises
 `ChannelDown` at once, so frontends fall back (swap to its disk, cache to a
 miss) instead of waiting.
 
+Liveness: a stopped (SIGSTOP) or wedged tmemd leaves the port connected but
+silent. A request unanswered for `request_timeout` takes the session down (every
+pending call fails with ChannelDown, the reader re-HELLOs with backoff), and with
+nothing else sent for `heartbeat_interval` the reader sends a STATS of its own, so
+an idle agent notices too. Request ids are never reused: a reply that arrives for
+a request already given up matches nothing pending and is dropped (counted in
+`late_replies`), never taken for a newer request's. Replies carrying Flag.DRAIN
+(tmemctl drain) set `drain_requested`; the heartbeat makes an idle agent see it.
+
 Buffers: each `_Call` owns a preallocated frame buffer, and at most
 `max_in_flight` calls exist, which also bounds what is in flight. Frames are
 written with one `Channel.send` each (the port channel cuts them into <= 32 KiB
@@ -37,6 +46,14 @@ __all__ = ["ChannelDown", "Pool", "Session"]
 # at most 32 per request, and per-call buffers are sized for this.
 MAX_FRAME_PAGES = 64
 RECEIVE_BUFFER_BYTES = 64 * 1024
+# A swap write must not wait much longer than a disk would: after this long without
+# a reply tmemd counts as gone (start --request-timeout).
+DEFAULT_REQUEST_TIMEOUT_S = 5.0
+# An idle session sends a STATS this often (start --heartbeat).
+DEFAULT_HEARTBEAT_S = 1.0
+# What the agent asks for in HELLO: DRAIN lets tmemd flag its replies.
+AGENT_FEATURES = abi.Feature.BATCH | abi.Feature.ASYNC | abi.Feature.STATS | abi.Feature.DRAIN
+_DRAIN_FLAG = int(abi.Flag.DRAIN)
 
 
 @dataclass(slots=True)
@@ -63,7 +80,7 @@ class Pool:
 class _Call:
     """One request slot: its frame buffer and the lock its reply releases."""
 
-    __slots__ = ("buffer", "view", "payload_view", "done", "request_id", "reply")
+    __slots__ = ("buffer", "view", "payload_view", "done", "request_id", "reply", "sent_at")
 
     def __init__(self, size: int) -> None:
         self.buffer = bytearray(size)
@@ -73,6 +90,7 @@ class _Call:
         self.done.acquire()  # held until the reader (or a disconnect) completes the call
         self.request_id = 0
         self.reply: Frame | None = None
+        self.sent_at = 0.0  # time.monotonic() when registered as pending
 
 
 class Session:
@@ -81,19 +99,27 @@ class Session:
         channel: Channel,
         *,
         max_in_flight: int = 8,
-        request_timeout: float = 30.0,
+        request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S,
+        heartbeat_interval: float = DEFAULT_HEARTBEAT_S,
         backoff_initial: float = 0.05,
         backoff_max: float = 2.0,
-        handshake_timeout: float = 10.0,
+        handshake_timeout: float | None = None,
     ) -> None:
         self.channel = channel
         self.request_timeout = request_timeout
+        self.heartbeat_interval = heartbeat_interval
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
-        self.handshake_timeout = handshake_timeout
+        self.handshake_timeout = request_timeout if handshake_timeout is None else handshake_timeout
         self.pools: list[Pool] = []
         self.negotiated: abi.Hello | None = None
-        self.connections = 0  # successful handshakes so far
+        self.connections = 0  # successful handshakes so far; also the connection epoch
+        self.timeouts = 0  # sessions taken down because tmemd did not answer in time
+        self.late_replies = 0  # replies to requests given up earlier, dropped
+        self.pools_resumed = 0  # pools found again in tmemd's STATS after a reconnect
+        # Set by every reply carrying Flag.DRAIN; the swap frontend's drain clears it.
+        self.drain_requested = threading.Event()
+        self.draining = False  # whether the latest reply carried Flag.DRAIN
         size = abi.HEADER_SIZE + abi.BATCH_HEADER_SIZE + MAX_FRAME_PAGES * (
             (1 << abi.MIN_PAGE_SHIFT) + abi.DESCRIPTOR_SIZE
         )
@@ -105,6 +131,10 @@ class Session:
         self._pending: dict[int, _Call] = {}
         self._pending_lock = threading.Lock()
         self._send_lock = threading.Lock()
+        self._last_sent = 0.0
+        self._heartbeat = bytearray(abi.HEADER_SIZE)
+        self._heartbeat_id = 0  # the heartbeat in flight, 0 if none
+        self._heartbeat_sent = 0.0
         self._up = threading.Event()
         self._stopped = threading.Event()
         self._reader = threading.Thread(target=self._run, name="tmem-session", daemon=True)
@@ -164,45 +194,117 @@ class Session:
             backoff = self.backoff_initial
             with self._send_lock:
                 self.connections += 1
+                self._last_sent = time.monotonic()
+                self._heartbeat_id = 0
                 self._up.set()
             log.info("tmemd session up (connection %d)", self.connections)
             try:
-                while True:
-                    count = self.channel.recv_into(receive_view)
-                    if count == 0:
-                        break
-                    decoder.feed(receive_view[:count])
-                    while (frame := decoder.next_frame()) is not abi.NEED_DATA:
-                        assert isinstance(frame, Frame)
-                        self._complete(frame)
+                self._serve_connection(decoder, receive_view)
             except abi.ProtocolError as error:
                 log.error("tmemd broke the protocol, reconnecting: %s", error)
             self._mark_down()
             self.channel.disconnect()
             log.warning("tmemd session down")
 
-    def _mark_down(self) -> None:
-        """Fail every pending call: their requests may or may not have been served."""
+    def _serve_connection(self, decoder: abi.FrameDecoder, receive: memoryview) -> None:
+        """Complete calls from replies until the channel drops or the session is taken
+        down (a request unanswered for request_timeout, here or in a caller; stop())."""
+        tick = min(self.heartbeat_interval, self.request_timeout) / 4
+        next_check = 0.0
+        while self._up.is_set():
+            if self.channel.wait_readable(tick):
+                count = self.channel.recv_into(receive)
+                if count == 0:
+                    return
+                decoder.feed(receive[:count])
+                while (frame := decoder.next_frame()) is not abi.NEED_DATA:
+                    assert isinstance(frame, Frame)
+                    self._complete(frame)
+            now = time.monotonic()
+            if now < next_check:
+                continue
+            next_check = now + tick
+            waited = self._longest_wait(now)
+            if waited > self.request_timeout:
+                self._give_up(self.connections, f"no reply from tmemd for {waited:.1f} s")
+                return
+            if now - self._last_sent >= self.heartbeat_interval:
+                self._send_heartbeat(now)
+
+    def _longest_wait(self, now: float) -> float:
+        """How long the oldest request in flight (heartbeat included) has waited."""
         with self._pending_lock:
+            oldest = min((call.sent_at for call in self._pending.values()), default=now)
+        if self._heartbeat_id:
+            oldest = min(oldest, self._heartbeat_sent)
+        return now - oldest
+
+    def _send_heartbeat(self, now: float) -> None:
+        """A STATS of all pools: its reply proves tmemd alive (and may carry DRAIN)."""
+        negotiated = self.negotiated
+        if self._heartbeat_id or negotiated is None or abi.Feature.STATS not in negotiated.features:
+            return
+        if not self._send_lock.acquire(blocking=False):
+            return  # a caller is sending: that is traffic enough
+        try:
+            self._heartbeat_id = next(self._request_ids)
+            self._heartbeat_sent = self._last_sent = now
+            abi.pack_header_into(
+                self._heartbeat, 0, opcode=Op.STATS, flags=0, request_id=self._heartbeat_id, status=0,
+                pool_id=abi.ALL_POOLS, oid=(0, 0, 0), index=0, payload_length=0,
+            )
+            self.channel.send(memoryview(self._heartbeat))
+        except ChannelDown as error:
+            self._give_up(self.connections, f"heartbeat not sent: {error}")
+        finally:
+            self._send_lock.release()
+
+    def _give_up(self, epoch: int, reason: str) -> None:
+        """Take connection `epoch` down because tmemd did not answer (or take) a
+        request in time; the reader then reconnects and says HELLO again."""
+        if self._mark_down(epoch):
+            self.timeouts += 1
+            log.warning("%s: tmemd stopped or stuck? session down, reconnecting", reason)
+
+    def _mark_down(self, epoch: int | None = None) -> bool:
+        """Fail every pending call: their requests may or may not have been served.
+        With `epoch`, only if that connection is still the live one; True if it was."""
+        with self._pending_lock:
+            if epoch is not None and (epoch != self.connections or not self._up.is_set()):
+                return False
             self._up.clear()
             pending = list(self._pending.values())
             self._pending.clear()
         for call in pending:
             call.reply = None
             call.done.release()
+        return True
 
     def _complete(self, frame: Frame) -> None:
+        draining = bool(frame.flags & _DRAIN_FLAG)
+        if draining:
+            if not self.draining:
+                log.info("tmemd asks this guest to drain its persistent pages")
+            self.drain_requested.set()
+        self.draining = draining
         with self._pending_lock:
             call = self._pending.pop(frame.request_id, None)
         if call is None:
-            log.warning("reply to unknown request %d (op %d) dropped", frame.request_id, frame.opcode)
+            if frame.request_id == self._heartbeat_id:
+                self._heartbeat_id = 0
+                return
+            # Ids are never reused: this answers a request given up on (timeout, reconnect).
+            self.late_replies += 1
+            log.info("late reply to request %d (op %d) dropped", frame.request_id, frame.opcode)
             return
         call.reply = frame
         call.done.release()
 
     def _handshake(self, decoder: abi.FrameDecoder, receive: memoryview) -> None:
         """HELLO, then attach every pool; runs before any caller may send."""
-        hello = self._exchange(decoder, receive, Op.HELLO, payload=abi.Hello(max_in_flight=self._max_in_flight).encode())
+        # One more in flight than calls exist: the reader's heartbeat.
+        offer = abi.Hello(features=AGENT_FEATURES, max_in_flight=self._max_in_flight + 1)
+        hello = self._exchange(decoder, receive, Op.HELLO, payload=offer.encode())
         self.negotiated = abi.Hello.decode(hello.payload)
         existing: dict[int, abi.PoolStats] = {}
         if abi.Feature.STATS in self.negotiated.features:
@@ -214,7 +316,11 @@ class Session:
                 existing.pop(pool.pool_id, None)
             record = existing.get(pool.pool_id) if pool.pool_id is not None else None
             if record is not None and record.flags & PoolFlag.PERSISTENT == pool.flags & PoolFlag.PERSISTENT:
-                continue  # tmemd kept it (the channel dropped, tmemd did not): keep its pages
+                # tmemd kept it (the channel dropped), or brought it back from its journal
+                # after a restart: same id, same pages, so the frontends' maps stay valid.
+                self.pools_resumed += 1
+                log.info("pool %d resumed (%d pages in tmemd)", record.pool_id, record.pages)
+                continue
             reply = self._exchange(
                 decoder, receive, Op.NEW_POOL, payload=abi.NewPool(pool.flags, pool.page_shift).encode()
             )
@@ -292,19 +398,31 @@ class Session:
                 if not self._up.is_set():
                     raise ChannelDown("tmemd session is down")
                 generation = self.connections
+                call.sent_at = time.monotonic()
                 self._pending[request_id] = call
-            with self._send_lock:
+            # Bounded: another caller's send may be stuck on a host that stopped reading.
+            if not self._send_lock.acquire(timeout=self.request_timeout):
+                self._withdraw(call)
+                self._give_up(generation, f"{opcode.name} not sent within {self.request_timeout} s")
+                raise ChannelDown("tmemd is not taking requests")
+            try:
                 # A reconnect since registering: this request must not precede the new HELLO.
                 if generation != self.connections or not self._up.is_set():
                     self._withdraw(call)
                     raise ChannelDown("tmemd session went down before the request was sent")
+                self._last_sent = call.sent_at
                 try:
                     self.channel.send(call.view[: abi.HEADER_SIZE + length])
-                except ChannelDown:
+                except ChannelDown as error:
+                    # Maybe part of a frame went out: the stream is unusable until a new HELLO.
                     self._withdraw(call)
+                    self._give_up(generation, f"{opcode.name} not sent: {error}")
                     raise
+            finally:
+                self._send_lock.release()
             if not call.done.acquire(timeout=self.request_timeout):
                 self._withdraw(call)
+                self._give_up(generation, f"no reply to {opcode.name} within {self.request_timeout} s")
                 raise ChannelDown(f"no reply to {opcode.name} within {self.request_timeout} s")
             reply, call.reply = call.reply, None
             if reply is None:

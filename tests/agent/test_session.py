@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -148,5 +150,70 @@ def test_tmemd_restart_calls_fail_fast_then_a_fresh_pool_is_created(tmemd: Tmemd
         assert not session.get(pool, oid, index, into)  # tmemd lost it: a miss, never stale data
         assert session.put(pool, oid, index, page(10))
         assert session.get(pool, oid, index, into) and into == page(10)
+    finally:
+        session.stop()
+
+
+def stop_tmemd(daemon: TmemdProcess) -> None:
+    os.kill(daemon.pid, signal.SIGSTOP)
+
+
+def continue_tmemd(daemon: TmemdProcess) -> None:
+    os.kill(daemon.pid, signal.SIGCONT)
+
+
+def test_a_stopped_tmemd_times_calls_out_then_they_fail_at_once_until_it_continues(tmemd: TmemdProcess) -> None:
+    session = Session(UnixSocketChannel(tmemd.abi_socket(GUEST), send_timeout=1.0), request_timeout=1.0,
+                      heartbeat_interval=0.2, backoff_max=0.2)
+    pool = session.register_pool(persistent=True)
+    session.start()
+    try:
+        assert session.wait_up(10)
+        oid, index = frontswap_key(0, 11)
+        assert session.put(pool, oid, index, page(11))
+        pool_id = pool.pool_id
+        stop_tmemd(tmemd)
+        try:
+            started = time.monotonic()
+            with pytest.raises(ChannelDown):
+                session.put(pool, oid, index + 1, page(12))
+            assert 0.9 < time.monotonic() - started < 3.0  # the request timeout, not 30 s
+            assert session.timeouts == 1 and not session.is_up
+            started = time.monotonic()
+            with pytest.raises(ChannelDown):  # down: no waiting at all
+                session.get(pool, oid, index, memoryview(bytearray(PAGE_SIZE)))
+            assert time.monotonic() - started < 0.2
+            time.sleep(2.5)  # re-HELLOs time out meanwhile
+            assert not session.is_up
+        finally:
+            continue_tmemd(tmemd)
+        assert session.wait_up(15)
+        # Same tmemd, same pool: its pages are still there, and each reply is its own request's.
+        assert pool.pool_id == pool_id and session.pools_resumed >= 1
+        into = memoryview(bytearray(PAGE_SIZE))
+        assert session.get(pool, oid, index, into) and into == page(11)
+        # The PUT given up was still applied when tmemd continued: the ABI's "possibly
+        # stored"; the swap frontend keeps such a slot on its disk and flushes the key.
+        assert session.get(pool, oid, index + 1, into) and into == page(12)
+    finally:
+        session.stop()
+
+
+def test_an_idle_session_notices_a_stopped_tmemd_by_its_heartbeat(tmemd: TmemdProcess) -> None:
+    session = Session(UnixSocketChannel(tmemd.abi_socket(GUEST)), request_timeout=1.0, heartbeat_interval=0.2,
+                      backoff_max=0.2)
+    session.register_pool(persistent=True)
+    session.start()
+    try:
+        assert session.wait_up(10)
+        stop_tmemd(tmemd)
+        try:
+            deadline = time.monotonic() + 5
+            while session.is_up and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert not session.is_up and session.timeouts == 1  # no call was made: the heartbeat went unanswered
+        finally:
+            continue_tmemd(tmemd)
+        assert session.wait_up(15)
     finally:
         session.stop()
