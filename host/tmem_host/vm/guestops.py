@@ -90,3 +90,14 @@ def in_cgroup(command: str, memory_max: str, cgroup: str = "workload") -> str:
 def run_in_cgroup(guest: Guest, command: str, memory_max: str, timeout: float,
                   cgroup: str = "workload") -> CommandResult:
     return guest.ssh(in_cgroup(command, memory_max, cgroup), timeout=timeout, check=False)
+
+
+# What the guest kernel prints when a block request or a swap page fails.
+IO_ERROR_PATTERNS = ("I/O error", "Read-error on swap-device", "Write-error on swap-device",
+                     "Buffer I/O error")
+
+
+def io_errors(guest: Guest) -> list[str]:
+    """The guest kernel's log lines that report a failed block or swap I/O."""
+    log = guest.ssh("dmesg", timeout=60).stdout
+    return [line for line in log.splitlines() if any(p in line for p in IO_ERROR_PATTERNS)]
