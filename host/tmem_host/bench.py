@@ -40,6 +40,7 @@ from tmem_guest.usemem import expected_page, page_templates
 from tmem_host.daemon.client import AbiClient, Request
 from tmem_host.daemon.main import keep_batch_buffers_on_the_heap
 from tmem_host.daemon.process import TmemdProcess
+from tmem_host.journal.journaled import JournaledStore
 from tmem_host.nbd.client import bench_export
 from tmem_wire.abi import Key, Op, PoolFlag, Status, decode_batch_reply
 
@@ -77,6 +78,7 @@ class BenchContext:
     run_dir: Path
     daemon: TmemdProcess
     quick: bool
+    budget: str
     notes: dict[str, object] = field(default_factory=dict)
 
 
@@ -121,48 +123,33 @@ def tmemd_suite(ctx: BenchContext) -> list[Row]:
     with AbiClient.open(ctx.daemon.abi_socket(BENCH_GUEST)) as client:
         pool_id, _ = client.new_pool(PoolFlag.PERSISTENT)
 
-        def check(statuses: Sequence[int], what: str) -> None:
-            if any(status != Status.OK for status in statuses):
-                raise RuntimeError(f"{what}: tmemd answered {sorted(set(statuses))}")
-
         def put_sync() -> None:
-            check([client.put(pool_id, oid, index, page)
+            _check([client.put(pool_id, oid, index, page)
                    for (oid, index), page in zip(keys[:sync_count], pages)], "PUT")
 
         def get_sync() -> None:
-            check([client.get(pool_id, oid, index)[0] for oid, index in keys[:sync_count]], "GET")
+            _check([client.get(pool_id, oid, index)[0] for oid, index in keys[:sync_count]], "GET")
 
         def put_pipelined() -> None:
             requests = (Request(Op.PUT, pool_id, oid, index, page)
                         for (oid, index), page in zip(keys, pages))
-            check([reply.status for reply in client.pipelined(requests, PIPELINE_DEPTH)], "PUT")
+            _check([reply.status for reply in client.pipelined(requests, PIPELINE_DEPTH)], "PUT")
 
         def get_pipelined() -> None:
             requests = (Request(Op.GET, pool_id, oid, index) for oid, index in keys)
-            check([reply.status for reply in client.pipelined(requests, PIPELINE_DEPTH)], "GET")
-
-        def batches() -> Iterator[range]:
-            return (range(start, min(start + BATCH_PAGES, len(pages)))
-                    for start in range(0, len(pages), BATCH_PAGES))
+            _check([reply.status for reply in client.pipelined(requests, PIPELINE_DEPTH)], "GET")
 
         def put_batched() -> None:
-            window: list[int] = []
-            for batch in batches():
-                window.append(client.submit_put_batch(
-                    pool_id, keys[batch.start:batch.stop], pages[batch.start:batch.stop]))
-                if len(window) >= BATCH_DEPTH:
-                    check(_batch_statuses(client, window.pop(0)), "PUT_BATCH")
-            for request_id in window:
-                check(_batch_statuses(client, request_id), "PUT_BATCH")
+            _put_batched(client, pool_id, keys, pages)
 
         def get_batched() -> None:
             window: list[int] = []
-            for batch in batches():
+            for batch in _batches(len(pages)):
                 window.append(client.submit_get_batch(pool_id, keys[batch.start:batch.stop]))
                 if len(window) >= BATCH_DEPTH:
-                    check(client.get_batch_reply(window.pop(0))[0], "GET_BATCH")
+                    _check(client.get_batch_reply(window.pop(0))[0], "GET_BATCH")
             for request_id in window:
-                check(client.get_batch_reply(request_id)[0], "GET_BATCH")
+                _check(client.get_batch_reply(request_id)[0], "GET_BATCH")
 
         rows.append(timed("tmemd PUT sync", "put", sync_count, put_sync))
         rows.append(timed("tmemd GET sync", "get", sync_count, get_sync))
@@ -180,6 +167,73 @@ def tmemd_suite(ctx: BenchContext) -> list[Row]:
             raise RuntimeError("tmemd returned different pages than were put")
         (record,) = client.stats(pool_id)
         ctx.notes["tmemd_ratio"] = round(record.stored_bytes / max(1, record.raw_bytes), 3)
+    return rows
+
+
+def _batches(count: int) -> Iterator[range]:
+    return (range(start, min(start + BATCH_PAGES, count)) for start in range(0, count, BATCH_PAGES))
+
+
+def _check(statuses: Sequence[int], what: str) -> None:
+    if any(status != Status.OK for status in statuses):
+        raise RuntimeError(f"{what}: tmemd answered {sorted(set(statuses))}")
+
+
+def _put_batched(client: AbiClient, pool_id: int, keys: Sequence[Key],
+                 pages: Sequence[bytes]) -> None:
+    """PUT_BATCH of every page, BATCH_PAGES per frame, BATCH_DEPTH frames in flight."""
+    window: list[int] = []
+    for batch in _batches(len(pages)):
+        window.append(client.submit_put_batch(
+            pool_id, keys[batch.start:batch.stop], pages[batch.start:batch.stop]))
+        if len(window) >= BATCH_DEPTH:
+            _check(_batch_statuses(client, window.pop(0)), "PUT_BATCH")
+    for request_id in window:
+        _check(_batch_statuses(client, request_id), "PUT_BATCH")
+
+
+# -- the journal ------------------------------------------------------------------
+
+JOURNAL_ROUNDS = 2
+COMPACTION_PAGES = 100_000
+
+
+def journal_suite(ctx: BenchContext) -> list[Row]:
+    """PUT_BATCH into a fresh persistent pool of the bench tmemd (journal on, the
+    default) and of a second tmemd started with --no-journal, alternated; then one
+    in-process compaction and one replay of a journal of COMPACTION_PAGES pages."""
+    rows: list[Row] = []
+    best: dict[str, Row] = {}
+    with TmemdProcess(ctx.run_dir / "no-journal", budget=ctx.budget, guests=(BENCH_GUEST,),
+                      extra_args=("--log-level", "warning", "--no-journal")) as plain:
+        for _ in range(JOURNAL_ROUNDS):
+            for label, daemon in (("on", ctx.daemon), ("off", plain)):
+                with AbiClient.open(daemon.abi_socket(BENCH_GUEST)) as client:
+                    pool_id, _ = client.new_pool(PoolFlag.PERSISTENT)
+                    row = timed(f"tmemd PUT_BATCH journal {label}", "put", len(ctx.pages),
+                                lambda: _put_batched(client, pool_id, ctx.keys, ctx.pages))
+                    client.destroy_pool(pool_id)
+                if label not in best or row.seconds < best[label].seconds:
+                    best[label] = row
+    rows += [best["on"], best["off"]]
+    ctx.notes["journal_put_batch_on_vs_off"] = round(
+        best["on"].pages_per_s / best["off"].pages_per_s, 3)
+
+    state_dir = ctx.run_dir / "compaction"
+    store = JournaledStore(COMPACTION_PAGES * PAGE_SIZE * 2, state_dir=state_dir)
+    client_state = store.add_client(BENCH_GUEST)
+    _, pool_id, _ = store.new_pool(client_state, persistent=True)
+    for start in range(0, COMPACTION_PAGES, len(ctx.pages)):
+        count = min(len(ctx.pages), COMPACTION_PAGES - start)
+        store.put_many(client_state, pool_id, [((1 + start, 0, 0), n) for n in range(count)],
+                       ctx.pages[:count])
+    rows.append(timed(f"journal compaction {COMPACTION_PAGES // 1000}k pages", "journal",
+                      COMPACTION_PAGES, lambda: store.compact(client_state)))
+    ctx.notes["journal_bytes_per_page"] = round(
+        store.journal_stats(client_state)["size_bytes"] / COMPACTION_PAGES)
+    rows.append(timed(f"journal replay {COMPACTION_PAGES // 1000}k pages", "journal",
+                      COMPACTION_PAGES, lambda: JournaledStore(
+                          store.budget_bytes, state_dir=state_dir).add_client(BENCH_GUEST)))
     return rows
 
 
@@ -333,8 +387,8 @@ def nbd_suite(ctx: BenchContext) -> list[Row]:
 
 
 # Suites run in this order.
-SUITES: list[Callable[[BenchContext], list[Row]]] = [lz4_suite, tmemd_suite, nbd_suite,
-                                                     redis_suite]
+SUITES: list[Callable[[BenchContext], list[Row]]] = [lz4_suite, tmemd_suite, journal_suite,
+                                                     nbd_suite, redis_suite]
 
 
 # -- report ----------------------------------------------------------------------
@@ -383,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="tmem-bench-") as temp_dir, \
             TmemdProcess(Path(temp_dir), budget=budget, guests=(BENCH_GUEST,),
                          extra_args=("--log-level", "warning")) as daemon:
-        ctx = BenchContext(pages, keys, Path(temp_dir), daemon, args.quick)
+        ctx = BenchContext(pages, keys, Path(temp_dir), daemon, args.quick, budget)
         # Other work on the host skews every row: record how busy it was.
         ctx.notes["loadavg_before"] = round(os.getloadavg()[0], 2)
         rows = [row for suite in SUITES for row in suite(ctx)]
