@@ -20,13 +20,25 @@ from typing import Protocol
 PORT_NAME = "org.tmem.0"
 VIRTIO_PORTS = Path("/sys/class/virtio-ports")
 DEV = Path("/dev")
-# virtio_console copies each write() into a kernel bounce buffer of at most 32 KiB:
-# bigger writes are cut there anyway, and smaller contiguous allocations are the
-# ones that still succeed under memory pressure.
-MAX_PORT_WRITE = 32 * 1024
-# The size of the buffers virtio_console queues for host-to-guest data; a read()
-# returns at most one of them.
+# The size of the buffers virtio_console queues for host-to-guest data (a read()
+# returns at most one of them) and of the pieces the agent writes: virtio_console
+# copies each write() into a kmalloc'd bounce buffer (up to 32 KiB, an order-3
+# allocation the kernel retries without end under memory pressure, and the agent
+# sits on the reclaim path); 4 KiB pieces are order-0. The pieces go as the
+# iovecs of one writev(): the port has no write_iter, so the kernel writes them one
+# by one, in one syscall.
 PORT_BUFFER_BYTES = 4096
+
+
+# Linux's IOV_MAX: a longer writev() fails with EINVAL.
+MAX_IOVECS = 1024
+
+
+def pieces(data: memoryview, start: int, size: int) -> list[memoryview]:
+    """data[start:] cut into views of at most `size` bytes, at most MAX_IOVECS of them
+    (the iovecs of a readv/writev)."""
+    end = min(len(data), start + MAX_IOVECS * size)
+    return [data[offset : offset + size] for offset in range(start, end, size)]
 
 
 class ChannelDown(ConnectionError):
@@ -125,22 +137,21 @@ class VirtioPortChannel:
 
     def _send(self, fd: int, data: memoryview) -> None:
         deadline = time.monotonic() + self.send_timeout
-        for start in range(0, len(data), MAX_PORT_WRITE):
-            chunk = data[start : start + MAX_PORT_WRITE]
-            while chunk:
-                try:
-                    chunk = chunk[os.write(fd, chunk) :]
-                    continue
-                except BlockingIOError:
-                    pass
-                except OSError as error:
-                    raise ChannelDown(f"write to {self.path}: {error}") from error
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise ChannelDown(f"{self.path}: host not reading for {self.send_timeout} s")
-                for _, events in self._writable.poll(min(remaining, 1.0) * 1000):
-                    if events & (select.POLLHUP | select.POLLERR):
-                        raise ChannelDown(f"{self.path}: host disconnected")
+        sent = 0
+        while sent < len(data):
+            try:
+                sent += os.writev(fd, pieces(data, sent, PORT_BUFFER_BYTES))
+                continue
+            except BlockingIOError:
+                pass
+            except OSError as error:
+                raise ChannelDown(f"write to {self.path}: {error}") from error
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ChannelDown(f"{self.path}: host not reading for {self.send_timeout} s")
+            for _, events in self._writable.poll(min(remaining, 1.0) * 1000):
+                if events & (select.POLLHUP | select.POLLERR):
+                    raise ChannelDown(f"{self.path}: host disconnected")
 
     def wait_readable(self, timeout: float) -> bool:
         return bool(self._readable.poll(timeout * 1000))
@@ -167,7 +178,7 @@ class VirtioPortChannel:
         """`buffer` cut at PORT_BUFFER_BYTES, cached: the session passes the same buffer every time."""
         if self._iovec_source is not buffer:
             self._iovec_source = buffer
-            self._iovec_list = [buffer[start : start + PORT_BUFFER_BYTES] for start in range(0, len(buffer), PORT_BUFFER_BYTES)]
+            self._iovec_list = pieces(buffer, 0, PORT_BUFFER_BYTES)
         return self._iovec_list
 
     def disconnect(self) -> None:

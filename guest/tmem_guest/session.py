@@ -20,8 +20,8 @@ a request already given up matches nothing pending and is dropped (counted in
 
 Buffers: each `_Call` owns a preallocated frame buffer, and at most
 `max_in_flight` calls exist, which also bounds what is in flight. Frames are
-written with one `Channel.send` each (the port channel cuts them into <= 32 KiB
-writes).
+written with one `Channel.send` each (the port channel writes them as 4 KiB
+pieces of one writev).
 """
 
 from __future__ import annotations
