@@ -6,8 +6,13 @@ counts the restored pages."""
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
+from tmem_guest.channel import ChannelDown, UnixSocketChannel
+from tmem_guest.keys import PAGE_SIZE as PAGE
+from tmem_guest.keys import frontswap_key
+from tmem_guest.session import Session
 from tmem_guest.usemem import expected_page, page_templates
 from tmem_host.daemon.client import AbiClient
 from tmem_host.daemon.process import StartTmemd, TmemdProcess
@@ -152,3 +157,36 @@ def test_a_graceful_stop_removes_the_state(start_tmemd: StartTmemd, tmp_path: Pa
     assert not (daemon.run_dir / "g1.journal").exists()
     assert daemon.terminate() == 0
     assert list(state.iterdir()) == []
+
+
+def test_the_agent_session_reattaches_its_restored_pool(start_tmemd: StartTmemd) -> None:
+    daemon = start_tmemd(guests=("g1",))
+    session = Session(UnixSocketChannel(daemon.abi_socket("g1")), backoff_max=0.2,
+                      request_timeout=10)
+    cache = session.register_pool(persistent=False)
+    swap = session.register_pool(persistent=True)
+    session.start()
+    try:
+        assert session.wait_up(10)
+        keys = [frontswap_key(0, slot) for slot in range(64)]
+        assert session.put_batch(swap, keys, [page(n) for n in range(64)]) == [True] * 64
+        assert session.put(cache, (1, 0, 0), 0, page(1))
+        swap_id = swap.pool_id
+        daemon.crash_and_restart()
+        into = [memoryview(bytearray(PAGE)) for _ in keys]
+        deadline = time.monotonic() + 20
+        while True:  # until the session noticed the drop and re-attached
+            try:
+                if session.connections >= 2 and session.wait_up(1):
+                    found = session.get_batch(swap, keys, into)
+                    break
+            except ChannelDown:
+                pass
+            assert time.monotonic() < deadline, "the session did not come back"
+            time.sleep(0.05)
+        assert swap.pool_id == swap_id and found == [True] * 64
+        assert [bytes(view) for view in into] == [page(n) for n in range(64)]
+        # The ephemeral pool did not survive: the session made a new one, empty.
+        assert not session.get(cache, (1, 0, 0), 0, memoryview(bytearray(PAGE)))
+    finally:
+        session.stop()
