@@ -215,3 +215,22 @@ def test_corruption_in_the_middle_restores_up_to_it_and_rewrites(tmp_path: Path,
     # The journal was rewritten from what was restored: the next start agrees.
     third, restored3 = reopen(tmp_path)
     assert contents(third, restored3) == contents(again, restored)
+
+
+def test_deferred_records_reach_the_file_when_the_block_ends(tmp_path: Path) -> None:
+    store, client = reopen(tmp_path)
+    _, pool, _ = store.new_pool(client, persistent=True)
+    store.put(client, pool, (0, 0, 0), 0, page(1))
+    path = journal_path(tmp_path, "g1")
+    size = path.stat().st_size
+    with store.deferred(client):
+        store.put_many(client, pool, [((0, 0, 0), 0), ((0, 0, 0), 1)], [page(2), page(3)])
+        store.flush_page(client, pool, (0, 0, 0), 1)
+        assert path.stat().st_size == size
+        # A crash here: a restart sees the pool as it was before the block.
+        mid, restored = reopen(tmp_path)
+        assert contents(mid, restored) == {(pool, (0, 0, 0), 0): page(1)}
+    journal = store.journal(client)
+    assert journal is not None and journal.writes == 3  # NEW_POOL, PUT, the block's one write
+    again, restored = reopen(tmp_path)
+    assert contents(again, restored) == {(pool, (0, 0, 0), 0): page(2)}

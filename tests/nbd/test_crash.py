@@ -140,7 +140,7 @@ def test_drain_moves_every_slot_to_the_fallback_and_survives_a_restart(tmp_path:
         # What a restart sees: an empty pool, the pages in the kept fallback file.
         again = JournaledStore(64 << 20, state_dir=tmp_path)
         resumed = NbdExport(again, again.add_client("g1"), name="g1", size_bytes=8 << 20,
-                            fallback_path=tmp_path / "g1.fallback", resume=True)
+                            fallback_path=tmp_path / "g1.fallback", start="resume")
         assert resumed.stats()["slots_in_tmem"] == 0 and resumed.stats()["pool_id"] == 0
         for slot in slots:
             error, data = resumed.serve(nbd.Request(nbd.Command.READ, 0, 1, slot * PAGE, PAGE))
@@ -149,3 +149,24 @@ def test_drain_moves_every_slot_to_the_fallback_and_survives_a_restart(tmp_path:
         resumed.close()
 
     asyncio.run(scenario())
+
+
+def test_without_a_journal_a_crashed_disk_reads_errors_not_zeros(start_tmemd: StartTmemd) -> None:
+    daemon = start_tmemd(guests=("g1",), extra_args=("--nbd-size", "16M", "--no-journal"))
+    with NbdClient(daemon.nbd_socket("g1"), "g1") as client:
+        assert client.write(0, b"".join(slot_page(s) for s in range(8))) == nbd.Error.OK
+    daemon.crash_and_restart()
+    with NbdClient(daemon.nbd_socket("g1"), "g1") as client:
+        assert client.read(0, PAGE)[0] == nbd.Error.EIO  # lost: never zeros
+        assert client.read(100 * PAGE, PAGE)[0] == nbd.Error.EIO  # unknown: the same
+        assert client.write(PAGE, slot_page(1, version=3)) == nbd.Error.OK
+        assert read_slots(client, 1, 1) == slot_page(1, version=3)
+        assert client.call(ClientRequest(nbd.Command.TRIM, 8 * PAGE, 8 * PAGE)).error == 0
+        assert read_slots(client, 8, 8) == bytes(8 * PAGE)
+        assert client.read(0, 2 * PAGE)[0] == nbd.Error.EIO
+    assert export_stats(daemon, "g1")["read_errors"] == 3
+    # A graceful stop ends the disk: the next start is a new disk, not a lost one.
+    assert daemon.terminate() == 0
+    daemon.start()
+    with NbdClient(daemon.nbd_socket("g1"), "g1") as client:
+        assert read_slots(client, 0, 1) == bytes(PAGE)

@@ -34,7 +34,7 @@ from tmem_host.daemon.control import (
 from tmem_host.daemon.session import AbiSession
 from tmem_host.daemon.vsock import guest_for_peer, open_vsock_listener
 from tmem_host.journal.journaled import JournaledStore
-from tmem_host.nbd.export import NbdExport
+from tmem_host.nbd.export import ExportStart, NbdExport
 from tmem_host.store import Client, Store
 from tmem_wire.abi import PoolFlag, PoolStats, Status
 
@@ -178,12 +178,20 @@ class Daemon:
         for stale in (abi_path, nbd_path):
             stale.unlink(missing_ok=True)
         # After a crash the journal brought the export's pool back: resume it, and
-        # keep the fallback file, whose slots the pool does not hold.
-        resume = isinstance(self.store, JournaledStore) and self.store.journal_existed(client)
+        # keep the fallback file, whose slots the pool does not hold. A fallback
+        # file without a journal is a crash nothing can undo (--no-journal, a
+        # journal that failed): the disk's old slots read as errors, not zeros.
+        guest_fallback = fallback_path(self.state_dir, guest.name)
+        start: ExportStart = "new"
+        if isinstance(self.store, JournaledStore) and self.store.journal_existed(client):
+            start = "resume"
+        elif guest_fallback.exists():
+            start = "lost"
+            log.error("tmemd died holding this guest's swap disk and no journal restores it: "
+                      "its old slots fail to read", extra={"guest": guest.name})
         export = NbdExport(self.store, client, name=guest.name,
                            size_bytes=self.config.nbd_size_bytes,
-                           fallback_path=fallback_path(self.state_dir, guest.name),
-                           resume=resume)
+                           fallback_path=guest_fallback, start=start)
         abi_server: asyncio.Server | None = None
         try:
             # The guest is fixed by the socket: nothing the peer sends can change it.

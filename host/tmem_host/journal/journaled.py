@@ -14,7 +14,8 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -60,12 +61,16 @@ class GuestJournal:
     def __init__(self, path: Path, compact_floor: int) -> None:
         self.path = path
         self.compact_floor = compact_floor
-        self.existed = path.exists() and path.stat().st_size > 0
+        # An earlier journaled run of this guest (even one that wrote no record).
+        self.existed = path.exists()
         # A crash during compaction leaves the temporary file; the journal is intact.
         self.tmp_path.unlink(missing_ok=True)
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         self.size_bytes = os.fstat(self.fd).st_size
         self.broken = False
+        # JournaledStore.deferred(): records held back until the block ends.
+        self.held: list[Buffer] | None = None
+        self.held_records = 0
         self.writes = 0
         self.records = 0
         self.write_errors = 0
@@ -83,6 +88,10 @@ class GuestJournal:
         journal: the guest's pages stay in memory, unprotected, and a later
         restart restores nothing of it (it never replays stale pages)."""
         if self.broken or not pieces:
+            return
+        if self.held is not None:
+            self.held += pieces
+            self.held_records += records
             return
         try:
             written = _write_all(self.fd, pieces)
@@ -243,7 +252,7 @@ class JournaledStore(Store):
         return self._journals.get(self._resolve(client).name)
 
     def journal_existed(self, client: Client | str) -> bool:
-        """Whether the client's journal held records when tmemd started (a restart)."""
+        """Whether the client's journal was there when tmemd started (a restart)."""
         journal = self.journal(client)
         return journal is not None and journal.existed
 
@@ -315,15 +324,38 @@ class JournaledStore(Store):
     def _commit(self, client: Client, journal: GuestJournal, pieces: Sequence[Buffer],
                 records: int) -> None:
         journal.append(pieces, records)
+        if journal.held is not None:  # deferred(): checked when the records are written
+            return
         if journal.size_bytes > journal.compact_floor and not journal.broken:
             if journal.size_bytes > 2 * self._live_bytes(client) + journal.compact_floor:
                 self.compact(client)
+
+    @contextmanager
+    def deferred(self, client: Client) -> Iterator[None]:
+        """Hold the client's records back until the block ends, then write them in
+        one writev, before the caller replies. The NBD export writes refused pages
+        to its fallback file inside the block, so a crash leaves the journal from
+        before the request (the slot reads its last acknowledged copy) or after
+        it, never a flushed tmem copy with the fallback not yet written."""
+        journal = self._journals.get(client.name)
+        if journal is None or journal.held is not None:
+            yield
+            return
+        journal.held = []
+        try:
+            yield
+        finally:
+            pieces, records = journal.held, journal.held_records
+            journal.held, journal.held_records = None, 0
+            self._commit(client, journal, pieces, records)
 
     def compact(self, client: Client | str) -> None:
         """Rewrite the client's journal from its live persistent pages."""
         client = self._resolve(client)
         journal = self._journals[client.name]
         before = journal.size_bytes
+        if journal.held is not None:  # inside deferred(): the held records are older
+            raise RuntimeError("compact() inside deferred()")
         journal.rewrite(_live_pools(client))
         log.info("journal compacted", extra={"guest": client.name, "before_bytes": before,
                                              "after_bytes": journal.size_bytes,

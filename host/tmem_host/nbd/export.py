@@ -23,8 +23,9 @@ import logging
 import os
 from collections import Counter
 from pathlib import Path
-from typing import Any, Final, cast
+from typing import Any, Final, Literal, cast
 
+from tmem_host.journal.journaled import JournaledStore
 from tmem_host.store import Client, Store
 from tmem_wire import nbd
 from tmem_wire.abi import Status
@@ -56,6 +57,7 @@ HISTOGRAM_BUCKETS: Final = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 #: The store label of the export's pool: how a restarted tmemd finds it again.
 EXPORT_POOL_LABEL: Final = "nbd"
+ExportStart = Literal["new", "resume", "lost"]
 
 FALLOC_FL_KEEP_SIZE: Final = 0x01
 FALLOC_FL_PUNCH_HOLE: Final = 0x02
@@ -106,12 +108,16 @@ class NbdExport:
 
     def __init__(self, store: Store, client: Client, *, name: str, size_bytes: int,
                  fallback_path: str | os.PathLike[str], description: str = "tmem swap",
-                 resume: bool = False) -> None:
-        """``resume``: tmemd restarted and replayed the guest's journal. The export
+                 start: ExportStart = "new") -> None:
+        """``start``: ``"new"``, a fresh disk (the fallback file is emptied).
+        ``"resume"``: tmemd restarted and replayed the guest's journal; the export
         takes back its pool (labelled EXPORT_POOL_LABEL) and the fallback file as
         they are, and rebuilds the slot bitmap from the pool: a slot in the pool is
-        in tmem (the newest copy, by the write path's ordering), any other slot is
-        in the fallback file."""
+        in tmem, any other slot is in the fallback file. ``"lost"``: an earlier tmemd
+        died holding this disk (its fallback file is still there) and no journal
+        brought its pages back; the disk starts empty, and a READ of a slot not
+        written or discarded since then fails with EIO instead of serving zeros,
+        because a guest that reconnects would take them for its swap pages."""
         if size_bytes <= 0 or size_bytes % PAGE_SIZE:
             raise ValueError(f"export size must be a positive multiple of {PAGE_SIZE}")
         self.store = store
@@ -124,8 +130,10 @@ class NbdExport:
         # Bit set: the slot's page is in tmem; clear: in the fallback file (or never written).
         self._in_tmem = bytearray((self.slots + 7) // 8)
         self._pool_id: int | None = None
+        # "lost" start: bit set once the slot was written or discarded since the start.
+        self._fresh: bytearray | None = bytearray(len(self._in_tmem)) if start == "lost" else None
         self._fallback_fd = os.open(self.fallback_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        if resume:
+        if start == "resume":
             self._resume()
         else:
             # A fresh export: whatever an earlier run left in the file is not this guest's swap.
@@ -312,8 +320,20 @@ class NbdExport:
         return nbd.Error.OK, b""
 
     def _write(self, first_slot: int, data: bytes) -> None:
+        # The journal records of this write (PUTs, and the flushes of older tmem
+        # copies of refused slots) are written after the fallback file, before
+        # the reply: whatever a crash interrupts, a slot reads its last
+        # acknowledged copy or this one (docs/RELIABILITY.md).
+        if isinstance(self.store, JournaledStore):
+            with self.store.deferred(self.client):
+                self._write_pages(first_slot, data)
+        else:
+            self._write_pages(first_slot, data)
+
+    def _write_pages(self, first_slot: int, data: bytes) -> None:
         self.counters["writes"] += 1
         pages = len(data) >> PAGE_SHIFT
+        self._mark_fresh(first_slot, pages)
         pool_id = self._pool()
         if pool_id is None:
             statuses = [Status.REFUSED] * pages
@@ -344,6 +364,11 @@ class NbdExport:
     def _read(self, first_slot: int, pages: int) -> tuple[int, bytes | bytearray]:
         self.counters["reads"] += 1
         out = bytearray(pages << PAGE_SHIFT)
+        fresh = self._fresh
+        if fresh is not None:
+            for slot in range(first_slot, first_slot + pages):
+                if not fresh[slot >> 3] & (1 << (slot & 7)):
+                    return self._stale(slot, "lost when an earlier tmemd died")
         tmem_pages = [page for page in range(pages) if self._is_in_tmem(first_slot + page)]
         if tmem_pages:
             if self._pool_id is None:
@@ -382,7 +407,14 @@ class NbdExport:
                   extra={"guest": self.name, "slot": slot, "status": str(status)})
         return nbd.Error.EIO, b""
 
+    def _mark_fresh(self, first_slot: int, pages: int) -> None:
+        fresh = self._fresh
+        if fresh is not None:
+            for slot in range(first_slot, first_slot + pages):
+                fresh[slot >> 3] |= 1 << (slot & 7)
+
     def _discard(self, first_slot: int, pages: int, *, zeroing: bool) -> None:
+        self._mark_fresh(first_slot, pages)
         self.counters["zeroes" if zeroing else "trims"] += 1
         self.counters["pages_discarded"] += pages
         in_tmem = [slot for slot in range(first_slot, first_slot + pages) if self._is_in_tmem(slot)]
