@@ -5,6 +5,8 @@ counts the restored pages."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -117,6 +119,10 @@ def test_kill_9_mid_stream_loses_no_acknowledged_page(start_tmemd: StartTmemd) -
         record.stored_bytes for record in after.values())
     journal = stats["journal"]["g1"]
     assert journal["replayed_pages"] == store["pages"] and journal["size_bytes"] > 0
+    table = subprocess.run([sys.executable, "-m", "tmem_host.ctl.main", "--run-dir",
+                            str(daemon.run_dir), "stats"], capture_output=True, text=True,
+                           timeout=60, check=True).stdout
+    assert "journal/live" in table and " MiB/" in table  # the journal's size against its live part
 
 
 def test_restored_pages_count_against_the_cap(start_tmemd: StartTmemd) -> None:

@@ -85,7 +85,7 @@ def stats_table(stats: dict[str, Any]) -> Group:
     )
     table = Table(title="tmemd stats")
     columns = ("guest", "weight", "cap", "frozen", "pages", "raw", "stored", "ratio", "puts",
-               "gets", "hits", "refusals", "evictions", "flushes", "conns")
+               "gets", "hits", "refusals", "evictions", "flushes", "conns", "journal/live")
     for column in columns:
         table.add_column(column, justify="left" if column == "guest" else "right")
     for name, client in store["clients"].items():
@@ -97,8 +97,18 @@ def stats_table(stats: dict[str, Any]) -> Group:
             *(str(client[counter]) for counter in ("puts", "gets", "hits", "refusals",
                                                    "evictions", "flushes")),
             str(stats["guests"].get(name, {}).get("connections", 0)),
+            _journal_cell(stats.get("journal", {}).get(name)),
         )
     return Group(summary, table)
+
+
+def _journal_cell(journal: dict[str, Any] | None) -> str:
+    """The journal's size on disk against what a compaction would keep."""
+    if journal is None:
+        return "off"
+    if journal["broken"]:
+        return "broken"
+    return f"{_size(journal['size_bytes'])}/{_size(journal['live_bytes'])}"
 
 
 def cmd_stats(control: ControlClient, args: argparse.Namespace) -> None:
