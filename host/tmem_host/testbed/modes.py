@@ -31,6 +31,8 @@ class Mode:
     # The in-guest agent's frontswap mode; None means no agent.
     agent: AgentMode | None = None
     compress: bool = True
+    # tmemd's crash journal (docs/RELIABILITY.md); off: --no-journal.
+    journal: bool = True
     # The data disk's speed class (page-cache workloads).
     data_disk: DiskSpeed = "hdd"
 
@@ -69,6 +71,13 @@ MODES: dict[str, Mode] = {
             swap="nbd",
             tmemd=True,
             compress=False,
+        ),
+        Mode(
+            "tmem-nojournal",
+            "tmemd's NBD export with its crash journal off: what the journal costs",
+            swap="nbd",
+            tmemd=True,
+            journal=False,
         ),
     )
 }

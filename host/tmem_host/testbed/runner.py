@@ -333,6 +333,8 @@ class Runner:
         extra = ["--nbd-size", f"{self.scenario.guests.swap_mib}M"]
         if not mode.compress:
             extra.append("--no-compress")
+        if not mode.journal:
+            extra.append("--no-journal")
         # Socket paths must fit sun_path (108 bytes): tmemd runs in a short
         # temporary directory and its log is kept with the run's other logs.
         with tempfile.TemporaryDirectory(prefix="tmemd-") as run_dir:
