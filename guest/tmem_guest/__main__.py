@@ -23,7 +23,8 @@ from pathlib import Path
 
 from tmem_guest import counters, system
 from tmem_guest.channel import open_channel
-from tmem_guest.session import Session
+from tmem_guest.session import DEFAULT_HEARTBEAT_S, DEFAULT_REQUEST_TIMEOUT_S, Session
+from tmem_guest.swap import READ_RECONNECT_WAIT_S
 
 log = logging.getLogger("tmem_guest")
 
@@ -47,6 +48,13 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     start.add_argument("--depth", type=int, default=4, help="pipelined mode: NBD requests served at once")
     start.add_argument("--cache", nargs=2, metavar=("SOURCE", "MOUNTPOINT"), help="cleancache FUSE mount")
     start.add_argument("--no-lock", action="store_true", help="skip mlockall/IO_FLUSHER (experiments only)")
+    start.add_argument("--request-timeout", type=float, default=DEFAULT_REQUEST_TIMEOUT_S, metavar="S",
+                       help="a request unanswered this long takes the session down (a stopped tmemd); "
+                       "new swap pages then go to the fallback disk")
+    start.add_argument("--heartbeat", type=float, default=DEFAULT_HEARTBEAT_S, metavar="S",
+                       help="an idle session sends a STATS this often (notices a dead tmemd, sees drain requests)")
+    start.add_argument("--read-wait", type=float, default=READ_RECONNECT_WAIT_S, metavar="S",
+                       help="how long a swap read of a page in tmem waits for a lost session (then EIO)")
     start.add_argument("--stats-interval", type=float, default=1.0)
     start.add_argument("--verbose", action="store_true")
     commands.add_parser("stats", help="print the agent's counters as JSON")
@@ -57,13 +65,16 @@ def run_agent(arguments: argparse.Namespace) -> int:
     from tmem_guest.keys import Where
     from tmem_guest.swap import FallbackDisk, NbdSwapServer, SwapStore
 
+    # The session's timeouts also bound a send to a host that stopped reading.
+    channel = open_channel(arguments.channel, send_timeout=arguments.request_timeout)
+    session = Session(channel, request_timeout=arguments.request_timeout, heartbeat_interval=arguments.heartbeat)
+
     threading.stack_size(THREAD_STACK_BYTES)
     if arguments.swap and not arguments.no_lock:
         system.lock_memory()
         system.become_io_flusher()
         system.write_sysctls(system.SWAP_AGENT_SYSCTLS)
     READY_FILE.unlink(missing_ok=True)
-    session = Session(open_channel(arguments.channel))
     swap_pool = session.register_pool(persistent=True) if arguments.swap else None
     cache_pool = session.register_pool(persistent=False) if arguments.cache else None
     session.start()
@@ -79,10 +90,11 @@ def run_agent(arguments: argparse.Namespace) -> int:
         slot_count = (arguments.swap_mib << 20 >> 12) if arguments.swap_mib else None
         store = SwapStore(
             session, swap_pool, disk, swap_counters, batched=arguments.swap != "sync",
-            swap_type=arguments.swap_type, slot_count=slot_count,
+            swap_type=arguments.swap_type, slot_count=slot_count, read_wait=arguments.read_wait,
         )
         server = NbdSwapServer(arguments.nbd, store, mode=arguments.swap, depth=arguments.depth)
         server.start()
+        threading.Thread(target=store.maintain, args=(stopping,), name="swap-maintenance", daemon=True).start()
         subprocess.run(["mkswap", str(arguments.nbd)], check=True, stdout=subprocess.DEVNULL)
         subprocess.run(["swapon", "-p", str(arguments.swap_priority), "--discard", str(arguments.nbd)], check=True)
         publishers.append(
@@ -95,6 +107,11 @@ def run_agent(arguments: argparse.Namespace) -> int:
                         "pool_id": swap_pool.pool_id,
                         "slots_in_tmem": store.slots.count(Where.TMEM),
                         "slots_on_disk": store.slots.count(Where.DISK),
+                        "slots_unsure": store.unsure.count(),
+                        "session_timeouts": session.timeouts,
+                        "late_replies": session.late_replies,
+                        "pools_resumed": session.pools_resumed,
+                        "draining": session.draining,
                     }
                 ),
                 interval=arguments.stats_interval,

@@ -76,6 +76,8 @@ COUNTER_NAMES = (
     "errors",  # requests answered with an error
     "requests",  # frontend requests served (NBD requests, FUSE reads/writes)
     "channel_down",  # operations that found the channel down
+    "unsure_flushed",  # keys flushed after an outage left them unsure (swap)
+    "drained_pages",  # pages moved from tmem to the fallback disk by drains (swap)
 )
 
 

@@ -86,3 +86,37 @@ class SlotMap:
 
     def count(self, where: Where) -> int:
         return self._where.count(where)
+
+    def next_in(self, where: Where, start: int) -> int:
+        """The first slot from `start` on whose page lives in `where`, or -1 (a memchr)."""
+        return self._where.find(where, start)
+
+
+class SlotMarks:
+    """One byte per slot: marked or not (a byte for the same reason as SlotMap).
+
+    The swap frontend marks slots whose tmem state is unknown: a PUT or FLUSH sent
+    without a reply (timeout, channel lost) may or may not have taken effect."""
+
+    __slots__ = ("_marks",)
+
+    def __init__(self, slot_count: int) -> None:
+        self._marks = bytearray(slot_count)
+
+    def mark(self, slots: Iterable[int]) -> None:
+        marks = self._marks
+        for slot in slots:
+            marks[slot] = 1
+
+    def clear(self, slot: int) -> None:
+        self._marks[slot] = 0
+
+    def is_marked(self, slot: int) -> bool:
+        return bool(self._marks[slot])
+
+    def next_marked(self, start: int) -> int:
+        """The first marked slot from `start` on, or -1."""
+        return self._marks.find(1, start)
+
+    def count(self) -> int:
+        return self._marks.count(1)

@@ -9,6 +9,12 @@ offset; `SlotMap` records which of the two holds each slot. A READ takes each
 page from where the map says; a page tmem has lost is answered with EIO, never
 with stale data. TRIM (swapon --discard frees whole clusters) becomes FLUSH.
 
+Reliability (docs/AGENT.md, "Outages and drain"): a PUT or FLUSH sent without a
+reply may or may not have been applied, so its slot is marked unsure and its key
+flushed once the session is back (`reconcile`); `drain` moves every page tmem
+holds to the fallback disk when tmemd asks (tmemctl drain). Both exclude the NBD
+I/O path per stripe of slots (`StripeLocks`), so a write racing either one wins.
+
 Modes: `sync` (one page per round trip, as the 2011 hypercall ABI), `batched`
 (one PUT_BATCH/GET_BATCH frame per NBD request), `pipelined` (batched, with
 several NBD requests served at once by worker threads).
@@ -28,11 +34,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tmem_guest.counters import Counters
-from tmem_guest.keys import PAGE_SHIFT, PAGE_SIZE, SlotMap, Where, frontswap_key
+from tmem_guest.keys import PAGE_SHIFT, PAGE_SIZE, SlotMap, SlotMarks, Where, frontswap_area_oids, frontswap_key
 from tmem_guest.session import ChannelDown, Pool, Session
 from tmem_guest.system import aligned_buffer
 from tmem_wire import nbd
-from tmem_wire.abi import Oid
+from tmem_wire.abi import WHOLE_OBJECT, Oid
 
 log = logging.getLogger("tmem_guest.swap")
 
@@ -56,8 +62,12 @@ DECODER_MAX_PAYLOAD = 32 * 1024 * 1024
 # FLUSH frames for a large discard are cut into batches of this many pages.
 FLUSH_BATCH_PAGES = 256
 # How long a READ of a slot that lives in tmem waits for a lost channel to return
-# before it fails with EIO (the page is safe in tmemd meanwhile).
+# before it fails with EIO (the page is safe in tmemd meanwhile): start --read-wait.
 READ_RECONNECT_WAIT_S = 30.0
+# Slots are locked in aligned stripes of this many, over this many locks: an NBD
+# request (<= 32 slots) takes one or two, a drain or reconcile step one.
+STRIPE_SLOTS = 32
+STRIPE_LOCKS = 64
 
 
 class FallbackDisk:
@@ -140,6 +150,33 @@ class Scratch:
         return memoryview(aligned_buffer(REPLY_PAYLOAD_OFFSET + length))
 
 
+class StripeLocks:
+    """Locks over aligned stripes of STRIPE_SLOTS slots. The NBD I/O path holds the
+    stripes of a request while it serves it, the drain and reconcile steps the
+    stripe they work on: neither sees the other's slots half-updated. Locks are
+    taken in ascending index order, so holders of several never deadlock."""
+
+    def __init__(self, count: int = STRIPE_LOCKS) -> None:
+        self._locks = [threading.Lock() for _ in range(count)]
+
+    def indices(self, first_slot: int, slot_count: int) -> list[int]:
+        first, last = first_slot // STRIPE_SLOTS, (first_slot + max(slot_count, 1) - 1) // STRIPE_SLOTS
+        count = len(self._locks)
+        if last - first + 1 >= count:
+            return list(range(count))
+        return sorted({stripe % count for stripe in range(first, last + 1)})
+
+    def acquire(self, first_slot: int, slot_count: int) -> list[int]:
+        held = self.indices(first_slot, slot_count)
+        for index in held:
+            self._locks[index].acquire()
+        return held
+
+    def release(self, held: list[int]) -> None:
+        for index in reversed(held):
+            self._locks[index].release()
+
+
 class SwapStore:
     """The page logic behind the NBD device: tmem first, fallback disk second."""
 
@@ -153,6 +190,7 @@ class SwapStore:
         batched: bool,
         swap_type: int = 0,
         slot_count: int | None = None,
+        read_wait: float = READ_RECONNECT_WAIT_S,
     ) -> None:
         self.session = session
         self.pool = pool
@@ -160,7 +198,14 @@ class SwapStore:
         self.counters = counters
         self.batched = batched
         self.swap_type = swap_type
+        self.read_wait = read_wait
         self.slots = SlotMap(slot_count or disk.size_bytes >> PAGE_SHIFT)
+        # Slots whose key may hold a page the map does not point at (a PUT or FLUSH
+        # without reply): flushed by reconcile() once the session is back.
+        self.unsure = SlotMarks(self.slots.slot_count)
+        self.locks = StripeLocks()
+        self._drain_buffer: memoryview | None = None  # one stripe, allocated by the first drain
+        self._swept = False  # the drain's final whole-area flush is done for this drain request
 
     @property
     def size_bytes(self) -> int:
@@ -206,9 +251,19 @@ class SwapStore:
 
     # -- NBD commands --
 
+    def _holding(self, offset: int, length: int) -> list[int]:
+        return self.locks.acquire(offset >> PAGE_SHIFT, length >> PAGE_SHIFT)
+
     def write(self, offset: int, data: memoryview) -> int:
         """`data` must be page-aligned memory (a Scratch payload): refused pages go
         from it to the O_DIRECT disk without a copy."""
+        held = self._holding(offset, len(data))
+        try:
+            return self._write(offset, data)
+        finally:
+            self.locks.release(held)
+
+    def _write(self, offset: int, data: memoryview) -> int:
         slots = self._check_range(offset, len(data))
         if slots is None:
             return nbd.Error.EINVAL
@@ -221,7 +276,11 @@ class SwapStore:
                 accepted = self._put(keys, pages)
                 offered = len(slots)
             except ChannelDown:
+                # Sent without a reply: tmemd may still apply it (a stopped tmemd, once
+                # continued). The pages go to disk and the map says DISK, so reads are
+                # right either way; reconcile() flushes the keys later.
                 self.counters.add(channel_down=1)
+                self.unsure.mark(slots)
         refused = [i for i, ok in enumerate(accepted) if not ok]
         stale = [keys[i] for i in refused if self.slots.get(slots[i]) is Where.TMEM]
         for i, ok in enumerate(accepted):
@@ -238,6 +297,7 @@ class SwapStore:
                 self._flush(stale)
             except ChannelDown:
                 self.counters.add(channel_down=1)
+                self.unsure.mark(slots[i] for i in refused)
         put_pages = len(slots) - len(refused)
         self.counters.add(
             puts=offered,
@@ -248,6 +308,13 @@ class SwapStore:
         return nbd.Error.OK
 
     def read(self, offset: int, length: int, into: memoryview) -> int:
+        held = self._holding(offset, length)
+        try:
+            return self._read(offset, length, into)
+        finally:
+            self.locks.release(held)
+
+    def _read(self, offset: int, length: int, into: memoryview) -> int:
         slots = self._check_range(offset, length)
         if slots is None:
             return nbd.Error.EINVAL
@@ -263,16 +330,12 @@ class SwapStore:
         try:
             found = self._get(keys, pages)
         except ChannelDown:
-            # The pages are safe in tmemd while the channel is down: wait for it.
             self.counters.add(channel_down=1)
-            if not self.session.wait_up(READ_RECONNECT_WAIT_S):
+            retried = self._get_after_reconnect(keys, pages)
+            if retried is None:
                 self.counters.add(errors=1)
                 return nbd.Error.EIO
-            try:
-                found = self._get(keys, pages)
-            except ChannelDown:
-                self.counters.add(errors=1)
-                return nbd.Error.EIO
+            found = retried
         hits = sum(found)
         self.counters.add(gets=len(keys), hits=hits, misses=len(keys) - hits, bytes_got=hits << PAGE_SHIFT)
         if hits != len(keys):
@@ -282,7 +345,27 @@ class SwapStore:
             return nbd.Error.EIO
         return nbd.Error.OK
 
+    def _get_after_reconnect(self, keys: list[tuple[Oid, int]], pages: list[memoryview]) -> list[bool] | None:
+        """The pages are safe in tmemd while the channel is down (or tmemd restarted
+        with its journal): wait up to read_wait for the session, retrying; None if it
+        did not come back."""
+        deadline = time.monotonic() + self.read_wait
+        while (remaining := deadline - time.monotonic()) > 0 and self.session.wait_up(remaining):
+            try:
+                return self._get(keys, pages)
+            except ChannelDown:
+                self.counters.add(channel_down=1)
+                time.sleep(0.05)  # the session went down again at once: do not spin
+        return None
+
     def trim(self, offset: int, length: int) -> int:
+        held = self._holding(offset, length)
+        try:
+            return self._trim(offset, length)
+        finally:
+            self.locks.release(held)
+
+    def _trim(self, offset: int, length: int) -> int:
         slots = self._check_range(offset, length)
         if slots is None:
             return nbd.Error.EINVAL
@@ -292,13 +375,139 @@ class SwapStore:
             try:
                 self._flush(self._keys(in_tmem))
             except ChannelDown:
-                # The copies stay orphaned in tmemd; the map no longer points at them.
+                # The copies stay in tmemd, the map no longer points at them: flushed by reconcile().
                 self.counters.add(channel_down=1)
+                self.unsure.mark(in_tmem)
         return nbd.Error.OK
 
     def flush(self) -> int:
         self.disk.sync()
         return nbd.Error.OK
+
+    # -- reliability: unsure keys, drain --
+
+    def _stripes_from(self, first_slot: int) -> tuple[list[int], range]:
+        """Lock the stripe holding `first_slot`; (held locks, the stripe's slots)."""
+        start = first_slot - first_slot % STRIPE_SLOTS
+        stripe = range(start, min(start + STRIPE_SLOTS, self.slots.slot_count))
+        return self.locks.acquire(start, len(stripe)), stripe
+
+    def reconcile(self) -> int:
+        """Flush the keys of unsure slots whose map entry does not point at tmem (a
+        slot now TMEM had a later PUT accepted, applied after the unsure request:
+        its key holds the current page). Returns the keys flushed; raises
+        ChannelDown if the session drops again (the marks stay)."""
+        flushed = 0
+        slot = self.unsure.next_marked(0)
+        while slot >= 0:
+            held, stripe = self._stripes_from(slot)
+            try:
+                marked = [s for s in stripe if self.unsure.is_marked(s)]
+                orphans = [s for s in marked if self.slots.get(s) is not Where.TMEM]
+                if orphans:
+                    self._flush(self._keys(orphans))
+                for s in marked:
+                    self.unsure.clear(s)
+                flushed += len(orphans)
+            finally:
+                self.locks.release(held)
+            slot = self.unsure.next_marked(stripe.stop)
+        if flushed:
+            self.counters.add(unsure_flushed=flushed)
+            log.info("flushed %d key(s) an outage left unsure", flushed)
+        return flushed
+
+    def drain(self) -> int:
+        """Move every page the map places in tmem to the fallback disk, stripe by
+        stripe: GET, write at the slot's offset, map DISK, then FLUSH (so a slot
+        always has a current copy where the map says). A page tmem lost stays
+        TMEM: reading it keeps failing rather than serving the disk's older bytes.
+        Returns the pages moved; raises ChannelDown if the session drops."""
+        if self._drain_buffer is None:
+            self._drain_buffer = memoryview(aligned_buffer(STRIPE_SLOTS * PAGE_SIZE))
+        buffer = self._drain_buffer
+        moved = 0
+        slot = self.slots.next_in(Where.TMEM, 0)
+        while slot >= 0:
+            held, stripe = self._stripes_from(slot)
+            try:
+                moved += self._drain_stripe(stripe, buffer)
+            finally:
+                self.locks.release(held)
+            slot = self.slots.next_in(Where.TMEM, stripe.stop)
+        if moved or not self._swept:
+            self._sweep()
+        if moved:
+            self.counters.add(drained_pages=moved)
+            log.info("drained %d page(s) from tmem to the fallback disk", moved)
+        return moved
+
+    def _drain_stripe(self, stripe: range, buffer: memoryview) -> int:
+        in_tmem = list(self.slots.slots_in(stripe, Where.TMEM))
+        if not in_tmem:
+            return 0
+        # Each page lands at its slot's place in the buffer: runs of slots are runs of buffer.
+        views = [buffer[(s - stripe.start) << PAGE_SHIFT : (s - stripe.start + 1) << PAGE_SHIFT] for s in in_tmem]
+        found = self._get(self._keys(in_tmem), views)
+        hits = [s for s, ok in zip(in_tmem, found) if ok]
+        if len(hits) < len(in_tmem):
+            # Counted in lost_pages when the kernel reads them (EIO), not on every drain pass.
+            log.error("drain: tmem lost %d swap page(s) in slots %d..%d", len(in_tmem) - len(hits),
+                      stripe.start, stripe.stop - 1)
+        for first, count in contiguous_runs(hits):
+            start = (first - stripe.start) << PAGE_SHIFT
+            self.disk.write(first << PAGE_SHIFT, buffer[start : start + (count << PAGE_SHIFT)])
+        for s in hits:
+            self.slots.set(s, Where.DISK)
+        self.counters.add(disk_writes=len(hits), gets=len(in_tmem), hits=len(hits))
+        try:
+            self._flush(self._keys(hits))
+        except ChannelDown:
+            self.unsure.mark(hits)  # the map is already right; the copies go later
+            raise
+        return len(hits)
+
+    def _sweep(self) -> None:
+        """With no slot left in tmem, flush the swap area's 16 whole objects: pages the
+        map never pointed at (a PUT applied after it was given up, before reconcile)
+        leave too, so tmemd reaches 0 pages. All stripes are held: no write can put
+        a page in meanwhile."""
+        held = self.locks.acquire(0, self.slots.slot_count)
+        try:
+            if self.slots.next_in(Where.TMEM, 0) >= 0:
+                return  # lost pages stay mapped (EIO on read); their keys hold nothing anyway
+            keys = [(oid, WHOLE_OBJECT) for oid in frontswap_area_oids(self.swap_type)]
+            if self.batched:
+                self.session.flush_batch(self.pool, keys)
+            else:
+                for oid, _ in keys:
+                    self.session.flush_object(self.pool, oid)
+            self._swept = True
+        finally:
+            self.locks.release(held)
+
+    def maintain(self, stopping: threading.Event, interval: float = 1.0) -> None:
+        """The swap frontend's housekeeping thread: once the session is up, flush
+        the keys an outage left unsure, and drain when tmemd asks (Flag.DRAIN)."""
+        session = self.session
+        while not stopping.is_set():
+            requested = session.drain_requested.wait(interval)
+            if not session.draining:
+                self._swept = False  # the next drain request sweeps again
+            if not session.is_up:
+                stopping.wait(interval)
+                continue
+            try:
+                if self.unsure.next_marked(0) >= 0:
+                    self.reconcile()
+                if requested:
+                    session.drain_requested.clear()
+                    self.drain()
+            except ChannelDown:
+                self.counters.add(channel_down=1)
+            except OSError as error:
+                log.error("swap maintenance: %s", error)
+                stopping.wait(interval)
 
 
 class NbdSwapServer:
