@@ -62,9 +62,9 @@ def test_split_anywhere_gives_the_same_records(split: int) -> None:
 
 def test_the_header_is_as_documented() -> None:
     data = codec.encode(FlushPool(5))
-    magic, kind, reserved, length, crc = struct.unpack_from("<HBBII", data)
+    crc, magic, kind, reserved, length = struct.unpack_from("<IHBBI", data)
     assert (magic, kind, reserved, length) == (0x4A54, 5, 0, 1) and data[12:] == b"\x05"
-    assert crc == zlib.crc32(data[:8] + data[12:])
+    assert crc == zlib.crc32(data[4:])
 
 
 def test_put_record_pieces_are_the_encoding() -> None:
@@ -81,7 +81,7 @@ def test_a_torn_tail_is_pending_not_a_record(cut: int) -> None:
     assert decoder.pending == len(whole) - cut - decoder.consumed
 
 
-@pytest.mark.parametrize("position", [0, 2, 4, 5, 8, 12, 40, 100])
+@pytest.mark.parametrize("position", [0, 2, 4, 6, 8, 9, 12, 40, 100])
 def test_a_flipped_bit_never_yields_a_record(position: int) -> None:
     damaged = bytearray(codec.encode(RECORDS[2]))
     damaged[position] ^= 0x10
@@ -91,7 +91,7 @@ def test_a_flipped_bit_never_yields_a_record(position: int) -> None:
         return
     # A longer length field makes the record look torn: pending, cut off on replay.
     assert records == [] and decoder.consumed == 0 and decoder.pending == len(damaged)
-    assert position in (4, 5)
+    assert position in (8, 9)
 
 
 def test_records_before_the_damage_are_returned_and_counted() -> None:
@@ -107,8 +107,8 @@ def test_records_before_the_damage_are_returned_and_counted() -> None:
 
 
 def _with_body(kind: int, body: bytes) -> bytes:
-    prefix = struct.pack("<HBBI", codec.MAGIC, kind, 0, len(body))
-    return prefix + struct.pack("<I", zlib.crc32(prefix + body)) + body
+    rest = struct.pack("<HBBI", codec.MAGIC, kind, 0, len(body)) + body
+    return struct.pack("<I", zlib.crc32(rest)) + rest
 
 
 @pytest.mark.parametrize("data, message", [
@@ -119,7 +119,7 @@ def _with_body(kind: int, body: bytes) -> bytes:
     (_with_body(codec.RecordType.PUT, struct.pack("<BQQQQB", 0, 1, 2, 3, 4, 9)), "page tag"),
     (_with_body(codec.RecordType.NEW_POOL, b"\x00\x0c\x05ab"), "label length"),
     (_with_body(codec.RecordType.PUT, b"\x00"), "malformed PUT"),
-    (struct.pack("<HBBII", codec.MAGIC, 2, 0, codec.MAX_BODY + 1, 0), "record of"),
+    (struct.pack("<IHBBI", 0, codec.MAGIC, 2, 0, codec.MAX_BODY + 1), "record of"),
 ])
 def test_well_checksummed_but_invalid_records_are_errors(data: bytes, message: str) -> None:
     with pytest.raises(JournalError, match=message):

@@ -2,10 +2,12 @@
 
 A journal is a sequence of records, each
 
-    magic u16 | type u8 | reserved u8 | body length u32 | crc32 u32 | body
+    crc32 u32 | magic u16 | type u8 | reserved u8 | body length u32 | body
 
-little-endian, where the crc32 covers the first 8 header bytes and the body, so
-a record a crash cut short (a torn tail) or a flipped bit is detected. Bodies:
+little-endian, where the crc32 covers everything after it (the rest of the
+header and the body), so a record a crash cut short (a torn tail) or a flipped
+bit is detected. The crc comes first so that what it covers is one run: a PUT's
+header and key are packed in one call and the page follows. Bodies:
 
     NEW_POOL      pool u8, page shift u8, label length u8, label (ASCII)
     PUT           pool u8, oid 3 x u64, index u64, tag u8, stored page
@@ -34,10 +36,9 @@ from tmem_wire.abi import Buffer, Oid
 from tmem_wire.abi import NeedData as NeedData
 
 MAGIC: Final = 0x4A54  # "TJ" little-endian
-HEADER = struct.Struct("<HBBII")
+HEADER = struct.Struct("<IHBBI")
 HEADER_SIZE: Final = HEADER.size
-#: The header bytes the crc covers (all but the crc itself).
-_CRC_COVERED: Final = 8
+_CRC_SIZE: Final = 4
 # Far above any record tmemd writes (a 2 MiB page plus its key): a length beyond
 # it is corruption, not a record to wait for.
 MAX_BODY: Final = (2 << 20) + 64
@@ -112,31 +113,33 @@ Record = NewPool | Put | FlushPage | FlushObject | FlushPool | DestroyPool
 
 # -- encoding ------------------------------------------------------------------
 
-_HEADER_PREFIX = struct.Struct("<HBBI")
+# The header after its crc.
+_HEADER_REST = struct.Struct("<HBBI")
+# A PUT's header after its crc, then its key and tag: one pack per page.
+_PUT_HEAD = struct.Struct("<HBBI" + _PUT.format.lstrip("<"))
 
 
 def _frame(record_type: RecordType, *body: Buffer) -> list[Buffer]:
     length = sum(len(part) for part in body)
-    prefix = _HEADER_PREFIX.pack(MAGIC, record_type, 0, length)
-    crc = zlib.crc32(prefix)
+    rest = _HEADER_REST.pack(MAGIC, record_type, 0, length)
+    crc = zlib.crc32(rest)
     for part in body:
         crc = zlib.crc32(part, crc)
-    return [prefix, crc.to_bytes(4, "little"), *body]
+    return [crc.to_bytes(_CRC_SIZE, "little"), rest, *body]
 
 
 def put_record(pool_id: int, oid: Oid, index: int, stored: int | bytes) -> list[Buffer]:
     """The pieces of one PUT record (the hot path: no join, the caller writes them)."""
     if type(stored) is int:
-        fixed = _PUT.pack(pool_id, oid[0], oid[1], oid[2], index, PageTag.FILL)
         data: bytes = _WORD.pack(stored)
+        tag = PageTag.FILL
     else:
         assert isinstance(stored, bytes)
-        fixed = _PUT.pack(pool_id, oid[0], oid[1], oid[2], index, PageTag.DATA)
         data = stored
-    length = _PUT.size + len(data)
-    prefix = _HEADER_PREFIX.pack(MAGIC, RecordType.PUT, 0, length)
-    crc = zlib.crc32(data, zlib.crc32(fixed, zlib.crc32(prefix)))
-    return [prefix, crc.to_bytes(4, "little"), fixed, data]
+        tag = PageTag.DATA
+    head = _PUT_HEAD.pack(MAGIC, RecordType.PUT, 0, _PUT.size + len(data),
+                          pool_id, oid[0], oid[1], oid[2], index, tag)
+    return [zlib.crc32(data, zlib.crc32(head)).to_bytes(_CRC_SIZE, "little"), head, data]
 
 
 #: Bytes a PUT record adds to its stored page's data bytes.
@@ -193,7 +196,7 @@ class JournalDecoder:
         start = self._offset
         if len(buffer) - start < HEADER_SIZE:
             return NEED_DATA
-        magic, record_type, _reserved, length, crc = HEADER.unpack_from(buffer, start)
+        crc, magic, record_type, _reserved, length = HEADER.unpack_from(buffer, start)
         if magic != MAGIC:
             raise JournalError(f"bad record magic {magic:#06x} at byte {self.consumed}")
         if length > MAX_BODY:
@@ -203,8 +206,7 @@ class JournalDecoder:
             return NEED_DATA
         view = memoryview(buffer)
         try:
-            actual = zlib.crc32(view[start + HEADER_SIZE : end],
-                                zlib.crc32(view[start : start + _CRC_COVERED]))
+            actual = zlib.crc32(view[start + _CRC_SIZE : end])
             if actual != crc:
                 raise JournalError(f"bad record crc at byte {self.consumed}")
             record = _decode_body(record_type, bytes(view[start + HEADER_SIZE : end]))
