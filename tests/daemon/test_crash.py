@@ -11,13 +11,15 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from tmem_guest.channel import ChannelDown, UnixSocketChannel
 from tmem_guest.keys import PAGE_SIZE as PAGE
 from tmem_guest.keys import frontswap_key
 from tmem_guest.session import Session
 from tmem_guest.usemem import expected_page, page_templates
 from tmem_host.daemon.client import AbiClient
-from tmem_host.daemon.process import StartTmemd, TmemdProcess
+from tmem_host.daemon.process import StartTmemd, TmemdFailed, TmemdProcess
 from tmem_wire.abi import PoolFlag, Status
 
 TEMPLATES = page_templates(11)
@@ -196,3 +198,25 @@ def test_the_agent_session_reattaches_its_restored_pool(start_tmemd: StartTmemd)
         assert not session.get(cache, (1, 0, 0), 0, memoryview(bytearray(PAGE)))
     finally:
         session.stop()
+
+
+def test_a_guest_that_cannot_come_back_keeps_its_journal(start_tmemd: StartTmemd,
+                                                         tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    daemon = start_tmemd(guests=("g1",), extra_args=("--state-dir", str(state)))
+    with AbiClient.open(daemon.abi_socket("g1")) as client:
+        pool, _ = client.new_pool(PoolFlag.PERSISTENT)
+        assert client.put(pool, (0, 0, 0), 0, page(0)) == Status.OK
+    journal = (state / "g1.journal").read_bytes()
+    daemon.kill()
+    # The restart cannot listen (the ABI socket path is a directory): the guest
+    # fails to come up, and its journal must not be destroyed by the attempt.
+    (daemon.run_dir / "g1.tmem.sock").unlink()
+    (daemon.run_dir / "g1.tmem.sock").mkdir()
+    with pytest.raises(TmemdFailed):
+        daemon.start()
+    assert (state / "g1.journal").read_bytes() == journal
+    (daemon.run_dir / "g1.tmem.sock").rmdir()
+    daemon.start()
+    with AbiClient.open(daemon.abi_socket("g1")) as client:
+        assert client.get(pool, (0, 0, 0), 0) == (Status.OK, page(0))

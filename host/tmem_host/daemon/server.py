@@ -175,8 +175,6 @@ class Daemon:
         )
         abi_path = abi_socket_path(self.run_dir, guest.name)
         nbd_path = nbd_socket_path(self.run_dir, guest.name)
-        for stale in (abi_path, nbd_path):
-            stale.unlink(missing_ok=True)
         # After a crash the journal brought the export's pool back: resume it, and
         # keep the fallback file, whose slots the pool does not hold. A fallback
         # file without a journal is a crash nothing can undo (--no-journal, a
@@ -189,11 +187,14 @@ class Daemon:
             start = "lost"
             log.error("tmemd died holding this guest's swap disk and no journal restores it: "
                       "its old slots fail to read", extra={"guest": guest.name})
-        export = NbdExport(self.store, client, name=guest.name,
-                           size_bytes=self.config.nbd_size_bytes,
-                           fallback_path=guest_fallback, start=start)
+        export: NbdExport | None = None
         abi_server: asyncio.Server | None = None
         try:
+            for stale in (abi_path, nbd_path):  # a dead tmemd's sockets
+                stale.unlink(missing_ok=True)
+            export = NbdExport(self.store, client, name=guest.name,
+                               size_bytes=self.config.nbd_size_bytes,
+                               fallback_path=guest_fallback, start=start)
             # The guest is fixed by the socket: nothing the peer sends can change it.
             abi_server = await loop.create_unix_server(
                 lambda: AbiSession(self.store, lambda _transport: runtime, "unix"),
@@ -205,10 +206,19 @@ class Daemon:
         except BaseException:
             if abi_server is not None:
                 abi_server.close()
-            export.close()
-            for path in (abi_path, nbd_path, fallback_path(self.state_dir, guest.name)):
+            # Forget the guest but keep a journal and fallback file it came back
+            # with: a later start may still resume them (forgotten first, so no
+            # pool destroy is journaled).
+            if isinstance(self.store, JournaledStore):
+                self.store.remove_client(client, keep_journal=start == "resume")
+            else:
+                self.store.remove_client(client)
+            if export is not None:
+                export.close()
+            for path in (abi_path, nbd_path):
                 path.unlink(missing_ok=True)
-            self.store.remove_client(client)
+            if start == "new":
+                guest_fallback.unlink(missing_ok=True)
             raise
         runtime = GuestRuntime(guest, client, abi_server, export, nbd_server)
         self.guests[guest.name] = runtime

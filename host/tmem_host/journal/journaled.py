@@ -241,12 +241,14 @@ class JournaledStore(Store):
             self.compact(client)
         return client
 
-    def remove_client(self, client: Client | str) -> None:
+    def remove_client(self, client: Client | str, *, keep_journal: bool = False) -> None:
+        """Forget the client; its journal is deleted unless ``keep_journal`` (tmemd
+        could not bring the guest up: a later start may still restore it)."""
         client = self._resolve(client)
         journal = self._journals.pop(client.name, None)
         super().remove_client(client)
         if journal is not None:
-            journal.close(delete=True)
+            journal.close(delete=not keep_journal)
 
     def journal(self, client: Client | str) -> GuestJournal | None:
         return self._journals.get(self._resolve(client).name)
