@@ -28,6 +28,15 @@ def frontswap_key(swap_type: int, offset: int) -> tuple[Oid, int]:
     return ((swap_type << SWIZ_BITS) | (offset & SWIZ_MASK), 0, 0), offset >> SWIZ_BITS
 
 
+def frontswap_keys(swap_type: int, offsets: Iterable[int]) -> list[tuple[Oid, int]]:
+    """frontswap_key of each offset: one comprehension, no call per page (the agent's
+    per-request cost is Python work on an emulated vCPU)."""
+    if swap_type < 0:
+        raise ValueError(f"negative swap type {swap_type}")
+    area = swap_type << SWIZ_BITS
+    return [((area | (offset & SWIZ_MASK), 0, 0), offset >> SWIZ_BITS) for offset in offsets]
+
+
 def frontswap_offset(oid: Oid, index: int) -> int:
     """Inverse of frontswap_key: the slot offset a (oid, index) pair names."""
     return (index << SWIZ_BITS) | (oid[0] & SWIZ_MASK)
@@ -78,6 +87,10 @@ class SlotMap:
 
     def set_range(self, slots: range, where: Where) -> None:
         self._where[slots.start : slots.stop] = bytes([where]) * len(slots)
+
+    def all_in(self, slots: range, where: Where) -> bool:
+        """True if every slot of the contiguous range lives in `where` (one C-level count)."""
+        return self._where.count(where, slots.start, slots.stop) == len(slots)
 
     def slots_in(self, slots: Iterable[int], where: Where) -> Iterator[int]:
         """The slots among `slots` whose page lives in `where`."""

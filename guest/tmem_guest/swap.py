@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tmem_guest.counters import Counters
-from tmem_guest.keys import PAGE_SHIFT, PAGE_SIZE, SlotMap, SlotMarks, Where, frontswap_area_oids, frontswap_key
+from tmem_guest.keys import PAGE_SHIFT, PAGE_SIZE, SlotMap, SlotMarks, Where, frontswap_area_oids, frontswap_keys
 from tmem_guest.session import ChannelDown, Pool, Session
 from tmem_guest.system import aligned_buffer
 from tmem_wire import nbd
@@ -212,7 +212,7 @@ class SwapStore:
         return self.slots.slot_count << PAGE_SHIFT
 
     def _keys(self, slots: Sequence[int]) -> list[tuple[Oid, int]]:
-        return [frontswap_key(self.swap_type, slot) for slot in slots]
+        return frontswap_keys(self.swap_type, slots)
 
     def _check_range(self, offset: int, length: int) -> range | None:
         if offset % PAGE_SIZE or length % PAGE_SIZE or offset + length > self.size_bytes:
@@ -283,7 +283,9 @@ class SwapStore:
                 self.unsure.mark(slots)
         refused = [i for i, ok in enumerate(accepted) if not ok]
         stale = [keys[i] for i in refused if self.slots.get(slots[i]) is Where.TMEM]
-        for i, ok in enumerate(accepted):
+        if not refused:
+            self.slots.set_range(slots, Where.TMEM)
+        for i, ok in enumerate(accepted if refused else ()):
             if ok:
                 self.slots.set(slots[i], Where.TMEM)
         if refused:
@@ -318,8 +320,11 @@ class SwapStore:
         slots = self._check_range(offset, length)
         if slots is None:
             return nbd.Error.EINVAL
-        from_tmem = [i for i, slot in enumerate(slots) if self.slots.get(slot) is Where.TMEM]
-        from_disk = [i for i, slot in enumerate(slots) if self.slots.get(slot) is not Where.TMEM]
+        if self.slots.all_in(slots, Where.TMEM):  # the common case: no per-slot lookups
+            from_tmem, from_disk = list(range(len(slots))), []
+        else:
+            from_tmem = [i for i, slot in enumerate(slots) if self.slots.get(slot) is Where.TMEM]
+            from_disk = [i for i, slot in enumerate(slots) if self.slots.get(slot) is not Where.TMEM]
         for first, count in contiguous_runs(from_disk):
             self.disk.read_into(offset + (first << PAGE_SHIFT), into[first << PAGE_SHIFT : (first + count) << PAGE_SHIFT])
         self.counters.add(disk_reads=len(from_disk))

@@ -9,7 +9,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tmem_guest.counters import Counters, LatencyHistogram, StatsPublisher, read_all
-from tmem_guest.keys import SlotMap, Where, frontswap_area_oids, frontswap_key, frontswap_offset, page_span
+from tmem_guest.keys import (
+    SlotMap,
+    Where,
+    frontswap_area_oids,
+    frontswap_key,
+    frontswap_keys,
+    frontswap_offset,
+    page_span,
+)
 from tmem_guest.swap import contiguous_runs
 
 
@@ -28,6 +36,12 @@ def test_frontswap_key_is_invertible_and_stays_in_its_area(swap_type: int, offse
     assert oid in frontswap_area_oids(swap_type)
 
 
+@given(st.integers(0, 31), st.integers(0, 1 << 40), st.integers(0, 64))
+def test_frontswap_keys_of_a_run_are_each_slots_key(swap_type: int, first: int, count: int) -> None:
+    offsets = range(first, first + count)
+    assert frontswap_keys(swap_type, offsets) == [frontswap_key(swap_type, offset) for offset in offsets]
+
+
 def test_page_span() -> None:
     assert page_span(0, 4096) == range(0, 1)
     assert page_span(4095, 2) == range(0, 2)
@@ -42,6 +56,8 @@ def test_slot_map_records_where_each_slot_lives() -> None:
     slots.set_range(range(10, 20), Where.TMEM)
     assert list(slots.slots_in(range(0, 64), Where.TMEM)) == [5, *range(10, 20)]
     assert slots.count(Where.DISK) == 1
+    assert slots.all_in(range(10, 20), Where.TMEM) and slots.all_in(range(5, 6), Where.TMEM)
+    assert not slots.all_in(range(5, 7), Where.TMEM) and not slots.all_in(range(9, 20), Where.TMEM)
     slots.set_range(range(0, 64), Where.NOWHERE)
     assert slots.count(Where.NOWHERE) == 64
 
