@@ -53,9 +53,12 @@ NBD_SET_SIZE_BLOCKS = 0xAB07
 NBD_DISCONNECT = 0xAB08
 NBD_SET_FLAGS = 0xAB0A
 
-# Requests are capped at 128 KiB (max_sectors_kb, set below): the per-worker
-# buffers are sized for that, and 32-page frames are what the channel moves best.
-MAX_REQUEST_BYTES = 128 * 1024
+# Requests are capped at 256 KiB (max_sectors_kb, set below): 64 pages, one
+# PUT_BATCH frame of the session's MAX_FRAME_PAGES; the per-worker buffers are sized
+# for that. Fewer, bigger swap-out requests: each costs the agent a fixed amount of
+# Python on an emulated vCPU (QEMU's NBD client, tmem-blk, writes ~62 pages per
+# request, FACTS.md).
+MAX_REQUEST_BYTES = 256 * 1024
 # A bigger request (should max_sectors_kb not stick) gets a one-off buffer rather
 # than a protocol error; beyond this the kernel is misbehaving.
 DECODER_MAX_PAYLOAD = 32 * 1024 * 1024
@@ -65,7 +68,7 @@ FLUSH_BATCH_PAGES = 256
 # before it fails with EIO (the page is safe in tmemd meanwhile): start --read-wait.
 READ_RECONNECT_WAIT_S = 30.0
 # Slots are locked in aligned stripes of this many, over this many locks: an NBD
-# request (<= 32 slots) takes one or two, a drain or reconcile step one.
+# request (<= 64 slots) takes two or three, a drain or reconcile step one.
 STRIPE_SLOTS = 32
 STRIPE_LOCKS = 64
 

@@ -29,7 +29,7 @@ GUEST = "g1"
 CAPPED = "capped"
 CAP_PAGES = 48
 DISK_BYTES = 16 << 20
-WRITE_PAGES = 32  # what max_sectors_kb = 128 lets the kernel send
+WRITE_PAGES = 64  # what the agent's max_sectors_kb (256) lets the kernel send
 READ_PAGES = 8  # swap readahead with vm.page-cluster = 3
 
 
@@ -143,7 +143,7 @@ def test_pages_read_back_from_where_they_were_written(served: Served) -> None:
 
 def test_pages_tmem_refuses_go_to_the_fallback_disk_and_read_back(served_capped: Served) -> None:
     kernel = served_capped.kernel
-    requests = 4  # 128 pages against a 48-page cap
+    requests = 4  # 256 pages against a 48-page cap
     for request_number in range(requests):
         slot = request_number * WRITE_PAGES
         kernel.fill(10_000 + slot, WRITE_PAGES)
@@ -171,10 +171,10 @@ def test_steady_state_io_path_allocates_no_payload_sized_memory(served: Served) 
 
     WRITEs: header and payload are received into the worker's buffers, the PUT_BATCH
     frame is packed into the session's call buffer and the fallback disk writes from
-    the payload buffer: no allocation in proportion to the 128 KiB moved. READs: the
+    the payload buffer: no allocation in proportion to the 256 KiB moved. READs: the
     session's frame decoder still copies each GET_BATCH reply (and grows its receive
     buffer) once; the pages then go straight into the NBD reply buffer. Each bound is
-    below one WRITE payload (128 KiB), which the earlier path copied twice per request.
+    below one WRITE payload (256 KiB), which the earlier path copied twice per request.
     """
     kernel = served.kernel
     for number in range(50):  # warm up: pools, histograms, caches
