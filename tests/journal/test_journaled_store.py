@@ -234,3 +234,21 @@ def test_deferred_records_reach_the_file_when_the_block_ends(tmp_path: Path) -> 
     assert journal is not None and journal.writes == 3  # NEW_POOL, PUT, the block's one write
     again, restored = reopen(tmp_path)
     assert contents(again, restored) == {(pool, (0, 0, 0), 0): page(2)}
+
+
+def test_a_failed_compaction_keeps_the_journal_and_backs_off(tmp_path: Path) -> None:
+    store = JournaledStore(1 << 30, state_dir=tmp_path, compact_floor=64 << 10)
+    client = store.add_client("g1")
+    _, pool, _ = store.new_pool(client, persistent=True)
+    path = journal_path(tmp_path, "g1")
+    path.with_name(path.name + ".tmp").mkdir()  # where the copy would go: not writable
+    for version in range(30):
+        statuses = store.put_many(client, pool, [((0, 0, 0), n) for n in range(16)],
+                                  [page(3 * n + 2, version) for n in range(16)])
+        assert statuses == [Status.OK] * 16
+    journal = store.journal(client)
+    assert journal is not None and journal.compactions == 0 and journal.compact_floor > 64 << 10
+    expected = contents(store, client)
+    path.with_name(path.name + ".tmp").rmdir()
+    again, restored = reopen(tmp_path)
+    assert contents(again, restored) == expected

@@ -330,7 +330,13 @@ class JournaledStore(Store):
             return
         if journal.size_bytes > journal.compact_floor and not journal.broken:
             if journal.size_bytes > 2 * self._live_bytes(client) + journal.compact_floor:
-                self.compact(client)
+                try:
+                    self.compact(client)
+                except OSError as error:  # e.g. no room for the copy: the journal is intact
+                    journal.compact_floor *= 2  # back off instead of retrying every request
+                    log.error("journal compaction failed", extra={
+                        "guest": client.name, "error": str(error),
+                        "next_floor_bytes": journal.compact_floor})
 
     @contextmanager
     def deferred(self, client: Client) -> Iterator[None]:
