@@ -252,3 +252,26 @@ def test_a_failed_compaction_keeps_the_journal_and_backs_off(tmp_path: Path) -> 
     path.with_name(path.name + ".tmp").rmdir()
     again, restored = reopen(tmp_path)
     assert contents(again, restored) == expected
+
+
+def test_a_failed_write_retires_the_journal_and_the_store_carries_on(tmp_path: Path) -> None:
+    store, client = reopen(tmp_path)
+    _, pool, _ = store.new_pool(client, persistent=True)
+    assert store.put(client, pool, (0, 0, 0), 0, page(1)) == Status.OK
+    journal = store.journal(client)
+    assert journal is not None
+    # The journal's descriptor turns read-only: the next append fails (EBADF), as a
+    # full disk or an I/O error would fail it.
+    read_only = os.open(journal.path, os.O_RDONLY)
+    os.dup2(read_only, journal.fd)
+    os.close(read_only)
+    assert store.put(client, pool, (0, 0, 0), 1, page(2)) == Status.OK
+    assert store.get(client, pool, (0, 0, 0), 1) == (Status.OK, page(2))
+    stats = store.journal_stats(client)
+    assert stats["broken"] and stats["write_errors"] == 1
+    assert not journal_path(tmp_path, "g1").exists()
+    assert (tmp_path / "g1.journal.broken").exists()
+    # Not replayed: a restart knows nothing of the guest's pages (and the NBD
+    # export starts 'lost', tests/nbd/test_crash.py), rather than an old state.
+    again, restored = reopen(tmp_path)
+    assert all(each is None for each in restored.pools)

@@ -11,11 +11,11 @@ restarted tmemd has the guest's persistent pools back under the same ids.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -107,13 +107,17 @@ class GuestJournal:
         self.broken = True
         log.error("journal write failed: this guest's persistent pages no longer survive "
                   "a tmemd crash", extra={"journal": str(self.path), "error": reason})
+        # Renamed first, so that no restart replays it: it misses this request's
+        # flushes, and replaying it could bring back an older copy of a page.
+        # The rename needs no free space.
         try:
-            os.ftruncate(self.fd, self.size_bytes)
             os.replace(self.path, self.path.with_name(self.path.name.removesuffix(JOURNAL_SUFFIX)
                                                       + BROKEN_SUFFIX))
         except OSError as error:
             log.error("cannot retire the journal", extra={"journal": str(self.path),
                                                           "error": str(error)})
+        with contextlib.suppress(OSError):  # for inspection: cut the partial record off
+            os.ftruncate(self.fd, self.size_bytes)
 
     def read_records(self) -> tuple[list[codec.Record], ReplayResult]:
         """Every valid record from the start; a torn or corrupt tail is cut off."""
@@ -338,7 +342,7 @@ class JournaledStore(Store):
                         "guest": client.name, "error": str(error),
                         "next_floor_bytes": journal.compact_floor})
 
-    @contextmanager
+    @contextlib.contextmanager
     def deferred(self, client: Client) -> Iterator[None]:
         """Hold the client's records back until the block ends, then write them in
         one writev, before the caller replies. The NBD export writes refused pages
