@@ -11,7 +11,7 @@ import pytest
 from tmem_host.journal import codec
 from tmem_host.journal.codec import (
     NEED_DATA, DestroyPool, FlushObject, FlushPage, FlushPool, JournalDecoder, JournalError,
-    NewPool, Put, Record,
+    Lost, NewPool, Put, Record,
 )
 
 OID = (0x0102030405060708, 0, 0xFFFFFFFFFFFFFFFF)
@@ -26,6 +26,7 @@ RECORDS: list[Record] = [
     FlushObject(3, (1, 2, 3)),
     FlushPool(0),
     DestroyPool(15),
+    Lost(2, OID, 12),
 ]
 STREAM = b"".join(codec.encode(record) for record in RECORDS)
 

@@ -275,3 +275,27 @@ def test_a_failed_write_retires_the_journal_and_the_store_carries_on(tmp_path: P
     # export starts 'lost', tests/nbd/test_crash.py), rather than an old state.
     again, restored = reopen(tmp_path)
     assert all(each is None for each in restored.pools)
+
+
+def test_an_admin_flush_is_remembered_as_lost_until_the_guest_writes(tmp_path: Path) -> None:
+    store = JournaledStore(1 << 30, state_dir=tmp_path, compact_floor=64 << 10)
+    client = store.add_client("g1")
+    _, pool, _ = store.new_pool(client, persistent=True, label="nbd")
+    keys = [((n % 16, 0, 0), n // 16) for n in range(40)]
+    store.put_many(client, pool, keys, [page(n) for n in range(40)])
+    store.flush_client(client)  # what tmemctl flush does
+    assert store.lost_keys(client, pool) == frozenset(keys)
+    store.put(client, pool, *keys[0], page(99))  # written again: the guest's own
+    store.flush_many(client, pool, [keys[1]])  # flushed by the guest: no longer lost
+    store.flush_object(client, pool, keys[2][0])  # the object of keys 2, 18, 34
+    expected_lost = frozenset(keys[3:]) - {keys[18], keys[34]}
+    assert store.lost_keys(client, pool) == expected_lost
+    again, restored = reopen(tmp_path)
+    assert again.lost_keys(restored, pool) == expected_lost
+    # Compaction keeps them (LOST records): rewrite, then a third start.
+    again.compact(restored)
+    third, restored3 = reopen(tmp_path)
+    assert third.lost_keys(restored3, pool) == expected_lost
+    assert contents(third, restored3) == {(pool, keys[0][0], keys[0][1]): page(99)}
+    assert third.destroy_pool(restored3, pool) == Status.OK
+    assert third.lost_keys(restored3, pool) == frozenset()

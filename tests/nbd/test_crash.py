@@ -170,3 +170,22 @@ def test_without_a_journal_a_crashed_disk_reads_errors_not_zeros(start_tmemd: St
     daemon.start()
     with NbdClient(daemon.nbd_socket("g1"), "g1") as client:
         assert read_slots(client, 0, 1) == bytes(PAGE)
+
+
+def test_slots_an_admin_flush_took_stay_errors_after_a_crash(start_tmemd: StartTmemd) -> None:
+    daemon = start_tmemd(guests=("g1",), extra_args=("--nbd-size", "16M"))
+    with NbdClient(daemon.nbd_socket("g1"), "g1") as client, daemon.control() as control:
+        control.request("freeze", guest="g1")  # slot 0's first copy goes to the fallback
+        assert client.write(0, slot_page(0)) == nbd.Error.OK
+        control.request("thaw", guest="g1")
+        assert client.write(0, b"".join(slot_page(s, version=1) for s in range(4))) == 0
+        control.request("flush", guest="g1")  # tmem drops slots 0-3 behind the guest's back
+        assert client.read(0, PAGE)[0] == nbd.Error.EIO
+    daemon.crash_and_restart()
+    with NbdClient(daemon.nbd_socket("g1"), "g1") as client:
+        # Never the fallback's older copy of slot 0, nor zeros for slots 1-3.
+        for slot in range(4):
+            assert client.read(slot * PAGE, PAGE)[0] == nbd.Error.EIO
+        assert client.write(0, slot_page(0, version=2)) == nbd.Error.OK
+        assert read_slots(client, 0, 1) == slot_page(0, version=2)
+        assert read_slots(client, 4, 4) == bytes(4 * PAGE)  # never written: zeros

@@ -15,6 +15,11 @@ header and key are packed in one call and the page follows. Bodies:
     FLUSH_OBJECT  pool u8, oid 3 x u64
     FLUSH_POOL    pool u8
     DESTROY_POOL  pool u8
+    LOST          pool u8, oid 3 x u64, index u64
+
+LOST says tmemd dropped a page its guest did not flush (an admin flush): the
+NBD export must fail reads of that slot until it is written again. Compaction
+keeps LOST records of keys not written since.
 
 A stored page is the store's own form (tmem_host.store.pagecodec): tag FILL and
 the 8-byte fill word, or tag DATA and the lz4 block or raw page bytes, so a
@@ -59,6 +64,7 @@ class RecordType(IntEnum):
     FLUSH_OBJECT = 4
     FLUSH_POOL = 5
     DESTROY_POOL = 6
+    LOST = 7
 
 
 class PageTag(IntEnum):
@@ -108,7 +114,14 @@ class DestroyPool:
     pool_id: int
 
 
-Record = NewPool | Put | FlushPage | FlushObject | FlushPool | DestroyPool
+@dataclass(frozen=True, slots=True)
+class Lost:
+    pool_id: int
+    oid: Oid
+    index: int
+
+
+Record = NewPool | Put | FlushPage | FlushObject | FlushPool | DestroyPool | Lost
 
 
 # -- encoding ------------------------------------------------------------------
@@ -156,8 +169,9 @@ def encode(record: Record) -> bytes:
             raise ValueError(f"pool label longer than {MAX_LABEL} bytes")
         pieces = _frame(RecordType.NEW_POOL,
                         _NEW_POOL.pack(record.pool_id, record.page_shift, len(label)), label)
-    elif isinstance(record, FlushPage):
-        pieces = _frame(RecordType.FLUSH_PAGE, _KEY.pack(record.pool_id, *record.oid, record.index))
+    elif isinstance(record, (FlushPage, Lost)):
+        kind = RecordType.FLUSH_PAGE if isinstance(record, FlushPage) else RecordType.LOST
+        pieces = _frame(kind, _KEY.pack(record.pool_id, *record.oid, record.index))
     elif isinstance(record, FlushObject):
         pieces = _frame(RecordType.FLUSH_OBJECT, _OBJECT.pack(record.pool_id, *record.oid))
     elif isinstance(record, FlushPool):
@@ -241,10 +255,11 @@ def _decode_body(record_type: int, body: bytes) -> Record:
             if len(label) != label_length:
                 raise JournalError("NEW_POOL label length disagrees with the record")
             return NewPool(pool_id, page_shift, label.decode("ascii"))
-        if kind is RecordType.FLUSH_PAGE:
+        if kind is RecordType.FLUSH_PAGE or kind is RecordType.LOST:
             _exact(body, _KEY)
             pool_id, oid0, oid1, oid2, index = _KEY.unpack(body)
-            return FlushPage(pool_id, (oid0, oid1, oid2), index)
+            key_record = FlushPage if kind is RecordType.FLUSH_PAGE else Lost
+            return key_record(pool_id, (oid0, oid1, oid2), index)
         if kind is RecordType.FLUSH_OBJECT:
             _exact(body, _OBJECT)
             pool_id, oid0, oid1, oid2 = _OBJECT.unpack(body)

@@ -77,6 +77,25 @@ class GuestJournal:
         self.compactions = 0
         self.last_compaction_s = 0.0
         self.replay = ReplayResult()
+        #: Per pool id, keys tmemd dropped without the guest flushing them (an
+        #: admin flush) and not written since: LOST records, kept by compaction.
+        self.lost: dict[int, set[Key]] = {}
+
+    def mark_lost(self, pool_id: int, pool: Pool) -> None:
+        """Every page of the pool is about to be dropped by an admin flush."""
+        keys = {(oid, index) for oid, index, _ in Store.stored_pages(pool)}
+        if keys:
+            self.lost.setdefault(pool_id, set()).update(keys)
+
+    def found(self, pool_id: int, keys: Sequence[Key]) -> None:
+        """The guest wrote or flushed these keys: they are its own again."""
+        lost = self.lost.get(pool_id)
+        if lost:
+            for oid, index in keys:
+                if index == WHOLE_OBJECT:
+                    lost.difference_update([key for key in lost if key[0] == oid])
+                else:
+                    lost.discard((oid, index))
 
     @property
     def tmp_path(self) -> Path:
@@ -157,6 +176,8 @@ class GuestJournal:
                     if count % _COMPACT_RECORDS_PER_WRITE == 0:
                         size += _write_all(fd, pieces)
                         pieces = []
+                pieces += [codec.encode(codec.Lost(pool_id, oid, index))
+                           for oid, index in self.lost.get(pool_id, ())]
             size += _write_all(fd, pieces)
         except BaseException:
             os.close(fd)
@@ -262,6 +283,13 @@ class JournaledStore(Store):
         journal = self.journal(client)
         return journal is not None and journal.existed
 
+    def lost_keys(self, client: Client | str, pool_id: int) -> frozenset[Key]:
+        """Keys of the pool tmemd dropped (an admin flush) that the guest has not
+        written or flushed since: a frontend must fail reads of them, not serve
+        an older copy from elsewhere."""
+        journal = self.journal(client)
+        return frozenset(journal.lost.get(pool_id, ())) if journal is not None else frozenset()
+
     def journal_stats(self, client: Client | str) -> dict[str, Any]:
         client = self._resolve(client)
         journal = self._journals[client.name]
@@ -288,7 +316,7 @@ class JournaledStore(Store):
         records, result = journal.read_records()
         for number, record in enumerate(records):
             try:
-                self._apply(client, record)
+                self._apply(client, journal, record)
             except ValueError as error:  # a record that contradicts the ones before
                 result.error = f"record {number}: {error}"
                 break
@@ -296,19 +324,29 @@ class JournaledStore(Store):
         result.seconds = time.perf_counter() - started
         return result
 
-    def _apply(self, client: Client, record: codec.Record) -> None:
+    def _apply(self, client: Client, journal: GuestJournal, record: codec.Record) -> None:
+        """Redo one record (with the store's own methods: nothing is journaled)."""
         if isinstance(record, codec.Put):
             self.restore_page(client, record.pool_id, record.oid, record.index, record.stored)
+            journal.found(record.pool_id, [(record.oid, record.index)])
         elif isinstance(record, codec.NewPool):
             self.restore_pool(client, record.pool_id, record.page_shift, record.label)
         elif isinstance(record, codec.FlushPage):
             self._expect_ok(super().flush_page(client, record.pool_id, record.oid, record.index))
+            journal.found(record.pool_id, [(record.oid, record.index)])
         elif isinstance(record, codec.FlushObject):
             self._expect_ok(super().flush_object(client, record.pool_id, record.oid))
+            journal.found(record.pool_id, [(record.oid, WHOLE_OBJECT)])
         elif isinstance(record, codec.FlushPool):
+            pool = client.pools[record.pool_id] if 0 <= record.pool_id < len(client.pools) else None
+            if pool is not None:
+                journal.mark_lost(record.pool_id, pool)
             self._expect_ok(super().flush_pool(client, record.pool_id))
+        elif isinstance(record, codec.Lost):
+            journal.lost.setdefault(record.pool_id, set()).add((record.oid, record.index))
         else:
             self._expect_ok(super().destroy_pool(client, record.pool_id))
+            journal.lost.pop(record.pool_id, None)
 
     @staticmethod
     def _expect_ok(status: Status) -> None:
@@ -405,24 +443,33 @@ class JournaledStore(Store):
         found = self._journal_for(client, pool_id)
         status = super().destroy_pool(client, pool_id)
         if found is not None and status == Status.OK:
+            found[0].lost.pop(pool_id, None)
             self._commit(client, found[0], [codec.encode(codec.DestroyPool(pool_id))], 1)
         return status
 
+    # flush_pool and flush_client are admin operations (no ABI op reaches them):
+    # the guest did not flush those pages, so they are also recorded as lost.
+
     def flush_pool(self, client: Client, pool_id: int) -> Status:
+        found = self._journal_for(client, pool_id)
+        if found is not None:
+            found[0].mark_lost(pool_id, found[1])
         status = super().flush_pool(client, pool_id)
-        if status == Status.OK and (found := self._journal_for(client, pool_id)) is not None:
+        if found is not None and status == Status.OK:
             self._commit(client, found[0], [codec.encode(codec.FlushPool(pool_id))], 1)
         return status
 
     def flush_client(self, client: Client | str) -> int:
         client = self._resolve(client)
-        flushed = super().flush_client(client)
         journal = self._journals.get(client.name)
+        pools = [(pool_id, pool) for pool_id, pool in _live_pools(client) if pool.owner is client]
         if journal is not None and not journal.broken:
-            pools = [pool_id for pool_id, pool in _live_pools(client) if pool.owner is client]
-            if pools:
-                self._commit(client, journal, [codec.encode(codec.FlushPool(pool_id))
-                                               for pool_id in pools], len(pools))
+            for pool_id, pool in pools:
+                journal.mark_lost(pool_id, pool)
+        flushed = super().flush_client(client)
+        if journal is not None and not journal.broken and pools:
+            self._commit(client, journal, [codec.encode(codec.FlushPool(pool_id))
+                                           for pool_id, _ in pools], len(pools))
         return flushed
 
     def put(self, client: Client, pool_id: int, oid: Oid, index: int, data: Buffer) -> Status:
@@ -433,6 +480,7 @@ class JournaledStore(Store):
                 pieces = codec.put_record(pool_id, oid, index, _stored_form(pool, oid, index))
             else:  # the store dropped the old copy: so must a replay
                 pieces = [codec.encode(codec.FlushPage(pool_id, oid, index))]
+            journal.found(pool_id, [(oid, index)])
             self._commit(client, journal, pieces, 1)
         return status
 
@@ -457,12 +505,14 @@ class JournaledStore(Store):
             else:
                 pieces.append(codec.encode(codec.FlushPage(pool_id, oid, index)))
             records += 1
+        journal.found(pool_id, keys)
         self._commit(client, journal, pieces, records)
         return statuses
 
     def flush_page(self, client: Client, pool_id: int, oid: Oid, index: int) -> Status:
         status = super().flush_page(client, pool_id, oid, index)
         if status == Status.OK and (found := self._journal_for(client, pool_id)) is not None:
+            found[0].found(pool_id, [(oid, index)])
             self._commit(client, found[0], [codec.encode(codec.FlushPage(pool_id, oid, index))], 1)
         return status
 
@@ -474,5 +524,6 @@ class JournaledStore(Store):
             pieces = [codec.encode(codec.FlushObject(pool_id, oid) if index == WHOLE_OBJECT
                                    else codec.FlushPage(pool_id, oid, index))
                       for oid, index in keys]
+            found[0].found(pool_id, keys)
             self._commit(client, found[0], pieces, len(pieces))
         return statuses

@@ -68,6 +68,11 @@ def swap_key(slot: int) -> tuple[tuple[int, int, int], int]:
     return ((SWAP_TYPE << SWIZ_BITS) | (slot & SWIZ_MASK), 0, 0), slot >> SWIZ_BITS
 
 
+def swap_slot(oid: tuple[int, int, int], index: int) -> int:
+    """The swap slot of a tmem key made by swap_key."""
+    return (index << SWIZ_BITS) | (oid[0] & SWIZ_MASK)
+
+
 def size_bucket(pages: int) -> str:
     label = "1"
     for bucket in HISTOGRAM_BUCKETS:
@@ -130,8 +135,10 @@ class NbdExport:
         # Bit set: the slot's page is in tmem; clear: in the fallback file (or never written).
         self._in_tmem = bytearray((self.slots + 7) // 8)
         self._pool_id: int | None = None
-        # "lost" start: bit set once the slot was written or discarded since the start.
-        self._fresh: bytearray | None = bytearray(len(self._in_tmem)) if start == "lost" else None
+        # Bit set: the slot's page was lost (a crash without a journal, an admin
+        # flush before a crash): reads fail until the slot is written or discarded.
+        self._lost: bytearray | None = (bytearray(b"\xff" * len(self._in_tmem))
+                                        if start == "lost" else None)
         self._fallback_fd = os.open(self.fallback_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         if start == "resume":
             self._resume()
@@ -167,11 +174,22 @@ class NbdExport:
             if pool is not None and pool.persistent and pool.label == EXPORT_POOL_LABEL:
                 self._pool_id = pool_id
                 for oid, index, _stored in Store.stored_pages(pool):
-                    slot = (index << SWIZ_BITS) | (oid[0] & SWIZ_MASK)
+                    slot = swap_slot(oid, index)
                     if slot < self.slots:
                         self._mark(slot, True)
+                # Slots an admin flush took from tmem: the fallback holds an older
+                # copy, if any (before the crash they read as EIO; so they still do).
+                lost = (self.store.lost_keys(self.client, pool_id)
+                        if isinstance(self.store, JournaledStore) else frozenset())
+                if lost:
+                    self._lost = bytearray(len(self._in_tmem))
+                    for oid, index in lost:
+                        slot = swap_slot(oid, index)
+                        if slot < self.slots:
+                            self._lost[slot >> 3] |= 1 << (slot & 7)
                 log.info("NBD export resumed", extra={"guest": self.name, "pool_id": pool_id,
-                                                      "slots_in_tmem": pool.pages})
+                                                      "slots_in_tmem": pool.pages,
+                                                      "slots_lost": len(lost)})
                 return
 
     def drain_step(self, from_slot: int, max_pages: int) -> tuple[int, int]:
@@ -333,7 +351,7 @@ class NbdExport:
     def _write_pages(self, first_slot: int, data: bytes) -> None:
         self.counters["writes"] += 1
         pages = len(data) >> PAGE_SHIFT
-        self._mark_fresh(first_slot, pages)
+        self._mark_found(first_slot, pages)
         pool_id = self._pool()
         if pool_id is None:
             statuses = [Status.REFUSED] * pages
@@ -364,11 +382,11 @@ class NbdExport:
     def _read(self, first_slot: int, pages: int) -> tuple[int, bytes | bytearray]:
         self.counters["reads"] += 1
         out = bytearray(pages << PAGE_SHIFT)
-        fresh = self._fresh
-        if fresh is not None:
+        lost = self._lost
+        if lost is not None:
             for slot in range(first_slot, first_slot + pages):
-                if not fresh[slot >> 3] & (1 << (slot & 7)):
-                    return self._stale(slot, "lost when an earlier tmemd died")
+                if lost[slot >> 3] & (1 << (slot & 7)):
+                    return self._stale(slot, "lost before tmemd restarted")
         tmem_pages = [page for page in range(pages) if self._is_in_tmem(first_slot + page)]
         if tmem_pages:
             if self._pool_id is None:
@@ -407,14 +425,14 @@ class NbdExport:
                   extra={"guest": self.name, "slot": slot, "status": str(status)})
         return nbd.Error.EIO, b""
 
-    def _mark_fresh(self, first_slot: int, pages: int) -> None:
-        fresh = self._fresh
-        if fresh is not None:
+    def _mark_found(self, first_slot: int, pages: int) -> None:
+        lost = self._lost
+        if lost is not None:
             for slot in range(first_slot, first_slot + pages):
-                fresh[slot >> 3] |= 1 << (slot & 7)
+                lost[slot >> 3] &= ~(1 << (slot & 7)) & 0xFF
 
     def _discard(self, first_slot: int, pages: int, *, zeroing: bool) -> None:
-        self._mark_fresh(first_slot, pages)
+        self._mark_found(first_slot, pages)
         self.counters["zeroes" if zeroing else "trims"] += 1
         self.counters["pages_discarded"] += pages
         in_tmem = [slot for slot in range(first_slot, first_slot + pages) if self._is_in_tmem(slot)]
