@@ -24,7 +24,7 @@ from pathlib import Path
 from tmem_guest import counters, system
 from tmem_guest.channel import open_channel
 from tmem_guest.session import DEFAULT_HEARTBEAT_S, DEFAULT_REQUEST_TIMEOUT_S, Session
-from tmem_guest.swap import READ_RECONNECT_WAIT_S
+from tmem_guest.swap import READ_RECONNECT_WAIT_S, READAHEAD_PAGES
 
 log = logging.getLogger("tmem_guest")
 
@@ -55,6 +55,8 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
                        help="an idle session sends a STATS this often (notices a dead tmemd, sees drain requests)")
     start.add_argument("--read-wait", type=float, default=READ_RECONNECT_WAIT_S, metavar="S",
                        help="how long a swap read of a page in tmem waits for a lost session (then EIO)")
+    start.add_argument("--readahead", type=int, default=READAHEAD_PAGES, metavar="PAGES",
+                       help="batched/pipelined swap: tmem pages fetched ahead of small reads (0: off)")
     start.add_argument("--stats-interval", type=float, default=1.0)
     start.add_argument("--verbose", action="store_true")
     commands.add_parser("stats", help="print the agent's counters as JSON")
@@ -91,6 +93,7 @@ def run_agent(arguments: argparse.Namespace) -> int:
         store = SwapStore(
             session, swap_pool, disk, swap_counters, batched=arguments.swap != "sync",
             swap_type=arguments.swap_type, slot_count=slot_count, read_wait=arguments.read_wait,
+            readahead=arguments.readahead,
         )
         server = NbdSwapServer(arguments.nbd, store, mode=arguments.swap, depth=arguments.depth)
         server.start()

@@ -78,6 +78,7 @@ COUNTER_NAMES = (
     "channel_down",  # operations that found the channel down
     "unsure_flushed",  # keys flushed after an outage left them unsure (swap)
     "drained_pages",  # pages moved from tmem to the fallback disk by drains (swap)
+    "readahead_hits",  # pages a READ took from the agent's readahead window (swap)
 )
 
 

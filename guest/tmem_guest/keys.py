@@ -92,6 +92,18 @@ class SlotMap:
         """True if every slot of the contiguous range lives in `where` (one C-level count)."""
         return self._where.count(where, slots.start, slots.stop) == len(slots)
 
+    def run_in(self, start: int, limit: int, where: Where) -> int:
+        """How many consecutive slots from `start` (at most `limit`, within the map) live in `where`."""
+        stop = min(start + limit, self.slot_count)
+        table = self._where
+        end = stop
+        for other in Where:
+            if other is not where:
+                found = table.find(other, start, end)
+                if found >= 0:
+                    end = found
+        return max(end - start, 0)
+
     def slots_in(self, slots: Iterable[int], where: Where) -> Iterator[int]:
         """The slots among `slots` whose page lives in `where`."""
         table = self._where

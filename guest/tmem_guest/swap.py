@@ -180,6 +180,66 @@ class StripeLocks:
             self._locks[index].release()
 
 
+# Readahead: a small READ whose pages all live in tmem also fetches up to this many
+# following tmem slots in the same GET_BATCH, into a window the next READs are served
+# from. Swap-in arrives as <= 8-page READs (vm.page-cluster = 3), mostly in slot
+# order; each costs the agent a round trip of ms under TCG, the window turns four
+# of them into one. `start --readahead`; 0 turns it off.
+READAHEAD_PAGES = 24
+# The window is filled only by READs up to this size, so that one GET_BATCH
+# (<= 32 pages, one frame) carries the request and the readahead.
+READAHEAD_GET_PAGES = 32
+
+
+class ReadaheadWindow:
+    """Pages of consecutive slots fetched ahead of the READs that will want them.
+
+    Correctness: a slot's window copy is what tmem held when the window was filled
+    under the stripe locks of those slots (SwapStore.read holds them for the request
+    and its readahead); a WRITE or TRIM of a slot forgets it under the same locks,
+    so the window never holds a page older than the slot's last write. One fill at
+    a time owns the buffer; a READ that finds it busy reads from tmem as usual."""
+
+    def __init__(self, pages: int) -> None:
+        self.pages = pages
+        self._buffer = memoryview(aligned_buffer(max(pages, 1) << PAGE_SHIFT))
+        self._valid = bytearray(pages)
+        self._first = 0
+        self._filling = False
+        self._lock = threading.Lock()
+
+    def take(self, slots: range, into: memoryview) -> bool:
+        """Copy `slots` into `into` if the window holds every one of them."""
+        with self._lock:
+            start, stop = slots.start - self._first, slots.stop - self._first
+            if start < 0 or stop > self.pages or self._valid.count(1, start, stop) != stop - start:
+                return False
+            into[:] = self._buffer[start << PAGE_SHIFT : stop << PAGE_SHIFT]
+            return True
+
+    def forget(self, slots: range) -> None:
+        """The slots' contents change (WRITE, TRIM): drop any copy of them."""
+        with self._lock:
+            start, stop = max(slots.start - self._first, 0), min(slots.stop - self._first, self.pages)
+            if start < stop:
+                self._valid[start:stop] = bytes(stop - start)
+
+    def begin_fill(self, first: int, count: int) -> list[memoryview] | None:
+        """Page buffers for slots first..first+count, or None if another fill owns the window."""
+        with self._lock:
+            if self._filling:
+                return None
+            self._filling = True
+            self._valid[:] = bytes(self.pages)
+            self._first = first
+        return [self._buffer[i << PAGE_SHIFT : (i + 1) << PAGE_SHIFT] for i in range(count)]
+
+    def end_fill(self, found: Sequence[bool]) -> None:
+        with self._lock:
+            self._valid[: len(found)] = bytes(found)
+            self._filling = False
+
+
 class SwapStore:
     """The page logic behind the NBD device: tmem first, fallback disk second."""
 
@@ -194,6 +254,7 @@ class SwapStore:
         swap_type: int = 0,
         slot_count: int | None = None,
         read_wait: float = READ_RECONNECT_WAIT_S,
+        readahead: int = READAHEAD_PAGES,
     ) -> None:
         self.session = session
         self.pool = pool
@@ -207,6 +268,8 @@ class SwapStore:
         # without reply): flushed by reconcile() once the session is back.
         self.unsure = SlotMarks(self.slots.slot_count)
         self.locks = StripeLocks()
+        # One page per round trip (sync) gains nothing from fetching ahead.
+        self.readahead = ReadaheadWindow(readahead) if readahead > 0 and batched else None
         self._drain_buffer: memoryview | None = None  # one stripe, allocated by the first drain
         self._swept = False  # the drain's final whole-area flush is done for this drain request
 
@@ -270,6 +333,8 @@ class SwapStore:
         slots = self._check_range(offset, len(data))
         if slots is None:
             return nbd.Error.EINVAL
+        if self.readahead is not None:
+            self.readahead.forget(slots)
         pages = [data[i << PAGE_SHIFT : (i + 1) << PAGE_SHIFT] for i in range(len(slots))]
         keys = self._keys(slots)
         offered = 0
@@ -313,18 +378,42 @@ class SwapStore:
         return nbd.Error.OK
 
     def read(self, offset: int, length: int, into: memoryview) -> int:
-        held = self._holding(offset, length)
+        # The readahead slots are locked with the request's: no WRITE of theirs can
+        # slip between the GET and the window fill.
+        ahead = self._readahead_pages(offset, length)
+        held = self._holding(offset, length + (ahead << PAGE_SHIFT))
         try:
-            return self._read(offset, length, into)
+            return self._read(offset, length, into, ahead)
         finally:
             self.locks.release(held)
 
-    def _read(self, offset: int, length: int, into: memoryview) -> int:
+    def _readahead_pages(self, offset: int, length: int) -> int:
+        """How many slots after a READ it may fetch ahead (0 without a window, for big
+        READs, at the device's end)."""
+        if self.readahead is None or length % PAGE_SIZE or offset % PAGE_SIZE:
+            return 0
+        pages, stop = length >> PAGE_SHIFT, (offset + length) >> PAGE_SHIFT
+        return max(min(self.readahead.pages, READAHEAD_GET_PAGES - pages, self.slots.slot_count - stop), 0)
+
+    def _read(self, offset: int, length: int, into: memoryview, ahead: int = 0) -> int:
         slots = self._check_range(offset, length)
         if slots is None:
             return nbd.Error.EINVAL
+        if self.readahead is not None and self.readahead.take(slots, into):
+            self.counters.add(readahead_hits=len(slots))
+            return nbd.Error.OK
         if self.slots.all_in(slots, Where.TMEM):  # the common case: no per-slot lookups
             from_tmem, from_disk = list(range(len(slots))), []
+            ahead = self.slots.run_in(slots.stop, ahead, Where.TMEM)
+            window_pages = self.readahead.begin_fill(slots.stop, ahead) if self.readahead and ahead else None
+            if window_pages is not None:
+                assert self.readahead is not None
+                found_ahead: list[bool] = []
+                try:
+                    error, found_ahead = self._read_from_tmem(offset, slots, from_tmem, into, window_pages)
+                    return error
+                finally:
+                    self.readahead.end_fill(found_ahead)
         else:
             from_tmem = [i for i, slot in enumerate(slots) if self.slots.get(slot) is Where.TMEM]
             from_disk = [i for i, slot in enumerate(slots) if self.slots.get(slot) is not Where.TMEM]
@@ -333,8 +422,17 @@ class SwapStore:
         self.counters.add(disk_reads=len(from_disk))
         if not from_tmem:
             return nbd.Error.OK
-        keys = self._keys([slots[i] for i in from_tmem])
-        pages = [into[i << PAGE_SHIFT : (i + 1) << PAGE_SHIFT] for i in from_tmem]
+        return self._read_from_tmem(offset, slots, from_tmem, into, [])[0]
+
+    def _read_from_tmem(
+        self, offset: int, slots: range, from_tmem: list[int], into: memoryview, window_pages: list[memoryview]
+    ) -> tuple[int, list[bool]]:
+        """GET the request's tmem pages (positions `from_tmem`) into `into`, and the
+        readahead slots that follow the request into `window_pages`, in one batch.
+        Returns the NBD error and which readahead pages came."""
+        wanted = [slots[i] for i in from_tmem]
+        keys = self._keys([*wanted, *range(slots.stop, slots.stop + len(window_pages))])
+        pages = [into[i << PAGE_SHIFT : (i + 1) << PAGE_SHIFT] for i in from_tmem] + window_pages
         try:
             found = self._get(keys, pages)
         except ChannelDown:
@@ -342,16 +440,17 @@ class SwapStore:
             retried = self._get_after_reconnect(keys, pages)
             if retried is None:
                 self.counters.add(errors=1)
-                return nbd.Error.EIO
+                return nbd.Error.EIO, []
             found = retried
         hits = sum(found)
         self.counters.add(gets=len(keys), hits=hits, misses=len(keys) - hits, bytes_got=hits << PAGE_SHIFT)
-        if hits != len(keys):
+        lost = len(wanted) - sum(found[: len(wanted)])
+        if lost:
             # Only tmem had these pages: answering anything but an error would be stale data.
-            self.counters.add(lost_pages=len(keys) - hits, errors=1)
-            log.error("tmem lost %d swap page(s) at offset %d", len(keys) - hits, offset)
-            return nbd.Error.EIO
-        return nbd.Error.OK
+            self.counters.add(lost_pages=lost, errors=1)
+            log.error("tmem lost %d swap page(s) at offset %d", lost, offset)
+            return nbd.Error.EIO, found[len(wanted) :]
+        return nbd.Error.OK, found[len(wanted) :]
 
     def _get_after_reconnect(self, keys: list[tuple[Oid, int]], pages: list[memoryview]) -> list[bool] | None:
         """The pages are safe in tmemd while the channel is down (or tmemd restarted
@@ -377,6 +476,8 @@ class SwapStore:
         slots = self._check_range(offset, length)
         if slots is None:
             return nbd.Error.EINVAL
+        if self.readahead is not None:
+            self.readahead.forget(slots)
         in_tmem = list(self.slots.slots_in(slots, Where.TMEM))
         self.slots.set_range(slots, Where.NOWHERE)
         if in_tmem:

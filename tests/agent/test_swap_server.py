@@ -21,7 +21,7 @@ from tmem_guest.channel import UnixSocketChannel
 from tmem_guest.counters import Counters
 from tmem_guest.keys import PAGE_SIZE
 from tmem_guest.session import Session
-from tmem_guest.swap import FallbackDisk, NbdSwapServer, SwapStore
+from tmem_guest.swap import READAHEAD_GET_PAGES, FallbackDisk, NbdSwapServer, SwapStore
 from tmem_host.daemon.process import TmemdProcess
 from tmem_wire import nbd
 
@@ -133,12 +133,41 @@ def test_pages_read_back_from_where_they_were_written(served: Served) -> None:
         assert kernel.read_seeds(pages) == list(range(slot, slot + pages))
     counters = served.store.counters
     assert counters["puts"] == 16 * WRITE_PAGES and counters["put_refusals"] == 0
-    assert counters["hits"] == WRITE_PAGES + 2 * READ_PAGES + 1 and counters["disk_reads"] == 0
+    assert counters["hits"] == counters["gets"] >= WRITE_PAGES + 2 * READ_PAGES + 1 and counters["disk_reads"] == 0
     # TRIM forgets the slots: tmem no longer holds them, the map points nowhere.
     assert kernel.call(nbd.Command.TRIM, 2000, 0, 16 * WRITE_PAGES * PAGE_SIZE) == 0
     assert served.store.slots.count(served.store.slots.get(0)) == served.store.slots.slot_count
     # A request past the device's end is refused, not served.
     assert kernel.call(nbd.Command.READ, 2001, DISK_BYTES, PAGE_SIZE) == nbd.Error.EINVAL
+
+
+def test_readahead_window_serves_the_next_reads_and_never_a_page_older_than_its_last_write(served: Served) -> None:
+    kernel = served.kernel
+    kernel.fill(0, WRITE_PAGES)
+    assert kernel.call(nbd.Command.WRITE, 1, 0, WRITE_PAGES * PAGE_SIZE) == 0
+    ahead = READAHEAD_GET_PAGES - READ_PAGES  # what one READ_PAGES read fetches ahead
+    for handle, slot in enumerate(range(0, READAHEAD_GET_PAGES, READ_PAGES), 10):
+        assert kernel.call(nbd.Command.READ, handle, slot * PAGE_SIZE, READ_PAGES * PAGE_SIZE) == 0
+        assert kernel.read_seeds(READ_PAGES) == list(range(slot, slot + READ_PAGES))
+    counters = served.store.counters
+    assert counters["readahead_hits"] == ahead and counters["gets"] == READAHEAD_GET_PAGES
+    # Refill the window, then rewrite slots inside it: reads must see the new pages.
+    assert kernel.call(nbd.Command.READ, 20, 0, READ_PAGES * PAGE_SIZE) == 0
+    kernel.fill(5000, READ_PAGES)
+    assert kernel.call(nbd.Command.WRITE, 21, 2 * READ_PAGES * PAGE_SIZE, READ_PAGES * PAGE_SIZE) == 0
+    assert kernel.call(nbd.Command.READ, 22, 2 * READ_PAGES * PAGE_SIZE, READ_PAGES * PAGE_SIZE) == 0
+    assert kernel.read_seeds(READ_PAGES) == list(range(5000, 5000 + READ_PAGES))
+    # That read went to tmem and refilled the window with the slots after it.
+    hits_before = counters["readahead_hits"]
+    assert kernel.call(nbd.Command.READ, 23, 3 * READ_PAGES * PAGE_SIZE, READ_PAGES * PAGE_SIZE) == 0
+    assert kernel.read_seeds(READ_PAGES) == list(range(3 * READ_PAGES, 4 * READ_PAGES))
+    assert counters["readahead_hits"] == hits_before + READ_PAGES
+    # TRIM forgets too: a rewrite after it reads back new, through the window or not.
+    assert kernel.call(nbd.Command.TRIM, 24, 4 * READ_PAGES * PAGE_SIZE, READ_PAGES * PAGE_SIZE) == 0
+    kernel.fill(7000, READ_PAGES)
+    assert kernel.call(nbd.Command.WRITE, 25, 4 * READ_PAGES * PAGE_SIZE, READ_PAGES * PAGE_SIZE) == 0
+    assert kernel.call(nbd.Command.READ, 26, 4 * READ_PAGES * PAGE_SIZE, READ_PAGES * PAGE_SIZE) == 0
+    assert kernel.read_seeds(READ_PAGES) == list(range(7000, 7000 + READ_PAGES))
 
 
 def test_pages_tmem_refuses_go_to_the_fallback_disk_and_read_back(served_capped: Served) -> None:
@@ -163,7 +192,8 @@ def test_pages_tmem_refuses_go_to_the_fallback_disk_and_read_back(served_capped:
 MEASURED_PAIRS = 200
 RETAINED_BOUND = 16 * 1024
 SMALL_OBJECTS_BOUND = 32 * 1024
-READ_REPLY_FRAME = READ_PAGES * PAGE_SIZE + 64
+# A READ_PAGES read with the readahead behind it: one GET_BATCH reply of READAHEAD_GET_PAGES.
+READ_REPLY_FRAME = READAHEAD_GET_PAGES * PAGE_SIZE + 64
 
 
 def test_steady_state_io_path_allocates_no_payload_sized_memory(served: Served) -> None:
@@ -173,8 +203,10 @@ def test_steady_state_io_path_allocates_no_payload_sized_memory(served: Served) 
     frame is packed into the session's call buffer and the fallback disk writes from
     the payload buffer: no allocation in proportion to the 256 KiB moved. READs: the
     session's frame decoder still copies each GET_BATCH reply (and grows its receive
-    buffer) once; the pages then go straight into the NBD reply buffer. Each bound is
-    below one WRITE payload (256 KiB), which the earlier path copied twice per request.
+    buffer) once, a reply of up to READAHEAD_GET_PAGES with the readahead; the pages
+    then go straight into the NBD reply buffer or the readahead window. The WRITE
+    bound is a tenth of one WRITE payload (256 KiB), which the earlier path copied
+    twice per request; the READ bound is the decoder's two copies of one reply.
     """
     kernel = served.kernel
     for number in range(50):  # warm up: pools, histograms, caches
