@@ -26,9 +26,14 @@ def tmemd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TmemdProcess]:
 
 @pytest.fixture(scope="module")
 def guest(tmemd: TmemdProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Guest]:
+    yield from boot_agent_guest(tmemd, tmp_path_factory, memory_mib=256)
+
+
+def boot_agent_guest(tmemd: TmemdProcess, tmp_path_factory: pytest.TempPathFactory, memory_mib: int) -> Iterator[Guest]:
+    """A TCG guest wired to `tmemd` for the agent: its port, a fallback swap disk, a data disk."""
     config = GuestConfig(
         name=GUEST_NAME,
-        memory_mib=256,
+        memory_mib=memory_mib,
         accel="tcg",
         swap="hostcache",  # the agent's fallback disk (serial tmem-swap)
         swap_mib=1024,

@@ -79,10 +79,10 @@ def test_swap_workload_verifies_and_pages_go_through_tmem(guest: Guest, tmemd: T
     check_pages_went_through_tmemd(tmemd, stats, mode)
 
 
-# At least 1.5x guest RAM in every mode with no cgroup; the fastest mode carries the
-# issue's deadlock bound, twice guest RAM. Minutes per mode under TCG, and a 160 MiB
-# guest was seen to hang this way (docs/AGENT.md): `make stress`, not `make test`,
-# until the agent's I/O path is shown allocation-free.
+# At least 1.5x guest RAM in every mode with no cgroup, in the module's 256 MiB guest:
+# minutes per mode under TCG, so `make stress`. The deadlock bound itself (the fastest
+# mode, twice the RAM of a smaller guest) is in make test:
+# test_guest_swap_no_cgroup.py.
 @pytest.mark.stress
 @pytest.mark.timeout(1200)
 @pytest.mark.parametrize(("mode", "ram_factor"), [("sync", 1.5), ("batched", 1.5), ("pipelined", 2.0)])
