@@ -14,7 +14,7 @@ import threading
 from tmem_guest.usemem import expected_page, page_templates
 from tmem_host.daemon.client import AbiClient
 from tmem_host.daemon.process import StartTmemd
-from tmem_host.store import PAGE_OVERHEAD_BYTES
+from tmem_host.store import OBJECT_OVERHEAD_BYTES, page_overhead_bytes
 from tmem_wire.abi import PoolFlag, Status
 
 CAP = 8 << 20
@@ -68,7 +68,10 @@ def test_a_hostile_guest_learns_nothing_and_harms_no_one(start_tmemd: StartTmemd
         stats = control.request("stats")
     evil = stats["store"]["clients"]["evil"]
     assert evil["stored_bytes"] <= CAP and evil["refusals"] == report["flood_pages_refused"]
-    assert evil["pages"] * (4096 + PAGE_OVERHEAD_BYTES) == evil["stored_bytes"]
+    # Every page stored raw: charged its 4096 bytes, its metadata and its object's.
+    assert evil["stored_bytes"] == sum(
+        pool["pages"] * (4096 + page_overhead_bytes(pool["persistent"]))
+        + pool["objects"] * OBJECT_OVERHEAD_BYTES for pool in evil["pools"] if pool["owner"])
     victim_client = stats["store"]["clients"]["victim"]
     assert victim_client["evictions"] == 0 and victim_client["refusals"] == 0
     assert failures == [] and verified_rounds[0] > 0

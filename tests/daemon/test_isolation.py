@@ -18,7 +18,7 @@ import pytest
 from tmem_host.daemon.client import AbiClient
 from tmem_host.daemon.process import StartTmemd, TmemdProcess
 from tmem_host.nbd.client import NbdClient, NbdClientError
-from tmem_host.store import PAGE_OVERHEAD_BYTES
+from tmem_host.store import OBJECT_OVERHEAD_BYTES, PERSISTENT_PAGE_OVERHEAD_BYTES
 from tmem_wire.abi import (
     ALL_POOLS,
     WHOLE_OBJECT,
@@ -33,13 +33,13 @@ from tmem_wire.abi import (
 )
 
 PAGE = 4096
-RAW_COST = PAGE + PAGE_OVERHEAD_BYTES  # an incompressible page as the store charges it
+RAW_COST = PAGE + PERSISTENT_PAGE_OVERHEAD_BYTES  # an incompressible persistent page as charged
 # Keys the victim uses; the attacker guesses exactly these.
 VICTIM_KEYS = [((oid, 0, 0), index) for oid in (0, 1, 7) for index in (0, 1, 5)]
 
 
 def random_pages(count: int) -> list[bytes]:
-    """Incompressible pages: each costs exactly RAW_COST."""
+    """Incompressible pages: each costs exactly RAW_COST in a persistent pool."""
     data = os.urandom(PAGE * count)
     return [data[i * PAGE:(i + 1) * PAGE] for i in range(count)]
 
@@ -163,7 +163,8 @@ def new_pool_payload(shared: uuid.UUID) -> bytes:
 
 @pytest.mark.parametrize("batched", [False, True])
 def test_a_cap_is_exact_and_costs_no_one_else(start_tmemd: StartTmemd, batched: bool) -> None:
-    cap = 40 * RAW_COST + RAW_COST // 2  # room for exactly 40 incompressible pages
+    # Room for exactly 40 incompressible pages in one object in each of 3 pools.
+    cap = 40 * RAW_COST + 3 * OBJECT_OVERHEAD_BYTES + RAW_COST // 2
     daemon = start_tmemd(guests=(f"g1:cap={cap}", "g2"), budget="8M")
     with AbiClient.open(daemon.abi_socket("g1")) as capped, \
             AbiClient.open(daemon.abi_socket("g2")) as other:
@@ -184,7 +185,7 @@ def test_a_cap_is_exact_and_costs_no_one_else(start_tmemd: StartTmemd, batched: 
         with daemon.control() as control:
             client = control.request("stats")["store"]["clients"]["g1"]
         assert (client["pages"], client["stored_bytes"], client["refusals"]) == (
-            40, 40 * RAW_COST, 20)
+            40, 40 * RAW_COST + 3 * OBJECT_OVERHEAD_BYTES, 20)
         assert sum(r.refusals for r in capped.stats()) == 20
         # The other guest neither lost a page nor is refused.
         assert other.get_batch(other_pool, other_keys) == other_pages

@@ -13,14 +13,32 @@ from tmem_host.store import (
     INVALID_UUID,
     MAX_POOLS_PER_CLIENT,
     MAX_SHARED_POOLS,
-    PAGE_OVERHEAD_BYTES,
+    DEDUP_BLOB_OVERHEAD_BYTES,
+    OBJECT_OVERHEAD_BYTES,
+    PERSISTENT_PAGE_OVERHEAD_BYTES,
     Client,
     Store,
+    page_overhead_bytes,
 )
 from tmem_wire.abi import WHOLE_OBJECT, Oid, PoolFlag, Status
 
 PAGE = 4096
-RAW_COST = PAGE + PAGE_OVERHEAD_BYTES  # an incompressible page, stored raw
+OBJECT = OBJECT_OVERHEAD_BYTES
+BLOB = DEDUP_BLOB_OVERHEAD_BYTES
+
+
+def raw_page_cost(persistent: bool) -> int:
+    """What the store charges for an incompressible page (stored raw)."""
+    return PAGE + page_overhead_bytes(persistent)
+
+
+def cost(pages: int, persistent: bool, objects: int = 1) -> int:
+    """The charge for ``pages`` incompressible pages in ``objects`` objects."""
+    return pages * raw_page_cost(persistent) + objects * OBJECT
+
+
+P_PAGE = raw_page_cost(True)
+E_PAGE = raw_page_cost(False)
 OID: Oid = (1, 2, 3)
 SHARED = uuid.UUID("0123456789abcdef0123456789abcdef")
 BIG = 1 << 30
@@ -89,12 +107,13 @@ def test_every_page_kind_round_trips_byte_exact(kind: str, compress: bool, page_
     assert store.put(client, pool_id, OID, 5, data) is Status.OK
     status, got = store.get(client, pool_id, OID, 5)
     assert status is Status.OK and got == data
+    metadata = PERSISTENT_PAGE_OVERHEAD_BYTES + OBJECT
     if kind in SAME_FILLED:
-        assert store.used_bytes == PAGE_OVERHEAD_BYTES  # just the fill word
+        assert store.used_bytes == metadata  # just the fill word
     elif kind == "random" or not compress:
-        assert store.used_bytes == size + PAGE_OVERHEAD_BYTES  # stored raw
+        assert store.used_bytes == size + metadata  # stored raw
     else:
-        assert store.used_bytes < size + PAGE_OVERHEAD_BYTES  # lz4 shrank it
+        assert store.used_bytes < size + metadata  # lz4 shrank it
     assert store.raw_bytes == size and store.pages == 1
 
 
@@ -216,14 +235,14 @@ def test_accepted_overwrite_replaces_the_data() -> None:
     store.put(client, pool_id, OID, 0, random_page(1))
     assert store.put(client, pool_id, OID, 0, text_page(1)) is Status.OK
     assert store.get(client, pool_id, OID, 0) == (Status.OK, text_page(1))
-    assert store.pages == 1 and store.used_bytes < RAW_COST
+    assert store.pages == 1 and store.used_bytes < cost(1, persistent=True)
 
 
 # ----------------------------------------------------------------- eviction
 
 
 def fill(store: Store, client: Client, pool_id: int, count: int, first: int = 0) -> list[Status]:
-    """Put ``count`` incompressible pages at indexes first.. (each costs RAW_COST)."""
+    """Put ``count`` incompressible pages of object OID at indexes first.. (see cost)."""
     return [
         store.put(client, pool_id, OID, index, random_page(index))
         for index in range(first, first + count)
@@ -231,7 +250,7 @@ def fill(store: Store, client: Client, pool_id: int, count: int, first: int = 0)
 
 
 def test_global_lru_evicts_oldest_and_a_hit_refreshes() -> None:
-    store, client = new_store(budget=4 * RAW_COST)
+    store, client = new_store(budget=cost(4, persistent=False))
     pool_id = new_pool(store, client, persistent=False, inclusive_gets=True)
     fill(store, client, pool_id, 4)
     assert store.get(client, pool_id, OID, 0)[0] is Status.OK  # 0 becomes the youngest
@@ -239,11 +258,11 @@ def test_global_lru_evicts_oldest_and_a_hit_refreshes() -> None:
     present = [index for index in range(6) if page_present(store, client, pool_id, index)]
     assert present == [0, 3, 4, 5]
     [record] = store.pool_stats(client, pool_id)
-    assert record.evictions == 2 and store.used_bytes == 4 * RAW_COST
+    assert record.evictions == 2 and store.used_bytes == cost(4, persistent=False)
 
 
 def test_heavy_client_loses_its_own_pages_light_client_keeps_its_share() -> None:
-    store = Store(10 * RAW_COST)
+    store = Store(cost(10, persistent=False, objects=2))
     light = store.add_client("light")
     heavy = store.add_client("heavy")
     light_pool = new_pool(store, light, persistent=False)
@@ -258,7 +277,7 @@ def test_heavy_client_loses_its_own_pages_light_client_keeps_its_share() -> None
 
 
 def test_putter_within_its_share_takes_from_the_client_most_over_its_share() -> None:
-    store = Store(9 * RAW_COST)  # three equal weights: a share is 3 pages
+    store = Store(cost(9, persistent=False, objects=3))  # three equal weights: a share is 3 pages
     old, greedy, late = (store.add_client(name) for name in ("old", "greedy", "late"))
     pools = {client.name: new_pool(store, client, persistent=False) for client in (old, greedy, late)}
     fill(store, old, pools["old"], 2)  # the oldest pages, but within its share
@@ -267,24 +286,26 @@ def test_putter_within_its_share_takes_from_the_client_most_over_its_share() -> 
     assert (old.evictions, greedy.evictions, late.evictions) == (0, 3, 1)
     assert [i for i in range(7) if page_present(store, greedy, pools["greedy"], i)] == [3, 4, 5, 6]
     assert [i for i in range(4) if page_present(store, late, pools["late"], i)] == [1, 2, 3]
-    assert old.stored_bytes == 2 * RAW_COST
+    assert old.stored_bytes == cost(2, persistent=False)
 
 
 def test_client_over_its_weighted_share_shrinks_to_it() -> None:
-    store = Store(12 * RAW_COST)
+    # Four objects' worth of slack, so that small's share holds its one object.
+    store = Store(cost(12, persistent=False, objects=4))
     small = store.add_client("small", weight=100)  # share: 3 pages
     big = store.add_client("big", weight=300)  # share: 9 pages
     small_pool = new_pool(store, small, persistent=False)
     big_pool = new_pool(store, big, persistent=False)
     fill(store, small, small_pool, 8)
     fill(store, big, big_pool, 20)
-    assert store.stats()["clients"]["small"]["share_bytes"] == 3 * RAW_COST
-    assert small.stored_bytes == 3 * RAW_COST and big.stored_bytes == 9 * RAW_COST
+    assert store.stats()["clients"]["small"]["share_bytes"] == cost(3, persistent=False)
+    assert small.stored_bytes == cost(3, persistent=False)
+    assert big.stored_bytes == cost(9, persistent=False)
     assert [i for i in range(8) if page_present(store, small, small_pool, i)] == [5, 6, 7]
 
 
 def test_persistent_pages_are_never_evicted() -> None:
-    store, client = new_store(budget=4 * RAW_COST)
+    store, client = new_store(budget=cost(4, persistent=True))
     other = store.add_client("g2")
     persistent = new_pool(store, client, persistent=True)
     ephemeral = new_pool(store, other, persistent=False)
@@ -302,25 +323,26 @@ def test_persistent_pages_are_never_evicted() -> None:
 
 def test_cap_refuses_persistent_puts_and_spares_other_clients() -> None:
     store = Store(BIG)
-    capped = store.add_client("capped", cap_bytes=3 * RAW_COST)
+    capped = store.add_client("capped", cap_bytes=cost(3, persistent=True))
     free = store.add_client("free")
     capped_pool = new_pool(store, capped, persistent=True)
     free_pool = new_pool(store, free, persistent=True)
     assert fill(store, capped, capped_pool, 4) == [Status.OK] * 3 + [Status.REFUSED]
     assert fill(store, free, free_pool, 10) == [Status.OK] * 10
-    assert capped.refusals == 1 and capped.stored_bytes == 3 * RAW_COST
+    assert capped.refusals == 1 and capped.stored_bytes == cost(3, persistent=True)
 
 
 def test_cap_makes_room_from_the_clients_own_ephemeral_pages() -> None:
     store = Store(BIG)
-    capped = store.add_client("capped", cap_bytes=3 * RAW_COST)
+    cap = cost(1, persistent=False) + cost(2, persistent=True)  # 3 ephemeral pages fit too
+    capped = store.add_client("capped", cap_bytes=cap)
     ephemeral = new_pool(store, capped, persistent=False)
     persistent = new_pool(store, capped, persistent=True)
     assert fill(store, capped, ephemeral, 3) == [Status.OK] * 3
     assert fill(store, capped, persistent, 2) == [Status.OK] * 2
-    assert capped.evictions == 2 and capped.stored_bytes == 3 * RAW_COST
-    store.set_cap(capped, RAW_COST)  # lowering evicts the last ephemeral page only
-    assert capped.evictions == 3 and capped.stored_bytes == 2 * RAW_COST
+    assert capped.evictions == 2 and capped.stored_bytes == cap
+    store.set_cap(capped, cost(1, persistent=True))  # evicts the last ephemeral page only
+    assert capped.evictions == 3 and capped.stored_bytes == cost(2, persistent=True)
     assert fill(store, capped, persistent, 1, first=9) == [Status.REFUSED]
     store.set_cap(capped, None)
     assert fill(store, capped, persistent, 1, first=9) == [Status.OK]
@@ -439,13 +461,13 @@ def test_shared_pool_survives_its_owner_and_dies_with_its_last_member() -> None:
     private = new_pool(store, two, persistent=False)
     fill(store, one, id_one, 3)
     fill(store, two, private, 1, first=100)  # younger than the shared pages
-    assert one.stored_bytes == 3 * RAW_COST and two.stored_bytes == RAW_COST
+    assert one.stored_bytes == cost(3, False) and two.stored_bytes == cost(1, False)
     store.remove_client(one)  # the owner leaves: g2 is charged from now on
-    assert two.stored_bytes == 4 * RAW_COST and store.used_bytes == 4 * RAW_COST
+    assert two.stored_bytes == store.used_bytes == cost(4, persistent=False, objects=2)
     assert store.get(two, id_two, OID, 2) == (Status.OK, random_page(2))
     fill(store, two, id_two, 1, first=3)
     # The moved pages join g2's LRU by age: the two oldest shared pages go.
-    store.set_budget(3 * RAW_COST)
+    store.set_budget(cost(3, persistent=False, objects=2))
     assert [i for i in range(4) if page_present(store, two, id_two, i)] == [2, 3]
     assert page_present(store, two, private, 100)
     assert store.destroy_pool(two, id_two) is Status.OK
@@ -458,12 +480,12 @@ def test_shared_pool_survives_its_owner_and_dies_with_its_last_member() -> None:
 def test_new_owner_of_a_shared_pool_is_held_to_its_cap() -> None:
     store = Store(BIG)
     one = store.add_client("g1", shared_uuids=frozenset({SHARED}))
-    two = store.add_client("g2", cap_bytes=RAW_COST, shared_uuids=frozenset({SHARED}))
+    two = store.add_client("g2", cap_bytes=cost(1, False), shared_uuids=frozenset({SHARED}))
     _, id_one, _ = store.new_pool(one, False, shared_uuid=SHARED)
     _, id_two, _ = store.new_pool(two, False, shared_uuid=SHARED)
     fill(store, one, id_one, 3)
     assert store.destroy_pool(one, id_one) is Status.OK
-    assert two.stored_bytes == store.used_bytes == RAW_COST and two.evictions == 2
+    assert two.stored_bytes == store.used_bytes == cost(1, False) and two.evictions == 2
     assert [i for i in range(3) if page_present(store, two, id_two, i)] == [2]
 
 
@@ -491,7 +513,11 @@ def test_dedup_stores_identical_content_once_per_client(dedup: bool) -> None:
     for index in range(3):
         store.put(client, first, OID, index, data)
     store.put(client, second, OID, 0, data)
-    expected = PAGE + 4 * PAGE_OVERHEAD_BYTES if dedup else 4 * RAW_COST
+    # The ephemeral page's data is the persistent pages' blob (one table per client).
+    if dedup:
+        expected = PAGE + BLOB + 3 * page_overhead_bytes(True) + page_overhead_bytes(False) + 2 * OBJECT
+    else:
+        expected = cost(3, persistent=True) + cost(1, persistent=False)
     assert client.stored_bytes == store.used_bytes == expected
     assert store.stats()["clients"]["g1"]["dedup_hits"] == (3 if dedup else 0)
     assert store.get(client, second, OID, 0) == (Status.OK, data)  # exclusive get
@@ -510,26 +536,27 @@ def test_dedup_never_crosses_clients_or_shared_pools() -> None:
     data = random_page(6)
     for client in (one, two):
         store.put(client, new_pool(store, client, persistent=True), OID, 0, data)
-    assert one.stored_bytes == two.stored_bytes == RAW_COST
+    assert one.stored_bytes == two.stored_bytes == cost(1, persistent=True) + BLOB
     _, shared_pool, shared = store.new_pool(one, False, shared_uuid=SHARED)
     assert shared
     store.put(one, shared_pool, OID, 0, data)  # same content, but a shared pool
-    assert one.stored_bytes == 2 * RAW_COST and one.dedup_hits == 0
+    assert one.stored_bytes == cost(1, True) + BLOB + cost(1, False) and one.dedup_hits == 0
 
 
 def test_dedup_accounting_under_refusal_and_overwrite() -> None:
-    store = Store(2 * RAW_COST)
+    store = Store(2 * (P_PAGE + BLOB) + OBJECT)
     client = store.add_client("g1", dedup=True)
     pool_id = new_pool(store, client, persistent=True)
     one, other = random_page(9), random_page(10)
     assert store.put(client, pool_id, OID, 0, one) is Status.OK
     assert store.put(client, pool_id, OID, 1, one) is Status.OK  # only the overhead
     assert store.put(client, pool_id, OID, 2, other) is Status.REFUSED
-    assert store.used_bytes == client.stored_bytes == RAW_COST + PAGE_OVERHEAD_BYTES
+    one_blob = P_PAGE + BLOB + OBJECT + PERSISTENT_PAGE_OVERHEAD_BYTES
+    assert store.used_bytes == client.stored_bytes == one_blob
     assert len(client.dedup_table) == 1
     # Overwriting drops index 0's reference first, which makes just enough room.
     assert store.put(client, pool_id, OID, 0, other) is Status.OK
-    assert store.used_bytes == 2 * RAW_COST and len(client.dedup_table) == 2
+    assert store.used_bytes == store.budget_bytes and len(client.dedup_table) == 2
     assert store.get(client, pool_id, OID, 0) == (Status.OK, other)
     assert store.get(client, pool_id, OID, 1) == (Status.OK, one)
 
@@ -615,25 +642,25 @@ def test_exclusive_gets_return_accounting_to_zero() -> None:
 
 
 def test_budget_changes_evict_ephemeral_keep_persistent() -> None:
-    store, client = new_store(budget=10 * RAW_COST)
+    store, client = new_store(budget=cost(4, True) + cost(6, False))
     persistent = new_pool(store, client, persistent=True)
     ephemeral = new_pool(store, client, persistent=False)
     fill(store, client, persistent, 4)
     fill(store, client, ephemeral, 4, first=10)
-    store.set_budget(6 * RAW_COST)
-    assert store.used_bytes == 6 * RAW_COST and client.evictions == 2
-    store.set_budget(2 * RAW_COST)  # below the persistent pages: all kept
-    assert store.used_bytes == 4 * RAW_COST and client.evictions == 4
+    store.set_budget(cost(4, True) + cost(2, False))
+    assert store.used_bytes == store.budget_bytes and client.evictions == 2
+    store.set_budget(cost(2, True))  # below the persistent pages: all kept
+    assert store.used_bytes == cost(4, True) and client.evictions == 4
     assert fill(store, client, persistent, 1, first=50) == [Status.REFUSED]
     assert fill(store, client, ephemeral, 1, first=50) == [Status.REFUSED]
     for index in range(4):
         assert store.get(client, persistent, OID, index) == (Status.OK, random_page(index))
-    store.set_budget(5 * RAW_COST)
+    store.set_budget(cost(5, True))
     assert fill(store, client, persistent, 1, first=50) == [Status.OK]
 
 
 def test_weight_change_moves_the_shares() -> None:
-    store = Store(8 * RAW_COST)
+    store = Store(cost(8, persistent=False, objects=2))
     one = store.add_client("g1")
     two = store.add_client("g2")
     pools = {client.name: new_pool(store, client, persistent=False) for client in (one, two)}
@@ -641,14 +668,14 @@ def test_weight_change_moves_the_shares() -> None:
     fill(store, two, pools["g2"], 4)
     store.set_weight("g2", 300)  # g1's share drops to 2 pages
     fill(store, two, pools["g2"], 2, first=4)
-    assert one.stored_bytes == 2 * RAW_COST and two.stored_bytes == 6 * RAW_COST
+    assert one.stored_bytes == cost(2, False) and two.stored_bytes == cost(6, False)
 
 
 # ----------------------------------------------------------- batches, stats
 
 
 def test_batches_match_single_operations() -> None:
-    store, client = new_store(budget=3 * RAW_COST)
+    store, client = new_store(budget=cost(3, persistent=True))
     pool_id = new_pool(store, client, persistent=True)
     keys = [(OID, index) for index in range(4)]
     pages = [random_page(index) for index in range(4)]
@@ -662,7 +689,10 @@ def test_batches_match_single_operations() -> None:
 
 
 def test_stats_are_json_and_add_up() -> None:
-    store = Store(6 * RAW_COST)
+    # g2's share (a third) is just its 2 pages; g1 (3 persistent, 2 shared
+    # ephemeral pages) is over its two thirds.
+    budget = 6 * E_PAGE + 3 * OBJECT
+    store = Store(budget)
     one = store.add_client("g1", cap_bytes=BIG, shared_uuids=frozenset({SHARED}))
     two = store.add_client("g2", weight=50)
     persistent = new_pool(store, one, persistent=True)
@@ -679,12 +709,13 @@ def test_stats_are_json_and_add_up() -> None:
     assert stats["puts"] == 9 and stats["gets"] == 2 and stats["hits"] == 1
     assert stats["misses"] == 1 and stats["flushes"] == 1 and stats["refusals"] == 0
     # g2 (share: 2 pages) took one shared page from g1 (over its share of
-    # 4 pages), then evicted its own.
+    # two thirds), then evicted its own.
     assert stats["evictions"] == 3 and stats["pages"] == 3
     g1 = stats["clients"]["g1"]
     assert list(stats["clients"]) == ["g1"] and g1["cap_bytes"] == BIG
-    assert g1["pages"] == 3 and g1["stored_bytes"] == stats["used_bytes"] == 3 * RAW_COST
-    assert g1["evictions"] == 1 and g1["share_bytes"] == 6 * RAW_COST
+    g1_bytes = cost(2, persistent=True) + cost(1, persistent=False)
+    assert g1["pages"] == 3 and g1["stored_bytes"] == stats["used_bytes"] == g1_bytes
+    assert g1["evictions"] == 1 and g1["share_bytes"] == budget
     assert [pool["pool_id"] for pool in g1["pools"]] == [0, 1]
     assert g1["pools"][1]["shared"] and g1["pools"][1]["shared_uuid"] == str(SHARED)
     records = store.pool_stats(one)

@@ -15,11 +15,18 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from tmem_guest.usemem import PAGE_SIZE, expected_page, page_templates
-from tmem_host.store import PAGE_OVERHEAD_BYTES, Client, Store
+from tmem_host.store import (
+    DEDUP_BLOB_OVERHEAD_BYTES,
+    EPHEMERAL_PAGE_OVERHEAD_BYTES,
+    OBJECT_OVERHEAD_BYTES,
+    Client,
+    Store,
+    page_overhead_bytes,
+)
 from tmem_host.store.store import DedupBlob
 from tmem_wire.abi import WHOLE_OBJECT, Key, Oid, Status
 
-RAW_COST = PAGE_SIZE + PAGE_OVERHEAD_BYTES
+RAW_COST = PAGE_SIZE + EPHEMERAL_PAGE_OVERHEAD_BYTES  # budgets and caps in pages' worth
 _TEMPLATES = page_templates(3)
 # Text, binary, stamped-zero and random pages (usemem's mix), plus same-filled
 # ones; sampling repeats contents, which exercises dedup.
@@ -33,6 +40,14 @@ OIDS: list[Oid] = [(0, 0, 1), (0, 0, 2), (1 << 63, 5, 0)]
 POOL_KINDS = ("persistent", "exclusive", "inclusive", "shared")
 SHARED_UUID = uuid.UUID(int=7)
 SHARED_OWNER = -1  # the model keys shared-pool pages by this, not by client
+
+
+
+def blob_charge(blob: DedupBlob) -> int:
+    """A dedup blob's own charge: its data bytes and its metadata."""
+    data = len(blob.stored) if isinstance(blob.stored, bytes) else 0
+    return data + DEDUP_BLOB_OVERHEAD_BYTES
+
 
 keys = st.tuples(st.sampled_from(OIDS), st.integers(0, 5))
 # Pages are drawn by number: reprs of failing examples stay readable.
@@ -215,22 +230,24 @@ class StoreAgainstModel(RuleBasedStateMachine):
             blobs: dict[int, DedupBlob] = {}
             for pool in client.owned_pools():
                 pool_pages += pool.pages
-                logical = 0
+                page_overhead = page_overhead_bytes(pool.persistent)
+                logical = len(pool.objects) * OBJECT_OVERHEAD_BYTES
+                charged += logical
                 for obj in pool.objects.values():
                     assert obj, "an empty object must be dropped"
                     for stored in obj.values():
                         if isinstance(stored, DedupBlob):
                             blobs[id(stored)] = stored
-                            logical += PAGE_OVERHEAD_BYTES + stored.data_bytes
-                            charged += PAGE_OVERHEAD_BYTES
+                            logical += page_overhead + blob_charge(stored)
+                            charged += page_overhead
                         else:
                             size = len(stored) if isinstance(stored, bytes) else 0
-                            logical += PAGE_OVERHEAD_BYTES + size
-                            charged += PAGE_OVERHEAD_BYTES + size
+                            logical += page_overhead + size
+                            charged += page_overhead + size
                 assert logical == pool.stored_bytes
                 assert pool.lru_oids.keys() == (set() if pool.persistent else pool.objects.keys())
                 assert pool.pages == sum(len(obj) for obj in pool.objects.values())
-            charged += sum(blob.data_bytes for blob in blobs.values())
+            charged += sum(blob_charge(blob) for blob in blobs.values())
             assert client.stored_bytes == charged
             assert {blob.digest for blob in blobs.values()} == set(client.dedup_table)
             lru_pages = sum(

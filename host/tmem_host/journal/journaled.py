@@ -23,7 +23,7 @@ from uuid import UUID
 
 from tmem_wire.abi import WHOLE_OBJECT, Buffer, Key, Oid, Status
 
-from tmem_host.store import DEFAULT_WEIGHT, PAGE_OVERHEAD_BYTES, Client, Pool, Store
+from tmem_host.store import DEFAULT_WEIGHT, Client, Pool, Store
 from tmem_host.store.store import DedupBlob
 
 from . import codec
@@ -417,7 +417,7 @@ class JournaledStore(Store):
         NEW_POOL per pool (fill pages counted as data-free, a few bytes short)."""
         live = 0
         for _, pool in _live_pools(client):
-            live += (pool.stored_bytes + pool.pages * (codec.PUT_RECORD_OVERHEAD - PAGE_OVERHEAD_BYTES)
+            live += (pool.data_bytes + pool.pages * codec.PUT_RECORD_OVERHEAD
                      + codec.HEADER_SIZE + 3 + len(pool.label))
         return live
 

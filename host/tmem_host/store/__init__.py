@@ -6,10 +6,14 @@ from .store import (
     INVALID_UUID,
     MAX_POOLS_PER_CLIENT,
     MAX_SHARED_POOLS,
-    PAGE_OVERHEAD_BYTES,
+    DEDUP_BLOB_OVERHEAD_BYTES,
+    EPHEMERAL_PAGE_OVERHEAD_BYTES,
+    OBJECT_OVERHEAD_BYTES,
+    PERSISTENT_PAGE_OVERHEAD_BYTES,
     Client,
     Pool,
     Store,
+    page_overhead_bytes,
 )
 
 __all__ = [
@@ -17,10 +21,14 @@ __all__ = [
     "INVALID_UUID",
     "MAX_POOLS_PER_CLIENT",
     "MAX_SHARED_POOLS",
-    "PAGE_OVERHEAD_BYTES",
+    "DEDUP_BLOB_OVERHEAD_BYTES",
+    "EPHEMERAL_PAGE_OVERHEAD_BYTES",
+    "OBJECT_OVERHEAD_BYTES",
+    "PERSISTENT_PAGE_OVERHEAD_BYTES",
     "Client",
     "Pool",
     "Store",
     "decode_page",
     "encode_page",
+    "page_overhead_bytes",
 ]

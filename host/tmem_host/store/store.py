@@ -11,8 +11,9 @@ Layout, chosen for a lean per-page path:
 - Ephemeral pages also sit in their owner client's ``lru`` (an OrderedDict
   from ``(pool, oid, index)`` to a global tick). The global LRU is the oldest
   head among the clients' LRUs, so a put touches one LRU, not two.
-- Accounting is in stored bytes: data bytes plus ``PAGE_OVERHEAD_BYTES`` per
-  page. A dedup blob's data bytes are charged to the client once.
+- Accounting is in stored bytes: what a page really costs the host, its data
+  bytes plus its metadata (the overhead constants below), so a budget bounds
+  tmemd's memory. A dedup blob's data and metadata are charged once.
 """
 
 from __future__ import annotations
@@ -44,12 +45,36 @@ from .pagecodec import StoredPage, decode_page, encode_page, stored_data_bytes
 MAX_POOLS_PER_CLIENT: Final = 16
 MAX_SHARED_POOLS: Final = 16
 DEFAULT_WEIGHT: Final = 100
-#: Charged per stored page on top of its data bytes. Measured (tracemalloc,
-#: CPython 3.11, docs/STORE.md): a persistent page costs the host about 90
-#: bytes beyond its data, an ephemeral one about 290 (its LRU entry); the
-#: excess is not charged. It also makes same-filled pages cost something, so
-#: a budget bounds their number.
-PAGE_OVERHEAD_BYTES: Final = 64
+# What the host really spends on a page beyond its data bytes, charged so that
+# RSS <= budget + a fixed overhead (docs/STORE.md, tests/daemon/test_rss_bound.py).
+# Measured on CPython 3.11 two ways: tracemalloc, the worst figure over stores
+# of 20k..300k pages sampled every 500 pages (a dict just past a resize holds
+# up to 3x slack); and tmemd's RSS, the slope between same-filled floods of an
+# 8 MiB and a 40/64/96 MiB budget (malloc headers and arenas included, fixed
+# costs cancel). Keys as decoded frames give them (fresh tuples of u64 ints up
+# to 2^64), fill words up to 2^64. The encodings differ by < 10 bytes (a fill
+# int is 36 bytes, a bytes header 33 + rounding), so one figure per kind covers
+# same-filled, lz4 and raw pages. Each constant is the worst measured + ~10%.
+#: Persistent page, measured 80-132 (tracemalloc), 98 (RSS): its slot in the
+#: object's dict, the index int, the stored int or bytes header.
+PERSISTENT_PAGE_OVERHEAD_BYTES: Final = 160
+#: Ephemeral page, measured 278-340 (tracemalloc), 304-368 (RSS): the above
+#: plus its LRU entry (OrderedDict node and slot, key tuple, tick int).
+EPHEMERAL_PAGE_OVERHEAD_BYTES: Final = 416
+#: An object (oid), charged while it holds a page; with one page per object,
+#: measured 396 persistent / 456 ephemeral (tracemalloc), up to 468 / 575
+#: (RSS): its dict, oid tuple and ints, its slot in the pool (and in the
+#: pool's lru_oids).
+OBJECT_OVERHEAD_BYTES: Final = 640
+#: A dedup blob beyond its data bytes, measured 170 (tracemalloc): the
+#: DedupBlob, its digest and its slot in the client's dedup table.
+DEDUP_BLOB_OVERHEAD_BYTES: Final = 192
+
+
+def page_overhead_bytes(persistent: bool) -> int:
+    """The metadata bytes charged per page of a pool of that kind."""
+    return PERSISTENT_PAGE_OVERHEAD_BYTES if persistent else EPHEMERAL_PAGE_OVERHEAD_BYTES
+
 #: Xen treats the all-ones UUID as "no UUID": such a shared request is private.
 INVALID_UUID: Final = UUID(int=(1 << 128) - 1)
 
@@ -66,12 +91,13 @@ _LruKey: TypeAlias = "tuple[Pool, Oid, int]"
 class DedupBlob:
     """One stored page content referenced by ``refs`` pages of one client."""
 
-    __slots__ = ("digest", "stored", "data_bytes", "refs")
+    __slots__ = ("digest", "stored", "charge_bytes", "refs")
 
-    def __init__(self, digest: bytes, stored: StoredPage, data_bytes: int) -> None:
+    def __init__(self, digest: bytes, stored: StoredPage) -> None:
         self.digest = digest
         self.stored = stored
-        self.data_bytes = data_bytes
+        #: Charged once for all its pages: data bytes plus the blob's metadata.
+        self.charge_bytes = stored_data_bytes(stored) + DEDUP_BLOB_OVERHEAD_BYTES
         self.refs = 0
 
 
@@ -121,6 +147,7 @@ class Pool(OpCounters):
         "stored_bytes",
         "lru_oids",
         "label",
+        "page_overhead",
     )
 
     def __init__(
@@ -137,6 +164,7 @@ class Pool(OpCounters):
         self.label = label
         self.objects: dict[Oid, dict[int, _PageValue]] = {}
         self.persistent = persistent
+        self.page_overhead = page_overhead_bytes(persistent)
         self.shared_uuid = shared_uuid
         self.page_shift = page_shift
         self.page_size = 1 << page_shift
@@ -152,7 +180,8 @@ class Pool(OpCounters):
         self.owner = owner
         self.members: list[Client] = [owner]
         self.pages = 0
-        #: Data + overhead of every page, as if no page were deduplicated.
+        #: Data + metadata of every page and object, as if no page were
+        #: deduplicated (each page with a blob of its own).
         self.stored_bytes = 0
         #: Ephemeral pools: one oid tuple per object for all its LRU keys.
         #: Callers pass a fresh tuple per request (decoded from a frame);
@@ -162,6 +191,12 @@ class Pool(OpCounters):
     @property
     def shared(self) -> bool:
         return self.shared_uuid is not None
+
+    @property
+    def data_bytes(self) -> int:
+        """stored_bytes without the metadata charges: the pages' data bytes."""
+        per_page = self.page_overhead + (DEDUP_BLOB_OVERHEAD_BYTES if self.dedup else 0)
+        return self.stored_bytes - self.pages * per_page - len(self.objects) * OBJECT_OVERHEAD_BYTES
 
 
 class Client(OpCounters):
@@ -401,21 +436,18 @@ class Store:
         if obj is not None and index in obj:
             self._drop_page(pool, obj, oid, index)
         owner = pool.owner
-        data_bytes = stored_data_bytes(stored)
         value: _PageValue = stored
-        charged = logical = PAGE_OVERHEAD_BYTES + data_bytes
+        charged = logical = pool.page_overhead + stored_data_bytes(stored)
         if pool.dedup:
             digest = hashlib.blake2b(decode_page(stored, pool.page_size), digest_size=16).digest()
             blob = owner.dedup_table.get(digest)
             if blob is None:
-                blob = owner.dedup_table[digest] = DedupBlob(digest, stored, data_bytes)
-            else:
-                charged = PAGE_OVERHEAD_BYTES
+                blob = owner.dedup_table[digest] = DedupBlob(digest, stored)
             blob.refs += 1
             value = blob
-            logical = PAGE_OVERHEAD_BYTES + blob.data_bytes
-        pool.objects.setdefault(oid, {})[index] = value
-        self._charge(pool, owner, oid, index, charged, logical)
+            logical = pool.page_overhead + blob.charge_bytes
+            charged = logical if blob.refs == 1 else pool.page_overhead
+        self._charge(pool, owner, oid, index, value, charged, logical)
 
     @staticmethod
     def stored_pages(pool: Pool) -> Iterator[tuple[Oid, int, StoredPage]]:
@@ -621,7 +653,12 @@ class Store:
             "used_bytes": self.used_bytes,
             "free_bytes": max(0, self.budget_bytes - self.used_bytes),
             "compress": self.compress,
-            "page_overhead_bytes": PAGE_OVERHEAD_BYTES,
+            "overhead_bytes": {
+                "persistent_page": PERSISTENT_PAGE_OVERHEAD_BYTES,
+                "ephemeral_page": EPHEMERAL_PAGE_OVERHEAD_BYTES,
+                "object": OBJECT_OVERHEAD_BYTES,
+                "dedup_blob": DEDUP_BLOB_OVERHEAD_BYTES,
+            },
             "pages": self.pages,
             "raw_bytes": self.raw_bytes,
             "stored_bytes": self.used_bytes,
@@ -675,65 +712,71 @@ class Store:
             return self._put_dedup_page(pool, oid, index, data)
         owner = pool.owner
         stored = encode_page(data, pool.page_size, self.compress)
-        cost = PAGE_OVERHEAD_BYTES + (len(stored) if type(stored) is bytes else 0)
-        if self.used_bytes + cost > self.budget_bytes or (
-            owner.cap_bytes is not None and owner.stored_bytes + cost > owner.cap_bytes
-        ):
-            if not self._make_room(owner, cost):
-                return _REFUSED
-        obj = objects.get(oid)
-        if obj is None:
-            obj = objects[oid] = {}
-        obj[index] = stored
-        self._charge(pool, owner, oid, index, cost, cost)
+        cost = pool.page_overhead + (len(stored) if type(stored) is bytes else 0)
+        if not self._room_for_page(pool, owner, oid, cost):
+            return _REFUSED
+        self._charge(pool, owner, oid, index, stored, cost, cost)
         return _OK
+
+    def _room_for_page(self, pool: Pool, owner: Client, oid: Oid, cost: int) -> bool:
+        """Make room for a page costing ``cost`` plus, if its object is new, the
+        object's; False (nothing evicted) if it cannot fit."""
+        need = cost if oid in pool.objects else cost + OBJECT_OVERHEAD_BYTES
+        cap = owner.cap_bytes
+        while self.used_bytes + need > self.budget_bytes or (
+            cap is not None and owner.stored_bytes + need > cap
+        ):
+            if not self._make_room(owner, need):
+                return False
+            # Making room may have evicted the page's whole object: then the
+            # put creates it again and must pay for it too.
+            need = cost if oid in pool.objects else cost + OBJECT_OVERHEAD_BYTES
+        return True
 
     def _put_dedup_page(self, pool: Pool, oid: Oid, index: int, data: Buffer) -> Status:
         owner = pool.owner
         digest = hashlib.blake2b(data, digest_size=16).digest()
         blob = owner.dedup_table.get(digest)
         if blob is None:
-            stored = encode_page(data, pool.page_size, self.compress)
-            blob = DedupBlob(digest, stored, len(stored) if type(stored) is bytes else 0)
-            charged = PAGE_OVERHEAD_BYTES + blob.data_bytes
+            blob = DedupBlob(digest, encode_page(data, pool.page_size, self.compress))
+            charged = pool.page_overhead + blob.charge_bytes
         else:
-            charged = PAGE_OVERHEAD_BYTES
+            charged = pool.page_overhead
         # Pin the blob so that making room cannot free it under us.
         blob.refs += 1
-        if self.used_bytes + charged > self.budget_bytes or (
-            owner.cap_bytes is not None and owner.stored_bytes + charged > owner.cap_bytes
-        ):
-            if not self._make_room(owner, charged):
-                # If eviction took every other page of the blob, its data
-                # bytes are still charged: the last unref frees them.
-                freed = self._unref_blob(owner, blob)
-                owner.stored_bytes -= freed
-                self.used_bytes -= freed
-                return _REFUSED
+        if not self._room_for_page(pool, owner, oid, charged):
+            # If eviction took every other page of the blob, its bytes are
+            # still charged: the last unref frees them.
+            freed = self._unref_blob(owner, blob)
+            owner.stored_bytes -= freed
+            self.used_bytes -= freed
+            return _REFUSED
         if blob.refs == 1:
             owner.dedup_table[digest] = blob
         else:
             owner.dedup_hits += 1
-        obj = pool.objects.get(oid)
-        if obj is None:
-            obj = pool.objects[oid] = {}
-        obj[index] = blob
-        self._charge(pool, owner, oid, index, charged, PAGE_OVERHEAD_BYTES + blob.data_bytes)
+        self._charge(pool, owner, oid, index, blob, charged, pool.page_overhead + blob.charge_bytes)
         return _OK
 
     def _unref_blob(self, owner: Client, blob: DedupBlob) -> int:
-        """Drop one reference; return the data bytes freed (all, on the last)."""
+        """Drop one reference; return the bytes freed (its charge, on the last)."""
         blob.refs -= 1
         if blob.refs:
             return 0
         if owner.dedup_table.get(blob.digest) is blob:
             del owner.dedup_table[blob.digest]
-            return blob.data_bytes
+            return blob.charge_bytes
         return 0  # a pinned blob that was never entered: nothing was charged
 
-    def _charge(
-        self, pool: Pool, owner: Client, oid: Oid, index: int, charged: int, logical: int
-    ) -> None:
+    def _charge(self, pool: Pool, owner: Client, oid: Oid, index: int, value: _PageValue,
+                charged: int, logical: int) -> None:
+        """Enter a page (creating its object) and charge it."""
+        obj = pool.objects.get(oid)
+        if obj is None:
+            obj = pool.objects[oid] = {}
+            charged += OBJECT_OVERHEAD_BYTES
+            logical += OBJECT_OVERHEAD_BYTES
+        obj[index] = value
         pool.pages += 1
         pool.stored_bytes += logical
         owner.stored_bytes += charged
@@ -746,16 +789,18 @@ class Store:
     def _drop_page(self, pool: Pool, obj: dict[int, _PageValue], oid: Oid, index: int) -> None:
         """Remove a present page and undo its accounting."""
         stored = obj.pop(index)
+        owner = pool.owner
+        if type(stored) is DedupBlob:
+            logical = pool.page_overhead + stored.charge_bytes
+            freed = pool.page_overhead + self._unref_blob(owner, stored)
+        else:
+            freed = logical = pool.page_overhead + (len(stored) if type(stored) is bytes else 0)
         if not obj:
             del pool.objects[oid]
             if not pool.persistent:
                 del pool.lru_oids[oid]
-        owner = pool.owner
-        if type(stored) is DedupBlob:
-            logical = PAGE_OVERHEAD_BYTES + stored.data_bytes
-            freed = PAGE_OVERHEAD_BYTES + self._unref_blob(owner, stored)
-        else:
-            freed = logical = PAGE_OVERHEAD_BYTES + (len(stored) if type(stored) is bytes else 0)
+            freed += OBJECT_OVERHEAD_BYTES
+            logical += OBJECT_OVERHEAD_BYTES
         pool.pages -= 1
         pool.stored_bytes -= logical
         owner.stored_bytes -= freed
@@ -902,6 +947,7 @@ def _pool_stats(pool: Pool, viewer: Client) -> dict[str, Any]:
         "inclusive_gets": pool.inclusive_gets,
         "dedup": pool.dedup,
         "label": pool.label,
+        "objects": len(pool.objects),
         "pages": pool.pages,
         "raw_bytes": pool.pages * pool.page_size,
         "stored_bytes": pool.stored_bytes,
