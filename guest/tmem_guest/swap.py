@@ -61,7 +61,7 @@ NBD_SET_FLAGS = 0xAB0A
 MAX_REQUEST_BYTES = 256 * 1024
 # A bigger request (should max_sectors_kb not stick) gets a one-off buffer rather
 # than a protocol error; beyond this the kernel is misbehaving.
-DECODER_MAX_PAYLOAD = 32 * 1024 * 1024
+MAX_WRITE_PAYLOAD = 32 * 1024 * 1024
 # FLUSH frames for a large discard are cut into batches of this many pages.
 FLUSH_BATCH_PAGES = 256
 # How long a READ of a slot that lives in tmem waits for a lost channel to return
@@ -710,7 +710,7 @@ class NbdSwapServer:
         if not self._receive_exactly(scratch.request_view):
             return None
         _, command, handle, offset, length = nbd.check_request_header(
-            nbd.REQUEST_HEADER.unpack_from(scratch.request), DECODER_MAX_PAYLOAD
+            nbd.REQUEST_HEADER.unpack_from(scratch.request), MAX_WRITE_PAYLOAD
         )
         if command == nbd.Command.DISC:
             return None
