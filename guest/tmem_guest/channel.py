@@ -88,6 +88,15 @@ class VirtioPortChannel:
     device_del / device_add), the new port may get another /dev/vportNpM, and
     a descriptor of the removed port only ever reports a hang-up. A channel
     made with a fixed `path` reopens that path instead.
+
+    A port is one byte stream for as long as the host keeps its chardev: closing
+    and reopening it in the guest (a session taken down by a timeout) does not
+    start a new stream on tmemd's side. A send given up half-way through a frame
+    (tmemd stopped, its socket full) would leave tmemd waiting for the rest of
+    that frame's payload and reading the next HELLOs as page data, forever. So the
+    unsent rest of a torn frame is kept and written before anything else; it is
+    dropped only when the stream really ends (POLLHUP: the host side went away, a
+    new connection resyncs on HELLO) or the port is replaced.
     """
 
     def __init__(self, name: str = PORT_NAME, *, path: Path | None = None,
@@ -107,14 +116,20 @@ class VirtioPortChannel:
         self._readable = select.poll()
         self._iovec_source: memoryview | None = None
         self._iovec_list: list[memoryview] = []
+        # The unsent rest of a frame a send gave up on (see the class docstring).
+        # Only a failure path fills it, so its allocation is off the I/O path.
+        self._torn_tail = bytearray()
 
     def connect(self) -> bool:
         with self._io_lock:
             try:
-                self.path = self._fixed_path or find_port(self.name, self._sysfs, self._dev)
-                fd = os.open(self.path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+                path = self._fixed_path or find_port(self.name, self._sysfs, self._dev)
+                fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
             except OSError:  # no such port (yet): removed, or not re-added so far
                 return False
+            if path != self.path:
+                self._torn_tail.clear()  # another port: another stream
+            self.path = path
             self._close()
             self._fd = fd
             self._writable = select.poll()
@@ -124,6 +139,7 @@ class VirtioPortChannel:
             # POLLHUP is reported for as long as no host process holds the chardev.
             for _, events in self._writable.poll(0):
                 if events & select.POLLHUP:
+                    self._torn_tail.clear()  # the host's stream ended with it
                     self._close()  # the next try looks the port up again
                     return False
             return True
@@ -133,10 +149,24 @@ class VirtioPortChannel:
             fd = self._fd
             if fd is None:
                 raise ChannelDown(f"port {self.name!r}: not connected")
-            self._send(fd, data)
+            deadline = time.monotonic() + self.send_timeout
+            if self._torn_tail:
+                tail = memoryview(self._torn_tail)
+                try:
+                    sent = self._send(fd, tail, deadline)
+                finally:
+                    tail.release()
+                del self._torn_tail[:sent]
+                if self._torn_tail:
+                    raise ChannelDown(f"{self.path}: host not reading for {self.send_timeout} s")
+            sent = self._send(fd, data, deadline)
+            if sent < len(data):
+                if sent:
+                    self._torn_tail[:] = data[sent:]
+                raise ChannelDown(f"{self.path}: host not reading for {self.send_timeout} s")
 
-    def _send(self, fd: int, data: memoryview) -> None:
-        deadline = time.monotonic() + self.send_timeout
+    def _send(self, fd: int, data: memoryview, deadline: float) -> int:
+        """Write `data` until done or `deadline`; return how much went out."""
         sent = 0
         while sent < len(data):
             try:
@@ -145,13 +175,16 @@ class VirtioPortChannel:
             except BlockingIOError:
                 pass
             except OSError as error:
+                self._torn_tail.clear()  # the port is gone, and its stream with it
                 raise ChannelDown(f"write to {self.path}: {error}") from error
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise ChannelDown(f"{self.path}: host not reading for {self.send_timeout} s")
+                return sent
             for _, events in self._writable.poll(min(remaining, 1.0) * 1000):
                 if events & (select.POLLHUP | select.POLLERR):
+                    self._torn_tail.clear()
                     raise ChannelDown(f"{self.path}: host disconnected")
+        return sent
 
     def wait_readable(self, timeout: float) -> bool:
         return bool(self._readable.poll(timeout * 1000))

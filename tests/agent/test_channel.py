@@ -53,3 +53,74 @@ def test_the_port_is_looked_up_by_name_on_every_connect(tmp_path: Path) -> None:
         channel.disconnect()
         os.close(first)
         os.close(other)
+
+
+def read_all(fd: int) -> bytes:
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(fd, 1 << 16)
+        except BlockingIOError:
+            return b"".join(chunks)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
+def test_a_send_given_up_mid_frame_is_completed_before_the_next_one(tmp_path: Path) -> None:
+    """The host stopped reading (tmemd SIGSTOPped): a frame cut by the send timeout
+    must not leave the stream torn, or tmemd reads the next HELLO as page payload.
+    The session reconnects by closing and reopening the same port (one stream)."""
+    (tmp_path / "dev").mkdir()
+    reader = add_port(tmp_path, "vport1p1", PORT_NAME)
+    channel = VirtioPortChannel(sysfs=tmp_path / "sys", dev=tmp_path / "dev", send_timeout=0.2)
+    frame = bytes(range(256)) * 1024  # 256 KiB: more than the FIFO holds (64 KiB)
+    hello = b"HELLO" * 20
+    try:
+        assert channel.connect()
+        with pytest.raises(ChannelDown):
+            channel.send(memoryview(frame))
+        channel.disconnect()
+        assert channel.connect()  # the same port: the same stream
+        received = read_all(reader)
+        assert 0 < len(received) < len(frame)
+        # The host still does not read: the tail does not fit either.
+        with pytest.raises(ChannelDown):
+            channel.send(memoryview(hello))
+        received += read_all(reader)
+        # Now it reads as fast as the channel writes.
+        for _ in range(100):
+            try:
+                channel.send(memoryview(hello))
+                break
+            except ChannelDown:
+                received += read_all(reader)
+        else:
+            pytest.fail("the channel never got the tail and the next frame out")
+        received += read_all(reader)
+        assert received == frame + hello
+    finally:
+        channel.disconnect()
+        os.close(reader)
+
+
+def test_a_torn_frame_is_dropped_when_the_port_is_replaced(tmp_path: Path) -> None:
+    """Another port is another stream (tmemd resyncs a new connection on HELLO):
+    the old frame's rest must not go there."""
+    (tmp_path / "dev").mkdir()
+    first = add_port(tmp_path, "vport1p1", PORT_NAME)
+    channel = VirtioPortChannel(sysfs=tmp_path / "sys", dev=tmp_path / "dev", send_timeout=0.2)
+    try:
+        assert channel.connect()
+        with pytest.raises(ChannelDown):
+            channel.send(memoryview(bytes(256 * 1024)))
+        channel.disconnect()
+        remove_port(tmp_path, "vport1p1")
+        second = add_port(tmp_path, "vport2p1", PORT_NAME)
+        assert channel.connect()
+        channel.send(memoryview(b"HELLO"))
+        assert read_all(second) == b"HELLO"
+        os.close(second)
+    finally:
+        channel.disconnect()
+        os.close(first)
