@@ -22,6 +22,7 @@ several NBD requests served at once by worker threads).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import mmap
@@ -29,7 +30,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -263,6 +264,9 @@ class SwapStore:
         self.batched = batched
         self.swap_type = swap_type
         self.read_wait = read_wait
+        # Entered while a READ waits for the session (NbdSwapServer lends its worker's
+        # permit to a spare meanwhile).
+        self.waiting_for_session: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext
         self.slots = SlotMap(slot_count or disk.size_bytes >> PAGE_SHIFT)
         # Slots whose key may hold a page the map does not point at (a PUT or FLUSH
         # without reply): flushed by reconcile() once the session is back.
@@ -437,7 +441,8 @@ class SwapStore:
             found = self._get(keys, pages)
         except ChannelDown:
             self.counters.add(channel_down=1)
-            retried = self._get_after_reconnect(keys, pages)
+            with self.waiting_for_session():
+                retried = self._get_after_reconnect(keys, pages)
             if retried is None:
                 self.counters.add(errors=1)
                 return nbd.Error.EIO, []
@@ -627,6 +632,13 @@ class NbdSwapServer:
     own Scratch, then serves it and replies; meanwhile the next worker reads. No
     thread hands requests to another and nothing is copied through a decoder.
     `sync` and `batched` have one worker, `pipelined` `depth` of them.
+
+    Serving takes a permit, `depth` of them. A READ of a tmem page while tmemd is
+    away waits (up to read_wait) for the session and lends its permit to one of
+    `depth` spare workers meanwhile: otherwise a few such reads would hold every
+    worker and no WRITE could reach the fallback disk until tmemd came back, which
+    under memory pressure stalls the guest (the reads wait for a channel; the
+    writes that free memory wait for the reads).
     """
 
     def __init__(self, device: Path, store: SwapStore, *, mode: str, depth: int = 4) -> None:
@@ -641,6 +653,9 @@ class NbdSwapServer:
         self._device_fd = -1
         self._receive_lock = threading.Lock()
         self._send_lock = threading.Lock()
+        self._permits = threading.Semaphore(self.depth)
+        self._lent = threading.local()
+        store.waiting_for_session = self._lend_permit
         self._closed = False
         self._threads: list[threading.Thread] = []
         self.finished = threading.Event()
@@ -661,8 +676,17 @@ class NbdSwapServer:
 
     def start_workers(self) -> None:
         """Serve requests arriving on kernel_end (start() calls this after the ioctls)."""
-        for number in range(self.depth):
+        for number in range(2 * self.depth):  # `depth` serve, as many spares (class doc)
             self._spawn(self._worker, f"nbd-worker-{number}")
+
+    @contextlib.contextmanager
+    def _lend_permit(self) -> Iterator[None]:
+        # Given back for good: this worker finishes its request without one and
+        # takes a permit again before it reads the next.
+        if not self._lent.permit:
+            self._lent.permit = True
+            self._permits.release()
+        yield
 
     def _spawn(self, target: object, name: str) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)  # type: ignore[arg-type]
@@ -688,21 +712,32 @@ class NbdSwapServer:
     def _worker(self) -> None:
         scratch = Scratch.allocate()
         try:
-            while True:
-                with self._receive_lock:
-                    if self._closed:
-                        return
-                    request = self._read_request(scratch)
-                    if request is None:
-                        self._closed = True
-                        return
-                self._serve(scratch, *request)
+            while self._serve_next(scratch):
+                pass
         except (nbd.NbdProtocolError, OSError) as error:
             log.error("NBD connection from the kernel failed: %s", error)
             self._closed = True
         finally:
             if self._closed:
                 self.finished.set()
+
+    def _serve_next(self, scratch: Scratch) -> bool:
+        """Take a permit, read one request and serve it; False at the end."""
+        self._permits.acquire()
+        self._lent.permit = False
+        try:
+            with self._receive_lock:
+                if self._closed:
+                    return False
+                request = self._read_request(scratch)
+                if request is None:
+                    self._closed = True
+                    return False
+            self._serve(scratch, *request)
+            return True
+        finally:
+            if not self._lent.permit:
+                self._permits.release()
 
     def _read_request(self, scratch: Scratch) -> tuple[int, int, int, int, memoryview] | None:
         """(command, handle, offset, length, WRITE payload) of the next request; None at

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 import tracemalloc
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -233,3 +234,38 @@ def test_steady_state_io_path_allocates_no_payload_sized_memory(served: Served) 
     assert current - baseline < RETAINED_BOUND, f"{current - baseline} bytes retained after {MEASURED_PAIRS} pairs"
     counters = served.store.counters
     assert counters["errors"] == 0 and counters["hits"] == counters["gets"] > MEASURED_PAIRS * READ_PAGES
+
+
+def test_a_read_waiting_for_tmemd_does_not_hold_up_writes(served: Served, tmemd: TmemdProcess) -> None:
+    """tmemd is gone: a READ of a page only tmem has waits for it, but meanwhile
+    WRITEs must still reach the fallback disk (they are what frees guest memory);
+    when tmemd is back from its journal, the READ gets its page."""
+    kernel = served.kernel
+    kernel.fill(100, WRITE_PAGES)
+    assert kernel.call(nbd.Command.WRITE, 1, 0, WRITE_PAGES * PAGE_SIZE) == 0
+    tmemd.kill()
+    assert wait_until(lambda: not served.session.is_up, 10), "the session did not notice tmemd died"
+    header = nbd.REQUEST_HEADER
+    kernel.sock.sendall(header.pack(nbd.REQUEST_MAGIC, 0, nbd.Command.READ, 2, 0, READ_PAGES * PAGE_SIZE))
+    time.sleep(0.5)  # the READ is waiting for the session now
+    for handle in (3, 4):  # more WRITEs than one worker: a spare serves each in turn
+        kernel.fill(1000 * handle, WRITE_PAGES)
+        offset = handle * WRITE_PAGES * PAGE_SIZE
+        assert kernel.call(nbd.Command.WRITE, handle, offset, WRITE_PAGES * PAGE_SIZE) == 0
+    assert served.store.counters["disk_writes"] == 2 * WRITE_PAGES
+    tmemd.start()
+    kernel.sock.recv_into(kernel.reply_view, nbd.SIMPLE_REPLY_HEADER.size, socket.MSG_WAITALL)
+    magic, error, handle = nbd.SIMPLE_REPLY_HEADER.unpack_from(kernel.reply)
+    assert (magic, error, handle) == (nbd.SIMPLE_REPLY_MAGIC, 0, 2)
+    view = kernel.reply_view[nbd.SIMPLE_REPLY_HEADER.size : nbd.SIMPLE_REPLY_HEADER.size + READ_PAGES * PAGE_SIZE]
+    assert kernel.sock.recv_into(view, len(view), socket.MSG_WAITALL) == len(view)
+    assert kernel.read_seeds(READ_PAGES) == list(range(100, 100 + READ_PAGES))
+
+
+def wait_until(condition: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
