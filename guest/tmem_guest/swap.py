@@ -22,7 +22,6 @@ several NBD requests served at once by worker threads).
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import logging
 import mmap
@@ -30,7 +29,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -264,9 +263,9 @@ class SwapStore:
         self.batched = batched
         self.swap_type = swap_type
         self.read_wait = read_wait
-        # Entered while a READ waits for the session (NbdSwapServer lends its worker's
-        # permit to a spare meanwhile).
-        self.waiting_for_session: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext
+        # Called before a READ waits for the session (NbdSwapServer lends its worker's
+        # permit to a spare).
+        self.before_session_wait: Callable[[], None] = lambda: None
         self.slots = SlotMap(slot_count or disk.size_bytes >> PAGE_SHIFT)
         # Slots whose key may hold a page the map does not point at (a PUT or FLUSH
         # without reply): flushed by reconcile() once the session is back.
@@ -441,8 +440,8 @@ class SwapStore:
             found = self._get(keys, pages)
         except ChannelDown:
             self.counters.add(channel_down=1)
-            with self.waiting_for_session():
-                retried = self._get_after_reconnect(keys, pages)
+            self.before_session_wait()
+            retried = self._get_after_reconnect(keys, pages)
             if retried is None:
                 self.counters.add(errors=1)
                 return nbd.Error.EIO, []
@@ -655,7 +654,7 @@ class NbdSwapServer:
         self._send_lock = threading.Lock()
         self._permits = threading.Semaphore(self.depth)
         self._lent = threading.local()
-        store.waiting_for_session = self._lend_permit
+        store.before_session_wait = self._lend_permit
         self._closed = False
         self._threads: list[threading.Thread] = []
         self.finished = threading.Event()
@@ -679,14 +678,12 @@ class NbdSwapServer:
         for number in range(2 * self.depth):  # `depth` serve, as many spares (class doc)
             self._spawn(self._worker, f"nbd-worker-{number}")
 
-    @contextlib.contextmanager
-    def _lend_permit(self) -> Iterator[None]:
+    def _lend_permit(self) -> None:
         # Given back for good: this worker finishes its request without one and
         # takes a permit again before it reads the next.
         if not self._lent.permit:
             self._lent.permit = True
             self._permits.release()
-        yield
 
     def _spawn(self, target: object, name: str) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)  # type: ignore[arg-type]
