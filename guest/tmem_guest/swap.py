@@ -29,7 +29,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,6 +67,9 @@ FLUSH_BATCH_PAGES = 256
 # How long a READ of a slot that lives in tmem waits for a lost channel to return
 # before it fails with EIO (the page is safe in tmemd meanwhile): start --read-wait.
 READ_RECONNECT_WAIT_S = 30.0
+# SwapStore.try_read's answer when a page only tmemd has cannot be fetched now (not
+# an NBD error: nothing is answered yet).
+SESSION_DOWN = -1
 # Slots are locked in aligned stripes of this many, over this many locks: an NBD
 # request (<= 64 slots) takes two or three, a drain or reconcile step one.
 STRIPE_SLOTS = 32
@@ -263,9 +266,6 @@ class SwapStore:
         self.batched = batched
         self.swap_type = swap_type
         self.read_wait = read_wait
-        # Called before a READ waits for the session (NbdSwapServer lends its worker's
-        # permit to a spare).
-        self.before_session_wait: Callable[[], None] = lambda: None
         self.slots = SlotMap(slot_count or disk.size_bytes >> PAGE_SHIFT)
         # Slots whose key may hold a page the map does not point at (a PUT or FLUSH
         # without reply): flushed by reconcile() once the session is back.
@@ -381,14 +381,40 @@ class SwapStore:
         return nbd.Error.OK
 
     def read(self, offset: int, length: int, into: memoryview) -> int:
+        """try_read, waiting (no lock held) up to read_wait for the session whenever
+        it needs tmemd; EIO when tmemd did not come back in time."""
+        deadline: float | None = None
+        while (error := self.try_read(offset, length, into)) == SESSION_DOWN:
+            now = time.monotonic()
+            if deadline is None:
+                deadline = now + self.read_wait
+            elif self.session.is_up:
+                time.sleep(0.05)  # back and gone again at once: do not spin
+            if now >= deadline or not self.session.wait_up(deadline - now):
+                return self.give_up_read(offset)
+        return error
+
+    def try_read(self, offset: int, length: int, into: memoryview) -> int:
+        """One attempt at a READ under its stripe locks: the NBD error, or SESSION_DOWN
+        when a page only tmemd has cannot be fetched now. Then no lock is held: the
+        caller waits for the session and tries again, and WRITEs and TRIMs of the
+        stripe (the fallback disk is what frees guest memory) go on meanwhile."""
         # The readahead slots are locked with the request's: no WRITE of theirs can
-        # slip between the GET and the window fill.
-        ahead = self._readahead_pages(offset, length)
+        # slip between the GET and the window fill. Nothing is fetched ahead for a
+        # session that is down.
+        ahead = self._readahead_pages(offset, length) if self.session.is_up else 0
         held = self._holding(offset, length + (ahead << PAGE_SHIFT))
         try:
             return self._read(offset, length, into, ahead)
         finally:
             self.locks.release(held)
+
+    def give_up_read(self, offset: int) -> int:
+        """A READ that waited read_wait for tmemd in vain: EIO (the page may still be in
+        tmemd; the process faulting it gets SIGBUS, never wrong data)."""
+        self.counters.add(errors=1)
+        log.error("READ at %d: tmemd not back within %.0f s, answering EIO", offset, self.read_wait)
+        return nbd.Error.EIO
 
     def _readahead_pages(self, offset: int, length: int) -> int:
         """How many slots after a READ it may fetch ahead (0 without a window, for big
@@ -432,20 +458,16 @@ class SwapStore:
     ) -> tuple[int, list[bool]]:
         """GET the request's tmem pages (positions `from_tmem`) into `into`, and the
         readahead slots that follow the request into `window_pages`, in one batch.
-        Returns the NBD error and which readahead pages came."""
+        Returns the NBD error (or SESSION_DOWN) and which readahead pages came."""
         wanted = [slots[i] for i in from_tmem]
         keys = self._keys([*wanted, *range(slots.stop, slots.stop + len(window_pages))])
         pages = [into[i << PAGE_SHIFT : (i + 1) << PAGE_SHIFT] for i in from_tmem] + window_pages
         try:
             found = self._get(keys, pages)
         except ChannelDown:
+            # The pages are safe in tmemd (or its journal) while the channel is down.
             self.counters.add(channel_down=1)
-            self.before_session_wait()
-            retried = self._get_after_reconnect(keys, pages)
-            if retried is None:
-                self.counters.add(errors=1)
-                return nbd.Error.EIO, []
-            found = retried
+            return SESSION_DOWN, []
         hits = sum(found)
         self.counters.add(gets=len(keys), hits=hits, misses=len(keys) - hits, bytes_got=hits << PAGE_SHIFT)
         lost = len(wanted) - sum(found[: len(wanted)])
@@ -455,19 +477,6 @@ class SwapStore:
             log.error("tmem lost %d swap page(s) at offset %d", lost, offset)
             return nbd.Error.EIO, found[len(wanted) :]
         return nbd.Error.OK, found[len(wanted) :]
-
-    def _get_after_reconnect(self, keys: list[tuple[Oid, int]], pages: list[memoryview]) -> list[bool] | None:
-        """The pages are safe in tmemd while the channel is down (or tmemd restarted
-        with its journal): wait up to read_wait for the session, retrying; None if it
-        did not come back."""
-        deadline = time.monotonic() + self.read_wait
-        while (remaining := deadline - time.monotonic()) > 0 and self.session.wait_up(remaining):
-            try:
-                return self._get(keys, pages)
-            except ChannelDown:
-                self.counters.add(channel_down=1)
-                time.sleep(0.05)  # the session went down again at once: do not spin
-        return None
 
     def trim(self, offset: int, length: int) -> int:
         held = self._holding(offset, length)
@@ -632,12 +641,13 @@ class NbdSwapServer:
     thread hands requests to another and nothing is copied through a decoder.
     `sync` and `batched` have one worker, `pipelined` `depth` of them.
 
-    Serving takes a permit, `depth` of them. A READ of a tmem page while tmemd is
-    away waits (up to read_wait) for the session and lends its permit to one of
-    `depth` spare workers meanwhile: otherwise a few such reads would hold every
-    worker and no WRITE could reach the fallback disk until tmemd came back, which
-    under memory pressure stalls the guest (the reads wait for a channel; the
-    writes that free memory wait for the reads).
+    A READ that needs a page only tmemd has while the session is down is parked:
+    its worker releases the stripe locks and goes on to the next request, and one
+    more thread (`nbd-parked-reads`, with its own Scratch) answers the parked READs
+    when the session is back, or with EIO once one has waited read_wait. The kernel
+    takes replies in any order. A worker waiting instead would hold its stripes and
+    itself: a few such reads held every worker, the WRITEs that free guest memory
+    (to the fallback disk) waited behind them, and an unplugged guest stalled.
     """
 
     def __init__(self, device: Path, store: SwapStore, *, mode: str, depth: int = 4) -> None:
@@ -652,9 +662,9 @@ class NbdSwapServer:
         self._device_fd = -1
         self._receive_lock = threading.Lock()
         self._send_lock = threading.Lock()
-        self._permits = threading.Semaphore(self.depth)
-        self._lent = threading.local()
-        store.before_session_wait = self._lend_permit
+        # READs waiting for the session: (handle, offset, length, arrival), oldest first.
+        self._parked: list[tuple[int, int, int, float]] = []
+        self._parked_changed = threading.Condition()
         self._closed = False
         self._threads: list[threading.Thread] = []
         self.finished = threading.Event()
@@ -675,15 +685,14 @@ class NbdSwapServer:
 
     def start_workers(self) -> None:
         """Serve requests arriving on kernel_end (start() calls this after the ioctls)."""
-        for number in range(2 * self.depth):  # `depth` serve, as many spares (class doc)
+        for number in range(self.depth):
             self._spawn(self._worker, f"nbd-worker-{number}")
+        self._spawn(self._serve_parked_reads, "nbd-parked-reads")
 
-    def _lend_permit(self) -> None:
-        # Given back for good: this worker finishes its request without one and
-        # takes a permit again before it reads the next.
-        if not self._lent.permit:
-            self._lent.permit = True
-            self._permits.release()
+    @property
+    def parked_reads(self) -> int:
+        with self._parked_changed:
+            return len(self._parked)
 
     def _spawn(self, target: object, name: str) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)  # type: ignore[arg-type]
@@ -717,24 +726,20 @@ class NbdSwapServer:
         finally:
             if self._closed:
                 self.finished.set()
+                with self._parked_changed:
+                    self._parked_changed.notify()
 
     def _serve_next(self, scratch: Scratch) -> bool:
-        """Take a permit, read one request and serve it; False at the end."""
-        self._permits.acquire()
-        self._lent.permit = False
-        try:
-            with self._receive_lock:
-                if self._closed:
-                    return False
-                request = self._read_request(scratch)
-                if request is None:
-                    self._closed = True
-                    return False
-            self._serve(scratch, *request)
-            return True
-        finally:
-            if not self._lent.permit:
-                self._permits.release()
+        """Read one request and serve it; False at the end."""
+        with self._receive_lock:
+            if self._closed:
+                return False
+            request = self._read_request(scratch)
+            if request is None:
+                self._closed = True
+                return False
+        self._serve(scratch, *request)
+        return True
 
     def _read_request(self, scratch: Scratch) -> tuple[int, int, int, int, memoryview] | None:
         """(command, handle, offset, length, WRITE payload) of the next request; None at
@@ -768,8 +773,6 @@ class NbdSwapServer:
 
     def _serve(self, scratch: Scratch, command: int, handle: int, offset: int, length: int, payload: memoryview) -> None:
         started = time.monotonic()
-        counters = self.store.counters
-        reply_length = 0
         reply = scratch.reply
         try:
             if command == nbd.Command.WRITE:
@@ -777,8 +780,10 @@ class NbdSwapServer:
                 operation = "nbd_write"
             elif command == nbd.Command.READ:
                 reply = scratch.reply_buffer(length)
-                error = self.store.read(offset, length, reply[REPLY_PAYLOAD_OFFSET:])
-                reply_length = length
+                error = self.store.try_read(offset, length, reply[REPLY_PAYLOAD_OFFSET:])
+                if error == SESSION_DOWN:
+                    self._park(handle, offset, length, started)
+                    return
                 operation = "nbd_read"
             elif command == nbd.Command.TRIM:
                 error = self.store.trim(offset, length)
@@ -791,14 +796,65 @@ class NbdSwapServer:
         except OSError as failure:
             log.error("NBD command %d at %d failed: %s", command, offset, failure)
             error, operation = nbd.Error.EIO, "nbd_failed"
+        self._reply(reply, handle, error, length if command == nbd.Command.READ else 0, operation, started)
+
+    def _reply(self, reply: memoryview, handle: int, error: int, payload_length: int,
+               operation: str, started: float) -> None:
+        """Send the reply in `reply` (header space, then a READ's payload) and count it."""
+        counters = self.store.counters
         if error != nbd.Error.OK:
-            reply_length = 0
+            payload_length = 0
             counters.add(errors=1)
         nbd.pack_simple_reply_into(reply, REPLY_HEADER_OFFSET, handle, error)
         with self._send_lock:
-            self._agent_end.sendall(reply[REPLY_HEADER_OFFSET : REPLY_PAYLOAD_OFFSET + reply_length])
+            self._agent_end.sendall(reply[REPLY_HEADER_OFFSET : REPLY_PAYLOAD_OFFSET + payload_length])
         counters.add(requests=1)
         counters.observe(operation, time.monotonic() - started)
+
+    def _park(self, handle: int, offset: int, length: int, arrival: float) -> None:
+        with self._parked_changed:
+            self._parked.append((handle, offset, length, arrival))
+            self._parked_changed.notify()
+
+    def _serve_parked_reads(self) -> None:
+        """Answer parked READs once the session is back (each retried under its
+        stripe locks, as if it had just arrived), or with EIO after read_wait."""
+        scratch = Scratch.allocate()
+        store = self.store
+        while True:
+            with self._parked_changed:
+                while not self._parked and not self._closed:
+                    self._parked_changed.wait()
+                if self._closed:
+                    return
+                oldest_arrival = self._parked[0][3]
+            remaining = oldest_arrival + store.read_wait - time.monotonic()
+            if remaining > 0 and not store.session.wait_up(remaining):
+                continue  # the oldest ran out of time: answered on the next pass
+            with self._parked_changed:
+                parked, self._parked = self._parked, []
+            still_parked = []
+            for handle, offset, length, arrival in parked:
+                reply = scratch.reply_buffer(length)
+                try:
+                    error = store.try_read(offset, length, reply[REPLY_PAYLOAD_OFFSET:])
+                    if error == SESSION_DOWN:
+                        if time.monotonic() - arrival < store.read_wait:
+                            still_parked.append((handle, offset, length, arrival))
+                            continue
+                        error = store.give_up_read(offset)
+                except OSError as failure:
+                    log.error("parked READ at %d failed: %s", offset, failure)
+                    error = nbd.Error.EIO
+                try:
+                    self._reply(reply, handle, error, length, "nbd_read", arrival)
+                except OSError as failure:  # the kernel's end is gone, and the device with it
+                    log.info("parked READ at %d not answered: %s", offset, failure)
+                    return
+            if still_parked:
+                with self._parked_changed:
+                    self._parked[:0] = still_parked  # they stay the oldest
+                time.sleep(0.05)  # the session went down again at once: do not spin
 
     def close(self) -> None:
         """Close both socket ends (after disconnect, or EOF in host tests)."""

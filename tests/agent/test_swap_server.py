@@ -236,30 +236,68 @@ def test_steady_state_io_path_allocates_no_payload_sized_memory(served: Served) 
     assert counters["errors"] == 0 and counters["hits"] == counters["gets"] > MEASURED_PAIRS * READ_PAGES
 
 
-def test_a_read_waiting_for_tmemd_does_not_hold_up_writes(served: Served, tmemd: TmemdProcess) -> None:
-    """tmemd is gone: a READ of a page only tmem has waits for it, but meanwhile
-    WRITEs must still reach the fallback disk (they are what frees guest memory);
-    when tmemd is back from its journal, the READ gets its page."""
+def send_read(kernel: KernelSide, handle: int, slot: int, pages: int) -> None:
+    """A READ whose reply is collected later (receive_read_replies)."""
+    kernel.sock.sendall(nbd.REQUEST_HEADER.pack(nbd.REQUEST_MAGIC, 0, nbd.Command.READ, handle,
+                                                slot * PAGE_SIZE, pages * PAGE_SIZE))
+
+
+def receive_read_replies(kernel: KernelSide, count: int, pages: int) -> dict[int, tuple[int, list[int]]]:
+    """`count` READ replies, in whatever order they come: handle -> (error, page seeds)."""
+    replies = {}
+    for _ in range(count):
+        kernel.sock.recv_into(kernel.reply_view, nbd.SIMPLE_REPLY_HEADER.size, socket.MSG_WAITALL)
+        magic, error, handle = nbd.SIMPLE_REPLY_HEADER.unpack_from(kernel.reply)
+        assert magic == nbd.SIMPLE_REPLY_MAGIC
+        seeds = []
+        if error == nbd.Error.OK:
+            view = kernel.reply_view[nbd.SIMPLE_REPLY_HEADER.size : nbd.SIMPLE_REPLY_HEADER.size + pages * PAGE_SIZE]
+            assert kernel.sock.recv_into(view, len(view), socket.MSG_WAITALL) == len(view)
+            seeds = kernel.read_seeds(pages)
+        replies[handle] = (error, seeds)
+    return replies
+
+
+def test_reads_waiting_for_tmemd_hold_neither_workers_nor_stripes(served: Served, tmemd: TmemdProcess) -> None:
+    """tmemd is gone: READs of pages only tmem has wait for it, more of them than
+    there are workers, but WRITEs and TRIMs, of the very stripes those READs cover
+    too, still reach the fallback disk at once (they are what frees guest memory).
+    When tmemd is back from its journal, every READ gets its own pages."""
     kernel = served.kernel
+    for slot in (0, WRITE_PAGES):
+        kernel.fill(100 + slot, WRITE_PAGES)
+        assert kernel.call(nbd.Command.WRITE, slot, slot * PAGE_SIZE, WRITE_PAGES * PAGE_SIZE) == 0
+    tmemd.kill()
+    assert wait_until(lambda: not served.session.is_up, 10), "the session did not notice tmemd died"
+    # Slots 16k .. 16k+7 for k = 0..7: two READs in every 32-slot stripe of the 128 written.
+    waiting = {1000 + k: 16 * k for k in range(8)}
+    for handle, slot in waiting.items():
+        send_read(kernel, handle, slot, READ_PAGES)
+    assert wait_until(lambda: served.server.parked_reads == len(waiting), 10), served.server.parked_reads
+    for handle, slot in enumerate((8, 40, 72), start=2000):  # next to waiting READs, stripe by stripe
+        kernel.fill(5000 + slot, READ_PAGES)
+        assert kernel.call(nbd.Command.WRITE, handle, slot * PAGE_SIZE, READ_PAGES * PAGE_SIZE) == 0
+    assert kernel.call(nbd.Command.TRIM, 3000, 120 * PAGE_SIZE, 8 * PAGE_SIZE) == 0
+    assert served.store.counters["disk_writes"] == 3 * READ_PAGES
+    tmemd.start()
+    replies = receive_read_replies(kernel, len(waiting), READ_PAGES)
+    assert replies == {handle: (nbd.Error.OK, list(range(100 + slot, 100 + slot + READ_PAGES)))
+                       for handle, slot in waiting.items()}
+    # The WRITEs made while tmemd was away read back from the disk.
+    assert kernel.call(nbd.Command.READ, 4000, 40 * PAGE_SIZE, READ_PAGES * PAGE_SIZE) == 0
+    assert kernel.read_seeds(READ_PAGES) == list(range(5040, 5040 + READ_PAGES))
+
+
+def test_a_read_waiting_longer_than_read_wait_is_answered_eio(served: Served, tmemd: TmemdProcess) -> None:
+    kernel = served.kernel
+    served.store.read_wait = 1.0
     kernel.fill(100, WRITE_PAGES)
     assert kernel.call(nbd.Command.WRITE, 1, 0, WRITE_PAGES * PAGE_SIZE) == 0
     tmemd.kill()
     assert wait_until(lambda: not served.session.is_up, 10), "the session did not notice tmemd died"
-    header = nbd.REQUEST_HEADER
-    kernel.sock.sendall(header.pack(nbd.REQUEST_MAGIC, 0, nbd.Command.READ, 2, 0, READ_PAGES * PAGE_SIZE))
-    time.sleep(0.5)  # the READ is waiting for the session now
-    for handle in (3, 4):  # more WRITEs than one worker: a spare serves each in turn
-        kernel.fill(1000 * handle, WRITE_PAGES)
-        offset = handle * WRITE_PAGES * PAGE_SIZE
-        assert kernel.call(nbd.Command.WRITE, handle, offset, WRITE_PAGES * PAGE_SIZE) == 0
-    assert served.store.counters["disk_writes"] == 2 * WRITE_PAGES
-    tmemd.start()
-    kernel.sock.recv_into(kernel.reply_view, nbd.SIMPLE_REPLY_HEADER.size, socket.MSG_WAITALL)
-    magic, error, handle = nbd.SIMPLE_REPLY_HEADER.unpack_from(kernel.reply)
-    assert (magic, error, handle) == (nbd.SIMPLE_REPLY_MAGIC, 0, 2)
-    view = kernel.reply_view[nbd.SIMPLE_REPLY_HEADER.size : nbd.SIMPLE_REPLY_HEADER.size + READ_PAGES * PAGE_SIZE]
-    assert kernel.sock.recv_into(view, len(view), socket.MSG_WAITALL) == len(view)
-    assert kernel.read_seeds(READ_PAGES) == list(range(100, 100 + READ_PAGES))
+    send_read(kernel, 2, 0, READ_PAGES)
+    assert receive_read_replies(kernel, 1, READ_PAGES) == {2: (nbd.Error.EIO, [])}
+    assert served.server.parked_reads == 0 and served.store.counters["errors"] >= 1
 
 
 def wait_until(condition: Callable[[], bool], timeout: float) -> bool:
