@@ -29,8 +29,7 @@ image: deps
 test: image
 	$(PY) -m pytest -m "not stress" $(PYTEST_ARGS)
 
-# Guest runs near the agent's deadlock bound (no cgroup, 1.5-2x guest RAM), and the
-# two-guest fault-injection test (not reliable yet: docs/RELIABILITY.md).
+# Guest runs near the agent's deadlock bound (no cgroup, 1.5-2x guest RAM).
 stress: image
 	$(PY) -m pytest -m stress $(PYTEST_ARGS)
 

@@ -198,7 +198,7 @@ class ReadaheadWindow:
     """Pages of consecutive slots fetched ahead of the READs that will want them.
 
     Correctness: a slot's window copy is what tmem held when the window was filled
-    under the stripe locks of those slots (SwapStore.read holds them for the request
+    under the stripe locks of those slots (SwapStore.try_read holds them for the request
     and its readahead); a WRITE or TRIM of a slot forgets it under the same locks,
     so the window never holds a page older than the slot's last write. One fill at
     a time owns the buffer; a READ that finds it busy reads from tmem as usual."""

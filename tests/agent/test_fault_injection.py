@@ -40,10 +40,7 @@ from tmem_host.vm.guestops import (
 )
 from tmem_host.vm.launcher import Guest, GuestConfig
 
-# In `make stress`, not `make test`: in the final integration runs the victim's agent
-# took 25-47 s to get its HELLO answered after the channel was re-added (cause not
-# found yet), so its swap-ins of tmem pages ran out of --read-wait (docs/RELIABILITY.md).
-pytestmark = [pytest.mark.vm, pytest.mark.slow, pytest.mark.stress]
+pytestmark = [pytest.mark.vm, pytest.mark.slow]
 
 VICTIM, ATTACKER = "victim", "attacker"
 BUDGET = "64M"
@@ -75,8 +72,15 @@ PROBE_CGROUP_MAX = "12M"
 HOSTILE = "python3 -m tmem_guest.hostile --seconds 6 --flood-mib 80"
 RECONNECT_TIMEOUT_S = 60.0
 # SIGSTOP of tmemd: longer than the agent's request timeout (5 s), well within
-# the time its reads wait for tmemd to come back (30 s).
+# the time its reads wait for tmemd to come back.
 STOPPED_S = 12.0
+# How long the victim's swap-ins of tmem pages wait for tmemd (--read-wait). While
+# the channel is gone or tmemd stopped, any guest command this test runs over SSH
+# may fault in pages (sshd's, its shell's) that only tmemd has: it waits, and the
+# outage lasts as long as the test's commands in it (the probe workload's 20-30 s
+# under TCG). The default 30 s is too close to that; an outage past --read-wait
+# ends in EIO, i.e. SIGBUS for whoever faulted (docs/RELIABILITY.md).
+READ_WAIT_S = 120
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +152,7 @@ def test_victim_keeps_verifying_through_attacks_unplug_and_crash(
         guests: tuple[Guest, Guest], tmemd: TmemdProcess) -> None:
     victim, attacker = guests
     tmemd_pid = tmemd.pid
-    agent = start_agent(victim, "--swap pipelined")
+    agent = start_agent(victim, f"--swap pipelined --read-wait {READ_WAIT_S}")
     victim.ssh("cat > /tmp/usemem-loop.sh", input=USEMEM_LOOP.encode())
     victim.ssh(f"setsid -f {in_cgroup('sh /tmp/usemem-loop.sh', WORKLOAD_CGROUP_MAX)}"
                " > /dev/null 2>&1 < /dev/null")
@@ -190,30 +194,36 @@ def test_victim_keeps_verifying_through_attacks_unplug_and_crash(
         print(f"channel gone: {gone['counters']}")
 
         # 3. tmemd stopped (SIGSTOP) for longer than the agent's request timeout:
-        # the agent gives up on it, then comes back to the same tmemd.
+        # the agent gives up on it, then comes back to the same tmemd. Nothing asks
+        # the guest anything meanwhile (see READ_WAIT_S): the stop lasts STOPPED_S.
         os.kill(tmemd.pid, signal.SIGSTOP)
         try:
             time.sleep(STOPPED_S)
-            stalled = swap_stats(victim)
         finally:
             os.kill(tmemd.pid, signal.SIGCONT)
         resumed = wait_for_session(victim, replugged["connections"] + 1)
-        assert stalled["session_up"] is False and tmemd.pid == tmemd_pid, stalled
-        print(f"tmemd stopped {STOPPED_S:.0f} s: {stalled['counters']}")
+        assert resumed["session_timeouts"] > replugged["session_timeouts"], resumed
+        assert tmemd.pid == tmemd_pid
+        print(f"tmemd stopped {STOPPED_S:.0f} s: {resumed['counters']}")
 
         # 4. tmemd killed mid-workload and restarted: the journal keeps the pages.
         tmemd.crash_and_restart(downtime=2.0)
         restarted = wait_for_session(victim, resumed["connections"] + 1)
+        # A whole pass after the restart (the one running may be verifying only:
+        # clean swapped-in pages are dropped without a write, so no puts).
         passes_so_far = len(usemem_results(victim))
-        wait_for_passes(victim, passes_so_far + 1)
+        wait_for_passes(victim, passes_so_far + 2)
         final = swap_stats(victim)
         assert final["counters"]["puts"] > restarted["counters"]["puts"], final
+        assert final["counters"]["hits"] > restarted["counters"]["hits"], final
     finally:
         victim.ssh(f"touch {STOP_FILE}; kill $(cat {USEMEM_PID}); for i in $(seq 120); do"
                    f" test -e {DONE_FILE} && exit 0; sleep 1; done; exit 1", timeout=150,
                    check=False)
         results = [r for r in usemem_results(victim) if r.get("exit") != STOPPED]
-        print(f"agent log:\n{agent_log(victim)}\nagent: {json.dumps(swap_stats(victim))}")
+        # Diagnostics that a failed guest command cannot swallow.
+        print(f"agent log:\n{agent_log(victim, 80)}")
+        print(f"agent: {victim.ssh('python3 -m tmem_guest stats', check=False).stdout}")
         stop_agent(victim, agent)
     print(f"usemem passes: {[(r.get('verified'), r.get('total_s')) for r in results]}")
     assert len(results) >= 1 and all(result["verified"] for result in results), results
