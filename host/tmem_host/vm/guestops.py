@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import shlex
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from tmem_host.vm.launcher import DISK_SERIALS, CommandResult, Guest
@@ -85,6 +87,28 @@ def in_cgroup(command: str, memory_max: str, cgroup: str = "workload") -> str:
         f"echo {memory_max} > {path}/memory.max && echo $$ > {path}/cgroup.procs && exec sh -c {shlex.quote(command)}"
     )
     return f"sh -c {shlex.quote(script)}"
+
+
+@contextmanager
+def system_kept_out_of_swap(guest: Guest, cgroup: str = "system") -> Iterator[None]:
+    """Move every process of the root cgroup (init, sshd, the agent) into a cgroup
+    that may not swap (memory.swap.max 0), and back at the end. Commands started
+    over SSH meanwhile start there too (sshd's children); in_cgroup() moves a
+    workload on into its own. For tests that make tmem lose pages on purpose: a
+    lost page of init's panics the guest (kswapd swaps idle pages of everyone)."""
+    path = f"{CGROUP_ROOT}/{cgroup}"
+    guest.ssh(
+        f"echo +memory > {CGROUP_ROOT}/cgroup.subtree_control && mkdir -p {path} && "
+        f"echo 0 > {path}/memory.swap.max && "
+        # Kernel threads cannot move (EINVAL): skipped.
+        f"for pid in $(cat {CGROUP_ROOT}/cgroup.procs); do echo $pid > {path}/cgroup.procs 2>/dev/null; done; "
+        f"grep -qx 1 {path}/cgroup.procs"
+    )
+    try:
+        yield
+    finally:
+        guest.ssh(f"for pid in $(cat {path}/cgroup.procs); do echo $pid > {CGROUP_ROOT}/cgroup.procs; done",
+                  check=False)
 
 
 def run_in_cgroup(guest: Guest, command: str, memory_max: str, timeout: float,
