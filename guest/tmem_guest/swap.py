@@ -380,18 +380,23 @@ class SwapStore:
         )
         return nbd.Error.OK
 
-    def read(self, offset: int, length: int, into: memoryview) -> int:
-        """try_read, waiting (no lock held) up to read_wait for the session whenever
-        it needs tmemd; EIO when tmemd did not come back in time."""
-        deadline: float | None = None
+    def read(self, offset: int, length: int, into: memoryview, deadline: float | None = None) -> int:
+        """try_read, waiting (no lock held) for the session whenever it needs tmemd,
+        until `deadline` (time.monotonic(); by default read_wait from now); EIO when
+        tmemd did not come back in time (the page may still be in tmemd: the process
+        faulting it gets SIGBUS, never wrong data)."""
+        if deadline is None:
+            deadline = time.monotonic() + self.read_wait
+        retried = False
         while (error := self.try_read(offset, length, into)) == SESSION_DOWN:
-            now = time.monotonic()
-            if deadline is None:
-                deadline = now + self.read_wait
-            elif self.session.is_up:
+            if retried and self.session.is_up:
                 time.sleep(0.05)  # back and gone again at once: do not spin
-            if now >= deadline or not self.session.wait_up(deadline - now):
-                return self.give_up_read(offset)
+            retried = True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self.session.wait_up(remaining):
+                self.counters.add(errors=1)
+                log.error("READ at %d: tmemd not back within %.0f s, answering EIO", offset, self.read_wait)
+                return nbd.Error.EIO
         return error
 
     def try_read(self, offset: int, length: int, into: memoryview) -> int:
@@ -408,13 +413,6 @@ class SwapStore:
             return self._read(offset, length, into, ahead)
         finally:
             self.locks.release(held)
-
-    def give_up_read(self, offset: int) -> int:
-        """A READ that waited read_wait for tmemd in vain: EIO (the page may still be in
-        tmemd; the process faulting it gets SIGBUS, never wrong data)."""
-        self.counters.add(errors=1)
-        log.error("READ at %d: tmemd not back within %.0f s, answering EIO", offset, self.read_wait)
-        return nbd.Error.EIO
 
     def _readahead_pages(self, offset: int, length: int) -> int:
         """How many slots after a READ it may fetch ahead (0 without a window, for big
@@ -644,7 +642,7 @@ class NbdSwapServer:
     A READ that needs a page only tmemd has while the session is down is parked:
     its worker releases the stripe locks and goes on to the next request, and one
     more thread (`nbd-parked-reads`, with its own Scratch) answers the parked READs
-    when the session is back, or with EIO once one has waited read_wait. The kernel
+    in turn when the session is back, or with EIO once one has waited read_wait. The kernel
     takes replies in any order. A worker waiting instead would hold its stripes and
     itself: a few such reads held every worker, the WRITEs that free guest memory
     (to the fallback disk) waited behind them, and an unplugged guest stalled.
@@ -817,44 +815,30 @@ class NbdSwapServer:
             self._parked_changed.notify()
 
     def _serve_parked_reads(self) -> None:
-        """Answer parked READs once the session is back (each retried under its
-        stripe locks, as if it had just arrived), or with EIO after read_wait."""
+        """Answer parked READs, oldest first: each is retried (SwapStore.read) until
+        the session is back or it has waited read_wait since it arrived (EIO)."""
         scratch = Scratch.allocate()
-        store = self.store
         while True:
             with self._parked_changed:
                 while not self._parked and not self._closed:
                     self._parked_changed.wait()
                 if self._closed:
                     return
-                oldest_arrival = self._parked[0][3]
-            remaining = oldest_arrival + store.read_wait - time.monotonic()
-            if remaining > 0 and not store.session.wait_up(remaining):
-                continue  # the oldest ran out of time: answered on the next pass
+                handle, offset, length, arrival = self._parked[0]
+            reply = scratch.reply_buffer(length)
+            try:
+                error = self.store.read(offset, length, reply[REPLY_PAYLOAD_OFFSET:],
+                                        deadline=arrival + self.store.read_wait)
+            except OSError as failure:
+                log.error("parked READ at %d failed: %s", offset, failure)
+                error = nbd.Error.EIO
             with self._parked_changed:
-                parked, self._parked = self._parked, []
-            still_parked = []
-            for handle, offset, length, arrival in parked:
-                reply = scratch.reply_buffer(length)
-                try:
-                    error = store.try_read(offset, length, reply[REPLY_PAYLOAD_OFFSET:])
-                    if error == SESSION_DOWN:
-                        if time.monotonic() - arrival < store.read_wait:
-                            still_parked.append((handle, offset, length, arrival))
-                            continue
-                        error = store.give_up_read(offset)
-                except OSError as failure:
-                    log.error("parked READ at %d failed: %s", offset, failure)
-                    error = nbd.Error.EIO
-                try:
-                    self._reply(reply, handle, error, length, "nbd_read", arrival)
-                except OSError as failure:  # the kernel's end is gone, and the device with it
-                    log.info("parked READ at %d not answered: %s", offset, failure)
-                    return
-            if still_parked:
-                with self._parked_changed:
-                    self._parked[:0] = still_parked  # they stay the oldest
-                time.sleep(0.05)  # the session went down again at once: do not spin
+                self._parked.pop(0)
+            try:
+                self._reply(reply, handle, error, length, "nbd_read", arrival)
+            except OSError as failure:  # the kernel's end is gone, and the device with it
+                log.info("parked READ at %d not answered: %s", offset, failure)
+                return
 
     def close(self) -> None:
         """Close both socket ends (after disconnect, or EOF in host tests)."""
