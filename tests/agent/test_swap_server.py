@@ -62,13 +62,20 @@ class KernelSide:
         nbd.REQUEST_HEADER.pack_into(self.request, 0, nbd.REQUEST_MAGIC, 0, command, handle, offset, length)
         payload = length if command == nbd.Command.WRITE else 0
         self.sock.sendall(self.request_view[: nbd.REQUEST_HEADER.size + payload])
+        error, reply_handle = self.receive_reply(length if command == nbd.Command.READ else 0)
+        assert reply_handle == handle
+        return error
+
+    def receive_reply(self, read_length: int) -> tuple[int, int]:
+        """The next reply: (error, handle); a READ's payload (`read_length`) lands
+        after the header in `reply`."""
         self.sock.recv_into(self.reply_view, nbd.SIMPLE_REPLY_HEADER.size, socket.MSG_WAITALL)
-        magic, error, reply_handle = nbd.SIMPLE_REPLY_HEADER.unpack_from(self.reply)
-        assert (magic, reply_handle) == (nbd.SIMPLE_REPLY_MAGIC, handle)
-        if command == nbd.Command.READ and error == nbd.Error.OK:
-            view = self.reply_view[nbd.SIMPLE_REPLY_HEADER.size : nbd.SIMPLE_REPLY_HEADER.size + length]
-            assert self.sock.recv_into(view, length, socket.MSG_WAITALL) == length
-        return int(error)
+        magic, error, handle = nbd.SIMPLE_REPLY_HEADER.unpack_from(self.reply)
+        assert magic == nbd.SIMPLE_REPLY_MAGIC
+        if read_length and error == nbd.Error.OK:
+            view = self.reply_view[nbd.SIMPLE_REPLY_HEADER.size : nbd.SIMPLE_REPLY_HEADER.size + read_length]
+            assert self.sock.recv_into(view, read_length, socket.MSG_WAITALL) == read_length
+        return int(error), int(handle)
 
     def read_seeds(self, pages: int) -> list[int]:
         start = nbd.SIMPLE_REPLY_HEADER.size
@@ -246,15 +253,8 @@ def receive_read_replies(kernel: KernelSide, count: int, pages: int) -> dict[int
     """`count` READ replies, in whatever order they come: handle -> (error, page seeds)."""
     replies = {}
     for _ in range(count):
-        kernel.sock.recv_into(kernel.reply_view, nbd.SIMPLE_REPLY_HEADER.size, socket.MSG_WAITALL)
-        magic, error, handle = nbd.SIMPLE_REPLY_HEADER.unpack_from(kernel.reply)
-        assert magic == nbd.SIMPLE_REPLY_MAGIC
-        seeds = []
-        if error == nbd.Error.OK:
-            view = kernel.reply_view[nbd.SIMPLE_REPLY_HEADER.size : nbd.SIMPLE_REPLY_HEADER.size + pages * PAGE_SIZE]
-            assert kernel.sock.recv_into(view, len(view), socket.MSG_WAITALL) == len(view)
-            seeds = kernel.read_seeds(pages)
-        replies[handle] = (error, seeds)
+        error, handle = kernel.receive_reply(pages * PAGE_SIZE)
+        replies[handle] = (error, kernel.read_seeds(pages) if error == nbd.Error.OK else [])
     return replies
 
 

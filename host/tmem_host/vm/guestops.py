@@ -75,14 +75,20 @@ def agent_stats(guest: Guest) -> dict[str, Any]:
     return stats
 
 
+def memory_cgroup(cgroup: str) -> tuple[str, str]:
+    """(the cgroup's directory, a shell fragment creating it with the memory controller)."""
+    path = f"{CGROUP_ROOT}/{cgroup}"
+    return path, f"echo +memory > {CGROUP_ROOT}/cgroup.subtree_control && mkdir -p {path}"
+
+
 def in_cgroup(command: str, memory_max: str, cgroup: str = "workload") -> str:
     """A shell command running COMMAND in a memory cgroup with this memory.max
     ("max" for no limit). FACTS.md: a cgroup around the workload is the robust guard
     against reclaim deadlocks with a user-space swap device, because the processes
     outside it (the agent, sshd) keep the memory their own I/O needs."""
-    path = f"{CGROUP_ROOT}/{cgroup}"
+    path, create = memory_cgroup(cgroup)
     script = (
-        f"echo +memory > {CGROUP_ROOT}/cgroup.subtree_control && mkdir -p {path} && "
+        f"{create} && "
         # COMMAND may be a compound (a && b): exec a shell for it, not its first word.
         f"echo {memory_max} > {path}/memory.max && echo $$ > {path}/cgroup.procs && exec sh -c {shlex.quote(command)}"
     )
@@ -96,10 +102,9 @@ def system_kept_out_of_swap(guest: Guest, cgroup: str = "system") -> Iterator[No
     over SSH meanwhile start there too (sshd's children); in_cgroup() moves a
     workload on into its own. For tests that make tmem lose pages on purpose: a
     lost page of init's panics the guest (kswapd swaps idle pages of everyone)."""
-    path = f"{CGROUP_ROOT}/{cgroup}"
+    path, create = memory_cgroup(cgroup)
     guest.ssh(
-        f"echo +memory > {CGROUP_ROOT}/cgroup.subtree_control && mkdir -p {path} && "
-        f"echo 0 > {path}/memory.swap.max && "
+        f"{create} && echo 0 > {path}/memory.swap.max && "
         # Kernel threads cannot move (EINVAL): skipped.
         f"for pid in $(cat {CGROUP_ROOT}/cgroup.procs); do echo $pid > {path}/cgroup.procs 2>/dev/null; done; "
         f"grep -qx 1 {path}/cgroup.procs"
