@@ -23,8 +23,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from tmem_guest.mutation import mutate, seed_frames
-from tmem_guest.usemem import expected_page, page_templates
 from tmem_host.daemon.client import AbiClient, ConnectionClosed
 from tmem_host.daemon.process import TmemdProcess
 from tmem_wire.abi import (
@@ -39,6 +37,8 @@ from tmem_wire.abi import (
     Status,
     encode_frame,
 )
+from tmem_workloads.mutation import mutate, seed_frames
+from tmem_workloads.usemem import expected_page, page_templates
 
 FUZZ_GUEST = "fuzz"
 CLEAN_GUEST = "clean"

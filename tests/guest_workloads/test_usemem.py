@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import mmap
 
-from tmem_guest import usemem
+from tmem_workloads import usemem
 
 
 def make_region(pages: int) -> mmap.mmap:

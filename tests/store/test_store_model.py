@@ -14,7 +14,6 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from tmem_guest.usemem import PAGE_SIZE, expected_page, page_templates
 from tmem_host.store import (
     DEDUP_BLOB_OVERHEAD_BYTES,
     EPHEMERAL_PAGE_OVERHEAD_BYTES,
@@ -25,6 +24,7 @@ from tmem_host.store import (
 )
 from tmem_host.store.store import DedupBlob
 from tmem_wire.abi import WHOLE_OBJECT, Key, Oid, Status
+from tmem_workloads.usemem import PAGE_SIZE, expected_page, page_templates
 
 RAW_COST = PAGE_SIZE + EPHEMERAL_PAGE_OVERHEAD_BYTES  # budgets and caps in pages' worth
 _TEMPLATES = page_templates(3)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tmem_guest import pagecache
-from tmem_guest.usemem import PAGE_SIZE
+from tmem_workloads import pagecache
+from tmem_workloads.usemem import PAGE_SIZE
 
 MIB = 3
 FILE_MIB = 2  # two files: 2 MiB and 1 MiB

@@ -149,7 +149,7 @@ def workload_command(scenario: Scenario, index: int, repetition: int) -> str:
     if scenario.workload in ("usemem", "contention"):
         def usemem(burst_seed: int) -> str:
             return (
-                f"python3 -m tmem_guest.usemem --mib {mib} --seed {burst_seed} "
+                f"python3 -m tmem_workloads.usemem --mib {mib} --seed {burst_seed} "
                 f"--order {params['order']} --passes {params['passes']}"
             )
 
@@ -189,7 +189,7 @@ def workload_phases(scenario: Scenario, mode: Mode, index: int, repetition: int)
     # bigmem: no limit, the set stays in the guest page cache (the floor).
     limit = "max" if mode.enough_memory else f"{int(params['reader_mib'])}M"
     directory = CACHE_MOUNT if mode.agent is not None else FILE_SET
-    reader = (f"python3 -m tmem_guest.pagecache read --dir {directory} "
+    reader = (f"python3 -m tmem_workloads.pagecache read --dir {directory} "
               f"{_file_set_arguments(scenario, index, repetition)} --passes 1")
     return [guestops.in_cgroup(reader, limit, "pagecache-reader")] * int(params["passes"])
 
@@ -206,7 +206,7 @@ def prepare_pagecache(
     for agent modes the agent's cleancache mount over it."""
     guest.ssh(
         f"dev={guestops.disk_by_serial(DATA_DISK_SERIAL)} && mkfs.ext4 -q -F $dev && mkdir -p {DATA_MOUNT} && "
-        f"mount $dev {DATA_MOUNT} && python3 -m tmem_guest.pagecache prepare --dir {FILE_SET} "
+        f"mount $dev {DATA_MOUNT} && python3 -m tmem_workloads.pagecache prepare --dir {FILE_SET} "
         f"{_file_set_arguments(scenario, index, repetition)}",
         timeout=scenario.workload_timeout_s,
     )

@@ -8,8 +8,8 @@ through a directory (the agent's FUSE mount, or the plain file system) `--passes
 times and checks every page; a page that comes back stale, zeroed or from another
 file is counted and named, and makes the exit status 1.
 
-    python3 -m tmem_guest.pagecache prepare --dir /data/set --mib 96 [--seed 1]
-    python3 -m tmem_guest.pagecache read --dir /mnt/cache --mib 96 [--passes 2]
+    python3 -m tmem_workloads.pagecache prepare --dir /data/set --mib 96 [--seed 1]
+    python3 -m tmem_workloads.pagecache read --dir /mnt/cache --mib 96 [--passes 2]
 
 Both print one JSON line. Stdlib only.
 """
@@ -24,7 +24,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from tmem_guest.usemem import PAGE_SIZE, expected_page, page_templates
+from tmem_workloads.usemem import PAGE_SIZE, expected_page, page_templates
 
 DROP_CACHES = Path("/proc/sys/vm/drop_caches")
 CHUNK_PAGES = 64  # 256 KiB per read()/write(): a few FUSE requests each
@@ -124,7 +124,7 @@ def read(directory: Path, mib: int, *, file_mib: int, seed: int, passes: int) ->
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tmem_guest.pagecache", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="tmem_workloads.pagecache", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     for name in ("prepare", "read"):
         command = commands.add_parser(name)

@@ -2,7 +2,7 @@
 truncation, length lies, header field swaps, garbage and splices.
 
 Stdlib-only, so that both the host fuzzer (`make fuzz`, tmem_host.fuzz) and the
-hostile-guest program (tmem_guest.hostile, run inside a guest) use it.
+hostile-guest program (tmem_workloads.hostile, run inside a guest) use it.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import random
 import struct
 from collections.abc import Callable
 
-from tmem_guest.usemem import expected_page
 from tmem_wire.abi import (
     ALL_POOLS,
     HEADER_SIZE,
@@ -25,6 +24,7 @@ from tmem_wire.abi import (
     encode_key_batch,
     encode_put_batch,
 )
+from tmem_workloads.usemem import expected_page
 
 # Header byte offsets (docs/ABI.md): the fields mutations like to lie in.
 OFFSET_OPCODE = 5

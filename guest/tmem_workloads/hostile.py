@@ -2,7 +2,7 @@
 
 Run instead of the agent (a port has one opener). Three phases, each reported:
 
-1. malformed: for `--seconds`, bursts of mutated frames (tmem_guest.mutation:
+1. malformed: for `--seconds`, bursts of mutated frames (tmem_workloads.mutation:
    bad magic, oversize and lying lengths, random opcodes, garbage pool ids,
    truncations, garbage bytes), each burst on a fresh session; tmemd may close
    the channel (QEMU's chardev then reconnects). Every byte tmemd sends back
@@ -16,8 +16,8 @@ Run instead of the agent (a port has one opener). Three phases, each reported:
    in PUT_BATCH frames until `--flood-mib` were sent: tmemd refuses (cap,
    budget) or evicts this guest's own ephemeral pages.
 
-    python3 -m tmem_guest.hostile [--channel port|unix:PATH] [--seconds 20]
-                                  [--flood-mib 256] [--seed 1]
+    python3 -m tmem_workloads.hostile [--channel port|unix:PATH] [--seconds 20]
+                                      [--flood-mib 256] [--seed 1]
 
 Prints one JSON object; exits 1 if tmemd answered something it must not have.
 """
@@ -35,8 +35,6 @@ from dataclasses import asdict, dataclass, field
 
 from tmem_guest.channel import Channel, ChannelDown, open_channel
 from tmem_guest.keys import frontswap_key
-from tmem_guest.mutation import mutate, seed_frames
-from tmem_guest.usemem import page_templates
 from tmem_wire.abi import (
     ALL_POOLS,
     NEED_DATA,
@@ -56,6 +54,8 @@ from tmem_wire.abi import (
     encode_put_batch,
     max_batch_pages,
 )
+from tmem_workloads.mutation import mutate, seed_frames
+from tmem_workloads.usemem import page_templates
 
 PAGE_SIZE = 4096
 # How long to wait for the channel to come (back) up, and for a reply.
@@ -274,7 +274,7 @@ def run(channel: Channel, *, seconds: float, flood_mib: int, seed: int,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python3 -m tmem_guest.hostile",
+    parser = argparse.ArgumentParser(prog="python3 -m tmem_workloads.hostile",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--channel", default="port", help="port, port:NAME, a /dev path or unix:PATH")
     parser.add_argument("--seconds", type=float, default=20.0, help="of malformed frames")

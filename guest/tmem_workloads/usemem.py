@@ -7,7 +7,7 @@ status 1. Content is a realistic mix for a compressing backend: text-like pages,
 binary pages, zero pages and random pages, each stamped with its page number so
 that no two pages are equal.
 
-    python3 -m tmem_guest.usemem --mib 384 [--order random] [--passes 2] [--json]
+    python3 -m tmem_workloads.usemem --mib 384 [--order random] [--passes 2] [--json]
 
 Prints one JSON line with the timings and the verdict.
 """
@@ -107,7 +107,7 @@ def run(mib: int, *, seed: int, order: str, passes: int) -> dict[str, object]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tmem_guest.usemem", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="tmem_workloads.usemem", description=__doc__.splitlines()[0])
     parser.add_argument("--mib", type=int, required=True, help="working set in MiB")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--order", choices=("sequential", "random"), default="sequential")
