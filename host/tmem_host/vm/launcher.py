@@ -15,6 +15,8 @@ Python path. QEMU runs in its own process group with PR_SET_PDEATHSIG, and an
 atexit hook kills what is left, so no QEMU outlives the process that started it.
 Start guests from a thread that lives as long as they do: the death signal
 follows the thread that forked QEMU.
+qemu_command() builds QEMU's command line without I/O; Guest does the I/O
+(sockets, accelerator, port, scratch disks) and passes the results in.
 """
 from __future__ import annotations
 
@@ -51,6 +53,7 @@ from tmem_host.vm.image import GuestImage, ImageError, require_image
 from tmem_host.vm.recipe import READY_MARKER, REPO_ROOT
 
 Accel = Literal["auto", "kvm", "tcg"]
+ResolvedAccel = Literal["kvm", "tcg"]  # what "auto" became: what qemu_command() takes
 SwapKind = Literal["none", "hdd", "ssd", "hostcache", "nbd"]
 DiskSpeed = Literal["hdd", "ssd", "hostcache"]
 QEMU_BINARY = "qemu-system-x86_64"
@@ -239,6 +242,91 @@ def tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     return "\n".join(text.splitlines()[-lines:]) or "(empty)"
 
 
+def qemu_command(
+    config: GuestConfig, *, accel: ResolvedAccel, image: GuestImage, console_log: Path,
+    ssh_port: int, ssh_public_key: str, monitor_fd: int,
+    swap_disk: Path | None = None, data_disk: Path | None = None,
+) -> list[str]:
+    """QEMU's argv for `config`: pure (no I/O), so it is tested without booting.
+
+    Guest does the I/O and passes the results in: the accelerator it resolved,
+    the free port forwarded to the guest's SSH, the OpenSSH public key line
+    ("TYPE BASE64 COMMENT") the guest's init authorizes, QEMU's end of the QMP
+    socketpair (inherited as `monitor_fd`), and the fresh sparse files for a
+    scratch swap disk (swap hdd/ssd/hostcache) and a data disk (data_disk_mib > 0).
+    """
+    if accel not in ("kvm", "tcg"):
+        raise ValueError(f"accel must be resolved to kvm or tcg, not {accel!r}")
+    if (swap_disk is None) != (config.swap in ("none", "nbd")):
+        raise ValueError(f"swap={config.swap!r} and swap_disk={swap_disk} do not match")
+    if (data_disk is None) != (config.data_disk_mib <= 0):
+        raise ValueError(f"data_disk_mib={config.data_disk_mib} and data_disk={data_disk} "
+                         "do not match")
+    kernel_args = [
+        # sysrq_always_enabled: Guest.sysrq() works even when the guest is stuck.
+        "console=ttyS0", "panic=-1", "quiet", "sysrq_always_enabled",
+        f"tmem.hostname={config.name}",
+        "tmem.ssh_key=" + base64.b64encode(ssh_public_key.encode()).decode(),
+        *config.kernel_args,
+    ]
+    cpu = ["-accel", "kvm", "-cpu", "host"] if accel == "kvm" else \
+        ["-accel", "tcg", "-cpu", "max"]
+    command = [
+        # QMP over the socketpair end QEMU inherits: no socket path to race for or clean up.
+        config.qemu_binary, "-chardev", f"socket,id=mon,fd={monitor_fd}",
+        "-mon", "chardev=mon,mode=control",
+        "-name", config.name, "-M", "q35", *cpu,
+        "-m", str(config.memory_mib), "-smp", str(config.vcpus),
+        "-nodefaults", "-display", "none", "-no-reboot",
+        "-chardev", f"file,id=console,path={console_log}", "-serial", "chardev:console",
+        "-kernel", str(config.kernel or image.kernel), "-initrd", str(image.initrd),
+        "-append", " ".join(kernel_args),
+        # snapshot=on: guests share the cached root image and never change it.
+        "-drive", f"file={image.rootfs},if=none,id=root,format=raw,snapshot=on",
+        "-device", f"virtio-blk-pci,drive=root,serial={DISK_SERIALS['root']}",
+        # restrict=on: no way out of the guest but the SSH port, bound to loopback only.
+        "-netdev", f"user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{ssh_port}-:22",
+        "-device", "virtio-net-pci,netdev=n0",
+    ]
+    if config.swap == "nbd":
+        if config.nbd_socket is None or not config.nbd_export:
+            raise ValueError("swap='nbd' needs nbd_socket and nbd_export")
+        # discard=unmap: the guest's swap discards (swapon --discard) reach tmemd
+        # as NBD TRIM, so freed swap slots are flushed from tmem.
+        # reconnect-delay: if tmemd dies, QEMU reconnects and reruns the requests
+        # in flight for this long instead of failing them (EIO in the guest);
+        # a restarted tmemd has the swap pages back from its journal.
+        command += ["-blockdev", f"driver=nbd,node-name=swap,discard=unmap,server.type=unix,"
+                                 f"server.path={config.nbd_socket},export={config.nbd_export},"
+                                 f"reconnect-delay={NBD_RECONNECT_DELAY_S}",
+                    "-device", f"virtio-blk-pci,drive=swap,serial={DISK_SERIALS['swap']}"]
+    elif swap_disk is not None:
+        command += _scratch_disk_args("swap", swap_disk, config.swap)
+    if data_disk is not None:
+        command += _scratch_disk_args("data", data_disk, config.data_disk_speed)
+    if config.tmem_socket is not None:
+        command += ["-device", f"virtio-serial-pci,id={TMEM_SERIAL_BUS_ID}",
+                    "-chardev", f"socket,id={TMEM_CHARDEV_ID},path={config.tmem_socket},"
+                                "server=off,reconnect=1",
+                    "-device", f"virtserialport,id={TMEM_PORT_ID},chardev={TMEM_CHARDEV_ID},"
+                               f"bus={TMEM_SERIAL_BUS_ID}.0,name={TMEM_PORT_NAME}"]
+    if config.vsock_cid is not None:
+        command += ["-device", f"vhost-vsock-pci,guest-cid={config.vsock_cid}"]
+    if config.share_agent:
+        for tag, path in AGENT_SHARES.items():
+            command += ["-virtfs", f"local,path={path},mount_tag={tag},"
+                                   "security_model=none,readonly=on"]
+    return command + list(config.qemu_args)
+
+
+def _scratch_disk_args(role: str, path: Path, speed: str) -> list[str]:
+    """Scratch disk `role` (swap, data) in a speed class: hdd and ssd are throttled
+    to their IOPS; hostcache is unthrottled (the host page cache absorbs it)."""
+    throttle = f",throttling.iops-total={DISK_IOPS[speed]}" if speed in DISK_IOPS else ""
+    return ["-drive", f"file={path},if=none,id={role},format=raw{throttle}",
+            "-device", f"virtio-blk-pci,drive={role},serial={DISK_SERIALS[role]}"]
+
+
 class Guest:
     """One QEMU guest. A context manager: boots on entry, shuts down on exit."""
 
@@ -250,7 +338,7 @@ class Guest:
         self.stderr_log = self.run_dir / "qemu-stderr.log"
         self.qmp_log = self.run_dir / "qmp.log"
         self.key_path = self.run_dir / "ssh_key"
-        self.accel: Literal["kvm", "tcg"] | None = None
+        self.accel: ResolvedAccel | None = None
         self.ssh_port: int | None = None
         self.command: list[str] = []
         self.boot_times = BootTimes()
@@ -297,8 +385,7 @@ class Guest:
         try:
             for attempt in range(3):
                 self.ssh_port = free_local_port()
-                self.command = self._build_command(image)
-                self._spawn()
+                self._spawn(image)
                 try:
                     self._connect_qmp()
                     return
@@ -551,7 +638,7 @@ class Guest:
         self.accel = self._resolve_accel(image)
         return image
 
-    def _resolve_accel(self, image: GuestImage) -> Literal["kvm", "tcg"]:
+    def _resolve_accel(self, image: GuestImage) -> ResolvedAccel:
         if self.config.accel == "tcg":
             return "tcg"
         if self.config.accel == "kvm":
@@ -559,72 +646,6 @@ class Guest:
                 raise GuestConfigError("accel='kvm' but /dev/kvm is not usable")
             return "kvm"
         return accel_probe.verdict(image).accel
-
-    def _build_command(self, image: GuestImage) -> list[str]:
-        config = self.config
-        assert self.accel is not None
-        public_key = f"{self._ssh_key.get_name()} {self._ssh_key.get_base64()} tmem-testbed"
-        kernel_args = [
-            # sysrq_always_enabled: Guest.sysrq() works even when the guest is stuck.
-            "console=ttyS0", "panic=-1", "quiet", "sysrq_always_enabled",
-            f"tmem.hostname={config.name}",
-            "tmem.ssh_key=" + base64.b64encode(public_key.encode()).decode(),
-            *config.kernel_args,
-        ]
-        cpu = ["-accel", "kvm", "-cpu", "host"] if self.accel == "kvm" else \
-            ["-accel", "tcg", "-cpu", "max"]
-        command = [
-            config.qemu_binary, "-name", config.name, "-M", "q35", *cpu,
-            "-m", str(config.memory_mib), "-smp", str(config.vcpus),
-            "-nodefaults", "-display", "none", "-no-reboot",
-            "-chardev", f"file,id=console,path={self.console_log}", "-serial", "chardev:console",
-            "-kernel", str(config.kernel or image.kernel), "-initrd", str(image.initrd),
-            "-append", " ".join(kernel_args),
-            "-drive", f"file={image.rootfs},if=none,id=root,format=raw,snapshot=on",
-            "-device", f"virtio-blk-pci,drive=root,serial={DISK_SERIALS['root']}",
-            "-netdev", f"user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{self.ssh_port}-:22",
-            "-device", "virtio-net-pci,netdev=n0",
-        ]
-        command += self._swap_args()
-        if config.data_disk_mib > 0:
-            command += self._scratch_disk_args("data", config.data_disk_mib, config.data_disk_speed)
-        if config.tmem_socket is not None:
-            command += ["-device", f"virtio-serial-pci,id={TMEM_SERIAL_BUS_ID}",
-                        "-chardev", f"socket,id={TMEM_CHARDEV_ID},path={config.tmem_socket},"
-                                    "server=off,reconnect=1",
-                        "-device", f"virtserialport,id={TMEM_PORT_ID},chardev={TMEM_CHARDEV_ID},"
-                                   f"bus={TMEM_SERIAL_BUS_ID}.0,name={TMEM_PORT_NAME}"]
-        if config.vsock_cid is not None:
-            command += ["-device", f"vhost-vsock-pci,guest-cid={config.vsock_cid}"]
-        if config.share_agent:
-            for tag, path in AGENT_SHARES.items():
-                command += ["-virtfs", f"local,path={path},mount_tag={tag},"
-                                       "security_model=none,readonly=on"]
-        return command + list(config.qemu_args)
-
-    def _swap_args(self) -> list[str]:
-        config = self.config
-        if config.swap == "none":
-            return []
-        if config.swap == "nbd":
-            # discard=unmap: the guest's swap discards (swapon --discard) reach tmemd
-            # as NBD TRIM, so freed swap slots are flushed from tmem.
-            # reconnect-delay: if tmemd dies, QEMU reconnects and reruns the requests
-            # in flight for this long instead of failing them (EIO in the guest);
-            # a restarted tmemd has the swap pages back from its journal.
-            return ["-blockdev", f"driver=nbd,node-name=swap,discard=unmap,server.type=unix,"
-                                 f"server.path={config.nbd_socket},export={config.nbd_export},"
-                                 f"reconnect-delay={NBD_RECONNECT_DELAY_S}",
-                    "-device", f"virtio-blk-pci,drive=swap,serial={DISK_SERIALS['swap']}"]
-        return self._scratch_disk_args("swap", config.swap_mib, config.swap)
-
-    def _scratch_disk_args(self, role: str, size_mib: int, speed: str) -> list[str]:
-        """A fresh sparse disk `role` (swap, data) in a speed class: hdd and ssd are
-        throttled to their IOPS; hostcache is unthrottled (the host page cache absorbs it)."""
-        path = self._sparse_file(f"{role}.img", size_mib)
-        throttle = f",throttling.iops-total={DISK_IOPS[speed]}" if speed in DISK_IOPS else ""
-        return ["-drive", f"file={path},if=none,id={role},format=raw{throttle}",
-                "-device", f"virtio-blk-pci,drive={role},serial={DISK_SERIALS[role]}"]
 
     def _sparse_file(self, name: str, size_mib: int) -> Path:
         """A fresh scratch disk; kill() deletes it once QEMU is gone (it can grow to
@@ -635,12 +656,26 @@ class Guest:
             sparse.truncate(size_mib << 20)
         return path
 
-    def _spawn(self) -> None:
+    def _make_scratch_disks(self) -> tuple[Path | None, Path | None]:
+        """Fresh swap and data disks for this start (kill() deleted any earlier ones)."""
+        config = self.config
+        swap = None if config.swap in ("none", "nbd") else \
+            self._sparse_file("swap.img", config.swap_mib)
+        data = self._sparse_file("data.img", config.data_disk_mib) \
+            if config.data_disk_mib > 0 else None
+        return swap, data
+
+    def _spawn(self, image: GuestImage) -> None:
+        assert self.accel is not None and self.ssh_port is not None
+        swap_disk, data_disk = self._make_scratch_disks()
         monitor_ours, monitor_qemu = socket.socketpair()
         self._monitor_socket = monitor_ours
         fd = monitor_qemu.fileno()
-        self.command[1:1] = ["-chardev", f"socket,id=mon,fd={fd}",
-                             "-mon", "chardev=mon,mode=control"]
+        public_key = f"{self._ssh_key.get_name()} {self._ssh_key.get_base64()} tmem-testbed"
+        self.command = qemu_command(
+            self.config, accel=self.accel, image=image, console_log=self.console_log,
+            ssh_port=self.ssh_port, ssh_public_key=public_key, monitor_fd=fd,
+            swap_disk=swap_disk, data_disk=data_disk)
         self.console_log.unlink(missing_ok=True)
         self._console_offset = 0
         self._console_tail = b""
