@@ -57,7 +57,7 @@ NBD_SET_FLAGS = 0xAB0A
 # PUT_BATCH frame of the session's MAX_FRAME_PAGES; the per-worker buffers are sized
 # for that. Fewer, bigger swap-out requests: each costs the agent a fixed amount of
 # Python on an emulated vCPU (QEMU's NBD client, tmem-blk, writes ~62 pages per
-# request, FACTS.md).
+# request, docs/PROTOTYPE.md).
 MAX_REQUEST_BYTES = 256 * 1024
 # A bigger request (should max_sectors_kb not stick) gets a one-off buffer rather
 # than a protocol error; beyond this the kernel is misbehaving.

@@ -21,7 +21,7 @@ MCL_FUTURE = 2
 PR_SET_IO_FLUSHER = 57
 
 # The tuning that (with mlock and IO_FLUSHER) kept a Python NBD agent alive in a
-# 256 MiB TCG guest, /work/shared/FACTS.md.
+# 256 MiB TCG guest (docs/PROTOTYPE.md).
 SWAP_AGENT_SYSCTLS = {
     "vm/min_free_kbytes": "16384",
     "vm/watermark_scale_factor": "1000",

@@ -115,7 +115,7 @@ class GuestsSpec:
     weights: tuple[int, ...] = ()
     caps: tuple[int, ...] = ()  # bytes, 0 = no cap
     # Swap workloads run in a memory cgroup of this size in every mode but bigmem:
-    # the guard FACTS.md found robust against reclaim deadlocks with a user-space
+    # the guard docs/PROTOTYPE.md found robust against reclaim deadlocks with a user-space
     # swap device (the agent, outside it, keeps the memory its own I/O needs), and
     # the same for every mode so that the comparison stays fair.
     workload_memory_mib: int = 192

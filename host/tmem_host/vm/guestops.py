@@ -83,7 +83,7 @@ def memory_cgroup(cgroup: str) -> tuple[str, str]:
 
 def in_cgroup(command: str, memory_max: str, cgroup: str = "workload") -> str:
     """A shell command running COMMAND in a memory cgroup with this memory.max
-    ("max" for no limit). FACTS.md: a cgroup around the workload is the robust guard
+    ("max" for no limit). docs/PROTOTYPE.md: a cgroup around the workload is the robust guard
     against reclaim deadlocks with a user-space swap device, because the processes
     outside it (the agent, sshd) keep the memory their own I/O needs."""
     path, create = memory_cgroup(cgroup)
