@@ -26,8 +26,9 @@ deps: $(VENV_STAMP)
 image: deps
 	$(PY) -m tmem_host.vm.image build
 
+# --durations: the slowest tests in every run's output, so the suite's cost stays visible.
 test: image
-	$(PY) -m pytest -m "not stress" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not stress" --durations=25 $(PYTEST_ARGS)
 
 # Guest runs near the agent's deadlock bound (no cgroup, 1.5-2x guest RAM).
 stress: image

@@ -17,4 +17,5 @@ else
 fi
 echo "installing system packages: ${missing[*]}"
 $sudo apt-get update -q
-DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q "${missing[@]}"
+# Without recommends: QEMU's pull in GStreamer, speech recognition and more it never uses here.
+DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${missing[@]}"
