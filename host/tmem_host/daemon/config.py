@@ -2,43 +2,149 @@
 
 The command line wins over the TOML file; guests from both are merged (a
 guest named on the command line replaces the file's entry of that name).
+Values are checked strictly (a TOML boolean is `true`, never `"false"`); each
+bad one is a ConfigError whose one-line message names the setting (its flag
+when it came from the command line, its key when from the file) and what it
+must be.
 """
 
 from __future__ import annotations
 
+import argparse
+import grp
 import re
 import tomllib
 import uuid
 from dataclasses import dataclass, field, replace
+from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import Any, Final, NoReturn
 
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(?:i?b)?\s*$", re.IGNORECASE)
+from tmem_host.journal.journaled import DURABILITY_LEVELS
+
+PAGE_SIZE: Final = 4096
+# Beyond any host's memory: a bigger budget or cap is a typo, not a plan.
+MAX_SIZE_BYTES: Final = 1 << 50
+# The largest NBD export or journal reserve: a file on the state dir's disk.
+MAX_FILE_BYTES: Final = 1 << 40
+# vsock ports and CIDs are 32 bits; 2^32-1 is VMADDR_PORT_ANY / VMADDR_CID_ANY.
+MAX_VSOCK_ID: Final = 0xFFFFFFFE
+LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+LOG_FORMATS: Final = ("text", "json")
+# ASCII digits, and few of them: a typo must not build a number int() refuses.
+_SIZE_RE = re.compile(r"^\s*([0-9]{1,30}(?:\.[0-9]{1,30})?)\s*([kmgtp]?)(?:i?b)?\s*$",
+                      re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
 # Guest names become file names (NAME.tmem.sock) and must fit a sun_path.
 _GUEST_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_GUEST_KEYS: Final = frozenset({"name", "weight", "cap", "shared", "dedup", "cid"})
+_FILE_KEYS: Final = frozenset({
+    "run_dir", "budget", "compress", "nbd_size", "vsock_port", "log_level", "log_format",
+    "guest", "state_dir", "journal", "durability", "preallocate", "journal_reserve",
+    "socket_group", "connections_per_guest", "handshake_timeout", "idle_timeout",
+})
 
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message says which and why."""
 
 
-def parse_size(text: str | int) -> int:
-    """Parse a byte size: 4096, 64K, 512M, 1G, 1.5G, 2GiB (binary units)."""
-    if isinstance(text, int):
-        if text < 0:
-            raise ConfigError(f"negative size: {text}")
-        return text
-    match = _SIZE_RE.match(text)
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """A bad argument is one line, `PROG: MESSAGE`, and exit 2, like a bad value
+    in the config file (argparse's default prints the usage first)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message}\n")
+
+
+def _shown(value: object) -> str:
+    """A value for an error message: repr (so one line), cut short if long;
+    booleans as TOML and JSON spell them."""
+    text = str(value).lower() if isinstance(value, bool) else repr(value)
+    return text if len(text) <= 40 else f"{text[:32]}... ({len(text)} characters)"
+
+
+def _fail(name: str, expected: str, value: object) -> NoReturn:
+    raise ConfigError(f"{name} must be {expected}, not {_shown(value)}")
+
+
+def check_bool(value: object, name: str) -> bool:
+    if not isinstance(value, bool):
+        _fail(name, "true or false", value)
+    return value
+
+
+def check_int(value: object, name: str, minimum: int, maximum: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not minimum <= value <= maximum:
+        _fail(name, f"an integer from {minimum} to {maximum}", value)
+    return value
+
+
+def check_seconds(value: object, name: str, maximum: float) -> float:
+    # NaN fails the comparison, infinity the maximum.
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value <= maximum:
+        _fail(name, f"a number of seconds above 0 and at most {maximum:g}", value)
+    return float(value)
+
+
+def check_choice(value: object, name: str, choices: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value.lower() not in choices:
+        _fail(name, "one of " + ", ".join(choices), value)
+    return value.lower()
+
+
+def check_path(value: object, name: str) -> Path:
+    text = str(value) if isinstance(value, Path) else value
+    if not isinstance(text, str) or not text or "\0" in text:
+        _fail(name, "a path (a non-empty string)", value)
+    return Path(text)
+
+
+def check_group(value: object, name: str) -> str:
+    """A group name, or a numeric gid as a string, that exists on this host."""
+    if not isinstance(value, str) or not value:
+        _fail(name, "a group name or numeric gid (a string)", value)
+    try:
+        if value.isascii() and value.isdigit():
+            grp.getgrgid(int(value))
+        else:
+            grp.getgrnam(value)
+    except (KeyError, OverflowError, ValueError):
+        raise ConfigError(f"{name}: no group {_shown(value)} on this host") from None
+    return value
+
+
+def parse_size(value: object, name: str | None = None, *, minimum: int = 0,
+               maximum: int = MAX_SIZE_BYTES, multiple: int = 1) -> int:
+    """A byte size: an integer, or a string such as 4096, 64K, 512M, 1.5G, 2GiB
+    (binary units) that comes to a whole number of bytes; it must lie within
+    [minimum, maximum] and be a multiple of `multiple`."""
+    size = _exact_size(value)
+    if size is None:
+        prefix = f"{name}: " if name else ""
+        raise ConfigError(f"{prefix}not a size: {_shown(value)} (examples: 4096, 64K, 512M, 1G)")
+    if not minimum <= size <= maximum or size % multiple:
+        steps = f" in multiples of {multiple}" if multiple > 1 else ""
+        _fail(name or "size", f"from {format_size(minimum)} to {format_size(maximum)} bytes{steps}",
+              value)
+    return size
+
+
+def _exact_size(value: object) -> int | None:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    match = _SIZE_RE.match(value) if isinstance(value, str) else None
     if match is None:
-        raise ConfigError(f"not a size: {text!r} (examples: 4096, 64K, 512M, 1G)")
+        return None
     number, unit = match.groups()
-    return int(float(number) * _SIZE_UNITS[unit.lower()])
+    exact = Fraction(number) * _SIZE_UNITS[unit.lower()]
+    return exact.numerator if exact.denominator == 1 else None
 
 
 def format_size(num_bytes: int) -> str:
     """The shortest exact binary-unit spelling of a size (inverse of parse_size)."""
-    for suffix, unit in (("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+    for suffix, unit in (("P", 1 << 50), ("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20),
+                         ("K", 1 << 10)):
         if num_bytes >= unit and num_bytes % unit == 0:
             return f"{num_bytes // unit}{suffix}"
     return str(num_bytes)
@@ -47,7 +153,7 @@ def format_size(num_bytes: int) -> str:
 def validate_guest_name(name: str) -> str:
     if not _GUEST_NAME_RE.match(name):
         raise ConfigError(
-            f"bad guest name {name!r}: 1-64 characters of letters, digits, '_', '.', '-'"
+            f"bad guest name {_shown(name)}: 1-64 characters of letters, digits, '_', '.', '-'"
         )
     return name
 
@@ -85,7 +191,21 @@ class DaemonConfig:
     log_format: str = "text"
     # Journals (NAME.journal) and NBD fallback files live here; None: the run dir.
     state_dir: Path | None = None
-    journal: bool = True
+    # What survives a crash: one of DURABILITY_LEVELS (docs/RELIABILITY.md).
+    durability: str = "journal"
+    # Allocate fallback files and journal room up front, so a full disk fails at start.
+    preallocate: bool = True
+    journal_reserve_bytes: int = 64 << 20
+    # Sockets are group-accessible (0660) to this group; None: owner only (0600).
+    socket_group: str | None = None
+    connections_per_guest: int = 8
+    handshake_timeout_s: float = 10.0
+    idle_timeout_s: float = 300.0
+
+    @property
+    def journal(self) -> bool:
+        """Whether the guests' journals are written (durability journal or fsync)."""
+        return self.durability != "none"
 
     @property
     def state_path(self) -> Path:
@@ -95,38 +215,40 @@ class DaemonConfig:
         return next((guest for guest in self.guests if guest.cid == cid), None)
 
 
-def check_weight(weight: object) -> int:
-    if not isinstance(weight, int) or isinstance(weight, bool) or not 1 <= weight <= 10_000:
-        raise ConfigError(f"weight must be an integer from 1 to 10000, not {weight!r}")
-    return weight
+# The defaults of the settings build_config falls back to.
+_DEFAULTS: Final = DaemonConfig(run_dir=Path("."), budget_bytes=0)
 
 
-def parse_cap(text: str | int | None) -> int | None:
-    """A cap: a size, or none/0 for no cap."""
-    if text is None or (isinstance(text, str) and text.strip().lower() in ("none", "")):
+def check_weight(weight: object, name: str = "weight") -> int:
+    return check_int(weight, name, 1, 10_000)
+
+
+def parse_cap(value: object, name: str = "cap") -> int | None:
+    """A cap: a size, or None / "none" / 0 for no cap."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "")):
         return None
-    size = parse_size(text)
-    return size or None
+    return parse_size(value, name) or None
 
 
 def parse_guest_spec(spec: str) -> GuestConfig:
     """Parse `NAME[:weight=W][:cap=SIZE][:shared=UUID,...][:dedup][:cid=N]`."""
     name, *options = spec.split(":")
     guest = GuestConfig(name=validate_guest_name(name))
+    what = f"guest {name!r}"
     for option in options:
         key, has_value, value = option.partition("=")
         if key == "dedup" and not has_value:
             guest = replace(guest, dedup=True)
         elif key == "weight" and has_value:
-            guest = replace(guest, weight=check_weight(_parse_int(value, "weight")))
+            guest = replace(guest, weight=check_weight(_parse_int(value), f"{what} weight"))
         elif key == "cap" and has_value:
-            guest = replace(guest, cap_bytes=parse_cap(value))
+            guest = replace(guest, cap_bytes=parse_cap(value, f"{what} cap"))
         elif key == "shared" and has_value:
             guest = replace(guest, shared_uuids=parse_uuids(value.split(",")))
         elif key == "cid" and has_value:
-            guest = replace(guest, cid=_check_cid(_parse_int(value, "cid")))
+            guest = replace(guest, cid=_check_cid(_parse_int(value), f"{what} cid"))
         else:
-            raise ConfigError(f"bad guest option {option!r} in {spec!r}")
+            raise ConfigError(f"bad guest option {_shown(option)} in {_shown(spec)}")
     return guest
 
 
@@ -134,48 +256,44 @@ def parse_uuids(texts: list[str]) -> frozenset[uuid.UUID]:
     try:
         return frozenset(uuid.UUID(text.strip()) for text in texts if text.strip())
     except ValueError:
-        raise ConfigError(f"bad shared-pool UUID in {texts!r}") from None
+        raise ConfigError(f"bad shared-pool UUID in {_shown(texts)}") from None
 
 
-def _parse_int(text: str, what: str) -> int:
+def _parse_int(text: str) -> int | str:
+    """The integer `text` spells, or `text` itself for the range check to reject."""
     try:
         return int(text)
     except ValueError:
-        raise ConfigError(f"{what} must be an integer, not {text!r}") from None
+        return text
 
 
-def _check_cid(cid: int) -> int:
+def _check_cid(cid: object, name: str = "guest CID") -> int:
     # 0-2 are the hypervisor, local and host CIDs; guests start at 3.
-    if not 3 <= cid < 0xFFFFFFFF:
-        raise ConfigError(f"guest CID must be from 3 to 2^32-2, not {cid}")
-    return cid
+    return check_int(cid, name, 3, MAX_VSOCK_ID)
 
 
-def guest_from_mapping(table: dict[str, Any]) -> GuestConfig:
+def guest_from_mapping(table: object) -> GuestConfig:
     """A guest from a TOML `[[guest]]` table or a control `add-guest` request."""
-    known = {"name", "weight", "cap", "shared", "dedup", "cid"}
-    unknown = set(table) - known
+    if not isinstance(table, dict):
+        _fail("each guest", "a table ([[guest]] with a name)", table)
+    unknown = set(table) - _GUEST_KEYS
     if unknown:
-        raise ConfigError(f"unknown guest keys: {sorted(unknown)}")
+        raise ConfigError(f"unknown guest keys: {_shown(sorted(unknown))}")
     name = table.get("name")
     if not isinstance(name, str):
-        raise ConfigError("guest needs a string 'name'")
+        _fail("a guest's 'name'", "a string", name)
+    what = f"guest {validate_guest_name(name)!r}"
     shared = table.get("shared", [])
     if not isinstance(shared, list) or not all(isinstance(text, str) for text in shared):
-        raise ConfigError("guest 'shared' must be a list of UUID strings")
+        _fail(f"{what} shared", "a list of UUID strings", shared)
     cid = table.get("cid")
-    if cid is not None and (not isinstance(cid, int) or isinstance(cid, bool)):
-        raise ConfigError("guest 'cid' must be an integer")
-    dedup = table.get("dedup", False)
-    if not isinstance(dedup, bool):
-        raise ConfigError("guest 'dedup' must be true or false")
     return GuestConfig(
-        name=validate_guest_name(name),
-        weight=check_weight(table.get("weight", 100)),
-        cap_bytes=parse_cap(table.get("cap")),
+        name=name,
+        weight=check_weight(table.get("weight", 100), f"{what} weight"),
+        cap_bytes=parse_cap(table.get("cap"), f"{what} cap"),
         shared_uuids=parse_uuids(shared),
-        dedup=dedup,
-        cid=None if cid is None else _check_cid(cid),
+        dedup=check_bool(table.get("dedup", False), f"{what} dedup"),
+        cid=None if cid is None else _check_cid(cid, f"{what} cid"),
     )
 
 
@@ -183,14 +301,70 @@ def load_toml(path: Path) -> dict[str, Any]:
     try:
         with path.open("rb") as config_file:
             return tomllib.load(config_file)
-    except (OSError, tomllib.TOMLDecodeError) as exc:
+    # ValueError: not UTF-8, an integer too long to convert; RecursionError: deep nesting.
+    except (OSError, ValueError, RecursionError) as exc:
         raise ConfigError(f"cannot read config {path}: {exc}") from None
+
+
+def _pick(file_settings: dict[str, Any], key: str, given: object,
+          default: object = None) -> tuple[object, str]:
+    """A setting's value, from the command line if given there (it wins), else from
+    the file, else `default`; and the name to blame it on: the flag or the key."""
+    if given is not None:
+        return given, "--" + key.replace("_", "-")
+    return file_settings.get(key, default), key
+
+
+def _durability(journal: object, level: object, journal_off: str, level_name: str) -> str | None:
+    """The durability one source (command line or file) asks for, if any. A journal
+    that is off is durability none; `journal = true` defers to `durability`."""
+    chosen = None if level is None else check_choice(level, level_name, DURABILITY_LEVELS)
+    if journal is None or check_bool(journal, "journal"):
+        return chosen
+    if chosen not in (None, "none"):
+        raise ConfigError(f"{journal_off} contradicts {level_name} {chosen}: "
+                          "without a journal the durability is none")
+    return "none"
+
+
+def _add_guest(guests: dict[str, GuestConfig], guest: GuestConfig, where: str) -> None:
+    if guest.name in guests:
+        raise ConfigError(f"guest {guest.name} given twice {where}")
+    guests[guest.name] = guest
+
+
+def _merge_guests(tables: object, guest_specs: list[str],
+                  guest_cids: list[str]) -> tuple[GuestConfig, ...]:
+    if not isinstance(tables, list):
+        _fail("guest", "a list of tables ([[guest]])", tables)
+    from_file: dict[str, GuestConfig] = {}
+    for table in tables:
+        _add_guest(from_file, guest_from_mapping(table), "in the config")
+    from_command_line: dict[str, GuestConfig] = {}
+    for spec in guest_specs:
+        _add_guest(from_command_line, parse_guest_spec(spec), "on the command line")
+    merged = from_file | from_command_line
+    with_cid: set[str] = set()
+    for mapping in guest_cids:
+        name, sep, cid_text = mapping.partition("=")
+        if not sep or name not in merged:
+            raise ConfigError(
+                f"--guest-cid {_shown(mapping)}: expected NAME=CID for a configured guest")
+        if name in with_cid:
+            raise ConfigError(f"--guest-cid given twice for guest {name}")
+        with_cid.add(name)
+        merged[name] = replace(merged[name],
+                               cid=_check_cid(_parse_int(cid_text), f"--guest-cid {name}"))
+    cids = [guest.cid for guest in merged.values() if guest.cid is not None]
+    if len(cids) != len(set(cids)):
+        raise ConfigError("two guests map to the same vsock CID")
+    return tuple(merged.values())
 
 
 def build_config(
     *,
     file_settings: dict[str, Any],
-    run_dir: Path | None,
+    run_dir: Path | str | None,
     budget: str | None,
     guest_specs: list[str],
     guest_cids: list[str],
@@ -199,54 +373,62 @@ def build_config(
     vsock_port: int | None,
     log_level: str | None,
     log_format: str | None,
-    state_dir: Path | None = None,
+    state_dir: Path | str | None = None,
     journal: bool | None = None,
+    durability: str | None = None,
+    preallocate: bool | None = None,
+    journal_reserve: str | None = None,
+    socket_group: str | None = None,
+    connections_per_guest: int | None = None,
+    handshake_timeout: float | None = None,
+    idle_timeout: float | None = None,
 ) -> DaemonConfig:
-    """Merge the TOML settings with command-line values (which take precedence)."""
-    known = {"run_dir", "budget", "compress", "nbd_size", "vsock_port", "log_level",
-             "log_format", "guest", "state_dir", "journal"}
-    unknown = set(file_settings) - known
+    """Merge the TOML settings with command-line values (which take precedence;
+    None: not given on the command line)."""
+    unknown = set(file_settings) - _FILE_KEYS
     if unknown:
-        raise ConfigError(f"unknown config keys: {sorted(unknown)}")
-    guests: dict[str, GuestConfig] = {}
-    for table in file_settings.get("guest", []):
-        guest = guest_from_mapping(table)
-        guests[guest.name] = guest
-    for spec in guest_specs:
-        guest = parse_guest_spec(spec)
-        guests[guest.name] = guest
-    for mapping in guest_cids:
-        name, sep, cid_text = mapping.partition("=")
-        if not sep or name not in guests:
-            raise ConfigError(f"--guest-cid {mapping!r}: expected NAME=CID for a configured guest")
-        guests[name] = replace(guests[name], cid=_check_cid(_parse_int(cid_text, "cid")))
-    cids = [guest.cid for guest in guests.values() if guest.cid is not None]
-    if len(cids) != len(set(cids)):
-        raise ConfigError("two guests map to the same vsock CID")
+        raise ConfigError(f"unknown config keys: {_shown(sorted(unknown))}")
+    settings = file_settings
 
-    run_dir_value = run_dir or file_settings.get("run_dir")
+    run_dir_value, run_dir_name = _pick(settings, "run_dir", run_dir)
     if run_dir_value is None:
         raise ConfigError("no run directory: pass --run-dir or set run_dir in the config")
-    budget_value = budget if budget is not None else file_settings.get("budget")
+    budget_value, budget_name = _pick(settings, "budget", budget)
     if budget_value is None:
         raise ConfigError("no budget: pass --budget or set budget in the config")
-    level = (log_level or file_settings.get("log_level", "info")).lower()
-    if level not in ("debug", "info", "warning", "error"):
-        raise ConfigError(f"bad log level {level!r}")
-    fmt = log_format or file_settings.get("log_format", "text")
-    if fmt not in ("text", "json"):
-        raise ConfigError(f"bad log format {fmt!r}: text or json")
-    port = vsock_port if vsock_port is not None else file_settings.get("vsock_port")
+    port, port_name = _pick(settings, "vsock_port", vsock_port)
+    state, state_name = _pick(settings, "state_dir", state_dir)
+    group, group_name = _pick(settings, "socket_group", socket_group)
+    level = (_durability(journal, durability, "--no-journal", "--durability")
+             or _durability(settings.get("journal"), settings.get("durability"),
+                            "journal = false", "durability")
+             or _DEFAULTS.durability)
     return DaemonConfig(
-        run_dir=Path(run_dir_value),
-        budget_bytes=parse_size(budget_value),
-        guests=tuple(guests.values()),
-        compress=compress if compress is not None else bool(file_settings.get("compress", True)),
-        nbd_size_bytes=parse_size(nbd_size or file_settings.get("nbd_size", "1G")),
-        vsock_port=port,
-        log_level=level,
-        log_format=fmt,
-        state_dir=Path(state_value) if (state_value := state_dir or file_settings.get("state_dir"))
-        else None,
-        journal=journal if journal is not None else bool(file_settings.get("journal", True)),
+        run_dir=check_path(run_dir_value, run_dir_name),
+        budget_bytes=parse_size(budget_value, budget_name, minimum=PAGE_SIZE),
+        guests=_merge_guests(settings.get("guest", []), guest_specs, guest_cids),
+        compress=check_bool(*_pick(settings, "compress", compress, _DEFAULTS.compress)),
+        nbd_size_bytes=parse_size(*_pick(settings, "nbd_size", nbd_size, _DEFAULTS.nbd_size_bytes),
+                                  minimum=PAGE_SIZE, maximum=MAX_FILE_BYTES, multiple=PAGE_SIZE),
+        vsock_port=None if port is None else check_int(port, port_name, 1, MAX_VSOCK_ID),
+        log_level=check_choice(*_pick(settings, "log_level", log_level, _DEFAULTS.log_level),
+                               LOG_LEVELS),
+        log_format=check_choice(*_pick(settings, "log_format", log_format, _DEFAULTS.log_format),
+                                LOG_FORMATS),
+        state_dir=None if state is None else check_path(state, state_name),
+        durability=level,
+        preallocate=check_bool(*_pick(settings, "preallocate", preallocate,
+                                      _DEFAULTS.preallocate)),
+        journal_reserve_bytes=parse_size(
+            *_pick(settings, "journal_reserve", journal_reserve, _DEFAULTS.journal_reserve_bytes),
+            maximum=MAX_FILE_BYTES),
+        socket_group=None if group is None else check_group(group, group_name),
+        connections_per_guest=check_int(
+            *_pick(settings, "connections_per_guest", connections_per_guest,
+                   _DEFAULTS.connections_per_guest), 1, 1024),
+        handshake_timeout_s=check_seconds(
+            *_pick(settings, "handshake_timeout", handshake_timeout,
+                   _DEFAULTS.handshake_timeout_s), 3600),
+        idle_timeout_s=check_seconds(
+            *_pick(settings, "idle_timeout", idle_timeout, _DEFAULTS.idle_timeout_s), 86400),
     )

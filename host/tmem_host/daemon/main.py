@@ -10,19 +10,27 @@ import logging
 import sys
 from pathlib import Path
 
-from tmem_host.daemon.config import ConfigError, build_config, load_toml
+from tmem_host.daemon.config import (
+    LOG_FORMATS,
+    LOG_LEVELS,
+    ConfigError,
+    OneLineArgumentParser,
+    build_config,
+    load_toml,
+)
 from tmem_host.daemon.logsetup import configure_logging
 from tmem_host.daemon.server import Daemon
+from tmem_host.journal.journaled import DURABILITY_LEVELS
 
 log = logging.getLogger("tmemd")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog="tmemd",
         description="Serve transcendent memory to QEMU guests over per-guest unix sockets.",
     )
-    parser.add_argument("--run-dir", type=Path, help="directory for sockets, pid file, fallbacks")
+    parser.add_argument("--run-dir", help="directory for sockets, pid file, fallbacks")
     parser.add_argument("--budget", help="memory budget for stored pages, e.g. 512M")
     parser.add_argument(
         "--guest", dest="guests", action="append", default=[], metavar="SPEC",
@@ -32,17 +40,32 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-compress", dest="compress", action="store_const", const=False,
                         default=None, help="store pages uncompressed")
     parser.add_argument("--nbd-size", help="size of each guest's NBD swap export (default 1G)")
-    parser.add_argument("--state-dir", type=Path,
+    parser.add_argument("--state-dir",
                         help="directory for the journals and NBD fallback files (default: run dir)")
+    parser.add_argument("--durability", choices=DURABILITY_LEVELS,
+                        help="what survives a crash (default journal; docs/RELIABILITY.md)")
     parser.add_argument("--no-journal", dest="journal", action="store_const", const=False,
-                        default=None, help="keep no journal: a crash loses the persistent pages")
+                        default=None, help="the same as --durability none")
+    parser.add_argument("--no-preallocate", dest="preallocate", action="store_const",
+                        const=False, default=None,
+                        help="do not allocate fallback files and journal room up front")
+    parser.add_argument("--journal-reserve", metavar="SIZE",
+                        help="disk kept allocated past each journal's end (default 64M)")
+    parser.add_argument("--socket-group", metavar="GROUP",
+                        help="make the sockets group-accessible (0660) to this group or gid")
+    parser.add_argument("--connections-per-guest", type=int, metavar="N",
+                        help="connections each guest may hold open (default 8)")
+    parser.add_argument("--handshake-timeout", type=float, metavar="SECONDS",
+                        help="time a new connection has to say HELLO (default 10)")
+    parser.add_argument("--idle-timeout", type=float, metavar="SECONDS",
+                        help="close a connection silent this long (default 300)")
     parser.add_argument("--vsock-port", type=int, help="also listen on AF_VSOCK at this port")
     parser.add_argument(
         "--guest-cid", dest="guest_cids", action="append", default=[], metavar="NAME=CID",
         help="vsock peer CID that identifies a configured guest; repeatable",
     )
-    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
-    parser.add_argument("--log-format", choices=["text", "json"])
+    parser.add_argument("--log-level", choices=LOG_LEVELS)
+    parser.add_argument("--log-format", choices=LOG_FORMATS)
     return parser
 
 
@@ -82,6 +105,13 @@ def main(argv: list[str] | None = None) -> int:
             log_format=args.log_format,
             state_dir=args.state_dir,
             journal=args.journal,
+            durability=args.durability,
+            preallocate=args.preallocate,
+            journal_reserve=args.journal_reserve,
+            socket_group=args.socket_group,
+            connections_per_guest=args.connections_per_guest,
+            handshake_timeout=args.handshake_timeout,
+            idle_timeout=args.idle_timeout,
         )
     except ConfigError as exc:
         print(f"tmemd: {exc}", file=sys.stderr)
