@@ -16,6 +16,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, cast
 
+from tmem_host.daemon.limits import Admission, ConnectionKind, ConnectionLimiter
+
 log = logging.getLogger("tmemd.control")
 
 CONTROL_SOCKET_NAME = "control.sock"
@@ -51,6 +53,9 @@ class JsonLineDecoder:
         while (end := self._buffer.find(b"\n")) >= 0:
             line = bytes(self._buffer[:end])
             del self._buffer[: end + 1]
+            # A whole line can arrive in one read: the limit holds for it too.
+            if len(line) > MAX_LINE_BYTES:
+                raise LineTooLong(f"line longer than {MAX_LINE_BYTES} bytes")
             if line.strip():
                 messages.append(_parse_line(line))
         if len(self._buffer) > MAX_LINE_BYTES:
@@ -61,8 +66,10 @@ class JsonLineDecoder:
 def _parse_line(line: bytes) -> dict[str, Any]:
     try:
         message = json.loads(line)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except ValueError as exc:  # bad JSON or UTF-8, an integer too long to convert
         raise ControlError(f"not JSON: {exc}") from None
+    except RecursionError:  # nesting deeper than the parser goes
+        raise ControlError("JSON nested too deeply") from None
     if not isinstance(message, dict):
         raise ControlError("a message must be a JSON object")
     return message
@@ -72,32 +79,80 @@ ControlHandler = Callable[[dict[str, Any]], Awaitable[Any]]
 
 
 class ControlServerProtocol(asyncio.Protocol):
-    """Serves one control connection; requests run one at a time, in order."""
+    """Serves one control connection; requests run one at a time, in order.
 
-    def __init__(self, handler: ControlHandler) -> None:
+    Bounded like the guests' connections: nothing is read while requests wait
+    (at most one read's worth of them), and the next reply waits while the client
+    leaves the previous ones unread. With a ``limiter``: at most
+    CONTROL_CONNECTIONS at once, the first request due within the handshake
+    timeout, closed after the idle timeout."""
+
+    def __init__(self, handler: ControlHandler, limiter: ConnectionLimiter | None = None) -> None:
         self._handler = handler
+        self._limiter = limiter
+        self._admission: Admission | None = None
+        self._bytes_in = 0
+        self._requests = 0
         self._decoder = JsonLineDecoder()
         self._queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
         self._transport: asyncio.Transport | None = None
         self._worker: asyncio.Task[None] | None = None
+        self._bad_input = False
+        # Clear while the client leaves its replies unread (asyncio's pause_writing).
+        self._writable = asyncio.Event()
+        self._writable.set()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A stream transport (uvloop's are not asyncio.Transport subclasses).
         self._transport = transport = cast(asyncio.Transport, transport)
+        if self._limiter is not None:
+            self._admission = self._limiter.admit(self, transport, ConnectionKind.CONTROL)
+            if self._admission is None:
+                return  # refused (closed, logged and counted by the limiter)
         self._worker = asyncio.get_running_loop().create_task(self._serve())
 
     def data_received(self, data: bytes) -> None:
+        self._bytes_in += len(data)
+        if self._bad_input:
+            return  # answered once already; the connection is closing
         try:
             for request in self._decoder.feed(data):
+                self._requests += 1
                 self._queue.put_nowait(request)
+            if not self._queue.empty() and self._transport is not None:
+                self._transport.pause_reading()  # until the worker has served them
         except ControlError as exc:
             log.warning("control: bad input, closing", extra={"reason": str(exc)})
+            self._bad_input = True
             self._reply({"ok": False, "error": str(exc)})
             self._queue.put_nowait(None)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
         self._queue.put_nowait(None)
+        self._writable.set()
+        if self._admission is not None:
+            self._admission.release()
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+
+    # -- the limiter's view (tmem_host.daemon.limits.LimitedConnection) --
+
+    @property
+    def handshake_done(self) -> bool:
+        return self._requests > 0
+
+    @property
+    def activity(self) -> int:
+        return self._bytes_in
+
+    def close_by_limit(self, reason: str) -> None:
+        if self._transport is not None:
+            self._transport.abort()
 
     async def _serve(self) -> None:
         while (request := await self._queue.get()) is not None:
@@ -109,6 +164,9 @@ class ControlServerProtocol(asyncio.Protocol):
                 log.exception("control: command failed", extra={"request": request})
                 reply = {"ok": False, "error": f"internal error: {exc!r}"}
             self._reply(reply)
+            await self._writable.wait()
+            if self._queue.empty() and self._transport is not None:
+                self._transport.resume_reading()
         if self._transport is not None:
             self._transport.close()
 

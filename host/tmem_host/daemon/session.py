@@ -5,6 +5,12 @@ every complete frame, serves each synchronously against the store and writes
 all replies of that chunk with one `transport.write`. Buffered, because a
 plain Protocol makes asyncio allocate a fresh 256 KiB bytes per read.
 
+Bounds (tmem_host.daemon.limits): a pass stops taking frames once the replies in
+flight reach REPLY_BYTES_IN_FLIGHT (a chunk of GET_BATCH requests asks for far
+more); the rest wait in the decoder with reading paused. Until HELLO a
+connection costs a 4 KiB receive buffer and frames of at most a page, and the
+limiter closes it if HELLO does not come in time.
+
 Session rules (docs/CONTROL.md, "Reconnects and resync"):
 - A new connection discards bytes until the first valid HELLO header (the
   decoder's resync mode): after a virtio-serial reconnect the stream may
@@ -28,6 +34,7 @@ from tmem_wire.abi import (
     encode_batch_reply, encode_pool_grant, encode_pool_stats, negotiate, pack_header_into,
 )
 
+from tmem_host.daemon.limits import Admission, ConnectionKind, ConnectionLimiter, ReplyFlow
 from tmem_host.store import Store
 
 if TYPE_CHECKING:
@@ -40,8 +47,12 @@ SERVER_HELLO = Hello(features=Feature.BATCH | Feature.ASYNC | Feature.STATS | Fe
                      max_in_flight=128)
 # One read's worth: a few batch frames.
 RECV_BUFFER_BYTES = 1 << 18
-# Pause reading while this much reply data waits for a slow reader.
-WRITE_HIGH_WATER = 4 << 20
+# Until HELLO: a HELLO frame is 96 bytes, and a connection that never says it
+# (half-open, junk) should cost next to nothing.
+HANDSHAKE_RECV_BYTES = 4096
+# Until HELLO a frame's payload is at most a page: enough for anything a client
+# may send before HELLO to get its "HELLO first", too little to buffer.
+HANDSHAKE_MAX_PAYLOAD = 4096
 
 _OK = Status.OK
 # Reply pieces of one read, joined into one write.
@@ -65,14 +76,22 @@ class AbiSession(asyncio.BufferedProtocol):
         store: Store,
         resolve_guest: Callable[[asyncio.BaseTransport], GuestRuntime | None],
         transport_kind: str,
+        limiter: ConnectionLimiter | None = None,
     ) -> None:
         self.store = store
         self._resolve_guest = resolve_guest
         self.transport_kind = transport_kind
         self.guest: GuestRuntime | None = None
         self._transport: asyncio.Transport | None = None
-        self._decoder = FrameDecoder(resync=True)
-        self._recv_buffer = memoryview(bytearray(RECV_BUFFER_BYTES))
+        self._limiter = limiter
+        self._admission: Admission | None = None
+        self._flow = ReplyFlow(self._serve)
+        self._decoder = FrameDecoder(max_payload=HANDSHAKE_MAX_PAYLOAD, resync=True)
+        self._recv_buffer = memoryview(bytearray(HANDSHAKE_RECV_BYTES))
+        # Frames of the current read chunk served so far (its passes' in-flight count).
+        self._chunk_frames = 0
+        # Bytes of the replies the current pass has built.
+        self._out_bytes = 0
         self._negotiated: Hello | None = None
         # REPLY, plus DRAIN while the guest is draining and negotiated Feature.DRAIN.
         self._reply_flags = _REPLY
@@ -96,6 +115,7 @@ class AbiSession(asyncio.BufferedProtocol):
         self.errors = 0
         self.hellos = 0
         self.in_flight_max = 0
+        self.reply_backlogs = 0
 
     # -- asyncio callbacks ---------------------------------------------------
 
@@ -109,10 +129,14 @@ class AbiSession(asyncio.BufferedProtocol):
                                "peer": str(transport.get_extra_info("peername"))})
             transport.close()
             return
+        if self._limiter is not None:
+            self._admission = self._limiter.admit(self, transport, ConnectionKind.ABI, guest.name)
+            if self._admission is None:
+                return  # refused (closed, logged and counted by the limiter)
         self.guest = guest
         guest.sessions.add(self)
         guest.connections_total += 1
-        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        self._flow.attach(transport)
         log.info("guest connected", extra={"guest": guest.name, "transport": self.transport_kind})
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -122,35 +146,48 @@ class AbiSession(asyncio.BufferedProtocol):
                      extra={"guest": self.guest.name, "frames_in": self.frames_in,
                             "errors": self.errors,
                             "reason": str(exc) if exc else "closed"})
+        if self._admission is not None:
+            self._admission.release()
+        self._flow.detach()
         self._transport = None
 
+    # The guest is not reading its replies: stop reading its requests.
     def pause_writing(self) -> None:
-        # The guest is not reading its replies: stop reading its requests.
-        if self._transport is not None:
-            self._transport.pause_reading()
+        self._flow.pause_writing()
 
     def resume_writing(self) -> None:
-        if self._transport is not None:
-            self._transport.resume_reading()
+        self._flow.resume_writing()
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self._recv_buffer
 
     def buffer_updated(self, nbytes: int) -> None:
-        self._serve_bytes(self._recv_buffer[:nbytes])
+        if self._transport is None or self.guest is None:
+            return
+        self.bytes_in += nbytes
+        self._chunk_frames = 0
+        try:
+            self._decoder.feed(self._recv_buffer[:nbytes])
+        except ProtocolError as error:
+            self._undecodable(self._transport, [], 0, error)
+            return
+        self._serve()
 
-    def _serve_bytes(self, data: memoryview) -> None:
+    def _serve(self) -> None:
+        """One pass: serve the decoder's frames until it needs data or the replies
+        in flight reach their bound (then the rest wait, see ReplyFlow)."""
         transport = self._transport
         if transport is None or self.guest is None:
             return
-        self.bytes_in += len(data)
         out: _Chunks = []
         self._reply_flags = _REPLY_DRAIN if self.guest.draining and self.drain_negotiated else _REPLY
+        self._out_bytes = 0
+        room = self._flow.room()
         decoder = self._decoder
         handlers = self._handlers
-        served = 0
+        first = served = self._chunk_frames
+        backlog = False
         try:
-            decoder.feed(data)
             while (frame := decoder.next_frame()) is not NEED_DATA:
                 assert isinstance(frame, Frame)
                 if frame.flags & _REPLY:
@@ -159,40 +196,57 @@ class AbiSession(asyncio.BufferedProtocol):
                 opcode = frame.opcode
                 if opcode == Op.HELLO:
                     self._hello(frame, out)
-                    continue
-                negotiated = self._negotiated
-                try:
-                    if negotiated is None:
-                        raise _Refusal(Status.PROTOCOL_ERROR, "HELLO first")
-                    # Every frame of this chunk arrived before any of its replies
-                    # left, so the guest had at least `served` requests in flight.
-                    if served > negotiated.max_in_flight:
-                        raise _Refusal(Status.INVALID, f"more than {negotiated.max_in_flight}"
-                                       " requests in flight")
-                    handlers[opcode](frame, out)
-                except _Refusal as refusal:
-                    self.errors += 1
-                    self._reply(out, frame, refusal.status, refusal.reason.encode()[:MAX_ERROR_TEXT])
-                except ProtocolError as error:  # a payload codec rejected a value
-                    self.errors += 1
-                    self._reply(out, frame, error.status, error.message.encode()[:MAX_ERROR_TEXT])
+                else:
+                    negotiated = self._negotiated
+                    try:
+                        if negotiated is None:
+                            raise _Refusal(Status.PROTOCOL_ERROR, "HELLO first")
+                        # Every frame of this chunk arrived before any of its replies
+                        # left, so the guest had at least `served` requests in flight.
+                        if served > negotiated.max_in_flight:
+                            raise _Refusal(Status.INVALID, f"more than {negotiated.max_in_flight}"
+                                           " requests in flight")
+                        handlers[opcode](frame, out)
+                    except _Refusal as refusal:
+                        self.errors += 1
+                        self._reply(out, frame, refusal.status,
+                                    refusal.reason.encode()[:MAX_ERROR_TEXT])
+                    except ProtocolError as error:  # a payload codec rejected a value
+                        self.errors += 1
+                        self._reply(out, frame, error.status,
+                                    error.message.encode()[:MAX_ERROR_TEXT])
+                if self._out_bytes >= room:
+                    backlog = True
+                    break
         except ProtocolError as error:
-            self.errors += 1
-            self._write(transport, out, served)
-            log.warning("closing connection: undecodable input",
-                        extra={"guest": self.guest.name, "reason": str(error)})
-            transport.close()
+            self._undecodable(transport, out, served - first, error)
             return
-        self._write(transport, out, served)
+        self._chunk_frames = served
+        self._write(transport, out, served - first, served)
+        if backlog:
+            self.reply_backlogs += 1
+        self._flow.pass_done(backlog)
 
-    def _write(self, transport: asyncio.Transport, out: _Chunks, served: int) -> None:
+    def _undecodable(self, transport: asyncio.Transport, out: _Chunks, served: int,
+                     error: ProtocolError) -> None:
+        self.errors += 1
+        self._write(transport, out, served, served)
+        log.warning("closing connection: undecodable input",
+                    extra={"guest": self._guest_name(), "reason": str(error)})
+        transport.close()
+
+    def _write(self, transport: asyncio.Transport, out: _Chunks, served: int,
+               in_flight: int) -> None:
         self.frames_in += served
-        if served > self.in_flight_max:
-            self.in_flight_max = served
+        if in_flight > self.in_flight_max:
+            self.in_flight_max = in_flight
         if out:
             reply = b"".join(out)
             self.bytes_out += len(reply)
             self.frames_out += served
+            # What the replies acknowledge must first be as durable as promised
+            # (durability fsync: one fdatasync for all of them).
+            self.store.make_durable()
             transport.write(reply)
 
     # -- requests ---------------------------------------------------------------
@@ -208,6 +262,8 @@ class AbiSession(asyncio.BufferedProtocol):
         if self._negotiated is not None:
             log.info("session restarted by HELLO", extra={"guest": self._guest_name()})
         self.hellos += 1
+        if self._negotiated is None:  # the decoder copied the read: the buffer may change
+            self._recv_buffer = memoryview(bytearray(RECV_BUFFER_BYTES))
         self._negotiated = agreed
         self._decoder.max_payload = agreed.max_frame - HEADER_SIZE
         self._reply(out, frame, _OK, agreed.encode())
@@ -320,6 +376,7 @@ class AbiSession(asyncio.BufferedProtocol):
 
     def _reply(self, out: _Chunks, request: Frame, status: Status, payload: Buffer = b"",
                pool_id: int | None = None) -> None:
+        self._out_bytes += HEADER_SIZE + len(payload)
         _append_reply(out, request, status, payload, pool_id, self._reply_flags)
 
     # -- control ------------------------------------------------------------------
@@ -331,6 +388,20 @@ class AbiSession(asyncio.BufferedProtocol):
         if self._transport is not None:
             log.info("closing connection", extra={"guest": self._guest_name(), "reason": reason})
             self._transport.close()
+
+    # -- the limiter's view (tmem_host.daemon.limits.LimitedConnection) -----------
+
+    @property
+    def handshake_done(self) -> bool:
+        return self._negotiated is not None
+
+    @property
+    def activity(self) -> int:
+        return self.bytes_in
+
+    def close_by_limit(self, reason: str) -> None:
+        if self._transport is not None:
+            self._transport.abort()
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -345,6 +416,7 @@ class AbiSession(asyncio.BufferedProtocol):
             "errors": self.errors,
             "in_flight_max": self.in_flight_max,
             "resyncs": max(0, self.hellos - 1),
+            "reply_backlogs": self.reply_backlogs,
             "discarded_bytes": self._decoder.discarded,
         }
 
