@@ -5,7 +5,7 @@
         [--agent-source DIR]
 
 Each variant boots a fresh 256 MiB TCG guest and runs the checksummed page toucher
-(tmem_guest.usemem) in a cgroup with memory.max (the guard FACTS.md found robust).
+(tmem_workloads.usemem) in a cgroup with memory.max (the guard docs/PROTOTYPE.md found robust).
 Agent variants swap through the agent (fallback: an unthrottled disk); `hdd` and
 `hostcache` swap straight onto a 200-IOPS or an unthrottled virtio-blk disk; `blk`
 onto tmemd's NBD export through QEMU's NBD client (the testbed's tmem-blk).
@@ -53,7 +53,7 @@ def pages_per_request(guest: Guest) -> tuple[float, float]:
 def run_variant(variant: str, mib: int, cgroup_max: str, page_cluster: int | None, work_dir: Path) -> dict[str, Any]:
     agent = variant in AGENT_MODES
     blk = variant == "blk"
-    with TmemdProcess(work_dir / "tmemd", budget="1G", guests=("bench",)) as daemon:
+    with TmemdProcess(work_dir / "tmemd", budget="1G", guests=("bench",), nbd_size="1G") as daemon:
         config = GuestConfig(
             name="bench", memory_mib=256, accel="tcg",
             swap="hostcache" if agent else "nbd" if blk else variant,  # type: ignore[arg-type]
@@ -73,7 +73,7 @@ def run_variant(variant: str, mib: int, cgroup_max: str, page_cluster: int | Non
             before = vmstat_swaps(guest)
             script = (f"echo +memory > /sys/fs/cgroup/cgroup.subtree_control && mkdir -p {CGROUP} && "
                       f"echo {cgroup_max} > {CGROUP}/memory.max && echo $$ > {CGROUP}/cgroup.procs && "
-                      f"exec python3 -m tmem_guest.usemem --mib {mib}")
+                      f"exec python3 -m tmem_workloads.usemem --mib {mib}")
             started = time.monotonic()
             output = guest.ssh(f"sh -c {shlex.quote(script)}", timeout=3600).stdout
             wall = time.monotonic() - started

@@ -3,7 +3,7 @@
 Guest A (the victim) runs the agent (pipelined) and a checksummed usemem loop
 in a memory cgroup, swapping through tmemd for the whole test. Meanwhile:
 
-1. guest B (the attacker) runs tmem_guest.hostile on its own channel:
+1. guest B (the attacker) runs tmem_workloads.hostile on its own channel:
    malformed frames, forged requests for A's pool ids and frontswap keys, then
    a put flood that fills the host budget; B is held to its cap;
 2. A's tmem channel is hot-unplugged (QMP device_del) and plugged back: a
@@ -58,7 +58,7 @@ USEMEM_LOOP = f"""
 rm -f {USEMEM_LOG} {STOP_FILE} {DONE_FILE}
 seed=1
 while [ ! -e {STOP_FILE} ]; do
-    python3 -m tmem_guest.usemem --mib {WORKLOAD_MIB} --seed $seed >> {USEMEM_LOG} 2>&1 &
+    python3 -m tmem_workloads.usemem --mib {WORKLOAD_MIB} --seed $seed >> {USEMEM_LOG} 2>&1 &
     echo $! > {USEMEM_PID}
     wait $! || echo '{{"verified": false, "exit": '$?', "seed": '$seed'}}' >> {USEMEM_LOG}
     seed=$((seed + 1))
@@ -69,7 +69,7 @@ touch {DONE_FILE}
 # to the fallback disk and come back from it (24 MiB in a 12M cgroup).
 PROBE_MIB = 24
 PROBE_CGROUP_MAX = "12M"
-HOSTILE = "python3 -m tmem_guest.hostile --seconds 6 --flood-mib 80"
+HOSTILE = "python3 -m tmem_workloads.hostile --seconds 6 --flood-mib 80"
 RECONNECT_TIMEOUT_S = 60.0
 # SIGSTOP of tmemd: longer than the agent's request timeout (5 s), well within
 # the time its reads wait for tmemd to come back.
@@ -181,7 +181,7 @@ def test_victim_keeps_verifying_through_attacks_unplug_and_crash(
         victim.remove_tmem_channel()
         ports = victim.ssh("cat /sys/class/virtio-ports/*/name", check=False).stdout.split()
         assert "org.tmem.0" not in ports
-        probe = run_in_cgroup(victim, f"python3 -m tmem_guest.usemem --mib {PROBE_MIB} --seed 99",
+        probe = run_in_cgroup(victim, f"python3 -m tmem_workloads.usemem --mib {PROBE_MIB} --seed 99",
                               PROBE_CGROUP_MAX, timeout=120, cgroup="probe")
         gone = swap_stats(victim)
         victim.add_tmem_channel()

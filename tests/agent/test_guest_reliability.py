@@ -1,8 +1,8 @@
 """The agent's reliability in a real 256 MiB TCG guest (one boot for the module):
 `tmemctl drain` with the guest running and holding its pages, and a workload that
 verifies every page through a SIGSTOP of tmemd longer than the agent's request
-timeout and a kill -9 of tmemd restarted from its journal (docs/AGENT.md,
-"Outages and drain")."""
+timeout, a graceful restart and a kill -9 of tmemd, each restarted from its
+journal (docs/AGENT.md, "Outages and drain")."""
 
 from __future__ import annotations
 
@@ -91,10 +91,10 @@ def test_drain_moves_the_running_guests_pages_to_its_disk_and_they_verify(guest:
     assert counters["disk_reads"] > MIN_TMEM_PAGES // 2, counters
 
 
-def test_workload_verifies_through_a_stopped_tmemd_and_a_kill_9_restart(guest: Guest, tmemd: TmemdProcess) -> None:
+def test_workload_verifies_through_a_stopped_tmemd_a_graceful_restart_and_a_kill_9(guest: Guest, tmemd: TmemdProcess) -> None:
     agent = start_agent(guest, AGENT_ARGUMENTS)
     try:
-        workload, outcome = in_background(guest, f"python3 -m tmem_guest.usemem --mib {WORKLOAD_MIB}")
+        workload, outcome = in_background(guest, f"python3 -m tmem_workloads.usemem --mib {WORKLOAD_MIB}")
         wait_for_swap_stats(guest, lambda swap: swap["counters"]["puts"] > MIN_TMEM_PAGES)
         before_stop = agent_stats(guest)["swap"]
         # Nothing is asked of the guest meanwhile: its commands may need pages only
@@ -105,13 +105,16 @@ def test_workload_verifies_through_a_stopped_tmemd_and_a_kill_9_restart(guest: G
         finally:
             os.kill(tmemd.pid, signal.SIGCONT)
         resumed = wait_for_swap_stats(guest, lambda swap: swap["session_up"], 60)
-        # Mid-workload again (tmem traffic since): kill -9, and a new tmemd brings the
-        # pool back from its journal.
-        moved = resumed["counters"]["puts"] + resumed["counters"]["gets"]
-        wait_for_swap_stats(guest, lambda swap: swap["counters"]["puts"] + swap["counters"]["gets"] > moved + 500)
-        tmemd.crash_and_restart()
+        # Mid-workload again (tmem traffic since): a graceful restart (SIGTERM keeps the
+        # journal), then a kill -9; each new tmemd brings the pool back.
+        for restart in (tmemd.restart, tmemd.crash_and_restart):
+            since = agent_stats(guest)["swap"]["counters"]
+            moved = since["puts"] + since["gets"]
+            wait_for_swap_stats(guest, lambda swap: not workload.is_alive()
+                                or swap["counters"]["puts"] + swap["counters"]["gets"] > moved + 500)
+            restart()
         workload.join(WORKLOAD_TIMEOUT_S + 30)
-        after = wait_for_swap_stats(guest, lambda swap: swap["session_up"] and swap["pools_resumed"] >= 1, 60)
+        after = wait_for_swap_stats(guest, lambda swap: swap["session_up"] and swap["pools_resumed"] >= 2, 60)
     finally:
         stop_agent(guest, agent)
     result = outcome["result"]
@@ -119,12 +122,12 @@ def test_workload_verifies_through_a_stopped_tmemd_and_a_kill_9_restart(guest: G
     usemem = json.loads(result.stdout.strip().splitlines()[-1])
     assert usemem["verified"], usemem
     counters = after["counters"]
-    print(f"\nSIGSTOP {STOPPED_S:g} s + kill -9: usemem {usemem['total_s']} s; session_timeouts"
+    print(f"\nSIGSTOP {STOPPED_S:g} s + graceful restart + kill -9: usemem {usemem['total_s']} s; session_timeouts"
           f" {after['session_timeouts']}, connections {after['connections']}, counters {json.dumps(counters)}")
     assert resumed["session_timeouts"] >= 1 and resumed["connections"] >= 2, resumed  # the stop was noticed
     # Requests were given up and took the fallback path: a write to the disk, or (if the
     # single-threaded workload was faulting a page in) a read waiting for tmemd.
     assert counters["channel_down"] >= 1, counters
-    assert after["connections"] >= 3 and after["pool_id"] == before_stop["pool_id"], after
+    assert after["connections"] >= 4 and after["pool_id"] == before_stop["pool_id"], after
     assert counters["lost_pages"] == 0 and counters["errors"] == 0, counters
     assert counters["hits"] > MIN_TMEM_PAGES, counters  # pages came back from tmem, across both outages

@@ -1,7 +1,7 @@
 """Frontswap through the agent in a real 256 MiB TCG guest: every mode, caps, channel loss.
 
 One guest boots for the module; each test starts the agent in some mode, runs
-the checksummed page toucher (tmem_guest.usemem) and checks both the data and
+the checksummed page toucher (tmem_workloads.usemem) and checks both the data and
 that tmemd really stored the pages. In `make test` the workload runs in a memory
 cgroup (1.5x its memory.max), to keep the module short; the `stress` tests (`make
 stress`) swap 1.5-2x guest RAM with no cgroup around the workload: the agent itself
@@ -42,7 +42,7 @@ MIN_SWAPPED_PAGES = 5_000  # at least ~20 MiB must have gone out and come back
 
 def run_usemem(guest: Guest, mib: int = WORKLOAD_MIB, memory_max: str = WORKLOAD_CGROUP_MAX,
                timeout: float = WORKLOAD_TIMEOUT_S) -> dict[str, Any]:
-    output = run_in_cgroup(guest, f"python3 -m tmem_guest.usemem --mib {mib}", memory_max, timeout).stdout
+    output = run_in_cgroup(guest, f"python3 -m tmem_workloads.usemem --mib {mib}", memory_max, timeout).stdout
     result: dict[str, Any] = json.loads(output.strip().splitlines()[-1])
     return result
 
@@ -157,7 +157,7 @@ def test_tmemd_restart_agent_falls_back_then_reconnects(guest: Guest, tmemd: Tme
 # makes tmemd lose the swapped-out pages.
 FILL_WAIT_VERIFY = """
 import mmap, os, sys, time
-from tmem_guest import usemem
+from tmem_workloads import usemem
 templates = usemem.page_templates(3)
 region = mmap.mmap(-1, {mib} << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
 usemem.fill(region, templates, seed=3, order="sequential")

@@ -134,7 +134,8 @@ def test_channel_drop_reattaches_the_same_pool_and_keeps_its_pages(tmemd: TmemdP
         session.stop()
 
 
-def test_tmemd_restart_calls_fail_fast_then_a_fresh_pool_is_created(tmemd: TmemdProcess) -> None:
+def test_tmemd_restart_calls_fail_fast_then_the_pool_resumes_or_is_created_afresh(
+        tmemd: TmemdProcess) -> None:
     session, pool = open_session(tmemd)
     try:
         oid, index = frontswap_key(0, 9)
@@ -147,7 +148,15 @@ def test_tmemd_restart_calls_fail_fast_then_a_fresh_pool_is_created(tmemd: Tmemd
         tmemd.start()
         assert session.wait_up(15)
         into = memoryview(bytearray(PAGE_SIZE))
-        assert not session.get(pool, oid, index, into)  # tmemd lost it: a miss, never stale data
+        # A graceful restart keeps the guest's pool: the session resumes it.
+        assert session.get(pool, oid, index, into) and into == page(9)
+        assert session.pools_resumed == 1
+        # The state gone (deleted while tmemd was down): a miss, never stale data.
+        tmemd.terminate()
+        (tmemd.run_dir / f"{GUEST}.journal").unlink()
+        tmemd.start()
+        assert session.wait_up(15)
+        assert not session.get(pool, oid, index, into)
         assert session.put(pool, oid, index, page(10))
         assert session.get(pool, oid, index, into) and into == page(10)
     finally:

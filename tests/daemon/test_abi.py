@@ -7,7 +7,6 @@ import uuid
 
 import pytest
 
-from tmem_guest.usemem import expected_page, page_templates
 from tmem_host.daemon.client import AbiClient, Request
 from tmem_host.daemon.process import StartTmemd, TmemdProcess
 from tmem_wire.abi import (
@@ -22,6 +21,7 @@ from tmem_wire.abi import (
     encode_key_batch,
     page_size_mask,
 )
+from tmem_workloads.usemem import expected_page, page_templates
 
 TEMPLATES = page_templates(7)
 

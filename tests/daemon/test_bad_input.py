@@ -12,7 +12,6 @@ import pytest
 
 from tmem_host.daemon.client import AbiClient, ConnectionClosed
 from tmem_host.daemon.process import TmemdProcess
-from tmem_guest.mutation import OFFSET_LENGTH, OFFSET_OPCODE
 from tmem_host.fuzz import CleanGuest
 from tmem_host.store import MAX_POOLS_PER_CLIENT
 from tmem_wire.abi import (
@@ -31,6 +30,7 @@ from tmem_wire.abi import (
     error_text,
     page_size_mask,
 )
+from tmem_workloads.mutation import OFFSET_LENGTH, OFFSET_OPCODE
 
 PAGE = bytes(range(256)) * 16
 

@@ -173,7 +173,13 @@ def test_guests_can_be_added_and_removed_at_run_time(tmemd: TmemdProcess) -> Non
         assert not tmemd.abi_socket("g3").exists()
         assert not tmemd.nbd_socket("g3").exists()
         assert "g3" not in control.request("stats")["store"]["clients"]
-        # Added again, it starts empty.
+        # Added again, it has its pages back: removing a guest keeps its data.
+        control.request("add-guest", name="g3")
+        with AbiClient.open(tmemd.abi_socket("g3")) as client:
+            assert client.get(pool_id, (1, 0, 0), 0) == (Status.OK, RANDOM_PAGES[3])
+        # Only forget discards it; added again, it starts empty.
+        control.request("remove-guest", guest="g3")
+        assert control.request("forget", guest="g3")["configured"] is False
         control.request("add-guest", name="g3")
         with AbiClient.open(tmemd.abi_socket("g3")) as client:
             assert client.stats() == []

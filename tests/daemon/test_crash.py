@@ -17,10 +17,10 @@ from tmem_guest.channel import ChannelDown, UnixSocketChannel
 from tmem_guest.keys import PAGE_SIZE as PAGE
 from tmem_guest.keys import frontswap_key
 from tmem_guest.session import Session
-from tmem_guest.usemem import expected_page, page_templates
 from tmem_host.daemon.client import AbiClient
 from tmem_host.daemon.process import StartTmemd, TmemdFailed, TmemdProcess
 from tmem_wire.abi import PoolFlag, Status
+from tmem_workloads.usemem import expected_page, page_templates
 
 TEMPLATES = page_templates(11)
 BATCH = 32
@@ -155,7 +155,7 @@ def test_no_journal_means_nothing_survives(start_tmemd: StartTmemd) -> None:
         assert client.stats() == []
 
 
-def test_a_graceful_stop_removes_the_state(start_tmemd: StartTmemd, tmp_path: Path) -> None:
+def test_a_graceful_stop_keeps_the_state(start_tmemd: StartTmemd, tmp_path: Path) -> None:
     state = tmp_path / "state"
     daemon = start_tmemd(guests=("g1",), extra_args=("--state-dir", str(state)))
     with AbiClient.open(daemon.abi_socket("g1")) as client:
@@ -163,8 +163,11 @@ def test_a_graceful_stop_removes_the_state(start_tmemd: StartTmemd, tmp_path: Pa
         assert client.put(pool, (0, 0, 0), 0, page(0)) == Status.OK
     assert (state / "g1.journal").stat().st_size > 0 and (state / "g1.fallback").exists()
     assert not (daemon.run_dir / "g1.journal").exists()
+    journal = (state / "g1.journal").read_bytes()
     assert daemon.terminate() == 0
-    assert list(state.iterdir()) == []
+    assert sorted(path.name for path in state.iterdir()) == ["g1.fallback", "g1.journal"]
+    assert (state / "g1.journal").read_bytes() == journal
+    assert sorted(path.name for path in daemon.run_dir.iterdir()) == ["tmemd.log"]  # no sockets
 
 
 def test_the_agent_session_reattaches_its_restored_pool(start_tmemd: StartTmemd) -> None:

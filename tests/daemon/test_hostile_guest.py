@@ -1,4 +1,4 @@
-"""The hostile-guest program (tmem_guest.hostile) against a real tmemd over the
+"""The hostile-guest program (tmem_workloads.hostile) against a real tmemd over the
 guest's unix socket, as QEMU's chardev connects it: malformed frames, forged
 requests for another guest's pages, a put flood. A victim guest keeps storing and
 verifying its pages throughout; tmemd survives, reveals nothing, holds the
@@ -11,11 +11,11 @@ import subprocess
 import sys
 import threading
 
-from tmem_guest.usemem import expected_page, page_templates
 from tmem_host.daemon.client import AbiClient
 from tmem_host.daemon.process import StartTmemd
 from tmem_host.store import OBJECT_OVERHEAD_BYTES, page_overhead_bytes
 from tmem_wire.abi import PoolFlag, Status
+from tmem_workloads.usemem import expected_page, page_templates
 
 CAP = 8 << 20
 FLOOD_MIB = 24
@@ -47,7 +47,7 @@ def test_a_hostile_guest_learns_nothing_and_harms_no_one(start_tmemd: StartTmemd
     thread.start()
     try:
         result = subprocess.run(
-            [sys.executable, "-m", "tmem_guest.hostile", "--channel",
+            [sys.executable, "-m", "tmem_workloads.hostile", "--channel",
              f"unix:{daemon.abi_socket('evil')}", "--seconds", "3", "--flood-mib",
              str(FLOOD_MIB)], capture_output=True, text=True, timeout=120)
     finally:

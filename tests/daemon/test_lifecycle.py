@@ -35,7 +35,9 @@ def test_signal_shuts_down_cleanly(start_tmemd: StartTmemd, signum: int) -> None
         assert daemon.proc.wait(15) == 0
         with pytest.raises(ConnectionClosed):
             client.stats()
-    assert sorted(path.name for path in run_dir.iterdir()) == ["tmemd.log"]
+    # Sockets and pid file gone; the guests' state kept for the next start.
+    assert sorted(path.name for path in run_dir.iterdir()) == [
+        "g1.fallback", "g1.journal", "g2.fallback", "g2.journal", "tmemd.log"]
     assert "tmemd stopped" in daemon.log_text()
 
 
@@ -97,7 +99,7 @@ def test_bad_configuration_exits_2_with_one_line(tmp_path: Path) -> None:
         [sys.executable, "-m", "tmem_host.daemon.main", "--run-dir", str(tmp_path),
          "--budget", "lots", "--guest", "g1"], capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
-    assert result.stderr.strip() == "tmemd: not a size: 'lots' (examples: 4096, 64K, 512M, 1G)"
+    assert result.stderr.strip() == "tmemd: --budget: not a size: 'lots' (examples: 4096, 64K, 512M, 1G)"
 
 
 def test_vsock_listener_is_skipped_with_a_log_line_when_unavailable(

@@ -49,14 +49,6 @@ LOG_MAX_BYTES = 200_000
 NO_PREALLOCATION = ("--no-preallocate",)
 
 
-def vm_rss(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
-
-
 @dataclass
 class Watch:
     """tmemd's RSS and g2's PUT+GET round trips, sampled while an attack runs."""
@@ -70,7 +62,7 @@ class Watch:
         self.client = AbiClient.open(self.daemon.abi_socket("g2"))
         self.pool_id, _ = self.client.new_pool(PoolFlag(0))
         self.round_trip(0)  # the pool and the connection warm
-        self.rss_before = vm_rss(self.daemon.pid)
+        self.rss_before = self.daemon.rss_bytes()
 
     def round_trip(self, number: int) -> float:
         page = number.to_bytes(8, "little") * (PAGE // 8)
@@ -81,7 +73,7 @@ class Watch:
 
     def sample(self, count: int = SAMPLES, interval_s: float = 0.1) -> None:
         for number in range(count):
-            self.rss.append(vm_rss(self.daemon.pid))
+            self.rss.append(self.daemon.rss_bytes())
             self.round_trips.append(self.round_trip(len(self.round_trips) + 1))
             time.sleep(interval_s)
 
@@ -208,7 +200,7 @@ def test_unread_abi_get_batch_replies_stay_bounded(start_tmemd: StartTmemd) -> N
             statuses = attacker.put_batch(pool_id, keys[start:start + 256],
                                           pages[start:start + 256])
             assert set(statuses) == {Status.OK}
-        watch.rss_before = vm_rss(daemon.pid)
+        watch.rss_before = daemon.rss_bytes()
         request_ids = [attacker.submit_get_batch(pool_id, keys) for _ in range(requests)]
         # 2 MiB of requests: tmemd stops reading them, so they go from a thread.
         sender = threading.Thread(target=attacker.flush, daemon=True)

@@ -24,11 +24,11 @@ from collections.abc import Callable
 
 import pytest
 
-from tmem_guest.usemem import expected_page, page_templates
 from tmem_host.daemon.client import AbiClient
 from tmem_host.daemon.process import StartTmemd, TmemdProcess
 from tmem_host.store import OBJECT_OVERHEAD_BYTES, page_overhead_bytes
 from tmem_wire.abi import PoolFlag, Status
+from tmem_workloads.usemem import expected_page, page_templates
 
 MIB = 1 << 20
 PAGE = 4096
@@ -56,14 +56,6 @@ TEMPLATES = page_templates(3)
 def mixed_pages(start: int, count: int) -> list[bytes]:
     """usemem's mix: text, structured binary, zero, random; lz4 sizes vary."""
     return [expected_page(TEMPLATES, 3, start + i) for i in range(count)]
-
-
-def vm_rss(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
 
 
 def flood(daemon: TmemdProcess, guest: str, persistent: bool, make_pages: PageMaker,
@@ -98,7 +90,7 @@ def test_put_flood_keeps_rss_within_budget_plus_overhead(
         pages_per_object: int, budget_mib: int, data_bytes: int) -> None:
     budget = budget_mib * MIB
     daemon = start_tmemd(guests=("g1", "g2"), budget=f"{budget_mib}M")
-    idle_rss = vm_rss(daemon.pid)
+    idle_rss = daemon.rss_bytes()
     page_cost = (data_bytes + page_overhead_bytes(persistent)
                  + OBJECT_OVERHEAD_BYTES // pages_per_object)
     per_guest = (4 * budget // page_cost // 2) // BATCH * BATCH
@@ -107,7 +99,7 @@ def test_put_flood_keeps_rss_within_budget_plus_overhead(
 
     def sample() -> None:
         while not done.is_set():
-            peak[0] = max(peak[0], vm_rss(daemon.pid))
+            peak[0] = max(peak[0], daemon.rss_bytes())
             time.sleep(0.02)
 
     statuses: dict[str, list[Status]] = {"g1": [], "g2": []}
@@ -122,7 +114,7 @@ def test_put_flood_keeps_rss_within_budget_plus_overhead(
         thread.join(120)
     done.set()
     sampler.join()
-    after = vm_rss(daemon.pid)
+    after = daemon.rss_bytes()
     with daemon.control() as control:
         store = control.request("stats")["store"]
     pages = sum(client["pages"] for client in store["clients"].values())

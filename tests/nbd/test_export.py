@@ -10,12 +10,12 @@ import struct
 import threading
 from pathlib import Path
 
-from tmem_host.daemon.process import TmemdProcess
+from tmem_host.daemon.process import StartTmemd, TmemdProcess
 from tmem_host.nbd.client import ClientRequest, NbdClient
 from tmem_host.nbd.export import swap_key
 from tmem_wire import nbd
 
-from .conftest import CAPPED_GUEST, export_stats, nbd_uri, qemu_io, run_tool
+from .conftest import CAP_BYTES, CAPPED_GUEST, export_stats, nbd_uri, qemu_io, run_tool
 
 MIB = 1024 * 1024
 PAGE = 4096
@@ -116,12 +116,27 @@ def test_capped_guest_spills_to_the_fallback_and_still_verifies(tmemd: TmemdProc
     assert stats["pages_refused_fallback"] + stats["pages_put_tmem"] == 1024
     assert stats["pages_read_fallback"] >= stats["pages_refused_fallback"]
     fallback = tmemd.run_dir / f"{CAPPED_GUEST}.fallback"
-    allocated = fallback.stat().st_blocks * 512
-    assert stats["pages_refused_fallback"] * 4096 <= allocated < 8 * MIB  # sparse
-    # A trim frees the slots and punches the fallback's holes.
+    # Preallocated (the default): the whole export's blocks are the guest's.
+    assert fallback.stat().st_blocks * 512 >= 64 * MIB
+    # A trim frees the slots and zeroes them; the blocks stay allocated.
     qemu_io(tmemd, CAPPED_GUEST, "discard 0 4M", "read -P 0 0 4M")
-    assert fallback.stat().st_blocks * 512 < allocated
+    assert fallback.stat().st_blocks * 512 >= 64 * MIB
     assert export_stats(tmemd, CAPPED_GUEST)["slots_in_tmem"] == 0
+
+
+def test_without_preallocation_the_fallback_is_sparse_and_trim_punches_holes(
+        start_tmemd: StartTmemd, tmp_path: Path) -> None:
+    daemon = start_tmemd(guests=(f"{CAPPED_GUEST}:cap={CAP_BYTES}",),
+                         extra_args=("--nbd-size", "64M", "--no-preallocate"))
+    source = tmp_path / "random.img"
+    source.write_bytes(os.urandom(4 * MIB))
+    run_tool("nbdcopy", str(source), nbd_uri(daemon, CAPPED_GUEST))
+    refused = export_stats(daemon, CAPPED_GUEST)["pages_refused_fallback"]
+    fallback = daemon.run_dir / f"{CAPPED_GUEST}.fallback"
+    allocated = fallback.stat().st_blocks * 512
+    assert refused * 4096 <= allocated < 8 * MIB  # sparse
+    qemu_io(daemon, CAPPED_GUEST, "discard 0 4M", "read -P 0 0 4M")
+    assert fallback.stat().st_blocks * 512 < allocated
 
 
 def test_lost_tmem_page_fails_the_read_instead_of_serving_stale_data(tmemd: TmemdProcess) -> None:

@@ -25,7 +25,7 @@ def run_swap_workload(guest: Guest) -> dict[str, Any]:
     """Swap on the guest's swap disk, run the checksummed page toucher, return its result."""
     enable_disk_swap(guest)
     started = time.monotonic()
-    result = guest.ssh(f"python3 -m tmem_guest.usemem --mib {WORKLOAD_MIB}",
+    result = guest.ssh(f"python3 -m tmem_workloads.usemem --mib {WORKLOAD_MIB}",
                        timeout=600, check=False)
     wall_s = time.monotonic() - started
     swaps = guest.ssh("cat /proc/swaps").stdout
@@ -47,8 +47,8 @@ def boot(name: str, swap: SwapKind, run_dir: Path, daemon: TmemdProcess | None =
 @pytest.mark.vm
 @pytest.mark.slow
 def test_guest_swaps_on_the_export_with_and_without_a_cap(tmp_path: Path) -> None:
-    with TmemdProcess(tmp_path / "run", budget="1G",
-                      guests=("g1", f"capped:cap={CAP}")) as daemon:
+    with TmemdProcess(tmp_path / "run", budget="1G", guests=("g1", f"capped:cap={CAP}"),
+                      nbd_size="1G") as daemon:
         with boot("g1", "nbd", tmp_path, daemon) as guest:
             outcome = run_swap_workload(guest)
         assert outcome["verified"] and outcome["pages"] == WORKLOAD_MIB * 256

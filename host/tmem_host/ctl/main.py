@@ -15,7 +15,14 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
-from tmem_host.daemon.config import ConfigError, format_size, parse_cap, parse_size
+from tmem_host.daemon.config import (
+    ConfigError,
+    OneLineArgumentParser,
+    check_seconds,
+    format_size,
+    parse_cap,
+    parse_size,
+)
 from tmem_host.daemon.control import ControlClient, ControlError
 
 # Counters `top` turns into per-second rates (names as in Store.stats()).
@@ -35,6 +42,22 @@ def _console() -> Console:
 
 def _ratio(raw_bytes: int, stored_bytes: int) -> str:
     return f"{raw_bytes / stored_bytes:.2f}x" if stored_bytes else "-"
+
+
+def _seconds(maximum: float) -> Callable[[str], float]:
+    """An argparse type: seconds above 0 and at most `maximum` (a negative or
+    endless sleep is a typo, and time.sleep overflows on huge ones)."""
+    def parse(text: str) -> float:
+        try:
+            value: object = float(text)
+        except ValueError:
+            value = text
+        try:
+            return check_seconds(value, "value", maximum)
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse
 
 
 def _size(num_bytes: int | None) -> str:
@@ -176,7 +199,7 @@ def cmd_set(control: ControlClient, args: argparse.Namespace) -> None:
 
 
 def cmd_set_budget(control: ControlClient, args: argparse.Namespace) -> None:
-    result = control.request("set-budget", size=parse_size(args.size))
+    result = control.request("set-budget", size=parse_size(args.size, "budget"))
     print(f"budget {format_size(result['budget_bytes'])}")
 
 
@@ -228,7 +251,7 @@ def cmd_flush(control: ControlClient, args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tmemctl", description="Control a running tmemd.")
+    parser = OneLineArgumentParser(prog="tmemctl", description="Control a running tmemd.")
     parser.add_argument("--run-dir", type=Path, required=True, help="tmemd's run directory")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("list", help="guests and their pools").set_defaults(run=cmd_list)
@@ -237,7 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     stats.set_defaults(run=cmd_stats)
     top = commands.add_parser("top", help="live per-guest rates")
     top.add_argument("--once", action="store_true", help="print one frame and exit")
-    top.add_argument("--interval", type=float, default=1.0, help="seconds between frames")
+    top.add_argument("--interval", type=_seconds(3600), default=1.0,
+                     help="seconds between frames")
     top.set_defaults(run=cmd_top)
     set_parser = commands.add_parser("set", help="set a guest's weight and/or cap")
     set_parser.add_argument("guest")
@@ -247,14 +271,17 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("size")
     budget.set_defaults(run=cmd_set_budget)
     for name, done, text in (("freeze", "frozen", "refuse the guest's puts"),
-                             ("thaw", "thawed", "accept the guest's puts again (ends a drain)")):
+                             ("thaw", "thawed", "accept the guest's puts again (ends a drain)"),
+                             ("forget", "forgotten: its pages, journal and fallback file are gone",
+                              "discard a guest's pages for good (refused while it is connected)")):
         guest_parser = commands.add_parser(name, help=text)
         guest_parser.add_argument("guest")
         guest_parser.set_defaults(run=_guest_command(name, done))
     drain_parser = commands.add_parser(
         "drain", help="move a guest's persistent pages back to the guest (its fallback disk) and wait")
     drain_parser.add_argument("guest")
-    drain_parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait (then exit 1)")
+    drain_parser.add_argument("--timeout", type=_seconds(7 * 86400), default=300.0,
+                              help="seconds to wait (then exit 1)")
     drain_parser.set_defaults(run=cmd_drain)
     flush = commands.add_parser("flush", help="drop a guest's pages (or one pool's)")
     flush.add_argument("guest")

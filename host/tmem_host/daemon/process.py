@@ -7,6 +7,7 @@ only the ready line, which `start()` waits for.
 from __future__ import annotations
 
 import os
+import resource
 import selectors
 import signal
 import subprocess
@@ -34,12 +35,23 @@ class TmemdProcess:
         budget: str = "256M",
         guests: Sequence[str] = ("g1", "g2"),
         extra_args: Sequence[str] = (),
+        rlimit_nofile: int | None = None,
+        nbd_size: str = "64M",
+        journal_reserve: str = "4M",
     ) -> None:
+        """``rlimit_nofile``: start tmemd with this soft and hard RLIMIT_NOFILE (a
+        test of descriptor exhaustion; tmemd itself raises the soft limit to the hard).
+        ``nbd_size`` and ``journal_reserve``: small by default (tmemd's own defaults
+        are 1G and 64M), because tmemd preallocates both on disk for every guest and
+        keeps them across stops: a test suite starts a hundred tmemds. A
+        ``--nbd-size`` or ``--journal-reserve`` in ``extra_args`` wins."""
         self.run_dir = Path(run_dir)
+        self.rlimit_nofile = rlimit_nofile
         self.args = [
             sys.executable, "-m", "tmem_host.daemon.main",
             "--run-dir", str(self.run_dir), "--budget", budget,
             *(arg for spec in guests for arg in ("--guest", spec)),
+            "--nbd-size", nbd_size, "--journal-reserve", journal_reserve,
             *extra_args,
         ]
         self.log_path = self.run_dir / LOG_FILE_NAME
@@ -56,13 +68,19 @@ class TmemdProcess:
         return self.proc.pid
 
     def start(self, timeout: float = 20.0) -> TmemdProcess:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         with self.log_path.open("ab") as log_file:
             self._proc = subprocess.Popen(
-                self.args, stdout=subprocess.PIPE, stderr=log_file, stdin=subprocess.DEVNULL
+                self.args, stdout=subprocess.PIPE, stderr=log_file, stdin=subprocess.DEVNULL,
+                preexec_fn=self._limit_descriptors if self.rlimit_nofile is not None else None,
             )
         self._wait_ready(timeout)
         return self
+
+    def _limit_descriptors(self) -> None:
+        """In the child, before exec."""
+        assert self.rlimit_nofile is not None
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.rlimit_nofile, self.rlimit_nofile))
 
     def _wait_ready(self, timeout: float) -> None:
         assert self.proc.stdout is not None
@@ -92,6 +110,14 @@ class TmemdProcess:
 
     def control(self) -> ControlClient:
         return ControlClient(self.run_dir)
+
+    def rss_bytes(self) -> int:
+        """tmemd's resident memory now (VmRSS)."""
+        with open(f"/proc/{self.pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        raise TmemdFailed("no VmRSS in /proc/PID/status")
 
     def alive(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
@@ -131,12 +157,20 @@ class TmemdProcess:
         ``downtime`` seconds, start it again with the same arguments and state dir.
         ``when``: first poll it until it is true (TimeoutError after ``wait_s``), so a
         test kills tmemd in the middle of a workload rather than before it."""
-        deadline = time.monotonic() + wait_s
-        while when is not None and not when():
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the crash condition did not hold within {wait_s} s")
-            time.sleep(0.05)
+        _wait_for(when, wait_s)
         self.kill()
+        time.sleep(downtime)
+        self.start(timeout)
+
+    def restart(self, downtime: float = 0.0, timeout: float = 20.0, *,
+                when: Callable[[], bool] | None = None, wait_s: float = 60.0) -> None:
+        """Stop tmemd gracefully (SIGTERM; it must exit 0) and start it again with
+        the same arguments: what a `systemctl restart` or an upgrade does. ``when``
+        as for crash_and_restart."""
+        _wait_for(when, wait_s)
+        code = self.terminate()
+        if code != 0:
+            raise TmemdFailed(f"tmemd exited {code} on SIGTERM\n{self.log_tail()}")
         time.sleep(downtime)
         self.start(timeout)
 
@@ -154,6 +188,15 @@ class TmemdProcess:
         traceback: TracebackType | None,
     ) -> None:
         self.terminate()
+
+
+def _wait_for(condition: Callable[[], bool] | None, wait_s: float) -> None:
+    """Poll ``condition`` until it holds; TimeoutError after ``wait_s`` seconds."""
+    deadline = time.monotonic() + wait_s
+    while condition is not None and not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the restart condition did not hold within {wait_s} s")
+        time.sleep(0.05)
 
 
 # The type of the tests' `start_tmemd` fixture (tests/conftest.py).

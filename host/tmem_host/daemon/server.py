@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import grp
 import logging
 import os
 import signal
+import stat
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
@@ -25,16 +27,19 @@ from tmem_host.daemon.config import (
     guest_from_mapping,
     parse_cap,
     parse_size,
+    validate_guest_name,
 )
 from tmem_host.daemon.control import (
     CONTROL_SOCKET_NAME,
     ControlError,
     ControlServerProtocol,
 )
+from tmem_host.daemon.limits import ConnectionLimiter, raise_descriptor_limit
 from tmem_host.daemon.session import AbiSession
 from tmem_host.daemon.vsock import guest_for_peer, open_vsock_listener
-from tmem_host.journal.journaled import JournaledStore
-from tmem_host.nbd.export import ExportStart, NbdExport
+from tmem_host.journal.journaled import JournaledStore, journal_path
+from tmem_host.nbd.export import ExportStart, NbdConnection, NbdExport
+from tmem_host.statefiles import open_state_file, prepare_private_dir
 from tmem_host.store import Client, Store
 from tmem_wire.abi import PoolFlag, PoolStats, Status
 
@@ -76,15 +81,26 @@ class GuestRuntime:
     def name(self) -> str:
         return self.config.name
 
+    @property
+    def connected(self) -> int:
+        """Live connections to the guest's ABI and NBD sockets."""
+        return len(self.sessions) + self.nbd_export.connected
+
 
 class Daemon:
     def __init__(self, config: DaemonConfig) -> None:
         self.config = config
         self.run_dir = config.run_dir
         self.state_dir = config.state_path
-        self.store: Store = (JournaledStore(config.budget_bytes, compress=config.compress,
-                                            state_dir=self.state_dir)
-                             if config.journal else Store(config.budget_bytes, config.compress))
+        # Every durability level keeps the guests' pages across a graceful stop.
+        self.store: Store = JournaledStore(
+            config.budget_bytes, compress=config.compress, state_dir=self.state_dir,
+            durability=config.durability,
+            reserve_bytes=config.journal_reserve_bytes if config.preallocate else 0)
+        if config.socket_group is None:
+            self._socket_mode, self._socket_gid = 0o600, -1
+        else:
+            self._socket_mode, self._socket_gid = 0o660, group_id(config.socket_group)
         self.guests: dict[str, GuestRuntime] = {}
         self._control_server: asyncio.Server | None = None
         self._vsock_server: asyncio.Server | None = None
@@ -103,6 +119,7 @@ class Daemon:
             "add-guest": self._cmd_add_guest,
             "remove-guest": self._cmd_remove_guest,
             "shutdown": self._cmd_shutdown,
+            "forget": self._cmd_forget,
         }
 
     # -- lifecycle ---------------------------------------------------------
@@ -110,19 +127,28 @@ class Daemon:
     async def run(self) -> None:
         """Listen on every socket, announce readiness, serve until shutdown."""
         loop = asyncio.get_running_loop()
+        self._limiter = self._start_connection_limits()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._on_signal, signum)
+        # Whatever umask tmemd was started under, what it creates is its own; the
+        # sockets then get the configured mode (docs/RELIABILITY.md, "Threat model").
+        os.umask(0o077)
         self._prepare_run_dir()
         # Claimed before any socket is touched, so a second tmemd on this run dir
         # stops at the pid check instead of unlinking our sockets.
-        (self.run_dir / PID_FILE_NAME).write_text(f"{os.getpid()}\n")
+        pid_fd = open_state_file(self.run_dir / PID_FILE_NAME,
+                                 os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        with os.fdopen(pid_fd, "w") as pid_file:
+            pid_file.write(f"{os.getpid()}\n")
         try:
             for guest in self.config.guests:
                 await self.add_guest(guest)
             control_path = self.run_dir / CONTROL_SOCKET_NAME
+            control_path.unlink(missing_ok=True)
             self._control_server = await loop.create_unix_server(
-                lambda: ControlServerProtocol(self.handle_control), str(control_path)
+                lambda: ControlServerProtocol(self.handle_control, self._limiter), str(control_path)
             )
+            self._secure_socket(control_path)
             if self.config.vsock_port is not None:
                 await self._start_vsock(self.config.vsock_port)
             log.info(READY_LINE, extra={"run_dir": str(self.run_dir), "pid": os.getpid(),
@@ -133,12 +159,28 @@ class Daemon:
             await self._close_everything()
         log.info("tmemd stopped")
 
+    def _start_connection_limits(self) -> ConnectionLimiter:
+        """Take every descriptor the hard limit allows, and bound what connections
+        may hold of them, of memory and of time (docs/CONTROL.md, "Connection limits")."""
+        config = self.config
+        return ConnectionLimiter(
+            connections_per_guest=config.connections_per_guest,
+            handshake_timeout_s=config.handshake_timeout_s,
+            idle_timeout_s=config.idle_timeout_s,
+            descriptor_limit=raise_descriptor_limit())
+
     def _on_signal(self, signum: int) -> None:
         log.info("shutting down", extra={"signal": signal.Signals(signum).name})
         self._stopping.set()
 
     def _prepare_run_dir(self) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        group_access = self.config.socket_group is not None
+        prepare_private_dir(self.run_dir, "run dir", group_access=group_access)
+        if group_access:  # the group must reach its sockets: search, no more
+            os.chown(self.run_dir, -1, self._socket_gid)
+            os.chmod(self.run_dir, stat.S_IMODE(self.run_dir.stat().st_mode) | 0o050)
+        if self.state_dir != self.run_dir:
+            prepare_private_dir(self.state_dir, "state dir")
         pid_file = self.run_dir / PID_FILE_NAME
         try:
             other_pid = int(pid_file.read_text().strip())
@@ -153,6 +195,7 @@ class Daemon:
         for server in servers:
             if server is not None:
                 server.close()
+        # Detached, not removed: journals and fallback files stay for the next start.
         for name in list(self.guests):
             await self.remove_guest(name)
         for server in servers:
@@ -175,17 +218,18 @@ class Daemon:
         )
         abi_path = abi_socket_path(self.run_dir, guest.name)
         nbd_path = nbd_socket_path(self.run_dir, guest.name)
-        # After a crash the journal brought the export's pool back: resume it, and
-        # keep the fallback file, whose slots the pool does not hold. A fallback
-        # file without a journal is a crash nothing can undo (--no-journal, a
-        # journal that failed): the disk's old slots read as errors, not zeros.
+        # After a restart the journal brought the export's pool back: resume it,
+        # and keep the fallback file, whose slots the pool does not hold. A
+        # fallback file nothing vouches for (a crash with durability none, a
+        # journal that failed or is corrupt) cannot be undone: the disk's old
+        # slots read as errors, never as zeros or old data.
         guest_fallback = fallback_path(self.state_dir, guest.name)
         start: ExportStart = "new"
-        if isinstance(self.store, JournaledStore) and self.store.journal_existed(client):
+        if self.store.resumed(client):
             start = "resume"
-        elif guest_fallback.exists():
+        elif guest_fallback.exists() or guest_fallback.is_symlink():
             start = "lost"
-            log.error("tmemd died holding this guest's swap disk and no journal restores it: "
+            log.error("this guest's swap disk was left without a journal that restores it: "
                       "its old slots fail to read", extra={"guest": guest.name})
         export: NbdExport | None = None
         abi_server: asyncio.Server | None = None
@@ -194,41 +238,46 @@ class Daemon:
                 stale.unlink(missing_ok=True)
             export = NbdExport(self.store, client, name=guest.name,
                                size_bytes=self.config.nbd_size_bytes,
-                               fallback_path=guest_fallback, start=start)
+                               fallback_path=guest_fallback, start=start,
+                               preallocate=self.config.preallocate,
+                               sync_fallback=self.config.durability == "fsync")
             # The guest is fixed by the socket: nothing the peer sends can change it.
             abi_server = await loop.create_unix_server(
-                lambda: AbiSession(self.store, lambda _transport: runtime, "unix"),
+                lambda: AbiSession(self.store, lambda _transport: runtime, "unix", self._limiter),
                 str(abi_path), start_serving=False,
             )
             nbd_server = await loop.create_unix_server(
-                export.connection, str(nbd_path), start_serving=False
+                lambda: NbdConnection(export, self._limiter), str(nbd_path), start_serving=False
             )
         except BaseException:
             if abi_server is not None:
                 abi_server.close()
-            # Forget the guest but keep a journal and fallback file it came back
-            # with: a later start may still resume them (forgotten first, so no
-            # pool destroy is journaled).
-            if isinstance(self.store, JournaledStore):
-                self.store.remove_client(client, keep_journal=start == "resume")
-            else:
-                self.store.remove_client(client)
+            # Keep a journal and fallback file the guest came back with: a later
+            # start may still resume them. A new guest leaves nothing behind.
             if export is not None:
                 export.close()
+            if start == "new":  # a file there now is one this attempt created
+                self.store.remove_client(client)
+                if not guest_fallback.is_symlink():
+                    guest_fallback.unlink(missing_ok=True)
+            else:
+                self.store.detach_client(client)
             for path in (abi_path, nbd_path):
                 path.unlink(missing_ok=True)
-            if start == "new":
-                guest_fallback.unlink(missing_ok=True)
             raise
         runtime = GuestRuntime(guest, client, abi_server, export, nbd_server)
         self.guests[guest.name] = runtime
+        for path in (abi_path, nbd_path):
+            self._secure_socket(path)
         await abi_server.start_serving()
         await nbd_server.start_serving()
         log.info("guest added", extra={"guest": guest.name, "abi": str(abi_path),
                                        "nbd": str(nbd_path)})
         return runtime
 
-    async def remove_guest(self, name: str) -> None:
+    async def remove_guest(self, name: str, *, discard: bool = False) -> None:
+        """Stop serving the guest. Its pages stay on disk (journal, fallback file)
+        for the next start, unless ``discard``: then they are gone for good."""
         runtime = self._guest(name)
         del self.guests[name]
         runtime.abi_server.close()
@@ -237,14 +286,24 @@ class Daemon:
             session.close("guest removed")
         if runtime.export_drain is not None:
             runtime.export_drain.cancel()
-        runtime.nbd_export.close()
+        runtime.nbd_export.close(discard=discard)
         await runtime.abi_server.wait_closed()
         await runtime.nbd_server.wait_closed()
-        for path in (abi_socket_path(self.run_dir, name), nbd_socket_path(self.run_dir, name),
-                     fallback_path(self.state_dir, name)):
+        for path in (abi_socket_path(self.run_dir, name), nbd_socket_path(self.run_dir, name)):
             path.unlink(missing_ok=True)
-        self.store.remove_client(runtime.client)
-        log.info("guest removed", extra={"guest": name})
+        if discard:
+            self.store.remove_client(runtime.client)
+        else:
+            self.store.detach_client(runtime.client)
+        log.info("guest removed", extra={"guest": name, "data": "discarded" if discard
+                                         else "kept for the next start"})
+
+    def _secure_socket(self, path: Path) -> None:
+        """The configured mode (0600, or 0660 and the socket group): only tmemd's
+        user (and that group) may connect, whatever the umask or the directory."""
+        if self._socket_gid >= 0:
+            os.chown(path, -1, self._socket_gid)
+        os.chmod(path, self._socket_mode)
 
     def _guest(self, name: object) -> GuestRuntime:
         if not isinstance(name, str):
@@ -264,7 +323,8 @@ class Daemon:
         if listener is None:
             return
         self._vsock_server = await asyncio.get_running_loop().create_server(
-            lambda: AbiSession(self.store, self._resolve_vsock_peer, "vsock"), sock=listener
+            lambda: AbiSession(self.store, self._resolve_vsock_peer, "vsock", self._limiter),
+            sock=listener,
         )
         log.info("vsock listening", extra={"port": port})
 
@@ -305,9 +365,9 @@ class Daemon:
             "connections": [session.stats() for runtime in self.guests.values()
                             for session in runtime.sessions],
             "nbd": {name: runtime.nbd_export.stats() for name, runtime in self.guests.items()},
-            "journal": ({name: self.store.journal_stats(runtime.client)
-                         for name, runtime in self.guests.items()}
-                        if isinstance(self.store, JournaledStore) else {}),
+            "journal": {name: journal for name, runtime in self.guests.items()
+                        if (journal := self.store.durability_stats(runtime.client)) is not None},
+            "limits": self._limiter.stats(self.guests),
         }
 
     async def _cmd_set_budget(self, request: dict[str, Any]) -> Any:
@@ -396,7 +456,35 @@ class Daemon:
     async def _cmd_remove_guest(self, request: dict[str, Any]) -> Any:
         runtime = self._guest(request.get("guest"))
         await self.remove_guest(runtime.name)
-        return {"guest": runtime.name, "removed": True}
+        return {"guest": runtime.name, "removed": True, "data_kept": True}
+
+    async def _cmd_forget(self, request: dict[str, Any]) -> Any:
+        """Discard a guest's pages for good: its pools, journal and fallback file.
+        Refused while anything is connected to the guest's sockets (a guest that
+        swaps on that disk would read zeros). A configured guest starts afresh."""
+        name = request.get("guest")
+        if not isinstance(name, str):
+            raise ControlError("missing 'guest' (a guest name)")
+        runtime = self.guests.get(name)
+        if runtime is not None:
+            if runtime.connected:
+                raise ControlError(f"guest {name!r} has {runtime.connected} live connection(s):"
+                                   " stop its QEMU (or its agent) first")
+            config = runtime.config
+            await self.remove_guest(name, discard=True)
+            await self.add_guest(config)
+            log.info("guest forgotten", extra={"guest": name})
+            return {"guest": name, "forgotten": True, "configured": True}
+        files = [path for path in (journal_path(self.state_dir, validate_guest_name(name)),
+                                   fallback_path(self.state_dir, name))
+                 if path.exists() or path.is_symlink()]
+        if not files:
+            raise ControlError(f"nothing to forget: no guest {name!r} and no state of it in "
+                               f"{self.state_dir}")
+        for path in files:
+            path.unlink()
+        log.info("guest forgotten", extra={"guest": name, "files": [str(p) for p in files]})
+        return {"guest": name, "forgotten": True, "configured": False}
 
     async def _cmd_shutdown(self, request: dict[str, Any]) -> Any:
         log.info("shutting down", extra={"reason": "control request"})
@@ -415,6 +503,11 @@ def pool_stats_json(pool: PoolStats) -> dict[str, Any]:
     record = dataclasses.asdict(pool)
     record["flags"] = [flag.name for flag in PoolFlag if flag in pool.flags]
     return record
+
+
+def group_id(group: str) -> int:
+    """A group name or numeric gid (the config checked that it exists)."""
+    return int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
 
 
 def _process_exists(pid: int) -> bool:

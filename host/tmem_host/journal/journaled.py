@@ -2,11 +2,22 @@
 per-guest journal before the caller replies (docs/RELIABILITY.md).
 
 Both frontends (the ABI session and the NBD export) call the store, so the hook
-is here, once. A request's records leave in one ``writev`` before the store
-call returns; the data is then in the host page cache and survives a kill -9
-of tmemd (not a host crash: there is no fsync). Ephemeral pools are never
-journaled. ``add_client`` replays ``STATE_DIR/NAME.journal`` first, so a
-restarted tmemd has the guest's persistent pools back under the same ids.
+is here, once. ``add_client`` replays ``STATE_DIR/NAME.journal`` first, so a
+restarted tmemd has the guest's persistent pools back under the same ids. What
+a journal survives is its durability level:
+
+- ``journal``: a request's records leave in one ``writev`` before the store call
+  returns; they are then in the host page cache and survive a kill -9 of tmemd,
+  not a host crash.
+- ``fsync``: the same, and ``make_durable()`` (which the frontends call before
+  they send the replies of what they read in one go) fdatasyncs every journal
+  written since: one sync per guest per batch of requests (group commit).
+- ``none``: nothing is written while tmemd runs, so a kill -9 loses the pages;
+  a graceful stop (``detach_client``) writes a checkpoint in the journal's
+  format, which the next start replays and deletes.
+
+Ephemeral pools are never journaled. A graceful stop keeps every journal
+(``detach_client``); only ``remove_client`` (tmemctl forget) deletes one.
 """
 
 from __future__ import annotations
@@ -23,6 +34,9 @@ from uuid import UUID
 
 from tmem_wire.abi import WHOLE_OBJECT, Buffer, Key, Oid, Status
 
+from tmem_host.statefiles import (
+    FALLOC_FL_KEEP_SIZE, fallocate, fsync_dir, open_state_file, unsupported,
+)
 from tmem_host.store import DEFAULT_WEIGHT, Client, Pool, Store
 from tmem_host.store.store import DedupBlob
 
@@ -33,8 +47,7 @@ log = logging.getLogger("tmemd.journal")
 #: Compact once the journal is larger than twice its live records plus this.
 DEFAULT_COMPACT_FLOOR: Final = 64 << 20
 JOURNAL_SUFFIX: Final = ".journal"
-#: Where a journal goes once a write to it failed: kept for inspection, never replayed.
-BROKEN_SUFFIX: Final = ".journal.broken"
+DURABILITY_LEVELS: Final = ("none", "journal", "fsync")
 _READ_CHUNK: Final = 1 << 20
 _IOV_MAX: Final = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 # Records per write while compacting: bounds the memory of one write.
@@ -56,30 +69,86 @@ class ReplayResult:
 
 
 class GuestJournal:
-    """One guest's append-only journal file."""
+    """One guest's append-only journal file.
 
-    def __init__(self, path: Path, compact_floor: int) -> None:
+    ``reserve_bytes``: disk blocks kept allocated past the journal's end
+    (fallocate KEEP_SIZE), so that appends up to that much more never fail because
+    another guest's files filled the disk (docs/RELIABILITY.md, "Disk space")."""
+
+    def __init__(self, path: Path, compact_floor: int, *, durability: str = "journal",
+                 reserve_bytes: int = 0) -> None:
+        if durability not in DURABILITY_LEVELS:
+            raise ValueError(f"durability must be one of {DURABILITY_LEVELS}")
         self.path = path
         self.compact_floor = compact_floor
-        # An earlier journaled run of this guest (even one that wrote no record).
-        self.existed = path.exists()
+        self.durability = durability
+        self.reserve_bytes = reserve_bytes
+        # An earlier run of this guest left it (even one that wrote no record).
+        self.existed = path.exists() or path.is_symlink()
         # A crash during compaction leaves the temporary file; the journal is intact.
         self.tmp_path.unlink(missing_ok=True)
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        self.fd = open_state_file(path, os.O_RDWR | os.O_CREAT | os.O_APPEND)
+        if durability == "fsync" and not self.existed:
+            fsync_dir(path.parent)
         self.size_bytes = os.fstat(self.fd).st_size
+        self.reserved_to = 0  # the end of the blocks reserved for appends
+        self.next_reserve_at = 0
+        # Appending: "none" writes only the checkpoint of a graceful stop.
+        self.appending = durability != "none"
         self.broken = False
+        # Records written since the last fdatasync (durability fsync).
+        self.unsynced = False
         # JournaledStore.deferred(): records held back until the block ends.
         self.held: list[Buffer] | None = None
         self.held_records = 0
         self.writes = 0
         self.records = 0
+        self.syncs = 0
         self.write_errors = 0
         self.compactions = 0
         self.last_compaction_s = 0.0
         self.replay = ReplayResult()
+        # The journal was there but corrupt: nothing of the guest was restored.
+        self.state_lost = False
+        # Records appended behind the damage would never be replayed: the first
+        # change after it rewrites the whole journal instead (atomically).
+        self.needs_rewrite = False
         #: Per pool id, keys tmemd dropped without the guest flushing them (an
         #: admin flush) and not written since: LOST records, kept by compaction.
         self.lost: dict[int, set[Key]] = {}
+
+    def start_appending(self) -> None:
+        """After the replay: reserve room for appends, or (durability none) delete
+        the checkpoint just replayed, so that a crash from here on finds no journal
+        and the guest's old slots read as lost, never as this older state."""
+        if self.appending:
+            self._reserve(at_start=True)
+            return
+        os.close(self.fd)
+        self.fd = -1
+        self.path.unlink(missing_ok=True)
+
+    def _reserve(self, *, at_start: bool = False) -> None:
+        """Keep ``reserve_bytes`` allocated past the end. Best effort: a restart on a
+        full disk must still bring the guest back (the blocks an earlier run reserved
+        past the end are still the journal's), so no room only costs the guarantee."""
+        if self.reserve_bytes <= 0:
+            return
+        try:
+            fallocate(self.fd, FALLOC_FL_KEEP_SIZE, self.size_bytes, self.reserve_bytes)
+        except OSError as error:
+            if unsupported(error):
+                self.reserve_bytes = 0  # this file system cannot: appends share free space
+            elif at_start:
+                log.error("no room to reserve the journal's disk space: its appends share "
+                          "the disk's free space", extra={"journal": str(self.path),
+                                                          "reserve_bytes": self.reserve_bytes,
+                                                          "error": error.strerror})
+            # Again after half a reserve more of appends, not on every one.
+            self.next_reserve_at = self.size_bytes + (self.reserve_bytes >> 1)
+            return
+        self.reserved_to = self.size_bytes + self.reserve_bytes
+        self.next_reserve_at = self.size_bytes + (self.reserve_bytes >> 1)
 
     def mark_lost(self, pool_id: int, pool: Pool) -> None:
         """Every page of the pool is about to be dropped by an admin flush."""
@@ -106,7 +175,7 @@ class GuestJournal:
         writes finished). A failure cuts the partial record off and retires the
         journal: the guest's pages stay in memory, unprotected, and a later
         restart restores nothing of it (it never replays stale pages)."""
-        if self.broken or not pieces:
+        if self.broken or not pieces or not self.appending:
             return
         if self.held is not None:
             self.held += pieces
@@ -121,22 +190,40 @@ class GuestJournal:
         self.size_bytes += written
         self.writes += 1
         self.records += records
+        self.unsynced = self.durability == "fsync"
+        if self.reserve_bytes and self.size_bytes > self.next_reserve_at:
+            self._reserve()
+
+    def sync(self) -> None:
+        """fdatasync what was appended (durability fsync); a failure retires the
+        journal like a failed write: its records may not be on the disk."""
+        self.unsynced = False
+        if self.broken:
+            return
+        try:
+            os.fdatasync(self.fd)
+        except OSError as error:
+            self.write_errors += 1
+            self._retire(f"fdatasync: {error}")
+            return
+        self.syncs += 1
 
     def _retire(self, reason: str) -> None:
         self.broken = True
         log.error("journal write failed: this guest's persistent pages no longer survive "
                   "a tmemd crash", extra={"journal": str(self.path), "error": reason})
-        # Renamed first, so that no restart replays it: it misses this request's
-        # flushes, and replaying it could bring back an older copy of a page.
-        # The rename needs no free space.
+        # Deleted at once, so that no restart replays it: it misses this request's
+        # flushes, and replaying it could bring back an older copy of a page. The
+        # unlink needs no free space and gives back what the journal held (a kept
+        # copy would keep a full disk full); the guest's NBD fallback file, left
+        # without a journal, reads as lost after a restart.
         try:
-            os.replace(self.path, self.path.with_name(self.path.name.removesuffix(JOURNAL_SUFFIX)
-                                                      + BROKEN_SUFFIX))
+            self.path.unlink(missing_ok=True)
+            if self.durability == "fsync":
+                fsync_dir(self.path.parent)
         except OSError as error:
             log.error("cannot retire the journal", extra={"journal": str(self.path),
                                                           "error": str(error)})
-        with contextlib.suppress(OSError):  # for inspection: cut the partial record off
-            os.ftruncate(self.fd, self.size_bytes)
 
     def read_records(self) -> tuple[list[codec.Record], ReplayResult]:
         """Every valid record from the start; a torn or corrupt tail is cut off."""
@@ -154,8 +241,12 @@ class GuestJournal:
             result.error = str(error)
         if decoder.consumed < self.size_bytes:
             result.truncated_bytes = self.size_bytes - decoder.consumed
-            os.ftruncate(self.fd, decoder.consumed)
-            self.size_bytes = decoder.consumed
+            # A torn tail is cut off. Damage is left in place until the journal is
+            # rewritten: cut off, the valid part before it would look like the
+            # whole journal to the next start and bring back older copies.
+            if not result.error:
+                os.ftruncate(self.fd, decoder.consumed)
+                self.size_bytes = decoder.consumed
         result.records = len(records)
         return records, result
 
@@ -163,7 +254,7 @@ class GuestJournal:
         """Compaction: the live persistent pages into NAME.journal.tmp, then an
         atomic os.replace; a crash before the replace leaves the old journal."""
         started = time.perf_counter()
-        fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        fd = open_state_file(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         size = 0
         try:
             pieces: list[Buffer] = []
@@ -179,22 +270,33 @@ class GuestJournal:
                 pieces += [codec.encode(codec.Lost(pool_id, oid, index))
                            for oid, index in self.lost.get(pool_id, ())]
             size += _write_all(fd, pieces)
+            if self.durability != "journal":  # a checkpoint, or fsync: on the disk first
+                os.fdatasync(fd)
         except BaseException:
             os.close(fd)
             self.tmp_path.unlink(missing_ok=True)
             raise
         os.close(fd)
         os.replace(self.tmp_path, self.path)
-        os.close(self.fd)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
+        if self.durability != "journal":
+            fsync_dir(self.path.parent)
+        if self.fd >= 0:
+            os.close(self.fd)
+        self.fd = open_state_file(self.path, os.O_RDWR | os.O_APPEND)
         self.size_bytes = size
+        self.reserved_to = self.next_reserve_at = 0
+        if self.appending:
+            self._reserve()
         self.compactions += 1
         self.last_compaction_s = time.perf_counter() - started
 
     def close(self, *, delete: bool) -> None:
-        os.close(self.fd)
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
         if delete:
             self.path.unlink(missing_ok=True)
+            self.tmp_path.unlink(missing_ok=True)
 
 
 def _write_all(fd: int, pieces: Sequence[Buffer]) -> int:
@@ -221,16 +323,24 @@ def _stored_form(pool: Pool, oid: Oid, index: int) -> int | bytes:
 
 
 class JournaledStore(Store):
-    """A Store whose persistent pools survive a kill -9 through per-guest journals
-    in ``state_dir``. ``add_client`` replays; ``remove_client`` deletes the journal
-    (the guest is gone for good)."""
+    """A Store whose persistent pools survive a restart of tmemd through per-guest
+    journals in ``state_dir`` (at the given durability level). ``add_client``
+    replays; ``detach_client`` keeps the journal (a graceful stop);
+    ``remove_client`` deletes it (the guest's data is discarded for good)."""
 
     def __init__(self, budget_bytes: int, compress: bool = True, *, state_dir: Path,
-                 compact_floor: int = DEFAULT_COMPACT_FLOOR) -> None:
+                 compact_floor: int = DEFAULT_COMPACT_FLOOR, durability: str = "journal",
+                 reserve_bytes: int = 0) -> None:
         super().__init__(budget_bytes, compress)
+        if durability not in DURABILITY_LEVELS:
+            raise ValueError(f"durability must be one of {DURABILITY_LEVELS}")
         self.state_dir = Path(state_dir)
         self.compact_floor = compact_floor
+        self.durability = durability
+        self.reserve_bytes = reserve_bytes
         self._journals: dict[str, GuestJournal] = {}
+        # Journals written since the last make_durable() (durability fsync).
+        self._unsynced: set[GuestJournal] = set()
 
     # -- clients -------------------------------------------------------------
 
@@ -244,44 +354,89 @@ class JournaledStore(Store):
     ) -> Client:
         """Add the client and restore its persistent pools from its journal."""
         client = super().add_client(name, weight, cap_bytes, dedup, shared_uuids)
+        journal: GuestJournal | None = None
         try:
-            self.state_dir.mkdir(parents=True, exist_ok=True)
-            journal = GuestJournal(journal_path(self.state_dir, name), self.compact_floor)
+            self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            journal = GuestJournal(journal_path(self.state_dir, name), self.compact_floor,
+                                   durability=self.durability, reserve_bytes=self.reserve_bytes)
+            # Not registered yet: the replay's own store calls write no records.
+            journal.replay = self._replay(client, journal)
+            if journal.replay.error:
+                self._discard_damaged(client, journal)
+            journal.start_appending()
         except BaseException:
+            if journal is not None:
+                journal.close(delete=False)
             super().remove_client(client)
             raise
-        # Not registered yet: the replay's own store calls write no records.
-        journal.replay = self._replay(client, journal)
         self._journals[name] = journal
         if journal.replay.records:
             log.info("journal replayed", extra={
                 "guest": name, "records": journal.replay.records, "pages": journal.replay.pages,
                 "truncated_bytes": journal.replay.truncated_bytes,
                 "seconds": round(journal.replay.seconds, 3)})
-        if journal.replay.error:
-            # Records after a corrupt one are lost: rewrite the journal from what was
-            # restored, so that later appends do not sit behind the damage.
-            log.error("journal corrupt: restored up to the damage", extra={
-                "guest": name, "error": journal.replay.error})
-            self.compact(client)
         return client
 
-    def remove_client(self, client: Client | str, *, keep_journal: bool = False) -> None:
-        """Forget the client; its journal is deleted unless ``keep_journal`` (tmemd
-        could not bring the guest up: a later start may still restore it)."""
+    def _discard_damaged(self, client: Client, journal: GuestJournal) -> None:
+        """A corrupt record (not a torn tail) hides what came after it: any page
+        restored from before it may have been rewritten or flushed since. Restore
+        nothing, so every page of the guest reads as lost, never as an old copy."""
+        log.error("journal corrupt: none of its pages are restored (they read as lost)",
+                  extra={"guest": client.name, "error": journal.replay.error})
+        for pool_id, _pool in _live_pools(client):
+            super().destroy_pool(client, pool_id)
+        journal.lost.clear()
+        journal.replay.pages = 0
+        journal.state_lost = True
+        # Left as it is until the first change rewrites it: a crash before then
+        # finds the same damage, not an empty journal that vouches for nothing.
+        journal.needs_rewrite = True
+
+    def detach_client(self, client: Client | str) -> None:
+        """Forget the client in memory and keep its journal for the next start
+        (a graceful stop). Durability none writes its checkpoint now."""
         client = self._resolve(client)
         journal = self._journals.pop(client.name, None)
+        if journal is not None:
+            self._unsynced.discard(journal)
+            if not journal.appending and not journal.broken:
+                try:
+                    journal.rewrite(_live_pools(client))
+                except OSError as error:  # the next start finds no checkpoint: lost, not stale
+                    log.error("cannot write the checkpoint: the guest's pages are lost",
+                              extra={"guest": client.name, "error": str(error)})
+            journal.close(delete=False)
+        # Forgotten without destroying its pools: nothing more is journaled.
+        self._forget_client(client)
+
+    def remove_client(self, client: Client | str) -> None:
+        """Forget the client and delete its journal: its pages are gone for good."""
+        client = self._resolve(client)
+        journal = self._journals.pop(client.name, None)
+        if journal is not None:
+            self._unsynced.discard(journal)
         super().remove_client(client)
         if journal is not None:
-            journal.close(delete=not keep_journal)
+            journal.close(delete=True)
+        else:
+            journal_path(self.state_dir, client.name).unlink(missing_ok=True)
+
+    def resumed(self, client: Client | str) -> bool:
+        """Whether the client's journal (or checkpoint) was there at its start and
+        vouches for its state: what it held then is back."""
+        journal = self.journal(client)
+        return journal is not None and journal.existed and not journal.state_lost
+
+    def make_durable(self) -> None:
+        """Durability fsync: fdatasync every journal written since the last call.
+        The frontends call it before sending replies, once per batch they read."""
+        if self._unsynced:
+            for journal in self._unsynced:
+                journal.sync()
+            self._unsynced.clear()
 
     def journal(self, client: Client | str) -> GuestJournal | None:
         return self._journals.get(self._resolve(client).name)
-
-    def journal_existed(self, client: Client | str) -> bool:
-        """Whether the client's journal was there when tmemd started (a restart)."""
-        journal = self.journal(client)
-        return journal is not None and journal.existed
 
     def lost_keys(self, client: Client | str, pool_id: int) -> frozenset[Key]:
         """Keys of the pool tmemd dropped (an admin flush) that the guest has not
@@ -290,11 +445,17 @@ class JournaledStore(Store):
         journal = self.journal(client)
         return frozenset(journal.lost.get(pool_id, ())) if journal is not None else frozenset()
 
+    def durability_stats(self, client: Client | str) -> dict[str, Any] | None:
+        return self.journal_stats(client)
+
     def journal_stats(self, client: Client | str) -> dict[str, Any]:
         client = self._resolve(client)
         journal = self._journals[client.name]
         return {
             "path": str(journal.path),
+            "durability": journal.durability,
+            "syncs": journal.syncs,
+            "reserved_bytes": max(0, journal.reserved_to - journal.size_bytes),
             "size_bytes": journal.size_bytes,
             "live_bytes": self._live_bytes(client),
             "broken": journal.broken,
@@ -365,11 +526,28 @@ class JournaledStore(Store):
             return None
         return journal, pool
 
+    def _rewrite_now(self, client: Client, journal: GuestJournal) -> None:
+        """Write the client's whole state as a new journal; if that fails, retire it."""
+        if journal.broken:
+            return
+        try:
+            self.compact(client)
+        except OSError as error:
+            journal.write_errors += 1
+            journal._retire(f"rewrite: {error}")
+            return
+        journal.needs_rewrite = False
+
     def _commit(self, client: Client, journal: GuestJournal, pieces: Sequence[Buffer],
                 records: int) -> None:
+        if journal.needs_rewrite and journal.held is None and journal.appending:
+            self._rewrite_now(client, journal)  # this change included: it is in memory
+            return
         journal.append(pieces, records)
         if journal.held is not None:  # deferred(): checked when the records are written
             return
+        if journal.unsynced:
+            self._unsynced.add(journal)
         if journal.size_bytes > journal.compact_floor and not journal.broken:
             if journal.size_bytes > 2 * self._live_bytes(client) + journal.compact_floor:
                 try:
@@ -491,6 +669,9 @@ class JournaledStore(Store):
         if found is None:
             return statuses
         journal, pool = found
+        if not journal.appending:  # durability none: only the lost keys to keep
+            journal.found(pool_id, keys)
+            return statuses
         objects = pool.objects
         put_record = codec.put_record
         pieces: list[Buffer] = []

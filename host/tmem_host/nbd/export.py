@@ -10,14 +10,13 @@ fdatasync of the fallback. Key mapping and rules: docs/NBD.md.
 
 The store is synchronous and single-threaded, so requests are served in the
 order they arrive, and the replies to everything one ``data_received`` brought
-leave in one transport write.
+leave in one transport write, up to a bound on the replies in flight
+(``NbdConnection``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import ctypes.util
 import errno
 import logging
 import os
@@ -25,7 +24,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Final, Literal, cast
 
-from tmem_host.journal.journaled import JournaledStore
+from tmem_host.daemon.limits import Admission, ConnectionKind, ConnectionLimiter, ReplyFlow
+from tmem_host.statefiles import (
+    FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, fallocate, open_state_file,
+    unsupported,
+)
 from tmem_host.store import Client, Store
 from tmem_wire import nbd
 from tmem_wire.abi import Status
@@ -38,7 +41,12 @@ PAGE_SIZE: Final = 1 << PAGE_SHIFT
 SWIZ_BITS: Final = 4
 SWIZ_MASK: Final = (1 << SWIZ_BITS) - 1
 SWAP_TYPE: Final = 0
-MAX_PAYLOAD: Final = 32 * 1024 * 1024
+# The advertised maximum payload of a READ or WRITE. QEMU's NBD client honours
+# it (it splits larger requests) and Linux swaps in requests of at most 512 KiB,
+# so 4 MiB costs guests nothing, and it bounds what one request makes tmemd
+# buffer (a WRITE's payload, a READ's reply) to an eighth of the NBD default of
+# 32 MiB (docs/NBD.md, "Protocol subset").
+MAX_PAYLOAD: Final = 4 * 1024 * 1024
 TRANSMISSION_FLAGS: Final = (
     nbd.TransmissionFlag.HAS_FLAGS
     | nbd.TransmissionFlag.SEND_FLUSH
@@ -59,10 +67,6 @@ HISTOGRAM_BUCKETS: Final = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 EXPORT_POOL_LABEL: Final = "nbd"
 ExportStart = Literal["new", "resume", "lost"]
 
-FALLOC_FL_KEEP_SIZE: Final = 0x01
-FALLOC_FL_PUNCH_HOLE: Final = 0x02
-
-
 def swap_key(slot: int) -> tuple[tuple[int, int, int], int]:
     """The tmem (oid, index) of a swap slot, as Linux's Xen tmem frontswap made it."""
     return ((SWAP_TYPE << SWIZ_BITS) | (slot & SWIZ_MASK), 0, 0), slot >> SWIZ_BITS
@@ -81,31 +85,42 @@ def size_bucket(pages: int) -> str:
     return f"{label}+" if label == str(HISTOGRAM_BUCKETS[-1]) else label
 
 
-class _HolePuncher:
-    """fallocate(PUNCH_HOLE) through libc; writes zeros where that is unavailable."""
+class _SlotEraser:
+    """Makes a range of the fallback file read as zeros. Sparse: punches a hole
+    (the blocks go back to the file system). Preallocated: keeps the blocks
+    (ZERO_RANGE; a hole punched and allocated again where the file system lacks
+    it), so the guest's reservation stays its own. Writes zeros where neither works."""
 
-    def __init__(self) -> None:
-        self._fallocate: Any = None
-        libc_name = ctypes.util.find_library("c")
-        if libc_name is not None:
-            libc = ctypes.CDLL(libc_name, use_errno=True)
-            fallocate = getattr(libc, "fallocate", None)
-            if fallocate is not None:
-                fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
-                fallocate.restype = ctypes.c_int
-                self._fallocate = fallocate
+    def __init__(self, keep_blocks: bool) -> None:
+        self.keep_blocks = keep_blocks
+        self._fallocate_works = True
 
-    def punch(self, fd: int, offset: int, length: int) -> None:
-        if self._fallocate is not None:
-            if self._fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) == 0:
+    def erase(self, fd: int, offset: int, length: int) -> None:
+        if self._fallocate_works:
+            try:
+                if self.keep_blocks:
+                    self._zero_range(fd, offset, length)
+                else:
+                    fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
                 return
-            if ctypes.get_errno() not in (errno.EOPNOTSUPP, errno.ENOSYS):
-                raise OSError(ctypes.get_errno(), "fallocate(PUNCH_HOLE) failed")
-            self._fallocate = None  # this file system cannot: zeros from now on
+            except OSError as error:
+                if not unsupported(error):
+                    raise
+                self._fallocate_works = False  # this file system cannot: zeros from now on
         zeros = bytes(min(length, MAX_PAYLOAD))
         done = 0
         while done < length:
             done += os.pwrite(fd, zeros[: length - done], offset + done)
+
+    @staticmethod
+    def _zero_range(fd: int, offset: int, length: int) -> None:
+        try:
+            fallocate(fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length)
+        except OSError as error:
+            if not unsupported(error):  # e.g. tmpfs: punch, then allocate again
+                raise
+            fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+            fallocate(fd, 0, offset, length)
 
 
 class NbdExport:
@@ -113,7 +128,8 @@ class NbdExport:
 
     def __init__(self, store: Store, client: Client, *, name: str, size_bytes: int,
                  fallback_path: str | os.PathLike[str], description: str = "tmem swap",
-                 start: ExportStart = "new") -> None:
+                 start: ExportStart = "new", preallocate: bool = False,
+                 sync_fallback: bool = False) -> None:
         """``start``: ``"new"``, a fresh disk (the fallback file is emptied).
         ``"resume"``: tmemd restarted and replayed the guest's journal; the export
         takes back its pool (labelled EXPORT_POOL_LABEL) and the fallback file as
@@ -122,7 +138,14 @@ class NbdExport:
         died holding this disk (its fallback file is still there) and no journal
         brought its pages back; the disk starts empty, and a READ of a slot not
         written or discarded since then fails with EIO instead of serving zeros,
-        because a guest that reconnects would take them for its swap pages."""
+        because a guest that reconnects would take them for its swap pages.
+
+        ``preallocate``: reserve the whole fallback file's blocks now (OSError if
+        the disk has no room), so that refused pages never need space another
+        guest's files took. ``sync_fallback`` (durability fsync): fdatasync the
+        fallback file after a WRITE's refused pages, before the write's journal
+        records, so that after a host crash no record points at a slot whose data
+        never reached the disk."""
         if size_bytes <= 0 or size_bytes % PAGE_SIZE:
             raise ValueError(f"export size must be a positive multiple of {PAGE_SIZE}")
         self.store = store
@@ -139,14 +162,24 @@ class NbdExport:
         # flush before a crash): reads fail until the slot is written or discarded.
         self._lost: bytearray | None = (bytearray(b"\xff" * len(self._in_tmem))
                                         if start == "lost" else None)
-        self._fallback_fd = os.open(self.fallback_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        if start == "resume":
-            self._resume()
-        else:
-            # A fresh export: whatever an earlier run left in the file is not this guest's swap.
-            os.ftruncate(self._fallback_fd, 0)
-        os.ftruncate(self._fallback_fd, size_bytes)
-        self._hole_puncher = _HolePuncher()
+        self._sync_fallback = sync_fallback
+        self._fallback_fd = open_state_file(self.fallback_path)
+        try:
+            if start == "resume":
+                self._resume()
+            else:
+                # Whatever an earlier run left in the file is not this guest's swap (or
+                # nothing vouches for it).
+                os.ftruncate(self._fallback_fd, 0)
+                self.lost_map_path.unlink(missing_ok=True)
+            if self._lost is not None:
+                self._save_lost_map()
+            os.ftruncate(self._fallback_fd, size_bytes)
+            self.preallocated = preallocate and self._preallocate()
+        except BaseException:
+            os.close(self._fallback_fd)
+            raise
+        self._eraser = _SlotEraser(keep_blocks=self.preallocated)
         self._connections: set[NbdConnection] = set()
         self._closed = False
         self.counters: Counter[str] = Counter()
@@ -158,18 +191,98 @@ class NbdExport:
         """Protocol factory for ``loop.create_unix_server``."""
         return NbdConnection(self)
 
-    def close(self) -> None:
+    def _preallocate(self) -> bool:
+        """Allocate every block of the fallback file; False where the file system
+        cannot (the file stays sparse and shares the disk's free space)."""
+        try:
+            fallocate(self._fallback_fd, 0, 0, self.size_bytes)
+        except OSError as error:
+            if unsupported(error):
+                log.warning("cannot preallocate the fallback file: it shares the disk's "
+                            "free space", extra={"guest": self.name, "error": str(error)})
+                return False
+            raise OSError(error.errno, f"no room to preallocate the {self.size_bytes}-byte "
+                          f"fallback file {self.fallback_path}: {error.strerror} (free "
+                          "space, lower --nbd-size, or --no-preallocate)") from None
+        return True
+
+    @property
+    def connected(self) -> int:
+        """Live client connections."""
+        return len(self._connections)
+
+    def close(self, *, discard: bool = False) -> None:
+        """Stop serving. The pool and the fallback file are kept for the next start
+        (the store keeps the pool on disk, if it can) unless ``discard``: then the
+        guest's swap disk is gone for good (tmemctl forget)."""
         if self._closed:
             return
         self._closed = True
         for connection in list(self._connections):
             connection.abort("export closed")
-        if self._pool_id is not None:
+        if discard and self._pool_id is not None:
             self.store.destroy_pool(self.client, self._pool_id)
             self._pool_id = None
         os.close(self._fallback_fd)
+        if discard:
+            self.fallback_path.unlink(missing_ok=True)
+            self.lost_map_path.unlink(missing_ok=True)
+        elif self._lost is not None:
+            self._save_lost_map()
+
+    @property
+    def lost_map_path(self) -> Path:
+        """The lost slots, kept across restarts while there are any: NAME.fallback.lost."""
+        return self.fallback_path.with_name(self.fallback_path.name + ".lost")
+
+    def _save_lost_map(self) -> None:
+        """Write the lost-slot bitmap (atomically), or delete it once nothing is lost.
+        Written when the export starts lost and when it closes; a crash in between
+        leaves the older map, whose extra bits only make reads fail (never stale)."""
+        assert self._lost is not None
+        if not any(self._lost):
+            self.lost_map_path.unlink(missing_ok=True)
+            return
+        tmp_path = self.lost_map_path.with_name(self.lost_map_path.name + ".tmp")
+        fd = open_state_file(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        try:
+            view = memoryview(self._lost)
+            while view:
+                view = view[os.write(fd, view):]
+            if self._sync_fallback:
+                os.fdatasync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp_path, self.lost_map_path)
+
+    def _load_lost_map(self) -> None:
+        """The lost slots an earlier run left (a disk that started lost); slots whose
+        pages are in the pool were written since, so they are the guest's again."""
+        try:
+            fd = open_state_file(self.lost_map_path, os.O_RDONLY)
+        except FileNotFoundError:
+            return
+        try:
+            saved = os.read(fd, len(self._in_tmem) + 1)
+        finally:
+            os.close(fd)
+        # Another export size: nothing can be vouched for.
+        lost = bytearray(saved) if len(saved) == len(self._in_tmem) else (
+            bytearray(b"\xff" * len(self._in_tmem)))
+        for index, byte in enumerate(self._in_tmem):
+            lost[index] &= ~byte & 0xFF
+        if self._lost is not None:  # keys an admin flush took (the journal's LOST records)
+            for index, byte in enumerate(self._lost):
+                lost[index] |= byte
+        self._lost = lost
 
     def _resume(self) -> None:
+        try:
+            self._resume_pool()
+        finally:
+            self._load_lost_map()
+
+    def _resume_pool(self) -> None:
         for pool_id, pool in enumerate(self.client.pools):
             if pool is not None and pool.persistent and pool.label == EXPORT_POOL_LABEL:
                 self._pool_id = pool_id
@@ -179,8 +292,7 @@ class NbdExport:
                         self._mark(slot, True)
                 # Slots an admin flush took from tmem: the fallback holds an older
                 # copy, if any (before the crash they read as EIO; so they still do).
-                lost = (self.store.lost_keys(self.client, pool_id)
-                        if isinstance(self.store, JournaledStore) else frozenset())
+                lost = self.store.lost_keys(self.client, pool_id)
                 if lost:
                     self._lost = bytearray(len(self._in_tmem))
                     for oid, index in lost:
@@ -342,13 +454,12 @@ class NbdExport:
         # copies of refused slots) are written after the fallback file, before
         # the reply: whatever a crash interrupts, a slot reads its last
         # acknowledged copy or this one (docs/RELIABILITY.md).
-        if isinstance(self.store, JournaledStore):
-            with self.store.deferred(self.client):
-                self._write_pages(first_slot, data)
-        else:
-            self._write_pages(first_slot, data)
+        with self.store.deferred(self.client):
+            if self._write_pages(first_slot, data) and self._sync_fallback:
+                os.fdatasync(self._fallback_fd)
 
-    def _write_pages(self, first_slot: int, data: bytes) -> None:
+    def _write_pages(self, first_slot: int, data: bytes) -> bool:
+        """Put the pages, the refused ones into the fallback file: whether any was."""
         self.counters["writes"] += 1
         pages = len(data) >> PAGE_SHIFT
         self._mark_found(first_slot, pages)
@@ -361,6 +472,7 @@ class NbdExport:
             # A refused put also drops the slot's older tmem copy (the store's rule).
             statuses = self.store.put_many(self.client, pool_id, keys, page_data)
         view = memoryview(data)
+        wrote_fallback = False
         page = 0
         while page < pages:
             if statuses[page] == Status.OK:
@@ -378,6 +490,8 @@ class NbdExport:
                       (first_slot + page) << PAGE_SHIFT)
             self.counters["pages_refused_fallback"] += run_end - page
             page = run_end
+            wrote_fallback = True
+        return wrote_fallback
 
     def _read(self, first_slot: int, pages: int) -> tuple[int, bytes | bytearray]:
         self.counters["reads"] += 1
@@ -432,17 +546,21 @@ class NbdExport:
                 lost[slot >> 3] &= ~(1 << (slot & 7)) & 0xFF
 
     def _discard(self, first_slot: int, pages: int, *, zeroing: bool) -> None:
-        self._mark_found(first_slot, pages)
         self.counters["zeroes" if zeroing else "trims"] += 1
         self.counters["pages_discarded"] += pages
         in_tmem = [slot for slot in range(first_slot, first_slot + pages) if self._is_in_tmem(slot)]
-        if in_tmem and self._pool_id is not None:
-            self.store.flush_many(self.client, self._pool_id, [swap_key(slot) for slot in in_tmem])
+        # Lost slots are flushed too: the store then knows they are the guest's again.
+        lost = self._lost
+        flushed = in_tmem if lost is None else [
+            slot for slot in range(first_slot, first_slot + pages)
+            if self._is_in_tmem(slot) or lost[slot >> 3] & (1 << (slot & 7))]
+        self._mark_found(first_slot, pages)
+        if flushed and self._pool_id is not None:
+            self.store.flush_many(self.client, self._pool_id, [swap_key(slot) for slot in flushed])
         for slot in in_tmem:
             self._mark(slot, False)
         if pages:
-            self._hole_puncher.punch(self._fallback_fd, first_slot << PAGE_SHIFT,
-                                     pages << PAGE_SHIFT)
+            self._eraser.erase(self._fallback_fd, first_slot << PAGE_SHIFT, pages << PAGE_SHIFT)
 
     # -- connections --
 
@@ -459,18 +577,34 @@ COUNTER_NAMES: Final = (
     "pages_put_tmem", "pages_refused_fallback", "pages_read_tmem", "pages_read_fallback",
     "pages_discarded", "read_errors", "fallback_errors", "pool_create_failures", "connections_total",
     "protocol_errors", "pages_drained",
+    # Passes that stopped with requests left: the client let READ replies pile up.
+    "reply_backlogs",
 )
+_REPLY_HEADER_BYTES: Final = nbd.SIMPLE_REPLY_HEADER.size
+# How a serving pass ended: the codec needs data, the session is over, or the
+# replies in flight reached their bound with requests left in the codec.
+_PassOutcome = Literal["drained", "finished", "backlog"]
 HISTOGRAM_LABELS: Final = tuple(str(b) for b in HISTOGRAM_BUCKETS[:-1]) + (f"{HISTOGRAM_BUCKETS[-1]}+",)
 
 
 class NbdConnection(asyncio.Protocol):
-    """One client connection to an export: handshake, then requests in order."""
+    """One client connection to an export: handshake, then requests in order.
 
-    def __init__(self, export: NbdExport) -> None:
+    Each pass serves the codec's requests until it needs data or the replies in
+    flight reach REPLY_BYTES_IN_FLIGHT (a client that sends READs and reads no
+    replies); the rest wait in the codec with reading paused (limits.ReplyFlow).
+    With a ``limiter``, the connection counts against the guest's NBD socket and
+    must finish the handshake in time; once in transmission it never times out.
+    """
+
+    def __init__(self, export: NbdExport, limiter: ConnectionLimiter | None = None) -> None:
         self.export = export
         self.codec = nbd.NbdServerConnection(max_payload=MAX_PAYLOAD)
         self.transport: asyncio.Transport | None = None
         self._closing = False
+        self._limiter = limiter
+        self._admission: Admission | None = None
+        self._flow = ReplyFlow(self._serve)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A stream transport (uvloop's are not asyncio.Transport subclasses).
@@ -478,11 +612,20 @@ class NbdConnection(asyncio.Protocol):
         if self.export._closed:
             transport.abort()
             return
+        if self._limiter is not None:
+            self._admission = self._limiter.admit(self, transport, ConnectionKind.NBD,
+                                                  self.export.name)
+            if self._admission is None:
+                return  # refused (closed, logged and counted by the limiter)
         self.export._attach(self)
+        self._flow.attach(transport)
         transport.write(self.codec.send(nbd.Greeting()))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.export._detach(self)
+        if self._admission is not None:
+            self._admission.release()
+        self._flow.detach()
 
     def data_received(self, data: bytes) -> None:
         self._feed(data)
@@ -493,12 +636,11 @@ class NbdConnection(asyncio.Protocol):
 
     # Slow reader: stop taking requests until its replies drain.
     def pause_writing(self) -> None:
-        if self.transport is not None:
-            self.transport.pause_reading()
+        self._flow.pause_writing()
 
     def resume_writing(self) -> None:
-        if self.transport is not None and not self._closing:
-            self.transport.resume_reading()
+        if not self._closing:
+            self._flow.resume_writing()
 
     def abort(self, reason: str) -> None:
         self._closing = True
@@ -506,43 +648,89 @@ class NbdConnection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
+    # -- the limiter's view (tmem_host.daemon.limits.LimitedConnection) --
+
+    @property
+    def handshake_done(self) -> bool:
+        return self.codec.phase in (nbd.Phase.TRANSMISSION, nbd.Phase.CLOSED)
+
+    @property
+    def activity(self) -> int:
+        return 0  # never asked: established NBD connections have no idle timeout
+
+    def close_by_limit(self, reason: str) -> None:
+        self._closing = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    # -- serving --
+
     def _feed(self, data: bytes) -> None:
         if self._closing or self.transport is None:
             return
-        output: list[bytes | bytearray] = []
         try:
             self.codec.receive_data(data)
-            finished = self._serve_events(output)
         except nbd.NbdProtocolError as exc:
-            self.export.counters["protocol_errors"] += 1
-            log.warning("NBD protocol error", extra={"guest": self.export.name, "error": str(exc)})
-            self.transport.write(b"".join(output))
-            self.abort("protocol error")
+            self._protocol_error(exc, [])
             return
-        if output:
-            self.transport.write(b"".join(output))
-        if finished:
-            self._closing = True
-            self.transport.close()
+        self._serve()
 
-    def _serve_events(self, output: list[bytes | bytearray]) -> bool:
-        """Answer every complete event; True once the session is over."""
+    def _serve(self) -> None:
+        """One pass over the codec's events, then one write (see the class doc)."""
+        transport = self.transport
+        if self._closing or transport is None:
+            return
+        output: list[bytes | bytearray] = []
+        try:
+            outcome = self._serve_events(output, self._flow.room())
+        except nbd.NbdProtocolError as exc:
+            self._protocol_error(exc, output)
+            return
+        self._send(output)
+        if outcome == "finished":
+            self._closing = True
+            transport.close()
+            return
+        if outcome == "backlog":
+            self.export.counters["reply_backlogs"] += 1
+        self._flow.pass_done(outcome == "backlog")
+
+    def _protocol_error(self, exc: nbd.NbdProtocolError, output: list[bytes | bytearray]) -> None:
+        self.export.counters["protocol_errors"] += 1
+        log.warning("NBD protocol error", extra={"guest": self.export.name, "error": str(exc)})
+        self._send(output)
+        self.abort("protocol error")
+
+    def _send(self, output: list[bytes | bytearray]) -> None:
+        if output and self.transport is not None:
+            # What the replies acknowledge must first be as durable as promised
+            # (durability fsync: one fdatasync for all of them).
+            self.export.store.make_durable()
+            self.transport.write(b"".join(output))
+
+    def _serve_events(self, output: list[bytes | bytearray], room: int) -> _PassOutcome:
+        """Answer complete events until the codec needs data, the session is over,
+        or the replies built fill ``room`` bytes (the reply that does is finished)."""
         codec = self.codec
         export = self.export
         while True:
             event = codec.next_event()
             if event is nbd.NEED_DATA or event is nbd.PAUSED:
-                return False
+                return "drained"
             if isinstance(event, nbd.ConnectionClosed):
-                return True
+                return "finished"
             if isinstance(event, nbd.Request):
                 if event.command == nbd.Command.DISC:
                     continue  # the codec reports ConnectionClosed next
                 error, payload = export.serve(event)
                 # The header, then the READ payload as it is: no copy to glue them.
                 output.append(codec.send(nbd.SimpleReply(event.handle, error)))
+                room -= _REPLY_HEADER_BYTES
                 if payload:
                     output.append(payload)
+                    room -= len(payload)
+                if room <= 0:
+                    return "backlog"
             elif isinstance(event, nbd.InfoOption):
                 if event.name in ("", export.name):
                     output.append(codec.send(nbd.ExportInfo(
@@ -561,7 +749,7 @@ class NbdConnection(asyncio.Protocol):
                 output.append(codec.send(nbd.ExportList((export.name,))))
             elif isinstance(event, nbd.AbortOption):
                 output.append(codec.send(nbd.OptionReply(nbd.ReplyType.ACK)))
-                return True
+                return "finished"
             elif isinstance(event, nbd.MalformedOption):
                 output.append(codec.send(nbd.OptionError(nbd.ReplyType.ERR_INVALID, event.reason)))
             elif isinstance(event, nbd.OtherOption):

@@ -18,6 +18,7 @@ Layout, chosen for a lean per-page path:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import math
@@ -317,14 +318,54 @@ class Store:
         return list(self._clients.values())
 
     def remove_client(self, client: Client | str) -> None:
-        """Leave every pool (dropping what only it used) and forget the client."""
+        """Leave every pool (dropping what only it used) and forget the client:
+        its pages are gone for good (a layer that keeps them on disk deletes them)."""
         client = self._resolve(client)
         for pool_id, pool in enumerate(client.pools):
             if pool is not None:
                 self.destroy_pool(client, pool_id)
+        self._forget_client(client)
+
+    def detach_client(self, client: Client | str) -> None:
+        """Take the client out of memory at a graceful stop. Here that is
+        remove_client; a layer that keeps pages on disk keeps them for the next start."""
+        self.remove_client(client)
+
+    def _forget_client(self, client: Client) -> None:
+        """Drop the client's pools from memory without recording their destruction."""
+        for pool_id, pool in enumerate(client.pools):
+            if pool is not None and pool.shared_uuid is not None:
+                self.destroy_pool(client, pool_id)  # other members keep a shared pool
+            elif pool is not None:
+                client.pools[pool_id] = None
+                self._drop_all_pages(pool)
         self._retired.add_counters(client)
         self._total_weight -= client.weight
         del self._clients[client.name]
+
+    # -- what the layers below the frontends add (journal, remote tier) --------
+    # The frontends call these on any store; here they say "nothing kept on disk".
+
+    def resumed(self, client: Client | str) -> bool:
+        """Whether the client's state was restored at its start (tmemd restarted)."""
+        return False
+
+    def lost_keys(self, client: Client | str, pool_id: int) -> frozenset[Key]:
+        """Keys of a restored pool that tmemd dropped without the guest flushing
+        them: a frontend fails reads of them rather than serve an older copy."""
+        return frozenset()
+
+    def deferred(self, client: Client) -> contextlib.AbstractContextManager[None]:
+        """A block whose durable records are written together when it ends."""
+        return contextlib.nullcontext()
+
+    def make_durable(self) -> None:
+        """Make what the replies about to be sent acknowledge survive what the
+        store's durability level promises (called once per batch of requests)."""
+
+    def durability_stats(self, client: Client | str) -> dict[str, Any] | None:
+        """The client's journal figures, if the store keeps one."""
+        return None
 
     def set_budget(self, budget_bytes: int) -> None:
         """Change the budget; ephemeral pages are evicted down to it."""
