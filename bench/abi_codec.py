@@ -17,9 +17,9 @@ from collections.abc import Callable
 
 from tmem_wire import abi
 from tmem_wire.abi import NEED_DATA, Frame, FrameDecoder, Op
+from tmem_wire.frontswap import PAGE_SHIFT, PAGE_SIZE
 
 CHUNK = 64 * 1024
-PAGE_SIZE = 4096
 
 
 def rate(work: Callable[[], int], seconds: float) -> float:
@@ -50,7 +50,7 @@ def main() -> None:
             for i, page in enumerate(pages)]
     gets = [Frame(Op.GET, i, pool_id=1, oid=(7, 0, 0), index=i) for i in range(1000)]
     keys = [((7, 0, 0), i) for i in range(1000)]
-    batch = Frame(Op.PUT_BATCH, 1, pool_id=1, payload=abi.encode_put_batch(12, keys, pages))
+    batch = Frame(Op.PUT_BATCH, 1, pool_id=1, payload=abi.encode_put_batch(PAGE_SHIFT, keys, pages))
     put_stream = b"".join(map(abi.encode_frame, puts))
     get_stream = b"".join(map(abi.encode_frame, gets))
     batch_stream = abi.encode_frame(batch) * 10
@@ -61,7 +61,7 @@ def main() -> None:
         return len(puts)
 
     def encode_batch() -> int:
-        abi.encode_put_batch(12, keys, pages)
+        abi.encode_put_batch(PAGE_SHIFT, keys, pages)
         return len(keys)
 
     def decode_batches() -> int:

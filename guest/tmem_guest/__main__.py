@@ -64,8 +64,8 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def run_agent(arguments: argparse.Namespace) -> int:
-    from tmem_guest.keys import Where
     from tmem_guest.swap import FallbackDisk, NbdSwapServer, SwapStore
+    from tmem_wire.frontswap import Where
 
     # The session's timeouts also bound a send to a host that stopped reading.
     channel = open_channel(arguments.channel, send_timeout=arguments.request_timeout)

@@ -40,9 +40,9 @@ import pyfuse3
 import trio
 
 from tmem_guest.counters import Counters
-from tmem_guest.keys import PAGE_SHIFT, PAGE_SIZE, page_span
 from tmem_guest.session import ChannelDown, Pool, Session
 from tmem_wire.abi import WHOLE_OBJECT, Key, Oid
+from tmem_wire.frontswap import PAGE_SHIFT, PAGE_SIZE, page_span
 
 log = logging.getLogger("tmem_guest.cache")
 

@@ -8,6 +8,7 @@ tmem refuses (cap, budget, channel down) goes to the fallback disk at the same
 offset; `SlotMap` records which of the two holds each slot. A READ takes each
 page from where the map says; a page tmem has lost is answered with EIO, never
 with stale data. TRIM (swapon --discard frees whole clusters) becomes FLUSH.
+Keys and these rules, shared with tmemd's NBD export: `tmem_wire.frontswap`.
 
 Reliability (docs/AGENT.md, "Outages and drain"): a PUT or FLUSH sent without a
 reply may or may not have been applied, so its slot is marked unsure and its key
@@ -34,11 +35,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tmem_guest.counters import Counters
-from tmem_guest.keys import PAGE_SHIFT, PAGE_SIZE, SlotMap, SlotMarks, Where, frontswap_area_oids, frontswap_keys
 from tmem_guest.session import ChannelDown, Pool, Session
+from tmem_guest.slots import SlotMap, SlotMarks
 from tmem_guest.system import aligned_buffer
 from tmem_wire import nbd
 from tmem_wire.abi import WHOLE_OBJECT, Oid
+from tmem_wire.frontswap import (
+    LOST_PAGE_ERROR, PAGE_SHIFT, PAGE_SIZE, Where, frontswap_area_oids, frontswap_keys, older_copy_is_stale,
+)
 
 log = logging.getLogger("tmem_guest.swap")
 
@@ -353,7 +357,7 @@ class SwapStore:
                 self.counters.add(channel_down=1)
                 self.unsure.mark(slots)
         refused = [i for i, ok in enumerate(accepted) if not ok]
-        stale = [keys[i] for i in refused if self.slots.get(slots[i]) is Where.TMEM]
+        stale = [keys[i] for i in refused if older_copy_is_stale(self.slots.get(slots[i]), accepted=False)]
         if not refused:
             self.slots.set_range(slots, Where.TMEM)
         for i, ok in enumerate(accepted if refused else ()):
@@ -473,7 +477,7 @@ class SwapStore:
             # Only tmem had these pages: answering anything but an error would be stale data.
             self.counters.add(lost_pages=lost, errors=1)
             log.error("tmem lost %d swap page(s) at offset %d", lost, offset)
-            return nbd.Error.EIO, found[len(wanted) :]
+            return LOST_PAGE_ERROR, found[len(wanted) :]
         return nbd.Error.OK, found[len(wanted) :]
 
     def trim(self, offset: int, length: int) -> int:

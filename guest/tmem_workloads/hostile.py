@@ -34,7 +34,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
 from tmem_guest.channel import Channel, ChannelDown, open_channel
-from tmem_guest.keys import frontswap_key
 from tmem_wire.abi import (
     ALL_POOLS,
     NEED_DATA,
@@ -54,10 +53,10 @@ from tmem_wire.abi import (
     encode_put_batch,
     max_batch_pages,
 )
+from tmem_wire.frontswap import PAGE_SIZE, frontswap_key
 from tmem_workloads.mutation import mutate, seed_frames
 from tmem_workloads.usemem import page_templates
 
-PAGE_SIZE = 4096
 # How long to wait for the channel to come (back) up, and for a reply.
 CONNECT_TIMEOUT_S = 30.0
 REPLY_TIMEOUT_S = 30.0

@@ -42,9 +42,9 @@ from tmem_host.daemon.process import TmemdProcess
 from tmem_host.journal.journaled import JournaledStore
 from tmem_host.nbd.client import bench_export
 from tmem_wire.abi import Key, Op, PoolFlag, Status, decode_batch_reply
+from tmem_wire.frontswap import PAGE_SIZE
 from tmem_workloads.usemem import expected_page, page_templates
 
-PAGE_SIZE = 4096
 SEED = 20111
 PIPELINE_DEPTH = 32
 BATCH_PAGES = 64

@@ -42,7 +42,6 @@ from tmem_workloads.usemem import expected_page, page_templates
 
 FUZZ_GUEST = "fuzz"
 CLEAN_GUEST = "clean"
-PAGE_SIZE = 4096
 # The request id of the STATS probe that ends each round.
 PROBE_REQUEST_ID = (1 << 64) - 1
 

@@ -1,4 +1,5 @@
-"""Host-side tests of the agent's pure parts: key mapping, slot map, run splitting, histogram."""
+"""Host-side tests of the agent's pure parts: slot map, run splitting, histogram (the key
+mapping and the frontswap rules: tests/wire/test_frontswap.py)."""
 
 from __future__ import annotations
 
@@ -9,43 +10,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tmem_guest.counters import Counters, LatencyHistogram, StatsPublisher, read_all
-from tmem_guest.keys import (
-    SlotMap,
-    Where,
-    frontswap_area_oids,
-    frontswap_key,
-    frontswap_keys,
-    frontswap_offset,
-    page_span,
-)
+from tmem_guest.slots import SlotMap, SlotMarks
 from tmem_guest.swap import contiguous_runs
-
-
-def test_frontswap_key_matches_xen_tmem_c() -> None:
-    # drivers/xen/tmem.c: oid = (type << 4) | (offset & 15), index = offset >> 4.
-    assert frontswap_key(0, 0) == ((0, 0, 0), 0)
-    assert frontswap_key(0, 15) == ((15, 0, 0), 0)
-    assert frontswap_key(0, 16) == ((0, 0, 0), 1)
-    assert frontswap_key(2, 0x1234) == (((2 << 4) | 4, 0, 0), 0x123)
-
-
-@given(st.integers(0, 31), st.integers(0, 1 << 40))
-def test_frontswap_key_is_invertible_and_stays_in_its_area(swap_type: int, offset: int) -> None:
-    oid, index = frontswap_key(swap_type, offset)
-    assert frontswap_offset(oid, index) == offset
-    assert oid in frontswap_area_oids(swap_type)
-
-
-@given(st.integers(0, 31), st.integers(0, 1 << 40), st.integers(0, 64))
-def test_frontswap_keys_of_a_run_are_each_slots_key(swap_type: int, first: int, count: int) -> None:
-    offsets = range(first, first + count)
-    assert frontswap_keys(swap_type, offsets) == [frontswap_key(swap_type, offset) for offset in offsets]
-
-
-def test_page_span() -> None:
-    assert page_span(0, 4096) == range(0, 1)
-    assert page_span(4095, 2) == range(0, 2)
-    assert page_span(8192, 0) == range(2, 2)
+from tmem_wire.frontswap import Where
 
 
 def test_slot_map_records_where_each_slot_lives() -> None:
@@ -60,6 +27,16 @@ def test_slot_map_records_where_each_slot_lives() -> None:
     assert not slots.all_in(range(5, 7), Where.TMEM) and not slots.all_in(range(9, 20), Where.TMEM)
     slots.set_range(range(0, 64), Where.NOWHERE)
     assert slots.count(Where.NOWHERE) == 64
+
+
+def test_slot_marks_mark_clear_and_find() -> None:
+    marks = SlotMarks(64)
+    assert marks.next_marked(0) == -1 and marks.count() == 0
+    marks.mark([3, 40, 41])
+    assert marks.is_marked(40) and not marks.is_marked(4)
+    assert marks.next_marked(0) == 3 and marks.next_marked(4) == 40 and marks.count() == 3
+    marks.clear(3)
+    assert marks.next_marked(0) == 40 and marks.count() == 2
 
 
 @given(st.lists(st.integers(0, 200), unique=True))

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from tmem_guest.channel import ChannelDown, UnixSocketChannel
-from tmem_guest.keys import PAGE_SIZE, frontswap_key
 from tmem_guest.session import Pool, Session
 from tmem_host.daemon.process import TmemdProcess
 from tmem_wire import abi
+from tmem_wire.frontswap import PAGE_SIZE, frontswap_key
 
 GUEST = "g1"
 CAPPED = "capped"

@@ -20,13 +20,13 @@ import pytest
 
 from tmem_guest.channel import UnixSocketChannel
 from tmem_guest.counters import Counters
-from tmem_guest.keys import PAGE_SHIFT, PAGE_SIZE, Where
 from tmem_guest.session import ChannelDown, Session
 from tmem_guest.swap import FallbackDisk, SwapStore
 from tmem_guest.system import aligned_buffer
 from tmem_host.ctl.main import drain, guest_persistent_pages
 from tmem_host.daemon.process import TmemdProcess
 from tmem_wire import nbd
+from tmem_wire.frontswap import PAGE_SHIFT, PAGE_SIZE, Where
 
 GUEST = "g1"
 SLOTS = 2048

@@ -20,11 +20,11 @@ import pytest
 
 from tmem_guest.channel import UnixSocketChannel
 from tmem_guest.counters import Counters
-from tmem_guest.keys import PAGE_SIZE
 from tmem_guest.session import Session
 from tmem_guest.swap import READAHEAD_GET_PAGES, FallbackDisk, NbdSwapServer, SwapStore
 from tmem_host.daemon.process import TmemdProcess
 from tmem_wire import nbd
+from tmem_wire.frontswap import PAGE_SIZE
 
 GUEST = "g1"
 CAPPED = "capped"

@@ -14,12 +14,11 @@ from pathlib import Path
 import pytest
 
 from tmem_guest.channel import ChannelDown, UnixSocketChannel
-from tmem_guest.keys import PAGE_SIZE as PAGE
-from tmem_guest.keys import frontswap_key
 from tmem_guest.session import Session
 from tmem_host.daemon.client import AbiClient
 from tmem_host.daemon.process import StartTmemd, TmemdFailed, TmemdProcess
 from tmem_wire.abi import PoolFlag, Status
+from tmem_wire.frontswap import PAGE_SIZE, frontswap_key
 from tmem_workloads.usemem import expected_page, page_templates
 
 TEMPLATES = page_templates(11)
@@ -184,7 +183,7 @@ def test_the_agent_session_reattaches_its_restored_pool(start_tmemd: StartTmemd)
         assert session.put(cache, (1, 0, 0), 0, page(1))
         swap_id = swap.pool_id
         daemon.crash_and_restart()
-        into = [memoryview(bytearray(PAGE)) for _ in keys]
+        into = [memoryview(bytearray(PAGE_SIZE)) for _ in keys]
         deadline = time.monotonic() + 20
         while True:  # until the session noticed the drop and re-attached
             try:
@@ -198,7 +197,7 @@ def test_the_agent_session_reattaches_its_restored_pool(start_tmemd: StartTmemd)
         assert swap.pool_id == swap_id and found == [True] * 64
         assert [bytes(view) for view in into] == [page(n) for n in range(64)]
         # The ephemeral pool did not survive: the session made a new one, empty.
-        assert not session.get(cache, (1, 0, 0), 0, memoryview(bytearray(PAGE)))
+        assert not session.get(cache, (1, 0, 0), 0, memoryview(bytearray(PAGE_SIZE)))
     finally:
         session.stop()
 

@@ -12,7 +12,6 @@ from pathlib import Path
 
 from tmem_host.daemon.process import StartTmemd, TmemdProcess
 from tmem_host.nbd.client import ClientRequest, NbdClient
-from tmem_host.nbd.export import swap_key
 from tmem_wire import nbd
 
 from .conftest import CAP_BYTES, CAPPED_GUEST, export_stats, nbd_uri, qemu_io, run_tool
@@ -203,13 +202,6 @@ def test_garbage_and_half_requests_do_not_disturb_another_guest(tmemd: TmemdProc
     assert export_stats(tmemd, "g1")["protocol_errors"] == 0
     # g2 still serves, and its half-written page never landed.
     qemu_io(tmemd, "g2", "read -P 0 0 64k", "write -P 0x62 0 64k", "read -P 0x62 0 64k")
-
-
-def test_swap_key_follows_linux_xen_frontswap() -> None:
-    assert swap_key(0) == ((0, 0, 0), 0)
-    assert swap_key(0x1234) == ((0x4, 0, 0), 0x123)
-    assert swap_key(15) == ((15, 0, 0), 0)
-    assert swap_key(16) == ((0, 0, 0), 1)
 
 
 def test_random_operations_read_back_as_a_model_predicts(tmemd: TmemdProcess) -> None:

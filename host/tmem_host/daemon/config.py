@@ -22,7 +22,8 @@ from typing import Any, Final, NoReturn
 
 from tmem_host.journal.journaled import DURABILITY_LEVELS
 
-PAGE_SIZE: Final = 4096
+from tmem_wire.frontswap import PAGE_SIZE
+
 # Beyond any host's memory: a bigger budget or cap is a typo, not a plan.
 MAX_SIZE_BYTES: Final = 1 << 50
 # The largest NBD export or journal reserve: a file on the state dir's disk.

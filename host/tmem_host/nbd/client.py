@@ -16,8 +16,7 @@ from pathlib import Path
 from types import TracebackType
 
 from tmem_wire import nbd
-
-PAGE_SIZE = 4096
+from tmem_wire.frontswap import PAGE_SIZE
 
 
 class NbdClientError(Exception):

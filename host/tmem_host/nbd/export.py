@@ -6,7 +6,7 @@ into the guest's persistent pool; a page the store refuses goes to a sparse
 fallback file at the same offset; a bitmap says which of the two holds each
 slot. A READ gets from tmem or reads the fallback (zeros if never written).
 TRIM and WRITE_ZEROES flush slots and punch holes in the fallback; FLUSH is
-fdatasync of the fallback. Key mapping and rules: docs/NBD.md.
+fdatasync of the fallback. Key mapping and rules: tmem_wire.frontswap, docs/NBD.md.
 
 The store is synchronous and single-threaded, so requests are served in the
 order they arrive, and the replies to everything one ``data_received`` brought
@@ -32,14 +32,11 @@ from tmem_host.statefiles import (
 from tmem_host.store import Client, Store
 from tmem_wire import nbd
 from tmem_wire.abi import Status
+from tmem_wire.frontswap import LOST_PAGE_ERROR, PAGE_SHIFT, PAGE_SIZE, frontswap_keys, frontswap_offset
 
 log = logging.getLogger("tmemd.nbd")
 
-PAGE_SHIFT: Final = 12
-PAGE_SIZE: Final = 1 << PAGE_SHIFT
-# Linux drivers/xen/tmem.c spreads a swap type's offsets over 16 objects.
-SWIZ_BITS: Final = 4
-SWIZ_MASK: Final = (1 << SWIZ_BITS) - 1
+# The export is swap area 0 of tmem_wire.frontswap's key mapping.
 SWAP_TYPE: Final = 0
 # The advertised maximum payload of a READ or WRITE. QEMU's NBD client honours
 # it (it splits larger requests) and Linux swaps in requests of at most 512 KiB,
@@ -67,15 +64,6 @@ HISTOGRAM_BUCKETS: Final = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 EXPORT_POOL_LABEL: Final = "nbd"
 ExportStart = Literal["new", "resume", "lost"]
 
-def swap_key(slot: int) -> tuple[tuple[int, int, int], int]:
-    """The tmem (oid, index) of a swap slot, as Linux's Xen tmem frontswap made it."""
-    return ((SWAP_TYPE << SWIZ_BITS) | (slot & SWIZ_MASK), 0, 0), slot >> SWIZ_BITS
-
-
-def swap_slot(oid: tuple[int, int, int], index: int) -> int:
-    """The swap slot of a tmem key made by swap_key."""
-    return (index << SWIZ_BITS) | (oid[0] & SWIZ_MASK)
-
 
 def size_bucket(pages: int) -> str:
     label = "1"
@@ -83,6 +71,11 @@ def size_bucket(pages: int) -> str:
         if pages >= bucket:
             label = str(bucket)
     return f"{label}+" if label == str(HISTOGRAM_BUCKETS[-1]) else label
+
+
+def lost_map_path(fallback: Path) -> Path:
+    """A disk's lost slots, kept across restarts while there are any: NAME.fallback.lost."""
+    return fallback.with_name(fallback.name + ".lost")
 
 
 class _SlotEraser:
@@ -232,8 +225,7 @@ class NbdExport:
 
     @property
     def lost_map_path(self) -> Path:
-        """The lost slots, kept across restarts while there are any: NAME.fallback.lost."""
-        return self.fallback_path.with_name(self.fallback_path.name + ".lost")
+        return lost_map_path(self.fallback_path)
 
     def _save_lost_map(self) -> None:
         """Write the lost-slot bitmap (atomically), or delete it once nothing is lost.
@@ -283,26 +275,26 @@ class NbdExport:
             self._load_lost_map()
 
     def _resume_pool(self) -> None:
-        for pool_id, pool in enumerate(self.client.pools):
-            if pool is not None and pool.persistent and pool.label == EXPORT_POOL_LABEL:
-                self._pool_id = pool_id
-                for oid, index, _stored in Store.stored_pages(pool):
-                    slot = swap_slot(oid, index)
-                    if slot < self.slots:
-                        self._mark(slot, True)
-                # Slots an admin flush took from tmem: the fallback holds an older
-                # copy, if any (before the crash they read as EIO; so they still do).
-                lost = self.store.lost_keys(self.client, pool_id)
-                if lost:
-                    self._lost = bytearray(len(self._in_tmem))
-                    for oid, index in lost:
-                        slot = swap_slot(oid, index)
-                        if slot < self.slots:
-                            self._lost[slot >> 3] |= 1 << (slot & 7)
-                log.info("NBD export resumed", extra={"guest": self.name, "pool_id": pool_id,
-                                                      "slots_in_tmem": pool.pages,
-                                                      "slots_lost": len(lost)})
-                return
+        pool_id = self._pool_id = self.store.find_pool(self.client, EXPORT_POOL_LABEL)
+        if pool_id is None:
+            return
+        in_tmem = 0
+        for oid, index in self.store.pool_keys(self.client, pool_id):
+            slot = frontswap_offset(oid, index)
+            if slot < self.slots:
+                self._mark(slot, True)
+                in_tmem += 1
+        # Slots an admin flush took from tmem: the fallback holds an older
+        # copy, if any (before the restart they read as EIO; so they still do).
+        lost = self.store.lost_keys(self.client, pool_id)
+        if lost:
+            self._lost = bytearray(len(self._in_tmem))
+            for oid, index in lost:
+                slot = frontswap_offset(oid, index)
+                if slot < self.slots:
+                    self._lost[slot >> 3] |= 1 << (slot & 7)
+        log.info("NBD export resumed", extra={"guest": self.name, "pool_id": pool_id,
+                                              "slots_in_tmem": in_tmem, "slots_lost": len(lost)})
 
     def drain_step(self, from_slot: int, max_pages: int) -> tuple[int, int]:
         """Move up to ``max_pages`` tmem-held slots from ``from_slot`` on to the
@@ -331,7 +323,7 @@ class NbdExport:
             byte = self._in_tmem[byte_index]
         if not slots:
             return 0, self.slots
-        keys = [swap_key(slot) for slot in slots]
+        keys = frontswap_keys(SWAP_TYPE, slots)
         statuses, found = self.store.get_many(self.client, self._pool_id, keys)
         pages = iter(found)
         moved: list[int] = []
@@ -342,7 +334,7 @@ class NbdExport:
             self._mark(slot, False)
             moved.append(slot)
         if moved:
-            self.store.flush_many(self.client, self._pool_id, [swap_key(slot) for slot in moved])
+            self.store.flush_many(self.client, self._pool_id, frontswap_keys(SWAP_TYPE, moved))
         self.counters["pages_drained"] += len(moved)
         return len(moved), next_slot
 
@@ -467,7 +459,7 @@ class NbdExport:
         if pool_id is None:
             statuses = [Status.REFUSED] * pages
         else:
-            keys = [swap_key(slot) for slot in range(first_slot, first_slot + pages)]
+            keys = frontswap_keys(SWAP_TYPE, range(first_slot, first_slot + pages))
             page_data = [data[page << PAGE_SHIFT : (page + 1) << PAGE_SHIFT] for page in range(pages)]
             # A refused put also drops the slot's older tmem copy (the store's rule).
             statuses = self.store.put_many(self.client, pool_id, keys, page_data)
@@ -505,7 +497,7 @@ class NbdExport:
         if tmem_pages:
             if self._pool_id is None:
                 return self._stale(first_slot + tmem_pages[0])
-            keys = [swap_key(first_slot + page) for page in tmem_pages]
+            keys = frontswap_keys(SWAP_TYPE, [first_slot + page for page in tmem_pages])
             statuses, found = self.store.get_many(self.client, self._pool_id, keys)
             for page, status in zip(tmem_pages, statuses):
                 if status != Status.OK:
@@ -537,7 +529,7 @@ class NbdExport:
         self.counters["read_errors"] += 1
         log.error("tmem lost a swap page: failing the read",
                   extra={"guest": self.name, "slot": slot, "status": str(status)})
-        return nbd.Error.EIO, b""
+        return LOST_PAGE_ERROR, b""
 
     def _mark_found(self, first_slot: int, pages: int) -> None:
         lost = self._lost
@@ -556,7 +548,7 @@ class NbdExport:
             if self._is_in_tmem(slot) or lost[slot >> 3] & (1 << (slot & 7))]
         self._mark_found(first_slot, pages)
         if flushed and self._pool_id is not None:
-            self.store.flush_many(self.client, self._pool_id, [swap_key(slot) for slot in flushed])
+            self.store.flush_many(self.client, self._pool_id, frontswap_keys(SWAP_TYPE, flushed))
         for slot in in_tmem:
             self._mark(slot, False)
         if pages:

@@ -343,6 +343,27 @@ class Store:
         self._total_weight -= client.weight
         del self._clients[client.name]
 
+    def pool_page_shift(self, client: Client, pool_id: int) -> int | None:
+        """The page shift of the client's pool, or None if it has no such pool."""
+        pool = _pool_of(client, pool_id)
+        return None if pool is None else pool.page_shift
+
+    def find_pool(self, client: Client, label: str) -> int | None:
+        """The id of the client's persistent pool with this label (a frontend's own
+        pool, found again after a restart), or None."""
+        for pool_id, pool in enumerate(client.pools):
+            if pool is not None and pool.persistent and pool.label == label:
+                return pool_id
+        return None
+
+    def pool_keys(self, client: Client, pool_id: int) -> Iterator[Key]:
+        """The keys of every page the client's pool holds."""
+        pool = _pool_of(client, pool_id)
+        if pool is not None:
+            for oid, obj in pool.objects.items():
+                for index in obj:
+                    yield oid, index
+
     # -- what the layers below the frontends add (journal, remote tier) --------
     # The frontends call these on any store; here they say "nothing kept on disk".
 

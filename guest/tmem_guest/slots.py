@@ -1,65 +1,17 @@
-"""Frontswap key mapping and the per-slot location map (pure, stdlib only).
+"""The agent's per-slot maps of its swap device (pure, stdlib only).
 
-The mapping is Linux drivers/xen/tmem.c's frontswap one (SWIZ_BITS = 4): a swap
-slot `offset` (page number on the swap device) of swap area `swap_type` becomes
-object id `(swap_type << 4) | (offset & 15)` and page index `offset >> 4`. The
-low bits of the offset pick one of 16 objects per area, so that consecutive
-slots spread over objects (Xen's per-object radix trees stay shallow) while a
-whole area can still be flushed object by object.
+`SlotMap` records where each slot's current copy lives (`tmem_wire.frontswap.Where`;
+the rules are that module's), `SlotMarks` which slots' tmem state is unsure.
+tmemd's NBD export follows the same rules with a bitmap of its own: it is served
+by one thread and keeps one bit per slot (TMEM or not) and a lost-slot bitmap that
+it saves to disk, where the agent's threads need a byte per slot (below).
 """
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Iterable, Iterator
 
-PAGE_SHIFT = 12
-PAGE_SIZE = 1 << PAGE_SHIFT
-SWIZ_BITS = 4
-SWIZ_MASK = (1 << SWIZ_BITS) - 1
-
-from tmem_wire.abi import Oid
-
-
-def frontswap_key(swap_type: int, offset: int) -> tuple[Oid, int]:
-    """Return (oid, index) for swap slot `offset` of swap area `swap_type`."""
-    if swap_type < 0 or offset < 0:
-        raise ValueError(f"negative swap type or offset: {swap_type}, {offset}")
-    return ((swap_type << SWIZ_BITS) | (offset & SWIZ_MASK), 0, 0), offset >> SWIZ_BITS
-
-
-def frontswap_keys(swap_type: int, offsets: Iterable[int]) -> list[tuple[Oid, int]]:
-    """frontswap_key of each offset: one comprehension, no call per page (the agent's
-    per-request cost is Python work on an emulated vCPU)."""
-    if swap_type < 0:
-        raise ValueError(f"negative swap type {swap_type}")
-    area = swap_type << SWIZ_BITS
-    return [((area | (offset & SWIZ_MASK), 0, 0), offset >> SWIZ_BITS) for offset in offsets]
-
-
-def frontswap_offset(oid: Oid, index: int) -> int:
-    """Inverse of frontswap_key: the slot offset a (oid, index) pair names."""
-    return (index << SWIZ_BITS) | (oid[0] & SWIZ_MASK)
-
-
-def frontswap_area_oids(swap_type: int) -> list[Oid]:
-    """The 16 object ids that hold every page of swap area `swap_type`."""
-    return [((swap_type << SWIZ_BITS) | low, 0, 0) for low in range(1 << SWIZ_BITS)]
-
-
-def page_span(offset: int, length: int) -> range:
-    """Page numbers a byte range [offset, offset + length) touches."""
-    if length <= 0:
-        return range(offset >> PAGE_SHIFT, offset >> PAGE_SHIFT)
-    return range(offset >> PAGE_SHIFT, ((offset + length - 1) >> PAGE_SHIFT) + 1)
-
-
-class Where(enum.IntEnum):
-    """Where the current copy of a swap slot lives."""
-
-    NOWHERE = 0  # never written, or discarded: reads return the disk's bytes
-    TMEM = 1  # in the guest's persistent tmem pool
-    DISK = 2  # on the fallback disk, at the same offset
+from tmem_wire.frontswap import Where
 
 
 class SlotMap:
