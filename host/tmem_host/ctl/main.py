@@ -260,8 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
     stats.set_defaults(run=cmd_stats)
     top = commands.add_parser("top", help="live per-guest rates")
     top.add_argument("--once", action="store_true", help="print one frame and exit")
-    top.add_argument("--interval", type=_seconds(3600), default=1.0,
-                     help="seconds between frames")
+    # At most a minute: one control connection serves every frame, and tmemd
+    # closes control connections idle for --idle-timeout (300 s by default).
+    top.add_argument("--interval", type=_seconds(60), default=1.0,
+                     help="seconds between frames (at most 60)")
     top.set_defaults(run=cmd_top)
     set_parser = commands.add_parser("set", help="set a guest's weight and/or cap")
     set_parser.add_argument("guest")

@@ -18,7 +18,8 @@ from pathlib import Path
 from types import TracebackType
 
 from tmem_host.daemon.control import ControlClient
-from tmem_host.daemon.server import READY_LINE, abi_socket_path, nbd_socket_path
+from tmem_host.daemon.runtime import abi_socket_path, nbd_socket_path
+from tmem_host.daemon.server import READY_LINE
 
 LOG_FILE_NAME = "tmemd.log"
 

@@ -1,90 +1,43 @@
 """tmemd's core: the store, per-guest listeners, the control socket, lifecycle.
 
 Everything runs on one asyncio loop in one thread, so the store (which is
-not thread-safe) is only ever touched from here.
+not thread-safe) is only ever touched from here. A guest while served is a
+GuestRuntime (daemon/runtime.py); the control commands are in daemon/commands.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import grp
 import logging
 import os
 import signal
 import stat
-import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from tmem_host.daemon.config import (
-    ConfigError,
-    check_weight,
-    DaemonConfig,
-    GuestConfig,
-    guest_from_mapping,
-    parse_cap,
-    parse_size,
-    validate_guest_name,
-)
+from tmem_host.daemon.commands import ControlCommands
+from tmem_host.daemon.config import ConfigError, DaemonConfig, GuestConfig
 from tmem_host.daemon.control import (
     CONTROL_SOCKET_NAME,
     ControlError,
     ControlServerProtocol,
 )
 from tmem_host.daemon.limits import ConnectionLimiter, raise_descriptor_limit
+from tmem_host.daemon.runtime import (
+    GuestRuntime, abi_socket_path, fallback_path, nbd_socket_path,
+)
 from tmem_host.daemon.session import AbiSession
 from tmem_host.daemon.vsock import guest_for_peer, open_vsock_listener
-from tmem_host.journal.journaled import JournaledStore, journal_path
+from tmem_host.journal.journaled import JournaledStore
 from tmem_host.nbd.export import ExportStart, NbdConnection, NbdExport
 from tmem_host.statefiles import open_state_file, prepare_private_dir
-from tmem_host.store import Client, Store
-from tmem_wire.abi import PoolFlag, PoolStats, Status
+from tmem_host.store import Store
 
 log = logging.getLogger("tmemd")
 
 PID_FILE_NAME = "tmemd.pid"
 READY_LINE = "tmemd ready"
-
-
-def abi_socket_path(run_dir: Path, guest: str) -> Path:
-    return run_dir / f"{guest}.tmem.sock"
-
-
-def nbd_socket_path(run_dir: Path, guest: str) -> Path:
-    return run_dir / f"{guest}.nbd.sock"
-
-
-def fallback_path(state_dir: Path, guest: str) -> Path:
-    return state_dir / f"{guest}.fallback"
-
-
-@dataclass(eq=False)
-class GuestRuntime:
-    """A configured guest: its store client, listeners and live connections."""
-
-    config: GuestConfig
-    client: Client
-    abi_server: asyncio.Server
-    nbd_export: NbdExport
-    nbd_server: asyncio.Server
-    sessions: set[AbiSession] = field(default_factory=set)
-    connections_total: int = 0
-    # `tmemctl drain` until `thaw`: puts refused (frozen), replies carry Flag.DRAIN.
-    draining: bool = False
-    # The NBD export's drain (its pages to its fallback file), while it runs.
-    export_drain: asyncio.Task[int] | None = None
-
-    @property
-    def name(self) -> str:
-        return self.config.name
-
-    @property
-    def connected(self) -> int:
-        """Live connections to the guest's ABI and NBD sockets."""
-        return len(self.sessions) + self.nbd_export.connected
 
 
 class Daemon:
@@ -102,32 +55,17 @@ class Daemon:
         else:
             self._socket_mode, self._socket_gid = 0o660, group_id(config.socket_group)
         self.guests: dict[str, GuestRuntime] = {}
+        self.limiter = self._connection_limits()
+        self.commands = ControlCommands(self)
         self._control_server: asyncio.Server | None = None
         self._vsock_server: asyncio.Server | None = None
         self._stopping = asyncio.Event()
-        self._started_at = time.time()
-        self._commands: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {
-            "guests": self._cmd_guests,
-            "stats": self._cmd_stats,
-            "set-budget": self._cmd_set_budget,
-            "set-weight": self._cmd_set_weight,
-            "set-cap": self._cmd_set_cap,
-            "freeze": self._cmd_freeze,
-            "thaw": self._cmd_thaw,
-            "drain": self._cmd_drain,
-            "flush": self._cmd_flush,
-            "add-guest": self._cmd_add_guest,
-            "remove-guest": self._cmd_remove_guest,
-            "shutdown": self._cmd_shutdown,
-            "forget": self._cmd_forget,
-        }
 
     # -- lifecycle ---------------------------------------------------------
 
     async def run(self) -> None:
         """Listen on every socket, announce readiness, serve until shutdown."""
         loop = asyncio.get_running_loop()
-        self._limiter = self._start_connection_limits()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._on_signal, signum)
         # Whatever umask tmemd was started under, what it creates is its own; the
@@ -146,7 +84,7 @@ class Daemon:
             control_path = self.run_dir / CONTROL_SOCKET_NAME
             control_path.unlink(missing_ok=True)
             self._control_server = await loop.create_unix_server(
-                lambda: ControlServerProtocol(self.handle_control, self._limiter), str(control_path)
+                lambda: ControlServerProtocol(self.handle_control, self.limiter), str(control_path)
             )
             self._secure_socket(control_path)
             if self.config.vsock_port is not None:
@@ -159,7 +97,7 @@ class Daemon:
             await self._close_everything()
         log.info("tmemd stopped")
 
-    def _start_connection_limits(self) -> ConnectionLimiter:
+    def _connection_limits(self) -> ConnectionLimiter:
         """Take every descriptor the hard limit allows, and bound what connections
         may hold of them, of memory and of time (docs/CONTROL.md, "Connection limits")."""
         config = self.config
@@ -243,11 +181,11 @@ class Daemon:
                                sync_fallback=self.config.durability == "fsync")
             # The guest is fixed by the socket: nothing the peer sends can change it.
             abi_server = await loop.create_unix_server(
-                lambda: AbiSession(self.store, lambda _transport: runtime, "unix", self._limiter),
+                lambda: AbiSession(self.store, lambda _transport: runtime, "unix", self.limiter),
                 str(abi_path), start_serving=False,
             )
             nbd_server = await loop.create_unix_server(
-                lambda: NbdConnection(export, self._limiter), str(nbd_path), start_serving=False
+                lambda: NbdConnection(export, self.limiter), str(nbd_path), start_serving=False
             )
         except BaseException:
             if abi_server is not None:
@@ -278,17 +216,9 @@ class Daemon:
     async def remove_guest(self, name: str, *, discard: bool = False) -> None:
         """Stop serving the guest. Its pages stay on disk (journal, fallback file)
         for the next start, unless ``discard``: then they are gone for good."""
-        runtime = self._guest(name)
-        del self.guests[name]
-        runtime.abi_server.close()
-        runtime.nbd_server.close()
-        for session in list(runtime.sessions):
-            session.close("guest removed")
-        if runtime.export_drain is not None:
-            runtime.export_drain.cancel()
-        runtime.nbd_export.close(discard=discard)
-        await runtime.abi_server.wait_closed()
-        await runtime.nbd_server.wait_closed()
+        runtime = self.guests.pop(name)
+        runtime.stop_serving(discard=discard)
+        await runtime.wait_closed()
         for path in (abi_socket_path(self.run_dir, name), nbd_socket_path(self.run_dir, name)):
             path.unlink(missing_ok=True)
         if discard:
@@ -305,14 +235,6 @@ class Daemon:
             os.chown(path, -1, self._socket_gid)
         os.chmod(path, self._socket_mode)
 
-    def _guest(self, name: object) -> GuestRuntime:
-        if not isinstance(name, str):
-            raise ControlError("missing 'guest' (a guest name)")
-        runtime = self.guests.get(name)
-        if runtime is None:
-            raise ControlError(f"no guest {name!r} (known: {', '.join(sorted(self.guests))})")
-        return runtime
-
     def _guest_by_cid(self, cid: int) -> GuestRuntime | None:
         return next((g for g in self.guests.values() if g.config.cid == cid), None)
 
@@ -323,7 +245,7 @@ class Daemon:
         if listener is None:
             return
         self._vsock_server = await asyncio.get_running_loop().create_server(
-            lambda: AbiSession(self.store, self._resolve_vsock_peer, "vsock", self._limiter),
+            lambda: AbiSession(self.store, self._resolve_vsock_peer, "vsock", self.limiter),
             sock=listener,
         )
         log.info("vsock listening", extra={"port": port})
@@ -335,174 +257,11 @@ class Daemon:
     # -- control -----------------------------------------------------------
 
     async def handle_control(self, request: dict[str, Any]) -> Any:
-        command = request.get("cmd")
-        handler = self._commands.get(command) if isinstance(command, str) else None
-        if handler is None:
-            raise ControlError(f"unknown command {command!r}; known: {', '.join(self._commands)}")
-        try:
-            return await handler(request)
-        except (ConfigError, OSError) as exc:  # e.g. a socket path too long for AF_UNIX
-            raise ControlError(str(exc)) from None
+        return await self.commands.handle(request)
 
-    async def _cmd_guests(self, request: dict[str, Any]) -> Any:
-        return [self._guest_summary(runtime) for runtime in self.guests.values()]
-
-    def _guest_summary(self, runtime: GuestRuntime) -> dict[str, Any]:
-        return {
-            **runtime.config.to_json(),
-            "connections": len(runtime.sessions),
-            "connections_total": runtime.connections_total,
-            "draining": runtime.draining,
-            "pools": [pool_stats_json(pool) for pool in self.store.pool_stats(runtime.client)],
-        }
-
-    async def _cmd_stats(self, request: dict[str, Any]) -> Any:
-        return {
-            "daemon": {"pid": os.getpid(), "uptime_s": round(time.time() - self._started_at, 3),
-                       "run_dir": str(self.run_dir)},
-            "store": self.store.stats(),
-            "guests": {name: self._guest_summary(runtime) for name, runtime in self.guests.items()},
-            "connections": [session.stats() for runtime in self.guests.values()
-                            for session in runtime.sessions],
-            "nbd": {name: runtime.nbd_export.stats() for name, runtime in self.guests.items()},
-            "journal": {name: journal for name, runtime in self.guests.items()
-                        if (journal := self.store.durability_stats(runtime.client)) is not None},
-            "limits": self._limiter.stats(self.guests),
-        }
-
-    async def _cmd_set_budget(self, request: dict[str, Any]) -> Any:
-        size = request.get("size")
-        if not isinstance(size, (str, int)) or isinstance(size, bool):
-            raise ControlError("missing 'size' (bytes or a size like 512M)")
-        budget = parse_size(size)
-        self.store.set_budget(budget)
-        log.info("budget set", extra={"budget_bytes": budget})
-        return {"budget_bytes": budget}
-
-    async def _cmd_set_weight(self, request: dict[str, Any]) -> Any:
-        runtime = self._guest(request.get("guest"))
-        updated = replace(runtime.config, weight=check_weight(request.get("weight")))
-        self.store.set_weight(runtime.client, updated.weight)
-        runtime.config = updated
-        log.info("weight set", extra={"guest": runtime.name, "weight": updated.weight})
-        return {"guest": runtime.name, "weight": updated.weight}
-
-    async def _cmd_set_cap(self, request: dict[str, Any]) -> Any:
-        runtime = self._guest(request.get("guest"))
-        cap = request.get("cap")
-        if cap is not None and (not isinstance(cap, (str, int)) or isinstance(cap, bool)):
-            raise ControlError("'cap' must be bytes, a size like 64M, or null for no cap")
-        cap_bytes = parse_cap(cap)
-        self.store.set_cap(runtime.client, cap_bytes)
-        runtime.config = replace(runtime.config, cap_bytes=cap_bytes)
-        log.info("cap set", extra={"guest": runtime.name, "cap_bytes": cap_bytes})
-        return {"guest": runtime.name, "cap_bytes": cap_bytes}
-
-    async def _cmd_freeze(self, request: dict[str, Any]) -> Any:
-        runtime = self._guest(request.get("guest"))
-        self.store.freeze(runtime.client)
-        log.info("guest frozen", extra={"guest": runtime.name})
-        return {"guest": runtime.name, "frozen": True}
-
-    async def _cmd_thaw(self, request: dict[str, Any]) -> Any:
-        runtime = self._guest(request.get("guest"))
-        self.store.thaw(runtime.client)
-        runtime.draining = False
-        log.info("guest thawed", extra={"guest": runtime.name})
-        return {"guest": runtime.name, "frozen": False, "draining": False}
-
-    async def _cmd_drain(self, request: dict[str, Any]) -> Any:
-        """Start draining: freeze the guest (new pages go to its fallback disk) and
-        flag every reply to its agent; tmemctl then waits for 0 persistent pages."""
-        runtime = self._guest(request.get("guest"))
-        self.store.freeze(runtime.client)
-        runtime.draining = True
-        # The export has no agent to ask: tmemd moves its pages itself, between requests.
-        if runtime.export_drain is None or runtime.export_drain.done():
-            runtime.export_drain = asyncio.get_running_loop().create_task(self._drain_export(runtime))
-        agents = sum(1 for session in runtime.sessions if session.drain_negotiated)
-        pages = persistent_pages(self.store.pool_stats(runtime.client))
-        log.info("guest draining", extra={"guest": runtime.name, "persistent_pages": pages,
-                                          "agents": agents})
-        return {"guest": runtime.name, "draining": True, "persistent_pages": pages,
-                "agent_connections": agents}
-
-    async def _drain_export(self, runtime: GuestRuntime) -> int:
-        started = time.monotonic()
-        moved = await runtime.nbd_export.drain()
-        log.info("NBD export drained", extra={"guest": runtime.name, "pages": moved,
-                                              "seconds": round(time.monotonic() - started, 3)})
-        return moved
-
-    async def _cmd_flush(self, request: dict[str, Any]) -> Any:
-        runtime = self._guest(request.get("guest"))
-        pool = request.get("pool")
-        if pool is None:
-            self.store.flush_client(runtime.client)
-        elif isinstance(pool, int) and not isinstance(pool, bool):
-            status = self.store.flush_pool(runtime.client, pool)
-            if status != Status.OK:
-                raise ControlError(f"flush of pool {pool} of {runtime.name!r}: {status.name}")
-        else:
-            raise ControlError("'pool' must be a pool id (integer)")
-        log.info("flushed", extra={"guest": runtime.name, "pool": pool})
-        return {"guest": runtime.name, "pool": pool}
-
-    async def _cmd_add_guest(self, request: dict[str, Any]) -> Any:
-        fields = {key: value for key, value in request.items() if key != "cmd"}
-        runtime = await self.add_guest(guest_from_mapping(fields))
-        return self._guest_summary(runtime)
-
-    async def _cmd_remove_guest(self, request: dict[str, Any]) -> Any:
-        runtime = self._guest(request.get("guest"))
-        await self.remove_guest(runtime.name)
-        return {"guest": runtime.name, "removed": True, "data_kept": True}
-
-    async def _cmd_forget(self, request: dict[str, Any]) -> Any:
-        """Discard a guest's pages for good: its pools, journal and fallback file.
-        Refused while anything is connected to the guest's sockets (a guest that
-        swaps on that disk would read zeros). A configured guest starts afresh."""
-        name = request.get("guest")
-        if not isinstance(name, str):
-            raise ControlError("missing 'guest' (a guest name)")
-        runtime = self.guests.get(name)
-        if runtime is not None:
-            if runtime.connected:
-                raise ControlError(f"guest {name!r} has {runtime.connected} live connection(s):"
-                                   " stop its QEMU (or its agent) first")
-            config = runtime.config
-            await self.remove_guest(name, discard=True)
-            await self.add_guest(config)
-            log.info("guest forgotten", extra={"guest": name})
-            return {"guest": name, "forgotten": True, "configured": True}
-        files = [path for path in (journal_path(self.state_dir, validate_guest_name(name)),
-                                   fallback_path(self.state_dir, name))
-                 if path.exists() or path.is_symlink()]
-        if not files:
-            raise ControlError(f"nothing to forget: no guest {name!r} and no state of it in "
-                               f"{self.state_dir}")
-        for path in files:
-            path.unlink()
-        log.info("guest forgotten", extra={"guest": name, "files": [str(p) for p in files]})
-        return {"guest": name, "forgotten": True, "configured": False}
-
-    async def _cmd_shutdown(self, request: dict[str, Any]) -> Any:
-        log.info("shutting down", extra={"reason": "control request"})
-        # Reply first: the stop happens once this handler has returned.
+    def request_stop(self) -> None:
+        """Stop once the current control reply has gone out."""
         asyncio.get_running_loop().call_soon(self._stopping.set)
-        return {"stopping": True}
-
-
-def persistent_pages(pools: list[PoolStats]) -> int:
-    """Pages held in persistent pools: what a drain must bring to 0."""
-    return sum(pool.pages for pool in pools if PoolFlag.PERSISTENT in pool.flags)
-
-
-def pool_stats_json(pool: PoolStats) -> dict[str, Any]:
-    """A PoolStats record as JSON, its flags spelled out."""
-    record = dataclasses.asdict(pool)
-    record["flags"] = [flag.name for flag in PoolFlag if flag in pool.flags]
-    return record
 
 
 def group_id(group: str) -> int:

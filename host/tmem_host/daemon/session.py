@@ -38,7 +38,7 @@ from tmem_host.daemon.limits import Admission, ConnectionKind, ConnectionLimiter
 from tmem_host.store import Store
 
 if TYPE_CHECKING:
-    from tmem_host.daemon.server import GuestRuntime
+    from tmem_host.daemon.runtime import GuestRuntime
 
 log = logging.getLogger("tmemd.session")
 
@@ -134,14 +134,13 @@ class AbiSession(asyncio.BufferedProtocol):
             if self._admission is None:
                 return  # refused (closed, logged and counted by the limiter)
         self.guest = guest
-        guest.sessions.add(self)
-        guest.connections_total += 1
+        guest.attach(self)
         self._flow.attach(transport)
         log.info("guest connected", extra={"guest": guest.name, "transport": self.transport_kind})
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.guest is not None:
-            self.guest.sessions.discard(self)
+            self.guest.detach(self)
             log.info("guest disconnected",
                      extra={"guest": self.guest.name, "frames_in": self.frames_in,
                             "errors": self.errors,
@@ -363,11 +362,10 @@ class AbiSession(asyncio.BufferedProtocol):
 
     def _pool_page_shift(self, pool_id: int) -> int:
         assert self.guest is not None
-        pools = self.guest.client.pools
-        pool = pools[pool_id] if 0 <= pool_id < len(pools) else None
-        if pool is None:
+        page_shift = self.store.pool_page_shift(self.guest.client, pool_id)
+        if page_shift is None:
             raise _Refusal(Status.INVALID, f"no pool {pool_id}")
-        return pool.page_shift
+        return page_shift
 
     @property
     def drain_negotiated(self) -> bool:
