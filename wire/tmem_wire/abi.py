@@ -126,7 +126,13 @@ _DRAIN_BIT: Final = int(Flag.DRAIN)
 
 
 class TmemWireError(Exception):
-    """Root of the errors this module raises on bad input."""
+    """Root of the errors the project's sans-IO codecs raise on bad input:
+
+    TmemWireError
+     +-- ProtocolError           tmem_wire.abi: a malformed frame or payload
+     +-- NbdProtocolError        tmem_wire.nbd: the NBD peer broke the protocol
+     +-- JournalError            tmem_host.journal.codec: bytes that are not a record
+    """
 
 
 class ProtocolError(TmemWireError):

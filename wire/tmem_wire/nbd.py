@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Final
 
 # One "need more bytes" sentinel for every codec in tmem_wire.
-from tmem_wire.abi import NEED_DATA, NeedData
+from tmem_wire.abi import NEED_DATA, NeedData, TmemWireError
 
 __all__ = [
     "NBDMAGIC", "IHAVEOPT", "OPTION_REPLY_MAGIC", "REQUEST_MAGIC", "SIMPLE_REPLY_MAGIC",
@@ -163,7 +163,7 @@ class Error(enum.IntEnum):
     ESHUTDOWN = 108
 
 
-class NbdProtocolError(Exception):
+class NbdProtocolError(TmemWireError):
     """The peer broke the protocol; the only exception the codec raises on input."""
 
 

@@ -37,7 +37,7 @@ from typing import Final
 
 # The wire codecs' need-more-bytes sentinel, re-exported: one for every decoder.
 from tmem_wire.abi import NEED_DATA as NEED_DATA
-from tmem_wire.abi import Buffer, Oid
+from tmem_wire.abi import Buffer, Oid, TmemWireError
 from tmem_wire.abi import NeedData as NeedData
 
 MAGIC: Final = 0x4A54  # "TJ" little-endian
@@ -72,7 +72,7 @@ class PageTag(IntEnum):
     DATA = 1  # an lz4 block (shorter than the page) or the raw page
 
 
-class JournalError(ValueError):
+class JournalError(TmemWireError, ValueError):
     """Bytes that are not a valid record (bad magic, crc, type or length)."""
 
 
