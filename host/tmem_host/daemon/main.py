@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import ctypes
 import ctypes.util
 import logging
@@ -119,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(config.log_level, config.log_format)
     log.debug("malloc tuned for batch buffers", extra={"tuned": keep_batch_buffers_on_the_heap()})
     try:
+        # Whatever umask tmemd was started under, what it creates is its own; the
+        # sockets then get the configured mode (docs/RELIABILITY.md, "Threat model").
+        os.umask(0o077)
         asyncio.run(Daemon(config).run())
     except (ConfigError, OSError) as exc:  # OSError: a socket that cannot be created
         log.error("cannot start", extra={"reason": str(exc)})

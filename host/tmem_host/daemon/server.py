@@ -60,17 +60,19 @@ class Daemon:
         self._control_server: asyncio.Server | None = None
         self._vsock_server: asyncio.Server | None = None
         self._stopping = asyncio.Event()
+        # Set once every socket listens (an in-process tmemd's tests wait for it).
+        self.ready = asyncio.Event()
 
     # -- lifecycle ---------------------------------------------------------
 
-    async def run(self) -> None:
-        """Listen on every socket, announce readiness, serve until shutdown."""
+    async def run(self, *, handle_signals: bool = True) -> None:
+        """Listen on every socket, announce readiness, serve until shutdown.
+        ``handle_signals``: SIGTERM and SIGINT stop it (the tmemd process; a test
+        that runs a Daemon on its own event loop stops it with stop())."""
         loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, self._on_signal, signum)
-        # Whatever umask tmemd was started under, what it creates is its own; the
-        # sockets then get the configured mode (docs/RELIABILITY.md, "Threat model").
-        os.umask(0o077)
+        if handle_signals:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(signum, self._on_signal, signum)
         self._prepare_run_dir()
         # Claimed before any socket is touched, so a second tmemd on this run dir
         # stops at the pid check instead of unlinking our sockets.
@@ -92,6 +94,7 @@ class Daemon:
             log.info(READY_LINE, extra={"run_dir": str(self.run_dir), "pid": os.getpid(),
                                         "guests": len(self.guests)})
             print(f"{READY_LINE} pid={os.getpid()} run_dir={self.run_dir}", flush=True)
+            self.ready.set()
             await self._stopping.wait()
         finally:
             await self._close_everything()
@@ -262,6 +265,10 @@ class Daemon:
     def request_stop(self) -> None:
         """Stop once the current control reply has gone out."""
         asyncio.get_running_loop().call_soon(self._stopping.set)
+
+    def stop(self) -> None:
+        """Stop now: what SIGTERM does (every guest's state is kept)."""
+        self._stopping.set()
 
 
 def group_id(group: str) -> int:
