@@ -28,14 +28,15 @@ from typing import Any
 
 from tmem_host.daemon.process import TmemdProcess
 from tmem_host.vm import launcher
-from tmem_host.vm.launcher import Guest, GuestConfig
+from tmem_host.vm.launcher import Guest, VmConfig
+from tmem_wire.agent import AGENT_MODES, AGENT_READY_FILE, AGENT_RUN_DIR, DISK_SERIALS
 
-AGENT_MODES = ("sync", "batched", "pipelined")
 DISK_VARIANTS = ("hdd", "hostcache", "blk")
 CGROUP = "/sys/fs/cgroup/workload"
 # The swap device's /sys/block/DEV/stat: reads completed, sectors read, writes completed, sectors written.
 SWAP_DEVICE_STAT = ("dev=/dev/nbd0; [ -e /sys/block/nbd0/pid ] || for d in /sys/block/*; do "
-                    "[ \"$(cat $d/serial 2>/dev/null)\" = tmem-swap ] && dev=$d; done; cat /sys/block/$(basename $dev)/stat")
+                    f"[ \"$(cat $d/serial 2>/dev/null)\" = {DISK_SERIALS['swap']} ] && dev=$d; done; "
+                    "cat /sys/block/$(basename $dev)/stat")
 
 
 def vmstat_swaps(guest: Guest) -> int:
@@ -54,7 +55,7 @@ def run_variant(variant: str, mib: int, cgroup_max: str, page_cluster: int | Non
     agent = variant in AGENT_MODES
     blk = variant == "blk"
     with TmemdProcess(work_dir / "tmemd", budget="1G", guests=("bench",), nbd_size="1G") as daemon:
-        config = GuestConfig(
+        config = VmConfig(
             name="bench", memory_mib=256, accel="tcg",
             swap="hostcache" if agent else "nbd" if blk else variant,  # type: ignore[arg-type]
             swap_mib=1024, tmem_socket=daemon.abi_socket("bench") if agent else None, run_dir=work_dir / "guest",
@@ -64,11 +65,11 @@ def run_variant(variant: str, mib: int, cgroup_max: str, page_cluster: int | Non
             if page_cluster is not None:
                 guest.ssh(f"sysctl -q vm.page-cluster={page_cluster}")
             if agent:
-                guest.ssh(f"mkdir -p /run/tmem-agent && setsid -f python3 -m tmem_guest start --swap {variant} "
-                          "> /run/tmem-agent/agent.log 2>&1 < /dev/null")
-                guest.ssh("for i in $(seq 120); do test -f /run/tmem-agent/ready && exit 0; sleep 0.5; done; exit 1")
+                guest.ssh(f"mkdir -p {AGENT_RUN_DIR} && setsid -f python3 -m tmem_guest start --swap {variant} "
+                          f"> {AGENT_RUN_DIR}/agent.log 2>&1 < /dev/null")
+                guest.ssh(f"for i in $(seq 120); do test -f {AGENT_READY_FILE} && exit 0; sleep 0.5; done; exit 1")
             else:
-                guest.ssh("disk=; for d in /sys/block/*; do [ \"$(cat $d/serial 2>/dev/null)\" = tmem-swap ] && "
+                guest.ssh(f"disk=; for d in /sys/block/*; do [ \"$(cat $d/serial 2>/dev/null)\" = {DISK_SERIALS['swap']} ] && "
                           "disk=/dev/$(basename $d); done; mkswap $disk >/dev/null && swapon -p 10 --discard $disk")
             before = vmstat_swaps(guest)
             script = (f"echo +memory > /sys/fs/cgroup/cgroup.subtree_control && mkdir -p {CGROUP} && "

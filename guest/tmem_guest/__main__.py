@@ -2,6 +2,7 @@
 
     python3 -m tmem_guest start --swap batched [--cache SOURCE MOUNTPOINT] [options]
     python3 -m tmem_guest stats            # every frontend's counters, one JSON object
+    python3 -m tmem_guest find-disk SERIAL # the /dev path of the virtio disk with this serial
 
 `start` runs in the foreground until SIGTERM/SIGINT, then swapoff, unmount and
 exit. It writes /run/tmem-agent/ready once swap is on and the cache mounted.
@@ -25,10 +26,11 @@ from tmem_guest import counters, system
 from tmem_guest.channel import open_channel
 from tmem_guest.session import DEFAULT_HEARTBEAT_S, DEFAULT_REQUEST_TIMEOUT_S, Session
 from tmem_guest.swap import READ_RECONNECT_WAIT_S, READAHEAD_PAGES
+from tmem_wire.agent import AGENT_MODES, AGENT_READY_FILE, DISK_SERIALS
 
 log = logging.getLogger("tmem_guest")
 
-READY_FILE = counters.STATS_DIR / "ready"
+READY_FILE = Path(AGENT_READY_FILE)
 # Every agent thread's stack is locked by mlockall(MCL_FUTURE): keep them small
 # (Python's default 8 MiB each would pin tens of MiB in a 256 MiB guest).
 THREAD_STACK_BYTES = 512 * 1024
@@ -39,8 +41,8 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     commands = parser.add_subparsers(dest="command", required=True)
     start = commands.add_parser("start", help="run the agent (foreground)")
     start.add_argument("--channel", default="port", help="port, port:NAME, a /dev path, or unix:PATH")
-    start.add_argument("--swap", choices=("sync", "batched", "pipelined"), help="serve frontswap in this mode")
-    start.add_argument("--swap-disk-serial", default="tmem-swap", help="virtio-blk serial of the fallback disk")
+    start.add_argument("--swap", choices=AGENT_MODES, help="serve frontswap in this mode")
+    start.add_argument("--swap-disk-serial", default=DISK_SERIALS["swap"], help="virtio-blk serial of the fallback disk")
     start.add_argument("--nbd", default="/dev/nbd0", type=Path, help="the NBD device to serve")
     start.add_argument("--swap-mib", type=int, default=0, help="swap size (default: the fallback disk's size)")
     start.add_argument("--swap-priority", type=int, default=10)
@@ -60,6 +62,8 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     start.add_argument("--stats-interval", type=float, default=1.0)
     start.add_argument("--verbose", action="store_true")
     commands.add_parser("stats", help="print the agent's counters as JSON")
+    find_disk = commands.add_parser("find-disk", help="print the /dev path of the virtio disk with this serial")
+    find_disk.add_argument("serial")
     return parser.parse_args(argv)
 
 
@@ -163,6 +167,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     arguments = parse_arguments(argv)
     if arguments.command == "stats":
         print(json.dumps(counters.read_all(), sort_keys=True))
+        return 0
+    if arguments.command == "find-disk":
+        try:
+            print(system.find_disk_by_serial(arguments.serial))
+        except FileNotFoundError as error:
+            print(f"tmem_guest: {error}", file=sys.stderr)
+            return 1
         return 0
     if arguments.swap and not arguments.no_lock and not system.with_allocator_settings():
         # Swap agent: its memory must be reused, not returned and faulted in again (system.py).

@@ -40,7 +40,7 @@ import pyfuse3
 import trio
 
 from tmem_guest.counters import Counters
-from tmem_guest.session import ChannelDown, Pool, Session
+from tmem_guest.session import ChannelDown, Session, SessionPool
 from tmem_wire.abi import WHOLE_OBJECT, Key, Oid
 from tmem_wire.frontswap import PAGE_SHIFT, PAGE_SIZE, page_span
 
@@ -56,7 +56,7 @@ def object_id(inode: int) -> Oid:
 class PageCacheBridge:
     """The tmem side of the mount: read-through fills and invalidations (thread-safe)."""
 
-    def __init__(self, session: Session, pool: Pool, counters: Counters) -> None:
+    def __init__(self, session: Session, pool: SessionPool, counters: Counters) -> None:
         self.session = session
         self.pool = pool
         self.counters = counters
@@ -390,7 +390,7 @@ class CacheFs(pyfuse3.Operations):  # type: ignore[misc]
 
 def serve_cache(
     session: Session,
-    pool: Pool,
+    pool: SessionPool,
     counters: Counters,
     source: Path,
     mountpoint: Path,

@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 from typing import Protocol
 
-PORT_NAME = "org.tmem.0"
+from tmem_wire.agent import PORT_NAME
+
 VIRTIO_PORTS = Path("/sys/class/virtio-ports")
 DEV = Path("/dev")
 # The size of the buffers virtio_console queues for host-to-guest data (a read()

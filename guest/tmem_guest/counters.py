@@ -15,7 +15,9 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-STATS_DIR = Path("/run/tmem-agent")
+from tmem_wire.agent import AGENT_RUN_DIR
+
+STATS_DIR = Path(AGENT_RUN_DIR)
 # Latency bucket i counts operations that took [2**(i-1), 2**i) microseconds
 # (bucket 0: under 1 us); the last bucket takes everything slower (>= 2**26 us ~ 67 s).
 LATENCY_BUCKETS = 28

@@ -40,7 +40,7 @@ from tmem_wire.abi import Frame, Key, Oid, Op, PoolFlag, Status
 
 log = logging.getLogger("tmem_guest.session")
 
-__all__ = ["ChannelDown", "Pool", "Session"]
+__all__ = ["ChannelDown", "Session", "SessionPool"]
 
 # Batches are cut at this many pages per frame: the NBD and FUSE frontends send
 # at most 32 per request, and per-call buffers are sized for this.
@@ -57,7 +57,7 @@ _DRAIN_FLAG = int(abi.Flag.DRAIN)
 
 
 @dataclass(slots=True)
-class Pool:
+class SessionPool:
     """A pool the session keeps attached across reconnects; `pool_id` is None while detached."""
 
     persistent: bool
@@ -111,7 +111,7 @@ class Session:
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
         self.handshake_timeout = request_timeout if handshake_timeout is None else handshake_timeout
-        self.pools: list[Pool] = []
+        self.pools: list[SessionPool] = []
         self.negotiated: abi.Hello | None = None
         self.connections = 0  # successful handshakes so far; also the connection epoch
         self.timeouts = 0  # sessions taken down because tmemd did not answer in time
@@ -141,9 +141,9 @@ class Session:
 
     # -- lifecycle ---------------------------------------------------------------
 
-    def register_pool(self, *, persistent: bool) -> Pool:
+    def register_pool(self, *, persistent: bool) -> SessionPool:
         """A pool to (re)attach on every connection; register before start()."""
-        pool = Pool(persistent)
+        pool = SessionPool(persistent)
         self.pools.append(pool)
         return pool
 
@@ -372,7 +372,7 @@ class Session:
     # -- calls ---------------------------------------------------------------------
 
     def _call(
-        self, opcode: Op, pool: Pool, oid: Oid, index: int, payload: abi.Buffer = b"",
+        self, opcode: Op, pool: SessionPool, oid: Oid, index: int, payload: abi.Buffer = b"",
         encode: Callable[[memoryview], int] | None = None,
     ) -> Frame:
         """Send one request, wait for its reply; raise ChannelDown if it cannot be had.
@@ -439,11 +439,11 @@ class Session:
             call.done.acquire()
         call.reply = None
 
-    def put(self, pool: Pool, oid: Oid, index: int, page: abi.Buffer) -> bool:
+    def put(self, pool: SessionPool, oid: Oid, index: int, page: abi.Buffer) -> bool:
         """PUT one page; True if tmem took it."""
         return self._call(Op.PUT, pool, oid, index, page).status == Status.OK
 
-    def get(self, pool: Pool, oid: Oid, index: int, into: memoryview) -> bool:
+    def get(self, pool: SessionPool, oid: Oid, index: int, into: memoryview) -> bool:
         """GET one page into `into`; True on a hit."""
         reply = self._call(Op.GET, pool, oid, index)
         if reply.status != Status.OK:
@@ -451,10 +451,10 @@ class Session:
         into[:] = reply.payload
         return True
 
-    def flush_page(self, pool: Pool, oid: Oid, index: int) -> None:
+    def flush_page(self, pool: SessionPool, oid: Oid, index: int) -> None:
         self._call(Op.FLUSH_PAGE, pool, oid, index)
 
-    def flush_object(self, pool: Pool, oid: Oid) -> None:
+    def flush_object(self, pool: SessionPool, oid: Oid) -> None:
         self._call(Op.FLUSH_OBJECT, pool, oid, 0)
 
     def _chunks(self, count: int) -> range:
@@ -463,7 +463,7 @@ class Session:
             raise ChannelDown("batch operations need Feature.BATCH, which tmemd did not grant")
         return range(0, count, step)
 
-    def put_batch(self, pool: Pool, keys: Sequence[Key], pages: Sequence[abi.Buffer]) -> list[bool]:
+    def put_batch(self, pool: SessionPool, keys: Sequence[Key], pages: Sequence[abi.Buffer]) -> list[bool]:
         """PUT_BATCH (split to the negotiated batch size); one accepted flag per page."""
         accepted: list[bool] = []
         for start in self._chunks(len(keys)):
@@ -480,7 +480,7 @@ class Session:
             accepted += [status == Status.OK for status in statuses]
         return accepted
 
-    def get_batch(self, pool: Pool, keys: Sequence[Key], into: Sequence[memoryview]) -> list[bool]:
+    def get_batch(self, pool: SessionPool, keys: Sequence[Key], into: Sequence[memoryview]) -> list[bool]:
         """GET_BATCH into `into` (one page view per key); one hit flag per key."""
         found: list[bool] = []
         for start in self._chunks(len(keys)):
@@ -495,7 +495,7 @@ class Session:
             found += abi.decode_batch_reply_into(reply.payload, pool.page_shift, into[start:end])
         return found
 
-    def flush_batch(self, pool: Pool, keys: Sequence[Key]) -> None:
+    def flush_batch(self, pool: SessionPool, keys: Sequence[Key]) -> None:
         """FLUSH_BATCH; a key with index abi.WHOLE_OBJECT flushes its whole object."""
         for start in self._chunks(len(keys)):
             chunk_keys = keys[start : start + self.batch_pages]
@@ -503,7 +503,7 @@ class Session:
                 Op.FLUSH_BATCH, pool, (0, 0, 0), 0, encode=lambda out: abi.encode_key_batch_into(out, 0, chunk_keys)
             )
 
-    def pool_stats(self, pool: Pool) -> abi.PoolStats | None:
+    def pool_stats(self, pool: SessionPool) -> abi.PoolStats | None:
         reply = self._call(Op.STATS, pool, (0, 0, 0), 0)
         records = abi.decode_pool_stats(reply.payload) if reply.status == Status.OK else []
         return records[0] if records else None

@@ -35,18 +35,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tmem_guest.counters import Counters
-from tmem_guest.session import ChannelDown, Pool, Session
+from tmem_guest.session import ChannelDown, Session, SessionPool
 from tmem_guest.slots import SlotMap, SlotMarks
 from tmem_guest.system import aligned_buffer
 from tmem_wire import nbd
 from tmem_wire.abi import WHOLE_OBJECT, Oid
+from tmem_wire.agent import AGENT_MODES
 from tmem_wire.frontswap import (
     LOST_PAGE_ERROR, PAGE_SHIFT, PAGE_SIZE, Where, frontswap_area_oids, frontswap_keys, older_copy_is_stale,
 )
 
 log = logging.getLogger("tmem_guest.swap")
-
-MODES = ("sync", "batched", "pipelined")
 
 # Linux NBD ioctls (include/uapi/linux/nbd.h).
 NBD_SET_SOCK = 0xAB00
@@ -253,7 +252,7 @@ class SwapStore:
     def __init__(
         self,
         session: Session,
-        pool: Pool,
+        pool: SessionPool,
         disk: FallbackDisk,
         counters: Counters,
         *,
@@ -653,8 +652,8 @@ class NbdSwapServer:
     """
 
     def __init__(self, device: Path, store: SwapStore, *, mode: str, depth: int = 4) -> None:
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+        if mode not in AGENT_MODES:
+            raise ValueError(f"mode must be one of {AGENT_MODES}, not {mode!r}")
         self.device = device
         self.store = store
         self.mode = mode

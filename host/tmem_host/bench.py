@@ -36,7 +36,7 @@ import lz4.block
 from rich.console import Console
 from rich.table import Table
 
-from tmem_host.daemon.client import AbiClient, Request
+from tmem_host.daemon.client import AbiClient, PipelinedRequest
 from tmem_host.daemon.main import keep_batch_buffers_on_the_heap
 from tmem_host.daemon.process import TmemdProcess
 from tmem_host.journal.journaled import JournaledStore
@@ -131,12 +131,12 @@ def tmemd_suite(ctx: BenchContext) -> list[Row]:
             _check([client.get(pool_id, oid, index)[0] for oid, index in keys[:sync_count]], "GET")
 
         def put_pipelined() -> None:
-            requests = (Request(Op.PUT, pool_id, oid, index, page)
+            requests = (PipelinedRequest(Op.PUT, pool_id, oid, index, page)
                         for (oid, index), page in zip(keys, pages))
             _check([reply.status for reply in client.pipelined(requests, PIPELINE_DEPTH)], "PUT")
 
         def get_pipelined() -> None:
-            requests = (Request(Op.GET, pool_id, oid, index) for oid, index in keys)
+            requests = (PipelinedRequest(Op.GET, pool_id, oid, index) for oid, index in keys)
             _check([reply.status for reply in client.pipelined(requests, PIPELINE_DEPTH)], "GET")
 
         def put_batched() -> None:

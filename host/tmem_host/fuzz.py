@@ -23,7 +23,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from tmem_host.daemon.client import AbiClient, ConnectionClosed
+from tmem_host.daemon.client import AbiClient, TmemdClosedConnection
 from tmem_host.daemon.process import TmemdProcess
 from tmem_wire.abi import (
     ALL_POOLS,
@@ -173,7 +173,7 @@ def run_fuzz(run_dir: Path, frames: int, *, seed: int = 1, frames_per_round: int
                 report.crashes += 1
                 report.crash_reasons.append(problem)
                 break
-    except (ConnectionClosed, ConnectionError, TimeoutError) as error:
+    except (TmemdClosedConnection, ConnectionError, TimeoutError) as error:
         report.crashes += 1
         report.crash_reasons.append(f"tmemd stopped answering: {error!r}")
     finally:

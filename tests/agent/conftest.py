@@ -6,14 +6,14 @@ here for the test modules."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 
 from tmem_host.daemon.process import TmemdProcess
+from tmem_host.daemon.replies import PoolRecord
 from tmem_host.vm import guestops
 from tmem_host.vm.guestops import agent_log, agent_stats, start_agent, stop_agent
-from tmem_host.vm.launcher import CommandResult, Guest, GuestConfig
+from tmem_host.vm.launcher import CommandResult, Guest, VmConfig
 
 GUEST_NAME = "agent"
 
@@ -31,7 +31,7 @@ def guest(tmemd: TmemdProcess, tmp_path_factory: pytest.TempPathFactory) -> Iter
 
 def boot_agent_guest(tmemd: TmemdProcess, tmp_path_factory: pytest.TempPathFactory, memory_mib: int) -> Iterator[Guest]:
     """A TCG guest wired to `tmemd` for the agent: its port, a fallback swap disk, a data disk."""
-    config = GuestConfig(
+    config = VmConfig(
         name=GUEST_NAME,
         memory_mib=memory_mib,
         accel="tcg",
@@ -56,14 +56,13 @@ def run_in_cgroup(guest: Guest, command: str, memory_max: str, timeout: float, c
     return result
 
 
-def guest_pools(tmemd: TmemdProcess) -> list[dict[str, Any]]:
+def guest_pools(tmemd: TmemdProcess) -> list[PoolRecord]:
     with tmemd.control() as control:
-        stats = control.request("stats")
-    pools: list[dict[str, Any]] = stats["guests"][GUEST_NAME]["pools"]
-    return pools
+        stats = control.stats()
+    return stats["guests"][GUEST_NAME]["pools"]
 
 
-def pool_by_id(tmemd: TmemdProcess, pool_id: int) -> dict[str, Any]:
+def pool_by_id(tmemd: TmemdProcess, pool_id: int) -> PoolRecord:
     for pool in guest_pools(tmemd):
         if pool["pool_id"] == pool_id:
             return pool

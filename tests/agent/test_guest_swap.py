@@ -27,6 +27,7 @@ from .conftest import (
 from tmem_host.daemon.process import TmemdProcess
 from tmem_host.vm.guestops import system_kept_out_of_swap
 from tmem_host.vm.launcher import CommandResult, Guest
+from tmem_wire.agent import AGENT_MODES
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow]
 
@@ -68,7 +69,7 @@ def run_unlimited_workload(guest: Guest, mode: str, ram_factor: float) -> tuple[
     return result, stats
 
 
-@pytest.mark.parametrize("mode", ["sync", "batched", "pipelined"])
+@pytest.mark.parametrize("mode", AGENT_MODES)
 def test_swap_workload_verifies_and_pages_go_through_tmem(guest: Guest, tmemd: TmemdProcess, mode: str) -> None:
     agent = start_agent(guest, f"--swap {mode}")
     try:

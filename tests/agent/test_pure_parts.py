@@ -6,9 +6,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tmem_guest import __main__ as agent_main
+from tmem_guest import system
 from tmem_guest.counters import Counters, LatencyHistogram, StatsPublisher, read_all
 from tmem_guest.slots import SlotMap, SlotMarks
 from tmem_guest.swap import contiguous_runs
@@ -66,3 +69,20 @@ def test_published_stats_round_trip(tmp_path: Path) -> None:
     stats = read_all(tmp_path)
     assert stats["swap"] == json.loads((tmp_path / "swap.json").read_text())
     assert json.loads((tmp_path / "swap.json").read_text())["counters"]["puts"] == 3
+
+
+def test_find_disk_command_prints_the_device_or_one_error_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    # `python3 -m tmem_guest find-disk SERIAL`: what the host runs in a guest
+    # (tmem_host.vm.guestops.disk_by_serial), against a made-up /sys/block.
+    (tmp_path / "vda").mkdir()
+    (tmp_path / "vda" / "serial").write_text("tmem-root\n")
+    (tmp_path / "vdb").mkdir()
+    (tmp_path / "vdb" / "serial").write_text("tmem-swap\n")
+    monkeypatch.setattr(system, "find_disk_by_serial",
+                        lambda serial, real=system.find_disk_by_serial: real(serial, tmp_path))
+    assert agent_main.main(["find-disk", "tmem-swap"]) == 0
+    assert capsys.readouterr().out == "/dev/vdb\n"
+    assert agent_main.main(["find-disk", "tmem-data"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == f"tmem_guest: no disk with serial 'tmem-data' under {tmp_path}\n"

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tmem_guest.channel import ChannelDown, UnixSocketChannel
-from tmem_guest.session import Pool, Session
+from tmem_guest.session import Session, SessionPool
 from tmem_host.daemon.process import TmemdProcess
 from tmem_wire import abi
 from tmem_wire.frontswap import PAGE_SIZE, frontswap_key
@@ -32,7 +32,7 @@ def tmemd(tmp_path: Path) -> Iterator[TmemdProcess]:
         yield daemon
 
 
-def open_session(daemon: TmemdProcess, guest: str = GUEST, *, persistent: bool = True) -> tuple[Session, Pool]:
+def open_session(daemon: TmemdProcess, guest: str = GUEST, *, persistent: bool = True) -> tuple[Session, SessionPool]:
     session = Session(UnixSocketChannel(daemon.abi_socket(guest)), backoff_max=0.2, request_timeout=10)
     pool = session.register_pool(persistent=persistent)
     session.start()

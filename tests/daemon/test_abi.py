@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from tmem_host.daemon.client import AbiClient, Request
+from tmem_host.daemon.client import AbiClient, PipelinedRequest
 from tmem_host.daemon.process import StartTmemd, TmemdProcess
 from tmem_wire.abi import (
     WHOLE_OBJECT,
@@ -90,7 +90,7 @@ def test_ephemeral_pool_gets_are_exclusive_unless_inclusive(tmemd: TmemdProcess)
 def test_pipelined_replies_are_matched_by_request_id(tmemd: TmemdProcess) -> None:
     with AbiClient.open(tmemd.abi_socket("g1")) as client:
         pool_id, _ = client.new_pool()
-        puts = [Request(Op.PUT, pool_id, (7, 0, 0), i, page(i)) for i in range(48)]
+        puts = [PipelinedRequest(Op.PUT, pool_id, (7, 0, 0), i, page(i)) for i in range(48)]
         assert [frame.status for frame in client.pipelined(puts, depth=32)] == [Status.OK] * 48
         # All in flight at once, then collected newest first.
         request_ids = [client.submit(Op.GET, pool_id=pool_id, oid=(7, 0, 0), index=i)

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tmem_host.daemon.client import AbiClient, ConnectionClosed
+from tmem_host.daemon.client import AbiClient, TmemdClosedConnection
 from tmem_host.daemon.process import TmemdProcess
 from tmem_host.fuzz import CleanGuest
 from tmem_host.store import MAX_POOLS_PER_CLIENT
@@ -55,7 +55,7 @@ def raw(opcode: int, *, request_id: int = 9, pool_id: int = 0, payload: bytes = 
 def assert_closed_with_reason(tmemd: TmemdProcess, client: AbiClient, bad: bytes,
                               reason: str) -> None:
     client.send_raw(bad)
-    with pytest.raises(ConnectionClosed):
+    with pytest.raises(TmemdClosedConnection):
         for _ in range(10):  # replies to frames before the bad bytes come first
             client.receive()
     log = tmemd.log_text()

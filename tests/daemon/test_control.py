@@ -8,13 +8,20 @@ import socket
 import subprocess
 import sys
 import time
+import types
+import typing
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
-from tmem_host.daemon.client import AbiClient, ConnectionClosed
+from tmem_host.daemon.client import AbiClient, TmemdClosedConnection
 from tmem_host.daemon.control import ControlClient, ControlError, DaemonNotRunning
 from tmem_host.daemon.process import StartTmemd, TmemdProcess
+from tmem_host.daemon.replies import (
+    BudgetReply, CapReply, DrainReply, FlushReply, ForgetReply, FreezeReply, GuestRecord,
+    RemoveGuestReply, StatsReply, ThawReply, WeightReply,
+)
 from tmem_host.nbd.client import NbdClient
 from tmem_host.store import EPHEMERAL_PAGE_OVERHEAD_BYTES
 from tmem_wire.abi import Feature, Flag, Hello, Op, PoolFlag, Status
@@ -50,6 +57,72 @@ def test_guests_and_stats_describe_the_daemon(tmemd: TmemdProcess) -> None:
     assert stats["connections"][0]["frames_in"] == stats["connections"][0]["frames_out"] == 3
     assert set(stats["nbd"]) == {"g1", "g2"}
     assert stats["daemon"]["pid"] == tmemd.pid
+
+
+def assert_shape(value: object, shape: object, where: str = "reply") -> None:
+    """`value` (decoded JSON) has the type `shape`: a TypedDict with every required
+    key and no key it does not declare, a list or a dict of such, a union with
+    None, int, float, str or bool."""
+    origin = typing.get_origin(shape)
+    if typing.is_typeddict(shape):
+        assert isinstance(value, dict), f"{where}: {value!r}"
+        declared = typing.get_type_hints(shape)
+        required: frozenset[str] = shape.__required_keys__  # type: ignore[attr-defined]
+        assert not required - value.keys(), f"{where}: missing {sorted(required - value.keys())}"
+        assert not value.keys() - declared.keys(), f"{where}: undeclared {sorted(value.keys() - declared.keys())}"
+        for key, item in value.items():
+            assert_shape(item, declared[key], f"{where}.{key}")
+    elif origin in (list, Sequence):
+        assert isinstance(value, list), f"{where}: {value!r}"
+        (item_shape,) = typing.get_args(shape)
+        for number, item in enumerate(value):
+            assert_shape(item, item_shape, f"{where}[{number}]")
+    elif origin is dict:
+        assert isinstance(value, dict), f"{where}: {value!r}"
+        _, item_shape = typing.get_args(shape)
+        for key, item in value.items():
+            assert_shape(item, item_shape, f"{where}.{key}")
+    elif origin in (types.UnionType, typing.Union):
+        options = typing.get_args(shape)
+        if value is None:
+            assert type(None) in options, f"{where}: None"
+        else:
+            (option,) = [option for option in options if option is not type(None)]
+            assert_shape(value, option, where)
+    elif shape is float:
+        assert isinstance(value, (int, float)) and not isinstance(value, bool), f"{where}: {value!r}"
+    elif shape is int:
+        assert isinstance(value, int) and not isinstance(value, bool), f"{where}: {value!r}"
+    elif shape in (str, bool):
+        assert isinstance(value, shape), f"{where}: {value!r}"  # type: ignore[arg-type]
+    else:
+        raise AssertionError(f"{where}: no check for {shape!r}")
+
+
+def test_replies_have_the_shapes_of_their_types(tmemd: TmemdProcess) -> None:
+    """tmem_host.daemon.replies declares every key tmemd sends, and tmemd sends
+    every key it declares required (parts built by name escape mypy)."""
+    with AbiClient.open(tmemd.abi_socket("g1")) as client, \
+            NbdClient(tmemd.nbd_socket("g2"), "g2") as export:
+        pool_id, _ = client.new_pool(PoolFlag.PERSISTENT)
+        client.put(pool_id, (1, 0, 0), 0, RANDOM_PAGES[0])
+        assert export.write(0, RANDOM_PAGES[1]) == 0
+        with tmemd.control() as control:
+            stats = control.stats()
+            assert_shape(stats, StatsReply)
+            assert stats["connections"] and stats["journal"] and stats["nbd"]["g2"]["pool_id"] is not None
+            assert stats["store"]["clients"]["g1"]["pools"]
+            assert_shape(control.guests(), list[GuestRecord])
+            assert_shape(control.set_budget("64M"), BudgetReply)
+            assert_shape(control.request("set-weight", guest="g2", weight=200), WeightReply)
+            assert_shape(control.request("set-cap", guest="g2", cap=None), CapReply)
+            assert_shape(control.request("freeze", guest="g2"), FreezeReply)
+            assert_shape(control.drain("g2"), DrainReply)
+            assert_shape(control.request("thaw", guest="g2"), ThawReply)
+            assert_shape(control.request("flush", guest="g1", pool=pool_id), FlushReply)
+            assert_shape(control.request("add-guest", name="g3"), GuestRecord)
+            assert_shape(control.request("remove-guest", guest="g3"), RemoveGuestReply)
+            assert_shape(control.request("forget", guest="g3"), ForgetReply)
 
 
 def test_control_errors_are_one_line_replies(tmemd: TmemdProcess) -> None:
@@ -168,7 +241,7 @@ def test_guests_can_be_added_and_removed_at_run_time(tmemd: TmemdProcess) -> Non
             with pytest.raises(ControlError, match="exists"):
                 control.request("add-guest", name="g3")
             control.request("remove-guest", guest="g3")
-            with pytest.raises(ConnectionClosed):
+            with pytest.raises(TmemdClosedConnection):
                 client.get(pool_id, (1, 0, 0), 0)
         assert not tmemd.abi_socket("g3").exists()
         assert not tmemd.nbd_socket("g3").exists()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tmem_host.daemon.client import AbiClient, ConnectionClosed
+from tmem_host.daemon.client import AbiClient, TmemdClosedConnection
 from tmem_host.daemon.config import (
     ConfigError,
     GuestConfig,
@@ -33,7 +33,7 @@ def test_signal_shuts_down_cleanly(start_tmemd: StartTmemd, signum: int) -> None
     with AbiClient.open(daemon.abi_socket("g1")) as client:
         daemon.proc.send_signal(signum)
         assert daemon.proc.wait(15) == 0
-        with pytest.raises(ConnectionClosed):
+        with pytest.raises(TmemdClosedConnection):
             client.stats()
     # Sockets and pid file gone; the guests' state kept for the next start.
     assert sorted(path.name for path in run_dir.iterdir()) == [

@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 
-from tmem_host.daemon.client import AbiClient, ConnectionClosed
+from tmem_host.daemon.client import AbiClient, TmemdClosedConnection
 from tmem_host.daemon.control import ControlClient, ControlError
 from tmem_host.daemon.limits import CONTROL_CONNECTIONS
 from tmem_host.daemon.logsetup import RateLimitFilter, TextFormatter
@@ -232,7 +232,7 @@ def test_unread_abi_get_batch_replies_stay_bounded(start_tmemd: StartTmemd) -> N
 def _flush_until_closed(client: AbiClient) -> None:
     try:
         client.flush()
-    except (ConnectionClosed, OSError):
+    except (TmemdClosedConnection, OSError):
         pass
 
 
@@ -301,7 +301,7 @@ def test_connections_past_the_limit_are_refused_once_none_is_in_its_handshake(
     try:
         for admin in admins:
             admin.request("guests")  # handshake done: none of them may be replaced
-        with pytest.raises(ConnectionClosed):
+        with pytest.raises(TmemdClosedConnection):
             AbiClient.open(daemon.abi_socket("g1"))
         with pytest.raises((NbdClientError, OSError)):
             open_nbd(daemon, "g1")
@@ -338,7 +338,7 @@ def test_idle_abi_and_control_connections_are_closed_but_nbd_ones_are_not(
             ControlClient(daemon.run_dir) as idle_admin:
         idle_admin.request("guests")
         time.sleep(2.5)
-        with pytest.raises(ConnectionClosed):
+        with pytest.raises(TmemdClosedConnection):
             idle_agent.stats()
         with pytest.raises((ControlError, OSError)):
             idle_admin.request("guests")
@@ -365,7 +365,7 @@ def test_a_guest_cannot_take_the_descriptors_others_need(tmp_path: Path) -> None
             try:
                 admitted.append(AbiClient.open(daemon.abi_socket("g1"), timeout=5)
                                 if attempt % 2 else open_nbd(daemon, "g1"))
-            except (ConnectionClosed, NbdClientError, OSError):
+            except (TmemdClosedConnection, NbdClientError, OSError):
                 refused += 1
                 if refused == 4:
                     break

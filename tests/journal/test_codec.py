@@ -10,23 +10,23 @@ import pytest
 
 from tmem_host.journal import codec
 from tmem_host.journal.codec import (
-    NEED_DATA, DestroyPool, FlushObject, FlushPage, FlushPool, JournalDecoder, JournalError,
-    Lost, NewPool, Put, Record,
+    NEED_DATA, DestroyPoolRecord, FlushObjectRecord, FlushPageRecord, FlushPoolRecord,
+    JournalDecoder, JournalError, LostRecord, NewPoolRecord, PutRecord, Record,
 )
 
 OID = (0x0102030405060708, 0, 0xFFFFFFFFFFFFFFFF)
 RECORDS: list[Record] = [
-    NewPool(0, 12, "nbd"),
-    NewPool(15, 21),
-    Put(0, OID, 7, b"\x01" * 4096),  # a raw page
-    Put(3, (1, 2, 3), 2**64 - 1, b"lz4 block bytes"),
-    Put(0, OID, 8, 0x0123456789ABCDEF),  # a same-filled page: its word
-    Put(0, OID, 9, 0),
-    FlushPage(0, OID, 7),
-    FlushObject(3, (1, 2, 3)),
-    FlushPool(0),
-    DestroyPool(15),
-    Lost(2, OID, 12),
+    NewPoolRecord(0, 12, "nbd"),
+    NewPoolRecord(15, 21),
+    PutRecord(0, OID, 7, b"\x01" * 4096),  # a raw page
+    PutRecord(3, (1, 2, 3), 2**64 - 1, b"lz4 block bytes"),
+    PutRecord(0, OID, 8, 0x0123456789ABCDEF),  # a same-filled page: its word
+    PutRecord(0, OID, 9, 0),
+    FlushPageRecord(0, OID, 7),
+    FlushObjectRecord(3, (1, 2, 3)),
+    FlushPoolRecord(0),
+    DestroyPoolRecord(15),
+    LostRecord(2, OID, 12),
 ]
 STREAM = b"".join(codec.encode(record) for record in RECORDS)
 
@@ -62,7 +62,7 @@ def test_split_anywhere_gives_the_same_records(split: int) -> None:
 
 
 def test_the_header_is_as_documented() -> None:
-    data = codec.encode(FlushPool(5))
+    data = codec.encode(FlushPoolRecord(5))
     crc, magic, kind, reserved, length = struct.unpack_from("<IHBBI", data)
     assert (magic, kind, reserved, length) == (0x4A54, 5, 0, 1) and data[12:] == b"\x05"
     assert crc == zlib.crc32(data[4:])
@@ -70,7 +70,7 @@ def test_the_header_is_as_documented() -> None:
 
 def test_put_record_pieces_are_the_encoding() -> None:
     pieces = codec.put_record(0, OID, 7, b"page")
-    assert b"".join(pieces) == codec.encode(Put(0, OID, 7, b"page"))
+    assert b"".join(pieces) == codec.encode(PutRecord(0, OID, 7, b"page"))
 
 
 @pytest.mark.parametrize("cut", [1, 5, 12, 20, 50])

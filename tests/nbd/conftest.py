@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-from typing import Any
 
 import pytest
 
 from tmem_host.daemon.process import StartTmemd, TmemdProcess
+from tmem_host.daemon.replies import NbdExportStats
 
 CAPPED_GUEST = "small"
 CAP_BYTES = 256 * 1024
@@ -46,10 +46,9 @@ def qemu_io(daemon: TmemdProcess, guest: str, *commands: str,
     return result
 
 
-def export_stats(daemon: TmemdProcess, guest: str) -> dict[str, Any]:
+def export_stats(daemon: TmemdProcess, guest: str) -> NbdExportStats:
     with daemon.control() as control:
-        stats: dict[str, Any] = control.request("stats")["nbd"][guest]
-    return stats
+        return control.stats()["nbd"][guest]
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import pytest
 
 from tmem_host.daemon.process import TmemdProcess
 from tmem_host.vm.guestops import enable_disk_swap, io_errors, run_in_cgroup
-from tmem_host.vm.launcher import CommandResult, Guest, GuestConfig
+from tmem_host.vm.launcher import CommandResult, Guest, VmConfig
 
 from .conftest import export_stats
 
@@ -31,9 +31,9 @@ CRASH_AFTER_PUTS = 2000
 @pytest.mark.slow
 def test_guest_swap_survives_a_graceful_restart_and_a_kill_9_of_tmemd(tmp_path: Path) -> None:
     with TmemdProcess(tmp_path / "run", budget="1G", guests=("g1",), nbd_size="1G") as daemon:
-        config = GuestConfig(name="g1", memory_mib=GUEST_MEMORY_MIB, swap="nbd",
-                             nbd_socket=daemon.nbd_socket("g1"), nbd_export="g1",
-                             run_dir=tmp_path / "vm")
+        config = VmConfig(name="g1", memory_mib=GUEST_MEMORY_MIB, swap="nbd",
+                          nbd_socket=daemon.nbd_socket("g1"), nbd_export="g1",
+                          run_dir=tmp_path / "vm")
         with Guest(config) as guest:
             enable_disk_swap(guest)
             results: list[CommandResult] = []

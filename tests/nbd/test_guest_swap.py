@@ -11,7 +11,7 @@ import pytest
 
 from tmem_host.daemon.process import TmemdProcess
 from tmem_host.vm.guestops import enable_disk_swap
-from tmem_host.vm.launcher import Guest, GuestConfig, SwapKind
+from tmem_host.vm.launcher import Guest, VmConfig, SwapKind
 
 from .conftest import export_stats
 
@@ -36,8 +36,8 @@ def run_swap_workload(guest: Guest) -> dict[str, Any]:
 
 
 def boot(name: str, swap: SwapKind, run_dir: Path, daemon: TmemdProcess | None = None) -> Guest:
-    config = GuestConfig(name=name, memory_mib=GUEST_MEMORY_MIB, swap=swap, swap_mib=1024,
-                         run_dir=run_dir / f"vm-{name}-{swap}")
+    config = VmConfig(name=name, memory_mib=GUEST_MEMORY_MIB, swap=swap, swap_mib=1024,
+                      run_dir=run_dir / f"vm-{name}-{swap}")
     if daemon is not None:
         config.nbd_socket = daemon.nbd_socket(name)
         config.nbd_export = name

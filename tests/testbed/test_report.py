@@ -10,6 +10,8 @@ import pytest
 from rich.console import Console
 
 from tmem_host.testbed import report
+from tmem_host.testbed.records import Sample, TmemdCounters
+from tmem_host.testbed.runner import TMEMD_COUNTERS
 
 RECORDED = Path(__file__).parent / "data" / "run-recorded.json"
 
@@ -71,3 +73,11 @@ def test_rich_summary_and_compare(tmp_path: Path) -> None:
     assert "-72.4%**" in text
     assert "+100.0%" in text  # tmem-blk doubled in B
     assert "+0.0%" in text  # disk-hdd unchanged
+
+
+def test_recorded_samples_use_only_the_keys_their_records_declare() -> None:
+    # The runner records TMEMD_COUNTERS (by name) as a sample's TmemdCounters.
+    assert set(TMEMD_COUNTERS) == TmemdCounters.__required_keys__
+    for sample in report.load_run(RECORDED)["samples"]:
+        assert Sample.__required_keys__ <= sample.keys() <= Sample.__required_keys__ | Sample.__optional_keys__
+        assert (sample.get("tmemd") or {}).keys() <= TmemdCounters.__required_keys__ | {"nbd"}

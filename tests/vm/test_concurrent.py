@@ -9,7 +9,7 @@ import pytest
 
 from tmem_host.daemon.process import TmemdProcess
 from tmem_host.vm.image import GuestImage
-from tmem_host.vm.launcher import DISK_SERIALS, Guest, GuestConfig
+from tmem_host.vm.launcher import DISK_SERIALS, Guest, VmConfig
 
 from .conftest import processes_mentioning
 
@@ -22,12 +22,12 @@ def test_two_guests_boot_together_and_power_off_cleanly(image: GuestImage, tmp_p
     with TmemdProcess(tmp_path / "tmemd", budget="64M", guests=("left", "right"),
                       extra_args=["--nbd-size", f"{NBD_EXPORT_MIB}M"]) as daemon:
         guests = [
-            Guest(GuestConfig(name="left", image=image, accel="tcg", swap="nbd",
-                              nbd_socket=daemon.nbd_socket("left"), nbd_export="left",
-                              run_dir=tmp_path / "left")),
-            Guest(GuestConfig(name="right", image=image, accel="tcg", swap="ssd", swap_mib=128,
-                              tmem_socket=daemon.abi_socket("right"),
-                              run_dir=tmp_path / "right")),
+            Guest(VmConfig(name="left", image=image, accel="tcg", swap="nbd",
+                           nbd_socket=daemon.nbd_socket("left"), nbd_export="left",
+                           run_dir=tmp_path / "left")),
+            Guest(VmConfig(name="right", image=image, accel="tcg", swap="ssd", swap_mib=128,
+                           tmem_socket=daemon.abi_socket("right"),
+                           run_dir=tmp_path / "right")),
         ]
         try:
             for guest in guests:

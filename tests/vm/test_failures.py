@@ -14,7 +14,7 @@ import pytest
 
 from tmem_host.vm.image import GuestImage
 from tmem_host.vm.launcher import (
-    GuestConfigError, GuestPanicError, Guest, GuestConfig, LauncherError, MissingImageError, QemuExitedError,
+    VmConfigError, GuestPanicError, Guest, VmConfig, LauncherError, MissingImageError, QemuExitedError,
     SocketNotListeningError,
 )
 
@@ -25,8 +25,8 @@ pytestmark = pytest.mark.vm
 
 def test_missing_kernel_is_reported_before_qemu_starts(image: GuestImage, tmp_path: Path) -> None:
     missing = tmp_path / "no-such-vmlinuz"
-    guest = Guest(GuestConfig(name="nokernel", image=image, kernel=missing, accel="tcg",
-                              run_dir=tmp_path / "run"))
+    guest = Guest(VmConfig(name="nokernel", image=image, kernel=missing, accel="tcg",
+                           run_dir=tmp_path / "run"))
     with pytest.raises(MissingImageError, match="kernel .*no-such-vmlinuz does not exist"):
         guest.start()
     assert guest.pid is None
@@ -38,8 +38,8 @@ def test_tmem_socket_must_listen_before_qemu_starts(image: GuestImage, tmp_path:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as not_listening:
         not_listening.bind(str(bound_only))  # bound but never listen()s
         for path in (absent, bound_only):
-            guest = Guest(GuestConfig(name="nochannel", image=image, accel="tcg",
-                                      tmem_socket=path, run_dir=tmp_path / "run"))
+            guest = Guest(VmConfig(name="nochannel", image=image, accel="tcg",
+                                   tmem_socket=path, run_dir=tmp_path / "run"))
             with pytest.raises(SocketNotListeningError, match=f"{path} is not listening"):
                 guest.start()
             assert guest.pid is None
@@ -47,9 +47,9 @@ def test_tmem_socket_must_listen_before_qemu_starts(image: GuestImage, tmp_path:
 
 @pytest.mark.skipif(Path("/dev/vhost-vsock").exists(), reason="this host has vhost-vsock")
 def test_vsock_is_refused_without_vhost_vsock(image: GuestImage, tmp_path: Path) -> None:
-    guest = Guest(GuestConfig(name="novsock", image=image, accel="tcg", vsock_cid=3,
-                              run_dir=tmp_path / "run"))
-    with pytest.raises(GuestConfigError, match="/dev/vhost-vsock does not exist"):
+    guest = Guest(VmConfig(name="novsock", image=image, accel="tcg", vsock_cid=3,
+                           run_dir=tmp_path / "run"))
+    with pytest.raises(VmConfigError, match="/dev/vhost-vsock does not exist"):
         guest.start()
     assert guest.pid is None
 
@@ -57,8 +57,8 @@ def test_vsock_is_refused_without_vhost_vsock(image: GuestImage, tmp_path: Path)
 def test_qemu_start_failure_carries_exit_code_command_and_log(
         image: GuestImage, tmp_path: Path) -> None:
     run_dir = tmp_path / "badopt"
-    guest = Guest(GuestConfig(name="badopt", image=image, accel="tcg", run_dir=run_dir,
-                              qemu_args=["-no-such-option"]))
+    guest = Guest(VmConfig(name="badopt", image=image, accel="tcg", run_dir=run_dir,
+                           qemu_args=["-no-such-option"]))
     with pytest.raises(QemuExitedError) as failure:
         with guest:
             pass
@@ -74,8 +74,8 @@ def test_qemu_start_failure_carries_exit_code_command_and_log(
 def test_guest_kernel_panic_is_raised_at_once(image: GuestImage, tmp_path: Path) -> None:
     run_dir = tmp_path / "panic"
     # The initramfs cannot switch_root to a missing init, exits, and the kernel panics.
-    config = GuestConfig(name="panic", image=image, accel="tcg", run_dir=run_dir,
-                         kernel_args=["tmem.init=/no/such/init"])
+    config = VmConfig(name="panic", image=image, accel="tcg", run_dir=run_dir,
+                      kernel_args=["tmem.init=/no/such/init"])
     with pytest.raises(GuestPanicError, match="panicked") as failure:
         with Guest(config):
             pass
@@ -88,8 +88,8 @@ def test_guest_kernel_panic_is_raised_at_once(image: GuestImage, tmp_path: Path)
 ABANDONING_PARENT = """
 import sys, time
 from pathlib import Path
-from tmem_host.vm.launcher import Guest, GuestConfig
-config = GuestConfig(name="orphan", accel="tcg", run_dir=Path(sys.argv[1]))
+from tmem_host.vm.launcher import Guest, VmConfig
+config = VmConfig(name="orphan", accel="tcg", run_dir=Path(sys.argv[1]))
 if sys.argv[2] == "interrupt":
     with Guest(config) as guest:
         print(guest.pid, flush=True)

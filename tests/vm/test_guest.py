@@ -13,7 +13,7 @@ from tmem_host.daemon.process import TmemdProcess
 from tmem_host.vm import accel
 from tmem_host.vm.image import GuestImage
 from tmem_host.vm.launcher import (
-    DISK_IOPS, DISK_SERIALS, TMEM_PORT_NAME, CommandFailedError, Guest, GuestConfig, SshError,
+    DISK_IOPS, DISK_SERIALS, TMEM_PORT_NAME, CommandFailedError, Guest, VmConfig, SshError,
     SshTimeoutError,
 )
 
@@ -34,10 +34,10 @@ def tmemd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TmemdProcess]:
 @pytest.fixture(scope="module")
 def guest(tmemd: TmemdProcess, image: GuestImage,
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Guest]:
-    config = GuestConfig(name=NAME, memory_mib=MEMORY_MIB, vcpus=1, accel="auto",
-                         swap="hdd", swap_mib=SWAP_MIB, data_disk_mib=DATA_MIB, data_disk_speed="ssd",
-                         tmem_socket=tmemd.abi_socket(NAME), image=image,
-                         run_dir=tmp_path_factory.mktemp("guest"))
+    config = VmConfig(name=NAME, memory_mib=MEMORY_MIB, vcpus=1, accel="auto",
+                      swap="hdd", swap_mib=SWAP_MIB, data_disk_mib=DATA_MIB, data_disk_speed="ssd",
+                      tmem_socket=tmemd.abi_socket(NAME), image=image,
+                      run_dir=tmp_path_factory.mktemp("guest"))
     with Guest(config) as booted:
         print(f"boot times: {booted.boot_times}")
         yield booted

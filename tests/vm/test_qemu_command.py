@@ -17,7 +17,7 @@ import pytest
 
 from tmem_host.vm.image import GuestImage
 from tmem_host.vm.launcher import (
-    TMEM_CHARDEV_ID, TMEM_PORT_ID, TMEM_SERIAL_BUS_ID, GuestConfig, ResolvedAccel, qemu_command,
+    TMEM_CHARDEV_ID, TMEM_PORT_ID, TMEM_SERIAL_BUS_ID, VmConfig, ResolvedAccel, qemu_command,
 )
 from tmem_host.vm.recipe import REPO_ROOT
 
@@ -34,9 +34,9 @@ MONITOR_FD = 7
 
 
 def build(accel: ResolvedAccel = "tcg", **config: Any) -> list[str]:
-    """The argv for GuestConfig(name="g1", **config), with the scratch disks Guest
+    """The argv for VmConfig(name="g1", **config), with the scratch disks Guest
     would have made for it."""
-    guest_config = GuestConfig(name="g1", **config)
+    guest_config = VmConfig(name="g1", **config)
     swap_disk = None if guest_config.swap in ("none", "nbd") else RUN / "swap.img"
     data_disk = RUN / "data.img" if guest_config.data_disk_mib > 0 else None
     return qemu_command(guest_config, accel=accel, image=IMAGE, console_log=CONSOLE,
@@ -189,16 +189,16 @@ def test_data_disk_speed(speed: str, iops: str | None) -> None:
 
 
 def test_scratch_disks_must_match_the_config() -> None:
-    config = GuestConfig(name="g1", swap="hdd")
+    config = VmConfig(name="g1", swap="hdd")
     common: dict[str, Any] = {"accel": "tcg", "image": IMAGE, "console_log": CONSOLE,
                               "ssh_port": SSH_PORT, "ssh_public_key": PUBLIC_KEY,
                               "monitor_fd": MONITOR_FD}
     with pytest.raises(ValueError, match="swap_disk"):
         qemu_command(config, **common)
     with pytest.raises(ValueError, match="swap_disk"):
-        qemu_command(GuestConfig(name="g1"), swap_disk=RUN / "swap.img", **common)
+        qemu_command(VmConfig(name="g1"), swap_disk=RUN / "swap.img", **common)
     with pytest.raises(ValueError, match="data_disk"):
-        qemu_command(GuestConfig(name="g1", data_disk_mib=8), **common)
+        qemu_command(VmConfig(name="g1", data_disk_mib=8), **common)
 
 
 def test_tmem_channel_is_the_org_tmem_0_port() -> None:

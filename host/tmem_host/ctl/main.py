@@ -6,10 +6,10 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Literal
 
 from rich.console import Console, Group
 from rich.live import Live
@@ -24,9 +24,13 @@ from tmem_host.daemon.config import (
     parse_size,
 )
 from tmem_host.daemon.control import ControlClient, ControlError
+from tmem_host.daemon.replies import JournalStats, PoolRecord, StatsReply
 
+# A guest's counters in the store (replies.ClientStats) that the tables show.
+ClientCounter = Literal["puts", "gets", "hits", "refusals", "evictions", "flushes"]
 # Counters `top` turns into per-second rates (names as in Store.stats()).
-RATE_COUNTERS = ("puts", "gets", "hits", "refusals", "evictions")
+RATE_COUNTERS: tuple[ClientCounter, ...] = ("puts", "gets", "hits", "refusals", "evictions")
+STATS_COUNTERS: tuple[ClientCounter, ...] = (*RATE_COUNTERS, "flushes")
 # Output width when not on a terminal, so tables do not wrap in logs and tests.
 PIPE_WIDTH = 160
 
@@ -77,8 +81,8 @@ def cmd_list(control: ControlClient, args: argparse.Namespace) -> None:
     for column in ("guest", "weight", "cap", "conns", "pool", "flags", "page", "pages",
                    "raw", "stored"):
         table.add_column(column, justify="left" if column in ("guest", "flags") else "right")
-    for guest in control.request("guests"):
-        pools = guest["pools"] or [None]
+    for guest in control.guests():
+        pools: Sequence[PoolRecord | None] = guest["pools"] or [None]
         for number, pool in enumerate(pools):
             first = number == 0
             row = [
@@ -97,7 +101,7 @@ def cmd_list(control: ControlClient, args: argparse.Namespace) -> None:
     _console().print(table)
 
 
-def stats_table(stats: dict[str, Any]) -> Group:
+def stats_table(stats: StatsReply) -> Group:
     store = stats["store"]
     summary = Table.grid(padding=(0, 2))
     summary.add_row(
@@ -112,20 +116,20 @@ def stats_table(stats: dict[str, Any]) -> Group:
     for column in columns:
         table.add_column(column, justify="left" if column == "guest" else "right")
     for name, client in store["clients"].items():
+        guest = stats["guests"].get(name)
         table.add_row(
             name, str(client["weight"]), _size(client["cap_bytes"]),
             "yes" if client["frozen"] else "no", str(client["pages"]),
             _size(client["raw_bytes"]), _size(client["stored_bytes"]),
             _ratio(client["raw_bytes"], client["stored_bytes"]),
-            *(str(client[counter]) for counter in ("puts", "gets", "hits", "refusals",
-                                                   "evictions", "flushes")),
-            str(stats["guests"].get(name, {}).get("connections", 0)),
-            _journal_cell(stats.get("journal", {}).get(name)),
+            *(str(client[counter]) for counter in STATS_COUNTERS),
+            str(guest["connections"] if guest is not None else 0),
+            _journal_cell(stats["journal"].get(name)),
         )
     return Group(summary, table)
 
 
-def _journal_cell(journal: dict[str, Any] | None) -> str:
+def _journal_cell(journal: JournalStats | None) -> str:
     """The journal's size on disk against what a compaction would keep."""
     if journal is None:
         return "off"
@@ -135,14 +139,14 @@ def _journal_cell(journal: dict[str, Any] | None) -> str:
 
 
 def cmd_stats(control: ControlClient, args: argparse.Namespace) -> None:
-    stats = control.request("stats")
+    stats = control.stats()
     if args.json:
         print(json.dumps(stats, indent=2))
     else:
         _console().print(stats_table(stats))
 
 
-def top_table(before: dict[str, Any], after: dict[str, Any], seconds: float) -> Table:
+def top_table(before: StatsReply, after: StatsReply, seconds: float) -> Table:
     """Per-guest rates between two `stats` snapshots taken `seconds` apart."""
     store = after["store"]
     table = Table(title=f"tmemd top: used {_size(store['used_bytes'])} of "
@@ -161,17 +165,17 @@ def top_table(before: dict[str, Any], after: dict[str, Any], seconds: float) -> 
 
 
 def cmd_top(control: ControlClient, args: argparse.Namespace) -> None:
-    before, taken = control.request("stats"), time.monotonic()
+    before, taken = control.stats(), time.monotonic()
     if args.once:
         time.sleep(args.interval)
-        after = control.request("stats")
+        after = control.stats()
         _console().print(top_table(before, after, time.monotonic() - taken))
         return
     try:
         with Live(top_table(before, before, 1.0), console=_console(), screen=False) as live:
             while True:
                 time.sleep(args.interval)
-                after, now = control.request("stats"), time.monotonic()
+                after, now = control.stats(), time.monotonic()
                 live.update(top_table(before, after, now - taken))
                 before, taken = after, now
     except KeyboardInterrupt:
@@ -199,7 +203,7 @@ def cmd_set(control: ControlClient, args: argparse.Namespace) -> None:
 
 
 def cmd_set_budget(control: ControlClient, args: argparse.Namespace) -> None:
-    result = control.request("set-budget", size=parse_size(args.size, "budget"))
+    result = control.set_budget(parse_size(args.size, "budget"))
     print(f"budget {format_size(result['budget_bytes'])}")
 
 
@@ -220,7 +224,7 @@ class DrainResult:
 
 
 def guest_persistent_pages(control: ControlClient, guest: str) -> int:
-    for record in control.request("guests"):
+    for record in control.guests():
         if record["name"] == guest:
             return sum(pool["pages"] for pool in record["pools"] if "PERSISTENT" in pool["flags"])
     raise ControlError(f"no guest {guest!r}")
@@ -230,7 +234,7 @@ def drain(control: ControlClient, guest: str, timeout: float, interval: float = 
     """Start draining GUEST and wait until tmemd holds none of its persistent pages
     (or `timeout` seconds passed: pages_left > 0)."""
     started = time.monotonic()
-    at_start = control.request("drain", guest=guest)["persistent_pages"]
+    at_start = control.drain(guest)["persistent_pages"]
     while (left := guest_persistent_pages(control, guest)) and time.monotonic() - started < timeout:
         time.sleep(interval)
     return DrainResult(guest, at_start, left, time.monotonic() - started)

@@ -47,7 +47,7 @@ _MAX_IOVEC = 512
 
 
 @dataclass(frozen=True, slots=True)
-class Request:
+class PipelinedRequest:
     """One request for `AbiClient.pipelined`."""
 
     opcode: Op
@@ -66,7 +66,7 @@ class AbiError(Exception):
         self.text = text
 
 
-class ConnectionClosed(ConnectionError):
+class TmemdClosedConnection(ConnectionError):
     """tmemd closed the connection before the awaited reply arrived."""
 
 
@@ -140,7 +140,7 @@ class AbiClient:
                 if sent:
                     views[0] = views[0][sent:]
         except (BrokenPipeError, ConnectionResetError) as error:
-            raise ConnectionClosed(f"tmemd closed {self.path}") from error
+            raise TmemdClosedConnection(f"tmemd closed {self.path}") from error
 
     def receive(self) -> Frame:
         """The next reply off the wire, whatever its request id."""
@@ -154,7 +154,7 @@ class AbiClient:
             except ConnectionResetError:
                 received = 0
             if not received:
-                raise ConnectionClosed(f"tmemd closed {self.path}")
+                raise TmemdClosedConnection(f"tmemd closed {self.path}")
             self._decoder.feed(self._recv_buffer[:received])
 
     def reply(self, request_id: int) -> Frame:
@@ -171,7 +171,7 @@ class AbiClient:
         return self.reply(self.submit(opcode, pool_id=pool_id, oid=oid, index=index,
                                       payload=payload))
 
-    def pipelined(self, requests: Iterable[Request], depth: int) -> Iterator[Frame]:
+    def pipelined(self, requests: Iterable[PipelinedRequest], depth: int) -> Iterator[Frame]:
         """Replies to `requests` in request order, with up to `depth` in flight."""
         window: deque[int] = deque()
         for request in requests:

@@ -19,6 +19,10 @@ from tmem_host.daemon.config import (
     ConfigError, check_weight, guest_from_mapping, parse_cap, parse_size, validate_guest_name,
 )
 from tmem_host.daemon.control import ControlError
+from tmem_host.daemon.replies import (
+    BudgetReply, CapReply, DrainReply, FlushReply, ForgetReply, FreezeReply, GuestRecord,
+    RemoveGuestReply, ShutdownReply, StatsReply, ThawReply, WeightReply,
+)
 from tmem_host.daemon.runtime import GuestRuntime, fallback_path, persistent_pages
 from tmem_host.journal.journaled import journal_path
 from tmem_host.nbd.export import lost_map_path
@@ -72,10 +76,10 @@ class ControlCommands:
             raise ControlError(f"no guest {name!r} (known: {known})")
         return runtime
 
-    async def guests(self, request: dict[str, Any]) -> Any:
+    async def guests(self, request: dict[str, Any]) -> list[GuestRecord]:
         return [runtime.summary(self.store) for runtime in self.daemon.guests.values()]
 
-    async def stats(self, request: dict[str, Any]) -> Any:
+    async def stats(self, request: dict[str, Any]) -> StatsReply:
         guests = self.daemon.guests
         return {
             "daemon": {"pid": os.getpid(), "uptime_s": round(time.time() - self._started_at, 3),
@@ -90,7 +94,7 @@ class ControlCommands:
             "limits": self.daemon.limiter.stats(guests),
         }
 
-    async def set_budget(self, request: dict[str, Any]) -> Any:
+    async def set_budget(self, request: dict[str, Any]) -> BudgetReply:
         size = request.get("size")
         if not isinstance(size, (str, int)) or isinstance(size, bool):
             raise ControlError("missing 'size' (bytes or a size like 512M)")
@@ -99,7 +103,7 @@ class ControlCommands:
         log.info("budget set", extra={"budget_bytes": budget})
         return {"budget_bytes": budget}
 
-    async def set_weight(self, request: dict[str, Any]) -> Any:
+    async def set_weight(self, request: dict[str, Any]) -> WeightReply:
         runtime = self._guest(request.get("guest"))
         updated = replace(runtime.config, weight=check_weight(request.get("weight")))
         self.store.set_weight(runtime.client, updated.weight)
@@ -107,7 +111,7 @@ class ControlCommands:
         log.info("weight set", extra={"guest": runtime.name, "weight": updated.weight})
         return {"guest": runtime.name, "weight": updated.weight}
 
-    async def set_cap(self, request: dict[str, Any]) -> Any:
+    async def set_cap(self, request: dict[str, Any]) -> CapReply:
         runtime = self._guest(request.get("guest"))
         cap = request.get("cap")
         if cap is not None and (not isinstance(cap, (str, int)) or isinstance(cap, bool)):
@@ -118,19 +122,19 @@ class ControlCommands:
         log.info("cap set", extra={"guest": runtime.name, "cap_bytes": cap_bytes})
         return {"guest": runtime.name, "cap_bytes": cap_bytes}
 
-    async def freeze(self, request: dict[str, Any]) -> Any:
+    async def freeze(self, request: dict[str, Any]) -> FreezeReply:
         runtime = self._guest(request.get("guest"))
         self.store.freeze(runtime.client)
         log.info("guest frozen", extra={"guest": runtime.name})
         return {"guest": runtime.name, "frozen": True}
 
-    async def thaw(self, request: dict[str, Any]) -> Any:
+    async def thaw(self, request: dict[str, Any]) -> ThawReply:
         runtime = self._guest(request.get("guest"))
         runtime.thaw(self.store)
         log.info("guest thawed", extra={"guest": runtime.name})
         return {"guest": runtime.name, "frozen": False, "draining": False}
 
-    async def drain(self, request: dict[str, Any]) -> Any:
+    async def drain(self, request: dict[str, Any]) -> DrainReply:
         """Start draining; tmemctl then waits for 0 persistent pages."""
         runtime = self._guest(request.get("guest"))
         runtime.begin_drain(self.store)
@@ -141,7 +145,7 @@ class ControlCommands:
         return {"guest": runtime.name, "draining": True, "persistent_pages": pages,
                 "agent_connections": agents}
 
-    async def flush(self, request: dict[str, Any]) -> Any:
+    async def flush(self, request: dict[str, Any]) -> FlushReply:
         runtime = self._guest(request.get("guest"))
         pool = request.get("pool")
         if pool is None:
@@ -155,17 +159,17 @@ class ControlCommands:
         log.info("flushed", extra={"guest": runtime.name, "pool": pool})
         return {"guest": runtime.name, "pool": pool}
 
-    async def add_guest(self, request: dict[str, Any]) -> Any:
+    async def add_guest(self, request: dict[str, Any]) -> GuestRecord:
         fields = {key: value for key, value in request.items() if key != "cmd"}
         runtime = await self.daemon.add_guest(guest_from_mapping(fields))
         return runtime.summary(self.store)
 
-    async def remove_guest(self, request: dict[str, Any]) -> Any:
+    async def remove_guest(self, request: dict[str, Any]) -> RemoveGuestReply:
         runtime = self._guest(request.get("guest"))
         await self.daemon.remove_guest(runtime.name)
         return {"guest": runtime.name, "removed": True, "data_kept": True}
 
-    async def forget(self, request: dict[str, Any]) -> Any:
+    async def forget(self, request: dict[str, Any]) -> ForgetReply:
         """Discard a guest's pages for good: its pools, journal and fallback file.
         Refused while anything is connected to the guest's sockets (a guest that
         swaps on that disk would read zeros). A configured guest starts afresh."""
@@ -194,7 +198,7 @@ class ControlCommands:
         log.info("guest forgotten", extra={"guest": name, "files": [str(p) for p in files]})
         return {"guest": name, "forgotten": True, "configured": False}
 
-    async def shutdown(self, request: dict[str, Any]) -> Any:
+    async def shutdown(self, request: dict[str, Any]) -> ShutdownReply:
         log.info("shutting down", extra={"reason": "control request"})
         self.daemon.request_stop()  # after this reply: the stop waits for the handler
         return {"stopping": True}

@@ -20,6 +20,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, Final, NoReturn
 
+from tmem_host.daemon.replies import GuestSettings
 from tmem_host.journal.journaled import DURABILITY_LEVELS
 
 from tmem_wire.frontswap import PAGE_SIZE
@@ -169,7 +170,7 @@ class GuestConfig:
     # AF_VSOCK peer CID that identifies this guest, if it connects over vsock.
     cid: int | None = None
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> GuestSettings:
         return {
             "name": self.name,
             "weight": self.weight,

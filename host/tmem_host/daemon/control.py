@@ -3,7 +3,9 @@
 Request: `{"cmd": "set-weight", "guest": "g1", "weight": 200}`; reply:
 `{"ok": true, "result": ...}` or `{"ok": false, "error": "..."}`. One reply
 per request, in order. This module holds both ends: the line codec, the
-asyncio server protocol and the synchronous client tmemctl and tests use.
+asyncio server protocol and the synchronous client tmemctl and tests use
+(its typed methods give the results read by key their shapes,
+tmem_host.daemon.replies).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from tmem_host.daemon.limits import Admission, ConnectionKind, ConnectionLimiter
+from tmem_host.daemon.replies import BudgetReply, DrainReply, GuestRecord, StatsReply
 
 log = logging.getLogger("tmemd.control")
 
@@ -202,6 +205,21 @@ class ControlClient:
         if not reply.get("ok"):
             raise ControlError(str(reply.get("error", "unknown error")))
         return reply.get("result")
+
+    # The commands whose results are read by key, typed (docs/CONTROL.md).
+
+    def stats(self) -> StatsReply:
+        return cast(StatsReply, self.request("stats"))
+
+    def guests(self) -> list[GuestRecord]:
+        return cast(list[GuestRecord], self.request("guests"))
+
+    def set_budget(self, size: int | str) -> BudgetReply:
+        return cast(BudgetReply, self.request("set-budget", size=size))
+
+    def drain(self, guest: str) -> DrainReply:
+        """Start draining GUEST (tmemctl's drain() then waits for it)."""
+        return cast(DrainReply, self.request("drain", guest=guest))
 
     def close(self) -> None:
         self._sock.close()

@@ -26,7 +26,9 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Final, Protocol
+from typing import Final, Protocol, cast
+
+from tmem_host.daemon.replies import ConnectionGroupStats, GuestLimitStats, LimitCounters, LimitsStats
 
 log = logging.getLogger("tmemd.limits")
 
@@ -115,9 +117,9 @@ class ConnectionGroup:
         return next((entry for connection, entry in self.live.items()
                      if not connection.handshake_done), None)
 
-    def stats(self) -> dict[str, Any]:
-        return {"connections": len(self.live),
-                **{name: self.counters[name] for name in COUNTER_NAMES}}
+    def stats(self) -> ConnectionGroupStats:
+        return cast(ConnectionGroupStats, {"connections": len(self.live),
+                                           **{name: self.counters[name] for name in COUNTER_NAMES}})
 
 
 class ConnectionLimiter:
@@ -273,9 +275,11 @@ class ConnectionLimiter:
 
     # -- stats ---------------------------------------------------------------------
 
-    def stats(self, guests: Iterable[str]) -> dict[str, Any]:
+    def stats(self, guests: Iterable[str]) -> LimitsStats:
         """The control ``stats`` reply's ``limits``."""
-        empty = {"connections": 0, **{name: 0 for name in COUNTER_NAMES}}
+        # The counters go by name (COUNTER_NAMES), which mypy cannot follow: the
+        # control tests check the reply against LimitsStats.
+        empty = cast(ConnectionGroupStats, {"connections": 0, **{name: 0 for name in COUNTER_NAMES}})
         return {
             "connections_per_guest": self.connections_per_guest,
             "control_connections_max": self.control.max_connections,
@@ -285,12 +289,13 @@ class ConnectionLimiter:
             "descriptor_limit": self.descriptor_limit,
             "descriptor_reserve": self.descriptor_reserve,
             "guest_connections": self.guest_connections,
-            "totals": {name: self.totals[name] for name in COUNTER_NAMES},
+            "totals": cast(LimitCounters, {name: self.totals[name] for name in COUNTER_NAMES}),
             "control": self.control.stats(),
             "guests": {
-                guest: {kind.value: (group.stats() if (group := self._groups.get((kind, guest)))
-                                     else dict(empty))
-                        for kind in (ConnectionKind.ABI, ConnectionKind.NBD)}
+                guest: cast(GuestLimitStats, {
+                    kind.value: (group.stats() if (group := self._groups.get((kind, guest)))
+                                 else empty.copy())
+                    for kind in (ConnectionKind.ABI, ConnectionKind.NBD)})
                 for guest in guests
             },
         }

@@ -14,9 +14,10 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, cast
 
 from tmem_host.daemon.config import GuestConfig
+from tmem_host.daemon.replies import GuestRecord, PoolRecord
 from tmem_host.nbd.export import NbdExport
 from tmem_host.store import Client, Store
 from tmem_wire.abi import PoolFlag, PoolStats
@@ -107,7 +108,7 @@ class GuestRuntime:
         await self.abi_server.wait_closed()
         await self.nbd_server.wait_closed()
 
-    def summary(self, store: Store) -> dict[str, Any]:
+    def summary(self, store: Store) -> GuestRecord:
         """The control `guests` record."""
         return {
             **self.config.to_json(),
@@ -123,8 +124,8 @@ def persistent_pages(pools: list[PoolStats]) -> int:
     return sum(pool.pages for pool in pools if PoolFlag.PERSISTENT in pool.flags)
 
 
-def pool_stats_json(pool: PoolStats) -> dict[str, Any]:
+def pool_stats_json(pool: PoolStats) -> PoolRecord:
     """A PoolStats record as JSON, its flags spelled out."""
     record = dataclasses.asdict(pool)
     record["flags"] = [flag.name for flag in PoolFlag if flag in pool.flags]
-    return record
+    return cast(PoolRecord, record)

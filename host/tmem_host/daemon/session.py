@@ -26,7 +26,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, cast
 
 from tmem_wire.abi import (
     ALL_POOLS, FLAG_REPLY, Feature, Flag, HEADER_SIZE, MAX_ERROR_TEXT, NEED_DATA, Buffer, Frame, FrameDecoder,
@@ -35,6 +35,7 @@ from tmem_wire.abi import (
 )
 
 from tmem_host.daemon.limits import Admission, ConnectionKind, ConnectionLimiter, ReplyFlow
+from tmem_host.daemon.replies import ConnectionStats
 from tmem_host.store import Store
 
 if TYPE_CHECKING:
@@ -401,7 +402,7 @@ class AbiSession(asyncio.BufferedProtocol):
         if self._transport is not None:
             self._transport.abort()
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> ConnectionStats:
         return {
             "guest": self._guest_name(),
             "transport": self.transport_kind,

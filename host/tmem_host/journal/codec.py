@@ -77,14 +77,14 @@ class JournalError(TmemWireError, ValueError):
 
 
 @dataclass(frozen=True, slots=True)
-class NewPool:
+class NewPoolRecord:
     pool_id: int
     page_shift: int
     label: str = ""
 
 
 @dataclass(frozen=True, slots=True)
-class Put:
+class PutRecord:
     pool_id: int
     oid: Oid
     index: int
@@ -92,36 +92,37 @@ class Put:
 
 
 @dataclass(frozen=True, slots=True)
-class FlushPage:
+class FlushPageRecord:
     pool_id: int
     oid: Oid
     index: int
 
 
 @dataclass(frozen=True, slots=True)
-class FlushObject:
+class FlushObjectRecord:
     pool_id: int
     oid: Oid
 
 
 @dataclass(frozen=True, slots=True)
-class FlushPool:
+class FlushPoolRecord:
     pool_id: int
 
 
 @dataclass(frozen=True, slots=True)
-class DestroyPool:
+class DestroyPoolRecord:
     pool_id: int
 
 
 @dataclass(frozen=True, slots=True)
-class Lost:
+class LostRecord:
     pool_id: int
     oid: Oid
     index: int
 
 
-Record = NewPool | Put | FlushPage | FlushObject | FlushPool | DestroyPool | Lost
+Record = (NewPoolRecord | PutRecord | FlushPageRecord | FlushObjectRecord | FlushPoolRecord
+          | DestroyPoolRecord | LostRecord)
 
 
 # -- encoding ------------------------------------------------------------------
@@ -161,20 +162,20 @@ PUT_RECORD_OVERHEAD: Final = HEADER_SIZE + _PUT.size
 
 def encode(record: Record) -> bytes:
     """One record as bytes."""
-    if isinstance(record, Put):
+    if isinstance(record, PutRecord):
         return b"".join(put_record(record.pool_id, record.oid, record.index, record.stored))
-    if isinstance(record, NewPool):
+    if isinstance(record, NewPoolRecord):
         label = record.label.encode("ascii")
         if len(label) > MAX_LABEL:
             raise ValueError(f"pool label longer than {MAX_LABEL} bytes")
         pieces = _frame(RecordType.NEW_POOL,
                         _NEW_POOL.pack(record.pool_id, record.page_shift, len(label)), label)
-    elif isinstance(record, (FlushPage, Lost)):
-        kind = RecordType.FLUSH_PAGE if isinstance(record, FlushPage) else RecordType.LOST
+    elif isinstance(record, (FlushPageRecord, LostRecord)):
+        kind = RecordType.FLUSH_PAGE if isinstance(record, FlushPageRecord) else RecordType.LOST
         pieces = _frame(kind, _KEY.pack(record.pool_id, *record.oid, record.index))
-    elif isinstance(record, FlushObject):
+    elif isinstance(record, FlushObjectRecord):
         pieces = _frame(RecordType.FLUSH_OBJECT, _OBJECT.pack(record.pool_id, *record.oid))
-    elif isinstance(record, FlushPool):
+    elif isinstance(record, FlushPoolRecord):
         pieces = _frame(RecordType.FLUSH_POOL, _POOL.pack(record.pool_id))
     else:
         pieces = _frame(RecordType.DESTROY_POOL, _POOL.pack(record.pool_id))
@@ -248,25 +249,25 @@ def _decode_body(record_type: int, body: bytes) -> Record:
                 stored = data
             else:
                 raise JournalError(f"unknown page tag {tag}")
-            return Put(pool_id, (oid0, oid1, oid2), index, stored)
+            return PutRecord(pool_id, (oid0, oid1, oid2), index, stored)
         if kind is RecordType.NEW_POOL:
             pool_id, page_shift, label_length = _NEW_POOL.unpack_from(body)
             label = body[_NEW_POOL.size :]
             if len(label) != label_length:
                 raise JournalError("NEW_POOL label length disagrees with the record")
-            return NewPool(pool_id, page_shift, label.decode("ascii"))
+            return NewPoolRecord(pool_id, page_shift, label.decode("ascii"))
         if kind is RecordType.FLUSH_PAGE or kind is RecordType.LOST:
             _exact(body, _KEY)
             pool_id, oid0, oid1, oid2, index = _KEY.unpack(body)
-            key_record = FlushPage if kind is RecordType.FLUSH_PAGE else Lost
+            key_record = FlushPageRecord if kind is RecordType.FLUSH_PAGE else LostRecord
             return key_record(pool_id, (oid0, oid1, oid2), index)
         if kind is RecordType.FLUSH_OBJECT:
             _exact(body, _OBJECT)
             pool_id, oid0, oid1, oid2 = _OBJECT.unpack(body)
-            return FlushObject(pool_id, (oid0, oid1, oid2))
+            return FlushObjectRecord(pool_id, (oid0, oid1, oid2))
         _exact(body, _POOL)
         (pool_id,) = _POOL.unpack(body)
-        return FlushPool(pool_id) if kind is RecordType.FLUSH_POOL else DestroyPool(pool_id)
+        return FlushPoolRecord(pool_id) if kind is RecordType.FLUSH_POOL else DestroyPoolRecord(pool_id)
     except (struct.error, UnicodeDecodeError) as exc:
         raise JournalError(f"malformed {kind.name} record: {exc}") from None
 

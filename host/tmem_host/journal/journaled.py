@@ -29,11 +29,12 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 from uuid import UUID
 
 from tmem_wire.abi import WHOLE_OBJECT, Buffer, Key, Oid, Status
 
+from tmem_host.daemon.replies import JournalStats
 from tmem_host.statefiles import (
     FALLOC_FL_KEEP_SIZE, fallocate, fsync_dir, open_state_file, unsupported,
 )
@@ -260,14 +261,14 @@ class GuestJournal:
             pieces: list[Buffer] = []
             count = 0
             for pool_id, pool in pools:
-                pieces.append(codec.encode(codec.NewPool(pool_id, pool.page_shift, pool.label)))
+                pieces.append(codec.encode(codec.NewPoolRecord(pool_id, pool.page_shift, pool.label)))
                 for oid, index, stored in Store.stored_pages(pool):
                     pieces += codec.put_record(pool_id, oid, index, stored)
                     count += 1
                     if count % _COMPACT_RECORDS_PER_WRITE == 0:
                         size += _write_all(fd, pieces)
                         pieces = []
-                pieces += [codec.encode(codec.Lost(pool_id, oid, index))
+                pieces += [codec.encode(codec.LostRecord(pool_id, oid, index))
                            for oid, index in self.lost.get(pool_id, ())]
             size += _write_all(fd, pieces)
             if self.durability != "journal":  # a checkpoint, or fsync: on the disk first
@@ -445,10 +446,10 @@ class JournaledStore(Store):
         journal = self.journal(client)
         return frozenset(journal.lost.get(pool_id, ())) if journal is not None else frozenset()
 
-    def durability_stats(self, client: Client | str) -> dict[str, Any] | None:
+    def durability_stats(self, client: Client | str) -> JournalStats | None:
         return self.journal_stats(client)
 
-    def journal_stats(self, client: Client | str) -> dict[str, Any]:
+    def journal_stats(self, client: Client | str) -> JournalStats:
         client = self._resolve(client)
         journal = self._journals[client.name]
         return {
@@ -487,23 +488,23 @@ class JournaledStore(Store):
 
     def _apply(self, client: Client, journal: GuestJournal, record: codec.Record) -> None:
         """Redo one record (with the store's own methods: nothing is journaled)."""
-        if isinstance(record, codec.Put):
+        if isinstance(record, codec.PutRecord):
             self.restore_page(client, record.pool_id, record.oid, record.index, record.stored)
             journal.found(record.pool_id, [(record.oid, record.index)])
-        elif isinstance(record, codec.NewPool):
+        elif isinstance(record, codec.NewPoolRecord):
             self.restore_pool(client, record.pool_id, record.page_shift, record.label)
-        elif isinstance(record, codec.FlushPage):
+        elif isinstance(record, codec.FlushPageRecord):
             self._expect_ok(super().flush_page(client, record.pool_id, record.oid, record.index))
             journal.found(record.pool_id, [(record.oid, record.index)])
-        elif isinstance(record, codec.FlushObject):
+        elif isinstance(record, codec.FlushObjectRecord):
             self._expect_ok(super().flush_object(client, record.pool_id, record.oid))
             journal.found(record.pool_id, [(record.oid, WHOLE_OBJECT)])
-        elif isinstance(record, codec.FlushPool):
+        elif isinstance(record, codec.FlushPoolRecord):
             pool = client.pools[record.pool_id] if 0 <= record.pool_id < len(client.pools) else None
             if pool is not None:
                 journal.mark_lost(record.pool_id, pool)
             self._expect_ok(super().flush_pool(client, record.pool_id))
-        elif isinstance(record, codec.Lost):
+        elif isinstance(record, codec.LostRecord):
             journal.lost.setdefault(record.pool_id, set()).add((record.oid, record.index))
         else:
             self._expect_ok(super().destroy_pool(client, record.pool_id))
@@ -614,7 +615,7 @@ class JournaledStore(Store):
             journal, pool = found
             if pool.owner is client and not shared:
                 self._commit(client, journal, [codec.encode(
-                    codec.NewPool(pool_id, page_shift, label))], 1)
+                    codec.NewPoolRecord(pool_id, page_shift, label))], 1)
         return status, pool_id, shared
 
     def destroy_pool(self, client: Client, pool_id: int) -> Status:
@@ -622,7 +623,7 @@ class JournaledStore(Store):
         status = super().destroy_pool(client, pool_id)
         if found is not None and status == Status.OK:
             found[0].lost.pop(pool_id, None)
-            self._commit(client, found[0], [codec.encode(codec.DestroyPool(pool_id))], 1)
+            self._commit(client, found[0], [codec.encode(codec.DestroyPoolRecord(pool_id))], 1)
         return status
 
     # flush_pool and flush_client are admin operations (no ABI op reaches them):
@@ -634,7 +635,7 @@ class JournaledStore(Store):
             found[0].mark_lost(pool_id, found[1])
         status = super().flush_pool(client, pool_id)
         if found is not None and status == Status.OK:
-            self._commit(client, found[0], [codec.encode(codec.FlushPool(pool_id))], 1)
+            self._commit(client, found[0], [codec.encode(codec.FlushPoolRecord(pool_id))], 1)
         return status
 
     def flush_client(self, client: Client | str) -> int:
@@ -646,7 +647,7 @@ class JournaledStore(Store):
                 journal.mark_lost(pool_id, pool)
         flushed = super().flush_client(client)
         if journal is not None and not journal.broken and pools:
-            self._commit(client, journal, [codec.encode(codec.FlushPool(pool_id))
+            self._commit(client, journal, [codec.encode(codec.FlushPoolRecord(pool_id))
                                            for pool_id, _ in pools], len(pools))
         return flushed
 
@@ -657,7 +658,7 @@ class JournaledStore(Store):
             if status == Status.OK:
                 pieces = codec.put_record(pool_id, oid, index, _stored_form(pool, oid, index))
             else:  # the store dropped the old copy: so must a replay
-                pieces = [codec.encode(codec.FlushPage(pool_id, oid, index))]
+                pieces = [codec.encode(codec.FlushPageRecord(pool_id, oid, index))]
             journal.found(pool_id, [(oid, index)])
             self._commit(client, journal, pieces, 1)
         return status
@@ -684,7 +685,7 @@ class JournaledStore(Store):
             elif status == Status.INVALID:
                 continue
             else:
-                pieces.append(codec.encode(codec.FlushPage(pool_id, oid, index)))
+                pieces.append(codec.encode(codec.FlushPageRecord(pool_id, oid, index)))
             records += 1
         journal.found(pool_id, keys)
         self._commit(client, journal, pieces, records)
@@ -694,7 +695,7 @@ class JournaledStore(Store):
         status = super().flush_page(client, pool_id, oid, index)
         if status == Status.OK and (found := self._journal_for(client, pool_id)) is not None:
             found[0].found(pool_id, [(oid, index)])
-            self._commit(client, found[0], [codec.encode(codec.FlushPage(pool_id, oid, index))], 1)
+            self._commit(client, found[0], [codec.encode(codec.FlushPageRecord(pool_id, oid, index))], 1)
         return status
 
     def flush_many(self, client: Client, pool_id: int, keys: Sequence[Key]) -> list[Status]:
@@ -702,8 +703,8 @@ class JournaledStore(Store):
         statuses = super().flush_many(client, pool_id, keys)
         found = self._journal_for(client, pool_id)
         if found is not None and keys:
-            pieces = [codec.encode(codec.FlushObject(pool_id, oid) if index == WHOLE_OBJECT
-                                   else codec.FlushPage(pool_id, oid, index))
+            pieces = [codec.encode(codec.FlushObjectRecord(pool_id, oid) if index == WHOLE_OBJECT
+                                   else codec.FlushPageRecord(pool_id, oid, index))
                       for oid, index in keys]
             found[0].found(pool_id, keys)
             self._commit(client, found[0], pieces, len(pieces))

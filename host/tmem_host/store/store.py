@@ -25,9 +25,10 @@ import math
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from operator import itemgetter
-from typing import Any, Final, TypeAlias
+from typing import Final, TypeAlias
 from uuid import UUID
 
+from tmem_host.daemon.replies import ClientStats, JournalStats, OpCounterStats, StorePoolStats, StoreStats
 from tmem_wire.abi import (
     MAX_PAGE_SHIFT,
     MIN_PAGE_SHIFT,
@@ -120,10 +121,9 @@ class OpCounters:
         self.flushes = 0
         self.evictions = 0
 
-    def counters(self) -> dict[str, int]:
-        values = {name: getattr(self, name) for name in self.COUNTER_NAMES}
-        values["misses"] = self.gets - self.hits
-        return values
+    def counters(self) -> OpCounterStats:
+        return {"puts": self.puts, "refusals": self.refusals, "gets": self.gets, "hits": self.hits,
+                "flushes": self.flushes, "evictions": self.evictions, "misses": self.gets - self.hits}
 
     def add_counters(self, other: OpCounters) -> None:
         for name in self.COUNTER_NAMES:
@@ -384,7 +384,7 @@ class Store:
         """Make what the replies about to be sent acknowledge survive what the
         store's durability level promises (called once per batch of requests)."""
 
-    def durability_stats(self, client: Client | str) -> dict[str, Any] | None:
+    def durability_stats(self, client: Client | str) -> JournalStats | None:
         """The client's journal figures, if the store keeps one."""
         return None
 
@@ -702,11 +702,11 @@ class Store:
             if pool is not None
         ]
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> StoreStats:
         """Global, per-client and per-pool figures; JSON-serialisable."""
         totals = OpCounters()
         totals.add_counters(self._retired)
-        clients: dict[str, Any] = {}
+        clients: dict[str, ClientStats] = {}
         for client in self._clients.values():
             totals.add_counters(client)
             clients[client.name] = self._client_stats(client)
@@ -730,14 +730,14 @@ class Store:
             "clients": clients,
         }
 
-    def _client_stats(self, client: Client) -> dict[str, Any]:
+    def _client_stats(self, client: Client) -> ClientStats:
         share = (
             self.budget_bytes * client.weight // self._total_weight if self._total_weight else 0
         )
         pools = []
         for pool_id, pool in enumerate(client.pools):
             if pool is not None:
-                pools.append({"pool_id": pool_id, **_pool_stats(pool, client)})
+                pools.append(_pool_stats(pool_id, pool, client))
         return {
             "weight": client.weight,
             "cap_bytes": client.cap_bytes,
@@ -999,8 +999,9 @@ def _pool_of(client: Client, pool_id: int) -> Pool | None:
     return None
 
 
-def _pool_stats(pool: Pool, viewer: Client) -> dict[str, Any]:
+def _pool_stats(pool_id: int, pool: Pool, viewer: Client) -> StorePoolStats:
     return {
+        "pool_id": pool_id,
         "persistent": pool.persistent,
         "shared": pool.shared,
         "shared_uuid": str(pool.shared_uuid) if pool.shared_uuid is not None else None,

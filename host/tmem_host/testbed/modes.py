@@ -11,12 +11,9 @@ Which modes a workload accepts is listed on its WorkloadSpec (scenario.py).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
-from tmem_host.vm.launcher import DiskSpeed
-
-SwapKind = Literal["none", "hdd", "ssd", "hostcache", "nbd"]
-AgentMode = Literal["sync", "batched", "pipelined"]
+from tmem_host.vm.launcher import DiskSpeed, SwapKind
+from tmem_wire.agent import AgentMode
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,13 +20,14 @@ from typing import Any
 from rich.table import Table
 
 from tmem_host.testbed import stats
+from tmem_host.testbed.records import RunRecord, Sample, TmemdCounter
 
 RUN_FILE = "run.json"
 
 
-def load_run(results: Path) -> dict[str, Any]:
+def load_run(results: Path) -> RunRecord:
     path = results / RUN_FILE if results.is_dir() else results
-    data: dict[str, Any] = json.loads(path.read_text())
+    data: RunRecord = json.loads(path.read_text())
     return data
 
 
@@ -56,7 +57,7 @@ class ModeRow:
         return stats.significance_mark(self.welch)
 
 
-def _key(sample: Mapping[str, Any], guests: int) -> str:
+def _key(sample: Sample, guests: int) -> str:
     return str(sample["mode"]) if guests <= 1 else f"{sample['mode']}/{sample['guest']}"
 
 
@@ -65,36 +66,37 @@ def _mean(values: Iterable[float | None]) -> float | None:
     return sum(present) / len(present) if present else None
 
 
-def _walls(samples: Sequence[Mapping[str, Any]]) -> list[float]:
-    return [float(sample["wall_s"]) for sample in samples if sample.get("ok") and sample.get("wall_s") is not None]
+def _walls(samples: Sequence[Sample]) -> list[float]:
+    return [float(wall) for sample in samples if sample.get("ok") and (wall := sample.get("wall_s")) is not None]
 
 
-def _hit_ratio(sample: Mapping[str, Any]) -> float | None:
-    tmemd = sample.get("tmemd") or {}
-    gets = tmemd.get("gets")
-    return float(tmemd["hits"]) / gets if gets else None
+def _hit_ratio(sample: Sample) -> float | None:
+    tmemd = sample.get("tmemd")
+    gets = tmemd.get("gets") if tmemd else None
+    return float(tmemd["hits"]) / gets if tmemd and gets else None
 
 
-def _tmemd(sample: Mapping[str, Any], name: str) -> float | None:
-    value = (sample.get("tmemd") or {}).get(name)
+def _tmemd(sample: Sample, name: TmemdCounter) -> float | None:
+    tmemd = sample.get("tmemd")
+    value = tmemd.get(name) if tmemd else None
     return float(value) if value is not None else None
 
 
-def _compression_ratio(sample: Mapping[str, Any]) -> float | None:
-    tmemd = sample.get("tmemd") or {}
-    stored = tmemd.get("stored_bytes")
-    return float(tmemd["raw_bytes"]) / stored if stored else None
+def _compression_ratio(sample: Sample) -> float | None:
+    tmemd = sample.get("tmemd")
+    stored = tmemd.get("stored_bytes") if tmemd else None
+    return float(tmemd["raw_bytes"]) / stored if tmemd and stored else None
 
 
-def _vmstat(sample: Mapping[str, Any], name: str) -> float | None:
+def _vmstat(sample: Sample, name: str) -> float | None:
     value = (sample.get("vmstat") or {}).get(name)
     return float(value) if value is not None else None
 
 
-def summarize_run(run: Mapping[str, Any]) -> list[ModeRow]:
+def summarize_run(run: RunRecord) -> list[ModeRow]:
     scenario = run["scenario"]
     guests = int(scenario["guests"]["count"])
-    groups: dict[str, list[Mapping[str, Any]]] = {}
+    groups: dict[str, list[Sample]] = {}
     for sample in run["samples"]:
         groups.setdefault(_key(sample, guests), []).append(sample)
     baseline_walls = _walls([s for s in run["samples"] if s["mode"] == scenario["baseline"]])
@@ -167,7 +169,7 @@ def row_cells(row: ModeRow, baseline: str) -> list[str]:
     ]
 
 
-def summary_table(run: Mapping[str, Any], title: str | None = None) -> Table:
+def summary_table(run: RunRecord, title: str | None = None) -> Table:
     baseline = run["scenario"]["baseline"]
     table = Table(title=title or f"{run['scenario']['name']}: workload wall time per mode")
     for column in COLUMNS:
@@ -177,7 +179,7 @@ def summary_table(run: Mapping[str, Any], title: str | None = None) -> Table:
     return table
 
 
-def markdown_table(run: Mapping[str, Any]) -> str:
+def markdown_table(run: RunRecord) -> str:
     baseline = run["scenario"]["baseline"]
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for row in summarize_run(run):
@@ -185,8 +187,8 @@ def markdown_table(run: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _metadata_lines(run: Mapping[str, Any]) -> list[str]:
-    meta = run.get("metadata", {})
+def _metadata_lines(run: RunRecord) -> list[str]:
+    meta: Mapping[str, object] = run.get("metadata", {})
     names = {
         "qemu_version": "QEMU",
         "accelerator": "accelerator (as QMP reports it)",
@@ -200,7 +202,7 @@ def _metadata_lines(run: Mapping[str, Any]) -> list[str]:
     return [f"- {label}: {meta[key]}" for key, label in names.items() if key in meta]
 
 
-def pass_lines(run: Mapping[str, Any]) -> list[str]:
+def pass_lines(run: RunRecord) -> list[str]:
     """Workloads that read in passes (pagecache): each pass's mean time per mode, and
     the tmem hits in it (the second pass is the one cleancache should serve)."""
     header = ["## Passes", "", "| mode | pass times s (mean) | tmem hits per pass (mean) |", "|---|---|---|"]
@@ -220,7 +222,7 @@ def pass_lines(run: Mapping[str, Any]) -> list[str]:
     return header + rows + [""] if rows else []
 
 
-def render_markdown(run: Mapping[str, Any], plots: Sequence[str] = ()) -> str:
+def render_markdown(run: RunRecord, plots: Sequence[str] = ()) -> str:
     scenario = run["scenario"]
     failures = [s for s in run["samples"] if not s.get("ok")]
     lines = [
@@ -252,7 +254,7 @@ def render_markdown(run: Mapping[str, Any], plots: Sequence[str] = ()) -> str:
     return "\n".join(lines)
 
 
-def make_plots(run: Mapping[str, Any]) -> dict[str, bytes]:
+def make_plots(run: RunRecord) -> dict[str, bytes]:
     """PNG plots: runtime per mode (error bars), swap I/O, tmem hit ratio, host memory."""
     import matplotlib
 
@@ -314,7 +316,7 @@ def make_plots(run: Mapping[str, Any]) -> dict[str, bytes]:
     return plots
 
 
-def render_html(run: Mapping[str, Any], plots: Mapping[str, bytes]) -> str:
+def render_html(run: RunRecord, plots: Mapping[str, bytes]) -> str:
     scenario = run["scenario"]
     baseline = scenario["baseline"]
     head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
@@ -360,7 +362,7 @@ def write_reports(results: Path) -> list[Path]:
     return [markdown, page, *written]
 
 
-def compare_table(run_a: Mapping[str, Any], run_b: Mapping[str, Any]) -> Table:
+def compare_table(run_a: RunRecord, run_b: RunRecord) -> Table:
     """Mode by mode: wall time of run B against run A, with Welch's test."""
     table = Table(title=f"{run_a.get('id', 'A')} -> {run_b.get('id', 'B')}: workload wall time")
     for column in ("mode", "A mean s", "B mean s", "change", "p"):
@@ -384,9 +386,9 @@ def compare_table(run_a: Mapping[str, Any], run_b: Mapping[str, Any]) -> Table:
     return table
 
 
-def _walls_by_key(run: Mapping[str, Any]) -> dict[str, list[float]]:
+def _walls_by_key(run: RunRecord) -> dict[str, list[float]]:
     guests = int(run["scenario"]["guests"]["count"])
-    grouped: dict[str, list[Mapping[str, Any]]] = {}
+    grouped: dict[str, list[Sample]] = {}
     for sample in run["samples"]:
         grouped.setdefault(_key(sample, guests), []).append(sample)
     return {key: _walls(samples) for key, samples in grouped.items()}

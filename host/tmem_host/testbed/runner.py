@@ -23,15 +23,18 @@ from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast, get_args
 
 from tmem_host.daemon.config import format_size
 from tmem_host.daemon.process import TmemdFailed, TmemdProcess
+from tmem_host.daemon.replies import StatsReply
 from tmem_host.testbed import hostmetrics, report
 from tmem_host.testbed.modes import MODES, Mode
+from tmem_host.testbed.records import HostMetadata, RunMetadata, RunRecord, Sample, TmemdCounter, TmemdCounters
 from tmem_host.testbed.scenario import Scenario
 from tmem_host.vm import guestops, launcher
 from tmem_host.vm.image import ImageError, require_image
+from tmem_wire.agent import DISK_SERIALS
 
 # Exit codes of `tmem-testbed run`.
 EXIT_OK = 0
@@ -53,7 +56,7 @@ INFRASTRUCTURE_ERRORS: tuple[type[BaseException], ...] = (
 class RunOutcome:
     results: Path
     exit_code: int
-    run: Mapping[str, Any]
+    run: RunRecord
 
 
 ProgressCallback = Callable[[str, int, int], None]  # description, completed, total
@@ -68,7 +71,7 @@ def _utc_now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def host_metadata() -> dict[str, Any]:
+def host_metadata() -> HostMetadata:
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -120,12 +123,12 @@ def tmemd_guest_specs(scenario: Scenario) -> list[str]:
 
 def guest_config(
     scenario: Scenario, mode: Mode, index: int, tmemd: TmemdProcess | None, run_dir: Path
-) -> launcher.GuestConfig:
+) -> launcher.VmConfig:
     name = guest_name(index)
     # The page-cache workload does not swap: its disk is the data disk the file set is on.
     pagecache = scenario.workload == "pagecache"
     swap = "none" if pagecache else mode.swap
-    return launcher.GuestConfig(
+    return launcher.VmConfig(
         name=name,
         memory_mib=guest_memory_mib(scenario, mode),
         vcpus=scenario.guests.vcpus,
@@ -167,8 +170,8 @@ def workload_command(scenario: Scenario, index: int, repetition: int) -> str:
     raise ValueError(f"unknown workload {scenario.workload!r}")
 
 
-SWAP_DISK_SERIAL = launcher.DISK_SERIALS["swap"]
-DATA_DISK_SERIAL = launcher.DISK_SERIALS["data"]
+SWAP_DISK_SERIAL = DISK_SERIALS["swap"]
+DATA_DISK_SERIAL = DISK_SERIALS["data"]
 DATA_MOUNT = "/data"
 FILE_SET = f"{DATA_MOUNT}/set"
 CACHE_MOUNT = "/mnt/cache"
@@ -239,14 +242,15 @@ def _delta(after: Mapping[str, float], before: Mapping[str, float]) -> dict[str,
     return {key: after[key] - before.get(key, 0) for key in after if isinstance(after[key], (int, float))}
 
 
-TMEMD_COUNTERS = ("puts", "gets", "hits", "refusals", "evictions", "flushes", "pages", "raw_bytes", "stored_bytes")
+TMEMD_COUNTERS: tuple[TmemdCounter, ...] = get_args(TmemdCounter)
 
 
-def _tmemd_counters(stats: Mapping[str, Any], guest: str) -> dict[str, Any]:
-    """A guest's store counters, plus its NBD export's when it has one."""
-    client = stats["store"]["clients"].get(guest, {})
-    counters: dict[str, Any] = {key: client.get(key, 0) for key in TMEMD_COUNTERS}
-    export = stats.get("nbd", {}).get(guest)
+def _tmemd_counters(stats: StatsReply, guest: str) -> TmemdCounters:
+    """A guest's store counters (0 if the store has no such client), plus its NBD
+    export's when it has one."""
+    client = stats["store"]["clients"].get(guest)
+    counters = cast(TmemdCounters, {key: client[key] if client is not None else 0 for key in TMEMD_COUNTERS})
+    export = stats["nbd"].get(guest)
     if export:
         counters["nbd"] = export
     return counters
@@ -271,11 +275,15 @@ class Runner:
     def run(self) -> RunOutcome:
         self.results.mkdir(parents=True)
         image = require_image()
-        metadata = {"started": _utc_now(), **host_metadata(), "image_hash": image.directory.name,
-                    "guest_kernel": image.kernel_version}
-        samples: list[dict[str, Any]] = []
-        run: dict[str, Any] = {"schema": 1, "id": self.run_id, "scenario": self.scenario.to_json(),
-                               "metadata": metadata, "samples": samples}
+        host = host_metadata()
+        metadata: RunMetadata = {
+            "started": _utc_now(), "host_cpu": host["host_cpu"], "host_load": host["host_load"],
+            "host_kernel": host["host_kernel"], "qemu_version": host["qemu_version"],
+            "image_hash": image.directory.name, "guest_kernel": image.kernel_version,
+        }
+        samples: list[Sample] = []
+        run: RunRecord = {"schema": 1, "id": self.run_id, "scenario": self.scenario.to_json(),
+                          "metadata": metadata, "samples": samples}
         total = len(self.scenario.modes) * self.scenario.repetitions
         done = 0
         exit_code = EXIT_OK
@@ -305,13 +313,13 @@ class Runner:
             self.progress("done", total, total)
         return RunOutcome(self.results, exit_code, run)
 
-    def _sample_line(self, sample: Mapping[str, Any]) -> str:
+    def _sample_line(self, sample: Sample) -> str:
         what = f"{sample['mode']} #{sample['repetition'] + 1} {sample['guest']}"
         if sample["ok"]:
             return f"{what}: {sample['wall_s']:.1f} s, verified"
         return f"{what}: FAILED: {sample['error']}"
 
-    def _save(self, run: Mapping[str, Any]) -> None:
+    def _save(self, run: RunRecord) -> None:
         path = self.results / report.RUN_FILE
         temporary = path.with_suffix(".tmp")
         temporary.write_text(json.dumps(run, indent=1) + "\n")
@@ -349,11 +357,10 @@ class Runner:
                 with contextlib.suppress(FileNotFoundError):
                     shutil.copy(tmemd.log_path, vm_dir / "tmemd.log")
 
-    def run_once(self, mode: Mode, repetition: int, metadata: dict[str, Any]) -> list[dict[str, Any]]:
+    def run_once(self, mode: Mode, repetition: int, metadata: RunMetadata) -> list[Sample]:
         """One repetition of one mode: a sample per guest."""
         vm_dir = self.results / "vms" / f"{mode.name}-{repetition + 1}"
         vm_dir.mkdir(parents=True)
-        base = {"mode": mode.name, "repetition": repetition}
         names = [guest_name(index) for index in range(self.scenario.guests.count)]
         try:
             with self._tmemd(mode, vm_dir) as tmemd, contextlib.ExitStack() as stack:
@@ -371,13 +378,13 @@ class Runner:
                 return self._measure(mode, repetition, guests, agents, tmemd)
         except INFRASTRUCTURE_ERRORS as error:
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            return [{**base, "guest": name, "ok": False, "verified": None, "wall_s": None,
-                     "error": f"infrastructure: {first_line}"} for name in names]
+            return [{"mode": mode.name, "repetition": repetition, "guest": name, "ok": False, "verified": None,
+                     "wall_s": None, "error": f"infrastructure: {first_line}"} for name in names]
 
     def _measure(
         self, mode: Mode, repetition: int, guests: list[launcher.Guest], agents: list[int | None],
         tmemd: TmemdProcess | None,
-    ) -> list[dict[str, Any]]:
+    ) -> list[Sample]:
         before = [json.loads(guest.ssh("python3 -m tmem_guest.snapshot", timeout=60).stdout) for guest in guests]
         qemu_pids = [guest.pid for guest in guests if guest.pid is not None]
         processes = {"qemu": qemu_pids, "tmemd": [tmemd.pid] if tmemd else []}
@@ -393,18 +400,18 @@ class Runner:
                 for index, guest in enumerate(guests)
             ]
             phase_runs = [future.result() for future in futures]
-        tmemd_stats: Mapping[str, Any] = {}
+        tmemd_stats: StatsReply | None = None
         if tmemd:
             with tmemd.control() as control:
-                tmemd_stats = control.request("stats")
-        samples = []
+                tmemd_stats = control.stats()
+        samples: list[Sample] = []
         for index, (guest, phases) in enumerate(zip(guests, phase_runs)):
             after = json.loads(guest.ssh("python3 -m tmem_guest.snapshot", timeout=60).stdout)
             result, wall = phases.results[-1], phases.wall_s
             outputs = [_parse_workload_output(each.stdout) for each in phases.results]
             workload = _merge_passes(outputs, phases.tmemd) if self.scenario.workload == "pagecache" else outputs[0]
             verified = result.exit_status == 0 and workload.get("verified", True) is not False
-            host: dict[str, Any] = {}
+            host: dict[str, float] = {}
             for role, pid in (("qemu", guest.pid), ("tmemd", tmemd.pid if tmemd else None)):
                 usage_before = host_before.get(pid) if pid is not None else None
                 usage_after = hostmetrics.process_usage(pid) if pid is not None else None
@@ -432,7 +439,7 @@ class Runner:
                 "vmstat": _delta(after["vmstat"], before[index]["vmstat"]),
                 "psi": _delta(after["psi"], before[index]["psi"]),
                 "agent": agent,
-                "tmemd": _tmemd_counters(tmemd_stats, guest.config.name) if tmemd else None,
+                "tmemd": _tmemd_counters(tmemd_stats, guest.config.name) if tmemd_stats is not None else None,
                 "host": host,
                 "timeline": timeline.points,
             })
@@ -443,11 +450,11 @@ class Runner:
 class PhaseRuns:
     results: list[launcher.CommandResult]  # up to the first that failed
     wall_s: float  # host-side, all phases
-    tmemd: list[dict[str, Any]]  # the guest's tmemd counters before and after each phase
+    tmemd: list[TmemdCounters]  # the guest's tmemd counters before and after each phase
 
 
 def _run_phases(
-    guest: launcher.Guest, commands: list[str], timeout: float, snapshot: Callable[[], dict[str, Any]] | None
+    guest: launcher.Guest, commands: list[str], timeout: float, snapshot: Callable[[], TmemdCounters] | None
 ) -> PhaseRuns:
     started = time.monotonic()
     results: list[launcher.CommandResult] = []
@@ -461,15 +468,15 @@ def _run_phases(
     return PhaseRuns(results, time.monotonic() - started, counters)
 
 
-def _tmemd_snapshot(tmemd: TmemdProcess, guest: str) -> Callable[[], dict[str, Any]]:
-    def snapshot() -> dict[str, Any]:
+def _tmemd_snapshot(tmemd: TmemdProcess, guest: str) -> Callable[[], TmemdCounters]:
+    def snapshot() -> TmemdCounters:
         with tmemd.control() as control:
-            return _tmemd_counters(control.request("stats"), guest)
+            return _tmemd_counters(control.stats(), guest)
 
     return snapshot
 
 
-def _merge_passes(outputs: list[dict[str, Any]], tmemd: list[dict[str, Any]]) -> dict[str, Any]:
+def _merge_passes(outputs: list[dict[str, Any]], tmemd: list[TmemdCounters]) -> dict[str, Any]:
     """One pagecache result from its one-pass readers, with tmemd's counters per pass."""
     merged = dict(outputs[-1])
     merged["passes"] = len(outputs)

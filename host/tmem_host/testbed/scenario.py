@@ -37,9 +37,10 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from tmem_host.testbed.modes import MODES
+from tmem_host.testbed.records import ScenarioRecord
 from tmem_host.daemon.config import parse_size
 
 
@@ -143,11 +144,11 @@ class Scenario:
     description: str = ""
     extra: Mapping[str, Any] = field(default_factory=dict)
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> ScenarioRecord:
         data = asdict(self)
         data["params"] = dict(self.params)
         data["extra"] = dict(self.extra)
-        return data
+        return cast(ScenarioRecord, data)
 
 
 class _Reader:

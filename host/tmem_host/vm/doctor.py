@@ -101,7 +101,7 @@ def check_tmemd() -> Check:
 
 def check_vsock() -> Check:
     if Path("/dev/vhost-vsock").exists():
-        return Check("ok", "vsock", "/dev/vhost-vsock present: GuestConfig(vsock_cid=N) works")
+        return Check("ok", "vsock", "/dev/vhost-vsock present: VmConfig(vsock_cid=N) works")
     return Check("ok", "vsock", "no /dev/vhost-vsock: guests use virtio-serial only (fine)")
 
 

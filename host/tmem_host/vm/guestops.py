@@ -13,17 +13,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from tmem_host.vm.launcher import DISK_SERIALS, CommandResult, Guest
+from tmem_host.vm.launcher import CommandResult, Guest
+from tmem_wire.agent import AGENT_READY_FILE, AGENT_RUN_DIR, DISK_SERIALS
 
-AGENT_DIR = "/run/tmem-agent"
-AGENT_READY_FILE = f"{AGENT_DIR}/ready"  # holds the agent's pid once swap is on / the cache mounted
-AGENT_LOG = f"{AGENT_DIR}/agent.log"
+AGENT_LOG = f"{AGENT_RUN_DIR}/agent.log"
 CGROUP_ROOT = "/sys/fs/cgroup"
 
 
 def disk_by_serial(serial: str) -> str:
     """A shell expression for the /dev path of the guest's virtio disk with this serial."""
-    return f'$(python3 -c "from tmem_guest.system import find_disk_by_serial as f; print(f(\'{serial}\'))")'
+    return f"$(python3 -m tmem_guest find-disk {shlex.quote(serial)})"
 
 
 def enable_disk_swap(guest: Guest, serial: str = DISK_SERIALS["swap"], priority: int = 10) -> str:
@@ -39,7 +38,7 @@ def start_agent(guest: Guest, arguments: str, timeout: float = 120.0) -> int:
     """Start `python3 -m tmem_guest start ARGUMENTS` in the background and wait until
     it is ready; returns its pid (which it writes into the ready file)."""
     guest.ssh(
-        f"mkdir -p {AGENT_DIR} && rm -f {AGENT_READY_FILE} && setsid -f python3 -m tmem_guest start "
+        f"mkdir -p {AGENT_RUN_DIR} && rm -f {AGENT_READY_FILE} && setsid -f python3 -m tmem_guest start "
         f"{arguments} > {AGENT_LOG} 2>&1 < /dev/null"
     )
     deadline = time.monotonic() + timeout

@@ -1,8 +1,8 @@
 """Boot a tmem guest in QEMU and talk to it: SSH, QMP, the serial console.
 
-    config = GuestConfig(name="g1", memory_mib=256, swap="nbd",
-                         nbd_socket=run / "g1.nbd.sock", nbd_export="g1",
-                         tmem_socket=run / "g1.tmem.sock")
+    config = VmConfig(name="g1", memory_mib=256, swap="nbd",
+                      nbd_socket=run / "g1.nbd.sock", nbd_export="g1",
+                      tmem_socket=run / "g1.tmem.sock")
     with Guest(config) as guest:          # start() + wait_ready()
         print(guest.ssh("free -m").stdout)
         guest.qmp("query-status")         # -> {"status": "running", ...}
@@ -51,6 +51,7 @@ from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError
 from tmem_host.vm import accel as accel_probe
 from tmem_host.vm.image import GuestImage, ImageError, require_image
 from tmem_host.vm.recipe import READY_MARKER, REPO_ROOT
+from tmem_wire.agent import DISK_SERIALS, PORT_NAME as TMEM_PORT_NAME
 
 Accel = Literal["auto", "kvm", "tcg"]
 ResolvedAccel = Literal["kvm", "tcg"]  # what "auto" became: what qemu_command() takes
@@ -62,8 +63,6 @@ NBD_RECONNECT_DELAY_S = 30
 # Disk speed classes (swap and data disks): a 200-IOPS spinning disk, a
 # few-thousand-IOPS SSD; "hostcache" is unthrottled.
 DISK_IOPS: dict[str, int] = {"hdd": 200, "ssd": 4000}
-DISK_SERIALS = {"root": "tmem-root", "swap": "tmem-swap", "data": "tmem-data"}
-TMEM_PORT_NAME = "org.tmem.0"
 # QEMU ids of the tmem channel's pieces: Guest.remove_tmem_channel() and
 # add_tmem_channel() address them.
 TMEM_SERIAL_BUS_ID = "tmemserial"
@@ -86,7 +85,7 @@ class LauncherError(Exception):
     """Root of every launcher failure.
 
     LauncherError
-    ├── GuestConfigError        the configuration cannot work (checked before QEMU starts)
+    ├── VmConfigError           the configuration cannot work (checked before QEMU starts)
     │   ├── MissingImageError   kernel, initrd or root image missing
     │   └── SocketNotListeningError  tmemd's channel or NBD socket refuses connections
     ├── QemuError               QEMU misbehaved: the message carries its exit code,
@@ -101,15 +100,15 @@ class LauncherError(Exception):
     """
 
 
-class GuestConfigError(LauncherError):
+class VmConfigError(LauncherError):
     pass
 
 
-class MissingImageError(GuestConfigError):
+class MissingImageError(VmConfigError):
     pass
 
 
-class SocketNotListeningError(GuestConfigError):
+class SocketNotListeningError(VmConfigError):
     pass
 
 
@@ -159,7 +158,7 @@ class CommandFailedError(SshError):
 
 
 @dataclass(slots=True)
-class GuestConfig:
+class VmConfig:
     """What to boot. Sizes in MiB; socket paths must be listening before start()."""
 
     name: str
@@ -243,7 +242,7 @@ def tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
 
 
 def qemu_command(
-    config: GuestConfig, *, accel: ResolvedAccel, image: GuestImage, console_log: Path,
+    config: VmConfig, *, accel: ResolvedAccel, image: GuestImage, console_log: Path,
     ssh_port: int, ssh_public_key: str, monitor_fd: int,
     swap_disk: Path | None = None, data_disk: Path | None = None,
 ) -> list[str]:
@@ -330,7 +329,7 @@ def _scratch_disk_args(role: str, path: Path, speed: str) -> list[str]:
 class Guest:
     """One QEMU guest. A context manager: boots on entry, shuts down on exit."""
 
-    def __init__(self, config: GuestConfig) -> None:
+    def __init__(self, config: VmConfig) -> None:
         self.config = config
         self.run_dir = config.run_dir or Path(tempfile.mkdtemp(prefix=f"tmem-{config.name}-"))
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -380,7 +379,7 @@ class Guest:
     def start(self) -> None:
         """Check the configuration, start QEMU and connect QMP (does not wait for boot)."""
         if self._process is not None:
-            raise GuestConfigError(f"guest {self.config.name} already started")
+            raise VmConfigError(f"guest {self.config.name} already started")
         image = self._check_config()
         try:
             for attempt in range(3):
@@ -576,7 +575,7 @@ class Guest:
         socket, reconnecting as at boot), then the port on the same bus."""
         socket_path = self.config.tmem_socket
         if socket_path is None:
-            raise self._error(GuestConfigError, "this guest has no tmem channel")
+            raise self._error(VmConfigError, "this guest has no tmem channel")
         self.qmp("chardev-add", id=TMEM_CHARDEV_ID, backend={"type": "socket", "data": {
             "addr": {"type": "unix", "data": {"path": str(socket_path)}},
             "server": False, "reconnect": 1}})
@@ -617,7 +616,7 @@ class Guest:
     def _check_config(self) -> GuestImage:
         config = self.config
         if shutil.which(config.qemu_binary) is None:
-            raise GuestConfigError(f"{config.qemu_binary} not found: apt-get install qemu-system-x86")
+            raise VmConfigError(f"{config.qemu_binary} not found: apt-get install qemu-system-x86")
         try:
             image = config.image or require_image()
         except ImageError as error:
@@ -629,12 +628,12 @@ class Guest:
                                         "(run `make image` to build the guest image)")
         if config.swap == "nbd":
             if config.nbd_socket is None or not config.nbd_export:
-                raise GuestConfigError("swap='nbd' needs nbd_socket and nbd_export")
+                raise VmConfigError("swap='nbd' needs nbd_socket and nbd_export")
             check_listening(config.nbd_socket, "the NBD export socket")
         if config.tmem_socket is not None:
             check_listening(config.tmem_socket, "the tmem channel socket")
         if config.vsock_cid is not None and not Path("/dev/vhost-vsock").exists():
-            raise GuestConfigError("vsock requested but /dev/vhost-vsock does not exist")
+            raise VmConfigError("vsock requested but /dev/vhost-vsock does not exist")
         self.accel = self._resolve_accel(image)
         return image
 
@@ -643,7 +642,7 @@ class Guest:
             return "tcg"
         if self.config.accel == "kvm":
             if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-                raise GuestConfigError("accel='kvm' but /dev/kvm is not usable")
+                raise VmConfigError("accel='kvm' but /dev/kvm is not usable")
             return "kvm"
         return accel_probe.verdict(image).accel
 

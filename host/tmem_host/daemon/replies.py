@@ -1,0 +1,323 @@
+"""The shapes of tmemd's control replies (docs/CONTROL.md), as TypedDicts.
+
+Where a reply (or a part of one) is built, it is annotated with its type here:
+the `stats` and `guests` commands (tmem_host.daemon.commands), a guest's record
+(GuestRuntime.summary), the store's figures (Store.stats), a connection's
+(AbiSession.stats), the NBD export's (NbdExport.stats), the journal's
+(JournaledStore.journal_stats) and the connection limits'
+(ConnectionLimiter.stats). Where a reply is read (tmemctl, the testbed), it
+comes through ControlClient's typed methods (stats(), guests(), ...), so mypy
+checks every key a reader names.
+
+The keys and values are JSON. Every key here is always sent (a value may be
+null: `X | None`); a key that is not would be NotRequired. Parts built by name
+(counters) are cast, and tests/daemon/test_control.py checks real replies
+against these types key for key. This module imports nothing but typing, so
+the store, the journal and the NBD export, which sit below the daemon, can use
+it too.
+"""
+
+# No `from __future__ import annotations`: TypedDict sees NotRequired at run time
+# only in evaluated annotations (__required_keys__, which the tests check).
+
+from typing import TypedDict
+
+# -- the store (Store.stats()) ------------------------------------------------
+
+
+class OpCounterStats(TypedDict):
+    """A pool's, a client's or the whole store's operation counters."""
+
+    puts: int
+    refusals: int
+    gets: int
+    hits: int
+    flushes: int
+    evictions: int
+    misses: int  # gets - hits
+
+
+class StorePoolStats(OpCounterStats):
+    """A pool as a client sees it, under `store.clients.NAME.pools`."""
+
+    pool_id: int
+    persistent: bool
+    shared: bool
+    shared_uuid: str | None
+    owner: bool  # the client created it (a shared pool's other members: False)
+    page_shift: int
+    inclusive_gets: bool
+    dedup: bool
+    label: str
+    objects: int
+    pages: int
+    raw_bytes: int
+    stored_bytes: int
+
+
+class ClientStats(OpCounterStats):
+    """A guest's figures in the store, under `store.clients.NAME`."""
+
+    weight: int
+    cap_bytes: int | None
+    share_bytes: int  # its weighted share of the budget
+    dedup: bool
+    frozen: bool
+    pages: int
+    raw_bytes: int
+    stored_bytes: int
+    ephemeral_bytes: int
+    dedup_blobs: int
+    dedup_hits: int
+    pools: list[StorePoolStats]
+
+
+class OverheadBytes(TypedDict):
+    """What the store charges per page, object and dedup blob besides the data."""
+
+    persistent_page: int
+    ephemeral_page: int
+    object: int
+    dedup_blob: int
+
+
+class StoreStats(OpCounterStats):
+    """Store.stats(): the `stats` reply's `store` (counters summed over all clients,
+    those of removed clients included)."""
+
+    budget_bytes: int
+    used_bytes: int
+    free_bytes: int
+    compress: bool
+    overhead_bytes: OverheadBytes
+    pages: int
+    raw_bytes: int
+    stored_bytes: int
+    ephemeral_bytes: int
+    shared_pools: int
+    clients: dict[str, ClientStats]
+
+
+# -- a guest: the `guests` reply's records --------------------------------------
+
+
+class GuestSettings(TypedDict):
+    """A guest's configuration (GuestConfig.to_json())."""
+
+    name: str
+    weight: int
+    cap_bytes: int | None
+    shared_uuids: list[str]
+    dedup: bool
+    cid: int | None  # its vsock peer CID
+
+
+class PoolRecord(TypedDict):
+    """A PoolStats record (tmem_wire.abi) as JSON, its flags spelled out
+    (PoolFlag names; none: an ephemeral private pool)."""
+
+    pool_id: int
+    flags: list[str]
+    page_shift: int
+    pages: int
+    raw_bytes: int
+    stored_bytes: int
+    puts: int
+    gets: int
+    hits: int
+    flushes: int
+    refusals: int
+    evictions: int
+
+
+class GuestRecord(GuestSettings):
+    """One guest of the `guests` reply (and of `stats`' `guests`, and what
+    `add-guest` answers): its settings, connections and pools."""
+
+    connections: int  # live ABI connections
+    connections_total: int
+    draining: bool
+    pools: list[PoolRecord]
+
+
+# -- the parts of the `stats` reply ---------------------------------------------
+
+
+class DaemonInfo(TypedDict):
+    pid: int
+    uptime_s: float
+    run_dir: str
+
+
+class ConnectionStats(TypedDict):
+    """One live ABI connection (AbiSession.stats())."""
+
+    guest: str
+    transport: str  # unix or vsock
+    connected_s: float
+    negotiated: bool  # HELLO done
+    frames_in: int
+    frames_out: int
+    bytes_in: int
+    bytes_out: int
+    errors: int
+    in_flight_max: int
+    resyncs: int  # HELLOs after the first
+    reply_backlogs: int
+    discarded_bytes: int
+
+
+class NbdExportStats(TypedDict):
+    """A guest's NBD export (NbdExport.stats(); its counters: nbd.export.COUNTER_NAMES)."""
+
+    name: str
+    size_bytes: int
+    pool_id: int | None  # None until the first WRITE creates its pool
+    connections: int
+    slots_in_tmem: int
+    requests: int
+    reads: int
+    writes: int
+    trims: int
+    zeroes: int
+    flushes: int
+    invalid_requests: int
+    pages_put_tmem: int
+    pages_refused_fallback: int
+    pages_read_tmem: int
+    pages_read_fallback: int
+    pages_discarded: int
+    read_errors: int
+    fallback_errors: int
+    pool_create_failures: int
+    connections_total: int
+    protocol_errors: int
+    pages_drained: int
+    reply_backlogs: int
+    request_pages_histogram: dict[str, int]  # "1", "2", "4", ... "256+" pages per request
+
+
+class JournalStats(TypedDict):
+    """A guest's crash journal (JournaledStore.journal_stats(), docs/RELIABILITY.md)."""
+
+    path: str
+    durability: str  # none, journal or fsync
+    syncs: int
+    reserved_bytes: int
+    size_bytes: int
+    live_bytes: int  # what a compaction would keep
+    broken: bool  # a write failed: no longer written
+    writes: int
+    records: int
+    write_errors: int
+    compactions: int
+    last_compaction_s: float
+    replayed_records: int
+    replayed_pages: int
+    replay_truncated_bytes: int
+    replay_s: float
+
+
+class LimitCounters(TypedDict):
+    """What the connection limits did (limits.COUNTER_NAMES)."""
+
+    refused_full: int
+    refused_descriptors: int
+    evicted: int
+    handshake_timeouts: int
+    idle_timeouts: int
+
+
+class ConnectionGroupStats(LimitCounters):
+    """One guest's ABI or NBD socket, or the control socket."""
+
+    connections: int  # live
+
+
+class GuestLimitStats(TypedDict):
+    abi: ConnectionGroupStats
+    nbd: ConnectionGroupStats
+
+
+class LimitsStats(TypedDict):
+    """ConnectionLimiter.stats(): the `stats` reply's `limits`."""
+
+    connections_per_guest: int
+    control_connections_max: int
+    handshake_timeout_s: float
+    idle_timeout_s: float
+    reply_bytes_in_flight_max: int
+    descriptor_limit: int
+    descriptor_reserve: int
+    guest_connections: int  # live ABI + NBD connections, all guests
+    totals: LimitCounters  # all guests and the control socket
+    control: ConnectionGroupStats
+    guests: dict[str, GuestLimitStats]
+
+
+class StatsReply(TypedDict):
+    """The `stats` reply."""
+
+    daemon: DaemonInfo
+    store: StoreStats
+    guests: dict[str, GuestRecord]
+    connections: list[ConnectionStats]
+    nbd: dict[str, NbdExportStats]
+    journal: dict[str, JournalStats]  # guests whose store keeps a journal
+    limits: LimitsStats
+
+
+# -- the other commands' replies ------------------------------------------------
+
+
+class BudgetReply(TypedDict):
+    budget_bytes: int
+
+
+class WeightReply(TypedDict):
+    guest: str
+    weight: int
+
+
+class CapReply(TypedDict):
+    guest: str
+    cap_bytes: int | None
+
+
+class FreezeReply(TypedDict):
+    guest: str
+    frozen: bool
+
+
+class ThawReply(TypedDict):
+    guest: str
+    frozen: bool
+    draining: bool
+
+
+class DrainReply(TypedDict):
+    guest: str
+    draining: bool
+    persistent_pages: int  # what the guest's persistent pools held when the drain began
+    agent_connections: int  # its ABI connections that negotiated Feature.DRAIN
+
+
+class FlushReply(TypedDict):
+    guest: str
+    pool: int | None  # None: every pool of the guest
+
+
+class RemoveGuestReply(TypedDict):
+    guest: str
+    removed: bool
+    data_kept: bool
+
+
+class ForgetReply(TypedDict):
+    guest: str
+    forgotten: bool
+    configured: bool  # a configured guest starts afresh; else its files were deleted
+
+
+class ShutdownReply(TypedDict):
+    stopping: bool

@@ -1,0 +1,115 @@
+"""The records of a run's run.json (TypedDicts, since they are JSON): the run,
+its scenario and metadata, and one Sample per guest and repetition.
+
+The runner builds them (tmem_host.testbed.runner) and the reports read them
+back (tmem_host.testbed.report), both through these types, so mypy checks the
+keys on both sides. run.json is schema 1; runs recorded earlier may lack keys
+added since (the reports read them with .get()).
+"""
+
+# No `from __future__ import annotations`: TypedDict sees NotRequired at run time
+# only in evaluated annotations (__required_keys__, which the tests check).
+
+from collections.abc import Sequence
+from typing import Any, Literal, NotRequired, TypedDict
+
+from tmem_host.daemon.replies import NbdExportStats
+
+
+class GuestsRecord(TypedDict):
+    """Scenario.guests (GuestsSpec) as JSON."""
+
+    count: int
+    memory_mib: int
+    vcpus: int
+    swap_mib: int
+    weights: Sequence[int]
+    caps: Sequence[int]  # bytes, 0 = no cap
+    workload_memory_mib: int
+
+
+class ScenarioRecord(TypedDict):
+    """Scenario.to_json()."""
+
+    name: str
+    source: str
+    modes: Sequence[str]
+    baseline: str
+    repetitions: int
+    guests: GuestsRecord
+    budget_bytes: int
+    workload: str
+    params: dict[str, Any]
+    boot_timeout_s: float
+    workload_timeout_s: float
+    description: str
+    extra: dict[str, Any]
+
+
+class HostMetadata(TypedDict):
+    """What the runner records about the host (runner.host_metadata())."""
+
+    host_cpu: str
+    host_load: list[float]  # 1/5/15 min, at start
+    host_kernel: str
+    qemu_version: str
+
+
+class RunMetadata(HostMetadata):
+    started: str  # ISO 8601, UTC
+    image_hash: str
+    guest_kernel: str
+    accelerator: NotRequired[str]  # as QMP reports it, once a guest has booted
+    finished: NotRequired[str]  # written when the run ends
+
+
+# The counters of TmemdCounters (what runner.TMEMD_COUNTERS records).
+TmemdCounter = Literal["puts", "gets", "hits", "refusals", "evictions", "flushes", "pages", "raw_bytes",
+                       "stored_bytes"]
+
+
+class TmemdCounters(TypedDict):
+    """A guest's counters in tmemd's store (its `stats` reply's store client)
+    at the end of the workload; the pagecache workload's `pass_tmemd` holds
+    their differences over each pass."""
+
+    puts: int
+    gets: int
+    hits: int
+    refusals: int
+    evictions: int
+    flushes: int
+    pages: int
+    raw_bytes: int
+    stored_bytes: int
+    nbd: NotRequired[NbdExportStats]  # the guest's NBD export, when it has one
+
+
+class Sample(TypedDict):
+    """One guest's result in one repetition of one mode."""
+
+    mode: str
+    repetition: int  # from 0
+    guest: str
+    ok: bool
+    verified: bool | None  # None: the infrastructure failed before the workload could tell
+    error: str | None
+    wall_s: float | None  # the workload's wall time; None when it did not run
+    # The measurements, absent when the infrastructure failed:
+    workload: NotRequired[dict[str, Any]]  # the workload's own JSON result (pagecache: merged passes)
+    vmstat: NotRequired[dict[str, float]]  # guest /proc/vmstat deltas
+    psi: NotRequired[dict[str, float]]  # guest memory pressure deltas
+    agent: NotRequired[dict[str, Any] | None]  # `python3 -m tmem_guest stats`; None without an agent
+    tmemd: NotRequired[TmemdCounters | None]  # None without tmemd
+    host: NotRequired[dict[str, float]]  # ROLE_cpu_s and ROLE_peak_rss, ROLE qemu or tmemd
+    timeline: NotRequired[list[list[float]]]  # [seconds, tmemd RSS, QEMU RSS] rows (hostmetrics)
+
+
+class RunRecord(TypedDict):
+    """run.json."""
+
+    schema: int
+    id: str
+    scenario: ScenarioRecord
+    metadata: RunMetadata
+    samples: list[Sample]
