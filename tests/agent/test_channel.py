@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tmem_guest.channel import PORT_NAME, ChannelDown, VirtioPortChannel
+from tmem_guest.channel import ChannelDown, VirtioPortChannel
+from tmem_wire.agent import PORT_NAME
 
 
 def add_port(root: Path, node: str, name: str) -> int:
@@ -56,7 +57,7 @@ def test_the_port_is_looked_up_by_name_on_every_connect(tmp_path: Path) -> None:
 
 
 def read_all(fd: int) -> bytes:
-    chunks = []
+    chunks: list[bytes] = []
     while True:
         try:
             chunk = os.read(fd, 1 << 16)

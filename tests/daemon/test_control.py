@@ -94,7 +94,7 @@ def assert_shape(value: object, shape: object, where: str = "reply") -> None:
     elif shape is int:
         assert isinstance(value, int) and not isinstance(value, bool), f"{where}: {value!r}"
     elif shape in (str, bool):
-        assert isinstance(value, shape), f"{where}: {value!r}"  # type: ignore[arg-type]
+        assert isinstance(value, shape), f"{where}: {value!r}"
     else:
         raise AssertionError(f"{where}: no check for {shape!r}")
 

@@ -64,8 +64,9 @@ def test_drain_freezes_the_guest_and_empties_its_export(tmp_path: Path) -> None:
         assert runtime.export_drain is not None
         assert await runtime.export_drain == 40
         assert export.stats()["slots_in_tmem"] == 0
-        status = daemon.store.put(runtime.client, export.stats()["pool_id"], (0, 0, 0), 9,
-                                  bytes(PAGE))
+        pool_id = export.stats()["pool_id"]
+        assert pool_id is not None
+        status = daemon.store.put(runtime.client, pool_id, (0, 0, 0), 9, bytes(PAGE))
         assert status == Status.FROZEN  # new pages go to the fallback file
         await daemon.commands.handle({"cmd": "thaw", "guest": "g1"})
         assert not runtime.draining

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import uuid
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -137,8 +138,9 @@ def test_guest_specs_and_sizes_parse() -> None:
                      "g1:cid=2"):
         with pytest.raises(ConfigError):
             parse_guest_spec(bad_spec)
-    common = dict(file_settings={}, run_dir=Path("/r"), budget="1M", compress=None,
-                  nbd_size=None, vsock_port=None, log_level=None, log_format=None)
+    common: dict[str, Any] = dict(file_settings={}, run_dir=Path("/r"), budget="1M",
+                                  compress=None, nbd_size=None, vsock_port=None,
+                                  log_level=None, log_format=None)
     with pytest.raises(ConfigError, match="same vsock CID"):
         build_config(guest_specs=["a:cid=3", "b:cid=3"], guest_cids=[], **common)
     with pytest.raises(ConfigError, match="configured guest"):

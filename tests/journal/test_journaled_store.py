@@ -125,7 +125,8 @@ def test_a_torn_tail_is_cut_and_everything_before_it_restored(tmp_path: Path) ->
     again, restored = reopen(tmp_path)
     journal = again.journal(restored)
     assert journal is not None and journal.replay.truncated_bytes > 0
-    assert restored.pools[pool] is not None and restored.pools[pool].pages == 19
+    restored_pool = restored.pools[pool]
+    assert restored_pool is not None and restored_pool.pages == 19
     assert again.get(restored, pool, (0, 0, 0), 19)[0] == Status.MISS
     assert path.stat().st_size == journal.size_bytes < size - 100
     # Appends continue from the cut: a third start sees them.
@@ -152,7 +153,8 @@ def test_compaction_keeps_content_and_shrinks_the_file(tmp_path: Path) -> None:
     expected = contents(store, client)
     again, restored = reopen(tmp_path)
     assert contents(again, restored) == expected and len(expected) == 61
-    assert restored.pools[other] is not None and restored.pools[other].label == "nbd"
+    other_pool = restored.pools[other]
+    assert other_pool is not None and other_pool.label == "nbd"
 
 
 def test_a_crash_during_compaction_leaves_the_old_journal(tmp_path: Path) -> None:

@@ -9,7 +9,8 @@ import pytest
 
 from tmem_host.daemon.process import TmemdProcess
 from tmem_host.vm.image import GuestImage
-from tmem_host.vm.launcher import DISK_SERIALS, Guest, VmConfig
+from tmem_host.vm.launcher import Guest, VmConfig
+from tmem_wire.agent import DISK_SERIALS
 
 from .conftest import processes_mentioning
 

@@ -13,9 +13,10 @@ from tmem_host.daemon.process import TmemdProcess
 from tmem_host.vm import accel
 from tmem_host.vm.image import GuestImage
 from tmem_host.vm.launcher import (
-    DISK_IOPS, DISK_SERIALS, TMEM_PORT_NAME, CommandFailedError, Guest, VmConfig, SshError,
-    SshTimeoutError,
+    DISK_IOPS, CommandFailedError, Guest, SshError, SshTimeoutError, VmConfig,
 )
+from tmem_wire.agent import DISK_SERIALS
+from tmem_wire.agent import PORT_NAME as TMEM_PORT_NAME
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow]
 

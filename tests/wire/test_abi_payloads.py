@@ -166,8 +166,9 @@ def test_put_batch_layout_and_round_trip() -> None:
     assert encoded[:8] == struct.pack("<IB3x", 3, 12)
     assert encoded[8:40] == struct.pack("<4Q", 1, 2, 3, 0)
     assert encoded[8 + 3 * 32 :] == b"".join(pages)
-    assert abi.decode_put_batch(encoded) == (12, KEYS, pages)
-    assert abi.decode_put_batch(memoryview(encoded))[2] == pages
+    shift, keys, views = abi.decode_put_batch(encoded)
+    assert (shift, keys, [bytes(view) for view in views]) == (12, KEYS, pages)
+    assert [bytes(view) for view in abi.decode_put_batch(memoryview(encoded))[2]] == pages
 
 
 def test_key_batch_layout_and_round_trip() -> None:
