@@ -117,6 +117,7 @@ class Session:
         self.timeouts = 0  # sessions taken down because tmemd did not answer in time
         self.late_replies = 0  # replies to requests given up earlier, dropped
         self.pools_resumed = 0  # pools found again in tmemd's STATS after a reconnect
+        self.handshake_failures = 0  # HELLOs (or pool attachments) that failed or timed out
         # Set by every reply carrying Flag.DRAIN; the swap frontend's drain clears it.
         self.drain_requested = threading.Event()
         self.draining = False  # whether the latest reply carried Flag.DRAIN
@@ -187,6 +188,7 @@ class Session:
                 self._handshake(decoder, receive_view)
             except (ChannelDown, abi.ProtocolError, TimeoutError) as error:
                 log.warning("handshake with tmemd failed: %s", error)
+                self.handshake_failures += 1
                 self.channel.disconnect()
                 self._stopped.wait(backoff)
                 backoff = min(backoff * 2, self.backoff_max)

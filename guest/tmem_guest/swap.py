@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import fcntl
 import logging
-import mmap
 import os
 import socket
 import threading

@@ -14,6 +14,7 @@ import pytest
 from tmem_guest.channel import ChannelDown, UnixSocketChannel
 from tmem_guest.session import Session, SessionPool
 from tmem_host.daemon.process import TmemdProcess
+from tmem_host.waiting import wait_until
 from tmem_wire import abi
 from tmem_wire.frontswap import PAGE_SIZE, frontswap_key
 
@@ -192,7 +193,9 @@ def test_a_stopped_tmemd_times_calls_out_then_they_fail_at_once_until_it_continu
             with pytest.raises(ChannelDown):  # down: no waiting at all
                 session.get(pool, oid, index, memoryview(bytearray(PAGE_SIZE)))
             assert time.monotonic() - started < 0.2
-            time.sleep(2.5)  # re-HELLOs time out meanwhile
+            # Re-HELLOs to the stopped tmemd time out meanwhile: the session stays down.
+            failures = session.handshake_failures
+            assert wait_until(lambda: session.handshake_failures > failures, 10)
             assert not session.is_up
         finally:
             continue_tmemd(tmemd)
@@ -217,9 +220,7 @@ def test_an_idle_session_notices_a_stopped_tmemd_by_its_heartbeat(tmemd: TmemdPr
         assert session.wait_up(10)
         stop_tmemd(tmemd)
         try:
-            deadline = time.monotonic() + 5
-            while session.is_up and time.monotonic() < deadline:
-                time.sleep(0.05)
+            wait_until(lambda: not session.is_up, 5)
             assert not session.is_up and session.timeouts == 1  # no call was made: the heartbeat went unanswered
         finally:
             continue_tmemd(tmemd)

@@ -25,6 +25,7 @@ from tmem_guest.swap import FallbackDisk, SwapStore
 from tmem_guest.system import aligned_buffer
 from tmem_host.ctl.main import drain, guest_persistent_pages
 from tmem_host.daemon.process import TmemdProcess
+from tmem_host.waiting import wait_until
 from tmem_wire import nbd
 from tmem_wire.frontswap import PAGE_SHIFT, PAGE_SIZE, Where
 
@@ -180,9 +181,7 @@ def test_a_write_tmemd_stops_during_goes_to_disk_and_its_late_put_is_flushed(swa
         os.kill(daemon.pid, signal.SIGCONT)
     assert opened.session.wait_up(15)
     # tmemd applied the PUT given up on; the maintenance thread flushes what the map does not point at.
-    deadline = time.monotonic() + 10
-    while (opened.store.unsure.count() or pool_pages(daemon) != 64) and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_until(lambda: not opened.store.unsure.count() and pool_pages(daemon) == 64, 10)
     assert opened.store.unsure.count() == 0 and opened.store.counters["unsure_flushed"] >= REQUEST_PAGES
     assert pool_pages(daemon) == opened.store.slots.count(Where.TMEM) == 64  # slots 64..127 are still in tmem
     opened.check(latest)
@@ -198,8 +197,9 @@ def test_a_read_during_an_outage_waits_for_tmemd_and_gets_the_page(swap: tuple[T
     )
     try:
         reader.start()
-        time.sleep(3 * REQUEST_TIMEOUT_S)  # past the request timeout: the read waits for the session
-        assert reader.is_alive() and not opened.session.is_up
+        # Past the request timeout: the session is down, and the read waits for it.
+        assert wait_until(lambda: not opened.session.is_up, 5 * REQUEST_TIMEOUT_S)
+        assert reader.is_alive()
     finally:
         os.kill(daemon.pid, signal.SIGCONT)
     reader.join(20)
@@ -214,9 +214,7 @@ def test_after_kill_9_tmemd_comes_back_from_its_journal_and_the_pool_resumes(swa
     resumed = opened.session.pools_resumed
     daemon.crash_and_restart()
     assert opened.session.wait_up(15)
-    deadline = time.monotonic() + 15
-    while opened.session.pools_resumed == resumed and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: opened.session.pools_resumed != resumed, 15)
     assert opened.session.pools_resumed == resumed + 1 and opened.store.pool.pool_id == pool_id
     hits = opened.store.counters["hits"]
     opened.check(latest)  # every slot from tmem, as the map says
@@ -234,7 +232,6 @@ def test_without_a_journal_pages_tmem_lost_read_as_eio_never_as_stale_data(tmp_p
             opened.store.disk.write(0, older)
             daemon.crash_and_restart()
             assert opened.session.wait_up(15)
-            time.sleep(0.5)
             with pytest.raises(AssertionError):
                 opened.check({0: 1})
             into = memoryview(aligned_buffer(REQUEST_PAGES * PAGE_SIZE))
@@ -252,9 +249,7 @@ def test_without_a_journal_pages_tmem_lost_read_as_eio_never_as_stale_data(tmp_p
 def test_calls_during_an_outage_raise_at_once(swap: tuple[TmemdProcess, Swap]) -> None:
     daemon, opened = swap
     daemon.kill()
-    deadline = time.monotonic() + 5
-    while opened.session.is_up and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: not opened.session.is_up, 5)
     started = time.monotonic()
     with pytest.raises(ChannelDown):
         opened.session.pool_stats(opened.store.pool)

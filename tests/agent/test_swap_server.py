@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import os
 import socket
-import time
 import tracemalloc
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from tmem_guest.counters import Counters
 from tmem_guest.session import Session
 from tmem_guest.swap import READAHEAD_GET_PAGES, FallbackDisk, NbdSwapServer, SwapStore
 from tmem_host.daemon.process import TmemdProcess
+from tmem_host.waiting import wait_until
 from tmem_wire import nbd
 from tmem_wire.frontswap import PAGE_SIZE
 
@@ -300,10 +300,3 @@ def test_a_read_waiting_longer_than_read_wait_is_answered_eio(served: Served, tm
     assert served.server.parked_reads == 0 and served.store.counters["errors"] >= 1
 
 
-def wait_until(condition: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True

@@ -6,8 +6,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,6 +15,8 @@ from tmem_host.vm.launcher import (
     VmConfigError, GuestPanicError, Guest, VmConfig, LauncherError, MissingImageError, QemuExitedError,
     SocketNotListeningError,
 )
+
+from tmem_host.waiting import wait_until
 
 from .conftest import processes_mentioning
 
@@ -102,13 +102,6 @@ if sys.argv[2] == "kill":
 """
 
 
-def wait_for(condition: Callable[[], object], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 @pytest.mark.parametrize("ending", ["kill", "interrupt", "return"])
@@ -129,7 +122,7 @@ def test_no_qemu_outlives_its_parent(image: GuestImage, tmp_path: Path, ending: 
         output = parent.communicate(timeout=60)[0]
         if ending == "interrupt":
             assert "KeyboardInterrupt" in output
-        assert wait_for(lambda: not Path(f"/proc/{int(qemu_pid)}").exists(), 15.0)
+        assert wait_until(lambda: not Path(f"/proc/{int(qemu_pid)}").exists(), 15.0)
         assert not processes_mentioning(f"{run_dir}/console.log")
     finally:
         parent.kill()

@@ -18,6 +18,7 @@ from pathlib import Path
 from types import TracebackType
 
 from tmem_host.daemon.control import ControlClient
+from tmem_host.waiting import wait_until
 from tmem_host.daemon.runtime import abi_socket_path, nbd_socket_path
 from tmem_host.daemon.server import READY_LINE
 
@@ -193,11 +194,8 @@ class TmemdProcess:
 
 def _wait_for(condition: Callable[[], bool] | None, wait_s: float) -> None:
     """Poll ``condition`` until it holds; TimeoutError after ``wait_s`` seconds."""
-    deadline = time.monotonic() + wait_s
-    while condition is not None and not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"the restart condition did not hold within {wait_s} s")
-        time.sleep(0.05)
+    if condition is not None and not wait_until(condition, wait_s):
+        raise TimeoutError(f"the restart condition did not hold within {wait_s} s")
 
 
 # The type of the tests' `start_tmemd` fixture (tests/conftest.py).
