@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from tmem_host.daemon.process import TmemdProcess
-from tmem_host.daemon.replies import PoolRecord
+from tmem_host.replies import PoolRecord
 from tmem_host.vm import guestops
 from tmem_host.vm.guestops import agent_log, agent_stats, start_agent, stop_agent
 from tmem_host.vm.launcher import CommandResult, Guest, VmConfig

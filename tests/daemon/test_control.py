@@ -18,7 +18,7 @@ import pytest
 from tmem_host.daemon.client import AbiClient, TmemdClosedConnection
 from tmem_host.daemon.control import ControlClient, ControlError, DaemonNotRunning
 from tmem_host.daemon.process import StartTmemd, TmemdProcess
-from tmem_host.daemon.replies import (
+from tmem_host.replies import (
     BudgetReply, CapReply, DrainReply, FlushReply, ForgetReply, FreezeReply, GuestRecord,
     RemoveGuestReply, StatsReply, ThawReply, WeightReply,
 )
@@ -100,7 +100,7 @@ def assert_shape(value: object, shape: object, where: str = "reply") -> None:
 
 
 def test_replies_have_the_shapes_of_their_types(tmemd: TmemdProcess) -> None:
-    """tmem_host.daemon.replies declares every key tmemd sends, and tmemd sends
+    """tmem_host.replies declares every key tmemd sends, and tmemd sends
     every key it declares required (parts built by name escape mypy)."""
     with AbiClient.open(tmemd.abi_socket("g1")) as client, \
             NbdClient(tmemd.nbd_socket("g2"), "g2") as export:

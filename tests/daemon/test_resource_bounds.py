@@ -31,7 +31,7 @@ import pytest
 
 from tmem_host.daemon.client import AbiClient, TmemdClosedConnection
 from tmem_host.daemon.control import ControlClient, ControlError
-from tmem_host.daemon.limits import CONTROL_CONNECTIONS
+from tmem_host.limits import CONTROL_CONNECTIONS
 from tmem_host.daemon.logsetup import RateLimitFilter, TextFormatter
 from tmem_host.daemon.process import StartTmemd, TmemdProcess
 from tmem_host.nbd.client import NbdClient, NbdClientError

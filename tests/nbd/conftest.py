@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 from tmem_host.daemon.process import StartTmemd, TmemdProcess
-from tmem_host.daemon.replies import NbdExportStats
+from tmem_host.replies import NbdExportStats
 
 CAPPED_GUEST = "small"
 CAP_BYTES = 256 * 1024

@@ -24,7 +24,7 @@ from tmem_host.daemon.config import (
     parse_size,
 )
 from tmem_host.daemon.control import ControlClient, ControlError
-from tmem_host.daemon.replies import JournalStats, PoolRecord, StatsReply
+from tmem_host.replies import JournalStats, PoolRecord, StatsReply
 
 # A guest's counters in the store (replies.ClientStats) that the tables show.
 ClientCounter = Literal["puts", "gets", "hits", "refusals", "evictions", "flushes"]

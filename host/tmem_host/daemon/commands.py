@@ -19,7 +19,7 @@ from tmem_host.daemon.config import (
     ConfigError, check_weight, guest_from_mapping, parse_cap, parse_size, validate_guest_name,
 )
 from tmem_host.daemon.control import ControlError
-from tmem_host.daemon.replies import (
+from tmem_host.replies import (
     BudgetReply, CapReply, DrainReply, FlushReply, ForgetReply, FreezeReply, GuestRecord,
     RemoveGuestReply, ShutdownReply, StatsReply, ThawReply, WeightReply,
 )

@@ -20,7 +20,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, Final, NoReturn
 
-from tmem_host.daemon.replies import GuestSettings
+from tmem_host.replies import GuestSettings
 from tmem_host.journal.journaled import DURABILITY_LEVELS
 
 from tmem_wire.frontswap import PAGE_SIZE

@@ -5,7 +5,7 @@ Request: `{"cmd": "set-weight", "guest": "g1", "weight": 200}`; reply:
 per request, in order. This module holds both ends: the line codec, the
 asyncio server protocol and the synchronous client tmemctl and tests use
 (its typed methods give the results read by key their shapes,
-tmem_host.daemon.replies).
+tmem_host.replies).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, cast
 
-from tmem_host.daemon.limits import Admission, ConnectionKind, ConnectionLimiter
-from tmem_host.daemon.replies import BudgetReply, DrainReply, GuestRecord, StatsReply
+from tmem_host.limits import Admission, ConnectionKind, ConnectionLimiter
+from tmem_host.replies import BudgetReply, DrainReply, GuestRecord, StatsReply
 
 log = logging.getLogger("tmemd.control")
 
@@ -143,7 +143,7 @@ class ControlServerProtocol(asyncio.Protocol):
     def resume_writing(self) -> None:
         self._writable.set()
 
-    # -- the limiter's view (tmem_host.daemon.limits.LimitedConnection) --
+    # -- the limiter's view (tmem_host.limits.LimitedConnection) --
 
     @property
     def handshake_done(self) -> bool:

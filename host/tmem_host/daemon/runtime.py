@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
 from tmem_host.daemon.config import GuestConfig
-from tmem_host.daemon.replies import GuestRecord, PoolRecord
+from tmem_host.replies import GuestRecord, PoolRecord
 from tmem_host.nbd.export import NbdExport
 from tmem_host.store import Client, Store
 from tmem_wire.abi import PoolFlag, PoolStats

@@ -23,7 +23,7 @@ from tmem_host.daemon.control import (
     ControlError,
     ControlServerProtocol,
 )
-from tmem_host.daemon.limits import ConnectionLimiter, raise_descriptor_limit
+from tmem_host.limits import ConnectionLimiter, raise_descriptor_limit
 from tmem_host.daemon.runtime import (
     GuestRuntime, abi_socket_path, fallback_path, nbd_socket_path,
 )

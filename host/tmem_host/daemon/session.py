@@ -5,7 +5,7 @@ every complete frame, serves each synchronously against the store and writes
 all replies of that chunk with one `transport.write`. Buffered, because a
 plain Protocol makes asyncio allocate a fresh 256 KiB bytes per read.
 
-Bounds (tmem_host.daemon.limits): a pass stops taking frames once the replies in
+Bounds (tmem_host.limits): a pass stops taking frames once the replies in
 flight reach REPLY_BYTES_IN_FLIGHT (a chunk of GET_BATCH requests asks for far
 more); the rest wait in the decoder with reading paused. Until HELLO a
 connection costs a 4 KiB receive buffer and frames of at most a page, and the
@@ -34,8 +34,8 @@ from tmem_wire.abi import (
     encode_batch_reply, encode_pool_grant, encode_pool_stats, negotiate, pack_header_into,
 )
 
-from tmem_host.daemon.limits import Admission, ConnectionKind, ConnectionLimiter, ReplyFlow
-from tmem_host.daemon.replies import ConnectionStats
+from tmem_host.limits import Admission, ConnectionKind, ConnectionLimiter, ReplyFlow
+from tmem_host.replies import ConnectionStats
 from tmem_host.store import Store
 
 if TYPE_CHECKING:
@@ -388,7 +388,7 @@ class AbiSession(asyncio.BufferedProtocol):
             log.info("closing connection", extra={"guest": self._guest_name(), "reason": reason})
             self._transport.close()
 
-    # -- the limiter's view (tmem_host.daemon.limits.LimitedConnection) -----------
+    # -- the limiter's view (tmem_host.limits.LimitedConnection) -----------
 
     @property
     def handshake_done(self) -> bool:

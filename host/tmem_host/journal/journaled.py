@@ -34,7 +34,7 @@ from uuid import UUID
 
 from tmem_wire.abi import WHOLE_OBJECT, Buffer, Key, Oid, Status
 
-from tmem_host.daemon.replies import JournalStats
+from tmem_host.replies import JournalStats
 from tmem_host.statefiles import (
     FALLOC_FL_KEEP_SIZE, fallocate, fsync_dir, open_state_file, unsupported,
 )

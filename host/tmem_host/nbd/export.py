@@ -24,8 +24,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Final, Literal, cast
 
-from tmem_host.daemon.limits import Admission, ConnectionKind, ConnectionLimiter, ReplyFlow
-from tmem_host.daemon.replies import NbdExportStats
+from tmem_host.limits import Admission, ConnectionKind, ConnectionLimiter, ReplyFlow
+from tmem_host.replies import NbdExportStats
 from tmem_host.statefiles import (
     FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, fallocate, open_state_file,
     unsupported,
@@ -643,7 +643,7 @@ class NbdConnection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
-    # -- the limiter's view (tmem_host.daemon.limits.LimitedConnection) --
+    # -- the limiter's view (tmem_host.limits.LimitedConnection) --
 
     @property
     def handshake_done(self) -> bool:

@@ -28,7 +28,7 @@ from operator import itemgetter
 from typing import Final, TypeAlias
 from uuid import UUID
 
-from tmem_host.daemon.replies import ClientStats, JournalStats, OpCounterStats, StorePoolStats, StoreStats
+from tmem_host.replies import ClientStats, JournalStats, OpCounterStats, StorePoolStats, StoreStats
 from tmem_wire.abi import (
     MAX_PAGE_SHIFT,
     MIN_PAGE_SHIFT,

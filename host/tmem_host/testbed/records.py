@@ -13,7 +13,7 @@ added since (the reports read them with .get()).
 from collections.abc import Sequence
 from typing import Any, Literal, NotRequired, TypedDict
 
-from tmem_host.daemon.replies import NbdExportStats
+from tmem_host.replies import NbdExportStats
 
 
 class GuestsRecord(TypedDict):

@@ -27,7 +27,7 @@ from typing import Any, cast, get_args
 
 from tmem_host.daemon.config import format_size
 from tmem_host.daemon.process import TmemdFailed, TmemdProcess
-from tmem_host.daemon.replies import StatsReply
+from tmem_host.replies import StatsReply
 from tmem_host.testbed import hostmetrics, report
 from tmem_host.testbed.modes import MODES, Mode
 from tmem_host.testbed.records import HostMetadata, RunMetadata, RunRecord, Sample, TmemdCounter, TmemdCounters

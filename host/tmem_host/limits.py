@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Final, Protocol, cast
 
-from tmem_host.daemon.replies import ConnectionGroupStats, GuestLimitStats, LimitCounters, LimitsStats
+from tmem_host.replies import ConnectionGroupStats, GuestLimitStats, LimitCounters, LimitsStats
 
 log = logging.getLogger("tmemd.limits")
 
