@@ -9,7 +9,10 @@ zero-filled and random pages, fixed seed; `tmem_workloads.usemem`'s templates):
 - tmemd's NBD export (the bench guest's): WRITE and READ of BATCH_PAGES-page
   requests, BATCH_DEPTH in flight, as QEMU's NBD client would send swap I/O;
 - Redis (Debian's redis-server, started here on a unix socket, persistence off)
-  SET/GET of the same pages, unpipelined and pipelined BATCH_PAGES deep.
+  SET/GET of the same pages, unpipelined and pipelined BATCH_PAGES deep, by the
+  bench's own client (the reference the targets are against), and redis-benchmark
+  (Redis's C load generator, 4 KiB values, BATCH_DEPTH connections x BATCH_PAGES
+  pipelined) against the same server: the server's capacity.
 
 Prints a table and writes bench/results/<timestamp>.json. More rows plug in as
 further suites: functions of BenchContext -> list[Row] in SUITES.
@@ -80,6 +83,8 @@ class BenchContext:
     quick: bool
     budget: str
     notes: dict[str, object] = field(default_factory=dict)
+    # The rows of the suites run so far (a later suite may compare with them).
+    rows_so_far: list[Row] = field(default_factory=list)
 
 
 def mixed_pages(count: int, seed: int = SEED) -> list[bytes]:
@@ -379,6 +384,37 @@ def redis_suite(ctx: BenchContext) -> list[Row]:
                 raise RuntimeError("redis returned different pages than were set")
         finally:
             client.close()
+        rows += redis_benchmark_rows(sock_path, len(pages))
+    put_batch = next(row for row in ctx.rows_so_far if row.name.startswith("tmemd PUT_BATCH 64p"))
+    server_set = next(row for row in rows if row.name.startswith("redis-benchmark SET"))
+    ctx.notes["tmemd_put_batch_vs_redis_benchmark_set"] = round(
+        put_batch.pages_per_s / server_set.pages_per_s, 3)
+    return rows
+
+
+def redis_benchmark_rows(sock_path: Path, count: int) -> list[Row]:
+    """Redis's own C load generator against the same server: 4 KiB values (its own
+    filler, not our pages), as many requests in flight as the batched rows
+    (BATCH_DEPTH connections x BATCH_PAGES pipelined). It measures the server,
+    where the Python client above measures what a Python client can do with it."""
+    binary = shutil.which("redis-benchmark")
+    if binary is None:
+        raise RuntimeError("redis-benchmark is missing: install the packages in "
+                           "ci/system-packages.txt")
+    result = subprocess.run(
+        [binary, "-s", str(sock_path), "-t", "set,get", "-d", str(PAGE_SIZE), "-n", str(count),
+         "-r", str(count), "-c", str(BATCH_DEPTH), "-P", str(BATCH_PAGES), "--csv"],
+        capture_output=True, text=True, timeout=300, check=True)
+    rows: list[Row] = []
+    for line in result.stdout.splitlines():
+        fields = [field.strip('"') for field in line.split(",")]
+        if fields[0] in ("SET", "GET"):
+            requests_per_s = float(fields[1])
+            rows.append(Row(f"redis-benchmark {fields[0]} c{BATCH_DEPTH} P{BATCH_PAGES}",
+                            "put" if fields[0] == "SET" else "get", count,
+                            count / requests_per_s))
+    if len(rows) != 2:
+        raise RuntimeError(f"redis-benchmark printed no SET/GET rates: {result.stdout!r}")
     return rows
 
 
@@ -447,7 +483,9 @@ def main(argv: list[str] | None = None) -> int:
         ctx = BenchContext(pages, keys, Path(temp_dir), daemon, args.quick, budget)
         # Other work on the host skews every row: record how busy it was.
         ctx.notes["loadavg_before"] = round(os.getloadavg()[0], 2)
-        rows = [row for suite in SUITES for row in suite(ctx)]
+        for suite in SUITES:
+            ctx.rows_so_far += suite(ctx)
+        rows = ctx.rows_so_far
         ctx.notes["loadavg_after"] = round(os.getloadavg()[0], 2)
     Console().print(render(rows, ctx.notes))
     args.results_dir.mkdir(parents=True, exist_ok=True)
