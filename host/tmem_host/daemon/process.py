@@ -18,9 +18,10 @@ from pathlib import Path
 from types import TracebackType
 
 from tmem_host.daemon.control import ControlClient
-from tmem_host.waiting import wait_until
 from tmem_host.daemon.runtime import abi_socket_path, nbd_socket_path
 from tmem_host.daemon.server import READY_LINE
+from tmem_host.testbed.hostmetrics import process_usage
+from tmem_host.waiting import wait_until
 
 LOG_FILE_NAME = "tmemd.log"
 
@@ -114,12 +115,11 @@ class TmemdProcess:
         return ControlClient(self.run_dir)
 
     def rss_bytes(self) -> int:
-        """tmemd's resident memory now (VmRSS)."""
-        with open(f"/proc/{self.pid}/status") as status:
-            for line in status:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-        raise TmemdFailed("no VmRSS in /proc/PID/status")
+        """tmemd's resident memory now (VmRSS), as the testbed reads it."""
+        usage = process_usage(self.pid)
+        if usage is None:
+            raise TmemdFailed(f"tmemd (pid {self.pid}) is gone\n{self.log_tail()}")
+        return usage.rss_bytes
 
     def alive(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
