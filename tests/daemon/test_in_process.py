@@ -42,6 +42,16 @@ def in_process(run_dir: Path, scenario: Callable[[Daemon], Awaitable[None]]) -> 
     asyncio.run(main())
 
 
+async def until(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
+    """Let the daemon's loop run until ``condition`` holds (False after ``timeout``)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        if asyncio.get_running_loop().time() > deadline:
+            return False
+        await asyncio.sleep(0.01)
+    return True
+
+
 def put_pages(run_dir: Path, guest: str, count: int) -> int:
     """A real client (blocking: run it in a thread): a persistent pool and pages."""
     with AbiClient.open(abi_socket_path(run_dir, guest)) as client:
@@ -84,18 +94,12 @@ def test_forget_waits_for_the_guest_to_disconnect_and_a_restart_resumes_the_rest
         runtime = daemon.guests["g1"]
         client = await asyncio.to_thread(AbiClient.open, abi_socket_path(tmp_path, "g1"))
         try:
-            for _ in range(100):  # until the daemon saw the connection
-                if runtime.connected:
-                    break
-                await asyncio.sleep(0.01)
+            assert await until(lambda: runtime.connected > 0)  # the daemon saw the connection
             with pytest.raises(ControlError, match="live connection"):
                 await daemon.commands.handle({"cmd": "forget", "guest": "g1"})
         finally:
             client.close()
-        for _ in range(100):
-            if not runtime.connected:
-                break
-            await asyncio.sleep(0.01)
+        assert await until(lambda: runtime.connected == 0)
         reply = await daemon.commands.handle({"cmd": "forget", "guest": "g1"})
         assert reply == {"guest": "g1", "forgotten": True, "configured": True}
         assert daemon.store.pool_stats(daemon.guests["g1"].client) == []
