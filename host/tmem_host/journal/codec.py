@@ -16,10 +16,13 @@ header and key are packed in one call and the page follows. Bodies:
     FLUSH_POOL    pool u8
     DESTROY_POOL  pool u8
     LOST          pool u8, oid 3 x u64, index u64
+    REMOTE        pool u8, oid 3 x u64, index u64, version u64, remote bytes u32
 
 LOST says tmemd dropped a page its guest did not flush (an admin flush): the
 NBD export must fail reads of that slot until it is written again. Compaction
-keeps LOST records of keys not written since.
+keeps LOST records of keys not written since. REMOTE says the page's data is in
+the remote tier under that version (docs/REMOTE.md): the journal keeps where a
+page is, never a copy of it, so a restarted tmemd reads it back from the tier.
 
 A stored page is the store's own form (tmem_host.store.pagecodec): tag FILL and
 the 8-byte fill word, or tag DATA and the lz4 block or raw page bytes, so a
@@ -40,6 +43,8 @@ from tmem_wire.abi import NEED_DATA as NEED_DATA
 from tmem_wire.abi import Buffer, Oid, TmemWireError
 from tmem_wire.abi import NeedData as NeedData
 
+from tmem_host.store.tier import RemotePage
+
 MAGIC: Final = 0x4A54  # "TJ" little-endian
 HEADER = struct.Struct("<IHBBI")
 HEADER_SIZE: Final = HEADER.size
@@ -55,6 +60,7 @@ _KEY = struct.Struct("<BQQQQ")
 _OBJECT = struct.Struct("<BQQQ")
 _PUT = struct.Struct("<BQQQQB")
 _WORD = struct.Struct("<Q")
+_REMOTE = struct.Struct("<BQQQQQI")
 
 
 class RecordType(IntEnum):
@@ -65,6 +71,7 @@ class RecordType(IntEnum):
     FLUSH_POOL = 5
     DESTROY_POOL = 6
     LOST = 7
+    REMOTE = 8
 
 
 class PageTag(IntEnum):
@@ -121,7 +128,16 @@ class LostRecord:
     index: int
 
 
-Record = (NewPoolRecord | PutRecord | FlushPageRecord | FlushObjectRecord | FlushPoolRecord
+@dataclass(frozen=True, slots=True)
+class RemoteRecord:
+    pool_id: int
+    oid: Oid
+    index: int
+    version: int
+    nbytes: int
+
+
+Record = (RemoteRecord | NewPoolRecord | PutRecord | FlushPageRecord | FlushObjectRecord | FlushPoolRecord
           | DestroyPoolRecord | LostRecord)
 
 
@@ -142,8 +158,12 @@ def _frame(record_type: RecordType, *body: Buffer) -> list[Buffer]:
     return [crc.to_bytes(_CRC_SIZE, "little"), rest, *body]
 
 
-def put_record(pool_id: int, oid: Oid, index: int, stored: int | bytes) -> list[Buffer]:
-    """The pieces of one PUT record (the hot path: no join, the caller writes them)."""
+def put_record(pool_id: int, oid: Oid, index: int, stored: int | bytes | RemotePage) -> list[Buffer]:
+    """The pieces of one PUT record (the hot path: no join, the caller writes them);
+    for a page in the remote tier, its REMOTE record."""
+    if type(stored) is RemotePage:
+        return _frame(RecordType.REMOTE, _REMOTE.pack(pool_id, *oid, index, stored.version,
+                                                      stored.nbytes))
     if type(stored) is int:
         data: bytes = _WORD.pack(stored)
         tag = PageTag.FILL
@@ -164,7 +184,10 @@ def encode(record: Record) -> bytes:
     """One record as bytes."""
     if isinstance(record, PutRecord):
         return b"".join(put_record(record.pool_id, record.oid, record.index, record.stored))
-    if isinstance(record, NewPoolRecord):
+    if isinstance(record, RemoteRecord):
+        pieces = _frame(RecordType.REMOTE, _REMOTE.pack(record.pool_id, *record.oid, record.index,
+                                                        record.version, record.nbytes))
+    elif isinstance(record, NewPoolRecord):
         label = record.label.encode("ascii")
         if len(label) > MAX_LABEL:
             raise ValueError(f"pool label longer than {MAX_LABEL} bytes")
@@ -261,6 +284,10 @@ def _decode_body(record_type: int, body: bytes) -> Record:
             pool_id, oid0, oid1, oid2, index = _KEY.unpack(body)
             key_record = FlushPageRecord if kind is RecordType.FLUSH_PAGE else LostRecord
             return key_record(pool_id, (oid0, oid1, oid2), index)
+        if kind is RecordType.REMOTE:
+            _exact(body, _REMOTE)
+            pool_id, oid0, oid1, oid2, index, version, nbytes = _REMOTE.unpack(body)
+            return RemoteRecord(pool_id, (oid0, oid1, oid2), index, version, nbytes)
         if kind is RecordType.FLUSH_OBJECT:
             _exact(body, _OBJECT)
             pool_id, oid0, oid1, oid2 = _OBJECT.unpack(body)

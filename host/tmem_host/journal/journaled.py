@@ -22,6 +22,7 @@ Ephemeral pools are never journaled. A graceful stop keeps every journal
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -40,6 +41,7 @@ from tmem_host.statefiles import (
 )
 from tmem_host.store import DEFAULT_WEIGHT, Client, Pool, Store
 from tmem_host.store.store import DedupBlob
+from tmem_host.store.tier import RemotePage
 
 from . import codec
 
@@ -318,7 +320,7 @@ def _live_pools(client: Client) -> list[tuple[int, Pool]]:
             if pool is not None and pool.persistent]
 
 
-def _stored_form(pool: Pool, oid: Oid, index: int) -> int | bytes:
+def _stored_form(pool: Pool, oid: Oid, index: int) -> int | bytes | RemotePage:
     value = pool.objects[oid][index]
     return value.stored if isinstance(value, DedupBlob) else value
 
@@ -428,13 +430,40 @@ class JournaledStore(Store):
         journal = self.journal(client)
         return journal is not None and journal.existed and not journal.state_lost
 
-    def make_durable(self) -> None:
+    def make_durable(self) -> asyncio.Future[None] | None:
         """Durability fsync: fdatasync every journal written since the last call.
-        The frontends call it before sending replies, once per batch they read."""
+        The frontends call it before sending replies, once per batch they read,
+        and again when the tier's future it returns completes (until None)."""
         if self._unsynced:
             for journal in self._unsynced:
                 journal.sync()
             self._unsynced.clear()
+        return super().make_durable()
+
+    # The remote tier moves pages between memory and the cluster: each move is
+    # one record (REMOTE or PUT), so a replay finds every page where it is.
+
+    def demote(self, pool: Pool, oid: Oid, index: int, expected: bytes, page: RemotePage) -> bool:
+        if not super().demote(pool, oid, index, expected, page):
+            return False
+        self._journal_page(pool, oid, index)
+        return True
+
+    def strand(self, pool: Pool, oid: Oid, index: int, page: RemotePage) -> int | bytes | None:
+        stored = super().strand(pool, oid, index, page)
+        if stored is not None:
+            self._journal_page(pool, oid, index)
+        return stored
+
+    def _journal_page(self, pool: Pool, oid: Oid, index: int) -> None:
+        client = pool.owner
+        if pool not in client.pools or self._clients.get(client.name) is not client:
+            return  # the guest left memory meanwhile
+        pool_id = client.pools.index(pool)
+        found = self._journal_for(client, pool_id)
+        if found is not None and found[0].appending:
+            self._commit(client, found[0], codec.put_record(
+                pool_id, oid, index, _stored_form(pool, oid, index)), 1)
 
     def journal(self, client: Client | str) -> GuestJournal | None:
         return self._journals.get(self._resolve(client).name)
@@ -490,6 +519,10 @@ class JournaledStore(Store):
         """Redo one record (with the store's own methods: nothing is journaled)."""
         if isinstance(record, codec.PutRecord):
             self.restore_page(client, record.pool_id, record.oid, record.index, record.stored)
+            journal.found(record.pool_id, [(record.oid, record.index)])
+        elif isinstance(record, codec.RemoteRecord):
+            self.restore_remote_page(client, record.pool_id, record.oid, record.index,
+                                     record.version, record.nbytes)
             journal.found(record.pool_id, [(record.oid, record.index)])
         elif isinstance(record, codec.NewPoolRecord):
             self.restore_pool(client, record.pool_id, record.page_shift, record.label)

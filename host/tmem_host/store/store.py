@@ -18,6 +18,7 @@ Layout, chosen for a lean per-page path:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import itertools
@@ -42,6 +43,7 @@ from tmem_wire.abi import (
 )
 
 from .pagecodec import StoredPage, decode_page, encode_page, stored_data_bytes
+from .tier import REMOTE_PAGE_EXTRA_BYTES, PageTier, RemotePage
 
 #: Xen's MAX_POOLS_PER_DOMAIN and MAX_GLOBAL_SHARED_POOLS.
 MAX_POOLS_PER_CLIENT: Final = 16
@@ -77,6 +79,11 @@ def page_overhead_bytes(persistent: bool) -> int:
     """The metadata bytes charged per page of a pool of that kind."""
     return PERSISTENT_PAGE_OVERHEAD_BYTES if persistent else EPHEMERAL_PAGE_OVERHEAD_BYTES
 
+#: A persistent page's entry in its pool's local_lru (with a tier below): an
+#: OrderedDict node and slot and the (oid, index) tuple; estimated from
+#: sys.getsizeof (tuple 56, node and slots ~70), not measured like the above.
+TIER_LRU_ENTRY_BYTES: Final = 160
+
 #: Xen treats the all-ones UUID as "no UUID": such a shared request is private.
 INVALID_UUID: Final = UUID(int=(1 << 128) - 1)
 
@@ -103,7 +110,7 @@ class DedupBlob:
         self.refs = 0
 
 
-_PageValue: TypeAlias = "bytes | int | DedupBlob"
+_PageValue: TypeAlias = "bytes | int | DedupBlob | RemotePage"
 
 
 class OpCounters:
@@ -149,6 +156,10 @@ class Pool(OpCounters):
         "lru_oids",
         "label",
         "page_overhead",
+        "remote_pages",
+        "remote_bytes",
+        "local_lru",
+        "remote_page_cost",
     )
 
     def __init__(
@@ -159,6 +170,7 @@ class Pool(OpCounters):
         shared_uuid: UUID | None,
         inclusive_gets: bool,
         label: str = "",
+        tiered: bool = False,
     ) -> None:
         super().__init__()
         #: Who made the pool, for tmemd's own use ("nbd": the NBD export's pool).
@@ -188,6 +200,18 @@ class Pool(OpCounters):
         #: Callers pass a fresh tuple per request (decoded from a frame);
         #: keeping each one alive in an LRU key cost ~100 bytes per page.
         self.lru_oids: dict[Oid, Oid] = {}
+        #: Pages (of the above) whose data is in the tier below, and its bytes there.
+        self.remote_pages = 0
+        self.remote_bytes = 0
+        #: With a tier below: the in-memory data pages, least recently put or got
+        #: first (what demotion takes). Each entry is charged with its page.
+        self.local_lru: OrderedDict[Key, None] | None = None
+        if tiered and persistent and not self.dedup:
+            self.local_lru = OrderedDict()
+            self.page_overhead += TIER_LRU_ENTRY_BYTES
+        #: What a remote page costs here: a page's metadata (not in local_lru) and its RemotePage.
+        self.remote_page_cost = (self.page_overhead + REMOTE_PAGE_EXTRA_BYTES
+                                 - (TIER_LRU_ENTRY_BYTES if self.local_lru is not None else 0))
 
     @property
     def shared(self) -> bool:
@@ -197,7 +221,8 @@ class Pool(OpCounters):
     def data_bytes(self) -> int:
         """stored_bytes without the metadata charges: the pages' data bytes."""
         per_page = self.page_overhead + (DEDUP_BLOB_OVERHEAD_BYTES if self.dedup else 0)
-        return self.stored_bytes - self.pages * per_page - len(self.objects) * OBJECT_OVERHEAD_BYTES
+        return (self.stored_bytes - self.pages * per_page - len(self.objects) * OBJECT_OVERHEAD_BYTES
+                - self.remote_pages * (self.remote_page_cost - self.page_overhead))
 
 
 class Client(OpCounters):
@@ -216,6 +241,8 @@ class Client(OpCounters):
         "lru",
         "dedup_table",
         "dedup_hits",
+        "remote_pages",
+        "remote_bytes",
     )
 
     def __init__(
@@ -241,6 +268,9 @@ class Client(OpCounters):
         self.lru: OrderedDict[_LruKey, int] = OrderedDict()
         self.dedup_table: dict[bytes, DedupBlob] = {}
         self.dedup_hits = 0
+        #: Its pages in the tier below (tmem_host.remote), and their bytes there.
+        self.remote_pages = 0
+        self.remote_bytes = 0
 
     def __repr__(self) -> str:
         return f"Client({self.name!r})"
@@ -281,6 +311,21 @@ class Store:
         self._tick = itertools.count()
         # Counters of removed clients, so global totals never go backwards.
         self._retired = OpCounters()
+        #: Where persistent pages that do not fit go (the remote tier), if anywhere.
+        self.tier: PageTier | None = None
+        # Set while a client leaves memory but keeps its pages (detach_client).
+        self._keeping_remote = False
+        self._local_fraction = 1.0
+
+    def attach_tier(self, tier: PageTier, local_fraction: float = 0.9) -> None:
+        """Send persistent pages that do not fit to ``tier`` (before any client).
+        Persistent pages fill at most ``local_fraction`` of the budget (and of a
+        client's cap): the rest is room for the metadata of the pages the tier
+        holds, and for the pages being demoted."""
+        if self._clients:
+            raise RuntimeError("attach the tier before adding clients")
+        self.tier = tier
+        self._local_fraction = local_fraction
 
     @property
     def pages(self) -> int:
@@ -332,16 +377,24 @@ class Store:
         self.remove_client(client)
 
     def _forget_client(self, client: Client) -> None:
-        """Drop the client's pools from memory without recording their destruction."""
+        """Drop the client's pools from memory without recording their destruction
+        (their copies in the tier stay: the journal points at them)."""
+        self._keeping_remote = True
+        try:
+            self._forget_pools(client)
+        finally:
+            self._keeping_remote = False
+        self._retired.add_counters(client)
+        self._total_weight -= client.weight
+        del self._clients[client.name]
+
+    def _forget_pools(self, client: Client) -> None:
         for pool_id, pool in enumerate(client.pools):
             if pool is not None and pool.shared_uuid is not None:
                 self.destroy_pool(client, pool_id)  # other members keep a shared pool
             elif pool is not None:
                 client.pools[pool_id] = None
                 self._drop_all_pages(pool)
-        self._retired.add_counters(client)
-        self._total_weight -= client.weight
-        del self._clients[client.name]
 
     def pool_page_shift(self, client: Client, pool_id: int) -> int | None:
         """The page shift of the client's pool, or None if it has no such pool."""
@@ -380,9 +433,75 @@ class Store:
         """A block whose durable records are written together when it ends."""
         return contextlib.nullcontext()
 
-    def make_durable(self) -> None:
+    def make_durable(self) -> asyncio.Future[None] | None:
         """Make what the replies about to be sent acknowledge survive what the
-        store's durability level promises (called once per batch of requests)."""
+        store's durability level promises (called once per batch of requests).
+        A future means: not yet, the tier's writes are in flight; send the
+        replies when it completes (they then hold, whatever its outcome)."""
+        return self.tier.barrier() if self.tier is not None else None
+
+    def may_fetch(self, client: Client, pool_id: int) -> bool:
+        """Whether a get from this pool may need fetch() (it holds remote pages)."""
+        pool = _pool_of(client, pool_id)
+        return pool is not None and pool.remote_pages > 0
+
+    def fetch(self, client: Client, pool_id: int, keys: Sequence[Key]) -> asyncio.Future[None] | None:
+        """Before a get of ``keys``: None if every page is in memory, else a future
+        that completes once the tier has read the others back (get them then)."""
+        pool = _pool_of(client, pool_id)
+        if pool is None or not pool.remote_pages or self.tier is None:
+            return None
+        wanted: list[tuple[Oid, int, RemotePage]] = []
+        objects = pool.objects
+        for oid, index in keys:
+            obj = objects.get(oid)
+            value = obj.get(index) if obj is not None else None
+            if type(value) is RemotePage and value.pending is None and value.fetched is None:
+                wanted.append((oid, index, value))
+        return self.tier.fetch(pool, wanted) if wanted else None
+
+    # -- the tier's side: demotion, and writes that failed ------------------------
+
+    def demotion_candidates(self, client: Client, max_pages: int) -> list[tuple[Pool, Oid, int, bytes]]:
+        """Up to ``max_pages`` of the client's least recently used in-memory data
+        pages (put or got longest ago) in its private persistent pools. Fill-word
+        pages cost no data bytes and stay."""
+        found: list[tuple[Pool, Oid, int, bytes]] = []
+        for pool in client.owned_pools():
+            if pool.local_lru is None:
+                continue
+            objects = pool.objects
+            for oid, index in pool.local_lru:
+                value = objects[oid][index]
+                assert type(value) is bytes
+                found.append((pool, oid, index, value))
+                if len(found) == max_pages:
+                    return found
+        return found
+
+    def demote(self, pool: Pool, oid: Oid, index: int, expected: bytes, page: RemotePage) -> bool:
+        """The tier holds a copy of this page now: keep only ``page`` in memory, if
+        the page is still ``expected`` (else a put or flush came first: False, and
+        the tier deletes its copy)."""
+        obj = pool.objects.get(oid)
+        if obj is None or obj.get(index) is not expected:
+            return False
+        self._drop_page(pool, obj, oid, index)
+        self._charge_remote(pool, pool.owner, oid, index, page)
+        return True
+
+    def strand(self, pool: Pool, oid: Oid, index: int, page: RemotePage) -> StoredPage | None:
+        """The tier could not take a page it was given (its write failed): keep it
+        in memory instead, without a budget check (its put was acknowledged).
+        Returns the stored form, or None if the page had been replaced or dropped."""
+        obj = pool.objects.get(oid)
+        stored = page.pending
+        if obj is None or obj.get(index) is not page or stored is None:
+            return None
+        self._drop_page(pool, obj, oid, index)
+        cost = pool.page_overhead + stored_data_bytes(stored)
+        self._charge(pool, pool.owner, oid, index, stored, cost, cost)
+        return stored
 
     def durability_stats(self, client: Client | str) -> JournalStats | None:
         """The client's journal figures, if the store keeps one."""
@@ -472,7 +591,8 @@ class Store:
                 client.pools[pool_id] = pool
                 return _OK, pool_id, True
             # Same UUID, other page size: cannot be the same pool; private.
-        client.pools[pool_id] = Pool(client, persistent, page_shift, None, inclusive_gets, label)
+        client.pools[pool_id] = Pool(client, persistent, page_shift, None, inclusive_gets, label,
+                                     tiered=self.tier is not None)
         return _OK, pool_id, False
 
     def restore_pool(self, client: Client, pool_id: int, page_shift: int, label: str = "") -> Pool:
@@ -482,7 +602,7 @@ class Store:
             raise ValueError(f"page shift {page_shift} out of range")
         if not 0 <= pool_id < MAX_POOLS_PER_CLIENT or client.pools[pool_id] is not None:
             raise ValueError(f"pool id {pool_id} of {client.name!r} is invalid or taken")
-        pool = Pool(client, True, page_shift, None, False, label)
+        pool = Pool(client, True, page_shift, None, False, label, tiered=self.tier is not None)
         client.pools[pool_id] = pool
         return pool
 
@@ -511,9 +631,25 @@ class Store:
             charged = logical if blob.refs == 1 else pool.page_overhead
         self._charge(pool, owner, oid, index, value, charged, logical)
 
+    def restore_remote_page(self, client: Client, pool_id: int, oid: Oid, index: int,
+                            version: int, nbytes: int) -> None:
+        """Put back a page the journal says the tier holds (no data here; charged
+        like restore_page). Without a tier its gets miss: lost, never zeros."""
+        pool = _pool_of(client, pool_id)
+        if pool is None:
+            raise ValueError(f"no pool {pool_id} of {client.name!r}")
+        obj = pool.objects.get(oid)
+        if obj is not None and index in obj:
+            self._drop_page(pool, obj, oid, index)
+        page = RemotePage(version, nbytes)
+        self._charge_remote(pool, pool.owner, oid, index, page)
+        if self.tier is not None:
+            self.tier.restored(page)
+
     @staticmethod
-    def stored_pages(pool: Pool) -> Iterator[tuple[Oid, int, StoredPage]]:
-        """Every page of a pool as (oid, index, stored form), dedup blobs unwrapped."""
+    def stored_pages(pool: Pool) -> Iterator[tuple[Oid, int, StoredPage | RemotePage]]:
+        """Every page of a pool as (oid, index, stored form), dedup blobs unwrapped;
+        a page in the tier below is its RemotePage."""
         for oid, obj in pool.objects.items():
             for index, value in obj.items():
                 yield oid, index, value.stored if isinstance(value, DedupBlob) else value
@@ -725,6 +861,8 @@ class Store:
             "raw_bytes": self.raw_bytes,
             "stored_bytes": self.used_bytes,
             "ephemeral_bytes": self.ephemeral_bytes,
+            "remote_pages": sum(client.remote_pages for client in self._clients.values()),
+            "remote_bytes": sum(client.remote_bytes for client in self._clients.values()),
             "shared_pools": len(self._shared_pools),
             **totals.counters(),
             "clients": clients,
@@ -748,6 +886,8 @@ class Store:
             "raw_bytes": client.raw_bytes,
             "stored_bytes": client.stored_bytes,
             "ephemeral_bytes": client.ephemeral_bytes,
+            "remote_pages": client.remote_pages,
+            "remote_bytes": client.remote_bytes,
             "dedup_blobs": len(client.dedup_table),
             "dedup_hits": client.dedup_hits,
             **client.counters(),
@@ -775,10 +915,46 @@ class Store:
         owner = pool.owner
         stored = encode_page(data, pool.page_size, self.compress)
         cost = pool.page_overhead + (len(stored) if type(stored) is bytes else 0)
+        if pool.local_lru is not None and type(stored) is bytes and self._beyond_local_share(owner, cost):
+            return self._put_remote(pool, owner, oid, index, stored)
         if not self._room_for_page(pool, owner, oid, cost):
+            if self.tier is not None and pool.persistent:
+                return self._put_remote(pool, owner, oid, index, stored)
             return _REFUSED
         self._charge(pool, owner, oid, index, stored, cost, cost)
         return _OK
+
+    def _beyond_local_share(self, owner: Client, cost: int) -> bool:
+        """With a tier: whether a persistent data page of ``cost`` would take
+        persistent use (what eviction cannot free) past the local fraction."""
+        limit = self.budget_bytes * self._local_fraction
+        if self.used_bytes - self.ephemeral_bytes + cost > limit:
+            return True
+        cap = owner.cap_bytes
+        return cap is not None and owner.stored_bytes - owner.ephemeral_bytes + cost > cap * self._local_fraction
+
+    def _put_remote(self, pool: Pool, owner: Client, oid: Oid, index: int,
+                    stored: StoredPage) -> Status:
+        """A persistent page with no room in memory: to the tier, if it takes it
+        and the page's metadata fits here."""
+        assert self.tier is not None
+        if not self._room_for_page(pool, owner, oid, pool.remote_page_cost):
+            self.tier.pressure()
+            return _REFUSED
+        page = self.tier.take(pool, oid, index, stored)
+        if page is None:
+            return _REFUSED
+        self._charge_remote(pool, owner, oid, index, page)
+        return _OK
+
+    def _charge_remote(self, pool: Pool, owner: Client, oid: Oid, index: int,
+                       page: RemotePage) -> None:
+        cost = pool.remote_page_cost
+        self._charge(pool, owner, oid, index, page, cost, cost)
+        pool.remote_pages += 1
+        pool.remote_bytes += page.nbytes
+        owner.remote_pages += 1
+        owner.remote_bytes += page.nbytes
 
     def _room_for_page(self, pool: Pool, owner: Client, oid: Oid, cost: int) -> bool:
         """Make room for a page costing ``cost`` plus, if its object is new, the
@@ -839,6 +1015,8 @@ class Store:
             charged += OBJECT_OVERHEAD_BYTES
             logical += OBJECT_OVERHEAD_BYTES
         obj[index] = value
+        if pool.local_lru is not None and type(value) is bytes:
+            pool.local_lru[(oid, index)] = None
         pool.pages += 1
         pool.stored_bytes += logical
         owner.stored_bytes += charged
@@ -852,11 +1030,24 @@ class Store:
         """Remove a present page and undo its accounting."""
         stored = obj.pop(index)
         owner = pool.owner
-        if type(stored) is DedupBlob:
+        if type(stored) is bytes:
+            freed = logical = pool.page_overhead + len(stored)
+            if pool.local_lru is not None:
+                del pool.local_lru[(oid, index)]
+        elif type(stored) is int:
+            freed = logical = pool.page_overhead
+        elif type(stored) is DedupBlob:
             logical = pool.page_overhead + stored.charge_bytes
             freed = pool.page_overhead + self._unref_blob(owner, stored)
         else:
-            freed = logical = pool.page_overhead + (len(stored) if type(stored) is bytes else 0)
+            assert isinstance(stored, RemotePage)
+            freed = logical = pool.remote_page_cost
+            pool.remote_pages -= 1
+            pool.remote_bytes -= stored.nbytes
+            owner.remote_pages -= 1
+            owner.remote_bytes -= stored.nbytes
+            if self.tier is not None:
+                self.tier.release(pool, oid, index, stored, keep=self._keeping_remote)
         if not obj:
             del pool.objects[oid]
             if not pool.persistent:
@@ -897,13 +1088,24 @@ class Store:
         stored = obj.get(index)
         if stored is None:
             return None
-        if isinstance(stored, DedupBlob):
+        if type(stored) is bytes or type(stored) is int:
+            data = decode_page(stored, pool.page_size)
+        elif type(stored) is DedupBlob:
             data = decode_page(stored.stored, pool.page_size)
         else:
-            data = decode_page(stored, pool.page_size)
-        if pool.exclusive_gets:
+            assert type(stored) is RemotePage
+            # In flight to the tier, or read back by fetch(); else not here: a miss.
+            copy = stored.pending if stored.pending is not None else stored.fetched
+            if copy is None:
+                return None
+            data = decode_page(copy, pool.page_size)
+        if pool.persistent:
+            local_lru = pool.local_lru
+            if local_lru is not None and type(stored) is bytes:
+                local_lru.move_to_end((oid, index))
+        elif pool.exclusive_gets:
             self._drop_page(pool, obj, oid, index)
-        elif not pool.persistent:
+        else:
             lru = pool.owner.lru
             key = (pool, oid, index)
             lru.move_to_end(key)
@@ -1014,6 +1216,8 @@ def _pool_stats(pool_id: int, pool: Pool, viewer: Client) -> StorePoolStats:
         "pages": pool.pages,
         "raw_bytes": pool.pages * pool.page_size,
         "stored_bytes": pool.stored_bytes,
+        "remote_pages": pool.remote_pages,
+        "remote_bytes": pool.remote_bytes,
         **pool.counters(),
     }
 
