@@ -312,9 +312,15 @@ class ReplyFlow:
     if it already has, else when asyncio calls resume_writing. Requests are
     served in the order they arrived; EOF cannot overtake them, as nothing is
     read while a backlog waits.
+
+    A pass may also stop on the store (``suspend``: the remote tier is reading
+    pages back, or its writes must land before the replies go): reading stays
+    paused and nothing is served until the store's future completes; then the
+    protocol's ``resume`` finishes the pass.
     """
 
-    __slots__ = ("_serve_backlog", "_transport", "_backlogged", "_writing_paused", "_scheduled")
+    __slots__ = ("_serve_backlog", "_transport", "_backlogged", "_writing_paused", "_scheduled",
+                 "suspended")
 
     def __init__(self, serve_backlog: Callable[[], None]) -> None:
         self._serve_backlog = serve_backlog
@@ -322,6 +328,8 @@ class ReplyFlow:
         self._backlogged = False
         self._writing_paused = False
         self._scheduled = False
+        #: A pass waits for the store: serve nothing until it resumes.
+        self.suspended = False
 
     def attach(self, transport: asyncio.Transport) -> None:
         self._transport = transport
@@ -356,6 +364,23 @@ class ReplyFlow:
             if not self._writing_paused:
                 transport.resume_reading()
 
+    def suspend(self, waiter: asyncio.Future[None], resume: Callable[[], None]) -> None:
+        """Stop serving until ``waiter`` completes, then call ``resume`` (which
+        serves again, and so calls pass_done)."""
+        self.suspended = True
+        # Requests may be left in the codec: a backlog, so pass_done resumes reading.
+        self._backlogged = True
+        if self._transport is not None:
+            self._transport.pause_reading()
+
+        def wake(_: asyncio.Future[None]) -> None:
+            self.suspended = False
+            transport = self._transport
+            if transport is not None and not transport.is_closing():
+                resume()
+
+        waiter.add_done_callback(wake)
+
     def pause_writing(self) -> None:
         self._writing_paused = True
         if self._transport is not None:
@@ -363,6 +388,8 @@ class ReplyFlow:
 
     def resume_writing(self) -> None:
         self._writing_paused = False
+        if self.suspended:
+            return  # the store's future resumes the pass
         if self._backlogged:
             self._schedule()
         elif self._transport is not None:
@@ -376,7 +403,7 @@ class ReplyFlow:
     def _run(self) -> None:
         self._scheduled = False
         transport = self._transport
-        if (self._backlogged and not self._writing_paused and transport is not None
+        if (self._backlogged and not self._writing_paused and not self.suspended and transport is not None
                 and not transport.is_closing()):
             self._serve_backlog()
 

@@ -53,6 +53,9 @@ class StorePoolStats(OpCounterStats):
     pages: int
     raw_bytes: int
     stored_bytes: int
+    # Its pages whose data is in the remote tier (counted in pages too), and their bytes there.
+    remote_pages: int
+    remote_bytes: int
 
 
 class ClientStats(OpCounterStats):
@@ -67,6 +70,8 @@ class ClientStats(OpCounterStats):
     raw_bytes: int
     stored_bytes: int
     ephemeral_bytes: int
+    remote_pages: int
+    remote_bytes: int
     dedup_blobs: int
     dedup_hits: int
     pools: list[StorePoolStats]
@@ -94,6 +99,8 @@ class StoreStats(OpCounterStats):
     raw_bytes: int
     stored_bytes: int
     ephemeral_bytes: int
+    remote_pages: int
+    remote_bytes: int
     shared_pools: int
     clients: dict[str, ClientStats]
 
@@ -110,6 +117,8 @@ class GuestSettings(TypedDict):
     shared_uuids: list[str]
     dedup: bool
     cid: int | None  # its vsock peer CID
+    uuid: str  # its identity in the remote tier
+    remote_cap_bytes: int | None
 
 
 class PoolRecord(TypedDict):
@@ -164,6 +173,7 @@ class ConnectionStats(TypedDict):
     in_flight_max: int
     resyncs: int  # HELLOs after the first
     reply_backlogs: int
+    store_waits: int  # passes that waited for the remote tier
     discarded_bytes: int
 
 
@@ -194,6 +204,7 @@ class NbdExportStats(TypedDict):
     protocol_errors: int
     pages_drained: int
     reply_backlogs: int
+    store_waits: int  # passes that waited for the remote tier
     request_pages_histogram: dict[str, int]  # "1", "2", "4", ... "256+" pages per request
 
 
@@ -255,6 +266,51 @@ class LimitsStats(TypedDict):
     guests: dict[str, GuestLimitStats]
 
 
+class RemoteGuestStats(TypedDict):
+    """One guest in the remote tier (docs/REMOTE.md), under `remote.guests.NAME`."""
+
+    uuid: str  # its pages' namespace in the cluster
+    limit_bytes: int | None  # its cap and weighted share of the remote budget
+    local_pages: int  # pages whose data is in tmemd's memory
+    local_bytes: int  # what they (and the remote pages' metadata) are charged
+    remote_pages: int
+    remote_bytes: int
+    puts: int  # pages put straight to the cluster (no room in memory)
+    demoted: int  # cold pages moved to the cluster to make room
+    gets: int  # pages read back, checked
+    get_missing: int  # not in the cluster: the guest's read fails
+    get_errors: int  # failed the check (damaged, another key's, an older version)
+    get_unreachable: int
+    stranded: int  # writes that failed: the page stayed in memory
+    refused_quota: int
+    refused_unreachable: int
+    refused_inflight: int
+    demotions_refused: int
+    rtt_us_histogram: dict[str, int]  # its round trips, by upper bound in microseconds
+
+
+class RemoteStats(TypedDict):
+    """The remote tier, under `remote` (None without --remote)."""
+
+    host_id: str
+    reachable: bool
+    seeds: list[str]
+    replicas: int
+    wait_s: float
+    budget_bytes: int | None
+    total_bytes: int
+    inflight_bytes: int
+    round_trips: int
+    connection_errors: int
+    redirections: int
+    command_errors: int
+    replica_waits_short: int
+    orphaned_deletes: int
+    became_unreachable: int
+    became_reachable: int
+    guests: dict[str, RemoteGuestStats]
+
+
 class StatsReply(TypedDict):
     """The `stats` reply."""
 
@@ -265,6 +321,7 @@ class StatsReply(TypedDict):
     nbd: dict[str, NbdExportStats]
     journal: dict[str, JournalStats]  # guests whose store keeps a journal
     limits: LimitsStats
+    remote: RemoteStats | None
 
 
 # -- the other commands' replies ------------------------------------------------

@@ -92,6 +92,8 @@ class ControlCommands:
             "journal": {name: journal for name, runtime in guests.items()
                         if (journal := self.store.durability_stats(runtime.client)) is not None},
             "limits": self.daemon.limiter.stats(guests),
+            "remote": (None if self.daemon.tier is None else
+                       self.daemon.tier.stats(self.daemon.config.host_id)),
         }
 
     async def set_budget(self, request: dict[str, Any]) -> BudgetReply:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import grp
 import re
+import socket
 import tomllib
 import uuid
 from dataclasses import dataclass, field, replace
@@ -39,11 +40,16 @@ _SIZE_RE = re.compile(r"^\s*([0-9]{1,30}(?:\.[0-9]{1,30})?)\s*([kmgtp]?)(?:i?b)?
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
 # Guest names become file names (NAME.tmem.sock) and must fit a sun_path.
 _GUEST_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_GUEST_KEYS: Final = frozenset({"name", "weight", "cap", "shared", "dedup", "cid"})
+_GUEST_KEYS: Final = frozenset({"name", "weight", "cap", "shared", "dedup", "cid", "uuid",
+                                "remote_cap"})
+#: A guest's default identity in the remote tier: uuid5 of its name in this namespace.
+GUEST_UUID_NAMESPACE: Final = uuid.UUID("6d1b5a3e-8f0c-4b7e-9a51-2f4c0e7d9b10")
+MAX_REMOTE_REPLICAS: Final = 16
 _FILE_KEYS: Final = frozenset({
     "run_dir", "budget", "compress", "nbd_size", "vsock_port", "log_level", "log_format",
     "guest", "state_dir", "journal", "durability", "preallocate", "journal_reserve",
     "socket_group", "connections_per_guest", "handshake_timeout", "idle_timeout",
+    "remote", "remote_replicas", "remote_wait", "remote_budget", "host_id",
 })
 
 
@@ -169,6 +175,15 @@ class GuestConfig:
     dedup: bool = False
     # AF_VSOCK peer CID that identifies this guest, if it connects over vsock.
     cid: int | None = None
+    # Its identity in the remote tier (its pages' namespace, the same on every
+    # host); None: uuid5 of its name (identity_uuid).
+    guest_uuid: uuid.UUID | None = None
+    # The remote bytes it may use (None: no cap but the remote budget's share).
+    remote_cap_bytes: int | None = None
+
+    @property
+    def identity_uuid(self) -> uuid.UUID:
+        return self.guest_uuid if self.guest_uuid is not None else uuid.uuid5(GUEST_UUID_NAMESPACE, self.name)
 
     def to_json(self) -> GuestSettings:
         return {
@@ -178,6 +193,8 @@ class GuestConfig:
             "shared_uuids": sorted(str(shared) for shared in self.shared_uuids),
             "dedup": self.dedup,
             "cid": self.cid,
+            "uuid": str(self.identity_uuid),
+            "remote_cap_bytes": self.remote_cap_bytes,
         }
 
 
@@ -203,6 +220,13 @@ class DaemonConfig:
     connections_per_guest: int = 8
     handshake_timeout_s: float = 10.0
     idle_timeout_s: float = 300.0
+    # The remote tier (docs/REMOTE.md): Redis Cluster seed nodes, None: no tier.
+    remote_seeds: tuple[tuple[str, int], ...] | None = None
+    remote_replicas: int = 0
+    remote_wait_s: float = 10.0
+    remote_budget_bytes: int | None = None
+    # This tmemd's name among the hosts sharing a cluster (logs, stats).
+    host_id: str = ""
 
     @property
     def journal(self) -> bool:
@@ -233,7 +257,8 @@ def parse_cap(value: object, name: str = "cap") -> int | None:
 
 
 def parse_guest_spec(spec: str) -> GuestConfig:
-    """Parse `NAME[:weight=W][:cap=SIZE][:shared=UUID,...][:dedup][:cid=N]`."""
+    """Parse `NAME[:weight=W][:cap=SIZE][:shared=UUID,...][:dedup][:cid=N][:uuid=UUID]
+    [:remote-cap=SIZE]`."""
     name, *options = spec.split(":")
     guest = GuestConfig(name=validate_guest_name(name))
     what = f"guest {name!r}"
@@ -249,6 +274,10 @@ def parse_guest_spec(spec: str) -> GuestConfig:
             guest = replace(guest, shared_uuids=parse_uuids(value.split(",")))
         elif key == "cid" and has_value:
             guest = replace(guest, cid=_check_cid(_parse_int(value), f"{what} cid"))
+        elif key == "uuid" and has_value:
+            guest = replace(guest, guest_uuid=_parse_uuid(value, f"{what} uuid"))
+        elif key == "remote-cap" and has_value:
+            guest = replace(guest, remote_cap_bytes=parse_cap(value, f"{what} remote-cap"))
         else:
             raise ConfigError(f"bad guest option {_shown(option)} in {_shown(spec)}")
     return guest
@@ -259,6 +288,28 @@ def parse_uuids(texts: list[str]) -> frozenset[uuid.UUID]:
         return frozenset(uuid.UUID(text.strip()) for text in texts if text.strip())
     except ValueError:
         raise ConfigError(f"bad shared-pool UUID in {_shown(texts)}") from None
+
+
+def _parse_uuid(value: object, name: str) -> uuid.UUID:
+    try:
+        if isinstance(value, str):
+            return uuid.UUID(value.strip())
+    except ValueError:
+        pass
+    _fail(name, "a UUID", value)
+
+
+def parse_remote_seeds(value: object, name: str) -> tuple[tuple[str, int], ...]:
+    """`host:port[,host:port...]`: the Redis Cluster nodes tmemd starts from."""
+    if not isinstance(value, str) or not value.strip():
+        _fail(name, "host:port[,host:port...]", value)
+    seeds: list[tuple[str, int]] = []
+    for part in value.split(","):
+        host, sep, port = part.strip().rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            _fail(name, "host:port[,host:port...]", value)
+        seeds.append((host, int(port)))
+    return tuple(seeds)
 
 
 def _parse_int(text: str) -> int | str:
@@ -289,6 +340,7 @@ def guest_from_mapping(table: object) -> GuestConfig:
     if not isinstance(shared, list) or not all(isinstance(text, str) for text in shared):
         _fail(f"{what} shared", "a list of UUID strings", shared)
     cid = table.get("cid")
+    guest_uuid = table.get("uuid")
     return GuestConfig(
         name=name,
         weight=check_weight(table.get("weight", 100), f"{what} weight"),
@@ -296,6 +348,8 @@ def guest_from_mapping(table: object) -> GuestConfig:
         shared_uuids=parse_uuids(shared),
         dedup=check_bool(table.get("dedup", False), f"{what} dedup"),
         cid=None if cid is None else _check_cid(cid, f"{what} cid"),
+        guest_uuid=None if guest_uuid is None else _parse_uuid(guest_uuid, f"{what} uuid"),
+        remote_cap_bytes=parse_cap(table.get("remote_cap"), f"{what} remote_cap"),
     )
 
 
@@ -384,6 +438,11 @@ def build_config(
     connections_per_guest: int | None = None,
     handshake_timeout: float | None = None,
     idle_timeout: float | None = None,
+    remote: str | None = None,
+    remote_replicas: int | None = None,
+    remote_wait: float | None = None,
+    remote_budget: str | None = None,
+    host_id: str | None = None,
 ) -> DaemonConfig:
     """Merge the TOML settings with command-line values (which take precedence;
     None: not given on the command line)."""
@@ -401,6 +460,11 @@ def build_config(
     port, port_name = _pick(settings, "vsock_port", vsock_port)
     state, state_name = _pick(settings, "state_dir", state_dir)
     group, group_name = _pick(settings, "socket_group", socket_group)
+    seeds, seeds_name = _pick(settings, "remote", remote)
+    remote_budget_value, remote_budget_name = _pick(settings, "remote_budget", remote_budget)
+    host, host_name = _pick(settings, "host_id", host_id, socket.gethostname())
+    if not isinstance(host, str) or not _GUEST_NAME_RE.match(host):
+        _fail(host_name, "a name of letters, digits, '_', '.', '-'", host)
     level = (_durability(journal, durability, "--no-journal", "--durability")
              or _durability(settings.get("journal"), settings.get("durability"),
                             "journal = false", "durability")
@@ -433,4 +497,12 @@ def build_config(
                    _DEFAULTS.handshake_timeout_s), 3600),
         idle_timeout_s=check_seconds(
             *_pick(settings, "idle_timeout", idle_timeout, _DEFAULTS.idle_timeout_s), 86400),
+        remote_seeds=None if seeds is None else parse_remote_seeds(seeds, seeds_name),
+        remote_replicas=check_int(*_pick(settings, "remote_replicas", remote_replicas,
+                                         _DEFAULTS.remote_replicas), 0, MAX_REMOTE_REPLICAS),
+        remote_wait_s=check_seconds(
+            *_pick(settings, "remote_wait", remote_wait, _DEFAULTS.remote_wait_s), 3600),
+        remote_budget_bytes=(None if remote_budget_value is None else
+                             parse_cap(remote_budget_value, remote_budget_name)),
+        host_id=host,
     )

@@ -65,6 +65,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--guest-cid", dest="guest_cids", action="append", default=[], metavar="NAME=CID",
         help="vsock peer CID that identifies a configured guest; repeatable",
     )
+    parser.add_argument("--remote", metavar="HOST:PORT[,...]",
+                        help="Redis Cluster seed nodes: persistent pages that do not fit "
+                        "go there (docs/REMOTE.md)")
+    parser.add_argument("--remote-replicas", type=int, metavar="N",
+                        help="acknowledge a remote write once N replicas have it (WAIT; default 0)")
+    parser.add_argument("--remote-wait", type=float, metavar="SECONDS",
+                        help="how long remote requests retry before the cluster counts as "
+                        "unreachable (default 10)")
+    parser.add_argument("--remote-budget", metavar="SIZE",
+                        help="remote bytes all guests may use, shared by weight (default: no limit)")
+    parser.add_argument("--host-id", help="this tmemd's name among hosts sharing a cluster "
+                        "(default: the hostname)")
     parser.add_argument("--log-level", choices=LOG_LEVELS)
     parser.add_argument("--log-format", choices=LOG_FORMATS)
     return parser
@@ -113,6 +125,11 @@ def main(argv: list[str] | None = None) -> int:
             connections_per_guest=args.connections_per_guest,
             handshake_timeout=args.handshake_timeout,
             idle_timeout=args.idle_timeout,
+            remote=args.remote,
+            remote_replicas=args.remote_replicas,
+            remote_wait=args.remote_wait,
+            remote_budget=args.remote_budget,
+            host_id=args.host_id,
         )
     except ConfigError as exc:
         print(f"tmemd: {exc}", file=sys.stderr)

@@ -32,6 +32,7 @@ from tmem_host.daemon.vsock import guest_for_peer, open_vsock_listener
 from tmem_host.journal.journaled import JournaledStore
 from tmem_host.nbd.export import ExportStart, NbdConnection, NbdExport
 from tmem_host.statefiles import open_state_file, prepare_private_dir
+from tmem_host.remote.tier import RemoteError, RemoteSettings, RemoteTier
 from tmem_host.store import Store
 
 log = logging.getLogger("tmemd")
@@ -55,6 +56,8 @@ class Daemon:
         else:
             self._socket_mode, self._socket_gid = 0o660, group_id(config.socket_group)
         self.guests: dict[str, GuestRuntime] = {}
+        # The remote tier (--remote), connected when run() starts.
+        self.tier: RemoteTier | None = None
         self.limiter = self._connection_limits()
         self.commands = ControlCommands(self)
         self._control_server: asyncio.Server | None = None
@@ -81,6 +84,8 @@ class Daemon:
         with os.fdopen(pid_fd, "w") as pid_file:
             pid_file.write(f"{os.getpid()}\n")
         try:
+            if self.config.remote_seeds is not None:
+                await self._start_tier(self.config.remote_seeds)
             for guest in self.config.guests:
                 await self.add_guest(guest)
             control_path = self.run_dir / CONTROL_SOCKET_NAME
@@ -99,6 +104,27 @@ class Daemon:
         finally:
             await self._close_everything()
         log.info("tmemd stopped")
+
+    async def _start_tier(self, seeds: tuple[tuple[str, int], ...]) -> None:
+        """Connect the remote tier and put it below the store (before any guest,
+        whose journal replay may name remote pages)."""
+        config = self.config
+        tier = RemoteTier(RemoteSettings(
+            seeds=seeds, replicas=config.remote_replicas, wait_s=config.remote_wait_s,
+            budget_bytes=config.remote_budget_bytes), self.store)
+        try:
+            await tier.start()
+        except RemoteError as error:
+            raise ConfigError(str(error)) from None
+        self.store.attach_tier(tier, tier.settings.local_fraction)
+        self.tier = tier
+
+    async def settle(self) -> None:
+        """Wait until every write the store started has ended (the remote tier's):
+        before a guest leaves memory, its journal must point only at pages that are
+        where it says."""
+        while (waiter := self.store.make_durable()) is not None:
+            await waiter
 
     def _connection_limits(self) -> ConnectionLimiter:
         """Take every descriptor the hard limit allows, and bound what connections
@@ -142,6 +168,8 @@ class Daemon:
         for server in servers:
             if server is not None:
                 await server.wait_closed()
+        if self.tier is not None:
+            await self.tier.aclose()
         for path in (self.run_dir / CONTROL_SOCKET_NAME, self.run_dir / PID_FILE_NAME):
             path.unlink(missing_ok=True)
 
@@ -157,6 +185,8 @@ class Daemon:
             guest.name, weight=guest.weight, cap_bytes=guest.cap_bytes, dedup=guest.dedup,
             shared_uuids=guest.shared_uuids,
         )
+        if self.tier is not None:
+            self.tier.register(client, guest.identity_uuid, guest.remote_cap_bytes)
         abi_path = abi_socket_path(self.run_dir, guest.name)
         nbd_path = nbd_socket_path(self.run_dir, guest.name)
         # After a restart the journal brought the export's pool back: resume it,
@@ -222,6 +252,7 @@ class Daemon:
         runtime = self.guests.pop(name)
         runtime.stop_serving(discard=discard)
         await runtime.wait_closed()
+        await self.settle()
         for path in (abi_socket_path(self.run_dir, name), nbd_socket_path(self.run_dir, name)):
             path.unlink(missing_ok=True)
         if discard:

@@ -60,6 +60,8 @@ _OK = Status.OK
 _Chunks = list[Buffer]
 _REPLY = int(FLAG_REPLY)
 _REPLY_DRAIN = int(FLAG_REPLY | Flag.DRAIN)
+# Requests whose pages the remote tier may first have to read back.
+_GETS = frozenset({Op.GET, Op.GET_BATCH})
 
 
 class _Refusal(Exception):
@@ -117,6 +119,13 @@ class AbiSession(asyncio.BufferedProtocol):
         self.hellos = 0
         self.in_flight_max = 0
         self.reply_backlogs = 0
+        # A pass stopped on the store (the remote tier): the frame to serve first
+        # when it resumes, the replies built before it, and replies waiting to be sent.
+        self._resumed_frame: Frame | None = None
+        self._carried: _Chunks = []
+        self._carried_served = 0
+        self._unsent = b""
+        self.store_waits = 0
 
     # -- asyncio callbacks ---------------------------------------------------
 
@@ -174,25 +183,38 @@ class AbiSession(asyncio.BufferedProtocol):
         self._serve()
 
     def _serve(self) -> None:
-        """One pass: serve the decoder's frames until it needs data or the replies
-        in flight reach their bound (then the rest wait, see ReplyFlow)."""
+        """One pass: serve the decoder's frames until it needs data, the replies
+        in flight reach their bound (then the rest wait, see ReplyFlow) or a get
+        must wait for the remote tier (then the pass resumes when it has read)."""
         transport = self._transport
-        if transport is None or self.guest is None:
+        if transport is None or self.guest is None or self._flow.suspended:
             return
-        out: _Chunks = []
+        out, self._carried = self._carried, []
         self._reply_flags = _REPLY_DRAIN if self.guest.draining and self.drain_negotiated else _REPLY
-        self._out_bytes = 0
+        self._out_bytes = sum(len(chunk) for chunk in out)
         room = self._flow.room()
         decoder = self._decoder
         handlers = self._handlers
         first = served = self._chunk_frames
         backlog = False
+        waiter: asyncio.Future[None] | None = None
         try:
-            while (frame := decoder.next_frame()) is not NEED_DATA:
-                assert isinstance(frame, Frame)
-                if frame.flags & _REPLY:
-                    raise ProtocolError(Status.PROTOCOL_ERROR, "the guest sent a reply frame")
-                served += 1  # every request served gets exactly one reply
+            while True:
+                frame = self._resumed_frame
+                # A get resumed after its fetch is served as it is now: a page the
+                # tier could not read back misses, it is not fetched again.
+                resumed = frame is not None
+                if frame is not None:
+                    self._resumed_frame = None  # counted when it first came
+                else:
+                    next_frame = decoder.next_frame()
+                    if next_frame is NEED_DATA:
+                        break
+                    assert isinstance(next_frame, Frame)
+                    frame = next_frame
+                    if frame.flags & _REPLY:
+                        raise ProtocolError(Status.PROTOCOL_ERROR, "the guest sent a reply frame")
+                    served += 1  # every request served gets exactly one reply
                 opcode = frame.opcode
                 if opcode == Op.HELLO:
                     self._hello(frame, out)
@@ -206,6 +228,10 @@ class AbiSession(asyncio.BufferedProtocol):
                         if served > negotiated.max_in_flight:
                             raise _Refusal(Status.INVALID, f"more than {negotiated.max_in_flight}"
                                            " requests in flight")
+                        if (opcode in _GETS and not resumed
+                                and (waiter := self._prefetch(frame)) is not None):
+                            self._resumed_frame = frame
+                            break
                         handlers[opcode](frame, out)
                     except _Refusal as refusal:
                         self.errors += 1
@@ -222,32 +248,79 @@ class AbiSession(asyncio.BufferedProtocol):
             self._undecodable(transport, out, served - first, error)
             return
         self._chunk_frames = served
-        self._write(transport, out, served - first, served)
+        if waiter is not None:
+            # The replies so far wait with the rest of the pass (and count then).
+            self._carried = out
+            self._carried_served += served - first
+            self.store_waits += 1
+            self._flow.suspend(waiter, self._serve)
+            return
+        carried, self._carried_served = self._carried_served, 0
+        if self._write(transport, out, served - first + carried, served):
+            return  # the replies wait for the store; the pass ends when they are sent
         if backlog:
             self.reply_backlogs += 1
         self._flow.pass_done(backlog)
 
+    def _prefetch(self, frame: Frame) -> asyncio.Future[None] | None:
+        """Before a GET or GET_BATCH: a future if its pages must first be read back
+        from the remote tier (None: they are in memory, or the request is bad and
+        its handler says so)."""
+        assert self.guest is not None
+        client = self.guest.client
+        if not self.store.may_fetch(client, frame.pool_id):
+            return None
+        if frame.opcode == Op.GET:
+            keys = [(frame.oid, frame.index)]
+        else:
+            try:
+                keys = decode_key_batch(frame.payload)
+            except ProtocolError:
+                return None
+        return self.store.fetch(client, frame.pool_id, keys)
+
     def _undecodable(self, transport: asyncio.Transport, out: _Chunks, served: int,
                      error: ProtocolError) -> None:
         self.errors += 1
-        self._write(transport, out, served, served)
+        # The connection closes: nothing to wait for (an acknowledged page the tier
+        # fails to take stays in memory, Store.strand).
+        self._write(transport, out, served, served, wait=False)
         log.warning("closing connection: undecodable input",
                     extra={"guest": self._guest_name(), "reason": str(error)})
         transport.close()
 
     def _write(self, transport: asyncio.Transport, out: _Chunks, served: int,
-               in_flight: int) -> None:
+               in_flight: int, *, wait: bool = True) -> bool:
+        """Send the pass's replies; True if they wait for the store first."""
         self.frames_in += served
         if in_flight > self.in_flight_max:
             self.in_flight_max = in_flight
-        if out:
-            reply = b"".join(out)
-            self.bytes_out += len(reply)
-            self.frames_out += served
-            # What the replies acknowledge must first be as durable as promised
-            # (durability fsync: one fdatasync for all of them).
-            self.store.make_durable()
+        if not out:
+            return False
+        reply = b"".join(out)
+        self.bytes_out += len(reply)
+        self.frames_out += served
+        # What the replies acknowledge must first be as durable as promised
+        # (durability fsync: one fdatasync for all of them; the remote tier: its
+        # writes acknowledged by the cluster).
+        waiter = self.store.make_durable()
+        if waiter is None or not wait:
             transport.write(reply)
+            return False
+        self._unsent = reply
+        self.store_waits += 1
+        self._flow.suspend(waiter, self._send_unsent)
+        return True
+
+    def _send_unsent(self) -> None:
+        waiter = self.store.make_durable()  # records the tier's outcome wrote, if any
+        if waiter is not None:
+            self._flow.suspend(waiter, self._send_unsent)
+            return
+        reply, self._unsent = self._unsent, b""
+        if self._transport is not None:
+            self._transport.write(reply)
+        self._serve()
 
     # -- requests ---------------------------------------------------------------
 
@@ -416,6 +489,7 @@ class AbiSession(asyncio.BufferedProtocol):
             "in_flight_max": self.in_flight_max,
             "resyncs": max(0, self.hellos - 1),
             "reply_backlogs": self.reply_backlogs,
+            "store_waits": self.store_waits,
             "discarded_bytes": self._decoder.discarded,
         }
 

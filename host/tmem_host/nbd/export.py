@@ -297,16 +297,11 @@ class NbdExport:
         log.info("NBD export resumed", extra={"guest": self.name, "pool_id": pool_id,
                                               "slots_in_tmem": in_tmem, "slots_lost": len(lost)})
 
-    def drain_step(self, from_slot: int, max_pages: int) -> tuple[int, int]:
-        """Move up to ``max_pages`` tmem-held slots from ``from_slot`` on to the
-        fallback file: (pages moved, the slot to continue from; ``self.slots`` when
-        done). Per slot: the page is written to the fallback at the slot's offset,
-        the slot marked as fallback, and only then flushed from tmem (journaled), so
-        a crash in between leaves two equal copies and the bitmap rebuilt from the
-        pool still points at a current one. A slot tmem lost stays marked: its
-        reads keep failing rather than serving the fallback's older content."""
+    def _tmem_slots(self, from_slot: int, max_pages: int) -> tuple[list[int], int]:
+        """Up to ``max_pages`` tmem-held slots from ``from_slot`` on, and the slot
+        to continue from (``self.slots`` when done)."""
         if self._pool_id is None:
-            return 0, self.slots
+            return [], self.slots
         slots: list[int] = []
         next_slot = self.slots
         byte_index = from_slot >> 3
@@ -322,8 +317,17 @@ class NbdExport:
             if next_slot < self.slots or byte_index >= len(self._in_tmem):
                 break
             byte = self._in_tmem[byte_index]
-        if not slots:
-            return 0, self.slots
+        return slots, next_slot
+
+    def _drain_slots(self, slots: list[int]) -> int:
+        """Move these tmem-held slots to the fallback file: per slot, the page is
+        written to the fallback at the slot's offset, the slot marked as fallback,
+        and only then flushed from tmem (journaled), so a crash in between leaves
+        two equal copies and the bitmap rebuilt from the pool still points at a
+        current one. A slot tmem lost (or whose remote copy cannot be read) stays
+        marked: its reads keep failing rather than serving older content."""
+        if not slots or self._pool_id is None:
+            return 0
         keys = frontswap_keys(SWAP_TYPE, slots)
         statuses, found = self.store.get_many(self.client, self._pool_id, keys)
         pages = iter(found)
@@ -337,7 +341,7 @@ class NbdExport:
         if moved:
             self.store.flush_many(self.client, self._pool_id, frontswap_keys(SWAP_TYPE, moved))
         self.counters["pages_drained"] += len(moved)
-        return len(moved), next_slot
+        return len(moved)
 
     async def drain(self, pages_per_step: int = 1024) -> int:
         """Write every tmem-held page of this export to its fallback file and flush
@@ -351,8 +355,13 @@ class NbdExport:
         moved = 0
         slot = 0
         while slot < self.slots:
-            step, slot = self.drain_step(slot, pages_per_step)
-            moved += step
+            slots, slot = self._tmem_slots(slot, pages_per_step)
+            if slots and self._pool_id is not None:
+                waiter = self.store.fetch(self.client, self._pool_id,
+                                          frontswap_keys(SWAP_TYPE, slots))
+                if waiter is not None:  # remote pages: read back first
+                    await waiter
+            moved += self._drain_slots(slots)
             await asyncio.sleep(0)
         return moved
 
@@ -395,6 +404,23 @@ class NbdExport:
         return self._pool_id
 
     # -- requests --
+
+    def prefetch(self, request: nbd.Request) -> asyncio.Future[None] | None:
+        """Before serving a READ: a future if some of its pages must first be read
+        back from the remote tier (None: all in memory, or not a valid READ)."""
+        pool_id = self._pool_id
+        if (request.command != nbd.Command.READ or pool_id is None
+                or not self.store.may_fetch(self.client, pool_id)
+                or (request.offset | request.length) & (PAGE_SIZE - 1)
+                or request.offset + request.length > self.size_bytes
+                or request.length > MAX_PAYLOAD):
+            return None
+        first_slot = request.offset >> PAGE_SHIFT
+        slots = [slot for slot in range(first_slot, first_slot + (request.length >> PAGE_SHIFT))
+                 if self._is_in_tmem(slot)]
+        if not slots:
+            return None
+        return self.store.fetch(self.client, pool_id, frontswap_keys(SWAP_TYPE, slots))
 
     def serve(self, request: nbd.Request) -> tuple[int, bytes | bytearray]:
         """Serve one request: (NBD error, READ payload)."""
@@ -574,11 +600,14 @@ COUNTER_NAMES: Final = (
     "protocol_errors", "pages_drained",
     # Passes that stopped with requests left: the client let READ replies pile up.
     "reply_backlogs",
+    # Passes that waited for the remote tier (a READ's pages, or its writes landing).
+    "store_waits",
 )
 _REPLY_HEADER_BYTES: Final = nbd.SIMPLE_REPLY_HEADER.size
-# How a serving pass ended: the codec needs data, the session is over, or the
-# replies in flight reached their bound with requests left in the codec.
-_PassOutcome = Literal["drained", "finished", "backlog"]
+# How a serving pass ended: the codec needs data, the session is over, the
+# replies in flight reached their bound with requests left in the codec, or a
+# READ waits for the remote tier to read its pages back.
+_PassOutcome = Literal["drained", "finished", "backlog", "fetching"]
 HISTOGRAM_LABELS: Final = tuple(str(b) for b in HISTOGRAM_BUCKETS[:-1]) + (f"{HISTOGRAM_BUCKETS[-1]}+",)
 
 
@@ -600,6 +629,12 @@ class NbdConnection(asyncio.Protocol):
         self._limiter = limiter
         self._admission: Admission | None = None
         self._flow = ReplyFlow(self._serve)
+        # A pass stopped on the store (the remote tier): the READ to serve first
+        # when it resumes, the replies built before it, replies waiting to be sent.
+        self._resumed_request: nbd.Request | None = None
+        self._fetch_waiter: asyncio.Future[None] | None = None
+        self._carried: list[bytes | bytearray] = []
+        self._unsent: list[bytes | bytearray] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A stream transport (uvloop's are not asyncio.Transport subclasses).
@@ -673,15 +708,24 @@ class NbdConnection(asyncio.Protocol):
     def _serve(self) -> None:
         """One pass over the codec's events, then one write (see the class doc)."""
         transport = self.transport
-        if self._closing or transport is None:
+        if self._closing or transport is None or self._flow.suspended:
             return
-        output: list[bytes | bytearray] = []
+        output, self._carried = self._carried, []
         try:
-            outcome = self._serve_events(output, self._flow.room())
+            outcome = self._serve_events(
+                output, self._flow.room() - sum(len(chunk) for chunk in output))
         except nbd.NbdProtocolError as exc:
             self._protocol_error(exc, output)
             return
-        self._send(output)
+        if outcome == "fetching":
+            assert self._fetch_waiter is not None
+            self._carried = output  # sent with the rest of the pass
+            self.export.counters["store_waits"] += 1
+            self._flow.suspend(self._fetch_waiter, self._serve)
+            self._fetch_waiter = None
+            return
+        if self._send(output, wait=outcome != "finished"):
+            return  # the replies wait for the store; the pass ends when they are sent
         if outcome == "finished":
             self._closing = True
             transport.close()
@@ -693,15 +737,36 @@ class NbdConnection(asyncio.Protocol):
     def _protocol_error(self, exc: nbd.NbdProtocolError, output: list[bytes | bytearray]) -> None:
         self.export.counters["protocol_errors"] += 1
         log.warning("NBD protocol error", extra={"guest": self.export.name, "error": str(exc)})
-        self._send(output)
+        self._send(output, wait=False)
         self.abort("protocol error")
 
-    def _send(self, output: list[bytes | bytearray]) -> None:
-        if output and self.transport is not None:
-            # What the replies acknowledge must first be as durable as promised
-            # (durability fsync: one fdatasync for all of them).
-            self.export.store.make_durable()
+    def _send(self, output: list[bytes | bytearray], *, wait: bool = True) -> bool:
+        """Send the pass's replies; True if they wait for the store first. Not
+        ``wait`` (the connection closes): now, whatever the tier does (a page it
+        fails to take stays in memory, Store.strand)."""
+        if not output or self.transport is None:
+            return False
+        # What the replies acknowledge must first be as durable as promised
+        # (durability fsync: one fdatasync for all of them; the remote tier: its
+        # writes acknowledged by the cluster).
+        waiter = self.export.store.make_durable()
+        if waiter is None or not wait:
             self.transport.write(b"".join(output))
+            return False
+        self._unsent = output
+        self.export.counters["store_waits"] += 1
+        self._flow.suspend(waiter, self._send_unsent)
+        return True
+
+    def _send_unsent(self) -> None:
+        waiter = self.export.store.make_durable()  # records the tier's outcome wrote, if any
+        if waiter is not None:
+            self._flow.suspend(waiter, self._send_unsent)
+            return
+        output, self._unsent = self._unsent, []
+        if self.transport is not None:
+            self.transport.write(b"".join(output))
+        self._serve()
 
     def _serve_events(self, output: list[bytes | bytearray], room: int) -> _PassOutcome:
         """Answer complete events until the codec needs data, the session is over,
@@ -709,7 +774,14 @@ class NbdConnection(asyncio.Protocol):
         codec = self.codec
         export = self.export
         while True:
-            event = codec.next_event()
+            event: nbd.ClientEvent | nbd.NeedData | nbd.Paused
+            # A READ resumed after its fetch is served as it is now: a page the
+            # tier could not read back fails it (EIO), it is not fetched again.
+            resumed = self._resumed_request is not None
+            if self._resumed_request is not None:
+                event, self._resumed_request = self._resumed_request, None
+            else:
+                event = codec.next_event()
             if event is nbd.NEED_DATA or event is nbd.PAUSED:
                 return "drained"
             if isinstance(event, nbd.ConnectionClosed):
@@ -717,6 +789,11 @@ class NbdConnection(asyncio.Protocol):
             if isinstance(event, nbd.Request):
                 if event.command == nbd.Command.DISC:
                     continue  # the codec reports ConnectionClosed next
+                waiter = None if resumed else export.prefetch(event)
+                if waiter is not None:
+                    self._resumed_request = event
+                    self._fetch_waiter = waiter
+                    return "fetching"
                 error, payload = export.serve(event)
                 # The header, then the READ payload as it is: no copy to glue them.
                 output.append(codec.send(nbd.SimpleReply(event.handle, error)))

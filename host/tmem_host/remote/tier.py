@@ -1,0 +1,827 @@
+"""The remote tier: persistent pages that do not fit in tmemd's memory, kept in a
+Redis Cluster (RAMster's idea on an existing distributed engine; docs/REMOTE.md).
+
+The store (pure) keeps such a page as a RemotePage and calls ``take``,
+``release`` and ``fetch``; this module does the I/O on tmemd's event loop with
+redis-py's asyncio client:
+
+- **Layout.** A page's key is ``tmem:{GUEST:POOL:OBJ:GROUP}:SUB:VERSION`` where
+  the hash tag (in braces) groups 64 neighbouring pages on one slot: GROUP is
+  ``index >> 2`` and OBJ ``oid[0] >> 4`` plus ``oid[1]``/``oid[2]``, so for
+  frontswap's swizzle (slot & 15 in the oid, slot >> 4 in the index) one tag is
+  64 consecutive swap slots. A batch of 64 aligned slots is one MSET on one node.
+  The versions make every write a new key: a delete of an old copy can never
+  hit a newer one, however the two reorder.
+- **Values** carry a header: magic, tag, version and a blake2b-128 digest of
+  the key, the version and the data, so a wrong, damaged or older value is a
+  miss (EIO to the guest), never data.
+- **Batches.** Writes taken during one pass of the event loop go out together:
+  grouped by hash tag (MSET / MGET / DEL per tag), the tags grouped by master,
+  one pipeline per master, all masters at once; with ``replicas`` a WAIT ends
+  each master's pipeline on the same connection.
+- **Failures.** MOVED/ASK, CLUSTERDOWN, refused or timed-out connections refresh
+  the slot map and retry until ``wait_s``; then the cluster is unreachable:
+  writes in flight go back to memory (Store.strand: acknowledged pages are never
+  lost), new puts are refused (they go to the guest's fallback disk), reads of
+  remote pages miss. A probe every second brings the tier back.
+
+Structured: every task is the tier's; ``aclose`` cancels and joins them all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import struct
+import time
+from collections import Counter, defaultdict
+from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+from uuid import UUID
+
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.crc import key_slot
+from redis.exceptions import RedisClusterException, RedisError, ResponseError
+
+from tmem_host.replies import RemoteGuestStats, RemoteStats
+from tmem_host.store import Client, Pool, Store
+from tmem_host.store.pagecodec import StoredPage
+from tmem_host.store.tier import RemotePage
+from tmem_wire.abi import Oid
+
+log = logging.getLogger("tmemd.remote")
+
+#: Values: magic, tag (0 fill word, 1 data), 3 reserved, version, digest.
+VALUE_HEADER: Final = struct.Struct("<4sB3xQ16s")
+VALUE_MAGIC: Final = b"TMR1"
+_FILL = struct.Struct("<Q")
+#: Eviction policies that never evict a key without a TTL (tmemd sets none).
+SAFE_POLICIES: Final = frozenset({"noeviction", "volatile-lru", "volatile-lfu",
+                                  "volatile-random", "volatile-ttl"})
+#: Histogram buckets of round trips, in microseconds (upper bounds; the last is open).
+RTT_BUCKETS_US: Final = (100, 200, 500, 1000, 2000, 5000, 10_000, 20_000, 50_000, 100_000)
+# Data bytes a take() may hold in memory while their writes are in flight.
+DEFAULT_INFLIGHT_BYTES: Final = 32 << 20
+# Errors after which the slot map is refreshed and the command retried.
+_RETRY_PREFIXES: Final = ("MOVED", "ASK", "CLUSTERDOWN", "TRYAGAIN", "LOADING", "MASTERDOWN")
+
+
+class RemoteError(Exception):
+    """The remote tier cannot start: the cluster is unreachable or unsafe."""
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteSettings:
+    #: Cluster seed nodes, "host:port".
+    seeds: tuple[tuple[str, int], ...]
+    #: Replicas each write must reach before it is acknowledged (WAIT).
+    replicas: int = 0
+    #: How long a batch retries before the cluster counts as unreachable.
+    wait_s: float = 10.0
+    #: Remote bytes all guests together may use (None: no limit but the cluster's).
+    budget_bytes: int | None = None
+    #: Persistent pages fill at most this fraction of the budget (or a cap) before
+    #: puts go straight to the cluster; the rest is for remote pages' metadata.
+    local_fraction: float = 0.9
+    #: Demote cold pages while local use is above this fraction of the budget or a cap,
+    demote_above: float = 0.8
+    #: ... down to this fraction.
+    demote_to: float = 0.7
+    inflight_bytes: int = DEFAULT_INFLIGHT_BYTES
+    #: Pages per demotion batch.
+    demote_batch: int = 256
+
+
+def parse_seeds(spec: str) -> tuple[tuple[str, int], ...]:
+    """``host:port[,host:port...]`` as a tuple; ValueError if malformed."""
+    seeds: list[tuple[str, int]] = []
+    for part in spec.split(","):
+        host, sep, port = part.strip().rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"bad cluster node {part.strip()!r} (expected host:port)")
+        seeds.append((host, int(port)))
+    return tuple(seeds)
+
+
+@dataclass(eq=False)
+class GuestRemote:
+    """One guest's namespace, limits and figures in the tier."""
+
+    name: str
+    uuid: UUID
+    cap_bytes: int | None
+    weight: int
+    counters: Counter[str] = field(default_factory=Counter)
+    rtt_us: Counter[str] = field(default_factory=Counter)
+
+    def __post_init__(self) -> None:
+        self.prefix = f"tmem:{{{self.uuid.hex}:".encode()
+
+
+@dataclass(slots=True)
+class _Write:
+    guest: GuestRemote
+    pool: Pool
+    oid: Oid
+    index: int
+    page: RemotePage
+    key: bytes
+    value: bytes
+    # A demotion: the in-memory copy to replace once written (None: a take()).
+    expected: bytes | None = None
+
+
+@dataclass(slots=True)
+class _Read:
+    guest: GuestRemote
+    pool: Pool
+    page: RemotePage
+    key: bytes
+
+
+def page_key(guest: GuestRemote, pool_id: int, oid: Oid, index: int, version: int) -> bytes:
+    """The page's key (see the module docstring for the hash tag)."""
+    return b"%b%d:%x.%x.%x:%x}:%x:%x" % (guest.prefix, pool_id, oid[0] >> 4, oid[1], oid[2],
+                                          index >> 2, ((oid[0] & 15) << 2) | (index & 3),
+                                          version)
+
+
+def encode_value(key: bytes, version: int, stored: StoredPage) -> bytes:
+    if type(stored) is int:
+        tag, data = 0, _FILL.pack(stored)
+    else:
+        assert isinstance(stored, bytes)
+        tag, data = 1, stored
+    digest = _digest(key, version, tag, data)
+    return VALUE_HEADER.pack(VALUE_MAGIC, tag, version, digest) + data
+
+
+def decode_value(key: bytes, version: int, value: bytes | None) -> StoredPage | None:
+    """The stored form in ``value``, or None unless it is exactly this key's
+    copy of this version (missing, damaged, another key's or an older one)."""
+    if value is None or len(value) < VALUE_HEADER.size:
+        return None
+    magic, tag, found_version, digest = VALUE_HEADER.unpack_from(value)
+    data = value[VALUE_HEADER.size:]
+    if (magic != VALUE_MAGIC or found_version != version or tag not in (0, 1)
+            or digest != _digest(key, version, tag, data)):
+        return None
+    if tag == 0:
+        if len(data) != _FILL.size:
+            return None
+        fill: int = _FILL.unpack(data)[0]
+        return fill
+    return data
+
+
+def _digest(key: bytes, version: int, tag: int, data: bytes) -> bytes:
+    hasher = hashlib.blake2b(key, digest_size=16)
+    hasher.update(_FILL.pack(version))
+    hasher.update(bytes((tag,)))
+    hasher.update(data)
+    return hasher.digest()
+
+
+def _tag_of(key: bytes) -> bytes:
+    return key[: key.index(b"}") + 1]
+
+
+def _rtt_bucket(micros: float) -> str:
+    for bound in RTT_BUCKETS_US:
+        if micros <= bound:
+            return f"<={bound}"
+    return f">{RTT_BUCKETS_US[-1]}"
+
+
+class RemoteTier:
+    """The PageTier of a Redis Cluster. Build it, ``await start()`` (connects and
+    checks the cluster), attach it to the store before any guest, register each
+    guest, ``await aclose()`` at the end."""
+
+    def __init__(self, settings: RemoteSettings, store: Store) -> None:
+        self.settings = settings
+        self.store = store
+        self._cluster: RedisCluster | None = None
+        # One connection per master for writes (WAIT counts its own writes) and one for reads.
+        self._writers: dict[str, aioredis.Redis] = {}
+        self._readers: dict[str, aioredis.Redis] = {}
+        self._guests: dict[str, GuestRemote] = {}
+        self._pool_ids: dict[int, int] = {}
+        self._next_version = time.time_ns()
+        self.reachable = True
+        self._outbox: list[_Write] = []
+        self._deletes: list[bytes] = []
+        self._reads: list[_Read] = []
+        self._read_waiters: list[asyncio.Future[None]] = []
+        self._inflight_bytes = 0
+        # Completes when the outbox's batch is written (or its pages back in memory).
+        self._outbox_done: asyncio.Future[None] | None = None
+        # Those of the batches being written.
+        self._batches_in_flight: set[asyncio.Future[None]] = set()
+        self._flush_scheduled = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._demote_wakeup = asyncio.Event()
+        self.total_bytes = 0
+        self.counters: Counter[str] = Counter()
+        self._closed = False
+
+    # -- lifecycle -------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect, learn the slot map and check every master's eviction policy:
+        RemoteError (one line) if the cluster is unreachable or could evict
+        persistent pages."""
+        host, port = self.settings.seeds[0]
+        startup = [ClusterNode(h, p) for h, p in self.settings.seeds]
+        try:
+            self._cluster = RedisCluster(startup_nodes=startup, socket_timeout=2.0,
+                                         socket_connect_timeout=2.0, protocol=2)
+            await self._cluster.initialize()
+            masters = self._cluster.get_primaries()
+            for node in masters:
+                reply = await self._cluster.execute_command(
+                    "CONFIG", "GET", "maxmemory-policy", target_nodes=node)
+                policy = _config_value(reply, "maxmemory-policy")
+                if policy not in SAFE_POLICIES:
+                    raise RemoteError(
+                        f"the cluster node {node.host}:{node.port} has maxmemory-policy {policy}, "
+                        "which may evict tmemd's persistent pages: set noeviction (or a volatile-* "
+                        "policy) on every node")
+        except RemoteError:
+            await self._close_clients()
+            raise
+        except (RedisError, RedisClusterException, OSError) as error:
+            await self._close_clients()
+            raise RemoteError(f"cannot reach the Redis Cluster at {host}:{port}: {error}") from None
+        self._spawn(self._demoter())
+        self._spawn(self._prober())
+        log.info("remote tier up", extra={"masters": len(masters), "replicas": self.settings.replicas})
+
+    async def aclose(self) -> None:
+        """Finish writes in flight (their pages stay in memory if they fail), stop
+        every task, close every connection. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._demote_wakeup.set()
+        if self._outbox or self._deletes or self._reads:
+            await self._flush()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._close_clients()
+
+    async def _close_clients(self) -> None:
+        clients = [*self._writers.values(), *self._readers.values()]
+        self._writers.clear()
+        self._readers.clear()
+        for client in clients:
+            await client.aclose()
+        if self._cluster is not None:
+            await self._cluster.aclose()
+            self._cluster = None
+
+    def _spawn(self, coroutine: Awaitable[None]) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("remote tier task failed", exc_info=task.exception())
+
+    # -- guests ------------------------------------------------------------------
+
+    def register(self, client: Client, uuid: UUID, cap_bytes: int | None) -> GuestRemote:
+        """Name the guest's pages by ``uuid`` (not by host, so another tmemd can
+        take the guest over) and limit its remote bytes to ``cap_bytes``."""
+        guest = self._guests.get(client.name)
+        if guest is None or guest.uuid != uuid:
+            guest = GuestRemote(client.name, uuid, cap_bytes, client.weight)
+            self._guests[client.name] = guest
+        guest.cap_bytes = cap_bytes
+        return guest
+
+    def guest(self, name: str) -> GuestRemote | None:
+        return self._guests.get(name)
+
+    def limit_bytes(self, guest: GuestRemote) -> int | None:
+        """The guest's remote limit: its cap, and its weighted share of the remote
+        budget. Hard limits: remote pages are persistent and never evicted, so a
+        guest over its share could never be made to give room back."""
+        limit = guest.cap_bytes
+        budget = self.settings.budget_bytes
+        if budget is not None:
+            weights = sum(other.weight for other in self._guests.values()) or 1
+            share = budget * guest.weight // weights
+            limit = share if limit is None else min(limit, share)
+        return limit
+
+    # -- the store's PageTier -------------------------------------------------------
+
+    def take(self, pool: Pool, oid: Oid, index: int, stored: StoredPage) -> RemotePage | None:
+        guest = self._guests.get(pool.owner.name)
+        if guest is None or self._closed:
+            return None
+        if not self.reachable:
+            guest.counters["refused_unreachable"] += 1
+            return None
+        value_bytes = VALUE_HEADER.size + (len(stored) if type(stored) is bytes else _FILL.size)
+        limit = self.limit_bytes(guest)
+        if limit is not None and pool.owner.remote_bytes + value_bytes > limit:
+            guest.counters["refused_quota"] += 1
+            return None
+        if self._inflight_bytes + value_bytes > self.settings.inflight_bytes:
+            guest.counters["refused_inflight"] += 1
+            return None
+        version = self._version()
+        key = page_key(guest, self._pool_id(pool), oid, index, version)
+        page = RemotePage(version, value_bytes, pending=stored)
+        self._queue_write(_Write(guest, pool, oid, index, page, key,
+                                 encode_value(key, version, stored)))
+        guest.counters["puts"] += 1
+        self._demote_wakeup.set()  # memory is short: make room for the next puts
+        return page
+
+    def release(self, pool: Pool, oid: Oid, index: int, page: RemotePage, *, keep: bool) -> None:
+        guest = self._guests.get(pool.owner.name)
+        self.total_bytes -= page.nbytes
+        if guest is None or keep:
+            return
+        # A write still in flight is deleted once it lands (see _complete_write).
+        if page.pending is None:
+            self._deletes.append(page_key(guest, self._pool_id(pool), oid, index, page.version))
+            self._schedule_flush()
+        page.pending = None
+        page.fetched = None
+
+    def fetch(self, pool: Pool, pages: list[tuple[Oid, int, RemotePage]]) -> asyncio.Future[None]:
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        guest = self._guests.get(pool.owner.name)
+        if guest is None or not self.reachable or self._closed:
+            if guest is not None:
+                guest.counters["get_unreachable"] += len(pages)
+            waiter.set_result(None)  # they miss: EIO to the guest, never wrong data
+            return waiter
+        pool_id = self._pool_id(pool)
+        for oid, index, page in pages:
+            self._reads.append(_Read(guest, pool, page,
+                                     page_key(guest, pool_id, oid, index, page.version)))
+        self._read_waiters.append(waiter)
+        self._schedule_flush()
+        return waiter
+
+    def barrier(self) -> asyncio.Future[None] | None:
+        waits = list(self._batches_in_flight)
+        if self._outbox:
+            if self._outbox_done is None:
+                self._outbox_done = asyncio.get_running_loop().create_future()
+            waits.append(self._outbox_done)
+        if not waits:
+            return None
+        return waits[0] if len(waits) == 1 else _all_done(waits)
+
+    def pressure(self) -> None:
+        self._demote_wakeup.set()
+
+    def restored(self, page: RemotePage) -> None:
+        self.total_bytes += page.nbytes
+        if page.version >= self._next_version:
+            self._next_version = page.version + 1
+
+    # -- internals -----------------------------------------------------------------
+
+    def _version(self) -> int:
+        self._next_version = max(self._next_version + 1, time.time_ns())
+        return self._next_version
+
+    def _pool_id(self, pool: Pool) -> int:
+        pool_id = self._pool_ids.get(id(pool))
+        if pool_id is None or pool.owner.pools[pool_id] is not pool:
+            pool_id = pool.owner.pools.index(pool)
+            self._pool_ids[id(pool)] = pool_id
+        return pool_id
+
+    def _queue_write(self, write: _Write) -> None:
+        self._outbox.append(write)
+        self._inflight_bytes += len(write.value)
+        self.total_bytes += write.page.nbytes
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        # Everything queued during this pass of the event loop goes out as one batch.
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._start_flush)
+
+    def _start_flush(self) -> None:
+        self._flush_scheduled = False
+        self._spawn(self._flush())
+
+    async def _flush(self) -> None:
+        writes, self._outbox = self._outbox, []
+        deletes, self._deletes = self._deletes, []
+        reads, self._reads = self._reads, []
+        read_waiters, self._read_waiters = self._read_waiters, []
+        written = self._outbox_done
+        self._outbox_done = None
+        if writes:
+            if written is None:
+                written = asyncio.get_running_loop().create_future()
+            self._batches_in_flight.add(written)
+        try:
+            await asyncio.gather(self._write_batch(writes, deletes), self._read_batch(reads))
+        finally:
+            for waiter in read_waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+            # The copies read back serve the gets of this loop pass, then go.
+            asyncio.get_running_loop().call_soon(_forget_fetched, reads)
+            if written is not None:
+                self._batches_in_flight.discard(written)
+                if not written.done():
+                    written.set_result(None)
+
+    async def _write_batch(self, writes: list[_Write], deletes: list[bytes]) -> None:
+        if not writes and not deletes:
+            return
+        commands: dict[bytes, list[Any]] = {}
+        for write in writes:
+            commands.setdefault(_tag_of(write.key), ["MSET"]).extend((write.key, write.value))
+        for key in deletes:
+            commands.setdefault(b"del:" + _tag_of(key), ["DEL"]).append(key)
+        try:
+            failed = await self._run(list(commands.values()), self._writers,
+                                     wait_replicas=self.settings.replicas)
+        except Exception:  # a bug must not lose acknowledged pages: they stay in memory
+            log.exception("remote write batch failed")
+            failed = list(commands.values())
+        failed_tags = {_tag_of(command[1]) for command in failed if command[0] == "MSET"}
+        lost_deletes = sum(len(command) - 1 for command in failed if command[0] == "DEL")
+        if lost_deletes:
+            # Orphans: unreachable copies of pages already gone. Their versions make
+            # them harmless; they cost the cluster memory until `tmemctl remote forget`.
+            self.counters["orphaned_deletes"] += lost_deletes
+        for write in writes:
+            self._inflight_bytes -= len(write.value)
+            self._complete_write(write, _tag_of(write.key) not in failed_tags)
+
+    def _complete_write(self, write: _Write, ok: bool) -> None:
+        page, pool = write.page, write.pool
+        if write.expected is not None:  # a demotion
+            if ok and self.store.demote(pool, write.oid, write.index, write.expected, page):
+                write.guest.counters["demoted"] += 1
+                return
+            self.total_bytes -= page.nbytes
+            if ok:  # a put or flush came first: the copy just written is garbage
+                self._deletes.append(write.key)
+                self._schedule_flush()
+            return
+        if ok:
+            if page.pending is None:  # dropped while in flight
+                self._deletes.append(write.key)
+                self._schedule_flush()
+            page.pending = None
+            return
+        # Acknowledged to the guest, never written: it stays in memory instead.
+        if self.store.strand(pool, write.oid, write.index, page) is not None:
+            write.guest.counters["stranded"] += 1
+        page.pending = None
+
+    async def _read_batch(self, reads: list[_Read]) -> None:
+        if not reads:
+            return
+        commands: dict[bytes, list[Any]] = {}
+        for read in reads:
+            commands.setdefault(_tag_of(read.key), ["MGET"]).append(read.key)
+        by_key: dict[bytes, bytes | None] = {}
+        failed = await self._run(list(commands.values()), self._readers, results=by_key)
+        unread = {key for command in failed for key in command[1:]}
+        if unread:
+            log.warning("remote reads failed", extra={"pages": len(unread)})
+        for read in reads:
+            counters = read.guest.counters
+            if read.key in unread:
+                counters["get_unreachable"] += 1
+                continue
+            value = by_key.get(read.key)
+            stored = decode_value(read.key, read.page.version, value)
+            if stored is None:
+                counters["get_errors" if value is not None else "get_missing"] += 1
+                if value is not None:
+                    log.error("remote page failed its check: the guest's read fails",
+                              extra={"guest": read.guest.name, "key": read.key.decode()})
+                continue
+            counters["gets"] += 1
+            read.page.fetched = stored
+
+    async def _run(self, commands: list[list[Any]], connections: dict[str, aioredis.Redis], *,
+                   wait_replicas: int = 0,
+                   results: dict[bytes, bytes | None] | None = None) -> list[list[Any]]:
+        """Run single-slot commands: grouped by master, one pipeline each, all masters
+        at once, retried on redirections and connection errors until ``wait_s``.
+        Returns the commands that did not succeed (the cluster is then unreachable)."""
+        deadline = time.monotonic() + self.settings.wait_s
+        pending = commands
+        delay = 0.05
+        while True:
+            try:
+                retry = await asyncio.wait_for(
+                    self._run_once(pending, connections, wait_replicas, results),
+                    timeout=max(0.001, deadline - time.monotonic()))
+            except TimeoutError:  # a node that does not answer (stopped, partitioned)
+                retry = pending
+            if not retry:
+                if not self.reachable:
+                    self._set_reachable(True)
+                return []
+            if time.monotonic() + delay > deadline or self._cluster is None:
+                self._set_reachable(False)
+                return retry
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+            try:
+                await asyncio.wait_for(self._refresh(), timeout=max(0.001, deadline - time.monotonic()))
+            except TimeoutError:
+                pass
+            pending = retry
+
+    async def _run_once(self, commands: list[list[Any]], connections: dict[str, aioredis.Redis],
+                        wait_replicas: int,
+                        results: dict[bytes, bytes | None] | None) -> list[list[Any]]:
+        by_node: dict[str, list[list[Any]]] = defaultdict(list)
+        retry: list[list[Any]] = []
+        for command in commands:
+            node = self._node_for(command[1])
+            if node is None:
+                retry.append(command)
+            else:
+                by_node[node].append(command)
+        outcomes = await asyncio.gather(
+            *(self._pipeline(node, node_commands, connections, wait_replicas, results)
+              for node, node_commands in by_node.items()))
+        for failed in outcomes:
+            retry.extend(failed)
+        return retry
+
+    async def _pipeline(self, node: str, commands: list[list[Any]],
+                        connections: dict[str, aioredis.Redis], wait_replicas: int,
+                        results: dict[bytes, bytes | None] | None) -> list[list[Any]]:
+        connection = connections.get(node)
+        if connection is None:
+            host, port = node.rsplit(":", 1)
+            connection = connections[node] = aioredis.Redis(
+                host=host, port=int(port), single_connection_client=True, protocol=2,
+                socket_timeout=max(1.0, min(5.0, self.settings.wait_s)),
+                socket_connect_timeout=1.0)
+        pipe = connection.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)
+        writes = any(command[0] != "MGET" for command in commands)
+        if wait_replicas and writes:
+            pipe.execute_command("WAIT", wait_replicas, int(self.settings.wait_s * 1000))
+        started = time.perf_counter()
+        try:
+            replies = await pipe.execute(raise_on_error=False)
+        except (RedisError, OSError, asyncio.CancelledError) as error:
+            # The connection is in an unknown state: a new one next time.
+            if connections.get(node) is connection:
+                del connections[node]
+            self.counters["connection_errors"] += 1
+            if isinstance(error, asyncio.CancelledError):  # the batch's deadline
+                self._spawn(connection.aclose())  # a cancelled task cannot await it
+                raise
+            await connection.aclose()
+            log.debug("remote pipeline failed", extra={"node": node, "error": str(error)})
+            return commands
+        bucket = _rtt_bucket((time.perf_counter() - started) * 1e6)
+        self.counters["round_trips"] += 1
+        guests = {self._guest_of(command[1]) for command in commands}
+        for guest in guests:
+            if guest is not None:
+                guest.rtt_us[bucket] += 1
+        failed: list[list[Any]] = []
+        for command, reply in zip(commands, replies):
+            if isinstance(reply, Exception):
+                if not isinstance(reply, ResponseError) or not str(reply).startswith(_RETRY_PREFIXES):
+                    log.error("remote command failed", extra={"node": node, "error": str(reply)})
+                self.counters["redirections" if str(reply).startswith(("MOVED", "ASK"))
+                              else "command_errors"] += 1
+                failed.append(command)
+            elif results is not None and command[0] == "MGET":
+                for key, value in zip(command[1:], reply):
+                    results[key] = value
+        if wait_replicas and writes and len(replies) > len(commands):
+            acked = replies[-1]
+            if isinstance(acked, Exception) or acked < wait_replicas:
+                # Not on enough replicas yet: not acknowledged; retried (a rewrite of
+                # the same keys and values, then WAIT again).
+                self.counters["replica_waits_short"] += 1
+                return [command for command in commands if command[0] != "MGET"] + failed
+        return failed
+
+    def _guest_of(self, key: bytes) -> GuestRemote | None:
+        uuid_hex = key[6:38].decode()  # after b"tmem:{"
+        return next((guest for guest in self._guests.values() if guest.uuid.hex == uuid_hex), None)
+
+    def _node_for(self, key: bytes) -> str | None:
+        if self._cluster is None:
+            return None
+        try:
+            node = self._cluster.nodes_manager.get_node_from_slot(key_slot(key))
+        except Exception:  # no master for the slot (failover under way)
+            return None
+        return f"{node.host}:{node.port}"
+
+    async def _refresh(self) -> None:
+        if self._cluster is None:
+            return
+        try:
+            await self._cluster.nodes_manager.initialize()
+        except (RedisError, RedisClusterException, OSError) as error:
+            log.debug("slot map refresh failed", extra={"error": str(error)})
+
+    def _set_reachable(self, reachable: bool) -> None:
+        if reachable != self.reachable:
+            self.reachable = reachable
+            self.counters["became_reachable" if reachable else "became_unreachable"] += 1
+            (log.info if reachable else log.error)(
+                "remote tier reachable again" if reachable else
+                "remote tier unreachable: puts go to the fallback disks, remote pages read as lost",
+                extra={})
+
+    async def _prober(self) -> None:
+        """While unreachable, try the cluster every second."""
+        while True:
+            await asyncio.sleep(1.0)
+            if self.reachable or self._cluster is None:
+                continue
+            await self._refresh()
+            try:
+                masters = self._cluster.get_primaries()
+                for node in masters:
+                    await self._cluster.execute_command("PING", target_nodes=node)
+                info = await self._cluster.execute_command("CLUSTER", "INFO",
+                                                           target_nodes=masters[0])
+            except (RedisError, RedisClusterException, OSError, IndexError):
+                continue
+            text = info.decode() if isinstance(info, bytes) else str(info)
+            if "cluster_state:ok" in text:
+                self._set_reachable(True)
+
+    # -- demotion ------------------------------------------------------------------
+
+    async def _demoter(self) -> None:
+        """Keep memory for puts: while a guest's pages (or all of them) fill more
+        than ``demote_above`` of its cap (the budget), write its least recently
+        used pages to the cluster and keep only their RemotePages."""
+        while True:
+            try:
+                await asyncio.wait_for(self._demote_wakeup.wait(), timeout=0.5)
+            except TimeoutError:
+                pass
+            self._demote_wakeup.clear()
+            if self._closed:
+                return
+            while self.reachable and not self._closed and (work := self._demotions()):
+                for write in work:
+                    self._queue_write(write)
+                written = self.barrier()
+                if written is not None:
+                    await written
+
+    def _demotions(self) -> list[_Write]:
+        """The next batch of pages to demote, or [] if memory is not short."""
+        store = self.store
+        settings = self.settings
+        candidates: list[Client] = []
+        over_budget = store.used_bytes > store.budget_bytes * settings.demote_above
+        for client in store.clients:
+            guest = self._guests.get(client.name)
+            if guest is None:
+                continue
+            cap = client.cap_bytes
+            if over_budget or (cap is not None and client.stored_bytes > cap * settings.demote_above):
+                candidates.append(client)
+        if not candidates:
+            return []
+        # The guest using the most memory for its weight gives first.
+        client = max(candidates, key=lambda c: c.stored_bytes / max(c.weight, 1))
+        guest = self._guests[client.name]
+        target = store.budget_bytes * settings.demote_to
+        cap_target = client.cap_bytes * settings.demote_to if client.cap_bytes is not None else None
+        excess = max(store.used_bytes - target if over_budget else 0,
+                     client.stored_bytes - cap_target if cap_target is not None else 0)
+        pages = max(1, min(settings.demote_batch, int(excess) // 2048 + 1))
+        limit = self.limit_bytes(guest)
+        writes: list[_Write] = []
+        room = self.settings.inflight_bytes - self._inflight_bytes
+        remote = client.remote_bytes
+        for pool, oid, index, stored in store.demotion_candidates(client, pages):
+            nbytes = VALUE_HEADER.size + len(stored)
+            if (limit is not None and remote + nbytes > limit) or nbytes > room:
+                guest.counters["demotions_refused"] += 1
+                break
+            remote += nbytes
+            room -= nbytes
+            version = self._version()
+            key = page_key(guest, self._pool_id(pool), oid, index, version)
+            writes.append(_Write(guest, pool, oid, index, RemotePage(version, nbytes), key,
+                                 encode_value(key, version, stored), expected=stored))
+        return writes
+
+    # -- figures -------------------------------------------------------------------
+
+    def guest_stats(self, name: str) -> RemoteGuestStats | None:
+        guest = self._guests.get(name)
+        try:
+            client = self.store.client(name)
+        except KeyError:
+            return None
+        if guest is None:
+            return None
+        counters = guest.counters
+        return {
+            "uuid": str(guest.uuid),
+            "limit_bytes": self.limit_bytes(guest),
+            "local_pages": client.pages - client.remote_pages,
+            "local_bytes": client.stored_bytes,
+            "remote_pages": client.remote_pages,
+            "remote_bytes": client.remote_bytes,
+            "puts": counters["puts"],
+            "demoted": counters["demoted"],
+            "gets": counters["gets"],
+            "get_missing": counters["get_missing"],
+            "get_errors": counters["get_errors"],
+            "get_unreachable": counters["get_unreachable"],
+            "stranded": counters["stranded"],
+            "refused_quota": counters["refused_quota"],
+            "refused_unreachable": counters["refused_unreachable"],
+            "refused_inflight": counters["refused_inflight"],
+            "demotions_refused": counters["demotions_refused"],
+            "rtt_us_histogram": {label: guest.rtt_us[label] for label in RTT_LABELS},
+        }
+
+    def stats(self, host_id: str = "") -> RemoteStats:
+        counters = self.counters
+        guests = {name: figures for name in self._guests
+                  if (figures := self.guest_stats(name)) is not None}
+        return {
+            "host_id": host_id,
+            "reachable": self.reachable,
+            "seeds": [f"{host}:{port}" for host, port in self.settings.seeds],
+            "replicas": self.settings.replicas,
+            "wait_s": self.settings.wait_s,
+            "budget_bytes": self.settings.budget_bytes,
+            "total_bytes": self.total_bytes,
+            "inflight_bytes": self._inflight_bytes,
+            "round_trips": counters["round_trips"],
+            "connection_errors": counters["connection_errors"],
+            "redirections": counters["redirections"],
+            "command_errors": counters["command_errors"],
+            "replica_waits_short": counters["replica_waits_short"],
+            "orphaned_deletes": counters["orphaned_deletes"],
+            "became_unreachable": counters["became_unreachable"],
+            "became_reachable": counters["became_reachable"],
+            "guests": guests,
+        }
+
+
+RTT_LABELS: Final = tuple(f"<={bound}" for bound in RTT_BUCKETS_US) + (f">{RTT_BUCKETS_US[-1]}",)
+
+
+def _all_done(futures: list[asyncio.Future[None]]) -> asyncio.Future[None]:
+    """One future for several (which never fail): done when all of them are."""
+    combined: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    left = len(futures)
+
+    def one_done(_: asyncio.Future[None]) -> None:
+        nonlocal left
+        left -= 1
+        if not left and not combined.done():
+            combined.set_result(None)
+
+    for future in futures:
+        future.add_done_callback(one_done)
+    return combined
+
+
+def _forget_fetched(reads: Sequence[_Read]) -> None:
+    for read in reads:
+        read.page.fetched = None
+
+
+def _config_value(reply: object, name: str) -> str:
+    """CONFIG GET's reply (a list or a dict, by protocol and client) as one value."""
+    if isinstance(reply, dict):
+        value = reply.get(name, reply.get(name.encode(), b""))
+    elif isinstance(reply, (list, tuple)) and len(reply) >= 2:
+        value = reply[1]
+    else:
+        value = b""
+    return value.decode() if isinstance(value, bytes) else str(value)
+

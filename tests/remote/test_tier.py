@@ -1,0 +1,212 @@
+"""tmemd's remote tier against a real Redis Cluster (3 masters, 3 replicas on
+loopback): pages that do not fit in memory go to the cluster and come back
+exactly; a batch is one round trip per node; a damaged, foreign, older or
+missing copy is an error, never data; quotas; a kill -9 of tmemd finds its
+remote pages again; a cluster that may evict is refused."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import cast
+
+import pytest
+import redis
+
+from tmem_host.daemon.process import TmemdProcess
+from tmem_host.nbd.client import ClientRequest, NbdClient
+from tmem_host.remote.cluster import LocalCluster
+from tmem_host.remote.tier import VALUE_HEADER
+from tmem_wire import nbd
+
+PAGE = 4096
+SLOTS_PER_REQUEST = 64
+
+
+def page_content(slot: int, generation: int = 0) -> bytes:
+    """Half-compressible and unique per slot and generation: a wrong page is caught."""
+    rng = random.Random(slot * 1000 + generation)
+    head = rng.randbytes(PAGE // 2)
+    return head + bytes([slot & 0xFF, generation & 0xFF]) * (PAGE // 4)
+
+
+def write_slots(client: NbdClient, slots: range, generation: int = 0) -> None:
+    requests = []
+    for first in range(slots.start, slots.stop, SLOTS_PER_REQUEST):
+        last = min(first + SLOTS_PER_REQUEST, slots.stop)
+        data = b"".join(page_content(slot, generation) for slot in range(first, last))
+        requests.append(ClientRequest(nbd.Command.WRITE, first * PAGE, len(data), data))
+    for reply in client.run(requests, depth=4):
+        assert reply.error == 0
+
+
+def read_errors(client: NbdClient, slots: range, generation: int = 0) -> list[int]:
+    """The slots that did not read back exactly (an error or other bytes)."""
+    bad: list[int] = []
+    for first in range(slots.start, slots.stop, SLOTS_PER_REQUEST):
+        last = min(first + SLOTS_PER_REQUEST, slots.stop)
+        error, data = client.read(first * PAGE, (last - first) * PAGE)
+        for slot in range(first, last):
+            offset = (slot - first) * PAGE
+            if error or data[offset:offset + PAGE] != page_content(slot, generation):
+                bad.append(slot)
+    return bad
+
+
+@pytest.fixture
+def tmemd_remote(tmp_path: Path, redis_cluster: LocalCluster) -> Iterator[TmemdProcess]:
+    """A tmemd whose 4 MiB budget holds a quarter of what the tests write."""
+    with TmemdProcess(tmp_path / "run", budget="4M", guests=("g1", "g2"), nbd_size="32M",
+                      extra_args=["--remote", redis_cluster.seed_spec,
+                                  "--remote-replicas", "1"]) as tmemd:
+        yield tmemd
+    redis_cluster.flushall()
+
+
+def remote_stats(tmemd: TmemdProcess, guest: str = "g1") -> dict[str, object]:
+    with tmemd.control() as control:
+        remote = control.stats()["remote"]
+    assert remote is not None
+    return dict(remote["guests"][guest])
+
+
+def test_pages_beyond_memory_go_to_the_cluster_and_come_back_exactly(
+        tmemd_remote: TmemdProcess) -> None:
+    slots = range(0, 4096)  # 16 MiB through a 4 MiB budget
+    with NbdClient(tmemd_remote.nbd_socket("g1"), "g1") as client:
+        write_slots(client, slots)
+        stats = remote_stats(tmemd_remote)
+        with tmemd_remote.control() as control:
+            export = control.stats()["nbd"]["g1"]
+        assert export["pages_refused_fallback"] == 0  # nothing went to the disk
+        assert export["slots_in_tmem"] == len(slots)
+        assert isinstance(stats["remote_pages"], int) and stats["remote_pages"] > len(slots) // 2
+        assert read_errors(client, slots) == []
+        # Rewritten pages replace their remote copies (new versions, old ones deleted).
+        write_slots(client, range(0, 512), generation=1)
+        assert read_errors(client, range(0, 512), generation=1) == []
+        assert read_errors(client, range(512, 4096)) == []
+    stats = remote_stats(tmemd_remote)
+    assert stats["get_errors"] == 0 and stats["get_missing"] == 0 and stats["stranded"] == 0
+
+
+def test_a_64_page_read_is_one_round_trip_per_node(tmemd_remote: TmemdProcess,
+                                                   redis_cluster: LocalCluster) -> None:
+    with NbdClient(tmemd_remote.nbd_socket("g1"), "g1") as client:
+        # 4096 slots through a 4 MiB budget: demotion takes the oldest first, so
+        # the first 1024 are all in the cluster.
+        write_slots(client, range(0, 4096))
+
+        def round_trips() -> int:
+            with tmemd_remote.control() as control:
+                remote = control.stats()["remote"]
+            assert remote is not None
+            return remote["round_trips"]
+
+        # 64 aligned slots share one hash tag: one MGET on one node.
+        before = round_trips()
+        error, _ = client.read(512 * PAGE, 64 * PAGE)
+        assert error == 0
+        assert round_trips() - before == 1
+        # Unaligned: two tags, at most two nodes.
+        before = round_trips()
+        error, _ = client.read(544 * PAGE, 64 * PAGE)
+        assert error == 0
+        assert 1 <= round_trips() - before <= 2
+        # 256 slots over 4 tags: never more round trips than masters.
+        before = round_trips()
+        error, _ = client.read(0, 256 * PAGE)
+        assert error == 0
+        assert round_trips() - before <= len(redis_cluster.masters())
+
+
+def _raw(node_port: int) -> redis.Redis:
+    return redis.Redis(host="127.0.0.1", port=node_port)  # bytes, not decoded
+
+
+def _tmemd_keys(cluster: LocalCluster) -> list[tuple[redis.Redis, bytes]]:
+    """Every key of tmemd's, with a raw client of the master holding it."""
+    found: list[tuple[redis.Redis, bytes]] = []
+    for node in cluster.masters():
+        client = _raw(node.port)
+        found += [(client, key) for key in client.scan_iter(match=b"tmem:*", count=1000)]
+    return found
+
+
+def test_a_damaged_foreign_or_missing_copy_is_an_error_never_data(
+        tmemd_remote: TmemdProcess, redis_cluster: LocalCluster) -> None:
+    slots = range(0, 4096)
+    with NbdClient(tmemd_remote.nbd_socket("g1"), "g1") as client:
+        write_slots(client, slots)
+        keys = _tmemd_keys(redis_cluster)
+        assert len(keys) >= 2048
+        (node_a, key_a), (node_b, key_b), (node_c, key_c) = keys[0], keys[1], keys[2]
+        # A flipped bit in the data.
+        value = bytearray(cast(bytes, node_a.get(key_a)))
+        value[VALUE_HEADER.size + 10] ^= 0x01
+        node_a.set(key_a, bytes(value))
+        # Another page's value, intact, under this key.
+        node_b.set(key_b, cast(bytes, node_c.get(key_c)))
+        # A copy gone.
+        node_c.delete(key_c)
+        bad = read_errors(client, slots)
+        assert len(bad) >= 3
+        # Every slot of the damaged requests failed as a whole (EIO); the others read back.
+        for first in range(0, 4096, SLOTS_PER_REQUEST):
+            error, _ = client.read(first * PAGE, SLOTS_PER_REQUEST * PAGE)
+            in_bad = any(first <= slot < first + SLOTS_PER_REQUEST for slot in bad)
+            assert (error == nbd.Error.EIO) == in_bad
+    stats = remote_stats(tmemd_remote)
+    assert isinstance(stats["get_errors"], int) and stats["get_errors"] >= 2
+    assert isinstance(stats["get_missing"], int) and stats["get_missing"] >= 1
+
+
+def test_a_guest_beyond_its_remote_cap_goes_to_its_fallback_disk(
+        tmp_path: Path, redis_cluster: LocalCluster) -> None:
+    with TmemdProcess(tmp_path / "run", budget="1M", guests=("g1:remote-cap=2M",),
+                      nbd_size="32M", extra_args=["--remote", redis_cluster.seed_spec]) as tmemd:
+        slots = range(0, 2048)
+        with NbdClient(tmemd.nbd_socket("g1"), "g1") as client:
+            write_slots(client, slots)
+            stats = remote_stats(tmemd)
+            with tmemd.control() as control:
+                export = control.stats()["nbd"]["g1"]
+            assert isinstance(stats["remote_bytes"], int) and 0 < stats["remote_bytes"] <= 2 << 20
+            assert stats["limit_bytes"] == 2 << 20
+            assert export["pages_refused_fallback"] > 0
+            assert read_errors(client, slots) == []
+    redis_cluster.flushall()
+
+
+def test_kill_9_of_tmemd_finds_its_remote_pages_again(tmemd_remote: TmemdProcess) -> None:
+    slots = range(0, 2048)
+    with NbdClient(tmemd_remote.nbd_socket("g1"), "g1") as client:
+        write_slots(client, slots)
+    before = remote_stats(tmemd_remote)
+    assert isinstance(before["remote_pages"], int) and before["remote_pages"] > 0
+    tmemd_remote.crash_and_restart()
+    after = remote_stats(tmemd_remote)
+    assert after["remote_pages"] == before["remote_pages"]
+    with NbdClient(tmemd_remote.nbd_socket("g1"), "g1") as client:
+        assert read_errors(client, slots) == []
+
+
+def test_tmemd_refuses_a_cluster_that_may_evict_its_pages(tmp_path: Path,
+                                                          redis_cluster: LocalCluster) -> None:
+    redis_cluster.config_set("maxmemory-policy", "allkeys-lru")
+    try:
+        run_dir = tmp_path / "run"
+        result = subprocess.run(
+            [sys.executable, "-m", "tmem_host.daemon.main", "--run-dir", str(run_dir),
+             "--budget", "8M", "--guest", "g1", "--nbd-size", "4M", "--journal-reserve", "1M",
+             "--remote", redis_cluster.seed_spec, "--log-format", "text"],
+            capture_output=True, text=True, timeout=60, env={**os.environ})
+    finally:
+        redis_cluster.config_set("maxmemory-policy", "noeviction")
+    assert result.returncode == 2
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if "cannot start" in line]
+    assert len(lines) == 1 and "maxmemory-policy allkeys-lru" in lines[0]
