@@ -449,6 +449,12 @@ class JournaledStore(Store):
         self._journal_page(pool, oid, index)
         return True
 
+    def promote(self, pool: Pool, oid: Oid, index: int, page: RemotePage) -> bool:
+        if not super().promote(pool, oid, index, page):
+            return False
+        self._journal_page(pool, oid, index)
+        return True
+
     def strand(self, pool: Pool, oid: Oid, index: int, page: RemotePage) -> int | bytes | None:
         stored = super().strand(pool, oid, index, page)
         if stored is not None:

@@ -734,6 +734,57 @@ class RemoteTier:
                                  encode_value(key, version, stored), expected=stored))
         return writes
 
+    # -- control: a guest's pages home, a namespace forgotten -------------------------
+
+    async def drain_home(self, client: Client, batch: int = 256) -> tuple[int, int]:
+        """Read the guest's remote pages back into memory while they fit its local
+        share (their copies in the cluster are then deleted): (pages moved home,
+        pages left in the cluster). Runs between other requests."""
+        moved = 0
+        for pool in client.owned_pools():
+            while pool.remote_pages:
+                pages = [(oid, index, value) for oid, obj in pool.objects.items()
+                         for index, value in obj.items()
+                         if type(value) is RemotePage and value.pending is None][:batch]
+                if not pages:
+                    break
+                await self.fetch(pool, pages)
+                step = sum(1 for oid, index, page in pages
+                           if self.store.promote(pool, oid, index, page))
+                moved += step
+                if step < len(pages):  # no more room (or pages the cluster lost): stop here
+                    return moved, client.remote_pages
+        return moved, client.remote_pages
+
+    async def namespace_keys(self, guest_uuid: UUID) -> list[bytes]:
+        """Every key in the cluster under the guest's namespace (SCAN on each master)."""
+        if self._cluster is None:
+            raise RemoteError("the remote tier is closed")
+        pattern = b"tmem:{%b:*" % guest_uuid.hex.encode()
+        keys: list[bytes] = []
+        for node in self._cluster.get_primaries():
+            connection = aioredis.Redis(host=node.host, port=int(node.port), protocol=2,
+                                        socket_timeout=self.settings.wait_s)
+            try:
+                keys += [key async for key in connection.scan_iter(match=pattern, count=1000)]
+            except (RedisError, OSError) as error:
+                raise RemoteError(f"cannot list {node.host}:{node.port}: {error}") from None
+            finally:
+                await connection.aclose()
+        return keys
+
+    async def forget_namespace(self, guest_uuid: UUID) -> int:
+        """Delete every key of the guest's namespace: for a guest tmemd no longer
+        serves (tmemctl forget), or orphans that failed deletes left. Returns the count."""
+        keys = await self.namespace_keys(guest_uuid)
+        commands: dict[bytes, list[Any]] = {}
+        for key in keys:
+            commands.setdefault(_tag_of(key), ["DEL"]).append(key)
+        failed = await self._run(list(commands.values()), self._writers)
+        if failed:
+            raise RemoteError(f"{sum(len(c) - 1 for c in failed)} keys could not be deleted")
+        return len(keys)
+
     # -- figures -------------------------------------------------------------------
 
     def guest_stats(self, name: str) -> RemoteGuestStats | None:

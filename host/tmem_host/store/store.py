@@ -631,6 +631,23 @@ class Store:
             charged = logical if blob.refs == 1 else pool.page_overhead
         self._charge(pool, owner, oid, index, value, charged, logical)
 
+    def promote(self, pool: Pool, oid: Oid, index: int, page: RemotePage) -> bool:
+        """Bring a page the tier read back (``page.fetched``) home into memory, if it
+        fits the local share; its copy in the tier is then released. False if the
+        page changed meanwhile, was not read back, or does not fit."""
+        obj = pool.objects.get(oid)
+        stored = page.fetched
+        if obj is None or obj.get(index) is not page or type(stored) is not bytes:
+            return False
+        cost = pool.page_overhead + len(stored)
+        owner = pool.owner
+        # The remote page's own charge is freed by the swap: count it as room.
+        if self._beyond_local_share(owner, cost - pool.remote_page_cost):
+            return False
+        self._drop_page(pool, obj, oid, index)
+        self._charge(pool, owner, oid, index, stored, cost, cost)
+        return True
+
     def restore_remote_page(self, client: Client, pool_id: int, oid: Oid, index: int,
                             version: int, nbytes: int) -> None:
         """Put back a page the journal says the tier holds (no data here; charged

@@ -1,0 +1,161 @@
+"""The remote tier under the store, driven directly on this test's event loop
+(no tmemd process): what one batch costs in round trips, two hosts sharing a
+cluster, the ABI frontend's batches, and the journal's REMOTE records."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import Callable, Coroutine
+from typing import Any
+from pathlib import Path
+
+from tmem_host.journal import codec
+from tmem_host.journal.journaled import JournaledStore, journal_path
+from tmem_host.remote.cluster import LocalCluster
+from tmem_host.remote.tier import RemoteSettings, RemoteTier
+from tmem_host.store import Client
+from tmem_wire.abi import Key, Status
+from tmem_wire.frontswap import frontswap_keys
+
+PAGE = 4096
+
+
+def host(state_dir: Path, cluster: LocalCluster, budget: int, *, demote_above: float = 0.8,
+         local_fraction: float = 0.9) -> tuple[JournaledStore, RemoteTier]:
+    """One tmemd's store and tier."""
+    store = JournaledStore(budget, state_dir=state_dir)
+    tier = RemoteTier(RemoteSettings(seeds=tuple(cluster.seeds), demote_above=demote_above,
+                                     local_fraction=local_fraction), store)
+    return store, tier
+
+
+def run(scenario: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    asyncio.run(scenario())
+
+
+async def settle(store: JournaledStore) -> None:
+    while (waiter := store.make_durable()) is not None:
+        await waiter
+
+
+async def get_all(store: JournaledStore, client: Client, pool_id: int,
+                  keys: list[Key]) -> tuple[list[Status], list[bytes]]:
+    waiter = store.fetch(client, pool_id, keys)
+    if waiter is not None:
+        await waiter
+    return store.get_many(client, pool_id, keys)
+
+
+def test_a_64_page_batch_that_goes_remote_is_one_round_trip(tmp_path: Path,
+                                                            redis_cluster: LocalCluster) -> None:
+    async def scenario() -> None:
+        # No room for data and no demotion: every page goes straight to the cluster.
+        store, tier = host(tmp_path, redis_cluster, 1 << 20, demote_above=10.0, local_fraction=0.0)
+        await tier.start()
+        store.attach_tier(tier, tier.settings.local_fraction)
+        try:
+            client = store.add_client("g1")
+            tier.register(client, uuid.uuid4(), None)
+            _, pool_id, _ = store.new_pool(client, True)
+            pages = [os.urandom(PAGE) for _ in range(256)]
+            for first, expected in ((0, 1), (64, 1), (96, 2)):
+                keys = frontswap_keys(0, range(first, first + 64))
+                before = tier.counters["round_trips"]
+                assert store.put_many(client, pool_id, keys, pages[first:first + 64]) == [Status.OK] * 64
+                await settle(store)
+                # Aligned, the 64 slots share one hash tag: one MSET on one master.
+                assert tier.counters["round_trips"] - before == expected
+            assert client.remote_pages == 160 and client.pages == 160
+            keys = frontswap_keys(0, range(0, 160))
+            before = tier.counters["round_trips"]
+            statuses, found = await get_all(store, client, pool_id, keys)
+            assert statuses == [Status.OK] * 160 and found == pages[:160]
+            assert tier.counters["round_trips"] - before <= len(redis_cluster.masters())
+        finally:
+            await tier.aclose()
+            redis_cluster.flushall()
+
+    run(scenario)
+
+
+def test_two_hosts_share_a_cluster_by_guest_identity(tmp_path: Path,
+                                                     redis_cluster: LocalCluster) -> None:
+    async def scenario() -> None:
+        hosts = [host(tmp_path / name, redis_cluster, 256 << 10) for name in ("a", "b")]
+        identities = [uuid.uuid4(), uuid.uuid4()]
+        written: list[list[bytes]] = []
+        try:
+            for (store, tier), identity in zip(hosts, identities):
+                await tier.start()
+                store.attach_tier(tier, tier.settings.local_fraction)
+                client = store.add_client("g1")  # the same name on both hosts
+                tier.register(client, identity, None)
+                _, pool_id, _ = store.new_pool(client, True)
+                pages = [os.urandom(PAGE) for _ in range(256)]
+                keys = frontswap_keys(0, range(256))
+                for first in range(0, 256, 64):
+                    statuses = store.put_many(client, pool_id, keys[first:first + 64],
+                                              pages[first:first + 64])
+                    assert statuses == [Status.OK] * 64
+                    await settle(store)
+                written.append(pages)
+            for (store, tier), identity, pages in zip(hosts, identities, written):
+                client = store.client("g1")
+                assert client.remote_pages > 0
+                statuses, found = await get_all(store, client, 0, frontswap_keys(0, range(256)))
+                assert statuses == [Status.OK] * 256 and found == pages
+                names = await tier.namespace_keys(identity)
+                assert len(names) == client.remote_pages
+                assert all(identity.hex.encode() in name for name in names)
+        finally:
+            for _, tier in hosts:
+                await tier.aclose()
+            redis_cluster.flushall()
+
+    run(scenario)
+
+
+def test_the_journal_keeps_where_a_page_is_not_its_data(tmp_path: Path,
+                                                       redis_cluster: LocalCluster) -> None:
+    identity = uuid.uuid4()
+    pages = [os.urandom(PAGE) for _ in range(128)]
+    keys = frontswap_keys(0, range(128))
+
+    async def first_run() -> None:
+        store, tier = host(tmp_path, redis_cluster, 1 << 20, demote_above=10.0, local_fraction=0.0)
+        await tier.start()
+        store.attach_tier(tier, tier.settings.local_fraction)
+        client = store.add_client("g1")
+        tier.register(client, identity, None)
+        _, pool_id, _ = store.new_pool(client, True)
+        assert store.put_many(client, pool_id, keys, pages) == [Status.OK] * 128
+        await settle(store)
+        await tier.aclose()  # no detach: the journal is as a kill -9 would leave it
+
+    async def second_run() -> None:
+        store, tier = host(tmp_path, redis_cluster, 1 << 20)
+        await tier.start()
+        store.attach_tier(tier, tier.settings.local_fraction)
+        try:
+            client = store.add_client("g1")
+            tier.register(client, identity, None)
+            assert client.remote_pages == 128
+            statuses, found = await get_all(store, client, 0, keys)
+            assert statuses == [Status.OK] * 128 and found == pages
+        finally:
+            await tier.aclose()
+            redis_cluster.flushall()
+
+    run(first_run)
+    data = journal_path(tmp_path, "g1").read_bytes()
+    decoder = codec.JournalDecoder()
+    decoder.feed(data)
+    records = []
+    while not isinstance(record := decoder.next_record(), codec.NeedData):
+        records.append(record)
+    assert sum(isinstance(record, codec.RemoteRecord) for record in records) == 128
+    assert not any(isinstance(record, codec.PutRecord) for record in records)
+    assert len(data) < 128 * 100  # keys and versions, no page data
+    run(second_run)
