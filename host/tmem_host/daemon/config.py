@@ -23,6 +23,7 @@ from typing import Any, Final, NoReturn
 
 from tmem_host.replies import GuestSettings
 from tmem_host.journal.journaled import DURABILITY_LEVELS
+from tmem_host.remote.tier import parse_seeds
 
 from tmem_wire.frontswap import PAGE_SIZE
 
@@ -301,15 +302,12 @@ def _parse_uuid(value: object, name: str) -> uuid.UUID:
 
 def parse_remote_seeds(value: object, name: str) -> tuple[tuple[str, int], ...]:
     """`host:port[,host:port...]`: the Redis Cluster nodes tmemd starts from."""
-    if not isinstance(value, str) or not value.strip():
-        _fail(name, "host:port[,host:port...]", value)
-    seeds: list[tuple[str, int]] = []
-    for part in value.split(","):
-        host, sep, port = part.strip().rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            _fail(name, "host:port[,host:port...]", value)
-        seeds.append((host, int(port)))
-    return tuple(seeds)
+    if isinstance(value, str):
+        try:
+            return parse_seeds(value)
+        except ValueError:
+            pass
+    _fail(name, "host:port[,host:port...]", value)
 
 
 def _parse_int(text: str) -> int | str:

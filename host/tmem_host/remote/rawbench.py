@@ -25,6 +25,7 @@ from pathlib import Path
 from redis.cluster import ClusterNode, ClusterPipeline, RedisCluster
 
 from tmem_host.remote.cluster import LocalCluster
+from tmem_host.remote.tier import parse_seeds
 from tmem_wire.frontswap import PAGE_SIZE
 
 BATCH_PAGES = 64
@@ -44,19 +45,10 @@ class RawRow:
         return self.pages / self.seconds if self.seconds else 0.0
 
 
-def parse_seed_spec(seed_spec: str) -> list[tuple[str, int]]:
-    """"host:port,host:port,..." -> [(host, port), ...]."""
-    seeds = []
-    for item in seed_spec.split(","):
-        host, _, port = item.strip().rpartition(":")
-        seeds.append((host, int(port)))
-    return seeds
-
-
 # redis-py leaves ClusterNode() and RedisCluster.pipeline() unannotated.
 def _client(seed_spec: str) -> RedisCluster:
     return RedisCluster(startup_nodes=[ClusterNode(host, port)  # type: ignore[no-untyped-call]
-                                       for host, port in parse_seed_spec(seed_spec)])
+                                       for host, port in parse_seeds(seed_spec)])
 
 
 def _pipeline(client: RedisCluster) -> ClusterPipeline:

@@ -96,7 +96,7 @@ class RemoteSettings:
 
 
 def parse_seeds(spec: str) -> tuple[tuple[str, int], ...]:
-    """``host:port[,host:port...]`` as a tuple; ValueError if malformed."""
+    """``host:port[,host:port...]``: the cluster nodes to start from; ValueError if malformed."""
     seeds: list[tuple[str, int]] = []
     for part in spec.split(","):
         host, sep, port = part.strip().rpartition(":")

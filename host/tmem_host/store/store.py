@@ -498,10 +498,15 @@ class Store:
         stored = page.pending
         if obj is None or obj.get(index) is not page or stored is None:
             return None
+        self._replace_with_local(pool, obj, oid, index, stored)
+        return stored
+
+    def _replace_with_local(self, pool: Pool, obj: dict[int, _PageValue], oid: Oid, index: int,
+                            stored: StoredPage) -> None:
+        """A RemotePage's data back in memory, charged (no budget check: callers decide)."""
         self._drop_page(pool, obj, oid, index)
         cost = pool.page_overhead + stored_data_bytes(stored)
         self._charge(pool, pool.owner, oid, index, stored, cost, cost)
-        return stored
 
     def durability_stats(self, client: Client | str) -> JournalStats | None:
         """The client's journal figures, if the store keeps one."""
@@ -611,12 +616,7 @@ class Store:
         """Put a page back in the stored form a journal kept: no recompression and
         no budget or cap check (it was accepted before the restart; persistent
         pages are never evicted, so they are charged even above a lowered budget)."""
-        pool = _pool_of(client, pool_id)
-        if pool is None:
-            raise ValueError(f"no pool {pool_id} of {client.name!r}")
-        obj = pool.objects.get(oid)
-        if obj is not None and index in obj:
-            self._drop_page(pool, obj, oid, index)
+        pool = self._restore_slot(client, pool_id, oid, index)
         owner = pool.owner
         value: _PageValue = stored
         charged = logical = pool.page_overhead + stored_data_bytes(stored)
@@ -639,25 +639,27 @@ class Store:
         stored = page.fetched
         if obj is None or obj.get(index) is not page or type(stored) is not bytes:
             return False
-        cost = pool.page_overhead + len(stored)
-        owner = pool.owner
         # The remote page's own charge is freed by the swap: count it as room.
-        if self._beyond_local_share(owner, cost - pool.remote_page_cost):
+        if self._beyond_local_share(pool.owner, pool.page_overhead + len(stored) - pool.remote_page_cost):
             return False
-        self._drop_page(pool, obj, oid, index)
-        self._charge(pool, owner, oid, index, stored, cost, cost)
+        self._replace_with_local(pool, obj, oid, index, stored)
         return True
 
-    def restore_remote_page(self, client: Client, pool_id: int, oid: Oid, index: int,
-                            version: int, nbytes: int) -> None:
-        """Put back a page the journal says the tier holds (no data here; charged
-        like restore_page). Without a tier its gets miss: lost, never zeros."""
+    def _restore_slot(self, client: Client, pool_id: int, oid: Oid, index: int) -> Pool:
+        """A replayed page's pool (ValueError if there is none), its key emptied."""
         pool = _pool_of(client, pool_id)
         if pool is None:
             raise ValueError(f"no pool {pool_id} of {client.name!r}")
         obj = pool.objects.get(oid)
         if obj is not None and index in obj:
             self._drop_page(pool, obj, oid, index)
+        return pool
+
+    def restore_remote_page(self, client: Client, pool_id: int, oid: Oid, index: int,
+                            version: int, nbytes: int) -> None:
+        """Put back a page the journal says the tier holds (no data here; charged
+        like restore_page). Without a tier its gets miss: lost, never zeros."""
+        pool = self._restore_slot(client, pool_id, oid, index)
         page = RemotePage(version, nbytes)
         self._charge_remote(pool, pool.owner, oid, index, page)
         if self.tier is not None:
