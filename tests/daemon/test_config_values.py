@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -107,6 +108,17 @@ BAD: list[tuple[str, str, list[str], str]] = [
     ("cli-socket-group-unknown-gid", "", ["--socket-group", "4294967294999"],
      "--socket-group: no group"),
     ("toml-socket-group-int", "socket_group = 0", [], "socket_group must be a group name"),
+    # The remote tier.
+    ("cli-remote-no-port", "", ["--remote", "127.0.0.1"], "--remote must be host:port"),
+    ("cli-remote-port-0", "", ["--remote", "127.0.0.1:0"], "--remote must be host:port"),
+    ("toml-remote-list", 'remote = ["127.0.0.1:7000"]', [], "remote must be host:port"),
+    ("cli-remote-replicas-17", "", ["--remote-replicas", "17"], "--remote-replicas must be"),
+    ("cli-remote-wait-0", "", ["--remote-wait", "0"], "--remote-wait must be"),
+    ("toml-remote-budget-float", 'budget = "64M"\nremote_budget = 1.5', [], "remote_budget: not a size"),
+    ("cli-guest-uuid-bad", "", ["--guest", "g1:uuid=nope"], "guest 'g1' uuid must be a UUID"),
+    ("toml-guest-remote-cap-bool", '[[guest]]\nname = "g1"\nremote_cap = true', [],
+     "guest 'g1' remote_cap: not a size"),
+    ("cli-host-id-slash", "", ["--host-id", "a/b"], "--host-id must be a name"),
 ]
 # The real entry point, in a subprocess, for a few of them.
 SUBPROCESS = ("cli-budget-400-digits", "cli-nbd-size-0", "toml-budget-float", "cli-guest-twice",
@@ -215,6 +227,15 @@ GOOD: list[tuple[str, str, list[str], dict[str, Any]]] = [
       "--handshake-timeout", "1.5", "--idle-timeout", "60", "--socket-group", str(os.getgid())],
      {"preallocate": False, "journal_reserve_bytes": 1 << 20, "connections_per_guest": 2,
       "handshake_timeout_s": 1.5, "idle_timeout_s": 60.0, "socket_group": str(os.getgid())}),
+    ("remote-settings",
+     'budget = "64M"\nremote = "10.0.0.5:7000,10.0.0.6:7001"\nremote_budget = "8G"\nhost_id = "hostA"',
+     ["--remote-replicas", "1", "--remote-wait", "3"],
+     {"remote_seeds": (("10.0.0.5", 7000), ("10.0.0.6", 7001)), "remote_replicas": 1,
+      "remote_wait_s": 3.0, "remote_budget_bytes": 8 << 30, "host_id": "hostA"}),
+    ("guest-identity-and-remote-cap", "",
+     ["--guest", "g1:uuid=6d1b5a3e-8f0c-4b7e-9a51-2f4c0e7d9b11:remote-cap=1G"],
+     {"guests": (GuestConfig("g1", guest_uuid=uuid.UUID("6d1b5a3e-8f0c-4b7e-9a51-2f4c0e7d9b11"),
+                             remote_cap_bytes=1 << 30),)}),
     ("command-line-guest-replaces-file-guest", '[[guest]]\nname = "g1"\nweight = 5',
      ["--guest", "g1:weight=7"], {"guests": (GuestConfig("g1", weight=7),)}),
 ]
