@@ -159,3 +159,41 @@ def test_the_journal_keeps_where_a_page_is_not_its_data(tmp_path: Path,
     assert not any(isinstance(record, codec.PutRecord) for record in records)
     assert len(data) < 128 * 100  # keys and versions, no page data
     run(second_run)
+
+
+def test_remote_limits_are_caps_and_weighted_shares_of_the_remote_budget(
+        tmp_path: Path, redis_cluster: LocalCluster) -> None:
+    async def scenario() -> None:
+        store = JournaledStore(1 << 20, state_dir=tmp_path)
+        tier = RemoteTier(RemoteSettings(seeds=tuple(redis_cluster.seeds), budget_bytes=400 << 10,
+                                         local_fraction=0.0, demote_above=10.0), store)
+        await tier.start()
+        store.attach_tier(tier, tier.settings.local_fraction)
+        try:
+            light = store.add_client("light", weight=100)
+            heavy = store.add_client("heavy", weight=300)
+            capped = store.add_client("capped", weight=100)
+            for client in (light, heavy):
+                tier.register(client, uuid.uuid4(), None)
+            tier.register(capped, uuid.uuid4(), 20 << 10)
+            limits = {name: tier.limit_bytes(guest) for name in ("light", "heavy", "capped")
+                      if (guest := tier.guest(name)) is not None}
+            assert limits == {"light": 80 << 10, "heavy": 240 << 10, "capped": 20 << 10}
+            for client in (light, heavy, capped):
+                _, pool_id, _ = store.new_pool(client, True)
+                pages = [os.urandom(PAGE) for _ in range(128)]
+                statuses = store.put_many(client, pool_id, frontswap_keys(0, range(128)), pages)
+                await settle(store)
+                accepted = statuses.count(Status.OK)
+                limit = limits[client.name]
+                assert limit is not None
+                # Accepted while the next one fitted: the limit is reached, never passed.
+                assert 0 < client.remote_bytes <= limit < client.remote_bytes + 4200
+                assert accepted == client.remote_pages < 128
+                figures = tier.guest_stats(client.name)
+                assert figures is not None and figures["refused_quota"] == 128 - accepted
+        finally:
+            await tier.aclose()
+            redis_cluster.flushall()
+
+    run(scenario)
