@@ -393,8 +393,8 @@ class Store:
             if pool is not None and pool.shared_uuid is not None:
                 self.destroy_pool(client, pool_id)  # other members keep a shared pool
             elif pool is not None:
-                client.pools[pool_id] = None
                 self._drop_all_pages(pool)
+                client.pools[pool_id] = None
 
     def pool_page_shift(self, client: Client, pool_id: int) -> int | None:
         """The page shift of the client's pool, or None if it has no such pool."""
@@ -637,10 +637,11 @@ class Store:
         page changed meanwhile, was not read back, or does not fit."""
         obj = pool.objects.get(oid)
         stored = page.fetched
-        if obj is None or obj.get(index) is not page or type(stored) is not bytes:
+        if obj is None or obj.get(index) is not page or stored is None:
             return False
         # The remote page's own charge is freed by the swap: count it as room.
-        if self._beyond_local_share(pool.owner, pool.page_overhead + len(stored) - pool.remote_page_cost):
+        cost = pool.page_overhead + stored_data_bytes(stored)
+        if self._beyond_local_share(pool.owner, cost - pool.remote_page_cost):
             return False
         self._replace_with_local(pool, obj, oid, index, stored)
         return True
@@ -678,15 +679,16 @@ class Store:
         pool = _pool_of(client, pool_id)
         if pool is None:
             return _INVALID
-        client.pools[pool_id] = None
         if pool.shared_uuid is not None:
             pool.members.remove(client)
             if pool.members:
+                client.pools[pool_id] = None
                 if pool.owner is client and client not in pool.members:
                     self._reassign_owner(pool, pool.members[0])
                 return _OK
             del self._shared_pools[pool.shared_uuid]
-        self._drop_all_pages(pool)
+        self._drop_all_pages(pool)  # in its slot still: the tier names its pages by it
+        client.pools[pool_id] = None
         return _OK
 
     def flush_pool(self, client: Client, pool_id: int) -> Status:
