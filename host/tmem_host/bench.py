@@ -12,7 +12,11 @@ zero-filled and random pages, fixed seed; `tmem_workloads.usemem`'s templates):
   SET/GET of the same pages, unpipelined and pipelined BATCH_PAGES deep, by the
   bench's own client (the reference the targets are against), and redis-benchmark
   (Redis's C load generator, 4 KiB values, BATCH_DEPTH connections x BATCH_PAGES
-  pipelined) against the same server: the server's capacity.
+  pipelined) against the same server: the server's capacity;
+- the remote tier (remote_suite): PUT_BATCH / GET_BATCH through a second tmemd
+  whose memory is full, so every page goes to a Redis Cluster (LocalCluster, 3+3
+  on loopback), beside redis-py's own fastest ways with the same cluster
+  (tmem_host.remote.rawbench: the engine's limit on this machine).
 
 Prints a table and writes bench/results/<timestamp>.json. More rows plug in as
 further suites: functions of BenchContext -> list[Row] in SUITES.
@@ -24,6 +28,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import shutil
 import socket
 import subprocess
@@ -33,6 +38,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from math import ceil
 from pathlib import Path
 
 import lz4.block
@@ -44,8 +50,12 @@ from tmem_host.daemon.main import keep_batch_buffers_on_the_heap
 from tmem_host.daemon.process import TmemdProcess
 from tmem_host.journal.journaled import JournaledStore
 from tmem_host.nbd.client import bench_export
+from tmem_host.replies import RemoteStats
+from tmem_host.remote.cluster import LocalCluster
+from tmem_host.remote.rawbench import raw_cluster_rows
+from tmem_host.remote.tier import RemoteSettings
 from tmem_wire.abi import Key, Op, PoolFlag, Status, decode_batch_reply
-from tmem_wire.frontswap import PAGE_SIZE
+from tmem_wire.frontswap import PAGE_SIZE, frontswap_keys
 from tmem_workloads.usemem import expected_page, page_templates
 
 SEED = 20111
@@ -148,13 +158,7 @@ def tmemd_suite(ctx: BenchContext) -> list[Row]:
             _put_batched(client, pool_id, keys, pages)
 
         def get_batched() -> None:
-            window: list[int] = []
-            for batch in _batches(len(pages)):
-                window.append(client.submit_get_batch(pool_id, keys[batch.start:batch.stop]))
-                if len(window) >= BATCH_DEPTH:
-                    _check(client.get_batch_reply(window.pop(0))[0], "GET_BATCH")
-            for request_id in window:
-                _check(client.get_batch_reply(request_id)[0], "GET_BATCH")
+            _get_batched(client, pool_id, keys)
 
         rows.append(timed("tmemd PUT sync", "put", sync_count, put_sync))
         rows.append(timed("tmemd GET sync", "get", sync_count, get_sync))
@@ -195,6 +199,26 @@ def _put_batched(client: AbiClient, pool_id: int, keys: Sequence[Key],
             _check(_batch_statuses(client, window.pop(0)), "PUT_BATCH")
     for request_id in window:
         _check(_batch_statuses(client, request_id), "PUT_BATCH")
+
+
+def _get_batched(client: AbiClient, pool_id: int, keys: Sequence[Key]) -> list[bytes | None]:
+    """GET_BATCH of every key, BATCH_PAGES per frame, BATCH_DEPTH frames in flight:
+    the pages, in the keys' order."""
+    found: list[bytes | None] = []
+    window: list[int] = []
+
+    def collect(request_id: int) -> None:
+        statuses, got = client.get_batch_reply(request_id)
+        _check(statuses, "GET_BATCH")
+        found.extend(got)
+
+    for batch in _batches(len(keys)):
+        window.append(client.submit_get_batch(pool_id, keys[batch.start:batch.stop]))
+        if len(window) >= BATCH_DEPTH:
+            collect(window.pop(0))
+    for request_id in window:
+        collect(request_id)
+    return found
 
 
 # -- the journal ------------------------------------------------------------------
@@ -428,9 +452,111 @@ def nbd_suite(ctx: BenchContext) -> list[Row]:
                                               depth=BATCH_DEPTH)]
 
 
+# -- the remote tier ------------------------------------------------------------
+
+# The guest whose pages fill the remote tmemd's memory (see remote_suite).
+FILLER_GUEST = "filler"
+# What one remote page costs in tmemd's memory: its metadata (~430 bytes) and its
+# share of its object's, with room to spare; the budget must hold it for every page.
+REMOTE_PAGE_LOCAL_BYTES = 600
+
+
+def remote_suite(ctx: BenchContext) -> list[Row]:
+    """PUT_BATCH and GET_BATCH through a tmemd whose memory is full, so that every
+    data page goes to the cluster and comes back from it, then redis-py's own ways
+    with the same pages and cluster (rawbench).
+
+    A tiny budget alone would not measure that: the first pages into an empty
+    tmemd stay in memory up to the tier's local fraction of the budget (demoted
+    later, outside the timed window), and the budget must still hold every remote
+    page's metadata. So a filler guest first fills memory to the local fraction
+    with pages that cannot leave (remote-cap of 1 byte: neither its puts nor the
+    demoter can send them), and the budget is all pages' metadata over the rest
+    (1 - local fraction)."""
+    pages = ctx.pages
+    # Swap slots as frontswap names them, the layout the tier groups by (one hash
+    # tag per 64 aligned slots): what a guest's swap sends.
+    keys = frontswap_keys(0, range(len(pages)))
+    local_fraction = RemoteSettings(seeds=()).local_fraction
+    budget = ceil(len(pages) * REMOTE_PAGE_LOCAL_BYTES / (1 - local_fraction))
+    cluster = LocalCluster(ctx.run_dir / "remote-cluster")
+    try:
+        with cluster, TmemdProcess(ctx.run_dir / "remote-tmemd", budget=str(budget),
+                                   guests=(BENCH_GUEST, f"{FILLER_GUEST}:remote-cap=1"),
+                                   extra_args=("--log-level", "warning",
+                                               "--remote", cluster.seed_spec)) as daemon:
+            _fill_memory(daemon, budget)
+            rows = _remote_tmemd_rows(ctx, daemon, keys)
+            # Stopped before the raw rows (no idle tmemd beside them), and cleanly.
+            if (code := daemon.terminate()) != 0:
+                raise RuntimeError(f"the remote tmemd exited {code}\n{daemon.log_tail()}")
+            raw = [Row(row.name, row.op, row.pages, row.seconds)
+                   for row in raw_cluster_rows(cluster.seed_spec, pages)]
+    finally:
+        # After the nodes stopped (or failed to start): their whole logs.
+        cluster.collect_logs(ctx.run_dir / "remote-logs")
+    for tmemd_row in rows:
+        verb = {"put": "set", "get": "get"}[tmemd_row.kind]
+        fastest = max((row for row in raw if row.kind == tmemd_row.kind),
+                      key=lambda row: row.pages_per_s)
+        ctx.notes[f"tmemd_remote_{tmemd_row.kind}_vs_fastest_raw_{verb}"] = round(
+            tmemd_row.pages_per_s / fastest.pages_per_s, 3)
+        ctx.notes[f"fastest_raw_{verb}"] = fastest.name
+    return rows + raw
+
+
+def _remote_tmemd_rows(ctx: BenchContext, daemon: TmemdProcess, keys: list[Key]) -> list[Row]:
+    """The timed PUT_BATCH and GET_BATCH rows (the GETs checked), and notes from
+    tmemd's remote stats: where the pages went, round trips per batch."""
+    pages = ctx.pages
+    with AbiClient.open(daemon.abi_socket(BENCH_GUEST)) as client, daemon.control() as control:
+        pool_id, _ = client.new_pool(PoolFlag.PERSISTENT)
+
+        def remote_stats() -> RemoteStats:
+            remote = control.stats()["remote"]
+            assert remote is not None  # tmemd runs with --remote
+            return remote
+
+        before = remote_stats()["round_trips"]
+        put = timed(f"tmemd remote PUT_BATCH {BATCH_PAGES}p x{BATCH_DEPTH}", "put", len(pages),
+                    lambda: _put_batched(client, pool_id, keys, pages))
+        after_put = remote_stats()
+        remote_pages = after_put["guests"][BENCH_GUEST]["remote_pages"]
+        found: list[bytes | None] = []
+        get = timed(f"tmemd remote GET_BATCH {BATCH_PAGES}p x{BATCH_DEPTH}", "get", len(pages),
+                    lambda: found.extend(_get_batched(client, pool_id, keys)))
+        after_get = remote_stats()["round_trips"]
+    if found != pages:
+        wrong = sum(1 for got, want in zip(found, pages) if got != want)
+        raise RuntimeError(f"tmemd's remote tier returned {wrong} of {len(pages)} pages "
+                           "different from what was put")
+    # The mix has no fill-word pages (those would stay in memory, costing no data).
+    ctx.notes["remote_fraction"] = round(remote_pages / len(pages), 4)
+    batches = -(-len(pages) // BATCH_PAGES)
+    ctx.notes["remote_round_trips_per_put_batch"] = round(
+        (after_put["round_trips"] - before) / batches, 2)
+    ctx.notes["remote_round_trips_per_get_batch"] = round(
+        (after_get - after_put["round_trips"]) / batches, 2)
+    return [put, get]
+
+
+def _fill_memory(daemon: TmemdProcess, budget: int) -> None:
+    """PUT_BATCH the filler guest's incompressible pages until tmemd refuses one:
+    its memory is then at the tier's local fraction of the budget."""
+    page = random.Random(SEED).randbytes(PAGE_SIZE)
+    with AbiClient.open(daemon.abi_socket(FILLER_GUEST)) as client:
+        pool_id, _ = client.new_pool(PoolFlag.PERSISTENT)
+        for start in range(0, budget // PAGE_SIZE + BATCH_PAGES, BATCH_PAGES):
+            keys = frontswap_keys(0, range(start, start + BATCH_PAGES))
+            if any(status != Status.OK
+                   for status in client.put_batch(pool_id, keys, [page] * BATCH_PAGES)):
+                return
+    raise RuntimeError(f"tmemd took more filler pages than its budget ({budget} bytes) holds")
+
+
 # Suites run in this order.
 SUITES: list[Callable[[BenchContext], list[Row]]] = [lz4_suite, tmemd_suite, journal_suite,
-                                                     nbd_suite, redis_suite]
+                                                     nbd_suite, redis_suite, remote_suite]
 
 
 # -- report ----------------------------------------------------------------------
