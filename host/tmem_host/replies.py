@@ -20,7 +20,7 @@ it too.
 # No `from __future__ import annotations`: TypedDict sees NotRequired at run time
 # only in evaluated annotations (__required_keys__, which the tests check).
 
-from typing import TypedDict
+from typing import NotRequired, TypedDict
 
 # -- the store (Store.stats()) ------------------------------------------------
 
@@ -374,6 +374,40 @@ class ForgetReply(TypedDict):
     guest: str
     forgotten: bool
     configured: bool  # a configured guest starts afresh; else its files were deleted
+    remote_keys_deleted: NotRequired[int]  # keys of its namespace deleted in the cluster (with a tier)
+
+
+# -- the remote tier's commands (docs/CONTROL.md, "Remote tier") -------------------
+
+
+class RemoteGuestReply(RemoteGuestStats):
+    """The `remote` reply: the guest's figures in the tier and what the cluster holds."""
+
+    guest: str
+    reachable: bool  # the tier's state (unreachable: remote reads fail, puts go to disk)
+    # Keys under its namespace in the cluster (SCAN of every master); more than
+    # remote_pages: orphans (failed deletes, writes in flight). None: not listed.
+    cluster_keys: int | None
+    cluster_error: str | None  # why cluster_keys is None
+
+
+class RemoteDrainReply(TypedDict):
+    """The `remote-drain` reply."""
+
+    guest: str
+    to: str  # "home" (into memory) or "disk" (the guest's fallback, as `drain`)
+    moved: int  # home: pages read back into memory; disk: 0 (the drain runs on)
+    left: int  # the guest's remote pages after the command (disk: at its start)
+    draining: bool  # disk: the guest drains (frozen) until `thaw`
+    persistent_pages: int  # its persistent pages now (disk: what the drain must move)
+
+
+class RemoteForgetReply(TypedDict):
+    """The `remote-forget` reply."""
+
+    guest: str
+    uuid: str  # the namespace deleted
+    deleted: int  # keys deleted
 
 
 class ShutdownReply(TypedDict):

@@ -24,13 +24,23 @@ from tmem_host.daemon.config import (
     parse_size,
 )
 from tmem_host.daemon.control import ControlClient, ControlError
-from tmem_host.replies import JournalStats, PoolRecord, StatsReply
+from tmem_host.replies import (
+    ForgetReply, JournalStats, PoolRecord, RemoteDrainReply, RemoteForgetReply, RemoteGuestReply,
+    RemoteGuestStats, RemoteStats, StatsReply,
+)
 
 # A guest's counters in the store (replies.ClientStats) that the tables show.
 ClientCounter = Literal["puts", "gets", "hits", "refusals", "evictions", "flushes"]
 # Counters `top` turns into per-second rates (names as in Store.stats()).
 RATE_COUNTERS: tuple[ClientCounter, ...] = ("puts", "gets", "hits", "refusals", "evictions")
 STATS_COUNTERS: tuple[ClientCounter, ...] = (*RATE_COUNTERS, "flushes")
+# A guest's counters in the remote tier (replies.RemoteGuestStats) that `remote` shows.
+RemoteCounter = Literal["puts", "demoted", "gets", "get_missing", "get_errors",
+                        "get_unreachable", "stranded", "refused_quota", "refused_unreachable",
+                        "refused_inflight", "demotions_refused"]
+REMOTE_COUNTERS: tuple[RemoteCounter, ...] = (
+    "puts", "demoted", "gets", "get_missing", "get_errors", "get_unreachable", "stranded",
+    "refused_quota", "refused_unreachable", "refused_inflight", "demotions_refused")
 # Output width when not on a terminal, so tables do not wrap in logs and tests.
 PIPE_WIDTH = 160
 
@@ -71,6 +81,28 @@ def _size(num_bytes: int | None) -> str:
         if num_bytes >= scale:
             return f"{num_bytes / scale:.1f} {unit}"
     return f"{num_bytes} B"
+
+
+def _limit(num_bytes: int | None) -> str:
+    return "none" if num_bytes is None else _size(num_bytes)
+
+
+def rtt_quantile(histogram: dict[str, int], fraction: float) -> str:
+    """The bucket (upper bound in microseconds) that holds the `fraction`
+    quantile of the round trips ("-" before the first). The reply lists the
+    buckets in ascending order."""
+    total = sum(histogram.values())
+    seen = 0
+    for label, count in histogram.items():
+        seen += count
+        if total and seen >= fraction * total:
+            return f"{label} us"
+    return "-"
+
+
+def _rtt_summary(guest: RemoteGuestStats) -> str:
+    histogram = guest["rtt_us_histogram"]
+    return f"{rtt_quantile(histogram, 0.5)} / {rtt_quantile(histogram, 0.99)}"
 
 
 # -- commands --------------------------------------------------------------------
@@ -126,7 +158,38 @@ def stats_table(stats: StatsReply) -> Group:
             str(guest["connections"] if guest is not None else 0),
             _journal_cell(stats["journal"].get(name)),
         )
-    return Group(summary, table)
+    if stats["remote"] is None:
+        return Group(summary, table)
+    return Group(summary, table, *remote_tables(stats["remote"]))
+
+
+def remote_tables(remote: RemoteStats) -> tuple[Table, Table]:
+    """The remote tier's state and each guest's pages in memory and in the cluster."""
+    errors = remote["connection_errors"] + remote["command_errors"]
+    tier = Table.grid(padding=(0, 2))
+    tier.add_row(
+        "remote tier", f"reachable {'yes' if remote['reachable'] else 'NO'}",
+        f"round trips {remote['round_trips']}",
+        f"errors {errors} (connection {remote['connection_errors']}, "
+        f"command {remote['command_errors']})",
+        f"redirections {remote['redirections']}", f"orphaned deletes {remote['orphaned_deletes']}",
+        f"used {_size(remote['total_bytes'])}" + (
+            f" of {_size(remote['budget_bytes'])}" if remote["budget_bytes"] is not None else ""),
+    )
+    table = Table(title="remote tier (rtt: median / p99 bucket)")
+    for column in ("guest", "local pages", "local", "remote pages", "remote", "limit", "gets",
+                   "failed gets", "refused", "rtt"):
+        table.add_column(column, justify="left" if column == "guest" else "right")
+    for name, guest in remote["guests"].items():
+        table.add_row(
+            name, str(guest["local_pages"]), _size(guest["local_bytes"]),
+            str(guest["remote_pages"]), _size(guest["remote_bytes"]), _limit(guest["limit_bytes"]),
+            str(guest["gets"]),
+            str(guest["get_missing"] + guest["get_errors"] + guest["get_unreachable"]),
+            str(guest["refused_quota"] + guest["refused_unreachable"] + guest["refused_inflight"]),
+            _rtt_summary(guest),
+        )
+    return tier, table
 
 
 def _journal_cell(journal: JournalStats | None) -> str:
@@ -151,13 +214,23 @@ def top_table(before: StatsReply, after: StatsReply, seconds: float) -> Table:
     store = after["store"]
     table = Table(title=f"tmemd top: used {_size(store['used_bytes'])} of "
                         f"{_size(store['budget_bytes'])}, {store['pages']} pages")
+    remote = after["remote"]
+    remote_columns = ("remote", "remote gets/s") if remote is not None else ()
     for column in ("guest", "pages", "raw", "stored", "ratio",
-                   *(f"{counter}/s" for counter in RATE_COUNTERS)):
+                   *(f"{counter}/s" for counter in RATE_COUNTERS), *remote_columns):
         table.add_column(column, justify="left" if column == "guest" else "right")
     previous = before["store"]["clients"]
+    previous_remote = before["remote"]["guests"] if before["remote"] is not None else {}
     for name, client in store["clients"].items():
         old = previous.get(name, client)
         rates = [f"{(client[c] - old[c]) / seconds:.0f}" for c in RATE_COUNTERS]
+        if remote is not None:
+            guest = remote["guests"].get(name)
+            if guest is None:
+                rates += ["-", "-"]
+            else:
+                old_gets = previous_remote.get(name, guest)["gets"]
+                rates += [str(guest["remote_pages"]), f"{(guest['gets'] - old_gets) / seconds:.0f}"]
         table.add_row(name, str(client["pages"]), _size(client["raw_bytes"]),
                       _size(client["stored_bytes"]),
                       _ratio(client["raw_bytes"], client["stored_bytes"]), *rates)
@@ -230,23 +303,101 @@ def guest_persistent_pages(control: ControlClient, guest: str) -> int:
     raise ControlError(f"no guest {guest!r}")
 
 
-def drain(control: ControlClient, guest: str, timeout: float, interval: float = 0.2) -> DrainResult:
+def drain(control: ControlClient, guest: str, timeout: float, interval: float = 0.2, *,
+          start: Callable[[], int] | None = None) -> DrainResult:
     """Start draining GUEST and wait until tmemd holds none of its persistent pages
-    (or `timeout` seconds passed: pages_left > 0)."""
+    (or `timeout` seconds passed: pages_left > 0). `start` starts it instead of
+    the `drain` command and returns the persistent pages it began with."""
     started = time.monotonic()
-    at_start = control.drain(guest)["persistent_pages"]
+    at_start = start() if start is not None else control.drain(guest)["persistent_pages"]
     while (left := guest_persistent_pages(control, guest)) and time.monotonic() - started < timeout:
         time.sleep(interval)
     return DrainResult(guest, at_start, left, time.monotonic() - started)
 
 
-def cmd_drain(control: ControlClient, args: argparse.Namespace) -> None:
-    result = drain(control, args.guest, args.timeout)
+def _report_drain(result: DrainResult) -> None:
     if result.pages_left:
-        raise ControlError(f"{args.guest}: {result.pages_left} of {result.pages_at_start} persistent pages "
-                           f"still in tmem after {result.seconds:.1f} s (the guest stays draining)")
-    print(f"{args.guest}: drained {result.pages_at_start} persistent pages in {result.seconds:.1f} s; "
+        raise ControlError(f"{result.guest}: {result.pages_left} of {result.pages_at_start} persistent "
+                           f"pages still in tmem after {result.seconds:.1f} s (the guest stays draining)")
+    print(f"{result.guest}: drained {result.pages_at_start} persistent pages in {result.seconds:.1f} s; "
           "new pages go to its fallback disk until 'tmemctl thaw'")
+
+
+def cmd_drain(control: ControlClient, args: argparse.Namespace) -> None:
+    _report_drain(drain(control, args.guest, args.timeout))
+
+
+def cmd_forget(control: ControlClient, args: argparse.Namespace) -> None:
+    reply: ForgetReply = control.request("forget", guest=args.guest)
+    deleted = reply.get("remote_keys_deleted")
+    print(f"{args.guest}: forgotten: its pages, journal and fallback file are gone"
+          + (f"; {deleted} keys deleted in the cluster" if deleted is not None else ""))
+
+
+# -- the remote tier -----------------------------------------------------------------
+
+
+def remote_guest_table(reply: RemoteGuestReply) -> Group:
+    """`tmemctl remote GUEST`: its figures, what the cluster holds, its round trips."""
+    figures = Table(title=f"{reply['guest']} in the remote tier", show_header=False)
+    figures.add_column("figure")
+    figures.add_column("value", justify="right")
+    keys = reply["cluster_keys"]
+    if keys is None:
+        keys_cell = f"? ({reply['cluster_error']})"
+    else:
+        orphans = keys - reply["remote_pages"]
+        keys_cell = f"{keys}" + (f" ({orphans} more than its remote pages: orphans)" if orphans > 0 else "")
+    rows = [
+        ("uuid", reply["uuid"]),
+        ("tier reachable", "yes" if reply["reachable"] else "NO"),
+        ("remote limit", _limit(reply["limit_bytes"])),
+        ("local pages", f"{reply['local_pages']} ({_size(reply['local_bytes'])})"),
+        ("remote pages", f"{reply['remote_pages']} ({_size(reply['remote_bytes'])})"),
+        ("keys in the cluster", keys_cell),
+        *((counter.replace("_", " "), str(reply[counter])) for counter in REMOTE_COUNTERS),
+        ("rtt median / p99", _rtt_summary(reply)),
+    ]
+    for row in rows:
+        figures.add_row(*row)
+    histogram = reply["rtt_us_histogram"]
+    total = sum(histogram.values())
+    rtt = Table(title=f"round trips: {total}")
+    for column in ("rtt (us)", "round trips", "share"):
+        rtt.add_column(column, justify="right")
+    for label, count in histogram.items():
+        share = count / total if total else 0.0
+        rtt.add_row(label, str(count), f"{share:6.1%} " + "#" * round(share * 40))
+    return Group(figures, rtt)
+
+
+def cmd_remote(control: ControlClient, args: argparse.Namespace) -> None:
+    reply: RemoteGuestReply = control.request("remote", guest=args.guest)
+    if args.json:
+        print(json.dumps(reply, indent=2))
+    else:
+        _console().print(remote_guest_table(reply))
+
+
+def cmd_remote_drain(control: ControlClient, args: argparse.Namespace) -> None:
+    if args.to == "disk":
+        def start() -> int:
+            reply: RemoteDrainReply = control.request("remote-drain", guest=args.guest, to="disk")
+            return reply["persistent_pages"]
+
+        _report_drain(drain(control, args.guest, args.timeout, start=start))
+        return
+    reply: RemoteDrainReply = control.request("remote-drain", guest=args.guest, to="home")
+    if reply["left"]:
+        raise ControlError(f"{args.guest}: moved {reply['moved']} remote pages home, {reply['left']} "
+                           "left in the cluster: no more room in memory (raise the budget or the "
+                           "guest's cap, or use --to disk)")
+    print(f"{args.guest}: moved {reply['moved']} remote pages home; none left in the cluster")
+
+
+def cmd_remote_forget(control: ControlClient, args: argparse.Namespace) -> None:
+    reply: RemoteForgetReply = control.request("remote-forget", guest=args.guest, uuid=args.uuid)
+    print(f"{args.guest}: deleted {reply['deleted']} keys of namespace {reply['uuid']} in the cluster")
 
 
 def cmd_flush(control: ControlClient, args: argparse.Namespace) -> None:
@@ -277,18 +428,39 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("size")
     budget.set_defaults(run=cmd_set_budget)
     for name, done, text in (("freeze", "frozen", "refuse the guest's puts"),
-                             ("thaw", "thawed", "accept the guest's puts again (ends a drain)"),
-                             ("forget", "forgotten: its pages, journal and fallback file are gone",
-                              "discard a guest's pages for good (refused while it is connected)")):
+                             ("thaw", "thawed", "accept the guest's puts again (ends a drain)")):
         guest_parser = commands.add_parser(name, help=text)
         guest_parser.add_argument("guest")
         guest_parser.set_defaults(run=_guest_command(name, done))
+    forget = commands.add_parser(
+        "forget", help="discard a guest's pages for good, in the cluster too (refused while it is "
+                       "connected)")
+    forget.add_argument("guest")
+    forget.set_defaults(run=cmd_forget)
     drain_parser = commands.add_parser(
         "drain", help="move a guest's persistent pages back to the guest (its fallback disk) and wait")
     drain_parser.add_argument("guest")
     drain_parser.add_argument("--timeout", type=_seconds(7 * 86400), default=300.0,
                               help="seconds to wait (then exit 1)")
     drain_parser.set_defaults(run=cmd_drain)
+    remote = commands.add_parser("remote", help="a guest's pages and round trips in the remote tier")
+    remote.add_argument("guest")
+    remote.add_argument("--json", action="store_true", help="print the raw reply JSON")
+    remote.set_defaults(run=cmd_remote)
+    remote_drain = commands.add_parser(
+        "remote-drain", help="move a guest's remote pages home (into memory) or to its fallback disk")
+    remote_drain.add_argument("guest")
+    remote_drain.add_argument("--to", choices=("home", "disk"), required=True)
+    remote_drain.add_argument("--timeout", type=_seconds(7 * 86400), default=300.0,
+                              help="seconds to wait for the pages to move (then exit 1)")
+    remote_drain.set_defaults(run=cmd_remote_drain)
+    remote_forget = commands.add_parser(
+        "remote-forget", help="delete a guest's keys in the cluster (refused while tmemd serves "
+                              "pages of them)")
+    remote_forget.add_argument("guest")
+    remote_forget.add_argument("--uuid", help="the namespace of a guest tmemd does not serve "
+                                              "(default: the guest's own)")
+    remote_forget.set_defaults(run=cmd_remote_forget)
     flush = commands.add_parser("flush", help="drop a guest's pages (or one pool's)")
     flush.add_argument("guest")
     flush.add_argument("pool", type=int, nargs="?")
@@ -299,7 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        with ControlClient(args.run_dir) as control:
+        # A command with --timeout may wait that long for one reply (remote-drain --to home).
+        with ControlClient(args.run_dir, timeout=max(10.0, getattr(args, "timeout", 0.0))) as control:
             args.run(control, args)
     except (UsageError, ConfigError) as exc:
         print(f"tmemctl: {exc}", file=sys.stderr)

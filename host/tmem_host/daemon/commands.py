@@ -14,18 +14,22 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
+from uuid import UUID
 
 from tmem_host.daemon.config import (
-    ConfigError, check_weight, guest_from_mapping, parse_cap, parse_size, validate_guest_name,
+    ConfigError, GuestConfig, check_weight, guest_from_mapping, parse_cap, parse_size,
+    validate_guest_name,
 )
 from tmem_host.daemon.control import ControlError
 from tmem_host.replies import (
     BudgetReply, CapReply, DrainReply, FlushReply, ForgetReply, FreezeReply, GuestRecord,
-    RemoveGuestReply, ShutdownReply, StatsReply, ThawReply, WeightReply,
+    RemoteDrainReply, RemoteForgetReply, RemoteGuestReply, RemoveGuestReply, ShutdownReply,
+    StatsReply, ThawReply, WeightReply,
 )
 from tmem_host.daemon.runtime import GuestRuntime, fallback_path, persistent_pages
 from tmem_host.journal.journaled import journal_path
 from tmem_host.nbd.export import lost_map_path
+from tmem_host.remote.tier import RemoteError, RemoteTier
 from tmem_wire.abi import Status
 
 if TYPE_CHECKING:
@@ -54,6 +58,9 @@ class ControlCommands:
             "add-guest": self.add_guest,
             "remove-guest": self.remove_guest,
             "forget": self.forget,
+            "remote": self.remote,
+            "remote-drain": self.remote_drain,
+            "remote-forget": self.remote_forget,
             "shutdown": self.shutdown,
         }
 
@@ -64,17 +71,20 @@ class ControlCommands:
             raise ControlError(f"unknown command {command!r}; known: {', '.join(self.handlers)}")
         try:
             return await handler(request)
-        except (ConfigError, OSError) as exc:  # e.g. a socket path too long for AF_UNIX
+        except (ConfigError, OSError, RemoteError) as exc:  # e.g. a socket path too long for AF_UNIX
             raise ControlError(str(exc)) from None
 
     def _guest(self, name: object) -> GuestRuntime:
-        if not isinstance(name, str):
-            raise ControlError("missing 'guest' (a guest name)")
-        runtime = self.daemon.guests.get(name)
+        runtime = self.daemon.guests.get(_guest_name(name))
         if runtime is None:
             known = ", ".join(sorted(self.daemon.guests))
             raise ControlError(f"no guest {name!r} (known: {known})")
         return runtime
+
+    def _tier(self) -> RemoteTier:
+        if self.daemon.tier is None:
+            raise ControlError("tmemd has no remote tier (start it with --remote)")
+        return self.daemon.tier
 
     async def guests(self, request: dict[str, Any]) -> list[GuestRecord]:
         return [runtime.summary(self.store) for runtime in self.daemon.guests.values()]
@@ -109,6 +119,8 @@ class ControlCommands:
         runtime = self._guest(request.get("guest"))
         updated = replace(runtime.config, weight=check_weight(request.get("weight")))
         self.store.set_weight(runtime.client, updated.weight)
+        if self.daemon.tier is not None and (remote := self.daemon.tier.guest(runtime.name)):
+            remote.weight = updated.weight  # its share of the remote budget follows
         runtime.config = updated
         log.info("weight set", extra={"guest": runtime.name, "weight": updated.weight})
         return {"guest": runtime.name, "weight": updated.weight}
@@ -172,35 +184,183 @@ class ControlCommands:
         return {"guest": runtime.name, "removed": True, "data_kept": True}
 
     async def forget(self, request: dict[str, Any]) -> ForgetReply:
-        """Discard a guest's pages for good: its pools, journal and fallback file.
-        Refused while anything is connected to the guest's sockets (a guest that
-        swaps on that disk would read zeros). A configured guest starts afresh."""
-        name = request.get("guest")
-        if not isinstance(name, str):
-            raise ControlError("missing 'guest' (a guest name)")
+        """Discard a guest's pages for good: its pools, journal, fallback file and
+        (with a remote tier) its namespace in the cluster. Refused while anything
+        is connected to the guest's sockets (a guest that swaps on that disk would
+        read zeros). A configured guest starts afresh."""
+        name = _guest_name(request.get("guest"))
         runtime = self.daemon.guests.get(name)
         if runtime is not None:
             if runtime.connected:
                 raise ControlError(f"guest {name!r} has {runtime.connected} live connection(s):"
                                    " stop its QEMU (or its agent) first")
             await self.daemon.remove_guest(name, discard=True)
-            await self.daemon.add_guest(runtime.config)
-            log.info("guest forgotten", extra={"guest": name})
-            return {"guest": name, "forgotten": True, "configured": True}
+            try:
+                # Removing its client released its remote pages; this catches orphans.
+                deleted = await self._delete_namespace(runtime.config.identity_uuid)
+            except RemoteError as error:
+                raise ControlError(f"guest {name!r} forgotten in tmemd, but its keys in the cluster "
+                                   f"remain ({error}): delete them with 'tmemctl remote-forget "
+                                   f"{name}'") from None
+            finally:
+                await self.daemon.add_guest(runtime.config)
+            log.info("guest forgotten", extra={"guest": name, "remote_keys_deleted": deleted})
+            return _forgotten(name, configured=True, remote_keys_deleted=deleted)
         state_dir = self.daemon.state_dir
         fallback = fallback_path(state_dir, validate_guest_name(name))
         files = [path for path in (journal_path(state_dir, name), fallback,
                                    lost_map_path(fallback))
                  if path.exists() or path.is_symlink()]
-        if not files:
+        # The cluster first: if it fails, nothing is forgotten (the files name its pages).
+        try:
+            deleted = await self._delete_namespace(self._namespace(name, request.get("uuid")))
+        except RemoteError as error:
+            raise ControlError(f"guest {name!r} not forgotten: its keys in the cluster cannot be "
+                               f"deleted ({error})") from None
+        if not files and not deleted:
             raise ControlError(f"nothing to forget: no guest {name!r} and no state of it in "
-                               f"{state_dir}")
+                               f"{state_dir}" + (" or in the cluster" if deleted == 0 else ""))
         for path in files:
             path.unlink()
-        log.info("guest forgotten", extra={"guest": name, "files": [str(p) for p in files]})
-        return {"guest": name, "forgotten": True, "configured": False}
+        log.info("guest forgotten", extra={"guest": name, "files": [str(p) for p in files],
+                                           "remote_keys_deleted": deleted})
+        return _forgotten(name, configured=False, remote_keys_deleted=deleted)
+
+    # -- the remote tier -------------------------------------------------------------
+
+    async def remote(self, request: dict[str, Any]) -> RemoteGuestReply:
+        """The guest's figures in the tier, and the keys its namespace really
+        holds in the cluster (more than its remote pages: orphans)."""
+        tier = self._tier()
+        runtime = self._guest(request.get("guest"))
+        figures = tier.guest_stats(runtime.name)
+        if figures is None:  # every served guest is registered: a bug, said plainly
+            raise ControlError(f"guest {runtime.name!r} is not registered in the remote tier")
+        keys: int | None = None
+        error: str | None = "the cluster is unreachable"
+        if tier.reachable:  # else SCAN would wait out its timeouts for nothing
+            try:
+                keys, error = len(await tier.namespace_keys(runtime.config.identity_uuid)), None
+            except RemoteError as exc:
+                error = str(exc)
+        return {**figures, "guest": runtime.name, "reachable": tier.reachable,
+                "cluster_keys": keys, "cluster_error": error}
+
+    async def remote_drain(self, request: dict[str, Any]) -> RemoteDrainReply:
+        """Move the guest's remote pages home (into memory, while they fit) or to
+        its fallback disk (the `drain` command: the NBD export reads its remote
+        pages back as it goes; tmemctl then waits for 0 persistent pages)."""
+        tier = self._tier()
+        runtime = self._guest(request.get("guest"))
+        client = runtime.client
+        to = request.get("to")
+        if to == "disk":
+            left = client.remote_pages
+            started = await self.drain(request)
+            return {"guest": runtime.name, "to": to, "moved": 0, "left": left,
+                    "draining": True, "persistent_pages": started["persistent_pages"]}
+        if to != "home":
+            raise ControlError("'to' must be \"home\" or \"disk\"")
+        if not tier.reachable:
+            raise ControlError("the cluster is unreachable: no remote page can be read back now")
+        moved, left = await tier.drain_home(client)
+        log.info("remote pages drained home", extra={"guest": runtime.name, "moved": moved,
+                                                     "left": left})
+        return {"guest": runtime.name, "to": to, "moved": moved, "left": left,
+                "draining": runtime.draining,
+                "persistent_pages": persistent_pages(self.store.pool_stats(client))}
+
+    async def remote_forget(self, request: dict[str, Any]) -> RemoteForgetReply:
+        """Delete every key of a guest's namespace in the cluster. Refused while a
+        served guest still has remote pages (its reads of them would fail): for a
+        served guest it deletes orphans only."""
+        tier = self._tier()
+        name = validate_guest_name(_guest_name(request.get("guest")))
+        uuid = self._namespace(name, request.get("uuid"))
+        runtime = self.daemon.guests.get(name)
+        if runtime is not None:
+            deleted = await self._forget_orphans(tier, runtime, uuid)
+        elif journal_path(self.daemon.state_dir, name).exists() and uuid == self._own_uuid(name):
+            raise ControlError(f"guest {name!r} has a journal in {self.daemon.state_dir} that may "
+                               "name pages in the cluster (its next start resumes them): "
+                               f"'tmemctl forget {name}' discards both")
+        else:
+            deleted = await self._delete_namespace(uuid) or 0
+        return {"guest": name, "uuid": str(uuid), "deleted": deleted}
+
+    async def _forget_orphans(self, tier: RemoteTier, runtime: GuestRuntime, uuid: UUID) -> int:
+        """Delete a served guest's namespace, which it must not reference."""
+        name = runtime.name
+        if uuid != runtime.config.identity_uuid:
+            raise ControlError(f"guest {name!r} is served with uuid {runtime.config.identity_uuid}, "
+                               f"not {uuid}")
+        guest = tier.guest(name)
+        if guest is None:
+            raise ControlError(f"guest {name!r} is not registered in the remote tier")
+        _refuse_if_remote_pages(runtime)
+        # A limit of 0 stops its puts and demotions to the cluster while its keys
+        # go (its pages stay in memory or go to the fallback disk); the barrier
+        # waits out writes already in flight, which may yet make remote pages.
+        saved_cap, guest.cap_bytes = guest.cap_bytes, 0
+        try:
+            if (in_flight := tier.barrier()) is not None:
+                await in_flight
+            _refuse_if_remote_pages(runtime)
+            return await self._delete_namespace(uuid) or 0
+        finally:
+            guest.cap_bytes = saved_cap
+
+    async def _delete_namespace(self, uuid: UUID) -> int | None:
+        """Delete every key of the namespace in the cluster: the count (None
+        without a tier). RemoteError if the cluster cannot be listed or written."""
+        tier = self.daemon.tier
+        if tier is None:
+            return None
+        if not tier.reachable:  # else SCAN would wait out its timeouts for nothing
+            raise RemoteError("the cluster is unreachable")
+        deleted = await tier.forget_namespace(uuid)
+        log.info("remote namespace forgotten", extra={"uuid": str(uuid), "deleted": deleted})
+        return deleted
+
+    def _own_uuid(self, name: str) -> UUID:
+        """A guest's namespace: the one tmemd last served it under, else the default."""
+        guest = self.daemon.tier.guest(name) if self.daemon.tier is not None else None
+        return guest.uuid if guest is not None else GuestConfig(name).identity_uuid
+
+    def _namespace(self, name: str, given: object) -> UUID:
+        """The request's `uuid` if given, else the guest's own."""
+        if given is None:
+            return self._own_uuid(name)
+        if not isinstance(given, str):
+            raise ControlError("'uuid' must be a UUID string")
+        try:
+            return UUID(given)
+        except ValueError:
+            raise ControlError(f"bad uuid {given!r}") from None
 
     async def shutdown(self, request: dict[str, Any]) -> ShutdownReply:
         log.info("shutting down", extra={"reason": "control request"})
         self.daemon.request_stop()  # after this reply: the stop waits for the handler
         return {"stopping": True}
+
+
+def _guest_name(name: object) -> str:
+    if not isinstance(name, str):
+        raise ControlError("missing 'guest' (a guest name)")
+    return name
+
+
+def _forgotten(name: str, *, configured: bool, remote_keys_deleted: int | None) -> ForgetReply:
+    reply: ForgetReply = {"guest": name, "forgotten": True, "configured": configured}
+    if remote_keys_deleted is not None:  # a tier: the count (the reply without one as before)
+        reply["remote_keys_deleted"] = remote_keys_deleted
+    return reply
+
+
+def _refuse_if_remote_pages(runtime: GuestRuntime) -> None:
+    pages = runtime.client.remote_pages
+    if pages:
+        raise ControlError(
+            f"guest {runtime.name!r} is served and has {pages} page(s) in the cluster: deleting "
+            f"them would fail its reads. Move them first ('tmemctl remote-drain {runtime.name} "
+            f"--to home|disk') or forget the guest ('tmemctl forget {runtime.name}')")
