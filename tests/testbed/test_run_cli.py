@@ -54,7 +54,7 @@ def test_list_names_every_mode() -> None:
     result = run_testbed("list", "--json")
     listing = json.loads(result.stdout)
     assert set(listing["modes"]) == {"bigmem", "disk-hdd", "disk-hostcache", "zswap", "tmem-blk", "tmem-agent",
-                                     "tmem-agent-sync", "tmem-nocompress", "tmem-nojournal"}
+                                     "tmem-agent-sync", "tmem-nocompress", "tmem-nojournal", "tmem-remote"}
     assert "usemem" in listing["workloads"]
     assert listing["workloads"]["pagecache"]["modes"] == ["bigmem", "disk-hdd", "disk-hostcache", "tmem-agent"]
 

@@ -17,6 +17,7 @@ from rich.table import Table
 
 from tmem_host.testbed import report
 from tmem_host.testbed.modes import MODES
+from tmem_host.testbed.records import RunRecord
 from tmem_host.testbed.runner import EXIT_INFRASTRUCTURE, EXIT_USAGE, INFRASTRUCTURE_ERRORS, Runner, RunOutcome
 from tmem_host.testbed.scenario import WORKLOADS, ScenarioError, load_scenario
 
@@ -75,9 +76,18 @@ def command_run(args: argparse.Namespace) -> int:
         outcome = _run_guarded(runner)
     if outcome is None:
         return EXIT_INFRASTRUCTURE
-    stdout_console().print(report.summary_table(outcome.run))
+    print_summary(outcome.run)
     print(f"results: {outcome.results} (report.md, report.html, run.json)")
     return outcome.exit_code
+
+
+def print_summary(run: RunRecord) -> None:
+    """The summary table, and the remote tier's when a mode had one."""
+    console = stdout_console()
+    console.print(report.summary_table(run))
+    remote = report.remote_table(run)
+    if remote is not None:
+        console.print(remote)
 
 
 def _run_guarded(runner: Runner) -> RunOutcome | None:
@@ -105,7 +115,7 @@ def command_report(args: argparse.Namespace) -> int:
     except (OSError, ValueError, KeyError) as error:
         print(f"tmem-testbed: cannot rebuild the report: {error}", file=sys.stderr)
         return EXIT_USAGE
-    stdout_console().print(report.summary_table(run))
+    print_summary(run)
     for path in written[:2]:
         print(f"wrote {path}")
     return 0

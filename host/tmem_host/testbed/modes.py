@@ -5,6 +5,8 @@ A mode is data, not code: the runner reads these fields to decide how to boot th
 guest, whether tmemd runs, and what to start inside the guest. Swap workloads use
 `swap` (and zswap, agent's swap mode); the page-cache workload uses `data_disk`
 (where its file set lives) and starts the agent's cleancache mount if `agent` is set.
+A `remote` mode runs tmemd over a fresh local Redis Cluster with a small budget
+(runner.remote_budget_bytes), so most of the guest's pages live in the cluster.
 Which modes a workload accepts is listed on its WorkloadSpec (scenario.py).
 """
 
@@ -32,6 +34,9 @@ class Mode:
     journal: bool = True
     # The data disk's speed class (page-cache workloads).
     data_disk: DiskSpeed = "hdd"
+    # tmemd's remote tier on a local 3+3 Redis Cluster, under a budget of about a
+    # quarter of the working set (docs/TESTBED.md).
+    remote: bool = False
 
 
 MODES: dict[str, Mode] = {
@@ -75,6 +80,14 @@ MODES: dict[str, Mode] = {
             swap="nbd",
             tmemd=True,
             journal=False,
+        ),
+        Mode(
+            "tmem-remote",
+            "as tmem-blk, but tmemd keeps about a quarter of the working set in memory and the "
+            "rest in a local Redis Cluster (3 masters, 3 replicas, --remote-replicas 1)",
+            swap="nbd",
+            tmemd=True,
+            remote=True,
         ),
     )
 }

@@ -13,7 +13,7 @@ added since (the reports read them with .get()).
 from collections.abc import Sequence
 from typing import Any, Literal, NotRequired, TypedDict
 
-from tmem_host.replies import NbdExportStats
+from tmem_host.replies import NbdExportStats, RemoteGuestStats
 
 
 class GuestsRecord(TypedDict):
@@ -83,6 +83,9 @@ class TmemdCounters(TypedDict):
     raw_bytes: int
     stored_bytes: int
     nbd: NotRequired[NbdExportStats]  # the guest's NBD export, when it has one
+    # The guest in tmemd's remote tier (remote modes; runs before it lack the key):
+    # local vs remote pages, puts, demotions, reads from the cluster, round trips.
+    remote: NotRequired[RemoteGuestStats]
 
 
 class Sample(TypedDict):
@@ -101,7 +104,8 @@ class Sample(TypedDict):
     psi: NotRequired[dict[str, float]]  # guest memory pressure deltas
     agent: NotRequired[dict[str, Any] | None]  # `python3 -m tmem_guest stats`; None without an agent
     tmemd: NotRequired[TmemdCounters | None]  # None without tmemd
-    host: NotRequired[dict[str, float]]  # ROLE_cpu_s and ROLE_peak_rss, ROLE qemu or tmemd
+    # ROLE_cpu_s and ROLE_peak_rss, ROLE qemu, tmemd or redis (the cluster's nodes, summed)
+    host: NotRequired[dict[str, float]]
     timeline: NotRequired[list[list[float]]]  # [seconds, tmemd RSS, QEMU RSS] rows (hostmetrics)
 
 

@@ -12,13 +12,14 @@ import base64
 import html
 import io
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rich.table import Table
 
+from tmem_host.replies import RemoteGuestStats
 from tmem_host.testbed import stats
 from tmem_host.testbed.records import RunRecord, Sample, TmemdCounter
 
@@ -29,6 +30,22 @@ def load_run(results: Path) -> RunRecord:
     path = results / RUN_FILE if results.is_dir() else results
     data: RunRecord = json.loads(path.read_text())
     return data
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteRow:
+    """A remote mode's figures in tmemd's remote tier, means per run."""
+
+    local_hits: float  # tmem hits served from memory (hits - remote hits)
+    remote_hits: float  # pages read back from the cluster, checked
+    remote_share: float | None  # remote hits / tmem hits
+    local_pages: float  # where the guest's pages were at the end
+    remote_pages: float
+    puts: float  # pages put straight to the cluster (memory full)
+    demoted: float  # cold pages moved there to make room
+    failed_gets: float  # missing, failed their check or unreachable: the guest's read failed
+    round_trips: float
+    rtt_median: str | None  # the round-trip histogram bucket holding the median, all runs
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +68,7 @@ class ModeRow:
     # puts it refused (budget or cap; those pages went to the fallback disk).
     tmem_stored_mib: float | None
     tmem_refusals: float | None
+    remote: RemoteRow | None = None  # None: no remote tier (or a run from before it)
 
     @property
     def mark(self) -> str:
@@ -82,10 +100,60 @@ def _tmemd(sample: Sample, name: TmemdCounter) -> float | None:
     return float(value) if value is not None else None
 
 
-def _compression_ratio(sample: Sample) -> float | None:
+def _remote(sample: Sample) -> RemoteGuestStats | None:
     tmemd = sample.get("tmemd")
-    stored = tmemd.get("stored_bytes") if tmemd else None
+    return tmemd.get("remote") if tmemd else None
+
+
+def _compression_ratio(sample: Sample) -> float | None:
+    """Raw over stored bytes; raw counts the pages in the cluster too, so stored does."""
+    tmemd = sample.get("tmemd")
+    remote = _remote(sample)
+    stored = (tmemd.get("stored_bytes") or 0) + (remote["remote_bytes"] if remote else 0) if tmemd else None
     return float(tmemd["raw_bytes"]) / stored if tmemd and stored else None
+
+
+def _remote_share(sample: Sample) -> float | None:
+    remote = _remote(sample)
+    hits = _tmemd(sample, "hits")
+    return remote["gets"] / hits if remote is not None and hits else None
+
+
+def _median_bucket(histograms: Iterable[Mapping[str, int]]) -> str | None:
+    """The bucket (upper bound, in the recorded order) holding the median round trip."""
+    merged: dict[str, int] = {}
+    for histogram in histograms:
+        for label, count in histogram.items():
+            merged[label] = merged.get(label, 0) + count
+    total, seen = sum(merged.values()), 0
+    for label, count in merged.items():
+        seen += count
+        if total and seen * 2 >= total:
+            return label
+    return None
+
+
+def summarize_remote(samples: Sequence[Sample]) -> RemoteRow | None:
+    """Means over the samples that recorded the remote tier; None if none did."""
+    present = [(sample, remote) for sample in samples if (remote := _remote(sample)) is not None]
+    if not present:
+        return None
+
+    def mean(value: Callable[[Sample, RemoteGuestStats], float]) -> float:
+        return sum(float(value(sample, remote)) for sample, remote in present) / len(present)
+
+    return RemoteRow(
+        local_hits=mean(lambda s, r: (_tmemd(s, "hits") or 0) - r["gets"]),
+        remote_hits=mean(lambda s, r: r["gets"]),
+        remote_share=_mean(_remote_share(sample) for sample, _ in present),
+        local_pages=mean(lambda s, r: r["local_pages"]),
+        remote_pages=mean(lambda s, r: r["remote_pages"]),
+        puts=mean(lambda s, r: r["puts"]),
+        demoted=mean(lambda s, r: r["demoted"]),
+        failed_gets=mean(lambda s, r: r["get_missing"] + r["get_errors"] + r["get_unreachable"]),
+        round_trips=mean(lambda s, r: sum(r["rtt_us_histogram"].values())),
+        rtt_median=_median_bucket(remote["rtt_us_histogram"] for _, remote in present),
+    )
 
 
 def _vmstat(sample: Sample, name: str) -> float | None:
@@ -131,6 +199,7 @@ def summarize_run(run: RunRecord) -> list[ModeRow]:
                         for s in samples
                     ),
                     tmem_refusals=_mean(_tmemd(s, "refusals") for s in samples),
+                    remote=summarize_remote(samples),
                 )
             )
     return rows
@@ -143,9 +212,20 @@ def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
 COLUMNS = ("mode", "runs", "wall s (mean ± sd)", "vs baseline", "swap out", "swap in", "major faults",
            "tmem MiB", "refused",
            "tmem hits", "compression")
+# Added when a mode had a remote tier: of the tmem hits, those the cluster served.
+REMOTE_COLUMNS = ("remote hits", "remote %")
+REMOTE_COLUMNS_NOTE = (" With a remote tier, tmem MiB is what tmemd held in memory and compression "
+                       "counts the bytes in the cluster too; remote hits = tmem hits the remote tier "
+                       "served (pages read back from the cluster), remote % = their share of the tmem hits.")
 
 
-def row_cells(row: ModeRow, baseline: str) -> list[str]:
+def columns(rows: Sequence[ModeRow]) -> tuple[str, ...]:
+    """The summary's columns: runs without a remote tier keep the table they had."""
+    return COLUMNS + REMOTE_COLUMNS if any(row.remote for row in rows) else COLUMNS
+
+
+def row_cells(row: ModeRow, baseline: str, remote: bool = False) -> list[str]:
+    """The summary's cells; ``remote``: with REMOTE_COLUMNS."""
     wall = "-" if row.wall is None else f"{row.wall.mean:.1f} ± {row.wall.stdev:.1f}"
     if row.mode == baseline:
         change = "baseline"
@@ -166,25 +246,100 @@ def row_cells(row: ModeRow, baseline: str) -> list[str]:
         _fmt(row.tmem_refusals, ".0f"),
         _fmt(None if row.tmem_hit_ratio is None else row.tmem_hit_ratio * 100, ".1f", "%"),
         _fmt(row.compression_ratio, ".2f", "x"),
+        *(_remote_hit_cells(row.remote) if remote else ()),
     ]
+
+
+def _remote_hit_cells(remote: RemoteRow | None) -> list[str]:
+    if remote is None:
+        return ["-"] * len(REMOTE_COLUMNS)
+    share = None if remote.remote_share is None else remote.remote_share * 100
+    return [_fmt(remote.remote_hits, ".0f"), _fmt(share, ".1f", "%")]
+
+
+REMOTE_DETAIL_COLUMNS = ("mode", "pages local", "pages remote", "hits local", "hits remote", "remote %",
+                         "put to cluster", "demoted", "failed reads", "round trips", "round trip median")
+REMOTE_NOTE = ("Means per run, at the end of the workload: pages local / remote = the guest's pages in "
+               "tmemd's memory / in the cluster; hits remote = pages read back from the cluster (checked), "
+               "hits local = the other tmem hits; put to cluster = puts that went straight there (memory "
+               "full); demoted = cold pages moved there to make room; failed reads = remote reads missing, "
+               "damaged or unreachable (the guest's read failed); round trips = the guest's pipelines to "
+               "the cluster, and the histogram bucket holding their median.")
+
+
+def remote_detail_cells(row: ModeRow) -> list[str] | None:
+    """The remote tier's table row for a mode with one (else None)."""
+    remote = row.remote
+    if remote is None:
+        return None
+    return [
+        row.key,
+        _fmt(remote.local_pages, ".0f"),
+        _fmt(remote.remote_pages, ".0f"),
+        _fmt(remote.local_hits, ".0f"),
+        *_remote_hit_cells(remote),
+        _fmt(remote.puts, ".0f"),
+        _fmt(remote.demoted, ".0f"),
+        _fmt(remote.failed_gets, ".0f"),
+        _fmt(remote.round_trips, ".0f"),
+        "-" if remote.rtt_median is None else f"{remote.rtt_median} µs",
+    ]
+
+
+def remote_detail_rows(run: RunRecord) -> list[list[str]]:
+    return [cells for row in summarize_run(run) if (cells := remote_detail_cells(row)) is not None]
+
+
+def _add_columns(table: Table, names: Sequence[str]) -> None:
+    # A narrow console wraps the headers and figures, never the mode's name.
+    for name in names:
+        table.add_column(name, justify="left" if name == "mode" else "right", no_wrap=name == "mode")
 
 
 def summary_table(run: RunRecord, title: str | None = None) -> Table:
     baseline = run["scenario"]["baseline"]
+    rows = summarize_run(run)
+    names = columns(rows)
     table = Table(title=title or f"{run['scenario']['name']}: workload wall time per mode")
-    for column in COLUMNS:
-        table.add_column(column, justify="left" if column == "mode" else "right")
-    for row in summarize_run(run):
-        table.add_row(*row_cells(row, baseline))
+    _add_columns(table, names)
+    for row in rows:
+        table.add_row(*row_cells(row, baseline, names != COLUMNS))
     return table
+
+
+def remote_table(run: RunRecord) -> Table | None:
+    """The remote tier's figures per mode that had one (None: no such mode)."""
+    details = remote_detail_rows(run)
+    if not details:
+        return None
+    table = Table(title=f"{run['scenario']['name']}: tmemd's remote tier (means per run)")
+    _add_columns(table, REMOTE_DETAIL_COLUMNS)
+    for cells in details:
+        table.add_row(*cells)
+    return table
+
+
+def _markdown_rows(names: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
+    return ["| " + " | ".join(names) + " |", "|" + "---|" * len(names),
+            *("| " + " | ".join(cells) + " |" for cells in rows)]
 
 
 def markdown_table(run: RunRecord) -> str:
     baseline = run["scenario"]["baseline"]
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    for row in summarize_run(run):
-        lines.append("| " + " | ".join(row_cells(row, baseline)) + " |")
-    return "\n".join(lines)
+    rows = summarize_run(run)
+    names = columns(rows)
+    return "\n".join(_markdown_rows(names, (row_cells(row, baseline, names != COLUMNS) for row in rows)))
+
+
+def remote_lines(run: RunRecord) -> list[str]:
+    """Modes with a remote tier: where the guest's pages were and which tier served
+    its reads."""
+    details = remote_detail_rows(run)
+    if not details:
+        return []
+    return ["## Remote tier", "", *_markdown_rows(REMOTE_DETAIL_COLUMNS, details), "",
+            REMOTE_NOTE, ""]
+
 
 
 def _metadata_lines(run: RunRecord) -> list[str]:
@@ -240,10 +395,12 @@ def render_markdown(run: RunRecord, plots: Sequence[str] = ()) -> str:
         "swap in/out and major faults are guest /proc/vmstat deltas in pages, mean per run; "
         "tmem MiB = what tmemd held for the guest at the end (stored bytes); refused = puts tmemd "
         "refused (budget or cap: those pages went to the fallback); "
-        "tmem hits = tmemd gets that hit; compression = raw / stored bytes in tmemd.",
+        "tmem hits = tmemd gets that hit; compression = raw / stored bytes in tmemd."
+        + (REMOTE_COLUMNS_NOTE if remote_detail_rows(run) else ""),
         "",
     ]
     lines += pass_lines(run)
+    lines += remote_lines(run)
     if failures:
         lines += ["## Failures", ""]
         lines += [f"- {s['mode']} #{s['repetition']} {s.get('guest', '')}: {s.get('error')}" for s in failures]
@@ -293,8 +450,15 @@ def make_plots(run: RunRecord) -> dict[str, bytes]:
     tmem_rows = [r for r in rows if r.tmem_hit_ratio is not None]
     if tmem_rows:
         figure, axes = plt.subplots(figsize=(8, 4))
-        axes.bar([r.key for r in tmem_rows], [r.tmem_hit_ratio * 100 for r in tmem_rows if r.tmem_hit_ratio is not None],
-                 color="#55a868")
+        # A remote tier's share of the hits stacked on top of the memory's.
+        hits = [(r.tmem_hit_ratio or 0) * 100 for r in tmem_rows]
+        remote = [hit * (r.remote.remote_share or 0) if r.remote else 0 for hit, r in zip(hits, tmem_rows)]
+        local = [hit - share for hit, share in zip(hits, remote)]
+        keys = [r.key for r in tmem_rows]
+        axes.bar(keys, local, color="#55a868", label="from memory")
+        if any(remote):
+            axes.bar(keys, remote, bottom=local, color="#c44e52", label="from the cluster")
+            axes.legend()
         axes.set_ylabel("gets that hit (%)")
         axes.set_ylim(0, 100)
         axes.set_title("tmem hit ratio")
@@ -316,14 +480,22 @@ def make_plots(run: RunRecord) -> dict[str, bytes]:
     return plots
 
 
+def _html_table(names: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    head = "".join(f"<th>{html.escape(name)}</th>" for name in names)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in cells) + "</tr>"
+                   for cells in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
 def render_html(run: RunRecord, plots: Mapping[str, bytes]) -> str:
     scenario = run["scenario"]
     baseline = scenario["baseline"]
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row_cells(row, baseline)) + "</tr>"
-        for row in summarize_run(run)
-    )
+    rows = summarize_run(run)
+    names = columns(rows)
+    summary = _html_table(names, (row_cells(row, baseline, names != COLUMNS) for row in rows))
+    details = remote_detail_rows(run)
+    remote = (f"<h2>Remote tier</h2>{_html_table(REMOTE_DETAIL_COLUMNS, details)}"
+              f"<p>{html.escape(REMOTE_NOTE)}</p>" if details else "")
     images = "".join(
         f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
         f"<figcaption>{html.escape(name)}</figcaption></figure>"
@@ -338,9 +510,9 @@ def render_html(run: RunRecord, plots: Mapping[str, bytes]) -> str:
         "td:first-child{text-align:left}img{max-width:100%}</style></head><body>"
         f"<h1>tmem-testbed: {html.escape(scenario['name'])}</h1>"
         f"<p>{html.escape(scenario.get('description') or '')}</p>"
-        f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+        f"{summary}"
         "<p>* p &lt; 0.05, ** p &lt; 0.01 (Welch's t-test against the baseline).</p>"
-        f"<h2>Run</h2><ul>{meta}</ul><h2>Plots</h2>{images}</body></html>\n"
+        f"{remote}<h2>Run</h2><ul>{meta}</ul><h2>Plots</h2>{images}</body></html>\n"
     )
 
 

@@ -2,8 +2,9 @@
 boot the guests, prepare swap (or the page-cache file set) the mode's way, run the
 workload, collect metrics, tear everything down; write run.json and the reports.
 
-Every repetition boots fresh guests (and a fresh tmemd), so no run inherits page
-cache, swap slots or tmem pages from the one before it.
+Every repetition boots fresh guests (and a fresh tmemd, and for a remote mode a
+fresh Redis Cluster), so no run inherits page cache, swap slots or tmem pages
+from the one before it.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import math
 import os
 import platform
 import secrets
@@ -27,6 +29,7 @@ from typing import Any, cast, get_args
 
 from tmem_host.daemon.config import format_size
 from tmem_host.daemon.process import TmemdFailed, TmemdProcess
+from tmem_host.remote.cluster import ClusterError, LocalCluster
 from tmem_host.replies import StatsReply
 from tmem_host.testbed import hostmetrics, report
 from tmem_host.testbed.modes import MODES, Mode
@@ -35,6 +38,7 @@ from tmem_host.testbed.scenario import Scenario
 from tmem_host.vm import guestops, launcher
 from tmem_host.vm.image import ImageError, require_image
 from tmem_wire.agent import DISK_SERIALS
+from tmem_wire.frontswap import PAGE_SIZE
 
 # Exit codes of `tmem-testbed run`.
 EXIT_OK = 0
@@ -45,10 +49,23 @@ EXIT_INFRASTRUCTURE = 3
 # Headroom a bigmem guest gets above the working set so it never swaps.
 BIGMEM_HEADROOM_MIB = 192
 
+# Remote modes: tmemd's budget is about this share of the guests' working sets
+# (the scenario's budget does not apply); what does not fit goes to the cluster.
+REMOTE_LOCAL_SHARE = 0.25
+# tmemd's memory per page it keeps in the cluster: ~430 bytes of metadata
+# (tmem_host.remote.tier; the store charges 272 of them), rounded up.
+REMOTE_PAGE_METADATA_BYTES = 450
+# At most this share of the budget for that metadata were every page of the sets
+# remote: persistent use (metadata included) stops at 90% of the budget, so 40%
+# stays for pages in memory and demotion keeps room, instead of refusing puts.
+REMOTE_METADATA_SHARE = 0.5
+# Writes wait (WAIT) for one replica: a master's crash loses no acknowledged page.
+REMOTE_REPLICAS = 1
+
 
 # What makes a run say nothing about tmem: the machinery under it failed.
 INFRASTRUCTURE_ERRORS: tuple[type[BaseException], ...] = (
-    launcher.LauncherError, guestops.AgentError, TmemdFailed, ImageError, OSError,
+    launcher.LauncherError, guestops.AgentError, TmemdFailed, ImageError, ClusterError, OSError,
 )
 
 
@@ -119,6 +136,57 @@ def tmemd_guest_specs(scenario: Scenario) -> list[str]:
             spec += f":cap={format_size(scenario.guests.cap(index))}"
         specs.append(spec)
     return specs
+
+
+def remote_budget_bytes(scenario: Scenario) -> int:
+    """tmemd's budget in a remote mode, whole MiB: REMOTE_LOCAL_SHARE of the guests'
+    working sets, but at least the metadata floor. A quarter is 1024 bytes a page
+    and the floor 900, so the floor binds only for a share below ~0.22; default.toml's
+    guest (320 MiB, 81920 pages): 80 MiB, floor 70 MiB."""
+    pages = working_set_mib(scenario) * scenario.guests.count * ((1 << 20) // PAGE_SIZE)
+    share = pages * PAGE_SIZE * REMOTE_LOCAL_SHARE
+    floor = pages * REMOTE_PAGE_METADATA_BYTES / REMOTE_METADATA_SHARE
+    return math.ceil(max(share, floor) / (1 << 20)) << 20
+
+
+@dataclass(frozen=True, slots=True)
+class TmemdArguments:
+    """What a mode starts tmemd with (TmemdProcess's arguments)."""
+
+    budget: str
+    guests: list[str]
+    extra_args: list[str]
+
+
+def tmemd_arguments(scenario: Scenario, mode: Mode, remote_seeds: str | None = None) -> TmemdArguments:
+    """tmemd's budget, guests and options for ``mode``; a remote mode needs its
+    cluster's seed nodes (LocalCluster.seed_spec)."""
+    extra = ["--nbd-size", f"{scenario.guests.swap_mib}M"]
+    if not mode.compress:
+        extra.append("--no-compress")
+    if not mode.journal:
+        extra.append("--no-journal")
+    budget = scenario.budget_bytes
+    if mode.remote:
+        if remote_seeds is None:
+            raise ValueError(f"mode {mode.name} needs the cluster's seed nodes")
+        budget = remote_budget_bytes(scenario)
+        extra += ["--remote", remote_seeds, "--remote-replicas", str(REMOTE_REPLICAS)]
+    return TmemdArguments(format_size(budget), tmemd_guest_specs(scenario), extra)
+
+
+@contextlib.contextmanager
+def local_cluster(log_dir: Path) -> Iterator[LocalCluster]:
+    """A fresh 3-master, 3-replica Redis Cluster, healthy, in a scratch directory
+    (its AOF files hold every remote page: not worth keeping); its nodes' logs are
+    copied to ``log_dir`` when it stops, also after a failed start."""
+    with tempfile.TemporaryDirectory(prefix="tmem-redis-") as scratch:
+        cluster = LocalCluster(Path(scratch))
+        try:
+            with cluster:
+                yield cluster
+        finally:
+            cluster.collect_logs(log_dir)
 
 
 def guest_config(
@@ -247,12 +315,15 @@ TMEMD_COUNTERS: tuple[TmemdCounter, ...] = get_args(TmemdCounter)
 
 def _tmemd_counters(stats: StatsReply, guest: str) -> TmemdCounters:
     """A guest's store counters (0 if the store has no such client), plus its NBD
-    export's when it has one."""
+    export's and its remote tier's figures when it has them."""
     client = stats["store"]["clients"].get(guest)
     counters = cast(TmemdCounters, {key: client[key] if client is not None else 0 for key in TMEMD_COUNTERS})
     export = stats["nbd"].get(guest)
     if export:
         counters["nbd"] = export
+    remote = stats["remote"]["guests"].get(guest) if stats["remote"] is not None else None
+    if remote is not None:
+        counters["remote"] = remote
     return counters
 
 
@@ -334,25 +405,23 @@ class Runner:
         temporary.replace(latest)
 
     @contextlib.contextmanager
-    def _tmemd(self, mode: Mode, vm_dir: Path) -> Iterator[TmemdProcess | None]:
+    def _tmemd(self, mode: Mode, vm_dir: Path) -> Iterator[tuple[TmemdProcess | None, LocalCluster | None]]:
+        """tmemd if the mode has it, and the cluster below it if the mode is remote."""
         if not mode.tmemd:
-            yield None
+            yield None, None
             return
-        extra = ["--nbd-size", f"{self.scenario.guests.swap_mib}M"]
-        if not mode.compress:
-            extra.append("--no-compress")
-        if not mode.journal:
-            extra.append("--no-journal")
-        # Socket paths must fit sun_path (108 bytes): tmemd runs in a short
-        # temporary directory and its log is kept with the run's other logs.
-        with tempfile.TemporaryDirectory(prefix="tmemd-") as run_dir:
-            tmemd = TmemdProcess(
-                Path(run_dir), budget=format_size(self.scenario.budget_bytes),
-                guests=tmemd_guest_specs(self.scenario), extra_args=extra,
-            )
+        with contextlib.ExitStack() as stack:
+            # Entered first, a remote mode's cluster stops after tmemd.
+            cluster = stack.enter_context(local_cluster(vm_dir / "redis")) if mode.remote else None
+            arguments = tmemd_arguments(self.scenario, mode, cluster.seed_spec if cluster is not None else None)
+            # Socket paths must fit sun_path (108 bytes): tmemd runs in a short
+            # temporary directory and its log is kept with the run's other logs.
+            run_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="tmemd-"))
+            tmemd = TmemdProcess(Path(run_dir), budget=arguments.budget, guests=arguments.guests,
+                                 extra_args=arguments.extra_args)
             try:
                 with tmemd:
-                    yield tmemd
+                    yield tmemd, cluster
             finally:
                 with contextlib.suppress(FileNotFoundError):
                     shutil.copy(tmemd.log_path, vm_dir / "tmemd.log")
@@ -363,7 +432,7 @@ class Runner:
         vm_dir.mkdir(parents=True)
         names = [guest_name(index) for index in range(self.scenario.guests.count)]
         try:
-            with self._tmemd(mode, vm_dir) as tmemd, contextlib.ExitStack() as stack:
+            with self._tmemd(mode, vm_dir) as (tmemd, cluster), contextlib.ExitStack() as stack:
                 guests = [
                     stack.enter_context(launcher.Guest(guest_config(self.scenario, mode, index, tmemd, vm_dir)))
                     for index in range(self.scenario.guests.count)
@@ -375,7 +444,7 @@ class Runner:
                 ]
                 kvm = guests[0].qmp("query-kvm")
                 metadata.setdefault("accelerator", "kvm" if kvm.get("enabled") else "tcg")
-                return self._measure(mode, repetition, guests, agents, tmemd)
+                return self._measure(mode, repetition, guests, agents, tmemd, cluster)
         except INFRASTRUCTURE_ERRORS as error:
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             return [{"mode": mode.name, "repetition": repetition, "guest": name, "ok": False, "verified": None,
@@ -383,11 +452,13 @@ class Runner:
 
     def _measure(
         self, mode: Mode, repetition: int, guests: list[launcher.Guest], agents: list[int | None],
-        tmemd: TmemdProcess | None,
+        tmemd: TmemdProcess | None, cluster: LocalCluster | None,
     ) -> list[Sample]:
         before = [json.loads(guest.ssh("python3 -m tmem_guest.snapshot", timeout=60).stdout) for guest in guests]
         qemu_pids = [guest.pid for guest in guests if guest.pid is not None]
-        processes = {"qemu": qemu_pids, "tmemd": [tmemd.pid] if tmemd else []}
+        # The cluster's nodes share the host's CPUs with QEMU and tmemd: their cost too.
+        redis_pids = [pid for node in cluster.nodes if (pid := node.pid) is not None] if cluster else []
+        processes = {"qemu": qemu_pids, "tmemd": [tmemd.pid] if tmemd else [], "redis": redis_pids}
         host_before = {pid: hostmetrics.process_usage(pid) for pids in processes.values() for pid in pids}
         timeout = self.scenario.workload_timeout_s
         with hostmetrics.RssTimeline(processes) as timeline, ThreadPoolExecutor(len(guests)) as pool:
@@ -412,12 +483,10 @@ class Runner:
             workload = _merge_passes(outputs, phases.tmemd) if self.scenario.workload == "pagecache" else outputs[0]
             verified = result.exit_status == 0 and workload.get("verified", True) is not False
             host: dict[str, float] = {}
-            for role, pid in (("qemu", guest.pid), ("tmemd", tmemd.pid if tmemd else None)):
-                usage_before = host_before.get(pid) if pid is not None else None
-                usage_after = hostmetrics.process_usage(pid) if pid is not None else None
-                if usage_before and usage_after:
-                    host[f"{role}_cpu_s"] = round(usage_after.cpu_s - usage_before.cpu_s, 2)
-                    host[f"{role}_peak_rss"] = usage_after.peak_rss_bytes
+            for role, pids in {**processes, "qemu": [guest.pid] if guest.pid is not None else []}.items():
+                usage = _usage_since(pids, host_before)
+                if usage is not None:
+                    host[f"{role}_cpu_s"], host[f"{role}_peak_rss"] = round(usage[0], 2), usage[1]
             agent = None
             agent_pid = agents[index]
             if agent_pid is not None:
@@ -444,6 +513,19 @@ class Runner:
                 "timeline": timeline.points,
             })
         return samples
+
+
+def _usage_since(pids: list[int], before: Mapping[int, hostmetrics.ProcessUsage | None]) -> tuple[float, int] | None:
+    """CPU seconds since ``before`` and peak RSS, summed over ``pids``; None if
+    there are none or one is gone."""
+    cpu_s, peak_rss = 0.0, 0
+    for pid in pids:
+        start, now = before.get(pid), hostmetrics.process_usage(pid)
+        if start is None or now is None:
+            return None
+        cpu_s += now.cpu_s - start.cpu_s
+        peak_rss += now.peak_rss_bytes
+    return (cpu_s, peak_rss) if pids else None
 
 
 @dataclass(frozen=True, slots=True)
