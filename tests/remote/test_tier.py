@@ -117,6 +117,17 @@ def test_a_64_page_read_is_one_round_trip_per_node(tmemd_remote: TmemdProcess,
         error, _ = client.read(544 * PAGE, 64 * PAGE)
         assert error == 0
         assert 1 <= round_trips() - before <= 2
+        # 16 READs in flight: those waiting in the connection fetch together, one
+        # pipeline per master, not one round trip each.
+        before = round_trips()
+        requests = [ClientRequest(nbd.Command.READ, first * PAGE, 64 * PAGE)
+                    for first in range(0, 1024, 64)]
+        replies = list(client.run(requests, depth=16))
+        assert [reply.error for reply in replies] == [0] * len(requests)
+        expected = {b"".join(page_content(slot) for slot in range(first, first + 64))
+                    for first in range(0, 1024, 64)}
+        assert {reply.data for reply in replies} == expected
+        assert round_trips() - before <= 8
         # 256 slots over 4 tags: never more round trips than masters.
         before = round_trips()
         error, _ = client.read(0, 256 * PAGE)

@@ -17,6 +17,7 @@ leave in one transport write, up to a bound on the replies in flight
 from __future__ import annotations
 
 import asyncio
+import collections
 import errno
 import logging
 import os
@@ -31,6 +32,7 @@ from tmem_host.statefiles import (
     unsupported,
 )
 from tmem_host.store import Client, Store
+from tmem_host.waiting import all_done
 from tmem_wire import nbd
 from tmem_wire.abi import Status
 from tmem_wire.frontswap import LOST_PAGE_ERROR, PAGE_SHIFT, PAGE_SIZE, frontswap_keys, frontswap_offset
@@ -604,6 +606,8 @@ COUNTER_NAMES: Final = (
     "store_waits",
 )
 _REPLY_HEADER_BYTES: Final = nbd.SIMPLE_REPLY_HEADER.size
+# READs whose fetches go to the tier together: what QEMU keeps in flight (16) and then some.
+MAX_READS_PER_FETCH: Final = 32
 # How a serving pass ended: the codec needs data, the session is over, the
 # replies in flight reached their bound with requests left in the codec, or a
 # READ waits for the remote tier to read its pages back.
@@ -631,7 +635,11 @@ class NbdConnection(asyncio.Protocol):
         self._flow = ReplyFlow(self._serve)
         # A pass stopped on the store (the remote tier): the READ to serve first
         # when it resumes, the replies built before it, replies waiting to be sent.
-        self._resumed_request: nbd.Request | None = None
+        self._resumed: collections.deque[nbd.ClientEvent] = collections.deque()
+        # The READs the pending fetch covers; in the pass right after it, their
+        # pages are read back (the tier forgets them after that pass).
+        self._fetching: list[nbd.Request] = []
+        self._fetched: set[int] = set()
         self._fetch_waiter: asyncio.Future[None] | None = None
         self._carried: list[bytes | bytearray] = []
         self._unsent: list[bytes | bytearray] = []
@@ -721,7 +729,7 @@ class NbdConnection(asyncio.Protocol):
             assert self._fetch_waiter is not None
             self._carried = output  # sent with the rest of the pass
             self.export.counters["store_waits"] += 1
-            self._flow.suspend(self._fetch_waiter, self._serve)
+            self._flow.suspend(self._fetch_waiter, self._serve_fetched)
             self._fetch_waiter = None
             return
         if self._send(output, wait=outcome != "finished"):
@@ -768,6 +776,32 @@ class NbdConnection(asyncio.Protocol):
             self.transport.write(b"".join(output))
         self._serve()
 
+    def _serve_fetched(self) -> None:
+        self._fetched = {id(request) for request in self._fetching}
+        self._fetching = []
+        try:
+            self._serve()
+        finally:
+            self._fetched = set()
+
+    def _prefetch_following(self) -> list[asyncio.Future[None]]:
+        """The READs already received right behind one that waits for the tier:
+        their fetches join its batch (one round trip per master for all of them).
+        They are kept, in order, with the first non-READ, to be served after it."""
+        waiters: list[asyncio.Future[None]] = []
+        while len(self._resumed) < MAX_READS_PER_FETCH:
+            event = self.codec.next_event()
+            if event is nbd.NEED_DATA or event is nbd.PAUSED:
+                break
+            assert not isinstance(event, (nbd.NeedData, nbd.Paused))
+            self._resumed.append(event)
+            if not isinstance(event, nbd.Request) or event.command != nbd.Command.READ:
+                break
+            if (waiter := self.export.prefetch(event)) is not None:
+                waiters.append(waiter)
+                self._fetching.append(event)
+        return waiters
+
     def _serve_events(self, output: list[bytes | bytearray], room: int) -> _PassOutcome:
         """Answer complete events until the codec needs data, the session is over,
         or the replies built fill ``room`` bytes (the reply that does is finished)."""
@@ -777,11 +811,10 @@ class NbdConnection(asyncio.Protocol):
             event: nbd.ClientEvent | nbd.NeedData | nbd.Paused
             # A READ resumed after its fetch is served as it is now: a page the
             # tier could not read back fails it (EIO), it is not fetched again.
-            resumed = self._resumed_request is not None
-            if self._resumed_request is not None:
-                event, self._resumed_request = self._resumed_request, None
-            else:
-                event = codec.next_event()
+            resumed = bool(self._resumed)
+            event = self._resumed.popleft() if resumed else codec.next_event()
+            # Requests a backlog held over to a later pass fetch again if they must.
+            fetched = resumed and id(event) in self._fetched
             if event is nbd.NEED_DATA or event is nbd.PAUSED:
                 return "drained"
             if isinstance(event, nbd.ConnectionClosed):
@@ -789,10 +822,16 @@ class NbdConnection(asyncio.Protocol):
             if isinstance(event, nbd.Request):
                 if event.command == nbd.Command.DISC:
                     continue  # the codec reports ConnectionClosed next
-                waiter = None if resumed else export.prefetch(event)
+                waiter = None if fetched else export.prefetch(event)
                 if waiter is not None:
-                    self._resumed_request = event
-                    self._fetch_waiter = waiter
+                    if resumed:  # held over by a backlog: first again, alone
+                        self._resumed.appendleft(event)
+                        self._fetching = [event]
+                        self._fetch_waiter = waiter
+                    else:
+                        self._resumed.append(event)
+                        self._fetching = [event]
+                        self._fetch_waiter = all_done([waiter, *self._prefetch_following()])
                     return "fetching"
                 error, payload = export.serve(event)
                 # The header, then the READ payload as it is: no copy to glue them.

@@ -50,6 +50,7 @@ from tmem_host.replies import RemoteGuestStats, RemoteStats
 from tmem_host.store import Client, Pool, Store
 from tmem_host.store.pagecodec import StoredPage
 from tmem_host.store.tier import RemotePage
+from tmem_host.waiting import all_done
 from tmem_wire.abi import Oid
 
 log = logging.getLogger("tmemd.remote")
@@ -215,7 +216,10 @@ class RemoteTier:
         self._outbox: list[_Write] = []
         self._deletes: list[bytes] = []
         self._reads: list[_Read] = []
-        self._read_waiters: list[asyncio.Future[None]] = []
+        # Completes when the queued reads are done: one future per batch, so that
+        # whoever waits for several fetches of one batch wakes at once (before
+        # the copies read back are forgotten, one loop pass later).
+        self._reads_done: asyncio.Future[None] | None = None
         self._inflight_bytes = 0
         # Completes when the outbox's batch is written (or its pages back in memory).
         self._outbox_done: asyncio.Future[None] | None = None
@@ -360,20 +364,21 @@ class RemoteTier:
         page.fetched = None
 
     def fetch(self, pool: Pool, pages: list[tuple[Oid, int, RemotePage]]) -> asyncio.Future[None]:
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         guest = self._guests.get(pool.owner.name)
         if guest is None or not self.reachable or self._closed:
             if guest is not None:
                 guest.counters["get_unreachable"] += len(pages)
-            waiter.set_result(None)  # they miss: EIO to the guest, never wrong data
-            return waiter
+            missed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            missed.set_result(None)  # they miss: EIO to the guest, never wrong data
+            return missed
         pool_id = self._pool_id(pool)
         for oid, index, page in pages:
             self._reads.append(_Read(guest, pool, page,
                                      page_key(guest, pool_id, oid, index, page.version)))
-        self._read_waiters.append(waiter)
+        if self._reads_done is None:
+            self._reads_done = asyncio.get_running_loop().create_future()
         self._schedule_flush()
-        return waiter
+        return self._reads_done
 
     def barrier(self) -> asyncio.Future[None] | None:
         waits = list(self._batches_in_flight)
@@ -383,7 +388,7 @@ class RemoteTier:
             waits.append(self._outbox_done)
         if not waits:
             return None
-        return waits[0] if len(waits) == 1 else _all_done(waits)
+        return all_done(waits)
 
     def pressure(self) -> None:
         self._demote_wakeup.set()
@@ -426,7 +431,7 @@ class RemoteTier:
         writes, self._outbox = self._outbox, []
         deletes, self._deletes = self._deletes, []
         reads, self._reads = self._reads, []
-        read_waiters, self._read_waiters = self._read_waiters, []
+        reads_done, self._reads_done = self._reads_done, None
         written = self._outbox_done
         self._outbox_done = None
         if writes:
@@ -436,9 +441,8 @@ class RemoteTier:
         try:
             await asyncio.gather(self._write_batch(writes, deletes), self._read_batch(reads))
         finally:
-            for waiter in read_waiters:
-                if not waiter.done():
-                    waiter.set_result(None)
+            if reads_done is not None and not reads_done.done():
+                reads_done.set_result(None)
             # The copies read back serve the gets of this loop pass, then go.
             asyncio.get_running_loop().call_soon(_forget_fetched, reads)
             if written is not None:
@@ -843,22 +847,6 @@ class RemoteTier:
 
 
 RTT_LABELS: Final = tuple(f"<={bound}" for bound in RTT_BUCKETS_US) + (f">{RTT_BUCKETS_US[-1]}",)
-
-
-def _all_done(futures: list[asyncio.Future[None]]) -> asyncio.Future[None]:
-    """One future for several (which never fail): done when all of them are."""
-    combined: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    left = len(futures)
-
-    def one_done(_: asyncio.Future[None]) -> None:
-        nonlocal left
-        left -= 1
-        if not left and not combined.done():
-            combined.set_result(None)
-
-    for future in futures:
-        future.add_done_callback(one_done)
-    return combined
 
 
 def _forget_fetched(reads: Sequence[_Read]) -> None:
