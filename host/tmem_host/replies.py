@@ -119,6 +119,7 @@ class GuestSettings(TypedDict):
     cid: int | None  # its vsock peer CID
     uuid: str  # its identity in the remote tier
     remote_cap_bytes: int | None
+    remote_ephemeral: bool  # its evicted ephemeral pages go to the remote tier
 
 
 class PoolRecord(TypedDict):
@@ -275,6 +276,7 @@ class RemoteGuestStats(TypedDict):
     local_bytes: int  # what they (and the remote pages' metadata) are charged
     remote_pages: int
     remote_bytes: int
+    remote_ephemeral_pages: int  # of remote_pages: evicted ephemeral pages (remote-ephemeral)
     puts: int  # pages put straight to the cluster (no room in memory)
     demoted: int  # cold pages moved to the cluster to make room
     gets: int  # pages read back, checked
@@ -285,6 +287,10 @@ class RemoteGuestStats(TypedDict):
     refused_quota: int
     refused_unreachable: int
     refused_inflight: int
+    refused_full: int  # a master was out of memory (OOM): the page went to the disk
+    ephemeral_demoted: int  # evicted ephemeral pages sent to the cluster, not dropped
+    ephemeral_missing: int  # ephemeral pages the cluster no longer had (TTL, eviction): misses
+    ephemeral_shed: int  # ephemeral pages dropped from the cluster for persistent ones
     demotions_refused: int
     rtt_us_histogram: dict[str, int]  # its round trips, by upper bound in microseconds
 
@@ -304,6 +310,7 @@ class RemoteStats(TypedDict):
     connection_errors: int
     redirections: int
     command_errors: int
+    refused_full: int  # commands a master refused for lack of memory (OOM)
     replica_waits_short: int
     orphaned_deletes: int
     became_unreachable: int

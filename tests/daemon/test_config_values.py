@@ -119,6 +119,10 @@ BAD: list[tuple[str, str, list[str], str]] = [
     ("toml-guest-remote-cap-bool", '[[guest]]\nname = "g1"\nremote_cap = true', [],
      "guest 'g1' remote_cap: not a size"),
     ("cli-host-id-slash", "", ["--host-id", "a/b"], "--host-id must be a name"),
+    ("cli-remote-ephemeral-without-remote", "", ["--guest", "g1:remote-ephemeral"],
+     "guest(s) ['g1'] have remote-ephemeral but there is no remote tier"),
+    ("toml-remote-ephemeral-string", '[[guest]]\nname = "g1"\nremote_ephemeral = "yes"', [],
+     "guest 'g1' remote_ephemeral must be true or false"),
 ]
 # The real entry point, in a subprocess, for a few of them.
 SUBPROCESS = ("cli-budget-400-digits", "cli-nbd-size-0", "toml-budget-float", "cli-guest-twice",
@@ -236,6 +240,9 @@ GOOD: list[tuple[str, str, list[str], dict[str, Any]]] = [
      ["--guest", "g1:uuid=6d1b5a3e-8f0c-4b7e-9a51-2f4c0e7d9b11:remote-cap=1G"],
      {"guests": (GuestConfig("g1", guest_uuid=uuid.UUID("6d1b5a3e-8f0c-4b7e-9a51-2f4c0e7d9b11"),
                              remote_cap_bytes=1 << 30),)}),
+    ("guest-remote-ephemeral", 'remote = "127.0.0.1:7000"\n[[guest]]\nname = "g2"\nremote_ephemeral = true',
+     ["--guest", "g1:remote-ephemeral"],
+     {"guests": (GuestConfig("g2", remote_ephemeral=True), GuestConfig("g1", remote_ephemeral=True))}),
     ("command-line-guest-replaces-file-guest", '[[guest]]\nname = "g1"\nweight = 5',
      ["--guest", "g1:weight=7"], {"guests": (GuestConfig("g1", weight=7),)}),
 ]

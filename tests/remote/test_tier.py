@@ -221,3 +221,39 @@ def test_tmemd_refuses_a_cluster_that_may_evict_its_pages(tmp_path: Path,
     assert result.returncode == 2
     lines = [line for line in (result.stdout + result.stderr).splitlines() if "cannot start" in line]
     assert len(lines) == 1 and "maxmemory-policy allkeys-lru" in lines[0]
+
+
+def test_a_guests_evicted_ephemeral_pages_come_back_from_the_cluster(
+        tmp_path: Path, redis_cluster: LocalCluster) -> None:
+    """tmemd with `remote-ephemeral` for one guest: through the ABI, an
+    ephemeral pool twice the budget reads back whole (the metadata of a remote
+    page stays in memory: ~700 bytes); the other guest's evicted pages are
+    dropped as before."""
+    from tmem_host.daemon.client import AbiClient
+    from tmem_wire.abi import PoolFlag, Status
+
+    pages = [os.urandom(PAGE) for _ in range(1024)]  # 4 MiB through a 2 MiB budget
+    keys = [((1, 0, n >> 6), n & 63) for n in range(len(pages))]
+    found_pages: dict[str, int] = {}
+    with TmemdProcess(tmp_path / "run", budget="2M", guests=("g1:remote-ephemeral", "g2"),
+                      extra_args=["--remote", redis_cluster.seed_spec]) as tmemd:
+        for guest in ("g1", "g2"):
+            with AbiClient.open(tmemd.abi_socket(guest)) as client:
+                pool_id, _ = client.new_pool(PoolFlag(0))
+                for first in range(0, len(pages), 64):
+                    assert client.put_batch(pool_id, keys[first:first + 64],
+                                            pages[first:first + 64]) == [Status.OK] * 64
+                found = 0
+                for first in range(0, len(pages), 64):
+                    got = client.get_batch(pool_id, keys[first:first + 64])
+                    for data, page in zip(got, pages[first:first + 64]):
+                        assert data is None or data == page  # a miss, never wrong data
+                        found += data is not None
+                found_pages[guest] = found
+                client.destroy_pool(pool_id)
+        stats = remote_stats(tmemd)
+    redis_cluster.flushall()
+    assert found_pages["g1"] > len(pages) * 0.9  # exclusive gets: each page read once
+    assert found_pages["g2"] < len(pages) * 0.6
+    assert isinstance(stats["ephemeral_demoted"], int) and stats["ephemeral_demoted"] > len(pages) // 2
+    assert stats["get_errors"] == stats["get_missing"] == 0

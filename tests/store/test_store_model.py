@@ -3,11 +3,15 @@
 Persistent pools must behave exactly like a dict (a refused put deletes the
 key: the never-stale rule). Ephemeral pools may lose any page at any time, but
 a hit must return the last accepted put of that key and never anything older.
-Invariants check the accounting after every step.
+Invariants check the accounting after every step. A third variant puts a tier
+below the store (an in-memory one whose writes complete or fail when a rule
+says: the store's side of tmem_host.remote, whose Redis side tests/remote
+tests), with persistent demotion and evicted ephemeral pages demoted.
 """
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 from hypothesis import HealthCheck, settings
@@ -22,7 +26,9 @@ from tmem_host.store import (
     Store,
     page_overhead_bytes,
 )
-from tmem_host.store.store import DedupBlob
+from tmem_host.store.pagecodec import StoredPage
+from tmem_host.store.store import DedupBlob, Pool
+from tmem_host.store.tier import RemotePage
 from tmem_wire.abi import WHOLE_OBJECT, Key, Oid, Status
 from tmem_workloads.usemem import PAGE_SIZE, expected_page, page_templates
 
@@ -59,9 +65,12 @@ pool_kinds = st.sampled_from(POOL_KINDS)
 class StoreAgainstModel(RuleBasedStateMachine):
     compress = True
 
+    def make_store(self) -> Store:
+        return Store(10 * RAW_COST, compress=self.compress)
+
     def __init__(self) -> None:
         super().__init__()
-        self.store = Store(10 * RAW_COST, compress=self.compress)
+        self.store = self.make_store()
         authorised = frozenset({SHARED_UUID})
         self.clients: list[Client] = [
             self.store.add_client("plain", shared_uuids=authorised),
@@ -228,9 +237,12 @@ class StoreAgainstModel(RuleBasedStateMachine):
             pool_pages = 0
             charged = 0
             blobs: dict[int, DedupBlob] = {}
+            remote_ephemeral = 0
             for pool in client.owned_pools():
                 pool_pages += pool.pages
-                page_overhead = page_overhead_bytes(pool.persistent)
+                page_overhead = pool.page_overhead
+                if pool.local_lru is None:
+                    assert page_overhead == page_overhead_bytes(pool.persistent)
                 logical = len(pool.objects) * OBJECT_OVERHEAD_BYTES
                 charged += logical
                 for obj in pool.objects.values():
@@ -240,6 +252,10 @@ class StoreAgainstModel(RuleBasedStateMachine):
                             blobs[id(stored)] = stored
                             logical += page_overhead + blob_charge(stored)
                             charged += page_overhead
+                        elif isinstance(stored, RemotePage):
+                            logical += pool.remote_page_cost
+                            charged += pool.remote_page_cost
+                            remote_ephemeral += not pool.persistent
                         else:
                             size = len(stored) if isinstance(stored, bytes) else 0
                             logical += page_overhead + size
@@ -253,15 +269,17 @@ class StoreAgainstModel(RuleBasedStateMachine):
             lru_pages = sum(
                 pool.pages for pool in client.owned_pools() if not pool.persistent
             )
-            assert len(client.lru) == lru_pages
+            assert len(client.lru) == lru_pages - remote_ephemeral
+            assert len(client.remote_ephemeral) == remote_ephemeral
             ticks = list(client.lru.values())
             assert ticks == sorted(ticks), "LRU order and ages disagree"
             if client.cap_bytes is not None and client.stored_bytes > client.cap_bytes:
-                assert not client.lru, "over its cap while holding ephemeral pages"
+                assert not client.lru and not client.remote_ephemeral, \
+                    "over its cap while holding ephemeral pages"
             total_used += client.stored_bytes
         assert store.used_bytes == total_used
         if store.used_bytes > store.budget_bytes:
-            assert all(not client.lru for client in self.clients)
+            assert all(not client.lru and not client.remote_ephemeral for client in self.clients)
 
     @invariant()
     def persistent_pages_match_the_model(self) -> None:
@@ -276,6 +294,128 @@ class StoreAgainstModelUncompressed(StoreAgainstModel):
     compress = False
 
 
+class MemoryTier:
+    """A PageTier in a dict: takes every page, its writes complete or fail when the
+    state machine says, reads are answered at once."""
+
+    def __init__(self, store: Store, loop: asyncio.AbstractEventLoop) -> None:
+        self.store = store
+        self.loop = loop
+        self.copies: dict[int, StoredPage] = {}  # by version
+        self.in_flight: list[tuple[Pool, Oid, int, RemotePage]] = []
+        self.version = 0
+
+    def _new_page(self, stored: StoredPage) -> RemotePage:
+        self.version += 1
+        return RemotePage(self.version, len(stored) if isinstance(stored, bytes) else 8, pending=stored)
+
+    def take(self, pool: Pool, oid: Oid, index: int, stored: StoredPage) -> RemotePage | None:
+        page = self._new_page(stored)
+        self.in_flight.append((pool, oid, index, page))
+        return page
+
+    def release(self, pool: Pool, oid: Oid, index: int, page: RemotePage, *, keep: bool) -> None:
+        assert not keep
+        self.copies.pop(page.version, None)
+        page.pending = page.fetched = None
+
+    def fetch(self, pool: Pool, pages: list[tuple[Oid, int, RemotePage]]) -> asyncio.Future[None]:
+        for _, _, page in pages:
+            page.fetched = self.copies.get(page.version)
+        done: asyncio.Future[None] = self.loop.create_future()
+        done.set_result(None)
+        return done
+
+    def barrier(self) -> asyncio.Future[None] | None:
+        return None
+
+    def pressure(self) -> None:
+        pass
+
+    def restored(self, page: RemotePage) -> None:
+        raise AssertionError("no journal here")
+
+    def complete(self, fail: bool) -> None:
+        """Every write in flight lands (or fails: the store keeps persistent pages)."""
+        in_flight, self.in_flight = self.in_flight, []
+        for pool, oid, index, page in in_flight:
+            if page.pending is None:
+                continue  # released while in flight: the real tier deletes it as it lands
+            if fail:
+                self.store.strand(pool, oid, index, page)
+            else:
+                self.copies[page.version] = page.pending
+            page.pending = None
+
+    def demote(self, client: Client) -> None:
+        """What the demoter does, written at once."""
+        for pool, oid, index, stored in self.store.demotion_candidates(client, 2):
+            page = self._new_page(stored)
+            page.pending = None
+            self.copies[page.version] = stored
+            assert self.store.demote(pool, oid, index, stored, page)
+
+
+class FetchingStore(Store):
+    """Gets read remote pages back first, as the frontends do (Store.fetch)."""
+
+    def get(self, client: Client, pool_id: int, oid: Oid, index: int) -> tuple[Status, bytes | None]:
+        self.fetch(client, pool_id, [(oid, index)])
+        return super().get(client, pool_id, oid, index)
+
+    def get_many(self, client: Client, pool_id: int, keys: list[Key]) -> tuple[list[Status], list[bytes]]:  # type: ignore[override]
+        self.fetch(client, pool_id, keys)
+        return super().get_many(client, pool_id, keys)
+
+
+class StoreWithTierAgainstModel(StoreAgainstModel):
+    compress = False  # whole pages: big enough to demote (MIN_DEMOTED_EPHEMERAL_BYTES)
+
+    def make_store(self) -> Store:
+        store = FetchingStore(10 * RAW_COST, compress=self.compress)
+        self.loop = asyncio.new_event_loop()
+        self.tier = MemoryTier(store, self.loop)
+        store.attach_tier(self.tier, 0.5)
+        return store
+
+    def __init__(self) -> None:
+        super().__init__()
+        for client in self.clients:
+            self.store.set_demote_evicted(client, True)
+
+    def teardown(self) -> None:
+        self.loop.close()
+
+    @rule(fail=st.booleans())
+    def complete_writes(self, fail: bool) -> None:
+        self.tier.complete(fail)
+
+    @rule(who=clients)
+    def demote(self, who: int) -> None:
+        self.tier.demote(self.clients[who])
+
+    @rule(who=clients, pages=st.integers(1, 4))
+    def shed_remote_ephemeral(self, who: int, pages: int) -> None:
+        self.store.shed_remote_ephemeral(self.clients[who], pages * PAGE_SIZE)
+
+    @rule(who=clients, kind=st.sampled_from(("exclusive", "inclusive")), key=keys)
+    def lose_remote_copy(self, who: int, kind: str, key: Key) -> None:
+        """The cluster expired or evicted an ephemeral page: its get misses."""
+        pool = self.clients[who].pools[self.pool_ids[who][kind]]
+        assert pool is not None
+        value = pool.objects.get(key[0], {}).get(key[1])
+        if isinstance(value, RemotePage):
+            self.tier.copies.pop(value.version, None)
+
+    @invariant()
+    def remote_pages_are_counted(self) -> None:
+        for client in self.clients:
+            remote = [value for pool in client.owned_pools() for obj in pool.objects.values()
+                      for value in obj.values() if isinstance(value, RemotePage)]
+            assert client.remote_pages == len(remote)
+            assert client.remote_bytes == sum(page.nbytes for page in remote)
+
+
 _SETTINGS = settings(
     max_examples=60,
     stateful_step_count=40,
@@ -286,3 +426,5 @@ TestStoreAgainstModel = StoreAgainstModel.TestCase
 TestStoreAgainstModel.settings = _SETTINGS
 TestStoreAgainstModelUncompressed = StoreAgainstModelUncompressed.TestCase
 TestStoreAgainstModelUncompressed.settings = _SETTINGS
+TestStoreWithTierAgainstModel = StoreWithTierAgainstModel.TestCase
+TestStoreWithTierAgainstModel.settings = _SETTINGS

@@ -37,10 +37,12 @@ STATS_COUNTERS: tuple[ClientCounter, ...] = (*RATE_COUNTERS, "flushes")
 # A guest's counters in the remote tier (replies.RemoteGuestStats) that `remote` shows.
 RemoteCounter = Literal["puts", "demoted", "gets", "get_missing", "get_errors",
                         "get_unreachable", "stranded", "refused_quota", "refused_unreachable",
-                        "refused_inflight", "demotions_refused"]
+                        "refused_inflight", "refused_full", "ephemeral_demoted",
+                        "ephemeral_missing", "ephemeral_shed", "demotions_refused"]
 REMOTE_COUNTERS: tuple[RemoteCounter, ...] = (
     "puts", "demoted", "gets", "get_missing", "get_errors", "get_unreachable", "stranded",
-    "refused_quota", "refused_unreachable", "refused_inflight", "demotions_refused")
+    "refused_quota", "refused_unreachable", "refused_inflight", "refused_full",
+    "ephemeral_demoted", "ephemeral_missing", "ephemeral_shed", "demotions_refused")
 # Output width when not on a terminal, so tables do not wrap in logs and tests.
 PIPE_WIDTH = 160
 
@@ -186,7 +188,8 @@ def remote_tables(remote: RemoteStats) -> tuple[Table, Table]:
             str(guest["remote_pages"]), _size(guest["remote_bytes"]), _limit(guest["limit_bytes"]),
             str(guest["gets"]),
             str(guest["get_missing"] + guest["get_errors"] + guest["get_unreachable"]),
-            str(guest["refused_quota"] + guest["refused_unreachable"] + guest["refused_inflight"]),
+            str(guest["refused_quota"] + guest["refused_unreachable"] + guest["refused_inflight"]
+                + guest["refused_full"]),
             _rtt_summary(guest),
         )
     return tier, table

@@ -254,13 +254,15 @@ class ControlCommands:
         runtime = self._guest(request.get("guest"))
         client = runtime.client
         to = request.get("to")
+        if to not in ("home", "disk"):
+            raise ControlError("'to' must be \"home\" or \"disk\"")
+        # Ephemeral pages in the cluster are a cache: a drain drops them.
+        self.store.shed_remote_ephemeral(client)
         if to == "disk":
             left = client.remote_pages
             started = await self.drain(request)
             return {"guest": runtime.name, "to": to, "moved": 0, "left": left,
                     "draining": True, "persistent_pages": started["persistent_pages"]}
-        if to != "home":
-            raise ControlError("'to' must be \"home\" or \"disk\"")
         if not tier.reachable:
             raise ControlError("the cluster is unreachable: no remote page can be read back now")
         moved, left = await tier.drain_home(client)

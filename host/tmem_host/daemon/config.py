@@ -42,7 +42,7 @@ _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p
 # Guest names become file names (NAME.tmem.sock) and must fit a sun_path.
 _GUEST_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _GUEST_KEYS: Final = frozenset({"name", "weight", "cap", "shared", "dedup", "cid", "uuid",
-                                "remote_cap"})
+                                "remote_cap", "remote_ephemeral"})
 #: A guest's default identity in the remote tier: uuid5 of its name in this namespace.
 GUEST_UUID_NAMESPACE: Final = uuid.UUID("6d1b5a3e-8f0c-4b7e-9a51-2f4c0e7d9b10")
 MAX_REMOTE_REPLICAS: Final = 16
@@ -181,6 +181,8 @@ class GuestConfig:
     guest_uuid: uuid.UUID | None = None
     # The remote bytes it may use (None: no cap but the remote budget's share).
     remote_cap_bytes: int | None = None
+    # Its evicted ephemeral pages go to the remote tier instead of being dropped.
+    remote_ephemeral: bool = False
 
     @property
     def identity_uuid(self) -> uuid.UUID:
@@ -196,6 +198,7 @@ class GuestConfig:
             "cid": self.cid,
             "uuid": str(self.identity_uuid),
             "remote_cap_bytes": self.remote_cap_bytes,
+            "remote_ephemeral": self.remote_ephemeral,
         }
 
 
@@ -259,7 +262,7 @@ def parse_cap(value: object, name: str = "cap") -> int | None:
 
 def parse_guest_spec(spec: str) -> GuestConfig:
     """Parse `NAME[:weight=W][:cap=SIZE][:shared=UUID,...][:dedup][:cid=N][:uuid=UUID]
-    [:remote-cap=SIZE]`."""
+    [:remote-cap=SIZE][:remote-ephemeral]`."""
     name, *options = spec.split(":")
     guest = GuestConfig(name=validate_guest_name(name))
     what = f"guest {name!r}"
@@ -267,6 +270,8 @@ def parse_guest_spec(spec: str) -> GuestConfig:
         key, has_value, value = option.partition("=")
         if key == "dedup" and not has_value:
             guest = replace(guest, dedup=True)
+        elif key == "remote-ephemeral" and not has_value:
+            guest = replace(guest, remote_ephemeral=True)
         elif key == "weight" and has_value:
             guest = replace(guest, weight=check_weight(_parse_int(value), f"{what} weight"))
         elif key == "cap" and has_value:
@@ -348,6 +353,7 @@ def guest_from_mapping(table: object) -> GuestConfig:
         cid=None if cid is None else _check_cid(cid, f"{what} cid"),
         guest_uuid=None if guest_uuid is None else _parse_uuid(guest_uuid, f"{what} uuid"),
         remote_cap_bytes=parse_cap(table.get("remote_cap"), f"{what} remote_cap"),
+        remote_ephemeral=check_bool(table.get("remote_ephemeral", False), f"{what} remote_ephemeral"),
     )
 
 
@@ -463,6 +469,10 @@ def build_config(
     host, host_name = _pick(settings, "host_id", host_id, socket.gethostname())
     if not isinstance(host, str) or not _GUEST_NAME_RE.match(host):
         _fail(host_name, "a name of letters, digits, '_', '.', '-'", host)
+    guests = _merge_guests(settings.get("guest", []), guest_specs, guest_cids)
+    if seeds is None and (demoting := [g.name for g in guests if g.remote_ephemeral]):
+        raise ConfigError(f"guest(s) {_shown(demoting)} have remote-ephemeral but there is no "
+                          "remote tier (--remote)")
     level = (_durability(journal, durability, "--no-journal", "--durability")
              or _durability(settings.get("journal"), settings.get("durability"),
                             "journal = false", "durability")
@@ -470,7 +480,7 @@ def build_config(
     return DaemonConfig(
         run_dir=check_path(run_dir_value, run_dir_name),
         budget_bytes=parse_size(budget_value, budget_name, minimum=PAGE_SIZE),
-        guests=_merge_guests(settings.get("guest", []), guest_specs, guest_cids),
+        guests=guests,
         compress=check_bool(*_pick(settings, "compress", compress, _DEFAULTS.compress)),
         nbd_size_bytes=parse_size(*_pick(settings, "nbd_size", nbd_size, _DEFAULTS.nbd_size_bytes),
                                   minimum=PAGE_SIZE, maximum=MAX_FILE_BYTES, multiple=PAGE_SIZE),

@@ -180,6 +180,8 @@ class Daemon:
             raise ControlError(f"guest {guest.name!r} exists")
         if guest.cid is not None and self._guest_by_cid(guest.cid) is not None:
             raise ControlError(f"vsock CID {guest.cid} belongs to another guest")
+        if guest.remote_ephemeral and self.tier is None:
+            raise ControlError(f"guest {guest.name!r}: remote-ephemeral needs a remote tier (--remote)")
         loop = asyncio.get_running_loop()
         client = self.store.add_client(
             guest.name, weight=guest.weight, cap_bytes=guest.cap_bytes, dedup=guest.dedup,
@@ -187,6 +189,7 @@ class Daemon:
         )
         if self.tier is not None:
             self.tier.register(client, guest.identity_uuid, guest.remote_cap_bytes)
+            self.store.set_demote_evicted(client, guest.remote_ephemeral)
         abi_path = abi_socket_path(self.run_dir, guest.name)
         nbd_path = nbd_socket_path(self.run_dir, guest.name)
         # After a restart the journal brought the export's pool back: resume it,

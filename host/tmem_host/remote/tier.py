@@ -44,7 +44,18 @@ from uuid import UUID
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.crc import key_slot
-from redis.exceptions import RedisClusterException, RedisError, ResponseError
+from redis.exceptions import (
+    AskError,
+    BusyLoadingError,
+    ClusterDownError,
+    MasterDownError,
+    MovedError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisClusterException,
+    RedisError,
+    TryAgainError,
+)
 
 from tmem_host.replies import RemoteGuestStats, RemoteStats
 from tmem_host.store import Client, Pool, Store
@@ -66,8 +77,14 @@ SAFE_POLICIES: Final = frozenset({"noeviction", "volatile-lru", "volatile-lfu",
 RTT_BUCKETS_US: Final = (100, 200, 500, 1000, 2000, 5000, 10_000, 20_000, 50_000, 100_000)
 # Data bytes a take() may hold in memory while their writes are in flight.
 DEFAULT_INFLIGHT_BYTES: Final = 32 << 20
-# Errors after which the slot map is refreshed and the command retried.
-_RETRY_PREFIXES: Final = ("MOVED", "ASK", "CLUSTERDOWN", "TRYAGAIN", "LOADING", "MASTERDOWN")
+# Replies after which the slot map is refreshed and the command retried (redis-py
+# parses the error code into the class and drops it from the message).
+_REDIRECTIONS: Final = (MovedError, AskError)
+_RETRIED: Final = (*_REDIRECTIONS, TryAgainError, ClusterDownError, MasterDownError,
+                   BusyLoadingError, ReadOnlyError)
+# A master out of memory (OOM: maxmemory with noeviction) fails writes at once,
+# not retried, and new pages are refused for FULL_BACKOFF_S (they go to the disk).
+FULL_BACKOFF_S: Final = 1.0
 
 
 class RemoteError(Exception):
@@ -94,6 +111,9 @@ class RemoteSettings:
     inflight_bytes: int = DEFAULT_INFLIGHT_BYTES
     #: Pages per demotion batch.
     demote_batch: int = 256
+    #: TTL of demoted ephemeral pages' keys: a volatile-* policy may evict them,
+    #: and copies a crash orphaned expire.
+    ephemeral_ttl_s: float = 3600.0
 
 
 def parse_seeds(spec: str) -> tuple[tuple[str, int], ...]:
@@ -133,6 +153,10 @@ class _Write:
     value: bytes
     # A demotion: the in-memory copy to replace once written (None: a take()).
     expected: bytes | None = None
+
+    def command(self, ttl_ms: int) -> list[Any]:
+        """Its own command, for an ephemeral page (persistent ones share an MSET)."""
+        return ["SET", self.key, self.value, "PX", ttl_ms]
 
 
 @dataclass(slots=True)
@@ -221,6 +245,8 @@ class RemoteTier:
         # the copies read back are forgotten, one loop pass later).
         self._reads_done: asyncio.Future[None] | None = None
         self._inflight_bytes = 0
+        # Until then (monotonic) a master said OOM: new pages are refused.
+        self._full_until = 0.0
         # Completes when the outbox's batch is written (or its pages back in memory).
         self._outbox_done: asyncio.Future[None] | None = None
         # Those of the batches being written.
@@ -331,12 +357,15 @@ class RemoteTier:
         guest = self._guests.get(pool.owner.name)
         if guest is None or self._closed:
             return None
+        persistent = pool.persistent
         if not self.reachable:
             guest.counters["refused_unreachable"] += 1
             return None
+        if self._full_until > time.monotonic():
+            guest.counters["refused_full"] += 1
+            return None
         value_bytes = VALUE_HEADER.size + (len(stored) if type(stored) is bytes else _FILL.size)
-        limit = self.limit_bytes(guest)
-        if limit is not None and pool.owner.remote_bytes + value_bytes > limit:
+        if not self._room_in_quota(pool.owner, guest, value_bytes, persistent):
             guest.counters["refused_quota"] += 1
             return None
         if self._inflight_bytes + value_bytes > self.settings.inflight_bytes:
@@ -347,9 +376,27 @@ class RemoteTier:
         page = RemotePage(version, value_bytes, pending=stored)
         self._queue_write(_Write(guest, pool, oid, index, page, key,
                                  encode_value(key, version, stored)))
-        guest.counters["puts"] += 1
-        self._demote_wakeup.set()  # memory is short: make room for the next puts
+        if persistent:
+            guest.counters["puts"] += 1
+            self._demote_wakeup.set()  # memory is short: make room for the next puts
+        else:
+            guest.counters["ephemeral_demoted"] += 1
         return page
+
+    def _room_in_quota(self, client: Client, guest: GuestRemote, nbytes: int,
+                       persistent: bool) -> bool:
+        """Whether ``nbytes`` more fit the guest's remote limit; a persistent page
+        pushes the guest's ephemeral pages out of the tier to fit."""
+        limit = self.limit_bytes(guest)
+        if limit is None:
+            return True
+        over = client.remote_bytes + nbytes - limit
+        if over > 0 and persistent and client.remote_ephemeral:
+            guest.counters["ephemeral_shed"] += len(client.remote_ephemeral)
+            self.store.shed_remote_ephemeral(client, over)
+            guest.counters["ephemeral_shed"] -= len(client.remote_ephemeral)
+            over = client.remote_bytes + nbytes - limit
+        return over <= 0
 
     def release(self, pool: Pool, oid: Oid, index: int, page: RemotePage, *, keep: bool) -> None:
         guest = self._guests.get(pool.owner.name)
@@ -454,8 +501,12 @@ class RemoteTier:
         if not writes and not deletes:
             return
         commands: dict[bytes, list[Any]] = {}
+        ttl_ms = max(1, int(self.settings.ephemeral_ttl_s * 1000))
         for write in writes:
-            commands.setdefault(_tag_of(write.key), ["MSET"]).extend((write.key, write.value))
+            if write.pool.persistent:
+                commands.setdefault(_tag_of(write.key), ["MSET"]).extend((write.key, write.value))
+            else:
+                commands[write.key] = write.command(ttl_ms)
         for key in deletes:
             commands.setdefault(b"del:" + _tag_of(key), ["DEL"]).append(key)
         try:
@@ -464,7 +515,8 @@ class RemoteTier:
         except Exception:  # a bug must not lose acknowledged pages: they stay in memory
             log.exception("remote write batch failed")
             failed = list(commands.values())
-        failed_tags = {_tag_of(command[1]) for command in failed if command[0] == "MSET"}
+        failed_keys = {key for command in failed if command[0] == "MSET" for key in command[1::2]}
+        failed_keys.update(command[1] for command in failed if command[0] == "SET")
         lost_deletes = sum(len(command) - 1 for command in failed if command[0] == "DEL")
         if lost_deletes:
             # Orphans: unreachable copies of pages already gone. Their versions make
@@ -472,7 +524,7 @@ class RemoteTier:
             self.counters["orphaned_deletes"] += lost_deletes
         for write in writes:
             self._inflight_bytes -= len(write.value)
-            self._complete_write(write, _tag_of(write.key) not in failed_tags)
+            self._complete_write(write, write.key not in failed_keys)
 
     def _complete_write(self, write: _Write, ok: bool) -> None:
         page, pool = write.page, write.pool
@@ -491,7 +543,8 @@ class RemoteTier:
                 self._schedule_flush()
             page.pending = None
             return
-        # Acknowledged to the guest, never written: it stays in memory instead.
+        # Acknowledged to the guest, never written: it stays in memory instead
+        # (an ephemeral page is dropped).
         if self.store.strand(pool, write.oid, write.index, page) is not None:
             write.guest.counters["stranded"] += 1
         page.pending = None
@@ -515,7 +568,9 @@ class RemoteTier:
             value = by_key.get(read.key)
             stored = decode_value(read.key, read.page.version, value)
             if stored is None:
-                counters["get_errors" if value is not None else "get_missing"] += 1
+                # An ephemeral page's key may expire or be evicted: a plain miss.
+                counters["get_errors" if value is not None else
+                         "get_missing" if read.pool.persistent else "ephemeral_missing"] += 1
                 if value is not None:
                     log.error("remote page failed its check: the guest's read fails",
                               extra={"guest": read.guest.name, "key": read.key.decode()})
@@ -528,24 +583,26 @@ class RemoteTier:
                    results: dict[bytes, bytes | None] | None = None) -> list[list[Any]]:
         """Run single-slot commands: grouped by master, one pipeline each, all masters
         at once, retried on redirections and connection errors until ``wait_s``.
-        Returns the commands that did not succeed (the cluster is then unreachable)."""
+        Returns the commands that did not succeed: refused by a full master (at
+        once), or not done by the deadline (the cluster is then unreachable)."""
         deadline = time.monotonic() + self.settings.wait_s
         pending = commands
         delay = 0.05
+        refused: list[list[Any]] = []
         while True:
             try:
                 retry = await asyncio.wait_for(
-                    self._run_once(pending, connections, wait_replicas, results),
+                    self._run_once(pending, connections, wait_replicas, results, refused),
                     timeout=max(0.001, deadline - time.monotonic()))
             except TimeoutError:  # a node that does not answer (stopped, partitioned)
                 retry = pending
             if not retry:
                 if not self.reachable:
                     self._set_reachable(True)
-                return []
+                return refused
             if time.monotonic() + delay > deadline or self._cluster is None:
                 self._set_reachable(False)
-                return retry
+                return retry + refused
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
             try:
@@ -555,8 +612,8 @@ class RemoteTier:
             pending = retry
 
     async def _run_once(self, commands: list[list[Any]], connections: dict[str, aioredis.Redis],
-                        wait_replicas: int,
-                        results: dict[bytes, bytes | None] | None) -> list[list[Any]]:
+                        wait_replicas: int, results: dict[bytes, bytes | None] | None,
+                        refused: list[list[Any]]) -> list[list[Any]]:
         by_node: dict[str, list[list[Any]]] = defaultdict(list)
         retry: list[list[Any]] = []
         for command in commands:
@@ -566,7 +623,7 @@ class RemoteTier:
             else:
                 by_node[node].append(command)
         outcomes = await asyncio.gather(
-            *(self._pipeline(node, node_commands, connections, wait_replicas, results)
+            *(self._pipeline(node, node_commands, connections, wait_replicas, results, refused)
               for node, node_commands in by_node.items()))
         for failed in outcomes:
             retry.extend(failed)
@@ -574,7 +631,10 @@ class RemoteTier:
 
     async def _pipeline(self, node: str, commands: list[list[Any]],
                         connections: dict[str, aioredis.Redis], wait_replicas: int,
-                        results: dict[bytes, bytes | None] | None) -> list[list[Any]]:
+                        results: dict[bytes, bytes | None] | None,
+                        refused: list[list[Any]]) -> list[list[Any]]:
+        """One pipeline to one master: the commands to retry (``refused`` gets
+        those a full master refused, which are not retried)."""
         connection = connections.get(node)
         if connection is None:
             host, port = node.rsplit(":", 1)
@@ -610,10 +670,14 @@ class RemoteTier:
                 guest.rtt_us[bucket] += 1
         failed: list[list[Any]] = []
         for command, reply in zip(commands, replies):
-            if isinstance(reply, Exception):
-                if not isinstance(reply, ResponseError) or not str(reply).startswith(_RETRY_PREFIXES):
-                    log.error("remote command failed", extra={"node": node, "error": str(reply)})
-                self.counters["redirections" if str(reply).startswith(("MOVED", "ASK"))
+            if isinstance(reply, OutOfMemoryError):
+                self.counters["refused_full"] += 1
+                self._full_until = time.monotonic() + FULL_BACKOFF_S
+                refused.append(command)
+            elif isinstance(reply, Exception):
+                if not isinstance(reply, _RETRIED):
+                    log.error("remote command failed", extra={"node": node, "error": repr(reply)})
+                self.counters["redirections" if isinstance(reply, _REDIRECTIONS)
                               else "command_errors"] += 1
                 failed.append(command)
             elif results is not None and command[0] == "MGET":
@@ -625,7 +689,8 @@ class RemoteTier:
                 # Not on enough replicas yet: not acknowledged; retried (a rewrite of
                 # the same keys and values, then WAIT again).
                 self.counters["replica_waits_short"] += 1
-                return [command for command in commands if command[0] != "MGET"] + failed
+                return [command for command in commands
+                        if command[0] != "MGET" and all(command is not r for r in refused)] + failed
         return failed
 
     def _guest_of(self, key: bytes) -> GuestRemote | None:
@@ -702,6 +767,8 @@ class RemoteTier:
         """The next batch of pages to demote, or [] if memory is not short."""
         store = self.store
         settings = self.settings
+        if self._full_until > time.monotonic():
+            return []
         candidates: list[Client] = []
         over_budget = store.used_bytes > store.budget_bytes * settings.demote_above
         for client in store.clients:
@@ -721,16 +788,15 @@ class RemoteTier:
         excess = max(store.used_bytes - target if over_budget else 0,
                      client.stored_bytes - cap_target if cap_target is not None else 0)
         pages = max(1, min(settings.demote_batch, int(excess) // 2048 + 1))
-        limit = self.limit_bytes(guest)
         writes: list[_Write] = []
         room = self.settings.inflight_bytes - self._inflight_bytes
-        remote = client.remote_bytes
+        batch_bytes = 0  # not in client.remote_bytes until demote() enters them
         for pool, oid, index, stored in store.demotion_candidates(client, pages):
             nbytes = VALUE_HEADER.size + len(stored)
-            if (limit is not None and remote + nbytes > limit) or nbytes > room:
+            if nbytes > room or not self._room_in_quota(client, guest, batch_bytes + nbytes, True):
                 guest.counters["demotions_refused"] += 1
                 break
-            remote += nbytes
+            batch_bytes += nbytes
             room -= nbytes
             version = self._version()
             key = page_key(guest, self._pool_id(pool), oid, index, version)
@@ -807,6 +873,7 @@ class RemoteTier:
             "local_bytes": client.stored_bytes,
             "remote_pages": client.remote_pages,
             "remote_bytes": client.remote_bytes,
+            "remote_ephemeral_pages": len(client.remote_ephemeral),
             "puts": counters["puts"],
             "demoted": counters["demoted"],
             "gets": counters["gets"],
@@ -817,6 +884,10 @@ class RemoteTier:
             "refused_quota": counters["refused_quota"],
             "refused_unreachable": counters["refused_unreachable"],
             "refused_inflight": counters["refused_inflight"],
+            "refused_full": counters["refused_full"],
+            "ephemeral_demoted": counters["ephemeral_demoted"],
+            "ephemeral_missing": counters["ephemeral_missing"],
+            "ephemeral_shed": counters["ephemeral_shed"],
             "demotions_refused": counters["demotions_refused"],
             "rtt_us_histogram": {label: guest.rtt_us[label] for label in RTT_LABELS},
         }
@@ -838,6 +909,7 @@ class RemoteTier:
             "connection_errors": counters["connection_errors"],
             "redirections": counters["redirections"],
             "command_errors": counters["command_errors"],
+            "refused_full": counters["refused_full"],
             "replica_waits_short": counters["replica_waits_short"],
             "orphaned_deletes": counters["orphaned_deletes"],
             "became_unreachable": counters["became_unreachable"],

@@ -83,6 +83,10 @@ def page_overhead_bytes(persistent: bool) -> int:
 #: OrderedDict node and slot and the (oid, index) tuple; estimated from
 #: sys.getsizeof (tuple 56, node and slots ~70), not measured like the above.
 TIER_LRU_ENTRY_BYTES: Final = 160
+#: An evicted ephemeral page is demoted (not dropped) only if its stored form is
+#: at least this big: its RemotePage costs REMOTE_PAGE_EXTRA_BYTES more than the
+#: page's metadata, so smaller pages would free little here for a round trip.
+MIN_DEMOTED_EPHEMERAL_BYTES: Final = 512
 
 #: Xen treats the all-ones UUID as "no UUID": such a shared request is private.
 INVALID_UUID: Final = UUID(int=(1 << 128) - 1)
@@ -209,7 +213,9 @@ class Pool(OpCounters):
         if tiered and persistent and not self.dedup:
             self.local_lru = OrderedDict()
             self.page_overhead += TIER_LRU_ENTRY_BYTES
-        #: What a remote page costs here: a page's metadata (not in local_lru) and its RemotePage.
+        #: What a remote page costs here: a page's metadata (not in local_lru) and
+        #: its RemotePage (an ephemeral one's entry in the owner's remote_ephemeral
+        #: replaces its LRU entry, which page_overhead counts).
         self.remote_page_cost = (self.page_overhead + REMOTE_PAGE_EXTRA_BYTES
                                  - (TIER_LRU_ENTRY_BYTES if self.local_lru is not None else 0))
 
@@ -243,6 +249,8 @@ class Client(OpCounters):
         "dedup_hits",
         "remote_pages",
         "remote_bytes",
+        "demote_evicted",
+        "remote_ephemeral",
     )
 
     def __init__(
@@ -271,6 +279,13 @@ class Client(OpCounters):
         #: Its pages in the tier below (tmem_host.remote), and their bytes there.
         self.remote_pages = 0
         self.remote_bytes = 0
+        #: Whether its evicted private ephemeral pages go to the tier (set_demote_evicted).
+        self.demote_evicted = False
+        #: Its ephemeral pages in the tier (not in ``lru``), least recently demoted
+        #: or got first: evicted only when it has no ephemeral page in memory
+        #: left (each frees just its metadata), and what persistent pages push
+        #: out of a full remote quota (shed_remote_ephemeral).
+        self.remote_ephemeral: OrderedDict[_LruKey, None] = OrderedDict()
 
     def __repr__(self) -> str:
         return f"Client({self.name!r})"
@@ -492,11 +507,16 @@ class Store:
 
     def strand(self, pool: Pool, oid: Oid, index: int, page: RemotePage) -> StoredPage | None:
         """The tier could not take a page it was given (its write failed): keep it
-        in memory instead, without a budget check (its put was acknowledged).
-        Returns the stored form, or None if the page had been replaced or dropped."""
+        in memory instead, without a budget check (its put was acknowledged); an
+        ephemeral page is dropped instead. Returns the stored form kept, or None
+        if the page had been replaced or dropped."""
         obj = pool.objects.get(oid)
         stored = page.pending
         if obj is None or obj.get(index) is not page or stored is None:
+            return None
+        if not pool.persistent:
+            # A demoted ephemeral page was evicted: it may vanish, and it does.
+            self._drop_page(pool, obj, oid, index)
             return None
         self._replace_with_local(pool, obj, oid, index, stored)
         return stored
@@ -535,6 +555,33 @@ class Store:
         _check_cap(cap_bytes)
         client.cap_bytes = cap_bytes
         self._evict_to_cap(client)
+
+    def set_demote_evicted(self, client: Client | str, demote: bool) -> None:
+        """Whether the client's evicted private ephemeral pages go to the tier below
+        (as ephemeral pages there: a later get may still miss) instead of being
+        dropped. ValueError without a tier."""
+        if demote and self.tier is None:
+            raise ValueError("no tier to demote ephemeral pages to")
+        self._resolve(client).demote_evicted = demote
+
+    def shed_remote_ephemeral(self, client: Client | str, nbytes: int | None = None) -> int:
+        """Drop the client's oldest ephemeral pages in the tier until their remote
+        bytes freed reach ``nbytes`` (None: all of them); returns the bytes freed.
+        Persistent pages come first in a full remote quota, and a drain takes a
+        guest out of the tier."""
+        client = self._resolve(client)
+        freed = 0
+        remote_ephemeral = client.remote_ephemeral
+        while remote_ephemeral and (nbytes is None or freed < nbytes):
+            pool, oid, index = next(iter(remote_ephemeral))
+            obj = pool.objects[oid]
+            page = obj[index]
+            assert type(page) is RemotePage
+            freed += page.nbytes
+            self._drop_page(pool, obj, oid, index)
+            pool.evictions += 1
+            client.evictions += 1
+        return freed
 
     def freeze(self, client: Client | str) -> None:
         self._resolve(client).frozen = True
@@ -1043,7 +1090,11 @@ class Store:
         owner.stored_bytes += charged
         self.used_bytes += charged
         if not pool.persistent:
-            owner.lru[(pool, pool.lru_oids.setdefault(oid, oid), index)] = next(self._tick)
+            key = (pool, pool.lru_oids.setdefault(oid, oid), index)
+            if type(value) is RemotePage:
+                owner.remote_ephemeral[key] = None
+            else:
+                owner.lru[key] = next(self._tick)
             owner.ephemeral_bytes += logical
             self.ephemeral_bytes += logical
 
@@ -1068,7 +1119,9 @@ class Store:
             owner.remote_pages -= 1
             owner.remote_bytes -= stored.nbytes
             if self.tier is not None:
-                self.tier.release(pool, oid, index, stored, keep=self._keeping_remote)
+                # Only a persistent page's journal can point at its copy after a stop.
+                self.tier.release(pool, oid, index, stored,
+                                  keep=self._keeping_remote and pool.persistent)
         if not obj:
             del pool.objects[oid]
             if not pool.persistent:
@@ -1080,7 +1133,10 @@ class Store:
         owner.stored_bytes -= freed
         self.used_bytes -= freed
         if not pool.persistent:
-            del owner.lru[(pool, oid, index)]
+            if type(stored) is RemotePage:
+                del owner.remote_ephemeral[(pool, oid, index)]
+            else:
+                del owner.lru[(pool, oid, index)]
             owner.ephemeral_bytes -= logical
             self.ephemeral_bytes -= logical
 
@@ -1126,6 +1182,8 @@ class Store:
                 local_lru.move_to_end((oid, index))
         elif pool.exclusive_gets:
             self._drop_page(pool, obj, oid, index)
+        elif type(stored) is RemotePage:
+            pool.owner.remote_ephemeral.move_to_end((pool, oid, index))
         else:
             lru = pool.owner.lru
             key = (pool, oid, index)
@@ -1141,7 +1199,7 @@ class Store:
             if owner.stored_bytes - owner.ephemeral_bytes + cost > cap:
                 return False
             while owner.stored_bytes + cost > cap:
-                if not owner.lru:
+                if not owner.lru and not owner.remote_ephemeral:
                     return False
                 self._evict_oldest(owner)
         if self.used_bytes + cost > self.budget_bytes:
@@ -1167,7 +1225,7 @@ class Store:
         budget = self.budget_bytes
         if (
             putter is not None
-            and putter.lru
+            and (putter.lru or putter.remote_ephemeral)
             and (putter.stored_bytes + cost) * total_weight > budget * putter.weight
         ):
             return putter
@@ -1176,22 +1234,40 @@ class Store:
         oldest: Client | None = None
         oldest_tick = math.inf
         for client in self._clients.values():
-            if not client.lru:
+            if not client.lru and not client.remote_ephemeral:
                 continue
             if client.stored_bytes * total_weight > budget * client.weight:
                 ratio = client.stored_bytes / client.weight if client.weight else math.inf
                 if ratio > worst_ratio:
                     worst, worst_ratio = client, ratio
-            tick = next(iter(client.lru.values()))
-            if tick < oldest_tick:
+            # Only the metadata of remote pages left: the last to give.
+            tick = next(iter(client.lru.values())) if client.lru else math.inf
+            if tick < oldest_tick or oldest is None:
                 oldest, oldest_tick = client, tick
         return worst if worst is not None else oldest
 
     def _evict_oldest(self, victim: Client) -> None:
+        if not victim.lru:  # only remote pages left: drop the oldest one's metadata
+            pool, oid, index = next(iter(victim.remote_ephemeral))
+            self._drop_page(pool, pool.objects[oid], oid, index)
+            pool.evictions += 1
+            victim.evictions += 1
+            return
         pool, oid, index = next(iter(victim.lru))
-        self._drop_page(pool, pool.objects[oid], oid, index)
+        obj = pool.objects[oid]
+        value = obj[index]
+        self._drop_page(pool, obj, oid, index)
         pool.evictions += 1
         victim.evictions += 1
+        if (victim.demote_evicted and type(value) is bytes and pool.shared_uuid is None
+                and len(value) >= MIN_DEMOTED_EPHEMERAL_BYTES and self.tier is not None):
+            # Demoted instead of dropped: its metadata stays (charged, in
+            # remote_ephemeral), its data goes to the tier if the tier takes it. Each
+            # demotion frees at least MIN_DEMOTED_EPHEMERAL_BYTES - REMOTE_PAGE_EXTRA_BYTES
+            # bytes and empties lru by one, so making room still ends.
+            page = self.tier.take(pool, oid, index, value)
+            if page is not None:
+                self._charge_remote(pool, victim, oid, index, page)
 
     def _reassign_owner(self, pool: Pool, new_owner: Client) -> None:
         """Charge a shared pool to another member (Xen's shared_pool_reassign)."""
@@ -1212,7 +1288,7 @@ class Store:
     def _evict_to_cap(self, client: Client) -> None:
         cap = client.cap_bytes
         if cap is not None:
-            while client.stored_bytes > cap and client.lru:
+            while client.stored_bytes > cap and (client.lru or client.remote_ephemeral):
                 self._evict_oldest(client)
 
 
