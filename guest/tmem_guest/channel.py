@@ -14,6 +14,7 @@ import select
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -46,13 +47,21 @@ class ChannelDown(ConnectionError):
     """The host side is not connected; the operation did not reach tmemd."""
 
 
+#: Called by the reader thread while it cannot go on (its own send blocked, or a
+#: disconnect waiting for another thread's send): read what has arrived. The
+#: stream has bounded buffers both ways, and tmemd stops reading a guest that does
+#: not read its replies; a reader that only waits would wait for ever.
+Drain = Callable[[], None]
+
+
 class Channel(Protocol):
     def connect(self) -> bool:
         """Try once to bring the channel up; True when it is up."""
         ...
 
-    def send(self, data: memoryview) -> None:
-        """Write all of `data`; raise ChannelDown if the host side is gone."""
+    def send(self, data: memoryview, drain: Drain | None = None) -> None:
+        """Write all of `data`; raise ChannelDown if the host side is gone. `drain`
+        (the reader thread's sends only) is called whenever bytes arrive meanwhile."""
         ...
 
     def wait_readable(self, timeout: float) -> bool:
@@ -63,8 +72,9 @@ class Channel(Protocol):
         """Block until bytes arrive and read them into `buffer`; 0 means the host side is gone."""
         ...
 
-    def disconnect(self) -> None:
-        """Forget the current connection (the next connect() starts over)."""
+    def disconnect(self, drain: Drain | None = None) -> None:
+        """Forget the current connection (the next connect() starts over); `drain`
+        (the reader thread) is called whenever bytes arrive while a send holds it up."""
         ...
 
 
@@ -145,7 +155,7 @@ class VirtioPortChannel:
                     return False
             return True
 
-    def send(self, data: memoryview) -> None:
+    def send(self, data: memoryview, drain: Drain | None = None) -> None:
         with self._io_lock:
             fd = self._fd
             if fd is None:
@@ -154,20 +164,24 @@ class VirtioPortChannel:
             if self._torn_tail:
                 tail = memoryview(self._torn_tail)
                 try:
-                    sent = self._send(fd, tail, deadline)
+                    sent = self._send(fd, tail, deadline, drain)
                 finally:
                     tail.release()
                 del self._torn_tail[:sent]
                 if self._torn_tail:
                     raise ChannelDown(f"{self.path}: host not reading for {self.send_timeout} s")
-            sent = self._send(fd, data, deadline)
+            sent = self._send(fd, data, deadline, drain)
             if sent < len(data):
                 if sent:
                     self._torn_tail[:] = data[sent:]
                 raise ChannelDown(f"{self.path}: host not reading for {self.send_timeout} s")
 
-    def _send(self, fd: int, data: memoryview, deadline: float) -> int:
+    def _send(self, fd: int, data: memoryview, deadline: float, drain: Drain | None) -> int:
         """Write `data` until done or `deadline`; return how much went out."""
+        waiting = self._writable
+        if drain is not None:
+            waiting = select.poll()
+            waiting.register(fd, select.POLLOUT | select.POLLIN)
         sent = 0
         while sent < len(data):
             try:
@@ -181,10 +195,12 @@ class VirtioPortChannel:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return sent
-            for _, events in self._writable.poll(min(remaining, 1.0) * 1000):
+            for _, events in waiting.poll(min(remaining, 1.0) * 1000):
                 if events & (select.POLLHUP | select.POLLERR):
                     self._torn_tail.clear()
                     raise ChannelDown(f"{self.path}: host disconnected")
+                if events & select.POLLIN and drain is not None:
+                    drain()  # (a hang-up was raised above)
         return sent
 
     def wait_readable(self, timeout: float) -> bool:
@@ -215,9 +231,22 @@ class VirtioPortChannel:
             self._iovec_list = pieces(buffer, 0, PORT_BUFFER_BYTES)
         return self._iovec_list
 
-    def disconnect(self) -> None:
-        with self._io_lock:
+    def disconnect(self, drain: Drain | None = None) -> None:
+        # A caller's send may hold the lock for up to send_timeout, blocked because
+        # the host waits for the reader to read: the reader reads while it waits.
+        # (Reading needs no lock: only the reader's connect/disconnect close the fd.)
+        while not self._io_lock.acquire(timeout=0.05):
+            while drain is not None and self._fd is not None and self._bytes_arrived():
+                drain()
+        try:
             self._close()
+        finally:
+            self._io_lock.release()
+
+    def _bytes_arrived(self) -> bool:
+        """Bytes to read now (not a hang-up, which reads as 0 for ever)."""
+        return any(events & select.POLLIN and not events & select.POLLHUP
+                   for _, events in self._readable.poll(0))
 
     def _close(self) -> None:
         if self._fd is not None:
@@ -250,12 +279,24 @@ class UnixSocketChannel:
             self._socket = candidate
             return True
 
-    def send(self, data: memoryview) -> None:
+    def send(self, data: memoryview, drain: Drain | None = None) -> None:
         connection = self._socket
         if connection is None:
             raise ChannelDown(f"{self.path}: not connected")
         try:
-            connection.sendall(data)
+            if drain is None:
+                connection.sendall(data)
+                return
+            deadline = time.monotonic() + self.send_timeout
+            while data:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise ChannelDown(f"{self.path}: host not reading for {self.send_timeout} s")
+                readable, writable, _ = select.select([connection], [connection], [], remaining)
+                if readable:
+                    drain()
+                if writable:
+                    data = data[connection.send(data[:1 << 16]):]
         except OSError as error:
             raise ChannelDown(f"send to {self.path}: {error}") from error
 
@@ -277,7 +318,8 @@ class UnixSocketChannel:
         except OSError:
             return 0
 
-    def disconnect(self) -> None:
+    def disconnect(self, drain: Drain | None = None) -> None:
+        # sendall() holds no lock here: nothing to wait for, and nothing to drain.
         with self._lock:
             if self._socket is not None:
                 try:

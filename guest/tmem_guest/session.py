@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from tmem_guest.channel import Channel, ChannelDown
+from tmem_guest.channel import Channel, ChannelDown, Drain
 from tmem_wire import abi
 from tmem_wire.abi import Frame, Key, Oid, Op, PoolFlag, Status
 
@@ -189,7 +189,7 @@ class Session:
             except (ChannelDown, abi.ProtocolError, TimeoutError) as error:
                 log.warning("handshake with tmemd failed: %s", error)
                 self.handshake_failures += 1
-                self.channel.disconnect()
+                self.channel.disconnect(self._discarding(decoder, receive_view))
                 self._stopped.wait(backoff)
                 backoff = min(backoff * 2, self.backoff_max)
                 continue
@@ -205,7 +205,8 @@ class Session:
             except abi.ProtocolError as error:
                 log.error("tmemd broke the protocol, reconnecting: %s", error)
             self._mark_down()
-            self.channel.disconnect()
+            # Every call was failed: what arrives now answers nothing.
+            self.channel.disconnect(self._discarding(decoder, receive_view))
             log.warning("tmemd session down")
 
     def _serve_connection(self, decoder: abi.FrameDecoder, receive: memoryview) -> None:
@@ -213,15 +214,11 @@ class Session:
         down (a request unanswered for request_timeout, here or in a caller; stop())."""
         tick = min(self.heartbeat_interval, self.request_timeout) / 4
         next_check = 0.0
+        completing = self._completing(decoder, receive)
         while self._up.is_set():
             if self.channel.wait_readable(tick):
-                count = self.channel.recv_into(receive)
-                if count == 0:
+                if not self._read(decoder, receive, self._complete):
                     return
-                decoder.feed(receive[:count])
-                while (frame := decoder.next_frame()) is not abi.NEED_DATA:
-                    assert isinstance(frame, Frame)
-                    self._complete(frame)
             now = time.monotonic()
             if now < next_check:
                 continue
@@ -231,7 +228,33 @@ class Session:
                 self._give_up(self.connections, f"no reply from tmemd for {waited:.1f} s")
                 return
             if now - self._last_sent >= self.heartbeat_interval:
-                self._send_heartbeat(now)
+                self._send_heartbeat(now, completing)
+
+    def _read(self, decoder: abi.FrameDecoder, receive: memoryview,
+              handle: Callable[[Frame], None]) -> bool:
+        """Read what has arrived and hand each whole frame to `handle`; False if the
+        host side is gone."""
+        count = self.channel.recv_into(receive)
+        if count == 0:
+            return False
+        decoder.feed(receive[:count])
+        while (frame := decoder.next_frame()) is not abi.NEED_DATA:
+            assert isinstance(frame, Frame)
+            handle(frame)
+        return True
+
+    def _completing(self, decoder: abi.FrameDecoder, receive: memoryview) -> Drain:
+        """The reader's drain while it serves: replies complete their calls."""
+        def drain() -> None:
+            self._read(decoder, receive, self._complete)  # a hang-up: the send says so
+        return drain
+
+    def _discarding(self, decoder: abi.FrameDecoder, receive: memoryview) -> Drain:
+        """The reader's drain while no call can be answered (a request of its own
+        in flight, whose reply cannot come before it is sent; or no session)."""
+        def drain() -> None:
+            self._read(decoder, receive, _ignore)
+        return drain
 
     def _longest_wait(self, now: float) -> float:
         """How long the oldest request in flight (heartbeat included) has waited."""
@@ -241,7 +264,7 @@ class Session:
             oldest = min(oldest, self._heartbeat_sent)
         return now - oldest
 
-    def _send_heartbeat(self, now: float) -> None:
+    def _send_heartbeat(self, now: float, drain: Drain) -> None:
         """A STATS of all pools: its reply proves tmemd alive (and may carry DRAIN)."""
         negotiated = self.negotiated
         if self._heartbeat_id or negotiated is None or abi.Feature.STATS not in negotiated.features:
@@ -255,7 +278,7 @@ class Session:
                 self._heartbeat, 0, opcode=Op.STATS, flags=0, request_id=self._heartbeat_id, status=0,
                 pool_id=abi.ALL_POOLS, oid=(0, 0, 0), index=0, payload_length=0,
             )
-            self.channel.send(memoryview(self._heartbeat))
+            self.channel.send(memoryview(self._heartbeat), drain)
         except ChannelDown as error:
             self._give_up(self.connections, f"heartbeat not sent: {error}")
         finally:
@@ -351,7 +374,7 @@ class Session:
             pool_id=pool_id, oid=(0, 0, 0), index=0, payload_length=len(payload),
         )
         with self._send_lock:
-            self.channel.send(memoryview(header + payload))
+            self.channel.send(memoryview(header + payload), self._discarding(decoder, receive))
         deadline = time.monotonic() + self.handshake_timeout
         while True:
             frame = decoder.next_frame()
@@ -509,3 +532,7 @@ class Session:
         reply = self._call(Op.STATS, pool, (0, 0, 0), 0)
         records = abi.decode_pool_stats(reply.payload) if reply.status == Status.OK else []
         return records[0] if records else None
+
+
+def _ignore(frame: Frame) -> None:
+    pass

@@ -5,6 +5,9 @@ of this is tests/agent/test_fault_injection.py)."""
 from __future__ import annotations
 
 import os
+import threading
+import time
+import tty
 from pathlib import Path
 
 import pytest
@@ -125,3 +128,113 @@ def test_a_torn_frame_is_dropped_when_the_port_is_replaced(tmp_path: Path) -> No
     finally:
         channel.disconnect()
         os.close(first)
+
+
+# -- a host that writes before it reads ----------------------------------------------
+#
+# tmemd stops reading a guest whose replies it cannot send, and those replies only
+# move when the agent reads: an agent that only writes waits for ever (the SIGSTOP
+# flake of tests/agent/test_guest_reliability.py). A pty in raw mode stands in for
+# the port: bounded buffers both ways, a full-duplex stream.
+
+HOST_BYTES = 1 << 20  # far beyond what a pty buffers either way
+
+
+class WritesFirstHost:
+    """The far end of a pty: writes HOST_BYTES, then reads ``expected`` bytes."""
+
+    def __init__(self, master: int, expected: int) -> None:
+        self.master = master
+        self.expected = expected
+        self.received = bytearray()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        view = memoryview(bytes(range(256)) * (HOST_BYTES // 256))
+        while view:
+            view = view[os.write(self.master, view[:65536]):]
+        while len(self.received) < self.expected:
+            chunk = os.read(self.master, 65536)
+            if not chunk:
+                return
+            self.received += chunk
+
+
+def raw_pty_channel(send_timeout: float) -> tuple[int, int, VirtioPortChannel]:
+    master, slave = os.openpty()
+    tty.setraw(slave)
+    channel = VirtioPortChannel(path=Path(os.ttyname(slave)), send_timeout=send_timeout)
+    assert channel.connect()
+    return master, slave, channel
+
+
+def test_a_send_reads_what_arrives_meanwhile() -> None:
+    request = os.urandom(HOST_BYTES)
+    master, slave, channel = raw_pty_channel(send_timeout=20.0)
+    drained = bytearray()
+    buffer = memoryview(bytearray(1 << 16))
+
+    def drain() -> None:
+        drained.extend(buffer[:channel.recv_into(buffer)])
+
+    try:
+        host = WritesFirstHost(master, len(request))
+        channel.send(memoryview(request), drain)
+        host.thread.join(20)
+        assert bytes(host.received) == request
+        while len(drained) < HOST_BYTES and channel.wait_readable(1.0):
+            drain()
+        assert bytes(drained) == bytes(range(256)) * (HOST_BYTES // 256)
+    finally:
+        channel.disconnect()
+        os.close(slave)
+        os.close(master)
+
+
+def test_without_reading_the_same_send_gives_up() -> None:
+    """The failure the drain prevents: both ends wait for each other."""
+    master, slave, channel = raw_pty_channel(send_timeout=1.0)
+    try:
+        host = WritesFirstHost(master, HOST_BYTES)
+        with pytest.raises(ChannelDown):
+            channel.send(memoryview(os.urandom(HOST_BYTES)))
+        assert host.thread.is_alive()  # still writing: nobody reads
+    finally:
+        channel.disconnect()
+        os.close(slave)
+        os.close(master)  # ends the host's write
+
+
+def test_a_disconnect_reads_while_another_threads_send_is_held_up() -> None:
+    """The reader gives a session up while a caller's send is blocked: it must read
+    while it waits for that send, or neither ever ends."""
+    request = os.urandom(HOST_BYTES)
+    master, slave, channel = raw_pty_channel(send_timeout=20.0)
+    buffer = memoryview(bytearray(1 << 16))
+    outcome: list[BaseException | None] = []
+
+    def caller() -> None:
+        try:
+            channel.send(memoryview(request))
+            outcome.append(None)
+        except BaseException as error:  # noqa: BLE001 - reported by the assertion below
+            outcome.append(error)
+
+    try:
+        host = WritesFirstHost(master, len(request))
+        sender = threading.Thread(target=caller)
+        sender.start()
+        time.sleep(0.2)  # the caller holds the channel now, blocked
+        def drain() -> None:
+            channel.recv_into(buffer)
+
+        channel.disconnect(drain)
+        sender.join(20)
+        host.thread.join(20)
+        assert outcome == [None]
+        assert bytes(host.received) == request
+    finally:
+        channel.disconnect()
+        os.close(slave)
+        os.close(master)

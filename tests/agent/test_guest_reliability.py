@@ -22,7 +22,7 @@ from .conftest import GUEST_NAME, agent_log, agent_stats, run_in_cgroup, start_a
 from .test_guest_swap import FILL_WAIT_VERIFY, WORKLOAD_CGROUP_MAX, WORKLOAD_MIB, WORKLOAD_TIMEOUT_S
 from tmem_host.ctl.main import guest_persistent_pages
 from tmem_host.daemon.process import TmemdProcess
-from tmem_host.vm.launcher import CommandResult, Guest
+from tmem_host.vm.launcher import CommandResult, Guest, SshTimeoutError
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow]
 
@@ -42,13 +42,28 @@ def wait_for_swap_stats(guest: Guest, condition: Callable[[dict[str, Any]], bool
     """Poll the agent's swap stats until `condition` holds for them; return them."""
     deadline = time.monotonic() + timeout
     while True:
-        swap: dict[str, Any] = agent_stats(guest)["swap"]
+        try:
+            swap: dict[str, Any] = agent_stats(guest)["swap"]
+        except SshTimeoutError as error:
+            raise AssertionError(f"the guest stopped answering: {error}\n"
+                                 f"{stuck_guest_report(guest)}") from None
         if condition(swap):
             return swap
         if time.monotonic() > deadline:
             raise AssertionError(f"agent stats never satisfied the condition: {json.dumps(swap)}\n"
-                                 f"agent log:\n{agent_log(guest)}")
+                                 f"{stuck_guest_report(guest)}")
         time.sleep(0.5)
+
+
+def stuck_guest_report(guest: Guest) -> str:
+    """What a guest that stopped making progress is blocked on: the kernel's blocked
+    tasks with their stacks (SysRq-W on the console, which works when SSH does not),
+    then the agent's log if SSH still answers."""
+    report = f"blocked tasks (SysRq-W):\n{guest.sysrq('w')}"
+    try:
+        return f"{report}\nagent log:\n{agent_log(guest)}"
+    except Exception as error:  # noqa: BLE001 - a stuck guest: say so, keep the dump
+        return f"{report}\nagent log: unreadable ({error})"
 
 
 def in_background(guest: Guest, command: str) -> tuple[threading.Thread, dict[str, CommandResult]]:
