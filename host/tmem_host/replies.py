@@ -291,6 +291,7 @@ class RemoteGuestStats(TypedDict):
     ephemeral_demoted: int  # evicted ephemeral pages sent to the cluster, not dropped
     ephemeral_missing: int  # ephemeral pages the cluster no longer had (TTL, eviction): misses
     ephemeral_shed: int  # ephemeral pages dropped from the cluster for persistent ones
+    prefetched: int  # pages read around the wanted ones (same hash tag, same round trip)
     demotions_refused: int
     rtt_us_histogram: dict[str, int]  # its round trips, by upper bound in microseconds
 
@@ -306,6 +307,7 @@ class RemoteStats(TypedDict):
     budget_bytes: int | None
     total_bytes: int
     inflight_bytes: int
+    prefetch_cache_bytes: int  # copies read around wanted pages, kept for the next gets
     round_trips: int
     connection_errors: int
     redirections: int

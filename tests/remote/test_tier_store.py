@@ -16,6 +16,7 @@ from tmem_host.journal.journaled import JournaledStore, journal_path
 from tmem_host.remote.cluster import LocalCluster
 from tmem_host.remote.tier import RemoteSettings, RemoteTier
 from tmem_host.store import Client
+from tmem_host.store.tier import RemotePage
 from tmem_wire.abi import Key, Status
 from tmem_wire.frontswap import frontswap_keys
 
@@ -192,6 +193,86 @@ def test_remote_limits_are_caps_and_weighted_shares_of_the_remote_budget(
                 assert accepted == client.remote_pages < 128
                 figures = tier.guest_stats(client.name)
                 assert figures is not None and figures["refused_quota"] == 128 - accepted
+        finally:
+            await tier.aclose()
+            redis_cluster.flushall()
+
+    run(scenario)
+
+
+def test_a_read_fetches_its_hash_tag_and_the_neighbours_need_no_round_trip(
+        tmp_path: Path, redis_cluster: LocalCluster) -> None:
+    """Read-around: one swap-in reads its 64-slot group in the same MGET; the
+    swap-ins of its neighbours then cost nothing, a rewritten neighbour reads its
+    new data, and the kept copies stay within prefetch_bytes."""
+    async def scenario() -> None:
+        store, tier = host(tmp_path, redis_cluster, 1 << 20, demote_above=10.0, local_fraction=0.0)
+        await tier.start()
+        store.attach_tier(tier, tier.settings.local_fraction)
+        try:
+            client = store.add_client("g1")
+            tier.register(client, uuid.uuid4(), None)
+            _, pool_id, _ = store.new_pool(client, True)
+            pages = [os.urandom(PAGE) for _ in range(128)]
+            keys = frontswap_keys(0, range(128))
+            assert store.put_many(client, pool_id, keys, pages) == [Status.OK] * 128
+            await settle(store)
+            assert client.remote_pages == 128
+            before = tier.counters["round_trips"]
+            statuses, found = await get_all(store, client, pool_id, [keys[5]])
+            assert statuses == [Status.OK] and found == [pages[5]]
+            assert tier.counters["round_trips"] - before == 1
+            # Its group (slots 0-63) came with it; the rewritten slot 6 does not use it.
+            new = os.urandom(PAGE)
+            assert store.put(client, pool_id, *keys[6], new) == Status.OK
+            await settle(store)
+            before = tier.counters["round_trips"]
+            for slot in [*range(0, 5), *range(7, 64)]:
+                statuses, found = await get_all(store, client, pool_id, [keys[slot]])
+                assert statuses == [Status.OK] and found == [pages[slot]], slot
+            assert tier.counters["round_trips"] == before
+            statuses, found = await get_all(store, client, pool_id, [keys[6]])
+            assert found == [new]
+            figures = tier.guest_stats("g1")
+            assert figures is not None and figures["prefetched"] >= 62
+            # The next group was not read: its first get is a round trip.
+            before = tier.counters["round_trips"]
+            statuses, found = await get_all(store, client, pool_id, [keys[64]])
+            assert found == [pages[64]] and tier.counters["round_trips"] - before == 1
+            assert tier.stats()["prefetch_cache_bytes"] <= tier.settings.prefetch_bytes
+        finally:
+            await tier.aclose()
+            redis_cluster.flushall()
+
+    run(scenario)
+
+
+def test_the_prefetch_cache_keeps_at_most_its_bytes(tmp_path: Path, redis_cluster: LocalCluster) -> None:
+    async def scenario() -> None:
+        store = JournaledStore(1 << 20, state_dir=tmp_path)
+        tier = RemoteTier(RemoteSettings(seeds=tuple(redis_cluster.seeds), demote_above=10.0,
+                                         local_fraction=0.0, prefetch_bytes=10 * (PAGE + 64)), store)
+        await tier.start()
+        store.attach_tier(tier, tier.settings.local_fraction)
+        try:
+            client = store.add_client("g1")
+            tier.register(client, uuid.uuid4(), None)
+            _, pool_id, _ = store.new_pool(client, True)
+            pages = [os.urandom(PAGE) for _ in range(64)]
+            keys = frontswap_keys(0, range(64))
+            assert store.put_many(client, pool_id, keys, pages) == [Status.OK] * 64
+            await settle(store)
+            await get_all(store, client, pool_id, [keys[0]])
+            await asyncio.sleep(0)  # the copies are sorted one loop pass after the batch
+            pool = client.pools[pool_id]
+            assert pool is not None
+            kept = [value for obj in pool.objects.values() for value in obj.values()
+                    if isinstance(value, RemotePage) and value.fetched is not None]
+            assert 0 < len(kept) <= 10
+            assert tier.stats()["prefetch_cache_bytes"] == sum(page.nbytes for page in kept)
+            # Every page still reads back exactly, kept or not.
+            statuses, found = await get_all(store, client, pool_id, keys)
+            assert statuses == [Status.OK] * 64 and found == pages
         finally:
             await tier.aclose()
             redis_cluster.flushall()

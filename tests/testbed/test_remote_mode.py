@@ -122,7 +122,7 @@ def remote_figures(gets: int, remote_pages: int) -> RemoteGuestStats:
             "puts": 40000, "demoted": 25000,
             "gets": gets, "get_missing": 0, "get_errors": 0, "get_unreachable": 0, "stranded": 0,
             "refused_quota": 0, "refused_unreachable": 0, "refused_inflight": 0, "refused_full": 0,
-            "ephemeral_demoted": 0, "ephemeral_missing": 0, "ephemeral_shed": 0, "demotions_refused": 0,
+            "ephemeral_demoted": 0, "ephemeral_missing": 0, "ephemeral_shed": 0, "prefetched": 0, "demotions_refused": 0,
             "rtt_us_histogram": histogram}
 
 

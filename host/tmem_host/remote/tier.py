@@ -35,7 +35,7 @@ import hashlib
 import logging
 import struct
 import time
-from collections import Counter, defaultdict
+from collections import Counter, OrderedDict, defaultdict
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -111,6 +111,10 @@ class RemoteSettings:
     inflight_bytes: int = DEFAULT_INFLIGHT_BYTES
     #: Pages per demotion batch.
     demote_batch: int = 256
+    #: Read-around: a read also fetches the other remote pages of its hash tag (the
+    #: same MGET: no extra round trip) and keeps up to this many bytes of such
+    #: copies for the gets that follow (swap-ins of neighbouring slots); 0: off.
+    prefetch_bytes: int = 16 << 20
     #: TTL of demoted ephemeral pages' keys: a volatile-* policy may evict them,
     #: and copies a crash orphaned expire.
     ephemeral_ttl_s: float = 3600.0
@@ -165,6 +169,8 @@ class _Read:
     pool: Pool
     page: RemotePage
     key: bytes
+    # Read around a wanted page, not asked for (kept in the prefetch cache).
+    prefetch: bool = False
 
 
 def page_key(guest: GuestRemote, pool_id: int, oid: Oid, index: int, version: int) -> bytes:
@@ -245,6 +251,11 @@ class RemoteTier:
         # the copies read back are forgotten, one loop pass later).
         self._reads_done: asyncio.Future[None] | None = None
         self._inflight_bytes = 0
+        # Copies read around wanted pages, oldest first, and their bytes: each keeps
+        # its page.fetched set until it leaves (a RemotePage is one version: a
+        # copy can never be stale, a put or flush replaces the page itself).
+        self._prefetched: OrderedDict[RemotePage, None] = OrderedDict()
+        self._prefetched_bytes = 0
         # Until then (monotonic) a master said OOM: new pages are refused.
         self._full_until = 0.0
         # Completes when the outbox's batch is written (or its pages back in memory).
@@ -401,6 +412,9 @@ class RemoteTier:
     def release(self, pool: Pool, oid: Oid, index: int, page: RemotePage, *, keep: bool) -> None:
         guest = self._guests.get(pool.owner.name)
         self.total_bytes -= page.nbytes
+        if page in self._prefetched:
+            del self._prefetched[page]
+            self._prefetched_bytes -= page.nbytes
         if guest is None or keep:
             return
         # A write still in flight is deleted once it lands (see _complete_write).
@@ -422,10 +436,51 @@ class RemoteTier:
         for oid, index, page in pages:
             self._reads.append(_Read(guest, pool, page,
                                      page_key(guest, pool_id, oid, index, page.version)))
+        if self.settings.prefetch_bytes:
+            self._read_around(guest, pool, pool_id, pages)
         if self._reads_done is None:
             self._reads_done = asyncio.get_running_loop().create_future()
         self._schedule_flush()
         return self._reads_done
+
+    def _read_around(self, guest: GuestRemote, pool: Pool, pool_id: int,
+                     pages: list[tuple[Oid, int, RemotePage]]) -> None:
+        """Queue the other remote pages of the wanted pages' hash tags (see page_key:
+        oids differing in their low 4 bits, indexes in their low 2) as prefetches."""
+        queued = {id(page) for _, _, page in pages}
+        objects = pool.objects
+        for high, oid1, oid2, group in {(oid[0] >> 4, oid[1], oid[2], index >> 2)
+                                        for oid, index, _ in pages}:
+            for low in range(16):
+                oid = ((high << 4) | low, oid1, oid2)
+                obj = objects.get(oid)
+                if obj is None:
+                    continue
+                for index in range(group << 2, (group << 2) + 4):
+                    value = obj.get(index)
+                    if (type(value) is RemotePage and value.pending is None
+                            and value.fetched is None and id(value) not in queued):
+                        queued.add(id(value))
+                        self._reads.append(_Read(
+                            guest, pool, value, page_key(guest, pool_id, oid, index, value.version),
+                            prefetch=True))
+
+    def _forget_fetched(self, reads: Sequence[_Read]) -> None:
+        """After the gets of the loop pass that read them: wanted copies go, read-around
+        ones stay in the prefetch cache (the oldest leave beyond its bytes)."""
+        for read in reads:
+            if not read.prefetch:
+                read.page.fetched = None
+        cache = self._prefetched
+        for read in reads:
+            page = read.page
+            if read.prefetch and page.fetched is not None and page not in cache:
+                cache[page] = None
+                self._prefetched_bytes += page.nbytes
+        while self._prefetched_bytes > self.settings.prefetch_bytes and cache:
+            old, _ = cache.popitem(last=False)
+            old.fetched = None
+            self._prefetched_bytes -= old.nbytes
 
     def barrier(self) -> asyncio.Future[None] | None:
         waits = list(self._batches_in_flight)
@@ -491,7 +546,7 @@ class RemoteTier:
             if reads_done is not None and not reads_done.done():
                 reads_done.set_result(None)
             # The copies read back serve the gets of this loop pass, then go.
-            asyncio.get_running_loop().call_soon(_forget_fetched, reads)
+            asyncio.get_running_loop().call_soon(self._forget_fetched, reads)
             if written is not None:
                 self._batches_in_flight.discard(written)
                 if not written.done():
@@ -563,10 +618,16 @@ class RemoteTier:
         for read in reads:
             counters = read.guest.counters
             if read.key in unread:
-                counters["get_unreachable"] += 1
+                counters["get_unreachable"] += not read.prefetch
                 continue
             value = by_key.get(read.key)
             stored = decode_value(read.key, read.page.version, value)
+            if read.prefetch:
+                # Not asked for: a failure is counted when a get asks (and fails) itself.
+                if stored is not None:
+                    counters["prefetched"] += 1
+                    read.page.fetched = stored
+                continue
             if stored is None:
                 # An ephemeral page's key may expire or be evicted: a plain miss.
                 counters["get_errors" if value is not None else
@@ -888,6 +949,7 @@ class RemoteTier:
             "ephemeral_demoted": counters["ephemeral_demoted"],
             "ephemeral_missing": counters["ephemeral_missing"],
             "ephemeral_shed": counters["ephemeral_shed"],
+            "prefetched": counters["prefetched"],
             "demotions_refused": counters["demotions_refused"],
             "rtt_us_histogram": {label: guest.rtt_us[label] for label in RTT_LABELS},
         }
@@ -905,6 +967,7 @@ class RemoteTier:
             "budget_bytes": self.settings.budget_bytes,
             "total_bytes": self.total_bytes,
             "inflight_bytes": self._inflight_bytes,
+            "prefetch_cache_bytes": self._prefetched_bytes,
             "round_trips": counters["round_trips"],
             "connection_errors": counters["connection_errors"],
             "redirections": counters["redirections"],
@@ -919,11 +982,6 @@ class RemoteTier:
 
 
 RTT_LABELS: Final = tuple(f"<={bound}" for bound in RTT_BUCKETS_US) + (f">{RTT_BUCKETS_US[-1]}",)
-
-
-def _forget_fetched(reads: Sequence[_Read]) -> None:
-    for read in reads:
-        read.page.fetched = None
 
 
 def _config_value(reply: object, name: str) -> str:
