@@ -307,7 +307,7 @@ class RemoteStats(TypedDict):
     budget_bytes: int | None
     total_bytes: int
     inflight_bytes: int
-    prefetch_cache_bytes: int  # copies read around wanted pages, kept for the next gets
+    read_cache_bytes: int  # copies of remote pages kept for the next gets (read, read around, written)
     round_trips: int
     connection_errors: int
     redirections: int

@@ -222,6 +222,7 @@ def test_an_ephemeral_page_the_cluster_lost_is_a_miss(
             await fill(store, client, pool_id, pages)
             remote = len(client.remote_ephemeral)
             redis_cluster.flushall()  # as an expiry or the cluster's eviction would
+            tier.forget_copies()  # and no copy of the writes is left in memory
             statuses, found = await get_all(store, client, pool_id, ephemeral_keys(PAGES))
             assert hits(statuses, found, pages) == PAGES - remote
             figures = tier.guest_stats("g")

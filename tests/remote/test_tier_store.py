@@ -14,6 +14,7 @@ from pathlib import Path
 from tmem_host.journal import codec
 from tmem_host.journal.journaled import JournaledStore, journal_path
 from tmem_host.remote.cluster import LocalCluster
+from tmem_host.remote import tier as tier_module
 from tmem_host.remote.tier import RemoteSettings, RemoteTier
 from tmem_host.store import Client
 from tmem_host.store.tier import RemotePage
@@ -66,8 +67,9 @@ def test_a_64_page_batch_that_goes_remote_is_one_round_trip(tmp_path: Path,
                 before = tier.counters["round_trips"]
                 assert store.put_many(client, pool_id, keys, pages[first:first + 64]) == [Status.OK] * 64
                 await settle(store)
-                # Aligned, the 64 slots share one hash tag: one MSET on one master.
-                assert tier.counters["round_trips"] - before == expected
+                # Aligned, the 64 slots share one hash tag: one MSET on one master;
+                # unaligned, two tags, on one or two masters.
+                assert 1 <= tier.counters["round_trips"] - before <= expected
             assert client.remote_pages == 160 and client.pages == 160
             keys = frontswap_keys(0, range(0, 160))
             before = tier.counters["round_trips"]
@@ -203,8 +205,8 @@ def test_remote_limits_are_caps_and_weighted_shares_of_the_remote_budget(
 def test_a_read_fetches_its_hash_tag_and_the_neighbours_need_no_round_trip(
         tmp_path: Path, redis_cluster: LocalCluster) -> None:
     """Read-around: one swap-in reads its 64-slot group in the same MGET; the
-    swap-ins of its neighbours then cost nothing, a rewritten neighbour reads its
-    new data, and the kept copies stay within prefetch_bytes."""
+    swap-ins of its neighbours then cost nothing, and a rewritten neighbour reads
+    its new data."""
     async def scenario() -> None:
         store, tier = host(tmp_path, redis_cluster, 1 << 20, demote_above=10.0, local_fraction=0.0)
         await tier.start()
@@ -218,6 +220,7 @@ def test_a_read_fetches_its_hash_tag_and_the_neighbours_need_no_round_trip(
             assert store.put_many(client, pool_id, keys, pages) == [Status.OK] * 128
             await settle(store)
             assert client.remote_pages == 128
+            tier.forget_copies()  # those of the writes: the gets below read the cluster
             before = tier.counters["round_trips"]
             statuses, found = await get_all(store, client, pool_id, [keys[5]])
             assert statuses == [Status.OK] and found == [pages[5]]
@@ -227,6 +230,7 @@ def test_a_read_fetches_its_hash_tag_and_the_neighbours_need_no_round_trip(
             assert store.put(client, pool_id, *keys[6], new) == Status.OK
             await settle(store)
             before = tier.counters["round_trips"]
+            assert tier.stats()["read_cache_bytes"] > 60 * PAGE
             for slot in [*range(0, 5), *range(7, 64)]:
                 statuses, found = await get_all(store, client, pool_id, [keys[slot]])
                 assert statuses == [Status.OK] and found == [pages[slot]], slot
@@ -239,7 +243,6 @@ def test_a_read_fetches_its_hash_tag_and_the_neighbours_need_no_round_trip(
             before = tier.counters["round_trips"]
             statuses, found = await get_all(store, client, pool_id, [keys[64]])
             assert found == [pages[64]] and tier.counters["round_trips"] - before == 1
-            assert tier.stats()["prefetch_cache_bytes"] <= tier.settings.prefetch_bytes
         finally:
             await tier.aclose()
             redis_cluster.flushall()
@@ -247,32 +250,51 @@ def test_a_read_fetches_its_hash_tag_and_the_neighbours_need_no_round_trip(
     run(scenario)
 
 
-def test_the_prefetch_cache_keeps_at_most_its_bytes(tmp_path: Path, redis_cluster: LocalCluster) -> None:
+def test_the_read_cache_keeps_its_bytes_but_never_a_copy_a_get_may_wait_for(
+        tmp_path: Path, redis_cluster: LocalCluster) -> None:
+    """Copies (written, read back, read around) stay at least CACHE_GRACE_S, however
+    big the batch; beyond that the oldest leave down to read_cache_bytes. A page
+    written while a get of it and of another, remote, page waits is found."""
     async def scenario() -> None:
         store = JournaledStore(1 << 20, state_dir=tmp_path)
         tier = RemoteTier(RemoteSettings(seeds=tuple(redis_cluster.seeds), demote_above=10.0,
-                                         local_fraction=0.0, prefetch_bytes=10 * (PAGE + 64)), store)
+                                         local_fraction=0.0, read_cache_bytes=10 * (PAGE + 64)), store)
         await tier.start()
         store.attach_tier(tier, tier.settings.local_fraction)
         try:
             client = store.add_client("g1")
             tier.register(client, uuid.uuid4(), None)
             _, pool_id, _ = store.new_pool(client, True)
-            pages = [os.urandom(PAGE) for _ in range(64)]
-            keys = frontswap_keys(0, range(64))
-            assert store.put_many(client, pool_id, keys, pages) == [Status.OK] * 64
-            await settle(store)
-            await get_all(store, client, pool_id, [keys[0]])
-            await asyncio.sleep(0)  # the copies are sorted one loop pass after the batch
             pool = client.pools[pool_id]
             assert pool is not None
-            kept = [value for obj in pool.objects.values() for value in obj.values()
-                    if isinstance(value, RemotePage) and value.fetched is not None]
-            assert 0 < len(kept) <= 10
-            assert tier.stats()["prefetch_cache_bytes"] == sum(page.nbytes for page in kept)
+            pages = [os.urandom(PAGE) for _ in range(128)]
+            keys = frontswap_keys(0, range(128))
+
+            def copies() -> list[RemotePage]:
+                assert pool is not None
+                return [value for obj in pool.objects.values() for value in obj.values()
+                        if isinstance(value, RemotePage) and value.fetched is not None]
+
+            assert store.put_many(client, pool_id, keys[:64], pages[:64]) == [Status.OK] * 64
+            await settle(store)
+            assert len(copies()) == 64  # just written: kept, 64 pages beyond the 10 allowed
+            await asyncio.sleep(tier_module.CACHE_GRACE_S + 0.1)
+            # A put whose write is in flight, got with a remote page in one batch.
+            tier.forget_copies()
+            assert store.put(client, pool_id, *keys[65], pages[65]) == Status.OK
+            statuses, found = await get_all(store, client, pool_id, [keys[65], keys[10]])
+            assert statuses == [Status.OK, Status.OK] and found == [pages[65], pages[10]]
+            await settle(store)
+            assert len(copies()) == 65  # group 0, read around, and the page written
+            # Older than the grace, the oldest leave when the next batch comes.
+            await asyncio.sleep(tier_module.CACHE_GRACE_S + 0.1)
+            assert store.put(client, pool_id, *keys[66], pages[66]) == Status.OK
+            await settle(store)
+            assert tier.stats()["read_cache_bytes"] == sum(page.nbytes for page in copies())
+            assert tier.stats()["read_cache_bytes"] <= tier.settings.read_cache_bytes
             # Every page still reads back exactly, kept or not.
-            statuses, found = await get_all(store, client, pool_id, keys)
-            assert statuses == [Status.OK] * 64 and found == pages
+            statuses, found = await get_all(store, client, pool_id, [*keys[:64], keys[65]])
+            assert statuses == [Status.OK] * 65 and found == [*pages[:64], pages[65]]
         finally:
             await tier.aclose()
             redis_cluster.flushall()

@@ -319,7 +319,8 @@ class MemoryTier:
         self.copies.pop(page.version, None)
         page.pending = page.fetched = None
 
-    def fetch(self, pool: Pool, pages: list[tuple[Oid, int, RemotePage]]) -> asyncio.Future[None]:
+    def fetch(self, pool: Pool, pages: list[tuple[Oid, int, RemotePage]],
+              held: list[RemotePage]) -> asyncio.Future[None]:
         for _, _, page in pages:
             page.fetched = self.copies.get(page.version)
         done: asyncio.Future[None] = self.loop.create_future()

@@ -85,6 +85,9 @@ _RETRIED: Final = (*_REDIRECTIONS, TryAgainError, ClusterDownError, MasterDownEr
 # A master out of memory (OOM: maxmemory with noeviction) fails writes at once,
 # not retried, and new pages are refused for FULL_BACKOFF_S (they go to the disk).
 FULL_BACKOFF_S: Final = 1.0
+# A copy read back (or written) for a get stays at least this long, whatever the
+# read cache's size: the get runs once the event loop gets to it after the batch.
+CACHE_GRACE_S: Final = 1.0
 
 
 class RemoteError(Exception):
@@ -111,10 +114,14 @@ class RemoteSettings:
     inflight_bytes: int = DEFAULT_INFLIGHT_BYTES
     #: Pages per demotion batch.
     demote_batch: int = 256
+    #: Copies of remote pages kept in memory (RemotePage.fetched) for the gets that
+    #: follow: those read back, those read around them, those just written. The
+    #: oldest go beyond this, but none younger than CACHE_GRACE_S (the get that
+    #: waited for it may not have run yet); 0: only those.
+    read_cache_bytes: int = 16 << 20
     #: Read-around: a read also fetches the other remote pages of its hash tag (the
-    #: same MGET: no extra round trip) and keeps up to this many bytes of such
-    #: copies for the gets that follow (swap-ins of neighbouring slots); 0: off.
-    prefetch_bytes: int = 16 << 20
+    #: same MGET: no extra round trip), for the swap-ins of neighbouring slots.
+    read_around: bool = True
     #: TTL of demoted ephemeral pages' keys: a volatile-* policy may evict them,
     #: and copies a crash orphaned expire.
     ephemeral_ttl_s: float = 3600.0
@@ -251,11 +258,14 @@ class RemoteTier:
         # the copies read back are forgotten, one loop pass later).
         self._reads_done: asyncio.Future[None] | None = None
         self._inflight_bytes = 0
-        # Copies read around wanted pages, oldest first, and their bytes: each keeps
-        # its page.fetched set until it leaves (a RemotePage is one version: a
-        # copy can never be stale, a put or flush replaces the page itself).
-        self._prefetched: OrderedDict[RemotePage, None] = OrderedDict()
-        self._prefetched_bytes = 0
+        # The read cache (settings.read_cache_bytes), oldest first, and its bytes:
+        # each page keeps its .fetched copy while it is here (a RemotePage is one
+        # version: a copy is never stale, a put or flush replaces the page itself).
+        self._cached: OrderedDict[RemotePage, float] = OrderedDict()  # page -> when cached
+        # Pages with a copy that the gets waiting for the queued reads count on: cached
+        # afresh when the reads end (see fetch).
+        self._held: list[RemotePage] = []
+        self._cached_bytes = 0
         # Until then (monotonic) a master said OOM: new pages are refused.
         self._full_until = 0.0
         # Completes when the outbox's batch is written (or its pages back in memory).
@@ -412,9 +422,9 @@ class RemoteTier:
     def release(self, pool: Pool, oid: Oid, index: int, page: RemotePage, *, keep: bool) -> None:
         guest = self._guests.get(pool.owner.name)
         self.total_bytes -= page.nbytes
-        if page in self._prefetched:
-            del self._prefetched[page]
-            self._prefetched_bytes -= page.nbytes
+        if page in self._cached:
+            del self._cached[page]
+            self._cached_bytes -= page.nbytes
         if guest is None or keep:
             return
         # A write still in flight is deleted once it lands (see _complete_write).
@@ -424,7 +434,8 @@ class RemoteTier:
         page.pending = None
         page.fetched = None
 
-    def fetch(self, pool: Pool, pages: list[tuple[Oid, int, RemotePage]]) -> asyncio.Future[None]:
+    def fetch(self, pool: Pool, pages: list[tuple[Oid, int, RemotePage]],
+              held: list[RemotePage] | None = None) -> asyncio.Future[None]:
         guest = self._guests.get(pool.owner.name)
         if guest is None or not self.reachable or self._closed:
             if guest is not None:
@@ -436,7 +447,9 @@ class RemoteTier:
         for oid, index, page in pages:
             self._reads.append(_Read(guest, pool, page,
                                      page_key(guest, pool_id, oid, index, page.version)))
-        if self.settings.prefetch_bytes:
+        if held:
+            self._held.extend(held)
+        if self.settings.read_around:
             self._read_around(guest, pool, pool_id, pages)
         if self._reads_done is None:
             self._reads_done = asyncio.get_running_loop().create_future()
@@ -465,22 +478,36 @@ class RemoteTier:
                             guest, pool, value, page_key(guest, pool_id, oid, index, value.version),
                             prefetch=True))
 
-    def _forget_fetched(self, reads: Sequence[_Read]) -> None:
-        """After the gets of the loop pass that read them: wanted copies go, read-around
-        ones stay in the prefetch cache (the oldest leave beyond its bytes)."""
-        for read in reads:
-            if not read.prefetch:
-                read.page.fetched = None
-        cache = self._prefetched
-        for read in reads:
-            page = read.page
-            if read.prefetch and page.fetched is not None and page not in cache:
-                cache[page] = None
-                self._prefetched_bytes += page.nbytes
-        while self._prefetched_bytes > self.settings.prefetch_bytes and cache:
-            old, _ = cache.popitem(last=False)
+    def _cache(self, pages: Sequence[RemotePage]) -> None:
+        """Keep (or keep afresh) these pages' copies in the read cache; the oldest
+        leave beyond its bytes, if they have been there CACHE_GRACE_S."""
+        cache = self._cached
+        now = time.monotonic()
+        for page in pages:
+            if page.fetched is None:
+                continue
+            if page in cache:
+                cache.move_to_end(page)
+            else:
+                self._cached_bytes += page.nbytes
+            cache[page] = now
+        while self._cached_bytes > self.settings.read_cache_bytes and cache:
+            old, since = next(iter(cache.items()))
+            if now - since < CACHE_GRACE_S:
+                break
+            del cache[old]
             old.fetched = None
-            self._prefetched_bytes -= old.nbytes
+            self._cached_bytes -= old.nbytes
+
+    def forget_copies(self) -> int:
+        """Empty the read cache now, grace or not (the next gets read the cluster);
+        returns the bytes freed."""
+        freed = self._cached_bytes
+        for page in self._cached:
+            page.fetched = None
+        self._cached.clear()
+        self._cached_bytes = 0
+        return freed
 
     def barrier(self) -> asyncio.Future[None] | None:
         waits = list(self._batches_in_flight)
@@ -533,6 +560,7 @@ class RemoteTier:
         writes, self._outbox = self._outbox, []
         deletes, self._deletes = self._deletes, []
         reads, self._reads = self._reads, []
+        held, self._held = self._held, []
         reads_done, self._reads_done = self._reads_done, None
         written = self._outbox_done
         self._outbox_done = None
@@ -545,8 +573,7 @@ class RemoteTier:
         finally:
             if reads_done is not None and not reads_done.done():
                 reads_done.set_result(None)
-            # The copies read back serve the gets of this loop pass, then go.
-            asyncio.get_running_loop().call_soon(self._forget_fetched, reads)
+            self._cache([*held, *(read.page for read in reads)])
             if written is not None:
                 self._batches_in_flight.discard(written)
                 if not written.done():
@@ -580,6 +607,7 @@ class RemoteTier:
         for write in writes:
             self._inflight_bytes -= len(write.value)
             self._complete_write(write, write.key not in failed_keys)
+        self._cache([write.page for write in writes])
 
     def _complete_write(self, write: _Write, ok: bool) -> None:
         page, pool = write.page, write.pool
@@ -596,7 +624,8 @@ class RemoteTier:
             if page.pending is None:  # dropped while in flight
                 self._deletes.append(write.key)
                 self._schedule_flush()
-            page.pending = None
+            # Its copy stays readable (a get may wait on another fetch with it): cached.
+            page.fetched, page.pending = page.pending, None
             return
         # Acknowledged to the guest, never written: it stays in memory instead
         # (an ephemeral page is dropped).
@@ -967,7 +996,7 @@ class RemoteTier:
             "budget_bytes": self.settings.budget_bytes,
             "total_bytes": self.total_bytes,
             "inflight_bytes": self._inflight_bytes,
-            "prefetch_cache_bytes": self._prefetched_bytes,
+            "read_cache_bytes": self._cached_bytes,
             "round_trips": counters["round_trips"],
             "connection_errors": counters["connection_errors"],
             "redirections": counters["redirections"],

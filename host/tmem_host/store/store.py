@@ -467,13 +467,17 @@ class Store:
         if pool is None or not pool.remote_pages or self.tier is None:
             return None
         wanted: list[tuple[Oid, int, RemotePage]] = []
+        held: list[RemotePage] = []
         objects = pool.objects
         for oid, index in keys:
             obj = objects.get(oid)
             value = obj.get(index) if obj is not None else None
-            if type(value) is RemotePage and value.pending is None and value.fetched is None:
-                wanted.append((oid, index, value))
-        return self.tier.fetch(pool, wanted) if wanted else None
+            if type(value) is RemotePage:
+                if value.pending is None and value.fetched is None:
+                    wanted.append((oid, index, value))
+                else:
+                    held.append(value)
+        return self.tier.fetch(pool, wanted, held) if wanted else None
 
     # -- the tier's side: demotion, and writes that failed ------------------------
 
@@ -519,6 +523,9 @@ class Store:
             self._drop_page(pool, obj, oid, index)
             return None
         self._replace_with_local(pool, obj, oid, index, stored)
+        # Beyond the budget or a cap now: ephemeral pages give way, as to any put.
+        self._evict_to_cap(pool.owner)
+        self._evict_to_budget()
         return stored
 
     def _replace_with_local(self, pool: Pool, obj: dict[int, _PageValue], oid: Oid, index: int,
@@ -537,6 +544,9 @@ class Store:
         if budget_bytes < 0:
             raise ValueError("budget_bytes must be >= 0")
         self.budget_bytes = budget_bytes
+        self._evict_to_budget()
+
+    def _evict_to_budget(self) -> None:
         while self.used_bytes > self.budget_bytes:
             victim = self._pick_victim(None, 0)
             if victim is None:

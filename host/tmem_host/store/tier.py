@@ -58,9 +58,12 @@ class PageTier(Protocol):
         its copy in the tier (in the background). ``keep``: the guest left memory
         at a graceful stop and its journal still points at the copy: keep it."""
 
-    def fetch(self, pool: Pool, pages: list[tuple[Oid, int, RemotePage]]) -> asyncio.Future[None]:
+    def fetch(self, pool: Pool, pages: list[tuple[Oid, int, RemotePage]],
+              held: list[RemotePage]) -> asyncio.Future[None]:
         """Read these pages back (into ``page.fetched``); the future completes when
-        every read has ended, whether it found the page or not."""
+        every read has ended, whether it found the page or not. ``held``: pages of
+        the same gets whose copy is here already (written or read before): they
+        must still have it when the future's waiters run."""
 
     def barrier(self) -> asyncio.Future[None] | None:
         """A future that completes when every write taken so far has ended (the
