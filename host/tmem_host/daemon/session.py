@@ -23,20 +23,23 @@ Session rules (docs/CONTROL.md, "Reconnects and resync"):
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
 from tmem_wire.abi import (
-    ALL_POOLS, FLAG_REPLY, Feature, Flag, HEADER_SIZE, MAX_ERROR_TEXT, NEED_DATA, Buffer, Frame, FrameDecoder,
-    Hello, NewPool, Op, PoolFlag, ProtocolError, Status, decode_key_batch, decode_put_batch,
-    encode_batch_reply, encode_pool_grant, encode_pool_stats, negotiate, pack_header_into,
+    ALL_POOLS, BATCH_HEADER_SIZE, DESCRIPTOR_SIZE, FLAG_REPLY, Feature, Flag, HEADER_SIZE, MAX_ERROR_TEXT,
+    NEED_DATA, Buffer, Frame, FrameDecoder, Hello, NeedData, NewPool, Op, PoolFlag, ProtocolError, Status,
+    decode_key_batch, decode_put_batch, encode_batch_reply, encode_pool_grant, encode_pool_stats,
+    negotiate, pack_header_into,
 )
 
 from tmem_host.limits import Admission, ConnectionKind, ConnectionLimiter, ReplyFlow
 from tmem_host.replies import ConnectionStats
 from tmem_host.store import Store
+from tmem_host.waiting import all_done
 
 if TYPE_CHECKING:
     from tmem_host.daemon.runtime import GuestRuntime
@@ -62,6 +65,10 @@ _REPLY = int(FLAG_REPLY)
 _REPLY_DRAIN = int(FLAG_REPLY | Flag.DRAIN)
 # Requests whose pages the remote tier may first have to read back.
 _GETS = frozenset({Op.GET, Op.GET_BATCH})
+# Frames taken at once when a get waits for the remote tier: the get and those
+# already received behind it, whose fetches join its batch (the NBD export's
+# MAX_READS_PER_FETCH; a client keeps a few frames in flight, at most 128).
+MAX_FRAMES_PER_FETCH = 32
 
 
 class _Refusal(Exception):
@@ -119,9 +126,16 @@ class AbiSession(asyncio.BufferedProtocol):
         self.hellos = 0
         self.in_flight_max = 0
         self.reply_backlogs = 0
-        # A pass stopped on the store (the remote tier): the frame to serve first
-        # when it resumes, the replies built before it, and replies waiting to be sent.
-        self._resumed_frame: Frame | None = None
+        # A pass stopped on the store (the remote tier): the frames taken from the
+        # decoder to serve first, in order, when it resumes (a get that waits, those
+        # already received behind it; an undecodable one as its error), the replies
+        # built before them, and replies waiting to be sent.
+        self._resumed: collections.deque[Frame | ProtocolError] = collections.deque()
+        # The gets the pending fetch covers; in the pass right after it (ids of
+        # frames taken ahead) they are served as they are then (the tier forgets
+        # what it read after that pass).
+        self._fetching: list[Frame] = []
+        self._fetched: set[int] = set()
         self._carried: _Chunks = []
         self._carried_served = 0
         self._unsent = b""
@@ -159,6 +173,8 @@ class AbiSession(asyncio.BufferedProtocol):
             self._admission.release()
         self._flow.detach()
         self._transport = None
+        self._resumed.clear()
+        self._fetching = []
 
     # The guest is not reading its replies: stop reading its requests.
     def pause_writing(self) -> None:
@@ -185,7 +201,8 @@ class AbiSession(asyncio.BufferedProtocol):
     def _serve(self) -> None:
         """One pass: serve the decoder's frames until it needs data, the replies
         in flight reach their bound (then the rest wait, see ReplyFlow) or a get
-        must wait for the remote tier (then the pass resumes when it has read)."""
+        must wait for the remote tier (then the pass resumes when it has read; the
+        gets already received behind it join that fetch, see _fetch_behind)."""
         transport = self._transport
         if transport is None or self.guest is None or self._flow.suspended:
             return
@@ -196,24 +213,26 @@ class AbiSession(asyncio.BufferedProtocol):
         decoder = self._decoder
         handlers = self._handlers
         first = served = self._chunk_frames
-        backlog = False
+        backlog = refetch = False
         waiter: asyncio.Future[None] | None = None
+        taken_ahead = self._resumed
+        fetched = self._fetched  # empty but in the pass right after a fetch
         try:
             while True:
-                frame = self._resumed_frame
-                # A get resumed after its fetch is served as it is now: a page the
-                # tier could not read back misses, it is not fetched again.
-                resumed = frame is not None
-                if frame is not None:
-                    self._resumed_frame = None  # counted when it first came
+                # Frames taken ahead (counted, and checked against the requests in
+                # flight, when they came) first.
+                resumed = bool(taken_ahead)
+                if resumed:
+                    taken = taken_ahead.popleft()
+                    if isinstance(taken, ProtocolError):
+                        raise taken
+                    frame = taken
                 else:
-                    next_frame = decoder.next_frame()
+                    next_frame = _next_request(decoder)
                     if next_frame is NEED_DATA:
                         break
                     assert isinstance(next_frame, Frame)
                     frame = next_frame
-                    if frame.flags & _REPLY:
-                        raise ProtocolError(Status.PROTOCOL_ERROR, "the guest sent a reply frame")
                     served += 1  # every request served gets exactly one reply
                 opcode = frame.opcode
                 if opcode == Op.HELLO:
@@ -225,12 +244,25 @@ class AbiSession(asyncio.BufferedProtocol):
                             raise _Refusal(Status.PROTOCOL_ERROR, "HELLO first")
                         # Every frame of this chunk arrived before any of its replies
                         # left, so the guest had at least `served` requests in flight.
-                        if served > negotiated.max_in_flight:
+                        if served > negotiated.max_in_flight and not resumed:
                             raise _Refusal(Status.INVALID, f"more than {negotiated.max_in_flight}"
                                            " requests in flight")
-                        if (opcode in _GETS and not resumed
+                        # A get that joined the fetch just done is served as it is now:
+                        # a page the tier could not read back misses, it is not fetched
+                        # again. A get held over to a later pass fetches again if it must.
+                        if (opcode in _GETS and not (resumed and id(frame) in fetched)
                                 and (waiter := self._prefetch(frame)) is not None):
-                            self._resumed_frame = frame
+                            taken_ahead.appendleft(frame)
+                            if fetched:
+                                # Not in this pass: that fetch skipped the pages the
+                                # tier still holds from the last one, which it forgets
+                                # when this pass is over. The next pass (from the event
+                                # loop) asks again; its reads join what this one asked.
+                                waiter = None
+                                refetch = True
+                            else:
+                                served, waiter = self._fetch_behind(
+                                    waiter, served, negotiated.max_in_flight, room)
                             break
                         handlers[opcode](frame, out)
                     except _Refusal as refusal:
@@ -245,7 +277,9 @@ class AbiSession(asyncio.BufferedProtocol):
                     backlog = True
                     break
         except ProtocolError as error:
-            self._undecodable(transport, out, served - first, error)
+            # Frames a resumed pass carried count with this pass's.
+            carried, self._carried_served = self._carried_served, 0
+            self._undecodable(transport, out, served - first + carried, error)
             return
         self._chunk_frames = served
         if waiter is not None:
@@ -253,14 +287,86 @@ class AbiSession(asyncio.BufferedProtocol):
             self._carried = out
             self._carried_served += served - first
             self.store_waits += 1
-            self._flow.suspend(waiter, self._serve)
+            self._flow.suspend(waiter, self._serve_fetched)
             return
         carried, self._carried_served = self._carried_served, 0
         if self._write(transport, out, served - first + carried, served):
             return  # the replies wait for the store; the pass ends when they are sent
         if backlog:
             self.reply_backlogs += 1
-        self._flow.pass_done(backlog)
+        # A get left to fetch in the next pass: that pass comes as after a backlog
+        # (from the event loop, so after the tier forgot what it read).
+        self._flow.pass_done(backlog or refetch)
+
+    def _serve_fetched(self) -> None:
+        """The pass that resumes after a fetch: the gets it covered serve what it read."""
+        self._fetched = {id(frame) for frame in self._fetching}
+        self._fetching = []
+        try:
+            self._serve()
+        finally:
+            self._fetched = set()
+
+    def _fetch_behind(self, waiter: asyncio.Future[None], served: int, max_in_flight: int,
+                      room: int) -> tuple[int, asyncio.Future[None]]:
+        """The get first among the resumed frames waits for ``waiter``; the gets
+        already received behind it (taken before, then from the decoder) join its
+        fetch: the tier reads all that is asked in one loop pass as one pipeline per
+        master. They stay, in order, to be served in the pass that resumes, with the
+        first frame that is not a get (nothing but a read runs ahead of its turn).
+        Taking stops at MAX_FRAMES_PER_FETCH frames, at the requests in flight the
+        guest may have (the next one is refused in its turn), and before the replies
+        could pass the pass's ``room`` (a get left over fetches in its own turn).
+        Returns ``served`` with the frames taken from the decoder, and the future
+        for the whole fetch."""
+        resumed = self._resumed
+        first = resumed[0]
+        assert isinstance(first, Frame)
+        self._fetching = [first]
+        waiters = [waiter]
+        budget = room - self._out_bytes - self._reply_bound(first)
+        position = 1
+        while position < MAX_FRAMES_PER_FETCH and budget > 0:
+            if position < len(resumed):
+                following = resumed[position]
+            else:
+                if served >= max_in_flight:
+                    break
+                try:
+                    taken = _next_request(self._decoder)
+                except ProtocolError as error:  # raised in its turn, after the frames before it
+                    resumed.append(error)
+                    break
+                if taken is NEED_DATA:
+                    break
+                assert isinstance(taken, Frame)
+                following = taken
+                resumed.append(following)
+                served += 1  # counted as it comes, like every frame
+            position += 1
+            if not isinstance(following, Frame) or following.opcode not in _GETS:
+                break
+            budget -= self._reply_bound(following)
+            if budget <= 0:
+                break
+            if (joined := self._prefetch(following)) is not None:
+                waiters.append(joined)
+                self._fetching.append(following)
+        return served, all_done(waiters)
+
+    def _reply_bound(self, frame: Frame) -> int:
+        """The most bytes a GET's or GET_BATCH's reply takes (every page found, or
+        an error's reason)."""
+        assert self.guest is not None
+        page_shift = self.store.pool_page_shift(self.guest.client, frame.pool_id)
+        payload = MAX_ERROR_TEXT
+        if page_shift is not None:
+            if frame.opcode == Op.GET:
+                payload = max(payload, 1 << page_shift)
+            else:  # the decoder checked the key batch's length
+                count = (len(frame.payload) - BATCH_HEADER_SIZE) // DESCRIPTOR_SIZE
+                payload = max(payload, BATCH_HEADER_SIZE + count + 8 + (count << page_shift))
+        return HEADER_SIZE + payload
 
     def _prefetch(self, frame: Frame) -> asyncio.Future[None] | None:
         """Before a GET or GET_BATCH: a future if its pages must first be read back
@@ -492,6 +598,14 @@ class AbiSession(asyncio.BufferedProtocol):
             "store_waits": self.store_waits,
             "discarded_bytes": self._decoder.discarded,
         }
+
+
+def _next_request(decoder: FrameDecoder) -> Frame | NeedData:
+    """The decoder's next frame (ProtocolError if it is undecodable, or a reply)."""
+    frame = decoder.next_frame()
+    if isinstance(frame, Frame) and frame.flags & _REPLY:
+        raise ProtocolError(Status.PROTOCOL_ERROR, "the guest sent a reply frame")
+    return frame
 
 
 def _append_reply(out: _Chunks, request: Frame, status: Status, payload: Buffer = b"",
