@@ -23,13 +23,15 @@ from tmem_host.daemon.session import AbiSession
 from tmem_host.journal.journaled import JournaledStore
 from tmem_host.limits import REPLY_BYTES_IN_FLIGHT
 from tmem_host.remote.cluster import LocalCluster
-from tmem_host.remote.tier import RemoteSettings, RemoteTier
+from tmem_host.remote.tier import RemoteTier
 from tmem_host.store import Client
 from tmem_wire.abi import (
     ALL_POOLS, NEED_DATA, Frame, FrameDecoder, Hello, Key, Op, Status, decode_batch_reply,
     encode_frame, encode_key_batch,
 )
 from tmem_wire.frontswap import frontswap_keys
+
+from .test_tier_store import tiered
 
 if TYPE_CHECKING:
     from tmem_host.daemon.runtime import GuestRuntime
@@ -70,12 +72,8 @@ def with_remote_pages(tmp_path: Path, cluster: LocalCluster, count: int,
         asyncio.get_running_loop().set_exception_handler(lambda _loop, context: failures.append(context))
         # No room for data and no demotion: every page goes straight to the cluster.
         # No read-around: what a get fetches is what the session asked.
-        store = JournaledStore(8 << 20, state_dir=tmp_path)
-        tier = RemoteTier(RemoteSettings(seeds=tuple(cluster.seeds), demote_above=10.0,
-                                         local_fraction=0.0, read_around=False), store)
-        await tier.start()
-        store.attach_tier(tier, tier.settings.local_fraction)
-        try:
+        async with tiered(tmp_path, cluster, 8 << 20, demote_above=10.0, local_fraction=0.0,
+                          read_around=False) as (store, tier):
             client = store.add_client("g1")
             tier.register(client, uuid.uuid4(), None)
             _, pool_id, _ = store.new_pool(client, True)
@@ -90,9 +88,6 @@ def with_remote_pages(tmp_path: Path, cluster: LocalCluster, count: int,
             tier.forget_copies()  # those of the writes: gets read the cluster
             await scenario(host)
             await host.settle()
-        finally:
-            await tier.aclose()
-            cluster.flushall()
         assert failures == []
 
     asyncio.run(main())

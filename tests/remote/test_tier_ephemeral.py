@@ -18,7 +18,7 @@ from tmem_host.store import Client
 from tmem_host.store.tier import RemotePage
 from tmem_wire.abi import Key, Status
 
-from .test_tier_store import PAGE, get_all, host, run, settle
+from .test_tier_store import PAGE, get_all, run, settle, tiered
 
 # Ephemeral pages of 4 KiB random data through a 512 KiB budget: about 110 fit
 # (half of that for each of two guests).
@@ -28,14 +28,6 @@ PAGES = 200
 
 def ephemeral_keys(count: int) -> list[Key]:
     return [((7, 0, n >> 4), n & 15) for n in range(count)]
-
-
-async def started(tmp_path: Path, cluster: LocalCluster, budget: int = BUDGET,
-                  ) -> tuple[JournaledStore, RemoteTier]:
-    store, tier = host(tmp_path, cluster, budget)
-    await tier.start()
-    store.attach_tier(tier, tier.settings.local_fraction)
-    return store, tier
 
 
 def guest(store: JournaledStore, tier: RemoteTier, name: str, *, demote: bool = True,
@@ -55,6 +47,15 @@ async def fill(store: JournaledStore, client: Client, pool_id: int,
         await settle(store)
 
 
+async def filled_guest(store: JournaledStore, tier: RemoteTier) -> tuple[Client, int, list[bytes]]:
+    """A demoting guest "g" with an ephemeral pool of PAGES random pages put."""
+    client = guest(store, tier, "g")
+    _, pool_id, _ = store.new_pool(client, False)
+    pages = [os.urandom(PAGE) for _ in range(PAGES)]
+    await fill(store, client, pool_id, pages)
+    return client, pool_id, pages
+
+
 def hits(statuses: list[Status], found: list[bytes], pages: list[bytes]) -> int:
     """Pages that came back; every one exactly (a miss is allowed, wrong data never).
     ``found`` holds the hits' data in key order."""
@@ -66,8 +67,7 @@ def hits(statuses: list[Status], found: list[bytes], pages: list[bytes]) -> int:
 def test_evicted_ephemeral_pages_go_to_the_cluster_and_come_back(
         tmp_path: Path, redis_cluster: LocalCluster) -> None:
     async def scenario() -> None:
-        store, tier = await started(tmp_path, redis_cluster)
-        try:
+        async with tiered(tmp_path, redis_cluster, BUDGET) as (store, tier):
             demoting = guest(store, tier, "demoting")
             dropping = guest(store, tier, "dropping", demote=False)
             pages = [os.urandom(PAGE) for _ in range(PAGES)]
@@ -94,9 +94,6 @@ def test_evicted_ephemeral_pages_go_to_the_cluster_and_come_back(
             figures = tier.guest_stats("demoting")
             assert figures is not None and figures["ephemeral_demoted"] >= PAGES // 3
             assert figures["get_errors"] == figures["get_missing"] == 0
-        finally:
-            await tier.aclose()
-            redis_cluster.flushall()
 
     run(scenario)
 
@@ -104,8 +101,7 @@ def test_evicted_ephemeral_pages_go_to_the_cluster_and_come_back(
 def test_ephemeral_keys_expire_and_persistent_ones_do_not(
         tmp_path: Path, redis_cluster: LocalCluster) -> None:
     async def scenario() -> None:
-        store, tier = await started(tmp_path, redis_cluster)
-        try:
+        async with tiered(tmp_path, redis_cluster, BUDGET) as (store, tier):
             client = guest(store, tier, "g")
             _, ephemeral_id, _ = store.new_pool(client, False)
             _, persistent_id, _ = store.new_pool(client, True)
@@ -126,9 +122,6 @@ def test_ephemeral_keys_expire_and_persistent_ones_do_not(
             assert len(expiring) == len(client.remote_ephemeral)
             assert all(ttl <= tier.settings.ephemeral_ttl_s * 1000 for ttl in expiring)
             assert ttls.count(-1) == client.remote_pages - len(client.remote_ephemeral)
-        finally:
-            await tier.aclose()
-            redis_cluster.flushall()
 
     run(scenario)
 
@@ -136,12 +129,8 @@ def test_ephemeral_keys_expire_and_persistent_ones_do_not(
 def test_a_put_or_flush_after_a_demotion_never_reads_the_old_copy(
         tmp_path: Path, redis_cluster: LocalCluster) -> None:
     async def scenario() -> None:
-        store, tier = await started(tmp_path, redis_cluster)
-        try:
-            client = guest(store, tier, "g")
-            _, pool_id, _ = store.new_pool(client, False)
-            pages = [os.urandom(PAGE) for _ in range(PAGES)]
-            await fill(store, client, pool_id, pages)
+        async with tiered(tmp_path, redis_cluster, BUDGET) as (store, tier):
+            client, pool_id, pages = await filled_guest(store, tier)
             keys = ephemeral_keys(PAGES)
             pool = client.pools[pool_id]
             assert pool is not None
@@ -163,9 +152,6 @@ def test_a_put_or_flush_after_a_demotion_never_reads_the_old_copy(
             for key, status, data in zip(rewritten, statuses, found):
                 assert status == Status.MISS or data == new[key]
             assert statuses[10:] == [Status.MISS] * 10
-        finally:
-            await tier.aclose()
-            redis_cluster.flushall()
 
     run(scenario)
 
@@ -184,8 +170,7 @@ async def until_deleted(tier: RemoteTier, client: Client) -> None:
 def test_persistent_pages_push_ephemeral_ones_out_of_a_full_quota(
         tmp_path: Path, redis_cluster: LocalCluster) -> None:
     async def scenario() -> None:
-        store, tier = await started(tmp_path, redis_cluster)
-        try:
+        async with tiered(tmp_path, redis_cluster, BUDGET) as (store, tier):
             # Room in the cluster for about 60 pages, which ephemeral ones fill.
             client = guest(store, tier, "g", cap=60 * (PAGE + 64))
             _, ephemeral_id, _ = store.new_pool(client, False)
@@ -204,9 +189,6 @@ def test_persistent_pages_push_ephemeral_ones_out_of_a_full_quota(
             assert client.remote_bytes <= 60 * (PAGE + 64)
             got_statuses, got = await get_all(store, client, persistent_id, ephemeral_keys(120))
             assert got_statuses == [Status.OK] * 120 and got == persistent
-        finally:
-            await tier.aclose()
-            redis_cluster.flushall()
 
     run(scenario)
 
@@ -214,12 +196,8 @@ def test_persistent_pages_push_ephemeral_ones_out_of_a_full_quota(
 def test_an_ephemeral_page_the_cluster_lost_is_a_miss(
         tmp_path: Path, redis_cluster: LocalCluster) -> None:
     async def scenario() -> None:
-        store, tier = await started(tmp_path, redis_cluster)
-        try:
-            client = guest(store, tier, "g")
-            _, pool_id, _ = store.new_pool(client, False)
-            pages = [os.urandom(PAGE) for _ in range(PAGES)]
-            await fill(store, client, pool_id, pages)
+        async with tiered(tmp_path, redis_cluster, BUDGET) as (store, tier):
+            client, pool_id, pages = await filled_guest(store, tier)
             remote = len(client.remote_ephemeral)
             redis_cluster.flushall()  # as an expiry or the cluster's eviction would
             tier.forget_copies()  # and no copy of the writes is left in memory
@@ -228,9 +206,6 @@ def test_an_ephemeral_page_the_cluster_lost_is_a_miss(
             figures = tier.guest_stats("g")
             assert figures is not None and figures["ephemeral_missing"] == remote
             assert figures["get_missing"] == 0
-        finally:
-            await tier.aclose()
-            redis_cluster.flushall()
 
     run(scenario)
 
@@ -238,31 +213,29 @@ def test_an_ephemeral_page_the_cluster_lost_is_a_miss(
 def test_a_full_cluster_refuses_pages_at_once_and_stays_reachable(
         tmp_path: Path, breakable_cluster: LocalCluster) -> None:
     async def scenario() -> None:
-        store, tier = await started(tmp_path, breakable_cluster)
-        try:
+        async with tiered(tmp_path, breakable_cluster, BUDGET) as (store, tier):
             client = guest(store, tier, "g")
             _, ephemeral_id, _ = store.new_pool(client, False)
             _, persistent_id, _ = store.new_pool(client, True)
             breakable_cluster.config_set("maxmemory", "1")  # every write is OOM now
-            pages = [os.urandom(PAGE) for _ in range(PAGES)]
-            await fill(store, client, ephemeral_id, pages)
-            statuses = store.put_many(client, persistent_id, ephemeral_keys(PAGES), pages)
-            await settle(store)
-            assert tier.reachable and tier.counters["became_unreachable"] == 0
-            assert tier.counters["refused_full"] > 0
-            figures = tier.guest_stats("g")
-            assert figures is not None
-            # Nothing is in the cluster: ephemeral pages were dropped, persistent
-            # ones refused (to the guest's disk) or kept in memory (stranded).
-            assert client.remote_pages == 0
-            assert figures["refused_full"] + figures["stranded"] > 0
-            ok_keys = [key for key, status in zip(ephemeral_keys(PAGES), statuses) if status == Status.OK]
-            got_statuses, got = await get_all(store, client, persistent_id, ok_keys)
-            assert got_statuses == [Status.OK] * len(ok_keys)
-            assert got == [page for page, status in zip(pages, statuses) if status == Status.OK]
-        finally:
-            breakable_cluster.config_set("maxmemory", "0")
-            await tier.aclose()
-            breakable_cluster.flushall()
+            try:
+                pages = [os.urandom(PAGE) for _ in range(PAGES)]
+                await fill(store, client, ephemeral_id, pages)
+                statuses = store.put_many(client, persistent_id, ephemeral_keys(PAGES), pages)
+                await settle(store)
+                assert tier.reachable and tier.counters["became_unreachable"] == 0
+                assert tier.counters["refused_full"] > 0
+                figures = tier.guest_stats("g")
+                assert figures is not None
+                # Nothing is in the cluster: ephemeral pages were dropped, persistent
+                # ones refused (to the guest's disk) or kept in memory (stranded).
+                assert client.remote_pages == 0
+                assert figures["refused_full"] + figures["stranded"] > 0
+                ok_keys = [key for key, status in zip(ephemeral_keys(PAGES), statuses) if status == Status.OK]
+                got_statuses, got = await get_all(store, client, persistent_id, ok_keys)
+                assert got_statuses == [Status.OK] * len(ok_keys)
+                assert got == [page for page, status in zip(pages, statuses) if status == Status.OK]
+            finally:
+                breakable_cluster.config_set("maxmemory", "0")
 
     run(scenario)

@@ -5,9 +5,10 @@ cluster, the ABI frontend's batches, and the journal's REMOTE records."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 from pathlib import Path
 
@@ -31,6 +32,22 @@ def host(state_dir: Path, cluster: LocalCluster, budget: int, *, demote_above: f
     tier = RemoteTier(RemoteSettings(seeds=tuple(cluster.seeds), demote_above=demote_above,
                                      local_fraction=local_fraction), store)
     return store, tier
+
+
+@contextlib.asynccontextmanager
+async def tiered(state_dir: Path, cluster: LocalCluster, budget: int,
+                 **settings: Any) -> AsyncIterator[tuple[JournaledStore, RemoteTier]]:
+    """One tmemd's store with its tier started and attached (``settings``: of
+    RemoteSettings); closed, and the cluster emptied, at the end."""
+    store = JournaledStore(budget, state_dir=state_dir)
+    tier = RemoteTier(RemoteSettings(seeds=tuple(cluster.seeds), **settings), store)
+    await tier.start()
+    store.attach_tier(tier, tier.settings.local_fraction)
+    try:
+        yield store, tier
+    finally:
+        await tier.aclose()
+        cluster.flushall()
 
 
 def run(scenario: Callable[[], Coroutine[Any, Any, None]]) -> None:
@@ -208,10 +225,8 @@ def test_a_read_fetches_its_hash_tag_and_the_neighbours_need_no_round_trip(
     swap-ins of its neighbours then cost nothing, and a rewritten neighbour reads
     its new data."""
     async def scenario() -> None:
-        store, tier = host(tmp_path, redis_cluster, 1 << 20, demote_above=10.0, local_fraction=0.0)
-        await tier.start()
-        store.attach_tier(tier, tier.settings.local_fraction)
-        try:
+        async with tiered(tmp_path, redis_cluster, 1 << 20, demote_above=10.0,
+                          local_fraction=0.0) as (store, tier):
             client = store.add_client("g1")
             tier.register(client, uuid.uuid4(), None)
             _, pool_id, _ = store.new_pool(client, True)
@@ -243,9 +258,6 @@ def test_a_read_fetches_its_hash_tag_and_the_neighbours_need_no_round_trip(
             before = tier.counters["round_trips"]
             statuses, found = await get_all(store, client, pool_id, [keys[64]])
             assert found == [pages[64]] and tier.counters["round_trips"] - before == 1
-        finally:
-            await tier.aclose()
-            redis_cluster.flushall()
 
     run(scenario)
 
@@ -256,12 +268,8 @@ def test_the_read_cache_keeps_its_bytes_but_never_a_copy_a_get_may_wait_for(
     big the batch; beyond that the oldest leave down to read_cache_bytes. A page
     written while a get of it and of another, remote, page waits is found."""
     async def scenario() -> None:
-        store = JournaledStore(1 << 20, state_dir=tmp_path)
-        tier = RemoteTier(RemoteSettings(seeds=tuple(redis_cluster.seeds), demote_above=10.0,
-                                         local_fraction=0.0, read_cache_bytes=10 * (PAGE + 64)), store)
-        await tier.start()
-        store.attach_tier(tier, tier.settings.local_fraction)
-        try:
+        async with tiered(tmp_path, redis_cluster, 1 << 20, demote_above=10.0, local_fraction=0.0,
+                          read_cache_bytes=10 * (PAGE + 64)) as (store, tier):
             client = store.add_client("g1")
             tier.register(client, uuid.uuid4(), None)
             _, pool_id, _ = store.new_pool(client, True)
@@ -295,8 +303,5 @@ def test_the_read_cache_keeps_its_bytes_but_never_a_copy_a_get_may_wait_for(
             # Every page still reads back exactly, kept or not.
             statuses, found = await get_all(store, client, pool_id, [*keys[:64], keys[65]])
             assert statuses == [Status.OK] * 65 and found == [*pages[:64], pages[65]]
-        finally:
-            await tier.aclose()
-            redis_cluster.flushall()
 
     run(scenario)
