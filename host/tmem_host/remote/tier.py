@@ -85,9 +85,11 @@ _RETRIED: Final = (*_REDIRECTIONS, TryAgainError, ClusterDownError, MasterDownEr
 # A master out of memory (OOM: maxmemory with noeviction) fails writes at once,
 # not retried, and new pages are refused for FULL_BACKOFF_S (they go to the disk).
 FULL_BACKOFF_S: Final = 1.0
-# A copy read back (or written) for a get stays at least this long, whatever the
-# read cache's size: the get runs once the event loop gets to it after the batch.
+# A copy read back for a get stays at least this long, unless the read cache is
+# past CACHE_HARD_FACTOR times its bytes: the get runs once the event loop gets to
+# it after the batch.
 CACHE_GRACE_S: Final = 1.0
+CACHE_HARD_FACTOR: Final = 4
 
 
 class RemoteError(Exception):
@@ -115,9 +117,10 @@ class RemoteSettings:
     #: Pages per demotion batch.
     demote_batch: int = 256
     #: Copies of remote pages kept in memory (RemotePage.fetched) for the gets that
-    #: follow: those read back, those read around them, those just written. The
-    #: oldest go beyond this, but none younger than CACHE_GRACE_S (the get that
-    #: waited for it may not have run yet); 0: only those.
+    #: follow: those read back, those read around them, those just written that a
+    #: waiting get counts on. The oldest go beyond this, but none younger than
+    #: CACHE_GRACE_S (the get that waited for it may not have run yet) below
+    #: CACHE_HARD_FACTOR times this.
     read_cache_bytes: int = 16 << 20
     #: Read-around: a read also fetches the other remote pages of its hash tag (the
     #: same MGET: no extra round trip), for the swap-ins of neighbouring slots.
@@ -265,6 +268,9 @@ class RemoteTier:
         # Pages with a copy that the gets waiting for the queued reads count on: cached
         # afresh when the reads end (see fetch).
         self._held: list[RemotePage] = []
+        # Those of the queued and in-flight reads, counted: a write that lands for
+        # one keeps its copy (cached) instead of dropping it.
+        self._holding: Counter[RemotePage] = Counter()
         self._cached_bytes = 0
         # Until then (monotonic) a master said OOM: new pages are refused.
         self._full_until = 0.0
@@ -449,6 +455,7 @@ class RemoteTier:
                                      page_key(guest, pool_id, oid, index, page.version)))
         if held:
             self._held.extend(held)
+            self._holding.update(held)
         if self.settings.read_around:
             self._read_around(guest, pool, pool_id, pages)
         if self._reads_done is None:
@@ -480,7 +487,8 @@ class RemoteTier:
 
     def _cache(self, pages: Sequence[RemotePage]) -> None:
         """Keep (or keep afresh) these pages' copies in the read cache; the oldest
-        leave beyond its bytes, if they have been there CACHE_GRACE_S."""
+        leave beyond its bytes, if they have been there CACHE_GRACE_S (or the cache
+        is past its hard bound), never these."""
         cache = self._cached
         now = time.monotonic()
         for page in pages:
@@ -491,10 +499,12 @@ class RemoteTier:
             else:
                 self._cached_bytes += page.nbytes
             cache[page] = now
-        while self._cached_bytes > self.settings.read_cache_bytes and cache:
+        bound = self.settings.read_cache_bytes
+        while self._cached_bytes > bound and cache:
             old, since = next(iter(cache.items()))
-            if now - since < CACHE_GRACE_S:
-                break
+            if since == now or (now - since < CACHE_GRACE_S
+                                and self._cached_bytes <= bound * CACHE_HARD_FACTOR):
+                break  # this batch's (moved to the end, all cached at `now`), or young
             del cache[old]
             old.fetched = None
             self._cached_bytes -= old.nbytes
@@ -574,6 +584,8 @@ class RemoteTier:
             if reads_done is not None and not reads_done.done():
                 reads_done.set_result(None)
             self._cache([*held, *(read.page for read in reads)])
+            self._holding.subtract(held)
+            self._holding += Counter()  # drops the pages no read holds any more
             if written is not None:
                 self._batches_in_flight.discard(written)
                 if not written.done():
@@ -607,7 +619,7 @@ class RemoteTier:
         for write in writes:
             self._inflight_bytes -= len(write.value)
             self._complete_write(write, write.key not in failed_keys)
-        self._cache([write.page for write in writes])
+        self._cache([write.page for write in writes if write.page.fetched is not None])
 
     def _complete_write(self, write: _Write, ok: bool) -> None:
         page, pool = write.page, write.pool
@@ -624,8 +636,9 @@ class RemoteTier:
             if page.pending is None:  # dropped while in flight
                 self._deletes.append(write.key)
                 self._schedule_flush()
-            # Its copy stays readable (a get may wait on another fetch with it): cached.
-            page.fetched, page.pending = page.pending, None
+            if page in self._holding:  # a get waits on a fetch with it: its copy stays
+                page.fetched = page.pending
+            page.pending = None
             return
         # Acknowledged to the guest, never written: it stays in memory instead
         # (an ephemeral page is dropped).
