@@ -5,6 +5,7 @@ of this is tests/agent/test_fault_injection.py)."""
 from __future__ import annotations
 
 import os
+import select
 import threading
 import time
 import tty
@@ -196,14 +197,19 @@ def test_without_reading_the_same_send_gives_up() -> None:
     """The failure the drain prevents: both ends wait for each other."""
     master, slave, channel = raw_pty_channel(send_timeout=1.0)
     try:
-        host = WritesFirstHost(master, HOST_BYTES)
+        host = WritesFirstHost(master, 0)
         with pytest.raises(ChannelDown):
             channel.send(memoryview(os.urandom(HOST_BYTES)))
         assert host.thread.is_alive()  # still writing: nobody reads
+        # Let the host finish (its descriptor is not closed under its write).
+        while host.thread.is_alive():
+            if select.select([slave], [], [], 0.1)[0]:
+                os.read(slave, 1 << 16)
+        host.thread.join()
     finally:
         channel.disconnect()
         os.close(slave)
-        os.close(master)  # ends the host's write
+        os.close(master)
 
 
 def test_a_disconnect_reads_while_another_threads_send_is_held_up() -> None:
