@@ -125,6 +125,7 @@ class VirtioPortChannel:
         self._io_lock = threading.Lock()
         self._writable = select.poll()
         self._readable = select.poll()
+        self._duplex = select.poll()  # the reader's sends: writable, or bytes to drain
         self._iovec_source: memoryview | None = None
         self._iovec_list: list[memoryview] = []
         # The unsent rest of a frame a send gave up on (see the class docstring).
@@ -147,6 +148,8 @@ class VirtioPortChannel:
             self._writable.register(fd, select.POLLOUT)
             self._readable = select.poll()
             self._readable.register(fd, select.POLLIN)
+            self._duplex = select.poll()
+            self._duplex.register(fd, select.POLLOUT | select.POLLIN)
             # POLLHUP is reported for as long as no host process holds the chardev.
             for _, events in self._writable.poll(0):
                 if events & select.POLLHUP:
@@ -178,10 +181,7 @@ class VirtioPortChannel:
 
     def _send(self, fd: int, data: memoryview, deadline: float, drain: Drain | None) -> int:
         """Write `data` until done or `deadline`; return how much went out."""
-        waiting = self._writable
-        if drain is not None:
-            waiting = select.poll()
-            waiting.register(fd, select.POLLOUT | select.POLLIN)
+        waiting = self._writable if drain is None else self._duplex
         sent = 0
         while sent < len(data):
             try:

@@ -274,12 +274,12 @@ class StoreAgainstModel(RuleBasedStateMachine):
             ticks = list(client.lru.values())
             assert ticks == sorted(ticks), "LRU order and ages disagree"
             if client.cap_bytes is not None and client.stored_bytes > client.cap_bytes:
-                assert not client.lru and not client.remote_ephemeral, \
+                assert not client.evictable, \
                     "over its cap while holding ephemeral pages"
             total_used += client.stored_bytes
         assert store.used_bytes == total_used
         if store.used_bytes > store.budget_bytes:
-            assert all(not client.lru and not client.remote_ephemeral for client in self.clients)
+            assert not any(client.evictable for client in self.clients)
 
     @invariant()
     def persistent_pages_match_the_model(self) -> None:

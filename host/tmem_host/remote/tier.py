@@ -168,10 +168,6 @@ class _Write:
     # A demotion: the in-memory copy to replace once written (None: a take()).
     expected: bytes | None = None
 
-    def command(self, ttl_ms: int) -> list[Any]:
-        """Its own command, for an ephemeral page (persistent ones share an MSET)."""
-        return ["SET", self.key, self.value, "PX", ttl_ms]
-
 
 @dataclass(slots=True)
 class _Read:
@@ -179,7 +175,7 @@ class _Read:
     pool: Pool
     page: RemotePage
     key: bytes
-    # Read around a wanted page, not asked for (kept in the prefetch cache).
+    # Read around a wanted page, not asked for (its copy waits in the read cache).
     prefetch: bool = False
 
 
@@ -257,8 +253,7 @@ class RemoteTier:
         self._deletes: list[bytes] = []
         self._reads: list[_Read] = []
         # Completes when the queued reads are done: one future per batch, so that
-        # whoever waits for several fetches of one batch wakes at once (before
-        # the copies read back are forgotten, one loop pass later).
+        # whoever waits for several fetches of one batch wakes at once.
         self._reads_done: asyncio.Future[None] | None = None
         self._inflight_bytes = 0
         # The read cache (settings.read_cache_bytes), oldest first, and its bytes:
@@ -599,8 +594,8 @@ class RemoteTier:
         for write in writes:
             if write.pool.persistent:
                 commands.setdefault(_tag_of(write.key), ["MSET"]).extend((write.key, write.value))
-            else:
-                commands[write.key] = write.command(ttl_ms)
+            else:  # its own command: an ephemeral page's key expires
+                commands[write.key] = ["SET", write.key, write.value, "PX", ttl_ms]
         for key in deletes:
             commands.setdefault(b"del:" + _tag_of(key), ["DEL"]).append(key)
         try:
@@ -619,7 +614,7 @@ class RemoteTier:
         for write in writes:
             self._inflight_bytes -= len(write.value)
             self._complete_write(write, write.key not in failed_keys)
-        self._cache([write.page for write in writes if write.page.fetched is not None])
+        self._cache([write.page for write in writes])  # those a waiting get holds
 
     def _complete_write(self, write: _Write, ok: bool) -> None:
         page, pool = write.page, write.pool

@@ -290,6 +290,11 @@ class Client(OpCounters):
     def __repr__(self) -> str:
         return f"Client({self.name!r})"
 
+    @property
+    def evictable(self) -> bool:
+        """Whether it holds ephemeral pages, in memory or in the tier."""
+        return bool(self.lru or self.remote_ephemeral)
+
     def owned_pools(self) -> list[Pool]:
         """The pools charged to this client, each once (a client may hold a
         shared pool in two slots)."""
@@ -581,16 +586,8 @@ class Store:
         guest out of the tier."""
         client = self._resolve(client)
         freed = 0
-        remote_ephemeral = client.remote_ephemeral
-        while remote_ephemeral and (nbytes is None or freed < nbytes):
-            pool, oid, index = next(iter(remote_ephemeral))
-            obj = pool.objects[oid]
-            page = obj[index]
-            assert type(page) is RemotePage
-            freed += page.nbytes
-            self._drop_page(pool, obj, oid, index)
-            pool.evictions += 1
-            client.evictions += 1
+        while client.remote_ephemeral and (nbytes is None or freed < nbytes):
+            freed += self._evict_oldest_remote(client)
         return freed
 
     def freeze(self, client: Client | str) -> None:
@@ -1209,7 +1206,7 @@ class Store:
             if owner.stored_bytes - owner.ephemeral_bytes + cost > cap:
                 return False
             while owner.stored_bytes + cost > cap:
-                if not owner.lru and not owner.remote_ephemeral:
+                if not owner.evictable:
                     return False
                 self._evict_oldest(owner)
         if self.used_bytes + cost > self.budget_bytes:
@@ -1235,7 +1232,7 @@ class Store:
         budget = self.budget_bytes
         if (
             putter is not None
-            and (putter.lru or putter.remote_ephemeral)
+            and putter.evictable
             and (putter.stored_bytes + cost) * total_weight > budget * putter.weight
         ):
             return putter
@@ -1244,7 +1241,7 @@ class Store:
         oldest: Client | None = None
         oldest_tick = math.inf
         for client in self._clients.values():
-            if not client.lru and not client.remote_ephemeral:
+            if not client.evictable:
                 continue
             if client.stored_bytes * total_weight > budget * client.weight:
                 ratio = client.stored_bytes / client.weight if client.weight else math.inf
@@ -1258,10 +1255,7 @@ class Store:
 
     def _evict_oldest(self, victim: Client) -> None:
         if not victim.lru:  # only remote pages left: drop the oldest one's metadata
-            pool, oid, index = next(iter(victim.remote_ephemeral))
-            self._drop_page(pool, pool.objects[oid], oid, index)
-            pool.evictions += 1
-            victim.evictions += 1
+            self._evict_oldest_remote(victim)
             return
         pool, oid, index = next(iter(victim.lru))
         obj = pool.objects[oid]
@@ -1278,6 +1272,18 @@ class Store:
             page = self.tier.take(pool, oid, index, value)
             if page is not None:
                 self._charge_remote(pool, victim, oid, index, page)
+
+    def _evict_oldest_remote(self, client: Client) -> int:
+        """Drop the client's least recently demoted or got ephemeral page in the tier;
+        returns its bytes there."""
+        pool, oid, index = next(iter(client.remote_ephemeral))
+        obj = pool.objects[oid]
+        page = obj[index]
+        assert type(page) is RemotePage
+        self._drop_page(pool, obj, oid, index)
+        pool.evictions += 1
+        client.evictions += 1
+        return page.nbytes
 
     def _reassign_owner(self, pool: Pool, new_owner: Client) -> None:
         """Charge a shared pool to another member (Xen's shared_pool_reassign)."""
@@ -1298,7 +1304,7 @@ class Store:
     def _evict_to_cap(self, client: Client) -> None:
         cap = client.cap_bytes
         if cap is not None:
-            while client.stored_bytes > cap and (client.lru or client.remote_ephemeral):
+            while client.stored_bytes > cap and client.evictable:
                 self._evict_oldest(client)
 
 
