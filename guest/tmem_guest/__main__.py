@@ -26,7 +26,7 @@ from tmem_guest import counters, system
 from tmem_guest.channel import open_channel
 from tmem_guest.session import DEFAULT_HEARTBEAT_S, DEFAULT_REQUEST_TIMEOUT_S, Session
 from tmem_guest.swap import READ_RECONNECT_WAIT_S, READAHEAD_PAGES
-from tmem_wire.agent import AGENT_MODES, AGENT_READY_FILE, DISK_SERIALS
+from tmem_wire.agent import AGENT_LOG_FILE, AGENT_MODES, AGENT_READY_FILE, DISK_SERIALS
 
 log = logging.getLogger("tmem_guest")
 
@@ -175,6 +175,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"tmem_guest: {error}", file=sys.stderr)
             return 1
         return 0
+    if arguments.swap and (swap_backed := system.swap_backed_outputs()):
+        print(f"tmem_guest: refusing to serve swap while writing to swap-backed files ({'; '.join(swap_backed)}): "
+              f"their pages swap out through this agent, and a write would wait on the agent itself; "
+              f"log to a disk file such as {AGENT_LOG_FILE}", file=sys.stderr)
+        return 2
     if arguments.swap and not arguments.no_lock and not system.with_allocator_settings():
         # Swap agent: its memory must be reused, not returned and faulted in again (system.py).
         system.reexec_with_allocator_settings("tmem_guest", list(sys.argv[1:] if argv is None else argv))

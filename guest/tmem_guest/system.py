@@ -13,6 +13,7 @@ import ctypes
 import ctypes.util
 import mmap
 import os
+import stat
 import sys
 from pathlib import Path
 
@@ -72,6 +73,36 @@ def become_io_flusher() -> None:
     if _libc().prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) != 0:
         error = ctypes.get_errno()
         raise OSError(error, f"prctl(PR_SET_IO_FLUSHER): {os.strerror(error)}")
+
+
+# File systems whose regular files live in swappable memory (shmem).
+SWAP_BACKED_FILESYSTEMS = frozenset({"tmpfs", "devtmpfs"})
+
+
+def swap_backed_outputs(fds: tuple[int, ...] = (1, 2), mountinfo: Path = Path("/proc/self/mountinfo")) -> list[str]:
+    """The descriptors among `fds` that are regular files on a swap-backed file system.
+
+    A swap agent must not write to one: once the file's last page is swapped out
+    (through the agent's own device), the next write waits for a swap-in the agent
+    itself must serve. Returned as "fd N: PATH on FSTYPE MOUNTPOINT" for the error.
+    """
+    mounts: dict[str, tuple[str, str]] = {}
+    for line in mountinfo.read_text().splitlines():
+        fields, _, tail = line.partition(" - ")
+        words = fields.split()
+        mounts[words[2]] = (tail.split()[0], words[4])  # major:minor -> (fstype, mount point)
+    found = []
+    for fd in fds:
+        try:
+            status = os.fstat(fd)
+        except OSError:
+            continue
+        if not stat.S_ISREG(status.st_mode):
+            continue
+        fstype, mount_point = mounts.get(f"{os.major(status.st_dev)}:{os.minor(status.st_dev)}", ("", ""))
+        if fstype in SWAP_BACKED_FILESYSTEMS:
+            found.append(f"fd {fd}: {os.readlink(f'/proc/self/fd/{fd}')} on {fstype} {mount_point}")
+    return found
 
 
 def write_sysctls(settings: dict[str, str], proc_sys: Path = Path("/proc/sys")) -> None:

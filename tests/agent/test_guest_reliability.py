@@ -66,13 +66,33 @@ def stuck_guest_report(guest: Guest) -> str:
         return f"{report}\nagent log: unreadable ({error})"
 
 
-def in_background(guest: Guest, command: str) -> tuple[threading.Thread, dict[str, CommandResult]]:
-    """Run COMMAND in the workload cgroup on its own SSH channel."""
-    outcome: dict[str, CommandResult] = {}
-    thread = threading.Thread(target=lambda: outcome.update(
-        result=run_in_cgroup(guest, command, WORKLOAD_CGROUP_MAX, WORKLOAD_TIMEOUT_S, check=False)))
-    thread.start()
-    return thread, outcome
+class InBackground:
+    """COMMAND run in the workload cgroup on its own SSH channel, by a thread this
+    object owns: `result()` joins it and returns the command's result or raises
+    what the thread raised (never an unhandled thread exception)."""
+
+    def __init__(self, guest: Guest, command: str) -> None:
+        self._result: CommandResult | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(guest, command), name=f"background: {command}")
+        self._thread.start()
+
+    def _run(self, guest: Guest, command: str) -> None:
+        try:
+            self._result = run_in_cgroup(guest, command, WORKLOAD_CGROUP_MAX, WORKLOAD_TIMEOUT_S, check=False)
+        except BaseException as error:  # handed to result()'s caller
+            self._error = error
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def result(self, timeout: float = WORKLOAD_TIMEOUT_S + 30) -> CommandResult:
+        self._thread.join(timeout)
+        if self._error is not None:
+            raise self._error
+        if self._result is None:
+            raise AssertionError(f"{self._thread.name} still running after {timeout:.0f} s")
+        return self._result
 
 
 def test_drain_moves_the_running_guests_pages_to_its_disk_and_they_verify(guest: Guest, tmemd: TmemdProcess) -> None:
@@ -80,7 +100,7 @@ def test_drain_moves_the_running_guests_pages_to_its_disk_and_they_verify(guest:
     try:
         guest.ssh("rm -f /tmp/filled /tmp/go; cat > /tmp/fill_wait_verify.py",
                   input=FILL_WAIT_VERIFY.format(mib=WORKLOAD_MIB).encode())
-        verifier, outcome = in_background(guest, "python3 /tmp/fill_wait_verify.py")
+        verifier = InBackground(guest, "python3 /tmp/fill_wait_verify.py")
         guest.ssh("for i in $(seq 600); do test -f /tmp/filled && exit 0; sleep 0.5; done; exit 1", timeout=330)
         held = persistent_pages(tmemd)
         assert held > MIN_TMEM_PAGES, held  # the filled memory sits in tmem, its owner alive
@@ -92,13 +112,12 @@ def test_drain_moves_the_running_guests_pages_to_its_disk_and_they_verify(guest:
         assert persistent_pages(tmemd) == 0
         drained = wait_for_swap_stats(guest, lambda swap: swap["slots_in_tmem"] == 0 and swap["draining"], 30)
         guest.ssh("touch /tmp/go")  # verify: every page now comes from the fallback disk
-        verifier.join(WORKLOAD_TIMEOUT_S + 30)
+        result = verifier.result()
         after = agent_stats(guest)["swap"]
     finally:
         with tmemd.control() as control:
             control.request("thaw", guest=GUEST_NAME)
         stop_agent(guest, agent)
-    result = outcome["result"]
     assert result.exit_status == 0 and "bad pages 0" in result.stdout, result
     counters = after["counters"]
     assert drained["counters"]["drained_pages"] >= 0.9 * held, drained["counters"]
@@ -109,7 +128,7 @@ def test_drain_moves_the_running_guests_pages_to_its_disk_and_they_verify(guest:
 def test_workload_verifies_through_a_stopped_tmemd_a_graceful_restart_and_a_kill_9(guest: Guest, tmemd: TmemdProcess) -> None:
     agent = start_agent(guest, AGENT_ARGUMENTS)
     try:
-        workload, outcome = in_background(guest, f"python3 -m tmem_workloads.usemem --mib {WORKLOAD_MIB}")
+        workload = InBackground(guest, f"python3 -m tmem_workloads.usemem --mib {WORKLOAD_MIB}")
         wait_for_swap_stats(guest, lambda swap: swap["counters"]["puts"] > MIN_TMEM_PAGES)
         before_stop = agent_stats(guest)["swap"]
         # Nothing is asked of the guest meanwhile: its commands may need pages only
@@ -128,11 +147,10 @@ def test_workload_verifies_through_a_stopped_tmemd_a_graceful_restart_and_a_kill
             wait_for_swap_stats(guest, lambda swap: not workload.is_alive()
                                 or swap["counters"]["puts"] + swap["counters"]["gets"] > moved + 500)
             restart()
-        workload.join(WORKLOAD_TIMEOUT_S + 30)
+        result = workload.result()
         after = wait_for_swap_stats(guest, lambda swap: swap["session_up"] and swap["pools_resumed"] >= 2, 60)
     finally:
         stop_agent(guest, agent)
-    result = outcome["result"]
     assert result.exit_status == 0, result
     usemem = json.loads(result.stdout.strip().splitlines()[-1])
     assert usemem["verified"], usemem

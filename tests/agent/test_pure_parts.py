@@ -4,6 +4,8 @@ mapping and the frontswap rules: tests/wire/test_frontswap.py)."""
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -86,3 +88,43 @@ def test_find_disk_command_prints_the_device_or_one_error_line(
     assert agent_main.main(["find-disk", "tmem-data"]) == 1
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err == f"tmem_guest: no disk with serial 'tmem-data' under {tmp_path}\n"
+
+
+def _mountinfo_for(path: Path, fstype: str, tmp_path: Path) -> Path:
+    """A one-line /proc/self/mountinfo that puts `path`'s device under `fstype`."""
+    device = path.stat().st_dev
+    mountinfo = tmp_path / f"mountinfo-{fstype}"
+    mountinfo.write_text(f"36 25 {os.major(device)}:{os.minor(device)} / /somewhere rw,relatime shared:1 - "
+                         f"{fstype} {fstype} rw\n")
+    return mountinfo
+
+
+@pytest.mark.parametrize("fstype, swap_backed", [("tmpfs", True), ("devtmpfs", True), ("ext4", False), ("ramfs", False)])
+def test_swap_backed_outputs_are_regular_files_on_shmem_file_systems(
+        tmp_path: Path, fstype: str, swap_backed: bool) -> None:
+    log_file = tmp_path / "agent.log"
+    with open(log_file, "w") as log, open(os.devnull, "w") as null:
+        found = system.swap_backed_outputs((log.fileno(), null.fileno()), _mountinfo_for(log_file, fstype, tmp_path))
+        # /dev/null is a character device: never a page that can swap out.
+        assert found == ([f"fd {log.fileno()}: {log_file} on {fstype} /somewhere"] if swap_backed else [])
+        read_end, write_end = os.pipe()
+        try:
+            assert system.swap_backed_outputs((write_end, 999), _mountinfo_for(log_file, "tmpfs", tmp_path)) == []
+        finally:
+            os.close(read_end)
+            os.close(write_end)
+
+
+@pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="no /dev/shm")
+def test_a_file_in_dev_shm_is_found_with_the_real_mountinfo() -> None:
+    with tempfile.NamedTemporaryFile(dir="/dev/shm") as log:
+        assert system.swap_backed_outputs((log.fileno(),)) == [f"fd {log.fileno()}: {log.name} on tmpfs /dev/shm"]
+
+
+def test_the_swap_agent_refuses_to_start_logging_to_a_swap_backed_file(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(system, "swap_backed_outputs", lambda: ["fd 2: /run/tmem-agent/agent.log on tmpfs /run"])
+    monkeypatch.setattr(system, "reexec_with_allocator_settings", lambda *_: pytest.fail("started anyway"))
+    assert agent_main.main(["start", "--swap", "batched"]) == 2
+    error = capsys.readouterr().err
+    assert "refusing to serve swap" in error and "/run/tmem-agent/agent.log on tmpfs" in error

@@ -14,6 +14,10 @@ from typing import Final, Literal, get_args
 # and its ready file, which holds its pid once swap is on and the cache mounted.
 AGENT_RUN_DIR: Final = "/run/tmem-agent"
 AGENT_READY_FILE: Final = f"{AGENT_RUN_DIR}/ready"
+# The agent's log, on the root disk, never under /run or /tmp: a tmpfs page swaps
+# out through the agent's own device, and the next log line after that waits on
+# the agent itself (a deadlock caught by SysRq-W, docs/AGENT.md "Memory").
+AGENT_LOG_FILE: Final = "/var/log/tmem-agent.log"
 
 # The virtio-serial port of the tmem channel (QEMU's virtserialport name=; the
 # guest sees it in /sys/class/virtio-ports/*/name).

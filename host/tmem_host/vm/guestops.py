@@ -14,9 +14,8 @@ from contextlib import contextmanager
 from typing import Any
 
 from tmem_host.vm.launcher import CommandResult, Guest
-from tmem_wire.agent import AGENT_READY_FILE, AGENT_RUN_DIR, DISK_SERIALS
+from tmem_wire.agent import AGENT_LOG_FILE, AGENT_READY_FILE, AGENT_RUN_DIR, DISK_SERIALS
 
-AGENT_LOG = f"{AGENT_RUN_DIR}/agent.log"
 CGROUP_ROOT = "/sys/fs/cgroup"
 
 
@@ -39,7 +38,7 @@ def start_agent(guest: Guest, arguments: str, timeout: float = 120.0) -> int:
     it is ready; returns its pid (which it writes into the ready file)."""
     guest.ssh(
         f"mkdir -p {AGENT_RUN_DIR} && rm -f {AGENT_READY_FILE} && setsid -f python3 -m tmem_guest start "
-        f"{arguments} > {AGENT_LOG} 2>&1 < /dev/null"
+        f"{arguments} > {AGENT_LOG_FILE} 2>&1 < /dev/null"
     )
     deadline = time.monotonic() + timeout
     while (ready := guest.ssh(f"cat {AGENT_READY_FILE}", check=False)).exit_status != 0:
@@ -66,7 +65,7 @@ class AgentError(RuntimeError):
 
 
 def agent_log(guest: Guest, lines: int = 40) -> str:
-    return guest.ssh(f"tail -n {lines} {AGENT_LOG}", check=False).stdout
+    return guest.ssh(f"tail -n {lines} {AGENT_LOG_FILE}", check=False).stdout
 
 
 def agent_stats(guest: Guest) -> dict[str, Any]:
