@@ -386,6 +386,32 @@ class ForgetReply(TypedDict):
     remote_keys_deleted: NotRequired[int]  # keys of its namespace deleted in the cluster (with a tier)
 
 
+class SaveReply(TypedDict):
+    """The `save` reply: what the file holds (docs/RELIABILITY.md, "Save and restore")."""
+
+    guest: str
+    path: str
+    bytes: int  # the file's size
+    sha256: str  # the file's digest (hex)
+    pools: int  # persistent pools
+    pages: int  # their pages, remote ones included
+    remote_pages: int  # of which were read back from the remote tier
+    fallback_pages: int  # non-zero pages of the NBD export's fallback file
+    lost_pages: int  # pages that read as errors: lost NBD slots, lost keys of agent pools
+
+
+class RestoreReply(TypedDict):
+    """The `restore` reply."""
+
+    guest: str
+    path: str
+    saved_guest: str  # the guest the file was saved from
+    pools: int
+    pages: int  # pages the guest's journal brought back (all of the file's)
+    fallback_pages: int
+    lost_pages: int  # as in SaveReply, counted on the restored guest
+
+
 # -- the remote tier's commands (docs/CONTROL.md, "Remote tier") -------------------
 
 

@@ -216,3 +216,19 @@ def test_forget_deletes_a_guests_namespace_served_or_not(
     # g1 starts afresh and uses the cluster again.
     fill(tmemd_remote, "g1")
     assert reads_back(tmemd_remote, "g1")
+
+
+def test_save_reads_remote_pages_back_and_restore_needs_no_cluster(
+        tmemd_remote: TmemdProcess, tmp_path: Path) -> None:
+    with NbdClient(tmemd_remote.nbd_socket("g1"), "g1") as client:
+        write_slots(client, SLOTS)
+    in_cluster = remote(tmemd_remote)["remote_pages"]
+    assert in_cluster > len(SLOTS) // 4, in_cluster
+    saved = tmp_path / "g1.tmemsave"
+    line = ok(tmemctl(tmemd_remote, "save", "g1", str(saved)))
+    assert f"({in_cluster} read back from the cluster)" in line, line
+    # Another tmemd, no remote tier, a budget that holds the whole disk.
+    with TmemdProcess(tmp_path / "elsewhere", budget="24M", guests=("g1",), nbd_size="32M") as target:
+        assert "g1: restored " in ok(tmemctl(target, "restore", str(saved)))
+        with NbdClient(target.nbd_socket("g1"), "g1") as client:
+            assert read_errors(client, SLOTS) == []

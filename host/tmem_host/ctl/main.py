@@ -26,7 +26,7 @@ from tmem_host.daemon.config import (
 from tmem_host.daemon.control import ControlClient, ControlError
 from tmem_host.replies import (
     ForgetReply, JournalStats, PoolRecord, RemoteDrainReply, RemoteForgetReply, RemoteGuestReply,
-    RemoteGuestStats, RemoteStats, StatsReply,
+    RemoteGuestStats, RemoteStats, RestoreReply, SaveReply, StatsReply,
 )
 
 # A guest's counters in the store (replies.ClientStats) that the tables show.
@@ -403,6 +403,22 @@ def cmd_remote_forget(control: ControlClient, args: argparse.Namespace) -> None:
     print(f"{args.guest}: deleted {reply['deleted']} keys of namespace {reply['uuid']} in the cluster")
 
 
+def cmd_save(control: ControlClient, args: argparse.Namespace) -> None:
+    # tmemd writes the file itself: an absolute path, as this shell means it.
+    reply: SaveReply = control.request("save", guest=args.guest, path=str(args.file.absolute()))
+    print(f"{reply['guest']}: saved {reply['pages']} pages of {reply['pools']} pools "
+          f"({reply['remote_pages']} read back from the cluster), {reply['fallback_pages']} fallback "
+          f"pages and {reply['lost_pages']} lost pages to {reply['path']} ({reply['bytes']} bytes, "
+          f"sha256 {reply['sha256']})")
+
+
+def cmd_restore(control: ControlClient, args: argparse.Namespace) -> None:
+    reply: RestoreReply = control.request("restore", path=str(args.file.absolute()), guest=args.as_guest)
+    print(f"{reply['guest']}: restored {reply['pages']} pages of {reply['pools']} pools, "
+          f"{reply['fallback_pages']} fallback pages and {reply['lost_pages']} lost pages "
+          f"(saved from {reply['saved_guest']})")
+
+
 def cmd_flush(control: ControlClient, args: argparse.Namespace) -> None:
     control.request("flush", guest=args.guest, pool=args.pool)
     print(f"{args.guest}: flushed" + (f" pool {args.pool}" if args.pool is not None else ""))
@@ -464,6 +480,22 @@ def build_parser() -> argparse.ArgumentParser:
     remote_forget.add_argument("--uuid", help="the namespace of a guest tmemd does not serve "
                                               "(default: the guest's own)")
     remote_forget.set_defaults(run=cmd_remote_forget)
+    save = commands.add_parser(
+        "save", help="write a guest's persistent pages (remote ones read back) and its NBD disk's "
+                     "fallback data to FILE (the guest must not be connected)")
+    save.add_argument("guest")
+    save.add_argument("file", type=Path)
+    save.add_argument("--timeout", type=_seconds(7 * 86400), default=600.0,
+                      help="seconds to wait for tmemd to write the file")
+    save.set_defaults(run=cmd_save)
+    restore = commands.add_parser(
+        "restore", help="bring a saved guest back (into a configured guest holding no pages)")
+    restore.add_argument("file", type=Path)
+    restore.add_argument("--as", dest="as_guest", metavar="GUEST",
+                         help="restore into this guest (default: the one saved)")
+    restore.add_argument("--timeout", type=_seconds(7 * 86400), default=600.0,
+                         help="seconds to wait for tmemd to restore it")
+    restore.set_defaults(run=cmd_restore)
     flush = commands.add_parser("flush", help="drop a guest's pages (or one pool's)")
     flush.add_argument("guest")
     flush.add_argument("pool", type=int, nargs="?")
@@ -474,7 +506,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        # A command with --timeout may wait that long for one reply (remote-drain --to home).
+        # A command with --timeout may wait that long for one reply (remote-drain --to home,
+        # save, restore).
         with ControlClient(args.run_dir, timeout=max(10.0, getattr(args, "timeout", 0.0))) as control:
             args.run(control, args)
     except (UsageError, ConfigError) as exc:

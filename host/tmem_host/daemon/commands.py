@@ -13,6 +13,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
@@ -23,10 +24,12 @@ from tmem_host.daemon.config import (
 from tmem_host.daemon.control import ControlError
 from tmem_host.replies import (
     BudgetReply, CapReply, DrainReply, FlushReply, ForgetReply, FreezeReply, GuestRecord,
-    RemoteDrainReply, RemoteForgetReply, RemoteGuestReply, RemoveGuestReply, ShutdownReply,
+    RemoteDrainReply, RemoteForgetReply, RemoteGuestReply, RemoveGuestReply, RestoreReply, SaveReply,
+    ShutdownReply,
     StatsReply, ThawReply, WeightReply,
 )
 from tmem_host.daemon.runtime import GuestRuntime, fallback_path, persistent_pages
+from tmem_host.daemon.saverestore import restore_guest, save_guest
 from tmem_host.journal.journaled import journal_path
 from tmem_host.nbd.export import lost_map_path
 from tmem_host.remote.tier import RemoteError, RemoteTier
@@ -61,6 +64,8 @@ class ControlCommands:
             "remote": self.remote,
             "remote-drain": self.remote_drain,
             "remote-forget": self.remote_forget,
+            "save": self.save,
+            "restore": self.restore,
             "shutdown": self.shutdown,
         }
 
@@ -226,6 +231,17 @@ class ControlCommands:
                                            "remote_keys_deleted": deleted})
         return _forgotten(name, configured=False, remote_keys_deleted=deleted)
 
+    # -- save and restore (daemon/saverestore.py) ------------------------------------
+
+    async def save(self, request: dict[str, Any]) -> SaveReply:
+        runtime = self._guest(request.get("guest"))
+        return await save_guest(self.daemon, runtime, _absolute_path(request.get("path")))
+
+    async def restore(self, request: dict[str, Any]) -> RestoreReply:
+        guest = request.get("guest")
+        name = None if guest is None else validate_guest_name(_guest_name(guest))
+        return await restore_guest(self.daemon, _absolute_path(request.get("path")), name)
+
     # -- the remote tier -------------------------------------------------------------
 
     async def remote(self, request: dict[str, Any]) -> RemoteGuestReply:
@@ -344,6 +360,12 @@ class ControlCommands:
         log.info("shutting down", extra={"reason": "control request"})
         self.daemon.request_stop()  # after this reply: the stop waits for the handler
         return {"stopping": True}
+
+
+def _absolute_path(path: object) -> Path:
+    if not isinstance(path, str) or not os.path.isabs(path):
+        raise ControlError("'path' must be an absolute path (tmemd's working directory is not yours)")
+    return Path(path)
 
 
 def _guest_name(name: object) -> str:

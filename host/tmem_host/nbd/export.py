@@ -226,6 +226,10 @@ class NbdExport:
         elif self._lost is not None:
             self._save_lost_map()
 
+    def lost_map(self) -> bytes | None:
+        """The lost-slot bitmap as it is now (one bit per slot), None if no slot is lost."""
+        return bytes(self._lost) if self._lost is not None and any(self._lost) else None
+
     @property
     def lost_map_path(self) -> Path:
         return lost_map_path(self.fallback_path)
