@@ -271,6 +271,8 @@ class RemoteGuestStats(TypedDict):
     """One guest in the remote tier (docs/REMOTE.md), under `remote.guests.NAME`."""
 
     uuid: str  # its pages' namespace in the cluster
+    epoch: int | None  # the epoch this tmemd owns the namespace with; None: not its owner
+    fenced: bool  # another tmemd owns the namespace: nothing is written or deleted there
     limit_bytes: int | None  # its cap and weighted share of the remote budget
     local_pages: int  # pages whose data is in tmemd's memory
     local_bytes: int  # what they (and the remote pages' metadata) are charged
@@ -288,6 +290,7 @@ class RemoteGuestStats(TypedDict):
     refused_unreachable: int
     refused_inflight: int
     refused_full: int  # a master was out of memory (OOM): the page went to the disk
+    refused_unowned: int  # this tmemd does not own the namespace (fenced, or not claimed yet)
     ephemeral_demoted: int  # evicted ephemeral pages sent to the cluster, not dropped
     ephemeral_missing: int  # ephemeral pages the cluster no longer had (TTL, eviction): misses
     ephemeral_shed: int  # ephemeral pages dropped from the cluster for persistent ones

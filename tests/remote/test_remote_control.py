@@ -17,7 +17,7 @@ import redis
 from tmem_host.daemon.control import ControlError
 from tmem_host.daemon.process import TmemdProcess
 from tmem_host.remote.cluster import LocalCluster
-from tmem_host.remote.tier import GuestRemote, RemoteSettings, page_key
+from tmem_host.remote.tier import GuestRemote, RemoteSettings, is_page_key, page_key
 from tmem_host.replies import (
     ForgetReply, RemoteDrainReply, RemoteForgetReply, RemoteGuestReply, StatsReply,
 )
@@ -46,13 +46,13 @@ def remote(tmemd: TmemdProcess, guest: str = "g1") -> RemoteGuestReply:
 
 
 def cluster_keys(cluster: LocalCluster, uuid: str | UUID) -> list[bytes]:
-    """The namespace's keys, asking every master directly (not through tmemd)."""
+    """The namespace's page keys, asking every master directly (not through tmemd)."""
     pattern = b"tmem:{%b:*" % UUID(str(uuid)).hex.encode()
     keys: list[bytes] = []
     for node in cluster.masters():
         client = redis.Redis(host="127.0.0.1", port=node.port)
         try:
-            keys += list(client.scan_iter(match=pattern, count=1000))
+            keys += [key for key in client.scan_iter(match=pattern, count=1000) if is_page_key(key)]
         finally:
             client.close()
     return keys
@@ -218,8 +218,8 @@ def test_forget_deletes_a_guests_namespace_served_or_not(
     assert reads_back(tmemd_remote, "g1")
 
 
-def test_save_reads_remote_pages_back_and_restore_needs_no_cluster(
-        tmemd_remote: TmemdProcess, tmp_path: Path) -> None:
+def test_save_reads_remote_pages_back_and_restore_takes_the_guest_over(
+        tmemd_remote: TmemdProcess, tmp_path: Path, redis_cluster: LocalCluster) -> None:
     with NbdClient(tmemd_remote.nbd_socket("g1"), "g1") as client:
         write_slots(client, SLOTS)
     in_cluster = remote(tmemd_remote)["remote_pages"]
@@ -232,3 +232,21 @@ def test_save_reads_remote_pages_back_and_restore_needs_no_cluster(
         assert "g1: restored " in ok(tmemctl(target, "restore", str(saved)))
         with NbdClient(target.nbd_socket("g1"), "g1") as client:
             assert read_errors(client, SLOTS) == []
+    # Another host on the same cluster: the restore takes the guest's namespace over,
+    # and the tmemd it was saved from can no longer delete its keys.
+    uuid = remote(tmemd_remote)["uuid"]
+    with TmemdProcess(tmp_path / "host-b", budget="4M", guests=("g1",), nbd_size="32M",
+                      extra_args=["--remote", redis_cluster.seed_spec, "--host-id", "b"]) as target:
+        assert remote(target)["fenced"]  # host a owns it: b leaves it alone until the restore
+        assert "g1: restored " in ok(tmemctl(target, "restore", str(saved)))
+        figures = remote(target)
+        assert figures["epoch"] is not None and not figures["fenced"]
+        assert wait_until(lambda: remote(target)["remote_pages"] > 0, 15)  # demoted: b writes there
+        # The old host forgets the guest: its deletes of the guest's pages and of the
+        # namespace are refused by the cluster (FENCED), not by its own good timing.
+        forget = tmemctl(tmemd_remote, "forget", "g1")
+        assert forget.returncode == 1 and "keys in the cluster remain" in forget.stderr, forget
+        assert remote(tmemd_remote)["fenced"]
+        with NbdClient(target.nbd_socket("g1"), "g1") as client:
+            assert read_errors(client, SLOTS) == []
+        assert remote(target)["uuid"] == uuid

@@ -75,7 +75,7 @@ def with_remote_pages(tmp_path: Path, cluster: LocalCluster, count: int,
         async with tiered(tmp_path, cluster, 8 << 20, demote_above=10.0, local_fraction=0.0,
                           read_around=False) as (store, tier):
             client = store.add_client("g1")
-            tier.register(client, uuid.uuid4(), None)
+            await tier.register(client, uuid.uuid4(), None)
             _, pool_id, _ = store.new_pool(client, True)
             keys = frontswap_keys(0, range(count))
             pages = [os.urandom(PAGE) for _ in keys]

@@ -30,10 +30,10 @@ def ephemeral_keys(count: int) -> list[Key]:
     return [((7, 0, n >> 4), n & 15) for n in range(count)]
 
 
-def guest(store: JournaledStore, tier: RemoteTier, name: str, *, demote: bool = True,
+async def guest(store: JournaledStore, tier: RemoteTier, name: str, *, demote: bool = True,
           cap: int | None = None) -> Client:
     client = store.add_client(name)
-    tier.register(client, uuid.uuid4(), cap)
+    await tier.register(client, uuid.uuid4(), cap)
     store.set_demote_evicted(client, demote)
     return client
 
@@ -49,7 +49,7 @@ async def fill(store: JournaledStore, client: Client, pool_id: int,
 
 async def filled_guest(store: JournaledStore, tier: RemoteTier) -> tuple[Client, int, list[bytes]]:
     """A demoting guest "g" with an ephemeral pool of PAGES random pages put."""
-    client = guest(store, tier, "g")
+    client = await guest(store, tier, "g")
     _, pool_id, _ = store.new_pool(client, False)
     pages = [os.urandom(PAGE) for _ in range(PAGES)]
     await fill(store, client, pool_id, pages)
@@ -68,8 +68,8 @@ def test_evicted_ephemeral_pages_go_to_the_cluster_and_come_back(
         tmp_path: Path, redis_cluster: LocalCluster) -> None:
     async def scenario() -> None:
         async with tiered(tmp_path, redis_cluster, BUDGET) as (store, tier):
-            demoting = guest(store, tier, "demoting")
-            dropping = guest(store, tier, "dropping", demote=False)
+            demoting = await guest(store, tier, "demoting")
+            dropping = await guest(store, tier, "dropping", demote=False)
             pages = [os.urandom(PAGE) for _ in range(PAGES)]
             found_by: dict[str, int] = {}
             for client in (demoting, dropping):
@@ -102,7 +102,7 @@ def test_ephemeral_keys_expire_and_persistent_ones_do_not(
         tmp_path: Path, redis_cluster: LocalCluster) -> None:
     async def scenario() -> None:
         async with tiered(tmp_path, redis_cluster, BUDGET) as (store, tier):
-            client = guest(store, tier, "g")
+            client = await guest(store, tier, "g")
             _, ephemeral_id, _ = store.new_pool(client, False)
             _, persistent_id, _ = store.new_pool(client, True)
             await fill(store, client, ephemeral_id, [os.urandom(PAGE) for _ in range(PAGES)])
@@ -172,7 +172,7 @@ def test_persistent_pages_push_ephemeral_ones_out_of_a_full_quota(
     async def scenario() -> None:
         async with tiered(tmp_path, redis_cluster, BUDGET) as (store, tier):
             # Room in the cluster for about 60 pages, which ephemeral ones fill.
-            client = guest(store, tier, "g", cap=60 * (PAGE + 64))
+            client = await guest(store, tier, "g", cap=60 * (PAGE + 64))
             _, ephemeral_id, _ = store.new_pool(client, False)
             _, persistent_id, _ = store.new_pool(client, True)
             await fill(store, client, ephemeral_id, [os.urandom(PAGE) for _ in range(PAGES)])
@@ -214,7 +214,7 @@ def test_a_full_cluster_refuses_pages_at_once_and_stays_reachable(
         tmp_path: Path, breakable_cluster: LocalCluster) -> None:
     async def scenario() -> None:
         async with tiered(tmp_path, breakable_cluster, BUDGET) as (store, tier):
-            client = guest(store, tier, "g")
+            client = await guest(store, tier, "g")
             _, ephemeral_id, _ = store.new_pool(client, False)
             _, persistent_id, _ = store.new_pool(client, True)
             breakable_cluster.config_set("maxmemory", "1")  # every write is OOM now

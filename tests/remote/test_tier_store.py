@@ -76,7 +76,7 @@ def test_a_64_page_batch_that_goes_remote_is_one_round_trip(tmp_path: Path,
         store.attach_tier(tier, tier.settings.local_fraction)
         try:
             client = store.add_client("g1")
-            tier.register(client, uuid.uuid4(), None)
+            await tier.register(client, uuid.uuid4(), None)
             _, pool_id, _ = store.new_pool(client, True)
             pages = [os.urandom(PAGE) for _ in range(256)]
             for first, expected in ((0, 1), (64, 1), (96, 2)):
@@ -111,7 +111,7 @@ def test_two_hosts_share_a_cluster_by_guest_identity(tmp_path: Path,
                 await tier.start()
                 store.attach_tier(tier, tier.settings.local_fraction)
                 client = store.add_client("g1")  # the same name on both hosts
-                tier.register(client, identity, None)
+                await tier.register(client, identity, None)
                 _, pool_id, _ = store.new_pool(client, True)
                 pages = [os.urandom(PAGE) for _ in range(256)]
                 keys = frontswap_keys(0, range(256))
@@ -148,7 +148,7 @@ def test_the_journal_keeps_where_a_page_is_not_its_data(tmp_path: Path,
         await tier.start()
         store.attach_tier(tier, tier.settings.local_fraction)
         client = store.add_client("g1")
-        tier.register(client, identity, None)
+        await tier.register(client, identity, None)
         _, pool_id, _ = store.new_pool(client, True)
         assert store.put_many(client, pool_id, keys, pages) == [Status.OK] * 128
         await settle(store)
@@ -160,7 +160,7 @@ def test_the_journal_keeps_where_a_page_is_not_its_data(tmp_path: Path,
         store.attach_tier(tier, tier.settings.local_fraction)
         try:
             client = store.add_client("g1")
-            tier.register(client, identity, None)
+            await tier.register(client, identity, None)
             assert client.remote_pages == 128
             statuses, found = await get_all(store, client, 0, keys)
             assert statuses == [Status.OK] * 128 and found == pages
@@ -194,8 +194,8 @@ def test_remote_limits_are_caps_and_weighted_shares_of_the_remote_budget(
             heavy = store.add_client("heavy", weight=300)
             capped = store.add_client("capped", weight=100)
             for client in (light, heavy):
-                tier.register(client, uuid.uuid4(), None)
-            tier.register(capped, uuid.uuid4(), 20 << 10)
+                await tier.register(client, uuid.uuid4(), None)
+            await tier.register(capped, uuid.uuid4(), 20 << 10)
             limits = {name: tier.limit_bytes(guest) for name in ("light", "heavy", "capped")
                       if (guest := tier.guest(name)) is not None}
             assert limits == {"light": 80 << 10, "heavy": 240 << 10, "capped": 20 << 10}
@@ -228,7 +228,7 @@ def test_a_read_fetches_its_hash_tag_and_the_neighbours_need_no_round_trip(
         async with tiered(tmp_path, redis_cluster, 1 << 20, demote_above=10.0,
                           local_fraction=0.0) as (store, tier):
             client = store.add_client("g1")
-            tier.register(client, uuid.uuid4(), None)
+            await tier.register(client, uuid.uuid4(), None)
             _, pool_id, _ = store.new_pool(client, True)
             pages = [os.urandom(PAGE) for _ in range(128)]
             keys = frontswap_keys(0, range(128))
@@ -272,7 +272,7 @@ def test_the_read_cache_keeps_its_bytes_but_never_a_copy_a_get_may_wait_for(
         async with tiered(tmp_path, redis_cluster, 1 << 20, demote_above=10.0, local_fraction=0.0,
                           read_cache_bytes=10 * (PAGE + 64)) as (store, tier):
             client = store.add_client("g1")
-            tier.register(client, uuid.uuid4(), None)
+            await tier.register(client, uuid.uuid4(), None)
             _, pool_id, _ = store.new_pool(client, True)
             pool = client.pools[pool_id]
             assert pool is not None

@@ -117,11 +117,11 @@ def test_a_cluster_and_tmemd_as_the_runner_starts_them(tmp_path: Path, start_tme
 
 def remote_figures(gets: int, remote_pages: int) -> RemoteGuestStats:
     histogram = {"<=100": 0, "<=200": 10, "<=500": 50, "<=1000": 30, ">100000": 0}
-    return {"uuid": "u", "limit_bytes": None, "local_pages": 20000, "local_bytes": 60 << 20,
+    return {"uuid": "u", "epoch": 1, "fenced": False, "limit_bytes": None, "local_pages": 20000, "local_bytes": 60 << 20,
             "remote_pages": remote_pages, "remote_bytes": remote_pages * 2500, "remote_ephemeral_pages": 0,
             "puts": 40000, "demoted": 25000,
             "gets": gets, "get_missing": 0, "get_errors": 0, "get_unreachable": 0, "stranded": 0,
-            "refused_quota": 0, "refused_unreachable": 0, "refused_inflight": 0, "refused_full": 0,
+            "refused_quota": 0, "refused_unreachable": 0, "refused_inflight": 0, "refused_full": 0, "refused_unowned": 0,
             "ephemeral_demoted": 0, "ephemeral_missing": 0, "ephemeral_shed": 0, "prefetched": 0, "demotions_refused": 0,
             "rtt_us_histogram": histogram}
 

@@ -178,7 +178,8 @@ async def restore_guest(daemon: Daemon, path: Path, name: str | None) -> Restore
         await asyncio.to_thread(_install_state, daemon.state_dir, target, saved,
                                 daemon.config.nbd_size_bytes)
     finally:
-        runtime = await daemon.add_guest(config)
+        # The guest lives here now: its namespace in the cluster too, whoever had it.
+        runtime = await daemon.add_guest(config, take_over=True)
     stats = store.journal_stats(runtime.client)
     pages = persistent_pages(store.pool_stats(runtime.client))
     if pages != metadata.get("pages") or stats["replayed_pages"] != pages:

@@ -111,7 +111,7 @@ class Daemon:
         config = self.config
         tier = RemoteTier(RemoteSettings(
             seeds=seeds, replicas=config.remote_replicas, wait_s=config.remote_wait_s,
-            budget_bytes=config.remote_budget_bytes), self.store)
+            budget_bytes=config.remote_budget_bytes, host_id=config.host_id), self.store)
         try:
             await tier.start()
         except RemoteError as error:
@@ -175,7 +175,9 @@ class Daemon:
 
     # -- guests ------------------------------------------------------------
 
-    async def add_guest(self, guest: GuestConfig) -> GuestRuntime:
+    async def add_guest(self, guest: GuestConfig, *, take_over: bool = False) -> GuestRuntime:
+        """Serve the guest; with a remote tier, claim its namespace (``take_over``:
+        even from another host, as a restore does; docs/REMOTE.md)."""
         if guest.name in self.guests:
             raise ControlError(f"guest {guest.name!r} exists")
         if guest.cid is not None and self._guest_by_cid(guest.cid) is not None:
@@ -188,7 +190,8 @@ class Daemon:
             shared_uuids=guest.shared_uuids,
         )
         if self.tier is not None:
-            self.tier.register(client, guest.identity_uuid, guest.remote_cap_bytes)
+            await self.tier.register(client, guest.identity_uuid, guest.remote_cap_bytes,
+                                     take_over=take_over)
             self.store.set_demote_evicted(client, guest.remote_ephemeral)
         abi_path = abi_socket_path(self.run_dir, guest.name)
         nbd_path = nbd_socket_path(self.run_dir, guest.name)

@@ -5,13 +5,19 @@ The store (pure) keeps such a page as a RemotePage and calls ``take``,
 ``release`` and ``fetch``; this module does the I/O on tmemd's event loop with
 redis-py's asyncio client:
 
-- **Layout.** A page's key is ``tmem:{GUEST:POOL:OBJ:GROUP}:SUB:VERSION`` where
-  the hash tag (in braces) groups 64 neighbouring pages on one slot: GROUP is
-  ``index >> 2`` and OBJ ``oid[0] >> 4`` plus ``oid[1]``/``oid[2]``, so for
-  frontswap's swizzle (slot & 15 in the oid, slot >> 4 in the index) one tag is
-  64 consecutive swap slots. A batch of 64 aligned slots is one MSET on one node.
-  The versions make every write a new key: a delete of an old copy can never
-  hit a newer one, however the two reorder.
+- **Layout.** A page's key is ``tmem:{GUEST:BUCKET}:POOL:OBJ:GROUP:SUB:VERSION``.
+  The hash tag (in braces) is one of the guest's FENCE_BUCKETS buckets, chosen
+  by the page's neighbourhood (pool, ``oid[0] >> 4``, ``oid[1]``, ``oid[2]``,
+  ``index >> 2``), so for frontswap's swizzle (slot & 15 in the oid, slot >> 4 in
+  the index) 64 consecutive swap slots share a slot of the cluster: a batch of 64
+  aligned slots is one command on one node. The versions make every write a new
+  key: a delete of an old copy can never hit a newer one, however the two reorder.
+- **Ownership.** One tmemd owns a guest's namespace at a time: each bucket's
+  ``fence`` key holds the owner's epoch, and every write and delete is a Redis
+  function (FUNCTION_LIBRARY) that checks it in the same slot, atomically. A
+  tmemd claims a guest with a new epoch (a counter in the guest's ``owner`` key)
+  on every bucket; from then on the previous owner's writes and deletes fail with
+  FENCED, whatever their timing, and it stops using the tier for that guest.
 - **Values** carry a header: magic, tag, version and a blake2b-128 digest of
   the key, the version and the data, so a wrong, damaged or older value is a
   miss (EIO to the guest), never data.
@@ -35,6 +41,7 @@ import hashlib
 import logging
 import struct
 import time
+import zlib
 from collections import Counter, OrderedDict, defaultdict
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
@@ -54,6 +61,7 @@ from redis.exceptions import (
     ReadOnlyError,
     RedisClusterException,
     RedisError,
+    ResponseError,
     TryAgainError,
 )
 
@@ -92,6 +100,60 @@ CACHE_GRACE_S: Final = 1.0
 CACHE_HARD_FACTOR: Final = 4
 
 
+# A guest's keys spread over this many hash tags (cluster slots), each with its
+# own fence key: enough to balance a guest over the masters, few enough to claim
+# in one round trip per master.
+FENCE_BUCKETS: Final = 64
+# The Redis functions every write and delete goes through (loaded on every master
+# at start, and again on a master that lacks them). KEYS[1] is the bucket's fence
+# key; ARGV[1] the caller's epoch. Deletes and claims may run when a master is out
+# of memory (they free it, or are tiny); writes may not.
+FUNCTION_LIBRARY: Final = """#!lua name=tmem
+local function fenced(keys, args)
+  local owner = redis.call('GET', keys[1])
+  if owner ~= args[1] then
+    return redis.error_reply('FENCED owner epoch ' .. tostring(owner))
+  end
+end
+redis.register_function('tmem_set', function(keys, args)
+  local refusal = fenced(keys, args)
+  if refusal then return refusal end
+  local ttl = tonumber(args[2])
+  for i = 2, #keys do
+    if ttl > 0 then
+      redis.call('SET', keys[i], args[i + 1], 'PX', ttl)
+    else
+      redis.call('SET', keys[i], args[i + 1])
+    end
+  end
+  return #keys - 1
+end)
+redis.register_function{function_name='tmem_del', flags={'allow-oom'}, callback=function(keys, args)
+  local refusal = fenced(keys, args)
+  if refusal then return refusal end
+  local deleted = 0
+  for i = 2, #keys do deleted = deleted + redis.call('DEL', keys[i]) end
+  return deleted
+end}
+redis.register_function{function_name='tmem_claim', flags={'allow-oom'}, callback=function(keys, args)
+  local owner = tonumber(redis.call('GET', keys[1]) or '0')
+  if owner > tonumber(args[1]) then
+    return redis.error_reply('FENCED owner epoch ' .. owner)
+  end
+  redis.call('SET', keys[1], args[1])
+  return 1
+end}
+redis.register_function{function_name='tmem_owner', flags={'allow-oom'}, callback=function(keys, args)
+  local epoch = tonumber(redis.call('HGET', keys[1], 'epoch') or '0')
+  if epoch > tonumber(args[1]) then
+    return redis.error_reply('FENCED owner epoch ' .. epoch)
+  end
+  redis.call('HSET', keys[1], 'epoch', args[1], 'host', args[2])
+  return 1
+end}
+"""
+
+
 class RemoteError(Exception):
     """The remote tier cannot start: the cluster is unreachable or unsafe."""
 
@@ -128,6 +190,9 @@ class RemoteSettings:
     #: TTL of demoted ephemeral pages' keys: a volatile-* policy may evict them,
     #: and copies a crash orphaned expire.
     ephemeral_ttl_s: float = 3600.0
+    #: This tmemd's name in the guests' owner records: a restart resumes the guests
+    #: it owned, and leaves those another host has claimed since.
+    host_id: str = ""
 
 
 def parse_seeds(spec: str) -> tuple[tuple[str, int], ...]:
@@ -152,8 +217,20 @@ class GuestRemote:
     counters: Counter[str] = field(default_factory=Counter)
     rtt_us: Counter[str] = field(default_factory=Counter)
 
+    # The epoch this tmemd owns the guest's namespace with; None: it does not own
+    # it (not claimed yet, the cluster unreachable, or claimed by another tmemd).
+    epoch: int | None = None
+    # Another tmemd claimed the guest: this one never writes or deletes its keys again.
+    fenced: bool = False
+    # The claim waits for the cluster (the prober tries again).
+    claim_pending: bool = False
+
     def __post_init__(self) -> None:
         self.prefix = f"tmem:{{{self.uuid.hex}:".encode()
+        self.owner_key = self.prefix + b"owner}"
+
+    def fence_key(self, bucket: int) -> bytes:
+        return b"%b%02x}:fence" % (self.prefix, bucket)
 
 
 @dataclass(slots=True)
@@ -181,9 +258,9 @@ class _Read:
 
 def page_key(guest: GuestRemote, pool_id: int, oid: Oid, index: int, version: int) -> bytes:
     """The page's key (see the module docstring for the hash tag)."""
-    return b"%b%d:%x.%x.%x:%x}:%x:%x" % (guest.prefix, pool_id, oid[0] >> 4, oid[1], oid[2],
-                                          index >> 2, ((oid[0] & 15) << 2) | (index & 3),
-                                          version)
+    neighbourhood = b"%d:%x.%x.%x:%x" % (pool_id, oid[0] >> 4, oid[1], oid[2], index >> 2)
+    return b"%b%02x}:%b:%x:%x" % (guest.prefix, zlib.crc32(neighbourhood) % FENCE_BUCKETS,
+                                  neighbourhood, ((oid[0] & 15) << 2) | (index & 3), version)
 
 
 def encode_value(key: bytes, version: int, stored: StoredPage) -> bytes:
@@ -222,8 +299,42 @@ def _digest(key: bytes, version: int, tag: int, data: bytes) -> bytes:
     return hasher.digest()
 
 
+def is_page_key(key: bytes) -> bool:
+    """Whether a key of a guest's namespace is a page's (not a fence or the owner record)."""
+    return not (key.endswith(b"}:fence") or key.endswith(b":owner}"))
+
+
 def _tag_of(key: bytes) -> bytes:
     return key[: key.index(b"}") + 1]
+
+
+def _bucket_of(key: bytes) -> int:
+    """The bucket of a page or fence key: the two hex digits before its tag's brace."""
+    end = key.index(b"}")
+    return int(key[end - 2:end], 16)
+
+
+def _route_key(command: list[Any]) -> bytes:
+    """The key that decides a command's slot (a function call's first key)."""
+    key: bytes = command[3] if command[0] == "FCALL" else command[1]
+    return key
+
+
+def _call_keys(command: list[Any]) -> list[bytes]:
+    """The page keys of a tmem_set / tmem_del call (after its fence key)."""
+    return command[4:3 + command[2]]
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _fenced(reply: object) -> bool:
+    return isinstance(reply, ResponseError) and str(reply).startswith("FENCED")
+
+
+def _function_missing(reply: object) -> bool:
+    return isinstance(reply, ResponseError) and "function not found" in str(reply).lower()
 
 
 def _rtt_bucket(micros: float) -> str:
@@ -302,6 +413,8 @@ class RemoteTier:
                         f"the cluster node {node.host}:{node.port} has maxmemory-policy {policy}, "
                         "which may evict tmemd's persistent pages: set noeviction (or a volatile-* "
                         "policy) on every node")
+                await self._cluster.execute_command("FUNCTION", "LOAD", "REPLACE", FUNCTION_LIBRARY,
+                                                    target_nodes=node)
         except RemoteError:
             await self._close_clients()
             raise
@@ -348,15 +461,59 @@ class RemoteTier:
 
     # -- guests ------------------------------------------------------------------
 
-    def register(self, client: Client, uuid: UUID, cap_bytes: int | None) -> GuestRemote:
+    async def register(self, client: Client, uuid: UUID, cap_bytes: int | None, *,
+                       take_over: bool = False) -> GuestRemote:
         """Name the guest's pages by ``uuid`` (not by host, so another tmemd can
-        take the guest over) and limit its remote bytes to ``cap_bytes``."""
+        take the guest over), limit its remote bytes to ``cap_bytes`` and claim
+        its namespace (see ``claim``)."""
         guest = self._guests.get(client.name)
         if guest is None or guest.uuid != uuid:
             guest = GuestRemote(client.name, uuid, cap_bytes, client.weight)
             self._guests[client.name] = guest
         guest.cap_bytes = cap_bytes
+        await self.claim(guest, take_over=take_over)
         return guest
+
+    async def claim(self, guest: GuestRemote, *, take_over: bool = False) -> bool:
+        """Own the guest's namespace: a new epoch from its owner key's counter, the
+        owner record (epoch, host id), then every bucket's fence. A namespace whose
+        owner record names another host is left to it unless ``take_over`` (a
+        handoff): configuring one guest on two hosts never disturbs the one that
+        serves it. False if not claimed: the guest's pages stay out of the tier
+        (refused: the fallback disk); an unreachable cluster is tried again by
+        the prober."""
+        guest.claim_pending = False
+        cluster = self._cluster
+        if cluster is None or not self.reachable:
+            guest.claim_pending = True
+            return False
+        try:
+            record = {_text(field): _text(value)
+                      for field, value in (await cluster.hgetall(guest.owner_key)).items()}
+            host = record.get("host", "")
+            if host and host != self.settings.host_id and not take_over:
+                self._lose_ownership(guest, f"owned by host {host!r} (epoch {record.get('epoch')})")
+                return False
+            epoch = int(await cluster.hincrby(guest.owner_key, "epochs", 1))
+        except (RedisError, RedisClusterException, OSError) as error:
+            log.warning("cannot claim a guest in the cluster yet",
+                        extra={"guest": guest.name, "error": str(error)})
+            guest.claim_pending = True
+            return False
+        guest.fenced = False
+        for commands in ([["FCALL", "tmem_owner", 1, guest.owner_key, epoch, self.settings.host_id]],
+                         [["FCALL", "tmem_claim", 1, guest.fence_key(bucket), epoch]
+                          for bucket in range(FENCE_BUCKETS)]):
+            failed = await self._run(commands, self._writers, wait_replicas=self.settings.replicas)
+            if guest.fenced:  # a higher epoch claimed it meanwhile
+                return False
+            if failed:
+                guest.claim_pending = True
+                return False
+        guest.epoch = epoch
+        log.info("guest claimed in the cluster", extra={"guest": guest.name, "epoch": epoch,
+                                                        "host_id": self.settings.host_id})
+        return True
 
     def guest(self, name: str) -> GuestRemote | None:
         return self._guests.get(name)
@@ -380,6 +537,9 @@ class RemoteTier:
         if guest is None or self._closed:
             return None
         persistent = pool.persistent
+        if guest.epoch is None:  # not (or no longer) this tmemd's to write
+            guest.counters["refused_unowned"] += 1
+            return None
         if not self.reachable:
             guest.counters["refused_unreachable"] += 1
             return None
@@ -429,7 +589,8 @@ class RemoteTier:
         if guest is None or keep:
             return
         # A write still in flight is deleted once it lands (see _complete_write).
-        if page.pending is None:
+        # Not the owner: the key may be the new owner's page now; never deleted.
+        if page.pending is None and guest.epoch is not None:
             self._deletes.append(page_key(guest, self._pool_id(pool), oid, index, page.version))
             self._schedule_flush()
         page.pending = None
@@ -589,24 +750,37 @@ class RemoteTier:
     async def _write_batch(self, writes: list[_Write], deletes: list[bytes]) -> None:
         if not writes and not deletes:
             return
-        commands: dict[bytes, list[Any]] = {}
+        # One tmem_set per (hash tag, TTL) and one tmem_del per hash tag, each checked
+        # against the bucket's fence with the guest's epoch (see FUNCTION_LIBRARY).
         ttl_ms = max(1, int(self.settings.ephemeral_ttl_s * 1000))
+        sets: dict[tuple[bytes, int], tuple[GuestRemote, list[bytes], list[bytes]]] = {}
+        unowned: set[bytes] = set()
         for write in writes:
-            if write.pool.persistent:
-                commands.setdefault(_tag_of(write.key), ["MSET"]).extend((write.key, write.value))
-            else:  # its own command: an ephemeral page's key expires
-                commands[write.key] = ["SET", write.key, write.value, "PX", ttl_ms]
+            if write.guest.epoch is None:  # fenced since it was taken
+                unowned.add(write.key)
+                continue
+            group = sets.setdefault((_tag_of(write.key), 0 if write.pool.persistent else ttl_ms),
+                                    (write.guest, [], []))
+            group[1].append(write.key)
+            group[2].append(write.value)
+        dels: dict[bytes, tuple[GuestRemote, list[bytes]]] = {}
         for key in deletes:
-            commands.setdefault(b"del:" + _tag_of(key), ["DEL"]).append(key)
+            guest = self._guest_of(key)
+            if guest is not None and guest.epoch is not None:
+                dels.setdefault(_tag_of(key), (guest, []))[1].append(key)
+        commands = [["FCALL", "tmem_set", len(keys) + 1, guest.fence_key(_bucket_of(tag)), *keys,
+                     guest.epoch, ttl, *values]
+                    for (tag, ttl), (guest, keys, values) in sets.items()]
+        commands += [["FCALL", "tmem_del", len(keys) + 1, guest.fence_key(_bucket_of(tag)), *keys,
+                      guest.epoch] for tag, (guest, keys) in dels.items()]
         try:
-            failed = await self._run(list(commands.values()), self._writers,
-                                     wait_replicas=self.settings.replicas)
+            failed = await self._run(commands, self._writers, wait_replicas=self.settings.replicas)
         except Exception:  # a bug must not lose acknowledged pages: they stay in memory
             log.exception("remote write batch failed")
-            failed = list(commands.values())
-        failed_keys = {key for command in failed if command[0] == "MSET" for key in command[1::2]}
-        failed_keys.update(command[1] for command in failed if command[0] == "SET")
-        lost_deletes = sum(len(command) - 1 for command in failed if command[0] == "DEL")
+            failed = commands
+        failed_keys = {key for command in failed if command[1] == "tmem_set"
+                       for key in _call_keys(command)} | unowned
+        lost_deletes = sum(len(_call_keys(command)) for command in failed if command[1] == "tmem_del")
         if lost_deletes:
             # Orphans: unreachable copies of pages already gone. Their versions make
             # them harmless; they cost the cluster memory until `tmemctl remote forget`.
@@ -715,7 +889,7 @@ class RemoteTier:
         by_node: dict[str, list[list[Any]]] = defaultdict(list)
         retry: list[list[Any]] = []
         for command in commands:
-            node = self._node_for(command[1])
+            node = self._node_for(_route_key(command))
             if node is None:
                 retry.append(command)
             else:
@@ -762,7 +936,7 @@ class RemoteTier:
             return commands
         bucket = _rtt_bucket((time.perf_counter() - started) * 1e6)
         self.counters["round_trips"] += 1
-        guests = {self._guest_of(command[1]) for command in commands}
+        guests = {self._guest_of(_route_key(command)) for command in commands}
         for guest in guests:
             if guest is not None:
                 guest.rtt_us[bucket] += 1
@@ -772,6 +946,14 @@ class RemoteTier:
                 self.counters["refused_full"] += 1
                 self._full_until = time.monotonic() + FULL_BACKOFF_S
                 refused.append(command)
+            elif _fenced(reply):  # another tmemd claimed the guest: never retried
+                self._lose_ownership(self._guest_of(_route_key(command)), str(reply))
+                refused.append(command)
+            elif _function_missing(reply):  # a master that joined (or lost them) since start
+                await connection.execute_command(  # type: ignore[no-untyped-call]
+                    "FUNCTION", "LOAD", "REPLACE", FUNCTION_LIBRARY)
+                self.counters["command_errors"] += 1
+                failed.append(command)
             elif isinstance(reply, Exception):
                 if not isinstance(reply, _RETRIED):
                     log.error("remote command failed", extra={"node": node, "error": repr(reply)})
@@ -790,6 +972,15 @@ class RemoteTier:
                 return [command for command in commands
                         if command[0] != "MGET" and all(command is not r for r in refused)] + failed
         return failed
+
+    def _lose_ownership(self, guest: GuestRemote | None, reason: str) -> None:
+        if guest is None or guest.fenced:
+            return
+        guest.fenced = True
+        guest.epoch = None
+        log.error("another tmemd owns this guest in the cluster now: its new pages go to the "
+                  "fallback disk, and this tmemd never writes or deletes its keys again",
+                  extra={"guest": guest.name, "uuid": str(guest.uuid), "reason": reason})
 
     def _guest_of(self, key: bytes) -> GuestRemote | None:
         uuid_hex = key[6:38].decode()  # after b"tmem:{"
@@ -825,6 +1016,9 @@ class RemoteTier:
         """While unreachable, try the cluster every second."""
         while True:
             await asyncio.sleep(1.0)
+            if self.reachable and self._cluster is not None:
+                for guest in [guest for guest in self._guests.values() if guest.claim_pending]:
+                    await self.claim(guest)
             if self.reachable or self._cluster is None:
                 continue
             await self._refresh()
@@ -871,7 +1065,7 @@ class RemoteTier:
         over_budget = store.used_bytes > store.budget_bytes * settings.demote_above
         for client in store.clients:
             guest = self._guests.get(client.name)
-            if guest is None:
+            if guest is None or guest.epoch is None:
                 continue
             cap = client.cap_bytes
             if over_budget or (cap is not None and client.stored_bytes > cap * settings.demote_above):
@@ -924,8 +1118,9 @@ class RemoteTier:
                     return moved, client.remote_pages
         return moved, client.remote_pages
 
-    async def namespace_keys(self, guest_uuid: UUID) -> list[bytes]:
-        """Every key in the cluster under the guest's namespace (SCAN on each master)."""
+    async def namespace_keys(self, guest_uuid: UUID, *, pages_only: bool = True) -> list[bytes]:
+        """The keys in the cluster under the guest's namespace (SCAN on each master):
+        its pages' (``pages_only``), or all, its fences and owner record too."""
         if self._cluster is None:
             raise RemoteError("the remote tier is closed")
         pattern = b"tmem:{%b:*" % guest_uuid.hex.encode()
@@ -934,7 +1129,8 @@ class RemoteTier:
             connection = aioredis.Redis(host=node.host, port=int(node.port), protocol=2,
                                         socket_timeout=self.settings.wait_s)
             try:
-                keys += [key async for key in connection.scan_iter(match=pattern, count=1000)]
+                keys += [key async for key in connection.scan_iter(match=pattern, count=1000)
+                         if not pages_only or is_page_key(key)]
             except (RedisError, OSError) as error:
                 raise RemoteError(f"cannot list {node.host}:{node.port}: {error}") from None
             finally:
@@ -943,15 +1139,42 @@ class RemoteTier:
 
     async def forget_namespace(self, guest_uuid: UUID) -> int:
         """Delete every key of the guest's namespace: for a guest tmemd no longer
-        serves (tmemctl forget), or orphans that failed deletes left. Returns the count."""
-        keys = await self.namespace_keys(guest_uuid)
-        commands: dict[bytes, list[Any]] = {}
+        serves (tmemctl forget), or orphans that failed deletes left. Only its owner
+        may: the namespace is claimed first (refused if another host owns it), its
+        pages deleted with that epoch (a claim by another tmemd meanwhile stops
+        it), then its fences and owner record. Returns the count."""
+        served = next((guest for guest in self._guests.values() if guest.uuid == guest_uuid), None)
+        guest = served or GuestRemote(f"uuid {guest_uuid}", guest_uuid, None, 1)
+        if guest.epoch is None and not await self.claim(guest):
+            raise RemoteError(f"the namespace {guest_uuid} is not this tmemd's: "
+                              + ("another tmemd owns it" if guest.fenced else "the cluster is unreachable"))
+        assert guest.epoch is not None
+        keys = await self.namespace_keys(guest_uuid, pages_only=False)
+        pages: dict[bytes, list[bytes]] = defaultdict(list)
+        ownership: list[bytes] = []
         for key in keys:
-            commands.setdefault(_tag_of(key), ["DEL"]).append(key)
-        failed = await self._run(list(commands.values()), self._writers)
+            if is_page_key(key):
+                pages[_tag_of(key)].append(key)
+            else:
+                ownership.append(key)
+        commands = [["FCALL", "tmem_del", len(tag_keys) + 1, guest.fence_key(_bucket_of(tag)),
+                     *tag_keys, guest.epoch] for tag, tag_keys in pages.items()]
+        failed = await self._run(commands, self._writers)
+        if failed or guest.fenced:
+            raise RemoteError(f"{sum(len(_call_keys(c)) for c in failed)} keys could not be deleted"
+                              + (" (another tmemd claimed the namespace)" if guest.fenced else ""))
+        deletes = [["DEL", key] for key in ownership]
+        if served is None:
+            self._guests.pop(guest.name, None)
+        elif deletes:
+            # The fences go with the namespace: the served guest claims it afresh.
+            served.epoch = None
+        failed = await self._run(deletes, self._writers)
         if failed:
-            raise RemoteError(f"{sum(len(c) - 1 for c in failed)} keys could not be deleted")
-        return len(keys)
+            raise RemoteError(f"{len(failed)} keys could not be deleted")
+        if served is not None:
+            await self.claim(served)
+        return sum(1 for key in keys if is_page_key(key))
 
     # -- figures -------------------------------------------------------------------
 
@@ -966,6 +1189,8 @@ class RemoteTier:
         counters = guest.counters
         return {
             "uuid": str(guest.uuid),
+            "epoch": guest.epoch,
+            "fenced": guest.fenced,
             "limit_bytes": self.limit_bytes(guest),
             "local_pages": client.pages - client.remote_pages,
             "local_bytes": client.stored_bytes,
@@ -983,6 +1208,7 @@ class RemoteTier:
             "refused_unreachable": counters["refused_unreachable"],
             "refused_inflight": counters["refused_inflight"],
             "refused_full": counters["refused_full"],
+            "refused_unowned": counters["refused_unowned"],
             "ephemeral_demoted": counters["ephemeral_demoted"],
             "ephemeral_missing": counters["ephemeral_missing"],
             "ephemeral_shed": counters["ephemeral_shed"],
