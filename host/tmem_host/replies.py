@@ -440,6 +440,13 @@ class RemoteDrainReply(TypedDict):
     persistent_pages: int  # its persistent pages now (disk: what the drain must move)
 
 
+class RemoteClaimReply(TypedDict):
+    """The `remote-claim` reply."""
+
+    guest: str
+    epoch: int  # the epoch this tmemd owns the guest's namespace with now
+
+
 class RemoteForgetReply(TypedDict):
     """The `remote-forget` reply."""
 

@@ -26,7 +26,7 @@ from tmem_host.daemon.config import (
 from tmem_host.daemon.control import ControlClient, ControlError
 from tmem_host.replies import (
     ForgetReply, JournalStats, PoolRecord, RemoteDrainReply, RemoteForgetReply, RemoteGuestReply,
-    RemoteGuestStats, RemoteStats, RestoreReply, SaveReply, StatsReply,
+    RemoteClaimReply, RemoteGuestStats, RemoteStats, RestoreReply, SaveReply, StatsReply,
 )
 
 # A guest's counters in the store (replies.ClientStats) that the tables show.
@@ -404,16 +404,26 @@ def cmd_remote_forget(control: ControlClient, args: argparse.Namespace) -> None:
 
 
 def cmd_save(control: ControlClient, args: argparse.Namespace) -> None:
+    """`save` and `handoff` (the same file; a handoff names remote pages by their keys)."""
     # tmemd writes the file itself: an absolute path, as this shell means it.
-    reply: SaveReply = control.request("save", guest=args.guest, path=str(args.file.absolute()))
-    print(f"{reply['guest']}: saved {reply['pages']} pages of {reply['pools']} pools "
-          f"({reply['remote_pages']} read back from the cluster), {reply['fallback_pages']} fallback "
-          f"pages and {reply['lost_pages']} lost pages to {reply['path']} ({reply['bytes']} bytes, "
-          f"sha256 {reply['sha256']})")
+    reply: SaveReply = control.request(args.command, guest=args.guest, path=str(args.file.absolute()))
+    remote = ("of them by their keys in the cluster" if args.command == "handoff"
+              else "read back from the cluster")
+    print(f"{reply['guest']}: {'handed off' if args.command == 'handoff' else 'saved'} {reply['pages']} "
+          f"pages of {reply['pools']} pools ({reply['remote_pages']} {remote}), {reply['fallback_pages']} "
+          f"fallback pages and {reply['lost_pages']} lost pages to {reply['path']} ({reply['bytes']} "
+          f"bytes, sha256 {reply['sha256']})"
+          + ("; restore it on the destination, then forget it here" if args.command == "handoff" else ""))
+
+
+def cmd_remote_claim(control: ControlClient, args: argparse.Namespace) -> None:
+    reply: RemoteClaimReply = control.request("remote-claim", guest=args.guest)
+    print(f"{reply['guest']}: owned in the cluster again (epoch {reply['epoch']})")
 
 
 def cmd_restore(control: ControlClient, args: argparse.Namespace) -> None:
-    reply: RestoreReply = control.request("restore", path=str(args.file.absolute()), guest=args.as_guest)
+    reply: RestoreReply = control.request("restore", path=str(args.file.absolute()), guest=args.as_guest,
+                                          replace=args.replace)
     print(f"{reply['guest']}: restored {reply['pages']} pages of {reply['pools']} pools, "
           f"{reply['fallback_pages']} fallback pages and {reply['lost_pages']} lost pages "
           f"(saved from {reply['saved_guest']})")
@@ -480,19 +490,29 @@ def build_parser() -> argparse.ArgumentParser:
     remote_forget.add_argument("--uuid", help="the namespace of a guest tmemd does not serve "
                                               "(default: the guest's own)")
     remote_forget.set_defaults(run=cmd_remote_forget)
-    save = commands.add_parser(
-        "save", help="write a guest's persistent pages (remote ones read back) and its NBD disk's "
-                     "fallback data to FILE (the guest must not be connected)")
-    save.add_argument("guest")
-    save.add_argument("file", type=Path)
-    save.add_argument("--timeout", type=_seconds(7 * 86400), default=600.0,
-                      help="seconds to wait for tmemd to write the file")
-    save.set_defaults(run=cmd_save)
+    for name, text in (
+            ("save", "write a guest's persistent pages (remote ones read back) and its NBD disk's "
+                     "fallback data to FILE (the guest must not be connected)"),
+            ("handoff", "hand a stopped guest over to another tmemd sharing the cluster: its "
+                        "namespace fenced, its state (remote pages by their keys) in FILE")):
+        save = commands.add_parser(name, help=text)
+        save.add_argument("guest")
+        save.add_argument("file", type=Path)
+        save.add_argument("--timeout", type=_seconds(7 * 86400), default=600.0,
+                          help="seconds to wait for tmemd to write the file")
+        save.set_defaults(run=cmd_save)
+    remote_claim = commands.add_parser(
+        "remote-claim", help="own a guest's namespace in the cluster again (an abandoned handoff)")
+    remote_claim.add_argument("guest")
+    remote_claim.set_defaults(run=cmd_remote_claim)
     restore = commands.add_parser(
         "restore", help="bring a saved guest back (into a configured guest holding no pages)")
     restore.add_argument("file", type=Path)
     restore.add_argument("--as", dest="as_guest", metavar="GUEST",
                          help="restore into this guest (default: the one saved)")
+    restore.add_argument("--replace", action="store_true",
+                         help="even if the guest holds pages (discarded here; its keys in the cluster "
+                              "stay): to finish a restore a crash interrupted")
     restore.add_argument("--timeout", type=_seconds(7 * 86400), default=600.0,
                          help="seconds to wait for tmemd to restore it")
     restore.set_defaults(run=cmd_restore)

@@ -24,7 +24,7 @@ from tmem_host.daemon.config import (
 from tmem_host.daemon.control import ControlError
 from tmem_host.replies import (
     BudgetReply, CapReply, DrainReply, FlushReply, ForgetReply, FreezeReply, GuestRecord,
-    RemoteDrainReply, RemoteForgetReply, RemoteGuestReply, RemoveGuestReply, RestoreReply, SaveReply,
+    RemoteClaimReply, RemoteDrainReply, RemoteForgetReply, RemoteGuestReply, RemoveGuestReply, RestoreReply, SaveReply,
     ShutdownReply,
     StatsReply, ThawReply, WeightReply,
 )
@@ -32,7 +32,7 @@ from tmem_host.daemon.runtime import GuestRuntime, fallback_path, persistent_pag
 from tmem_host.daemon.saverestore import restore_guest, save_guest
 from tmem_host.journal.journaled import journal_path
 from tmem_host.nbd.export import lost_map_path
-from tmem_host.remote.tier import RemoteError, RemoteTier
+from tmem_host.remote.tier import NotOwnerError, RemoteError, RemoteTier
 from tmem_wire.abi import Status
 
 if TYPE_CHECKING:
@@ -65,7 +65,9 @@ class ControlCommands:
             "remote-drain": self.remote_drain,
             "remote-forget": self.remote_forget,
             "save": self.save,
+            "handoff": self.handoff,
             "restore": self.restore,
+            "remote-claim": self.remote_claim,
             "shutdown": self.shutdown,
         }
 
@@ -203,6 +205,8 @@ class ControlCommands:
             try:
                 # Removing its client released its remote pages; this catches orphans.
                 deleted = await self._delete_namespace(runtime.config.identity_uuid)
+            except NotOwnerError:  # handed off or taken over: the keys are another tmemd's
+                deleted = 0
             except RemoteError as error:
                 raise ControlError(f"guest {name!r} forgotten in tmemd, but its keys in the cluster "
                                    f"remain ({error}): delete them with 'tmemctl remote-forget "
@@ -237,10 +241,15 @@ class ControlCommands:
         runtime = self._guest(request.get("guest"))
         return await save_guest(self.daemon, runtime, _absolute_path(request.get("path")))
 
+    async def handoff(self, request: dict[str, Any]) -> SaveReply:
+        runtime = self._guest(request.get("guest"))
+        return await save_guest(self.daemon, runtime, _absolute_path(request.get("path")), handoff=True)
+
     async def restore(self, request: dict[str, Any]) -> RestoreReply:
         guest = request.get("guest")
         name = None if guest is None else validate_guest_name(_guest_name(guest))
-        return await restore_guest(self.daemon, _absolute_path(request.get("path")), name)
+        return await restore_guest(self.daemon, _absolute_path(request.get("path")), name,
+                                   replace=request.get("replace") is True)
 
     # -- the remote tier -------------------------------------------------------------
 
@@ -287,6 +296,20 @@ class ControlCommands:
         return {"guest": runtime.name, "to": to, "moved": moved, "left": left,
                 "draining": runtime.draining,
                 "persistent_pages": persistent_pages(self.store.pool_stats(client))}
+
+    async def remote_claim(self, request: dict[str, Any]) -> RemoteClaimReply:
+        """Own the guest's namespace again after a handoff that no destination took
+        up (or after the cluster was unreachable at the guest's start)."""
+        tier = self._tier()
+        runtime = self._guest(request.get("guest"))
+        guest = tier.guest(runtime.name)
+        assert guest is not None  # every served guest is registered
+        if not await tier.claim(guest, reclaim=True):
+            record = await tier.owner_record(guest) if tier.reachable else {}
+            raise ControlError(f"guest {runtime.name!r} not claimed: "
+                               + (f"the cluster says its owner is {record.get('host')!r}"
+                                  if record else "the cluster is unreachable"))
+        return {"guest": runtime.name, "epoch": guest.epoch or 0}
 
     async def remote_forget(self, request: dict[str, Any]) -> RemoteForgetReply:
         """Delete every key of a guest's namespace in the cluster. Refused while a

@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -41,6 +41,7 @@ class TmemdProcess:
         rlimit_nofile: int | None = None,
         nbd_size: str = "64M",
         journal_reserve: str = "4M",
+        environment: Mapping[str, str] | None = None,
     ) -> None:
         """``rlimit_nofile``: start tmemd with this soft and hard RLIMIT_NOFILE (a
         test of descriptor exhaustion; tmemd itself raises the soft limit to the hard).
@@ -50,6 +51,9 @@ class TmemdProcess:
         ``--nbd-size`` or ``--journal-reserve`` in ``extra_args`` wins."""
         self.run_dir = Path(run_dir)
         self.rlimit_nofile = rlimit_nofile
+        # Added to tmemd's environment at each start (e.g. TMEMD_FAILPOINTS; a test
+        # may change it between restarts).
+        self.environment: dict[str, str] = dict(environment or {})
         self.args = [
             sys.executable, "-m", "tmem_host.daemon.main",
             "--run-dir", str(self.run_dir), "--budget", budget,
@@ -75,6 +79,7 @@ class TmemdProcess:
         with self.log_path.open("ab") as log_file:
             self._proc = subprocess.Popen(
                 self.args, stdout=subprocess.PIPE, stderr=log_file, stdin=subprocess.DEVNULL,
+                env={**os.environ, **self.environment},
                 preexec_fn=self._limit_descriptors if self.rlimit_nofile is not None else None,
             )
         self._wait_ready(timeout)

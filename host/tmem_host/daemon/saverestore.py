@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from tmem_host.daemon.control import ControlError
 from tmem_host.daemon.runtime import GuestRuntime, fallback_path, persistent_pages
+from tmem_host.failpoints import failpoint
 from tmem_host.journal import codec
 from tmem_host.journal.journaled import JournaledStore, journal_path
 from tmem_host.journal.savefile import (
@@ -51,15 +52,29 @@ log = logging.getLogger("tmemd")
 # Remote pages read back per fetch (one round trip per master, as a GET_BATCH).
 FETCH_PAGES = 64
 
-SavedPage = tuple[Oid, int, StoredPage]
+# A page's stored form; a handoff keeps a remote page as its RemotePage (its key).
+SavedPage = tuple[Oid, int, StoredPage | RemotePage]
 
 
-async def save_guest(daemon: Daemon, runtime: GuestRuntime, path: Path) -> SaveReply:
+async def save_guest(daemon: Daemon, runtime: GuestRuntime, path: Path, *,
+                     handoff: bool = False) -> SaveReply:
+    """Save the guest's state to ``path``. ``handoff``: hand its namespace in the
+    cluster off first (RemoteTier.relinquish) and write its remote pages as their
+    keys (REMOTE records), not their data: the destination's restore takes the
+    namespace over and reads them where they are."""
     store = daemon.store
     client = runtime.client
     export = runtime.nbd_export
     _refuse_if_connected(runtime, "saved")
     activity = (runtime.connections_total, export.counters["requests"])
+    handoff_epoch: int | None = None
+    if handoff:
+        tier = daemon.tier
+        guest = tier.guest(runtime.name) if tier is not None else None
+        if tier is None or guest is None:
+            raise ControlError("a handoff needs a remote tier (--remote): use save")
+        handoff_epoch = await tier.relinquish(guest)
+        failpoint("handoff-relinquished")
     pools: list[tuple[int, Pool, list[SavedPage]]] = []
     remote_pages = 0
     for pool_id, pool in enumerate(client.pools):
@@ -67,7 +82,8 @@ async def save_guest(daemon: Daemon, runtime: GuestRuntime, path: Path) -> SaveR
             continue
         snapshot = list(Store.stored_pages(pool))
         remote_pages += pool.remote_pages
-        pools.append((pool_id, pool, await _read_back(store, client, pool_id, pool, snapshot)))
+        pools.append((pool_id, pool, snapshot if handoff
+                      else await _read_back(store, client, pool_id, pool, snapshot)))
     lost_map = export.lost_map()
     metadata: dict[str, Any] = {
         "format": FORMAT_VERSION,
@@ -77,16 +93,20 @@ async def save_guest(daemon: Daemon, runtime: GuestRuntime, path: Path) -> SaveR
         "saved_at": time.time(),
         "page_size": PAGE_SIZE,
         "nbd_size_bytes": export.size_bytes,
+        "handoff_epoch": handoff_epoch,
+        "remote_pages": remote_pages if handoff else 0,  # pages named by their keys
         "pools": [{"id": pool_id, "page_shift": pool.page_shift, "label": pool.label, "pages": len(pages)}
                   for pool_id, pool, pages in pools],
         "pages": sum(len(pages) for _, _, pages in pools),
-        "stored_bytes": sum(pool.page_overhead + stored_data_bytes(stored)
+        "stored_bytes": sum(pool.remote_page_cost if isinstance(stored, RemotePage)
+                            else pool.page_overhead + stored_data_bytes(stored)
                             for _, pool, pages in pools for _, _, stored in pages),
     }
     pieces = _journal_pieces(store, client, pools)
     fallback = list(await asyncio.to_thread(lambda: list(fallback_runs(export.fallback_path,
                                                                        export.size_bytes))))
     size, digest = await asyncio.to_thread(write_save_file, path, metadata, pieces, fallback, lost_map)
+    failpoint("handoff-written" if handoff else "save-written")
     if runtime.connected or activity != (runtime.connections_total, export.counters["requests"]):
         path.unlink(missing_ok=True)
         raise ControlError(f"guest {runtime.name!r} connected during the save: nothing saved "
@@ -102,7 +122,7 @@ async def save_guest(daemon: Daemon, runtime: GuestRuntime, path: Path) -> SaveR
 
 
 async def _read_back(store: Store, client: Client, pool_id: int, pool: Pool,
-                     snapshot: list[tuple[Oid, int, StoredPage | RemotePage]]) -> list[SavedPage]:
+                     snapshot: list[SavedPage]) -> list[SavedPage]:
     """The snapshot with every remote page's stored form read back from the tier;
     ControlError if any cannot be (missing, damaged, the cluster unreachable)."""
     remote = [position for position, (_, _, value) in enumerate(snapshot) if type(value) is RemotePage]
@@ -127,7 +147,7 @@ async def _read_back(store: Store, client: Client, pool_id: int, pool: Pool,
     if unreadable:
         raise ControlError(f"{unreadable} of {len(remote)} remote pages of pool {pool_id} could not "
                            "be read back from the cluster (missing, damaged or unreachable): nothing saved")
-    return snapshot  # type: ignore[return-value]  # every RemotePage was replaced above
+    return snapshot
 
 
 def _journal_pieces(store: Store, client: Client,
@@ -143,7 +163,11 @@ def _journal_pieces(store: Store, client: Client,
     return pieces
 
 
-async def restore_guest(daemon: Daemon, path: Path, name: str | None) -> RestoreReply:
+async def restore_guest(daemon: Daemon, path: Path, name: str | None, *,
+                        replace: bool = False) -> RestoreReply:
+    """Restore the save at ``path`` into guest ``name`` (default: the one saved).
+    ``replace``: even if the guest holds pages (they are discarded here; its keys
+    in the cluster are left alone): to finish a restore a crash interrupted."""
     try:
         saved = await asyncio.to_thread(read_save_file, path)
     except SaveFileError as error:
@@ -159,9 +183,9 @@ async def restore_guest(daemon: Daemon, path: Path, name: str | None) -> Restore
         raise ControlError("this tmemd keeps no journal to restore into")
     _refuse_if_connected(runtime, "restored")
     held = persistent_pages(store.pool_stats(runtime.client))
-    if held:
+    if held and not replace:
         raise ControlError(f"guest {target!r} holds {held} persistent pages: 'tmemctl forget {target}' "
-                           "first (or restore --as another guest)")
+                           "first, restore --as another guest, or --replace them")
     uses_export = (saved.fallback or saved.lost_map is not None
                    or any(pool.get("label") == EXPORT_POOL_LABEL for pool in metadata.get("pools", ())))
     if uses_export and metadata.get("nbd_size_bytes") != daemon.config.nbd_size_bytes:
@@ -173,6 +197,20 @@ async def restore_guest(daemon: Daemon, path: Path, name: str | None) -> Restore
         raise ControlError(f"the save's pages take {needed} bytes and the budget has {room} free: "
                            "raise it (tmemctl set-budget) or give tmemd a remote tier")
     config = runtime.config
+    if metadata.get("remote_pages"):
+        # A handoff: its remote pages are keys in the guest's namespace. Take the
+        # namespace over before anything else, so that the source can neither write
+        # nor delete there from now on (docs/REMOTE.md, "Handing a guest off").
+        tier = daemon.tier
+        guest = tier.guest(target) if tier is not None else None
+        if tier is None or guest is None:
+            raise ControlError("the save names pages in a remote tier: this tmemd has none (--remote)")
+        if str(config.identity_uuid) != metadata.get("uuid"):
+            raise ControlError(f"the save's pages are in namespace {metadata.get('uuid')}; guest "
+                               f"{target!r} has uuid {config.identity_uuid} (give it uuid=...)")
+        if not await tier.claim(guest, take_over=True):
+            raise ControlError(f"guest {target!r} could not be taken over in the cluster: see tmemd's log")
+        failpoint("restore-claimed")
     await daemon.remove_guest(target)
     try:
         await asyncio.to_thread(_install_state, daemon.state_dir, target, saved,
@@ -195,10 +233,16 @@ async def restore_guest(daemon: Daemon, path: Path, name: str | None) -> Restore
 
 
 def _install_state(state_dir: Path, guest: str, saved: SavedGuest, nbd_size_bytes: int) -> None:
-    """Write the guest's journal, fallback file and lost map from the save, each
-    durable before the next; the journal last, through a rename: until it is in
-    place, a start finds the guest's old (empty) journal, never a half restore."""
+    """Write the guest's state files from the save, each durable before the next:
+    first a lost map with every slot lost, then the fallback file, then the journal
+    (a rename), then the saved lost map. A crash before the journal is in place
+    leaves the old (empty) journal and every slot failing to read (restore again);
+    one after it leaves the pages in the pool readable and the rest failing. Never
+    a slot that reads another state's data, or zeros where a page was."""
     fallback = fallback_path(state_dir, guest)
+    lost = lost_map_path(fallback)
+    _replace_file(lost, [b"\xff" * ((nbd_size_bytes // PAGE_SIZE + 7) // 8)])
+    fsync_dir(state_dir)
     fd = open_state_file(fallback)
     try:
         os.ftruncate(fd, 0)  # whatever was there is not the restored disk's
@@ -212,12 +256,14 @@ def _install_state(state_dir: Path, guest: str, saved: SavedGuest, nbd_size_byte
         os.fdatasync(fd)
     finally:
         os.close(fd)
-    lost = lost_map_path(fallback)
+    failpoint("restore-fallback-written")
+    _replace_file(journal_path(state_dir, guest), saved.journal)
+    fsync_dir(state_dir)
+    failpoint("restore-journal-written")
     if saved.lost_map is None:
         lost.unlink(missing_ok=True)
     else:
         _replace_file(lost, [saved.lost_map])
-    _replace_file(journal_path(state_dir, guest), saved.journal)
     fsync_dir(state_dir)
 
 

@@ -158,6 +158,14 @@ class RemoteError(Exception):
     """The remote tier cannot start: the cluster is unreachable or unsafe."""
 
 
+class NotOwnerError(RemoteError):
+    """Another tmemd owns the guest's namespace (docs/REMOTE.md, "Ownership and fencing")."""
+
+#: The owner record's host while a guest is handed off: nobody's until the
+#: destination takes it over (or its source reclaims it).
+HANDOFF_PREFIX: Final = "handoff-from:"
+
+
 @dataclass(frozen=True, slots=True)
 class RemoteSettings:
     #: Cluster seed nodes, "host:port".
@@ -474,46 +482,90 @@ class RemoteTier:
         await self.claim(guest, take_over=take_over)
         return guest
 
-    async def claim(self, guest: GuestRemote, *, take_over: bool = False) -> bool:
+    async def claim(self, guest: GuestRemote, *, take_over: bool = False,
+                    reclaim: bool = False) -> bool:
         """Own the guest's namespace: a new epoch from its owner key's counter, the
         owner record (epoch, host id), then every bucket's fence. A namespace whose
         owner record names another host is left to it unless ``take_over`` (a
-        handoff): configuring one guest on two hosts never disturbs the one that
-        serves it. False if not claimed: the guest's pages stay out of the tier
-        (refused: the fallback disk); an unreachable cluster is tried again by
-        the prober."""
+        restore): configuring one guest on two hosts never disturbs the one that
+        serves it. One this host handed off (``relinquish``) is taken back only
+        with ``reclaim`` (tmemctl remote-claim: the handoff was abandoned). False
+        if not claimed: the guest's pages stay out of the tier (refused: the
+        fallback disk); an unreachable cluster is tried again by the prober."""
         guest.claim_pending = False
         cluster = self._cluster
         if cluster is None or not self.reachable:
             guest.claim_pending = True
             return False
+        mine = self.settings.host_id
         try:
-            record = {_text(field): _text(value)
-                      for field, value in (await cluster.hgetall(guest.owner_key)).items()}
+            record = await self.owner_record(guest)
             host = record.get("host", "")
-            if host and host != self.settings.host_id and not take_over:
-                self._lose_ownership(guest, f"owned by host {host!r} (epoch {record.get('epoch')})")
+            if host not in ("", mine) and not take_over and not (reclaim and host == HANDOFF_PREFIX + mine):
+                self._lose_ownership(guest, f"owned by {host!r} (epoch {record.get('epoch')})")
                 return False
-            epoch = int(await cluster.hincrby(guest.owner_key, "epochs", 1))
         except (RedisError, RedisClusterException, OSError) as error:
             log.warning("cannot claim a guest in the cluster yet",
                         extra={"guest": guest.name, "error": str(error)})
             guest.claim_pending = True
             return False
+        epoch = await self._fence_all(guest, mine)
+        if epoch is None:
+            return False
+        guest.epoch = epoch
+        log.info("guest claimed in the cluster", extra={"guest": guest.name, "epoch": epoch,
+                                                        "host_id": mine})
+        return True
+
+    async def relinquish(self, guest: GuestRemote) -> int:
+        """Hand the guest's namespace off: fence it with a new epoch that no tmemd
+        holds (the owner record says HANDOFF_PREFIX + this host), so that from the
+        moment this returns nothing writes or deletes the guest's keys, this tmemd's
+        writes in flight included (refused by the cluster: their pages stay in
+        memory), until a restore elsewhere takes the guest over. Returns the epoch;
+        NotOwnerError if this tmemd does not own the guest, RemoteError if the
+        cluster cannot be reached."""
+        if guest.epoch is None:
+            raise NotOwnerError(f"guest {guest.name!r} is not this tmemd's in the cluster")
+        guest.epoch = None  # nothing more is sent for it; then what was sent lands
+        while (written := self.barrier()) is not None:
+            await written
+        epoch = await self._fence_all(guest, HANDOFF_PREFIX + self.settings.host_id)
+        if epoch is None:
+            raise RemoteError(f"guest {guest.name!r} could not be handed off: the cluster did not "
+                              "take the new fences")
+        self._lose_ownership(guest, f"handed off at epoch {epoch}")
+        return epoch
+
+    async def owner_record(self, guest: GuestRemote) -> dict[str, str]:
+        """The guest's owner record: ``epochs`` (the counter), ``epoch``, ``host``."""
+        assert self._cluster is not None
+        reply = await self._cluster.hgetall(guest.owner_key)
+        return {_text(field): _text(value) for field, value in reply.items()}
+
+    async def _fence_all(self, guest: GuestRemote, owner: str) -> int | None:
+        """A new epoch, recorded for ``owner`` and set on every bucket's fence;
+        None if the cluster failed or a higher epoch won (then ``guest.fenced``)."""
+        assert self._cluster is not None
+        try:
+            epoch = int(await self._cluster.hincrby(guest.owner_key, "epochs", 1))
+        except (RedisError, RedisClusterException, OSError) as error:
+            log.warning("cannot fence a guest in the cluster yet",
+                        extra={"guest": guest.name, "error": str(error)})
+            guest.claim_pending = True
+            return None
         guest.fenced = False
-        for commands in ([["FCALL", "tmem_owner", 1, guest.owner_key, epoch, self.settings.host_id]],
+        guest.epoch = None
+        for commands in ([["FCALL", "tmem_owner", 1, guest.owner_key, epoch, owner]],
                          [["FCALL", "tmem_claim", 1, guest.fence_key(bucket), epoch]
                           for bucket in range(FENCE_BUCKETS)]):
             failed = await self._run(commands, self._writers, wait_replicas=self.settings.replicas)
             if guest.fenced:  # a higher epoch claimed it meanwhile
-                return False
+                return None
             if failed:
                 guest.claim_pending = True
-                return False
-        guest.epoch = epoch
-        log.info("guest claimed in the cluster", extra={"guest": guest.name, "epoch": epoch,
-                                                        "host_id": self.settings.host_id})
-        return True
+                return None
+        return epoch
 
     def guest(self, name: str) -> GuestRemote | None:
         return self._guests.get(name)
@@ -1146,8 +1198,9 @@ class RemoteTier:
         served = next((guest for guest in self._guests.values() if guest.uuid == guest_uuid), None)
         guest = served or GuestRemote(f"uuid {guest_uuid}", guest_uuid, None, 1)
         if guest.epoch is None and not await self.claim(guest):
-            raise RemoteError(f"the namespace {guest_uuid} is not this tmemd's: "
-                              + ("another tmemd owns it" if guest.fenced else "the cluster is unreachable"))
+            if guest.fenced:
+                raise NotOwnerError(f"the namespace {guest_uuid} is another tmemd's (or handed off)")
+            raise RemoteError(f"the namespace {guest_uuid} cannot be claimed: the cluster is unreachable")
         assert guest.epoch is not None
         keys = await self.namespace_keys(guest_uuid, pages_only=False)
         pages: dict[bytes, list[bytes]] = defaultdict(list)
