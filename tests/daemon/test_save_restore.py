@@ -13,7 +13,7 @@ from tmem_host.daemon.client import AbiClient
 from tmem_host.daemon.control import ControlError
 from tmem_host.daemon.process import StartTmemd, TmemdProcess
 from tmem_host.journal.savefile import SaveFileError, read_save_file
-from tmem_host.nbd.client import NbdClient
+from tmem_host.nbd.client import NbdClient, NbdClientError
 from tmem_wire import nbd
 from tmem_wire.abi import PoolFlag, Status
 from tmem_workloads.usemem import expected_page, page_templates
@@ -146,7 +146,16 @@ def test_damaged_files_busy_guests_and_full_guests_are_refused_with_nothing_chan
         with pytest.raises(ControlError, match="budget has"):
             control.request("restore", path=str(saved), guest="g2")
         control.set_budget("16M")
-        assert control.request("restore", path=str(saved), guest="g2")["pages"] == 64
+        with NbdClient(daemon.nbd_socket("tiny"), "tiny") as disk:  # connected, and wrote
+            assert disk.write(0, page(0)) == nbd.Error.OK
+            with pytest.raises(ControlError, match="live connection"):
+                control.request("restore", path=str(saved), guest="tiny")
+        # Connected but idle (a destination QEMU started with -incoming): restored, and
+        # the connection is closed (QEMU reconnects to the restored disk).
+        with NbdClient(daemon.nbd_socket("g2"), "g2") as idle:
+            assert control.request("restore", path=str(saved), guest="g2")["pages"] == 64
+            with pytest.raises((NbdClientError, OSError)):
+                idle.read(0, PAGE)
     with AbiClient.open(daemon.abi_socket("g2")) as client:  # and g1 still has its own
         assert client.get_batch(pool, AGENT_KEYS[:64]) == [page(n) for n in range(64)]
     with AbiClient.open(daemon.abi_socket("g1")) as client:

@@ -181,7 +181,8 @@ async def restore_guest(daemon: Daemon, path: Path, name: str | None, *,
     store = daemon.store
     if not isinstance(store, JournaledStore):
         raise ControlError("this tmemd keeps no journal to restore into")
-    _refuse_if_connected(runtime, "restored")
+    if runtime.connected and not _pristine(runtime, store):
+        _refuse_if_connected(runtime, "restored")
     held = persistent_pages(store.pool_stats(runtime.client))
     if held and not replace:
         raise ControlError(f"guest {target!r} holds {held} persistent pages: 'tmemctl forget {target}' "
@@ -282,6 +283,14 @@ def _replace_file(path: Path, pieces: Sequence[bytes]) -> None:
         raise
     os.close(fd)
     os.replace(tmp_path, path)
+
+
+def _pristine(runtime: GuestRuntime, store: Store) -> bool:
+    """Whether nothing connected to the guest has put or changed anything since it
+    was added: a destination QEMU started with -incoming is connected, paused and
+    idle. Its connections are closed by the restore and reconnect to the result."""
+    return (runtime.client.puts == 0 and runtime.nbd_export.counters["changes"] == 0
+            and persistent_pages(store.pool_stats(runtime.client)) == 0)
 
 
 def _refuse_if_connected(runtime: GuestRuntime, what: str) -> None:

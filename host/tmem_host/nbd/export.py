@@ -465,6 +465,7 @@ class NbdExport:
         try:
             if command is nbd.Command.READ:
                 return self._read(first_slot, pages)
+            self.counters["changes"] += 1  # a WRITE, TRIM or WRITE_ZEROES
             if command is nbd.Command.WRITE:
                 self._write(first_slot, request.data)
             else:
