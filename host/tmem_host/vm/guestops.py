@@ -6,17 +6,34 @@ One place for them, used by the testbed runner and the guest tests alike.
 
 from __future__ import annotations
 
+import io
 import json
 import shlex
+import tarfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from tmem_host.vm.launcher import CommandResult, Guest
+from tmem_host.vm.recipe import REPO_ROOT
 from tmem_wire.agent import AGENT_LOG_FILE, AGENT_READY_FILE, AGENT_RUN_DIR, DISK_SERIALS
 
 CGROUP_ROOT = "/sys/fs/cgroup"
+
+
+def install_guest_code(guest: Guest) -> None:
+    """Copy the agent, the workloads and the wire ABI onto the guest's root disk
+    at /opt/tmem (where the image's tmem.pth looks), for a guest booted without
+    the 9p share (share_agent=False): QEMU does not migrate a guest that has one
+    mounted."""
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w") as tar:
+        for directory, package in (("guest", "tmem_guest"), ("guest", "tmem_workloads"),
+                                   ("wire", "tmem_wire")):
+            tar.add(REPO_ROOT / directory / package, arcname=f"{directory}/{package}",
+                    filter=lambda info: None if "__pycache__" in info.name else info)
+    guest.ssh("mkdir -p /opt/tmem && tar -C /opt/tmem -xf -", input=archive.getvalue())
 
 
 def disk_by_serial(serial: str) -> str:

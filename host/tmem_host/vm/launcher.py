@@ -181,6 +181,13 @@ class VmConfig:
     qemu_args: Sequence[str] = ()  # appended verbatim
     boot_timeout: float | None = None  # default by accelerator
     qemu_binary: str = QEMU_BINARY
+    # Live migration (Guest.migrate_to): both QEMUs open one qcow2 overlay of the
+    # root image (create_root_overlay) instead of snapshot=on; the destination
+    # waits on `incoming` (-incoming URI, paused: -S) and reuses the source's SSH
+    # key, so that its command line is the source's but for its sockets.
+    root_overlay: Path | None = None
+    incoming: str | None = None
+    ssh_key_from: Path | None = None
 
 
 @dataclass(slots=True)
@@ -280,8 +287,11 @@ def qemu_command(
         "-chardev", f"file,id=console,path={console_log}", "-serial", "chardev:console",
         "-kernel", str(config.kernel or image.kernel), "-initrd", str(image.initrd),
         "-append", " ".join(kernel_args),
-        # snapshot=on: guests share the cached root image and never change it.
-        "-drive", f"file={image.rootfs},if=none,id=root,format=raw,snapshot=on",
+        # snapshot=on: guests share the cached root image and never change it
+        # (a migration's two QEMUs share an overlay of it instead).
+        "-drive", (f"file={config.root_overlay},if=none,id=root,format=qcow2"
+                   if config.root_overlay is not None else
+                   f"file={image.rootfs},if=none,id=root,format=raw,snapshot=on"),
         "-device", f"virtio-blk-pci,drive=root,serial={DISK_SERIALS['root']}",
         # restrict=on: no way out of the guest but the SSH port, bound to loopback only.
         "-netdev", f"user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{ssh_port}-:22",
@@ -315,7 +325,20 @@ def qemu_command(
         for tag, path in AGENT_SHARES.items():
             command += ["-virtfs", f"local,path={path},mount_tag={tag},"
                                    "security_model=none,readonly=on"]
+    if config.incoming is not None:
+        command += ["-incoming", config.incoming, "-S"]
     return command + list(config.qemu_args)
+
+
+def create_root_overlay(path: Path, image: GuestImage | None = None) -> Path:
+    """A qcow2 overlay of the cached root image at ``path``: the root disk both
+    QEMUs of a live migration open (QEMU hands its write lock over at the switch)."""
+    rootfs = (image or require_image()).rootfs
+    result = subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(rootfs),
+                             str(path)], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise VmConfigError(f"qemu-img create {path} exited {result.returncode}: {result.stderr.strip()}")
+    return path
 
 
 def _scratch_disk_args(role: str, path: Path, speed: str) -> list[str]:
@@ -563,6 +586,43 @@ class Guest:
         self._log_qmp("<-", {"return": reply})
         return reply
 
+    # -- live migration -------------------------------------------------------
+
+    def migrate_to(self, destination: Guest, timeout: float = 600.0, *,
+                   max_bandwidth: int = 4 << 30, downtime_limit_ms: int = 1000) -> dict[str, Any]:
+        """Live-migrate this guest to ``destination`` (started with ``incoming``)
+        and wait until QEMU reports the migration completed (this QEMU is then
+        stopped, the destination paused); returns QEMU's last ``query-migrate``
+        (total-time, downtime, ram.transferred, ...). QemuError if it failed."""
+        uri = destination.config.incoming
+        if uri is None:
+            raise VmConfigError(f"guest {destination.config.name}: not started with incoming=URI")
+        self.qmp("migrate-set-parameters", {"max-bandwidth": max_bandwidth,
+                                            "downtime-limit": downtime_limit_ms})
+        self.qmp("migrate", uri=uri)
+        deadline = time.monotonic() + timeout
+        while True:
+            info: dict[str, Any] = self.qmp("query-migrate")
+            status = info.get("status")
+            if status == "completed":
+                break
+            if status in ("failed", "cancelled"):
+                raise self._error(QemuError, f"migration {status}: {info.get('error-desc', info)}")
+            if time.monotonic() > deadline:
+                self.qmp("migrate_cancel")
+                raise self._error(QemuError, f"migration not completed in {timeout:.0f} s: {info}")
+            time.sleep(0.2)
+        while destination.qmp("query-status").get("status") == "inmigrate":
+            if time.monotonic() > deadline:
+                raise destination._error(QemuError, "the destination still loads the migration")
+            time.sleep(0.1)
+        return info
+
+    def resume_migrated(self, timeout: float = 60.0) -> None:
+        """The destination after ``migrate_to``: run the guest, log in over SSH."""
+        self.qmp("cont")
+        self._connect_ssh(time.monotonic() + timeout)
+
     def remove_tmem_channel(self, timeout: float = 30.0) -> None:
         """Hot-unplug the guest's org.tmem.0 port and remove its chardev (which
         drops the connection to tmemd). The port is gone once QEMU reports
@@ -728,9 +788,12 @@ class Guest:
             log.write(line + "\n")
 
     def _make_ssh_key(self) -> paramiko.Ed25519Key:
-        pem = Ed25519PrivateKey.generate().private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-            serialization.NoEncryption()).decode()
+        if self.config.ssh_key_from is not None:  # the guest a migration brings here
+            pem = self.config.ssh_key_from.read_text()
+        else:
+            pem = Ed25519PrivateKey.generate().private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                serialization.NoEncryption()).decode()
         self.key_path.touch(mode=0o600)
         self.key_path.write_text(pem)
         return paramiko.Ed25519Key.from_private_key(io.StringIO(pem))
