@@ -1,10 +1,10 @@
 """A running TCG guest live-migrated between two tmemds mid-workload, on the block
-path (docs/REMOTE.md, "Handing a guest off"): host a's QEMU swaps on host a's NBD
-export, host b's QEMU waits with -incoming on host b's export; QMP migrate, then
-the handoff (a fences the guest's namespace and writes its state, remote pages
-by key), the restore on b (it takes the namespace over), and the destination
-runs on. The checksummed workload must verify every page, some of them served by
-b from the cluster and from what a handed over."""
+path and on the agent path (docs/REMOTE.md, "Live migration"): host a's QEMU
+swaps through host a's tmemd, host b's QEMU waits with -incoming wired to host b's;
+QMP migrate, then the handoff (a fences the guest's namespace and writes its
+state, remote pages by key), the restore on b (it takes the namespace over), and
+the destination runs on. The checksummed workload must verify every page, some
+of them served by b from the cluster and from what a handed over."""
 
 from __future__ import annotations
 
@@ -17,7 +17,9 @@ import pytest
 from tmem_host.daemon.process import TmemdProcess
 from tmem_host.remote.cluster import LocalCluster
 from tmem_host.replies import NbdExportStats
-from tmem_host.vm.guestops import enable_disk_swap, install_guest_code, io_errors
+from tmem_host.vm.guestops import (
+    agent_stats, enable_disk_swap, in_cgroup, install_guest_code, io_errors, start_agent,
+)
 from tmem_host.vm.launcher import Guest, VmConfig, create_root_overlay
 from tmem_host.waiting import wait_until
 
@@ -26,6 +28,11 @@ from .test_remote_control import remote
 
 GUEST_MEMORY_MIB = 256
 WORKLOAD_MIB = 384  # 1.5x the guest's RAM: a large part swaps out, and back in to verify
+# The agent's workload runs in a memory cgroup (docs/AGENT.md: the guard against
+# reclaim deadlocks of a user-space swap device), as in tests/agent.
+AGENT_WORKLOAD_MIB = 96
+AGENT_CGROUP_MAX = "64M"
+AGENT_REQUEST_TIMEOUT_S = 5
 OUTPUT = "/root/usemem.out"
 
 
@@ -34,34 +41,59 @@ def export_stats(daemon: TmemdProcess) -> NbdExportStats:
         return control.stats()["nbd"]["g1"]
 
 
+def persistent_pages(daemon: TmemdProcess) -> int:
+    with daemon.control() as control:
+        return sum(pool["pages"] for pool in control.guests()[0]["pools"] if "PERSISTENT" in pool["flags"])
+
+
 @pytest.mark.vm
 @pytest.mark.slow
-def test_a_guest_migrated_mid_workload_on_the_block_path_verifies_every_page(
-        tmp_path: Path, redis_cluster: LocalCluster) -> None:
-    hosts = {name: TmemdProcess(tmp_path / name, budget="48M", guests=("g1",), nbd_size="1G",
+@pytest.mark.parametrize("path", ["block", "agent"])
+def test_a_guest_migrated_mid_workload_verifies_every_page(
+        tmp_path: Path, redis_cluster: LocalCluster, path: str) -> None:
+    """Block path: the guest swaps on its host's NBD export. Agent path: the agent
+    in the guest serves its swap device over the tmem channel, with a fallback disk
+    both QEMUs share; after the switch its session finds host b and resumes its pool."""
+    hosts = {name: TmemdProcess(tmp_path / name, budget="16M", guests=("g1",), nbd_size="1G",
                                 extra_args=["--remote", redis_cluster.seed_spec, "--host-id", name])
              for name in ("a", "b")}
     handoff = tmp_path / "g1.handoff"
+    agent = path == "agent"
     try:
         a, b = hosts["a"].start(), hosts["b"].start()
-        config = VmConfig(name="g1", memory_mib=GUEST_MEMORY_MIB, swap="nbd", nbd_socket=a.nbd_socket("g1"),
-                          nbd_export="g1", share_agent=False, run_dir=tmp_path / "vm-a",
+        config = VmConfig(name="g1", memory_mib=GUEST_MEMORY_MIB, share_agent=False, run_dir=tmp_path / "vm-a",
                           root_overlay=create_root_overlay(tmp_path / "root.qcow2"))
+        if agent:
+            config = replace(config, swap="hostcache", swap_mib=1024, tmem_socket=a.abi_socket("g1"),
+                             shared_disk_dir=tmp_path / "disks")
+            workload = in_cgroup(f"python3 -m tmem_workloads.usemem --mib {AGENT_WORKLOAD_MIB}",
+                                 AGENT_CGROUP_MAX)
+        else:
+            config = replace(config, swap="nbd", nbd_socket=a.nbd_socket("g1"), nbd_export="g1")
+            workload = f"python3 -m tmem_workloads.usemem --mib {WORKLOAD_MIB}"
         with Guest(config) as source:
             install_guest_code(source)
-            enable_disk_swap(source)
-            source.ssh(f"setsid -f sh -c 'python3 -m tmem_workloads.usemem --mib {WORKLOAD_MIB} "
-                       f"> {OUTPUT}.tmp 2>&1; mv {OUTPUT}.tmp {OUTPUT}' < /dev/null > /dev/null 2>&1")
+            if agent:
+                start_agent(source, f"--swap pipelined --request-timeout {AGENT_REQUEST_TIMEOUT_S}")
+            else:
+                enable_disk_swap(source)
+            source.ssh(f"cat > /root/workload.sh && setsid -f sh -c 'sh /root/workload.sh > {OUTPUT}.tmp "
+                       f"2>&1; mv {OUTPUT}.tmp {OUTPUT}' < /dev/null > /dev/null 2>&1",
+                       input=workload.encode())
             # Mid-workload: pages in a's memory and in the cluster.
-            assert wait_until(lambda: export_stats(a)["pages_put_tmem"] > 8000
-                              and remote(a)["remote_pages"] > 0, 300, interval=1.0), export_stats(a)
-            destination = Guest(replace(config, nbd_socket=b.nbd_socket("g1"), run_dir=tmp_path / "vm-b",
-                                        incoming=f"unix:{tmp_path / 'migrate.sock'}",
-                                        ssh_key_from=source.key_path))
+            assert wait_until(lambda: persistent_pages(a) > 4000 and remote(a)["remote_pages"] > 0,
+                              300, interval=1.0), remote(a)
+            incoming = replace(config, run_dir=tmp_path / "vm-b", incoming=f"unix:{tmp_path / 'migrate.sock'}",
+                               ssh_key_from=source.key_path)
+            if agent:
+                incoming.tmem_socket = b.abi_socket("g1")
+            else:
+                incoming.nbd_socket = b.nbd_socket("g1")
+            destination = Guest(incoming)
             destination.start()
             try:
                 migration = source.migrate_to(destination)
-                source.kill()  # stopped after the switch; its NBD connection to a closes
+                source.kill()  # stopped after the switch; its connections to a close
                 line = ok(tmemctl(a, "handoff", "g1", str(handoff)))
                 # The destination QEMU waits, connected and idle: the restore takes it.
                 ok(tmemctl(b, "restore", str(handoff)))
@@ -70,20 +102,28 @@ def test_a_guest_migrated_mid_workload_on_the_block_path_verifies_every_page(
                                   600, interval=2.0)
                 output = destination.ssh(f"cat {OUTPUT}").stdout
                 errors = io_errors(destination)
+                swap = agent_stats(destination)["swap"] if agent else {}
             finally:
                 destination.shutdown()
         usemem = json.loads(output.strip().splitlines()[-1])
-        assert usemem["verified"] and usemem["pages"] == WORKLOAD_MIB * 256, output
+        assert usemem["verified"], output
         assert errors == [], errors
-        served = export_stats(b)
         figures = remote(b)
-        assert served["pages_read_tmem"] > 0 and served["read_errors"] == 0, served
-        assert figures["gets"] > 0 and figures["get_errors"] == figures["get_missing"] == 0, figures
-        assert remote(a)["fenced"]
-        print(f"\nlive migration mid-usemem ({WORKLOAD_MIB} MiB in {GUEST_MEMORY_MIB} MiB): "
-              f"total {migration.get('total-time')} ms, downtime {migration.get('downtime')} ms, "
-              f"RAM {migration.get('ram', {}).get('transferred', 0) >> 20} MiB; {line.strip()}; "
-              f"b read {served['pages_read_tmem']} pages from tmem ({figures['gets']} from the cluster)")
+        assert figures["get_errors"] == figures["get_missing"] == 0, figures
+        assert remote(a)["fenced"] and not figures["fenced"]
+        if agent:
+            counters = swap["counters"]
+            assert counters["lost_pages"] == 0 and counters["errors"] == 0, counters
+            assert swap["pools_resumed"] >= 1 and swap["pool_id"] is not None, swap
+            with b.control() as control:
+                pool = next(pool for pool in control.guests()[0]["pools"] if pool["pool_id"] == swap["pool_id"])
+            assert pool["gets"] > 0, pool  # b served the agent's swap-ins
+        else:
+            served = export_stats(b)
+            assert served["pages_read_tmem"] > 0 and served["read_errors"] == 0, served
+        print(f"\n{path} path, live migration mid-usemem: total {migration.get('total-time')} ms, "
+              f"downtime {migration.get('downtime')} ms, RAM {migration.get('ram', {}).get('transferred', 0) >> 20} "
+              f"MiB; {line.strip()}; b: {figures['gets']} pages read from the cluster")
     finally:
         for daemon in hosts.values():
             daemon.terminate()

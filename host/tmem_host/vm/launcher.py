@@ -188,6 +188,9 @@ class VmConfig:
     root_overlay: Path | None = None
     incoming: str | None = None
     ssh_key_from: Path | None = None
+    # The scratch swap and data disks live here and outlive the QEMU (the
+    # migration's other QEMU opens the same files); None: fresh ones in run_dir.
+    shared_disk_dir: Path | None = None
 
 
 @dataclass(slots=True)
@@ -708,7 +711,16 @@ class Guest:
 
     def _sparse_file(self, name: str, size_mib: int) -> Path:
         """A fresh scratch disk; kill() deletes it once QEMU is gone (it can grow to
-        its full size, and every boot makes a new one)."""
+        its full size, and every boot makes a new one). In ``shared_disk_dir`` it
+        is made once, kept, and opened as it is by the next QEMU (a migration's)."""
+        shared = self.config.shared_disk_dir
+        if shared is not None:
+            path = shared / name
+            if not path.exists():
+                shared.mkdir(parents=True, exist_ok=True)
+                with path.open("xb") as sparse:
+                    sparse.truncate(size_mib << 20)
+            return path
         path = self.run_dir / name
         self._scratch_disks.append(path)
         with path.open("wb") as sparse:
