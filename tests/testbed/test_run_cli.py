@@ -165,3 +165,44 @@ def test_two_guests_under_one_budget_report_where_the_memory_went(tmp_path: Path
     assert capped["nbd"]["pages_refused_fallback"] == capped["refusals"]
     report = (results / "report.md").read_text()
     assert "| tmem-blk/g0 | 1/1 |" in report and "| tmem-blk/g1 | 1/1 |" in report
+
+
+TINY_MIGRATE = """
+name = "tiny-migrate"
+modes = ["bigmem", "tmem-remote"]
+baseline = "bigmem"
+repetitions = 1
+[guests]
+memory_mib = 192
+swap_mib = 512
+[host]
+budget = "512M"
+[workload]
+kind = "usemem"
+ratio = 1.25
+[migration]
+after_s = 3
+[timeouts]
+workload_s = 300
+"""
+
+
+@pytest.mark.vm
+@pytest.mark.slow
+def test_migration_scenario_end_to_end(tmp_path: Path) -> None:
+    scenario = tmp_path / "tiny-migrate.toml"
+    scenario.write_text(TINY_MIGRATE)
+    result, results, run = run_passing_scenario(scenario, tmp_path / "results")
+    samples = {(s["mode"], s.get("migrated")): s for s in run["samples"]}
+    assert set(samples) == {(mode, migrated) for mode in ("bigmem", "tmem-remote") for migrated in (False, True)}
+    for (mode, migrated), sample in samples.items():
+        assert sample["ok"] and sample["verified"] and sample["workload"]["bad_pages"] == 0, sample
+        assert (sample["migration"] is not None) == migrated
+    bigmem, remote = samples["bigmem", True]["migration"], samples["tmem-remote", True]["migration"]
+    assert bigmem["ram_bytes"] > 0 and bigmem["handoff_bytes"] == 0 and bigmem["served_from_tmem"] == 0
+    assert remote["handoff_bytes"] > 0 and remote["total_ms"] > 0 and remote["handoff_s"] > 0
+    assert samples["tmem-remote", True]["tmemd"]["puts"] > 0  # tmemd b took the guest's pages after the switch
+    report = (results / "report.md").read_text()
+    assert "## Live migration" in report and "| tmem-remote | 1 |" in report
+    assert "Migrating mid-workload cost" in report and "QEMU sent" in report
+    assert "live migration mid-workload" in result.stdout  # the terminal's table

@@ -82,12 +82,12 @@ def command_run(args: argparse.Namespace) -> int:
 
 
 def print_summary(run: RunRecord) -> None:
-    """The summary table, and the remote tier's when a mode had one."""
+    """The summary table; the remote tier's when a mode had one; the migrations'."""
     console = stdout_console()
     console.print(report.summary_table(run))
-    remote = report.remote_table(run)
-    if remote is not None:
-        console.print(remote)
+    for table in (report.remote_table(run), report.migration_table(run)):
+        if table is not None:
+            console.print(table)
 
 
 def _run_guarded(runner: Runner) -> RunOutcome | None:

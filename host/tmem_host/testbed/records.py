@@ -28,6 +28,24 @@ class GuestsRecord(TypedDict):
     workload_memory_mib: int
 
 
+class MigrationSpecRecord(TypedDict):
+    """A scenario's [migration] table."""
+
+    after_s: float  # seconds into the workload when the live migration starts
+    compare: bool  # each mode also runs without a migration (the slowdown's reference)
+
+
+class MigrationRecord(TypedDict):
+    """What a migrated sample measured (QEMU's query-migrate, the handoff, tmemd b)."""
+
+    total_ms: int  # QEMU's total migration time
+    downtime_ms: int  # QEMU's downtime (the stop-and-copy)
+    ram_bytes: int  # RAM QEMU transferred
+    handoff_s: float  # the guest stopped: from the source QEMU's stop to the destination's cont
+    handoff_bytes: int  # the handoff (or save) file tmemd a wrote; 0 without tmemd
+    served_from_tmem: int  # swap pages the destination's tmemd served after the switch
+
+
 class ScenarioRecord(TypedDict):
     """Scenario.to_json()."""
 
@@ -44,6 +62,7 @@ class ScenarioRecord(TypedDict):
     workload_timeout_s: float
     description: str
     extra: dict[str, Any]
+    migration: NotRequired[MigrationSpecRecord | None]  # scenarios before migration lack the key
 
 
 class HostMetadata(TypedDict):
@@ -107,6 +126,10 @@ class Sample(TypedDict):
     # ROLE_cpu_s and ROLE_peak_rss, ROLE qemu, tmemd or redis (the cluster's nodes, summed)
     host: NotRequired[dict[str, float]]
     timeline: NotRequired[list[list[float]]]  # [seconds, tmemd RSS, QEMU RSS] rows (hostmetrics)
+    # A migration scenario's samples: whether this one was live-migrated mid-workload,
+    # and what the migration measured (wall_s is then the host's, launch to result).
+    migrated: NotRequired[bool]
+    migration: NotRequired[MigrationRecord | None]
 
 
 class RunRecord(TypedDict):

@@ -15,13 +15,13 @@ import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from rich.table import Table
 
 from tmem_host.replies import RemoteGuestStats
 from tmem_host.testbed import stats
-from tmem_host.testbed.records import RunRecord, Sample, TmemdCounter
+from tmem_host.testbed.records import MigrationRecord, RunRecord, Sample, TmemdCounter
 
 RUN_FILE = "run.json"
 
@@ -77,7 +77,8 @@ class ModeRow:
 
 
 def _key(sample: Sample, guests: int) -> str:
-    return str(sample["mode"]) if guests <= 1 else f"{sample['mode']}/{sample['guest']}"
+    key = str(sample["mode"]) if guests <= 1 else f"{sample['mode']}/{sample['guest']}"
+    return f"{key} migrated" if sample.get("migrated") else key
 
 
 def _mean(values: Iterable[float | None]) -> float | None:
@@ -170,7 +171,8 @@ def summarize_run(run: RunRecord) -> list[ModeRow]:
     groups: dict[str, list[Sample]] = {}
     for sample in run["samples"]:
         groups.setdefault(_key(sample, guests), []).append(sample)
-    baseline_walls = _walls([s for s in run["samples"] if s["mode"] == scenario["baseline"]])
+    baseline_walls = _walls([s for s in run["samples"]
+                             if s["mode"] == scenario["baseline"] and not s.get("migrated")])
     baseline_mean = stats.summarize(baseline_walls).mean if baseline_walls else None
     rows = []
     for mode in scenario["modes"]:
@@ -349,6 +351,95 @@ def remote_lines(run: RunRecord) -> list[str]:
 
 
 
+MIGRATION_COLUMNS = ("mode", "runs", "wall s still", "wall s migrated", "slowdown", "migration ms",
+                     "downtime ms", "RAM sent MiB", "stopped s", "handoff MiB", "pages from tmem")
+MIGRATION_NOTE = ("Means per run. wall s: the host's, from the workload's launch to its result (the same "
+                  "way with and without the migration); slowdown = migrated / still; migration and "
+                  "downtime ms: QEMU's query-migrate; RAM sent: what QEMU's stream carried; stopped s: "
+                  "from the source's stop to the destination's cont (QEMU's downtime plus tmemd's "
+                  "handoff and restore); handoff MiB: the state tmemd a wrote for tmemd b (remote pages "
+                  "by key); pages from tmem: swap pages tmemd b served after the switch.")
+
+
+MigrationFigure = Literal["total_ms", "downtime_ms", "ram_bytes", "handoff_s", "handoff_bytes",
+                          "served_from_tmem"]
+
+
+def _migrations(run: RunRecord, mode: str) -> list[MigrationRecord]:
+    return [migration for s in run["samples"] if s["mode"] == mode and s.get("ok") and s.get("migrated")
+            and (migration := s.get("migration")) is not None]
+
+
+def migration_rows(run: RunRecord) -> list[list[str]]:
+    """A migration scenario's figures per mode (none for other scenarios)."""
+    if not run["scenario"].get("migration"):
+        return []
+    rows = []
+    for mode in run["scenario"]["modes"]:
+        still = _mean(_walls([s for s in run["samples"] if s["mode"] == mode and not s.get("migrated")]))
+        moved_samples = [s for s in run["samples"] if s["mode"] == mode and s.get("migrated")]
+        moved = _mean(_walls(moved_samples))
+        migrations = _migrations(run, mode)
+
+        def mean(name: MigrationFigure, scale: float = 1.0) -> float | None:
+            return _mean(float(m[name]) / scale for m in migrations)
+
+        rows.append([mode, str(len(moved_samples)), _fmt(still, ".1f"), _fmt(moved, ".1f"),
+                     _fmt(moved / still if moved is not None and still else None, ".2f", "x"),
+                     _fmt(mean("total_ms"), ".0f"), _fmt(mean("downtime_ms"), ".0f"),
+                     _fmt(mean("ram_bytes", 1 << 20), ".0f"), _fmt(mean("handoff_s"), ".2f"),
+                     _fmt(mean("handoff_bytes", 1 << 20), ".1f"), _fmt(mean("served_from_tmem"), ".0f")])
+    return rows
+
+
+def migration_sentences(run: RunRecord) -> str:
+    """The result in two sentences, from the figures."""
+    modes = [mode for mode in run["scenario"]["modes"] if _migrations(run, mode)]
+    if not modes:
+        return ""
+    slowdowns = {}
+    for mode in modes:
+        still = _mean(_walls([s for s in run["samples"] if s["mode"] == mode and not s.get("migrated")]))
+        moved = _mean(_walls([s for s in run["samples"] if s["mode"] == mode and s.get("migrated")]))
+        if still and moved is not None:
+            slowdowns[mode] = moved / still
+    stopped = [m["handoff_s"] for mode in modes for m in _migrations(run, mode)]
+    first = (f"Migrating mid-workload cost {min(slowdowns.values()):.2f}x to {max(slowdowns.values()):.2f}x "
+             f"of the unmigrated wall time ({', '.join(f'{m} {x:.2f}x' for m, x in slowdowns.items())}), "
+             f"and stopped the guest {min(stopped):.2f} to {max(stopped):.2f} s in all." if slowdowns else
+             f"The guest stood still {min(stopped):.2f} to {max(stopped):.2f} s per migration.")
+    ram = {mode: _mean(float(m["ram_bytes"]) for m in _migrations(run, mode)) or 0.0 for mode in modes}
+    tmem = [mode for mode in modes if mode.startswith("tmem")]
+    if "bigmem" in ram and tmem:
+        lightest = min(tmem, key=lambda mode: ram[mode])
+        second = (f"QEMU sent {ram[lightest] / (1 << 20):.0f} MiB of RAM for {lightest} against "
+                  f"{ram['bigmem'] / (1 << 20):.0f} MiB for bigmem ({ram['bigmem'] / max(ram[lightest], 1):.1f}x): "
+                  "the guest's swapped pages stayed with tmemd and crossed as tmemd's handoff "
+                  "(remote pages by key) instead of in the migration stream.")
+    else:
+        second = ("RAM sent per mode: " + ", ".join(f"{m} {ram[m] / (1 << 20):.0f} MiB" for m in modes) + ".")
+    return f"{first} {second}"
+
+
+def migration_lines(run: RunRecord) -> list[str]:
+    rows = migration_rows(run)
+    if not rows:
+        return []
+    return ["## Live migration", "", migration_sentences(run), "", *_markdown_rows(MIGRATION_COLUMNS, rows),
+            "", MIGRATION_NOTE, ""]
+
+
+def migration_table(run: RunRecord) -> Table | None:
+    rows = migration_rows(run)
+    if not rows:
+        return None
+    table = Table(title=f"{run['scenario']['name']}: live migration mid-workload (means per run)")
+    _add_columns(table, MIGRATION_COLUMNS)
+    for cells in rows:
+        table.add_row(*cells)
+    return table
+
+
 def _metadata_lines(run: RunRecord) -> list[str]:
     meta: Mapping[str, object] = run.get("metadata", {})
     names = {
@@ -408,6 +499,7 @@ def render_markdown(run: RunRecord, plots: Sequence[str] = ()) -> str:
     ]
     lines += pass_lines(run)
     lines += remote_lines(run)
+    lines += migration_lines(run)
     if failures:
         lines += ["## Failures", ""]
         lines += [f"- {s['mode']} #{s['repetition']} {s.get('guest', '')}: {s.get('error')}" for s in failures]
@@ -503,6 +595,9 @@ def render_html(run: RunRecord, plots: Mapping[str, bytes]) -> str:
     details = remote_detail_rows(run)
     remote = (f"<h2>Remote tier</h2>{_html_table(REMOTE_DETAIL_COLUMNS, details)}"
               f"<p>{html.escape(REMOTE_NOTE)}</p>" if details else "")
+    if moves := migration_rows(run):
+        remote += (f"<h2>Live migration</h2><p>{html.escape(migration_sentences(run))}</p>"
+                   f"{_html_table(MIGRATION_COLUMNS, moves)}<p>{html.escape(MIGRATION_NOTE)}</p>")
     images = "".join(
         f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
         f"<figcaption>{html.escape(name)}</figcaption></figure>"

@@ -23,7 +23,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, cast, get_args
 
@@ -33,7 +33,9 @@ from tmem_host.remote.cluster import ClusterError, LocalCluster
 from tmem_host.replies import StatsReply
 from tmem_host.testbed import hostmetrics, report
 from tmem_host.testbed.modes import MODES, Mode
-from tmem_host.testbed.records import HostMetadata, RunMetadata, RunRecord, Sample, TmemdCounter, TmemdCounters
+from tmem_host.testbed.records import (
+    HostMetadata, MigrationRecord, RunMetadata, RunRecord, Sample, TmemdCounter, TmemdCounters,
+)
 from tmem_host.testbed.scenario import Scenario
 from tmem_host.vm import guestops, launcher
 from tmem_host.vm.image import ImageError, require_image
@@ -365,7 +367,12 @@ class Runner:
                 for mode_name in self.scenario.modes:
                     if self.progress:
                         self.progress(f"{mode_name} #{repetition + 1}", done, total)
-                    new = self.run_once(MODES[mode_name], repetition, metadata)
+                    migration = self.scenario.migration
+                    if migration is None:
+                        new = self.run_once(MODES[mode_name], repetition, metadata)
+                    else:  # the run without a migration first: the slowdown's reference
+                        new = [self.run_migration_case(MODES[mode_name], repetition, migrate, metadata)
+                               for migrate in ((False, True) if migration.compare else (True,))]
                     samples.extend(new)
                     for sample in new:
                         self.log(self._sample_line(sample))
@@ -386,6 +393,8 @@ class Runner:
 
     def _sample_line(self, sample: Sample) -> str:
         what = f"{sample['mode']} #{sample['repetition'] + 1} {sample['guest']}"
+        if sample.get("migrated"):
+            what += " (migrated)"
         if sample["ok"]:
             return f"{what}: {sample['wall_s']:.1f} s, verified"
         return f"{what}: FAILED: {sample['error']}"
@@ -513,6 +522,140 @@ class Runner:
                 "timeline": timeline.points,
             })
         return samples
+
+
+    # -- live migration (scenario [migration]) ------------------------------------
+
+    def run_migration_case(self, mode: Mode, repetition: int, migrate: bool, metadata: RunMetadata) -> Sample:
+        """One guest, set up to be migratable (a shared qcow2 root overlay and shared
+        scratch disks, no 9p share, two tmemds a and b for tmem modes, one cluster
+        for tmem-remote), its workload launched in the background; with ``migrate``,
+        live-migrated from a's QEMU to b's ``after_s`` into the workload, tmemd a
+        handing the guest to tmemd b while it is stopped. Timed by the host, launch
+        to result, the same way with and without the migration."""
+        assert self.scenario.migration is not None
+        name = guest_name(0)
+        vm_dir = self.results / "vms" / f"{mode.name}-{repetition + 1}{'-migrated' if migrate else ''}"
+        vm_dir.mkdir(parents=True)
+        try:
+            with contextlib.ExitStack() as stack:
+                cluster = stack.enter_context(local_cluster(vm_dir / "redis")) if mode.remote else None
+                tmemds = {side: self._migration_tmemd(stack, mode, side, cluster, vm_dir)
+                          for side in ("a", "b")} if mode.tmemd else {}
+                config = guest_config(self.scenario, mode, 0, tmemds.get("a"), vm_dir)
+                config = replace(config, run_dir=vm_dir / "a", share_agent=False,
+                                 root_overlay=launcher.create_root_overlay(vm_dir / "root.qcow2"),
+                                 shared_disk_dir=vm_dir / "disks")
+                source = stack.enter_context(launcher.Guest(config))
+                metadata.setdefault("accelerator", "kvm" if source.qmp("query-kvm").get("enabled") else "tcg")
+                guestops.install_guest_code(source)
+                prepare_swap(source, mode)
+                command = workload_phases(self.scenario, mode, 0, repetition)[0]
+                source.ssh(f"cat > {MIGRATION_SCRIPT} && setsid -f sh -c 'sh {MIGRATION_SCRIPT} > "
+                           f"{MIGRATION_OUTPUT}.tmp 2>&1; mv {MIGRATION_OUTPUT}.tmp {MIGRATION_OUTPUT}' "
+                           "< /dev/null > /dev/null 2>&1", input=command.encode())
+                started = time.monotonic()
+                guest, migration = source, None
+                if migrate:
+                    time.sleep(max(0.0, started + self.scenario.migration.after_s - time.monotonic()))
+                    if _workload_done(source):
+                        raise launcher.QemuError("the workload ended before the migration: lower after_s")
+                    guest, migration = self._migrate(stack, source, config, mode, tmemds, vm_dir)
+                deadline = started + self.scenario.workload_timeout_s
+                while not _workload_done(guest):
+                    if time.monotonic() > deadline:
+                        raise launcher.SshTimeoutError(f"the workload did not finish in "
+                                                       f"{self.scenario.workload_timeout_s:.0f} s")
+                    time.sleep(0.25)
+                wall = time.monotonic() - started
+                output = guest.ssh(f"cat {MIGRATION_OUTPUT}").stdout
+                workload = _parse_workload_output(output)
+                verified = workload.get("verified") is True
+                tmemd = tmemds.get("b" if migrate else "a")
+                stats = None
+                if tmemd is not None:
+                    with tmemd.control() as control:
+                        stats = control.stats()
+                if migration is not None and stats is not None:
+                    migration["served_from_tmem"] = _served_from_tmem(stats, name)
+                sample: Sample = {
+                    "mode": mode.name, "repetition": repetition, "guest": name,
+                    "ok": verified, "verified": verified,
+                    "error": None if verified else "verification failed: " + output.strip()[-300:],
+                    "wall_s": round(wall, 3), "workload": workload,
+                    "agent": guestops.agent_stats(guest) if mode.agent is not None else None,
+                    "tmemd": _tmemd_counters(stats, name) if stats is not None else None,
+                    "migrated": migrate, "migration": migration,
+                }
+                return sample
+        except INFRASTRUCTURE_ERRORS as error:
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            return {"mode": mode.name, "repetition": repetition, "guest": name, "ok": False, "verified": None,
+                    "wall_s": None, "error": f"infrastructure: {first_line}", "migrated": migrate}
+
+    def _migration_tmemd(self, stack: contextlib.ExitStack, mode: Mode, side: str,
+                         cluster: LocalCluster | None, vm_dir: Path) -> TmemdProcess:
+        """Host ``side``'s tmemd (its own host id, run dir and state); its log is kept."""
+        arguments = tmemd_arguments(self.scenario, mode, cluster.seed_spec if cluster is not None else None)
+        run_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"tmemd-{side}-")))
+        tmemd = TmemdProcess(run_dir, budget=arguments.budget, guests=arguments.guests,
+                             extra_args=[*arguments.extra_args, "--host-id", side])
+        stack.callback(lambda: shutil.copy(tmemd.log_path, vm_dir / f"tmemd-{side}.log")
+                       if tmemd.log_path.exists() else None)
+        stack.enter_context(tmemd)
+        return tmemd
+
+    def _migrate(self, stack: contextlib.ExitStack, source: launcher.Guest, config: launcher.VmConfig,
+                 mode: Mode, tmemds: dict[str, TmemdProcess], vm_dir: Path
+                 ) -> tuple[launcher.Guest, MigrationRecord]:
+        """Live-migrate ``source`` to a QEMU wired to host b; hand the guest from
+        tmemd a to tmemd b while it is stopped; run it there."""
+        # A short directory: the socket's path must fit sun_path (108 bytes).
+        sockets = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tmem-migrate-")))
+        incoming = replace(config, run_dir=vm_dir / "b", incoming=f"unix:{sockets / 'migrate.sock'}",
+                           ssh_key_from=source.key_path)
+        if "b" in tmemds:
+            b = tmemds["b"]
+            name = config.name
+            incoming.nbd_socket = b.nbd_socket(name) if config.nbd_socket is not None else None
+            incoming.tmem_socket = b.abi_socket(name) if config.tmem_socket is not None else None
+        destination = launcher.Guest(incoming)
+        stack.callback(destination.shutdown)
+        destination.start()
+        info = source.migrate_to(destination)
+        stopped = time.monotonic()
+        source.kill()  # stopped after the switch; its connections to tmemd a close
+        handoff_bytes = 0
+        if tmemds:
+            state = vm_dir / "handoff"
+            with tmemds["a"].control() as control:
+                # Remote pages stay in the cluster (handed off by key); else all in the file.
+                handoff_bytes = control.request("handoff" if mode.remote else "save",
+                                                guest=config.name, path=str(state))["bytes"]
+            with tmemds["b"].control() as control:
+                control.request("restore", path=str(state))
+        destination.resume_migrated()
+        return destination, {
+            "total_ms": int(info.get("total-time", 0)), "downtime_ms": int(info.get("downtime", 0)),
+            "ram_bytes": int(info.get("ram", {}).get("transferred", 0)),
+            "handoff_s": round(time.monotonic() - stopped, 3), "handoff_bytes": handoff_bytes,
+            "served_from_tmem": 0,
+        }
+
+
+MIGRATION_SCRIPT = "/root/workload.sh"
+MIGRATION_OUTPUT = "/root/workload.out"
+
+
+def _workload_done(guest: launcher.Guest) -> bool:
+    return guest.ssh(f"test -e {MIGRATION_OUTPUT}", check=False).exit_status == 0
+
+
+def _served_from_tmem(stats: StatsReply, guest: str) -> int:
+    """Swap pages the guest's tmemd served: NBD reads from tmem, or the agent's hits."""
+    export = stats["nbd"].get(guest)
+    reads = export["pages_read_tmem"] if export is not None else 0
+    return int(reads) or int(stats["store"]["clients"][guest]["hits"])
 
 
 def _usage_since(pids: list[int], before: Mapping[int, hostmetrics.ProcessUsage | None]) -> tuple[float, int] | None:

@@ -29,6 +29,10 @@ typo never costs a 20-minute run. Unknown keys are errors too.
     [timeouts]
     boot_s = 240
     workload_s = 900
+
+    [migration]         # optional: live-migrate the guest mid-workload (docs/TESTBED.md)
+    after_s = 15        # seconds into the workload
+    compare = true      # each mode also runs without a migration
 """
 
 from __future__ import annotations
@@ -128,6 +132,17 @@ class GuestsSpec:
         return self.caps[index] if self.caps else 0
 
 
+# Modes a migration scenario can move between two hosts (a shared disk image, or
+# two tmemds; tmem-remote's share one cluster and hand the guest off by key).
+MIGRATION_MODES = ("bigmem", "disk-hostcache", "tmem-blk", "tmem-remote", "tmem-agent")
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationSpec:
+    after_s: float = 15.0
+    compare: bool = True
+
+
 @dataclass(frozen=True, slots=True)
 class Scenario:
     name: str
@@ -143,6 +158,7 @@ class Scenario:
     workload_timeout_s: float = 900.0
     description: str = ""
     extra: Mapping[str, Any] = field(default_factory=dict)
+    migration: MigrationSpec | None = None
 
     def to_json(self) -> ScenarioRecord:
         data = asdict(self)
@@ -219,6 +235,12 @@ class _Reader:
             except (ValueError, TypeError) as error:
                 raise ScenarioError(self.source, f"{self.key(name)}[{position}]", str(error)) from None
         return tuple(parsed)
+
+    def boolean(self, name: str, default: bool) -> bool:
+        value = self.raw(name, default)
+        if not isinstance(value, bool):
+            raise self.fail(name, f"must be true or false, got {value!r}")
+        return value
 
     def finish(self) -> None:
         if self.unread:
@@ -302,6 +324,20 @@ def parse_scenario(data: Mapping[str, Any], source: str) -> Scenario:
     boot_timeout = timeouts.number("boot_s", 240.0, above=0.0)
     workload_timeout = timeouts.number("workload_s", 900.0, above=0.0)
     timeouts.finish()
+    migration: MigrationSpec | None = None
+    if "migration" in data:
+        table = top.table_of("migration")
+        migration = MigrationSpec(after_s=table.number("after_s", 15.0, above=0.0),
+                                  compare=table.boolean("compare", True))
+        table.finish()
+        if count != 1:
+            raise ScenarioError(source, "guests.count", "a migration scenario migrates one guest")
+        if kind != "usemem":
+            raise ScenarioError(source, "workload.kind", "a migration scenario runs usemem")
+        for position, mode in enumerate(modes):
+            if mode not in MIGRATION_MODES:
+                raise top.fail(f"modes[{position}]", f"mode {mode!r} is not migrated; "
+                                                     f"migrated modes are {', '.join(MIGRATION_MODES)}")
     top.finish()
     return Scenario(
         name=name,
@@ -316,6 +352,7 @@ def parse_scenario(data: Mapping[str, Any], source: str) -> Scenario:
         boot_timeout_s=boot_timeout,
         workload_timeout_s=workload_timeout,
         description=description,
+        migration=migration,
     )
 
 
