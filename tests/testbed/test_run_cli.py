@@ -31,6 +31,13 @@ def run_passing_scenario(scenario: Path, results_root: Path) -> tuple[subprocess
     return result, results, json.loads((results / "run.json").read_text())
 
 
+def run_passing_text(text: str, tmp_path: Path) -> tuple[subprocess.CompletedProcess[str], Path, dict[str, Any]]:
+    """run_passing_scenario of a scenario given as TOML text."""
+    scenario = tmp_path / "scenario.toml"
+    scenario.write_text(text)
+    return run_passing_scenario(scenario, tmp_path / "results")
+
+
 def test_scenario_error_exits_2_with_one_line(tmp_path: Path) -> None:
     scenario = tmp_path / "typo.toml"
     scenario.write_text('modes = ["disk-hdd"]\n[workload]\nratio = -1\n')
@@ -105,9 +112,7 @@ workload_s = 300
 @pytest.mark.vm
 @pytest.mark.slow
 def test_pagecache_scenario_end_to_end(tmp_path: Path) -> None:
-    scenario = tmp_path / "tiny-pagecache.toml"
-    scenario.write_text(TINY_PAGECACHE)
-    _, results, run = run_passing_scenario(scenario, tmp_path / "results")
+    _, results, run = run_passing_text(TINY_PAGECACHE, tmp_path)
     modes = {sample["mode"]: sample for sample in run["samples"]}
     assert set(modes) == {"disk-hdd", "tmem-agent"}
     set_pages = 48 * 256  # 1.5 x 32 MiB
@@ -190,9 +195,7 @@ workload_s = 300
 @pytest.mark.vm
 @pytest.mark.slow
 def test_migration_scenario_end_to_end(tmp_path: Path) -> None:
-    scenario = tmp_path / "tiny-migrate.toml"
-    scenario.write_text(TINY_MIGRATE)
-    result, results, run = run_passing_scenario(scenario, tmp_path / "results")
+    result, results, run = run_passing_text(TINY_MIGRATE, tmp_path)
     samples = {(s["mode"], s.get("migrated")): s for s in run["samples"]}
     assert set(samples) == {(mode, migrated) for mode in ("bigmem", "tmem-remote") for migrated in (False, True)}
     for (mode, migrated), sample in samples.items():

@@ -318,12 +318,16 @@ def summary_table(run: RunRecord, title: str | None = None) -> Table:
 
 def remote_table(run: RunRecord) -> Table | None:
     """The remote tier's figures per mode that had one (None: no such mode)."""
-    details = remote_detail_rows(run)
-    if not details:
+    return _detail_table(f"{run['scenario']['name']}: tmemd's remote tier (means per run)",
+                         REMOTE_DETAIL_COLUMNS, remote_detail_rows(run))
+
+
+def _detail_table(title: str, names: Sequence[str], rows: Sequence[Sequence[str]]) -> Table | None:
+    if not rows:
         return None
-    table = Table(title=f"{run['scenario']['name']}: tmemd's remote tier (means per run)")
-    _add_columns(table, REMOTE_DETAIL_COLUMNS)
-    for cells in details:
+    table = Table(title=title)
+    _add_columns(table, names)
+    for cells in rows:
         table.add_row(*cells)
     return table
 
@@ -430,14 +434,8 @@ def migration_lines(run: RunRecord) -> list[str]:
 
 
 def migration_table(run: RunRecord) -> Table | None:
-    rows = migration_rows(run)
-    if not rows:
-        return None
-    table = Table(title=f"{run['scenario']['name']}: live migration mid-workload (means per run)")
-    _add_columns(table, MIGRATION_COLUMNS)
-    for cells in rows:
-        table.add_row(*cells)
-    return table
+    return _detail_table(f"{run['scenario']['name']}: live migration mid-workload (means per run)",
+                         MIGRATION_COLUMNS, migration_rows(run))
 
 
 def _metadata_lines(run: RunRecord) -> list[str]:
