@@ -17,20 +17,25 @@ REPO = Path(__file__).resolve().parents[2]
 
 def data(**changes: Any) -> dict[str, Any]:
     base: dict[str, Any] = {"modes": ["bigmem", "tmem-blk"], "workload": {"kind": "usemem", "ratio": 1.25},
-                            "migration": {"after_s": 5}}
+                            "migration": {"at": 0.4}}
     base.update(changes)
     return base
 
 
 def test_the_migration_table_is_checked() -> None:
-    assert parse_scenario(data(), "m.toml").migration == MigrationSpec(after_s=5.0, compare=True)
-    assert parse_scenario({**data(), "migration": {}}, "m.toml").migration == MigrationSpec()
+    assert parse_scenario(data(), "m.toml").migration == MigrationSpec(at=0.4, compare=True)
+    assert parse_scenario({**data(), "migration": {}}, "m.toml").migration == MigrationSpec(at=0.5)
+    assert parse_scenario(data(migration={"after_s": 5, "compare": False}), "m.toml").migration == \
+        MigrationSpec(at=None, after_s=5.0, compare=False)
     assert parse_scenario({"modes": ["bigmem"]}, "m.toml").migration is None
     problems = {
         "guests.count: a migration scenario migrates one guest": data(guests={"count": 2}),
         "workload.kind: a migration scenario runs usemem": data(workload={"kind": "stress-vm"}),
         "modes[1]: mode 'zswap' is not migrated": data(modes=["bigmem", "zswap"]),
         "migration.after_s: must be a number > 0": data(migration={"after_s": 0}),
+        "migration.at: must be a fraction": data(migration={"at": 1.0}),
+        "migration.at: needs compare = true": data(migration={"compare": False}),
+        "migration.at: give either at or after_s": data(migration={"at": 0.5, "after_s": 3}),
         "migration.compare: must be true or false": data(migration={"compare": "yes"}),
         "migration.when: unknown key": data(migration={"when": 3}),
     }
@@ -52,7 +57,7 @@ def sample(mode: str, wall: float, migration: MigrationRecord | None) -> Sample:
 
 def moved(ram_mib: int, stopped: float, handoff_mib: int = 0, served: int = 0) -> MigrationRecord:
     return {"total_ms": 900, "downtime_ms": 300, "ram_bytes": ram_mib << 20, "handoff_s": stopped,
-            "handoff_bytes": handoff_mib << 20, "served_from_tmem": served}
+            "handoff_bytes": handoff_mib << 20, "served_from_tmem": served, "started_s": 5.0}
 
 
 def test_the_report_has_the_migration_table_and_two_sentences() -> None:
@@ -65,8 +70,8 @@ def test_the_report_has_the_migration_table_and_two_sentences() -> None:
     ]}
     rows = report.migration_rows(run)
     assert rows == [
-        ["bigmem", "1", "10.0", "11.0", "1.10x", "900", "300", "400", "0.50", "0.0", "0"],
-        ["tmem-blk", "1", "20.0", "25.0", "1.25x", "900", "300", "100", "1.50", "30.0", "5000"],
+        ["bigmem", "1", "10.0", "11.0", "1.10x", "5.0", "900", "300", "400", "0.50", "0.0", "0"],
+        ["tmem-blk", "1", "20.0", "25.0", "1.25x", "5.0", "900", "300", "100", "1.50", "30.0", "5000"],
     ]
     sentences = report.migration_sentences(run)
     assert sentences.startswith("Migrating mid-workload cost 1.10x to 1.25x of the unmigrated wall time")

@@ -186,7 +186,7 @@ budget = "512M"
 kind = "usemem"
 ratio = 1.25
 [migration]
-after_s = 3
+at = 0.4
 [timeouts]
 workload_s = 300
 """

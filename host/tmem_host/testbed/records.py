@@ -31,7 +31,8 @@ class GuestsRecord(TypedDict):
 class MigrationSpecRecord(TypedDict):
     """A scenario's [migration] table."""
 
-    after_s: float  # seconds into the workload when the live migration starts
+    at: float | None  # when: this fraction of the unmigrated run's wall time
+    after_s: float | None  # or: this many seconds into the workload
     compare: bool  # each mode also runs without a migration (the slowdown's reference)
 
 
@@ -44,6 +45,7 @@ class MigrationRecord(TypedDict):
     handoff_s: float  # the guest stopped: from the source QEMU's stop to the destination's cont
     handoff_bytes: int  # the handoff (or save) file tmemd a wrote; 0 without tmemd
     served_from_tmem: int  # swap pages the destination's tmemd served after the switch
+    started_s: float  # when the migration began, seconds into the workload
 
 
 class ScenarioRecord(TypedDict):

@@ -355,10 +355,10 @@ def remote_lines(run: RunRecord) -> list[str]:
 
 
 
-MIGRATION_COLUMNS = ("mode", "runs", "wall s still", "wall s migrated", "slowdown", "migration ms",
+MIGRATION_COLUMNS = ("mode", "runs", "wall s still", "wall s migrated", "slowdown", "at s", "migration ms",
                      "downtime ms", "RAM sent MiB", "stopped s", "handoff MiB", "pages from tmem")
 MIGRATION_NOTE = ("Means per run. wall s: the host's, from the workload's launch to its result (the same "
-                  "way with and without the migration); slowdown = migrated / still; migration and "
+                  "way with and without the migration); slowdown = migrated / still; at s: when the migration began; migration and "
                   "downtime ms: QEMU's query-migrate; RAM sent: what QEMU's stream carried; stopped s: "
                   "from the source's stop to the destination's cont (QEMU's downtime plus tmemd's "
                   "handoff and restore); handoff MiB: the state tmemd a wrote for tmemd b (remote pages "
@@ -366,7 +366,7 @@ MIGRATION_NOTE = ("Means per run. wall s: the host's, from the workload's launch
 
 
 MigrationFigure = Literal["total_ms", "downtime_ms", "ram_bytes", "handoff_s", "handoff_bytes",
-                          "served_from_tmem"]
+                          "served_from_tmem", "started_s"]
 
 
 def _migrations(run: RunRecord, mode: str) -> list[MigrationRecord]:
@@ -390,7 +390,7 @@ def migration_rows(run: RunRecord) -> list[list[str]]:
 
         rows.append([mode, str(len(moved_samples)), _fmt(still, ".1f"), _fmt(moved, ".1f"),
                      _fmt(moved / still if moved is not None and still else None, ".2f", "x"),
-                     _fmt(mean("total_ms"), ".0f"), _fmt(mean("downtime_ms"), ".0f"),
+                     _fmt(mean("started_s"), ".1f"), _fmt(mean("total_ms"), ".0f"), _fmt(mean("downtime_ms"), ".0f"),
                      _fmt(mean("ram_bytes", 1 << 20), ".0f"), _fmt(mean("handoff_s"), ".2f"),
                      _fmt(mean("handoff_bytes", 1 << 20), ".1f"), _fmt(mean("served_from_tmem"), ".0f")])
     return rows

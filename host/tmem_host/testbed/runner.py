@@ -371,8 +371,17 @@ class Runner:
                     if migration is None:
                         new = self.run_once(MODES[mode_name], repetition, metadata)
                     else:  # the run without a migration first: the slowdown's reference
-                        new = [self.run_migration_case(MODES[mode_name], repetition, migrate, metadata)
-                               for migrate in ((False, True) if migration.compare else (True,))]
+                        new = []
+                        reference: float | None = None
+                        if migration.compare:
+                            new.append(self.run_migration_case(MODES[mode_name], repetition, None, metadata))
+                            reference = new[0]["wall_s"]
+                        after_s = (migration.after_s if migration.at is None
+                                   else None if reference is None else reference * migration.at)
+                        new.append(self.run_migration_case(MODES[mode_name], repetition, after_s, metadata)
+                                   if after_s is not None else
+                                   _failed_sample(MODES[mode_name], repetition, "infrastructure: no unmigrated "
+                                                  "run to time the migration by", migrated=True))
                     samples.extend(new)
                     for sample in new:
                         self.log(self._sample_line(sample))
@@ -526,15 +535,16 @@ class Runner:
 
     # -- live migration (scenario [migration]) ------------------------------------
 
-    def run_migration_case(self, mode: Mode, repetition: int, migrate: bool, metadata: RunMetadata) -> Sample:
+    def run_migration_case(self, mode: Mode, repetition: int, after_s: float | None,
+                           metadata: RunMetadata) -> Sample:
         """One guest, set up to be migratable (a shared qcow2 root overlay and shared
         scratch disks, no 9p share, two tmemds a and b for tmem modes, one cluster
-        for tmem-remote), its workload launched in the background; with ``migrate``,
-        live-migrated from a's QEMU to b's ``after_s`` into the workload, tmemd a
-        handing the guest to tmemd b while it is stopped. Timed by the host, launch
-        to result, the same way with and without the migration."""
-        assert self.scenario.migration is not None
+        for tmem-remote), its workload launched in the background; unless
+        ``after_s`` is None, live-migrated from a's QEMU to b's ``after_s`` into the
+        workload, tmemd a handing the guest to tmemd b while it is stopped. Timed by
+        the host, launch to result, the same way with and without the migration."""
         name = guest_name(0)
+        migrate = after_s is not None
         vm_dir = self.results / "vms" / f"{mode.name}-{repetition + 1}{'-migrated' if migrate else ''}"
         vm_dir.mkdir(parents=True)
         try:
@@ -556,11 +566,13 @@ class Runner:
                            "< /dev/null > /dev/null 2>&1", input=command.encode())
                 started = time.monotonic()
                 guest, migration = source, None
-                if migrate:
-                    time.sleep(max(0.0, started + self.scenario.migration.after_s - time.monotonic()))
+                if after_s is not None:
+                    time.sleep(max(0.0, started + after_s - time.monotonic()))
                     if _workload_done(source):
                         raise launcher.QemuError("the workload ended before the migration: lower after_s")
+                    began = time.monotonic() - started
                     guest, migration = self._migrate(stack, source, config, mode, tmemds, vm_dir)
+                    migration["started_s"] = round(began, 2)
                 deadline = started + self.scenario.workload_timeout_s
                 while not _workload_done(guest):
                     if time.monotonic() > deadline:
@@ -590,8 +602,7 @@ class Runner:
                 return sample
         except INFRASTRUCTURE_ERRORS as error:
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            return {"mode": mode.name, "repetition": repetition, "guest": name, "ok": False, "verified": None,
-                    "wall_s": None, "error": f"infrastructure: {first_line}", "migrated": migrate}
+            return _failed_sample(mode, repetition, f"infrastructure: {first_line}", migrated=migrate)
 
     def _migration_tmemd(self, stack: contextlib.ExitStack, mode: Mode, side: str,
                          cluster: LocalCluster | None, vm_dir: Path) -> TmemdProcess:
@@ -639,8 +650,13 @@ class Runner:
             "total_ms": int(info.get("total-time", 0)), "downtime_ms": int(info.get("downtime", 0)),
             "ram_bytes": int(info.get("ram", {}).get("transferred", 0)),
             "handoff_s": round(time.monotonic() - stopped, 3), "handoff_bytes": handoff_bytes,
-            "served_from_tmem": 0,
+            "served_from_tmem": 0, "started_s": 0.0,
         }
+
+
+def _failed_sample(mode: Mode, repetition: int, error: str, *, migrated: bool) -> Sample:
+    return {"mode": mode.name, "repetition": repetition, "guest": guest_name(0), "ok": False,
+            "verified": None, "wall_s": None, "error": error, "migrated": migrated}
 
 
 MIGRATION_SCRIPT = "/root/workload.sh"

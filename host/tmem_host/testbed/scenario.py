@@ -31,8 +31,9 @@ typo never costs a 20-minute run. Unknown keys are errors too.
     workload_s = 900
 
     [migration]         # optional: live-migrate the guest mid-workload (docs/TESTBED.md)
-    after_s = 15        # seconds into the workload
-    compare = true      # each mode also runs without a migration
+    compare = true      # each mode also runs without a migration (first)
+    at = 0.5            # when: this fraction of that run's wall time (needs compare)
+    # after_s = 15      # or: this many seconds into the workload
 """
 
 from __future__ import annotations
@@ -139,7 +140,11 @@ MIGRATION_MODES = ("bigmem", "disk-hostcache", "tmem-blk", "tmem-remote", "tmem-
 
 @dataclass(frozen=True, slots=True)
 class MigrationSpec:
-    after_s: float = 15.0
+    """When the guest migrates: at ``at`` times the wall time of the same mode's
+    unmigrated run just before (``compare``), or ``after_s`` into the workload."""
+
+    at: float | None = 0.5
+    after_s: float | None = None
     compare: bool = True
 
 
@@ -327,8 +332,19 @@ def parse_scenario(data: Mapping[str, Any], source: str) -> Scenario:
     migration: MigrationSpec | None = None
     if "migration" in data:
         table = top.table_of("migration")
-        migration = MigrationSpec(after_s=table.number("after_s", 15.0, above=0.0),
-                                  compare=table.boolean("compare", True))
+        compare = table.boolean("compare", True)
+        if "after_s" in table.table:
+            if "at" in table.table:
+                raise table.fail("at", "give either at or after_s, not both")
+            migration = MigrationSpec(at=None, after_s=table.number("after_s", 15.0, above=0.0),
+                                      compare=compare)
+        else:
+            at = table.number("at", 0.5, above=0.0)
+            if at >= 1.0:
+                raise table.fail("at", f"must be a fraction of the run's wall time below 1, got {at:g}")
+            if not compare:
+                raise table.fail("at", "needs compare = true (the unmigrated run's wall time), or use after_s")
+            migration = MigrationSpec(at=at, after_s=None, compare=True)
         table.finish()
         if count != 1:
             raise ScenarioError(source, "guests.count", "a migration scenario migrates one guest")
