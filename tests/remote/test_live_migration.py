@@ -128,3 +128,47 @@ def test_a_guest_migrated_mid_workload_verifies_every_page(
         for daemon in hosts.values():
             daemon.terminate()
         redis_cluster.flushall()
+
+
+@pytest.mark.vm
+@pytest.mark.slow
+def test_a_guest_saved_to_a_file_mid_workload_resumes_on_a_new_tmemd_with_another_budget(
+        tmp_path: Path) -> None:
+    """QEMU's migration to a file, `tmemctl save` of the stopped guest, its host's
+    tmemd replaced by another (its own run dir, a smaller budget, no cluster),
+    `tmemctl restore`, and a QEMU resumed from the file: every page verifies."""
+    state, pools = tmp_path / "vm.state", tmp_path / "g1.tmemsave"
+    with TmemdProcess(tmp_path / "old", budget="512M", guests=("g1",), nbd_size="1G") as old:
+        config = VmConfig(name="g1", memory_mib=GUEST_MEMORY_MIB, share_agent=False, run_dir=tmp_path / "vm-a",
+                          root_overlay=create_root_overlay(tmp_path / "root.qcow2"), swap="nbd",
+                          nbd_socket=old.nbd_socket("g1"), nbd_export="g1")
+        with Guest(config) as guest:
+            install_guest_code(guest)
+            enable_disk_swap(guest)
+            guest.ssh(f"cat > /root/workload.sh && setsid -f sh -c 'sh /root/workload.sh > {OUTPUT}.tmp "
+                      f"2>&1; mv {OUTPUT}.tmp {OUTPUT}' < /dev/null > /dev/null 2>&1",
+                      input=f"python3 -m tmem_workloads.usemem --mib {WORKLOAD_MIB}".encode())
+            assert wait_until(lambda: persistent_pages(old) > 8000, 300, interval=1.0)
+            guest.migrate(f"exec:cat > {state}")
+            guest.kill()
+        saved = ok(tmemctl(old, "save", "g1", str(pools)))
+    # The host's tmemd is replaced: a new run dir and state, a quarter of the budget.
+    with TmemdProcess(tmp_path / "new", budget="128M", guests=("g1",), nbd_size="1G") as new:
+        restored = ok(tmemctl(new, "restore", str(pools)))
+        resumed = Guest(replace(config, run_dir=tmp_path / "vm-b", nbd_socket=new.nbd_socket("g1"),
+                                incoming=f"exec:cat {state}", ssh_key_from=tmp_path / "vm-a" / "ssh_key"))
+        resumed.start()
+        try:
+            resumed.resume_migrated()
+            assert wait_until(lambda: resumed.ssh(f"test -f {OUTPUT}", check=False).exit_status == 0,
+                              600, interval=2.0)
+            output = resumed.ssh(f"cat {OUTPUT}").stdout
+            errors = io_errors(resumed)
+        finally:
+            resumed.shutdown()
+        served = export_stats(new)
+    usemem = json.loads(output.strip().splitlines()[-1])
+    assert usemem["verified"], output
+    assert errors == [] and served["pages_read_tmem"] > 0 and served["read_errors"] == 0, (errors, served)
+    print(f"\nsaved mid-usemem: {saved.strip()}\n{restored.strip()}; the new tmemd read "
+          f"{served['pages_read_tmem']} pages from tmem")

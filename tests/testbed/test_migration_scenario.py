@@ -75,8 +75,9 @@ def test_the_report_has_the_migration_table_and_two_sentences() -> None:
     ]
     sentences = report.migration_sentences(run)
     assert sentences.startswith("Migrating mid-workload cost 1.10x to 1.25x of the unmigrated wall time")
-    assert "stopped the guest 0.50 to 1.50 s" in sentences
-    assert "QEMU sent 100 MiB of RAM for tmem-blk against 400 MiB for bigmem (4.0x)" in sentences
+    assert "the guest stood still 0.50 s (bigmem) to 1.50 s (tmem-blk)" in sentences
+    assert "QEMU sent 100-100 MiB of RAM for the swapping modes against 400 MiB for bigmem (4.0x)" in sentences
+    assert "tmemd handed them over in 30 MiB (tmem-blk)." in sentences
     markdown = report.render_markdown(run)
     assert "## Live migration" in markdown and sentences in markdown
     # The summary keeps migrated runs apart, and compares against the unmigrated baseline.

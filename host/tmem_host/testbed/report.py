@@ -193,7 +193,8 @@ def summarize_run(run: RunRecord) -> list[ModeRow]:
                         if wall is not None and baseline_mean is not None
                         else None
                     ),
-                    welch=None if mode == scenario["baseline"] else stats.welch_t_test(walls, baseline_walls),
+                    welch=(None if _is_baseline(key, mode, scenario["baseline"])
+                           else stats.welch_t_test(walls, baseline_walls)),
                     swap_out_pages=_mean(_vmstat(s, "pswpout") for s in samples),
                     swap_in_pages=_mean(_vmstat(s, "pswpin") for s in samples),
                     major_faults=_mean(_vmstat(s, "pgmajfault") for s in samples),
@@ -208,6 +209,11 @@ def summarize_run(run: RunRecord) -> list[ModeRow]:
                 )
             )
     return rows
+
+
+def _is_baseline(key: str, mode: str, baseline: str) -> bool:
+    """The baseline's rows, not its migrated runs (compared with the baseline like any mode)."""
+    return mode == baseline and not key.endswith(" migrated")
 
 
 def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
@@ -232,7 +238,7 @@ def columns(rows: Sequence[ModeRow]) -> tuple[str, ...]:
 def row_cells(row: ModeRow, baseline: str, remote: bool = False) -> list[str]:
     """The summary's cells; ``remote``: with REMOTE_COLUMNS."""
     wall = "-" if row.wall is None else f"{row.wall.mean:.1f} ± {row.wall.stdev:.1f}"
-    if row.mode == baseline:
+    if _is_baseline(row.key, row.mode, baseline):
         change = "baseline"
     elif row.change_pct is None:
         change = "-"
@@ -401,27 +407,38 @@ def migration_sentences(run: RunRecord) -> str:
     modes = [mode for mode in run["scenario"]["modes"] if _migrations(run, mode)]
     if not modes:
         return ""
+
+    def figure(mode: str, name: MigrationFigure) -> float:
+        return _mean(float(m[name]) for m in _migrations(run, mode)) or 0.0
+
     slowdowns = {}
     for mode in modes:
         still = _mean(_walls([s for s in run["samples"] if s["mode"] == mode and not s.get("migrated")]))
         moved = _mean(_walls([s for s in run["samples"] if s["mode"] == mode and s.get("migrated")]))
         if still and moved is not None:
             slowdowns[mode] = moved / still
-    stopped = [m["handoff_s"] for mode in modes for m in _migrations(run, mode)]
-    first = (f"Migrating mid-workload cost {min(slowdowns.values()):.2f}x to {max(slowdowns.values()):.2f}x "
-             f"of the unmigrated wall time ({', '.join(f'{m} {x:.2f}x' for m, x in slowdowns.items())}), "
-             f"and stopped the guest {min(stopped):.2f} to {max(stopped):.2f} s in all." if slowdowns else
-             f"The guest stood still {min(stopped):.2f} to {max(stopped):.2f} s per migration.")
-    ram = {mode: _mean(float(m["ram_bytes"]) for m in _migrations(run, mode)) or 0.0 for mode in modes}
+    stopped = {mode: figure(mode, "handoff_s") for mode in modes}
+    least, most = min(stopped, key=stopped.__getitem__), max(stopped, key=stopped.__getitem__)
+    first = ((f"Migrating mid-workload cost {min(slowdowns.values()):.2f}x to {max(slowdowns.values()):.2f}x "
+              f"of the unmigrated wall time ({', '.join(f'{m} {x:.2f}x' for m, x in slowdowns.items())}); "
+              if slowdowns else "")
+             + f"the guest stood still {stopped[least]:.2f} s ({least}) to {stopped[most]:.2f} s ({most}), "
+             "tmemd's handoff and restore included.")
+    ram = {mode: figure(mode, "ram_bytes") / (1 << 20) for mode in modes}
+    swapping = [mode for mode in modes if mode != "bigmem"]
     tmem = [mode for mode in modes if mode.startswith("tmem")]
-    if "bigmem" in ram and tmem:
-        lightest = min(tmem, key=lambda mode: ram[mode])
-        second = (f"QEMU sent {ram[lightest] / (1 << 20):.0f} MiB of RAM for {lightest} against "
-                  f"{ram['bigmem'] / (1 << 20):.0f} MiB for bigmem ({ram['bigmem'] / max(ram[lightest], 1):.1f}x): "
-                  "the guest's swapped pages stayed with tmemd and crossed as tmemd's handoff "
-                  "(remote pages by key) instead of in the migration stream.")
+    if "bigmem" in ram and swapping:
+        low, high = min(ram[m] for m in swapping), max(ram[m] for m in swapping)
+        second = (f"QEMU sent {low:.0f}-{high:.0f} MiB of RAM for the swapping modes against "
+                  f"{ram['bigmem']:.0f} MiB for bigmem ({ram['bigmem'] / max(low, 1):.1f}x): their swapped "
+                  "pages stayed on the shared disk or with tmemd")
+        if tmem:
+            second += (", and tmemd handed them over in "
+                       + ", ".join(f"{figure(m, 'handoff_bytes') / (1 << 20):.0f} MiB ({m})" for m in tmem)
+                       + (", remote pages by key" if "tmem-remote" in tmem else ""))
+        second += "."
     else:
-        second = ("RAM sent per mode: " + ", ".join(f"{m} {ram[m] / (1 << 20):.0f} MiB" for m in modes) + ".")
+        second = "RAM sent per mode: " + ", ".join(f"{m} {ram[m]:.0f} MiB" for m in modes) + "."
     return f"{first} {second}"
 
 

@@ -591,15 +591,13 @@ class Guest:
 
     # -- live migration -------------------------------------------------------
 
-    def migrate_to(self, destination: Guest, timeout: float = 600.0, *,
-                   max_bandwidth: int = 4 << 30, downtime_limit_ms: int = 1000) -> dict[str, Any]:
-        """Live-migrate this guest to ``destination`` (started with ``incoming``)
-        and wait until QEMU reports the migration completed (this QEMU is then
-        stopped, the destination paused); returns QEMU's last ``query-migrate``
-        (total-time, downtime, ram.transferred, ...). QemuError if it failed."""
-        uri = destination.config.incoming
-        if uri is None:
-            raise VmConfigError(f"guest {destination.config.name}: not started with incoming=URI")
+    def migrate(self, uri: str, timeout: float = 600.0, *, max_bandwidth: int = 4 << 30,
+                downtime_limit_ms: int = 1000) -> dict[str, Any]:
+        """Migrate this guest's state to ``uri`` (QMP ``migrate``: a QEMU waiting
+        with -incoming, or ``exec:cat > FILE`` to save it) and wait until QEMU
+        reports it completed (this QEMU is then stopped); returns QEMU's last
+        ``query-migrate`` (total-time, downtime, ram.transferred, ...). QemuError
+        if it failed."""
         self.qmp("migrate-set-parameters", {"max-bandwidth": max_bandwidth,
                                             "downtime-limit": downtime_limit_ms})
         self.qmp("migrate", uri=uri)
@@ -608,23 +606,37 @@ class Guest:
             info: dict[str, Any] = self.qmp("query-migrate")
             status = info.get("status")
             if status == "completed":
-                break
+                return info
             if status in ("failed", "cancelled"):
                 raise self._error(QemuError, f"migration {status}: {info.get('error-desc', info)}")
             if time.monotonic() > deadline:
                 self.qmp("migrate_cancel")
                 raise self._error(QemuError, f"migration not completed in {timeout:.0f} s: {info}")
             time.sleep(0.2)
-        while destination.qmp("query-status").get("status") == "inmigrate":
-            if time.monotonic() > deadline:
-                raise destination._error(QemuError, "the destination still loads the migration")
-            time.sleep(0.1)
+
+    def migrate_to(self, destination: Guest, timeout: float = 600.0, **parameters: int) -> dict[str, Any]:
+        """Live-migrate this guest to ``destination`` (started with ``incoming``);
+        see ``migrate``. The destination is then paused: ``resume_migrated``."""
+        uri = destination.config.incoming
+        if uri is None:
+            raise VmConfigError(f"guest {destination.config.name}: not started with incoming=URI")
+        info = self.migrate(uri, timeout, **parameters)
+        destination.wait_loaded(time.monotonic() + timeout)
         return info
 
-    def resume_migrated(self, timeout: float = 60.0) -> None:
-        """The destination after ``migrate_to``: run the guest, log in over SSH."""
+    def wait_loaded(self, deadline: float) -> None:
+        """A guest started with ``incoming``: wait until QEMU has loaded its state."""
+        while self.qmp("query-status").get("status") == "inmigrate":
+            if time.monotonic() > deadline:
+                raise self._error(QemuError, "the incoming state did not load in time")
+            time.sleep(0.1)
+
+    def resume_migrated(self, timeout: float = 120.0) -> None:
+        """A guest started with ``incoming``, once its state is in: run it, log in over SSH."""
+        deadline = time.monotonic() + timeout
+        self.wait_loaded(deadline)
         self.qmp("cont")
-        self._connect_ssh(time.monotonic() + timeout)
+        self._connect_ssh(deadline)
 
     def remove_tmem_channel(self, timeout: float = 30.0) -> None:
         """Hot-unplug the guest's org.tmem.0 port and remove its chardev (which
