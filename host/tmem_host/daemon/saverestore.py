@@ -62,19 +62,33 @@ async def save_guest(daemon: Daemon, runtime: GuestRuntime, path: Path, *,
     cluster off first (RemoteTier.relinquish) and write its remote pages as their
     keys (REMOTE records), not their data: the destination's restore takes the
     namespace over and reads them where they are."""
-    store = daemon.store
-    client = runtime.client
-    export = runtime.nbd_export
     _refuse_if_connected(runtime, "saved")
-    activity = (runtime.connections_total, export.counters["requests"])
-    handoff_epoch: int | None = None
+    if path.exists() or path.is_symlink():  # before a handoff fences anything
+        raise ControlError(f"{path} exists: tmemd does not overwrite a save file")
+    # What the guest's connections have done: unchanged at the end, or nothing is saved.
+    activity = (runtime.connections_total, runtime.nbd_export.counters["requests"])
     if handoff:
         tier = daemon.tier
         guest = tier.guest(runtime.name) if tier is not None else None
         if tier is None or guest is None:
             raise ControlError("a handoff needs a remote tier (--remote): use save")
-        handoff_epoch = await tier.relinquish(guest)
+        handoff_epoch: int | None = await tier.relinquish(guest)
         failpoint("handoff-relinquished")
+        try:
+            return await _save_state(daemon, runtime, path, activity, handoff_epoch)
+        except BaseException:
+            log.error("handoff failed after the guest's namespace was fenced: 'tmemctl remote-claim "
+                      f"{runtime.name}' takes it back", extra={"guest": runtime.name})
+            raise
+    return await _save_state(daemon, runtime, path, activity, None)
+
+
+async def _save_state(daemon: Daemon, runtime: GuestRuntime, path: Path, activity: tuple[int, int],
+                      handoff_epoch: int | None) -> SaveReply:
+    store = daemon.store
+    client = runtime.client
+    export = runtime.nbd_export
+    handoff = handoff_epoch is not None
     pools: list[tuple[int, Pool, list[SavedPage]]] = []
     remote_pages = 0
     for pool_id, pool in enumerate(client.pools):
