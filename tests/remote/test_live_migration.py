@@ -18,7 +18,7 @@ from tmem_host.daemon.process import TmemdProcess
 from tmem_host.remote.cluster import LocalCluster
 from tmem_host.replies import NbdExportStats
 from tmem_host.vm.guestops import (
-    agent_stats, enable_disk_swap, in_cgroup, install_guest_code, io_errors, start_agent,
+    agent_log, agent_stats, enable_disk_swap, in_cgroup, install_guest_code, io_errors, start_agent,
 )
 from tmem_host.vm.launcher import Guest, VmConfig, create_root_overlay
 from tmem_host.waiting import wait_until
@@ -103,8 +103,10 @@ def test_a_guest_migrated_mid_workload_verifies_every_page(
                 output = destination.ssh(f"cat {OUTPUT}").stdout
                 errors = io_errors(destination)
                 swap = agent_stats(destination)["swap"] if agent else {}
+                log = agent_log(destination, 60) if agent else ""
             finally:
                 destination.shutdown()
+        assert output.strip().endswith("}"), f"{output}\n{errors}\n{json.dumps(swap)}\nagent log:\n{log}"
         usemem = json.loads(output.strip().splitlines()[-1])
         assert usemem["verified"], output
         assert errors == [], errors

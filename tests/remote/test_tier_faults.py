@@ -16,6 +16,7 @@ import pytest
 from tmem_host.daemon.process import TmemdProcess
 from tmem_host.nbd.client import NbdClient
 from tmem_host.remote.cluster import LocalCluster
+from tmem_host.remote.tier import RemoteSettings
 from tmem_host.waiting import wait_until
 from tmem_wire import nbd
 
@@ -34,6 +35,13 @@ def start_tmemd(run_dir: Path, cluster: LocalCluster, wait_s: float) -> TmemdPro
 def cluster(breakable_cluster: LocalCluster) -> Iterator[LocalCluster]:
     yield breakable_cluster
     breakable_cluster.flushall()
+
+
+def demotion_done(tmemd: TmemdProcess) -> bool:
+    """tmemd's memory is down to where demotion stops (RemoteSettings.demote_above)."""
+    with tmemd.control() as control:
+        store = control.stats()["store"]
+    return bool(store["used_bytes"] <= store["budget_bytes"] * RemoteSettings(seeds=()).demote_above)
 
 
 def reachable(tmemd: TmemdProcess) -> bool:
@@ -102,6 +110,9 @@ def test_a_cluster_stopped_longer_than_remote_wait_fails_remote_reads_only(
             write_slots(g2, range(0, 128))
             write_slots(g1, SLOTS)
             assert remote_stats(tmemd, "g2")["remote_pages"] == 0
+            # The first slots are the coldest: demoted once demotion has caught up
+            # (a loaded machine may leave it behind the writes for a while).
+            assert wait_until(lambda: demotion_done(tmemd), 30, interval=0.2)
             cluster.pause()
             try:
                 error, _ = g1.read(0, 64 * PAGE)  # remote pages: EIO once the wait is over

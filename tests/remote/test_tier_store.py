@@ -313,3 +313,42 @@ def test_the_read_cache_keeps_its_bytes_but_never_a_copy_a_get_may_wait_for(
             assert statuses == [Status.OK] * 65 and found == [*pages[:64], pages[65]]
 
     run(scenario)
+
+
+def test_a_copy_a_get_waits_for_survives_a_starved_event_loop_until_the_get_takes_it(
+        tmp_path: Path, redis_cluster: LocalCluster) -> None:
+    """The fetch completes, but the get that waited for it runs late (a starved
+    tmemd: over CACHE_GRACE_S), after other batches filled the read cache past its
+    bytes: its copy is still there (pinned until the get takes it, PIN_MAX_S at
+    most), so the get hits. Once taken, it may leave like any other copy."""
+    async def scenario() -> None:
+        async with tiered(tmp_path, redis_cluster, 1 << 20, demote_above=10.0, local_fraction=0.0,
+                          read_cache_bytes=4 * (PAGE + 64), read_around=False) as (store, tier):
+            client = store.add_client("g1")
+            await tier.register(client, uuid.uuid4(), None)
+            _, pool_id, _ = store.new_pool(client, True)
+            pages = [os.urandom(PAGE) for _ in range(256)]
+            keys = frontswap_keys(0, range(256))
+            for first in range(0, 256, 64):
+                assert store.put_many(client, pool_id, keys[first:first + 64], pages[first:first + 64]) == \
+                    [Status.OK] * 64
+            await settle(store)
+            waited = store.fetch(client, pool_id, [keys[7]])
+            assert waited is not None
+            await waited
+            # The get is late: the grace is over, and more than the cache's bytes came since.
+            await asyncio.sleep(tier_module.CACHE_GRACE_S + 0.1)
+            for first in range(64, 256, 16):
+                statuses, found = await get_all(store, client, pool_id, keys[first:first + 16])
+                assert found == pages[first:first + 16]
+            assert tier.stats()["read_cache_bytes"] > 0
+            assert store.get_many(client, pool_id, [keys[7]]) == ([Status.OK], [pages[7]])
+            # Taken: now an ordinary copy, evicted once old and over the bound.
+            await asyncio.sleep(tier_module.CACHE_GRACE_S + 0.1)
+            await get_all(store, client, pool_id, keys[200:216])
+            pool = client.pools[pool_id]
+            assert pool is not None
+            page = pool.objects[keys[7][0]][keys[7][1]]
+            assert isinstance(page, RemotePage) and page.fetched is None
+
+    run(scenario)

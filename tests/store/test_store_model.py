@@ -333,6 +333,9 @@ class MemoryTier:
     def pressure(self) -> None:
         pass
 
+    def consumed(self, page: RemotePage) -> None:
+        pass  # this tier keeps every copy until the next fetch: nothing to unpin
+
     def restored(self, page: RemotePage) -> None:
         raise AssertionError("no journal here")
 

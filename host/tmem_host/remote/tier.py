@@ -98,6 +98,11 @@ FULL_BACKOFF_S: Final = 1.0
 # it after the batch.
 CACHE_GRACE_S: Final = 1.0
 CACHE_HARD_FACTOR: Final = 4
+# A copy read back for a get that waits for it (not one read around) stays until
+# that get took it (Store -> consumed), however late the event loop runs it (a
+# starved tmemd: CI saw a swap-in miss its page, a SIGBUS in the guest), or at
+# most this long: a get that never comes (its connection closed) pins nothing for good.
+PIN_MAX_S: Final = 10.0
 
 
 # A guest's keys spread over this many hash tags (cluster slots), each with its
@@ -386,6 +391,8 @@ class RemoteTier:
         # one keeps its copy (cached) instead of dropping it.
         self._holding: Counter[RemotePage] = Counter()
         self._cached_bytes = 0
+        # Copies gets wait for, until they take them (or PIN_MAX_S): page -> when pinned.
+        self._pinned: dict[RemotePage, float] = {}
         # Until then (monotonic) a master said OOM: new pages are refused.
         self._full_until = 0.0
         # Completes when the outbox's batch is written (or its pages back in memory).
@@ -635,6 +642,7 @@ class RemoteTier:
     def release(self, pool: Pool, oid: Oid, index: int, page: RemotePage, *, keep: bool) -> None:
         guest = self._guests.get(pool.owner.name)
         self.total_bytes -= page.nbytes
+        self._pinned.pop(page, None)
         if page in self._cached:
             del self._cached[page]
             self._cached_bytes -= page.nbytes
@@ -708,24 +716,38 @@ class RemoteTier:
                 self._cached_bytes += page.nbytes
             cache[page] = now
         bound = self.settings.read_cache_bytes
-        while self._cached_bytes > bound and cache:
+        pinned = self._pinned
+        scanned = 0
+        while self._cached_bytes > bound and cache and scanned < len(cache):
             old, since = next(iter(cache.items()))
             if since == now or (now - since < CACHE_GRACE_S
                                 and self._cached_bytes <= bound * CACHE_HARD_FACTOR):
                 break  # this batch's (moved to the end, all cached at `now`), or young
+            pin = pinned.get(old)
+            if pin is not None and now - pin < PIN_MAX_S:
+                cache.move_to_end(old)  # a get still waits for it
+                scanned += 1
+                continue
+            pinned.pop(old, None)
             del cache[old]
             old.fetched = None
             self._cached_bytes -= old.nbytes
 
     def forget_copies(self) -> int:
-        """Empty the read cache now, grace or not (the next gets read the cluster);
-        returns the bytes freed."""
-        freed = self._cached_bytes
-        for page in self._cached:
-            page.fetched = None
-        self._cached.clear()
-        self._cached_bytes = 0
+        """Empty the read cache now, grace or not (the next gets read the cluster),
+        but for the copies gets still wait for; returns the bytes freed."""
+        freed = 0
+        now = time.monotonic()
+        for page in list(self._cached):
+            if now - self._pinned.get(page, -PIN_MAX_S) >= PIN_MAX_S:
+                del self._cached[page]
+                page.fetched = None
+                freed += page.nbytes
+        self._cached_bytes -= freed
         return freed
+
+    def consumed(self, page: RemotePage) -> None:
+        self._pinned.pop(page, None)
 
     def barrier(self) -> asyncio.Future[None] | None:
         waits = list(self._batches_in_flight)
@@ -791,6 +813,10 @@ class RemoteTier:
         finally:
             if reads_done is not None and not reads_done.done():
                 reads_done.set_result(None)
+            now = time.monotonic()
+            for page in (*held, *(read.page for read in reads if not read.prefetch)):
+                if page.fetched is not None:
+                    self._pinned[page] = now
             self._cache([*held, *(read.page for read in reads)])
             self._holding.subtract(held)
             self._holding += Counter()  # drops the pages no read holds any more

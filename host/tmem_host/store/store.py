@@ -1183,6 +1183,8 @@ class Store:
             if copy is None:
                 return None
             data = decode_page(copy, pool.page_size)
+            if self.tier is not None:
+                self.tier.consumed(stored)
         if pool.persistent:
             local_lru = pool.local_lru
             if local_lru is not None and type(stored) is bytes:
