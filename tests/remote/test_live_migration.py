@@ -18,7 +18,8 @@ from tmem_host.daemon.process import TmemdProcess
 from tmem_host.remote.cluster import LocalCluster
 from tmem_host.replies import NbdExportStats
 from tmem_host.vm.guestops import (
-    agent_log, agent_stats, enable_disk_swap, in_cgroup, install_guest_code, io_errors, start_agent,
+    agent_log, agent_stats, detached_output, enable_disk_swap, in_cgroup, install_guest_code, io_errors,
+    start_agent, start_detached,
 )
 from tmem_host.vm.launcher import Guest, VmConfig, create_root_overlay
 from tmem_host.waiting import wait_until
@@ -33,7 +34,6 @@ WORKLOAD_MIB = 384  # 1.5x the guest's RAM: a large part swaps out, and back in 
 AGENT_WORKLOAD_MIB = 96
 AGENT_CGROUP_MAX = "64M"
 AGENT_REQUEST_TIMEOUT_S = 5
-OUTPUT = "/root/usemem.out"
 
 
 def export_stats(daemon: TmemdProcess) -> NbdExportStats:
@@ -77,9 +77,7 @@ def test_a_guest_migrated_mid_workload_verifies_every_page(
                 start_agent(source, f"--swap pipelined --request-timeout {AGENT_REQUEST_TIMEOUT_S}")
             else:
                 enable_disk_swap(source)
-            source.ssh(f"cat > /root/workload.sh && setsid -f sh -c 'sh /root/workload.sh > {OUTPUT}.tmp "
-                       f"2>&1; mv {OUTPUT}.tmp {OUTPUT}' < /dev/null > /dev/null 2>&1",
-                       input=workload.encode())
+            start_detached(source, workload)
             # Mid-workload: pages in a's memory and in the cluster.
             assert wait_until(lambda: persistent_pages(a) > 4000 and remote(a)["remote_pages"] > 0,
                               300, interval=1.0), remote(a)
@@ -98,9 +96,8 @@ def test_a_guest_migrated_mid_workload_verifies_every_page(
                 # The destination QEMU waits, connected and idle: the restore takes it.
                 ok(tmemctl(b, "restore", str(handoff)))
                 destination.resume_migrated()
-                assert wait_until(lambda: destination.ssh(f"test -f {OUTPUT}", check=False).exit_status == 0,
-                                  600, interval=2.0)
-                output = destination.ssh(f"cat {OUTPUT}").stdout
+                assert wait_until(lambda: detached_output(destination) is not None, 600, interval=2.0)
+                output = detached_output(destination) or ""
                 errors = io_errors(destination)
                 swap = agent_stats(destination)["swap"] if agent else {}
                 log = agent_log(destination, 60) if agent else ""
@@ -147,9 +144,7 @@ def test_a_guest_saved_to_a_file_mid_workload_resumes_on_a_new_tmemd_with_anothe
         with Guest(config) as guest:
             install_guest_code(guest)
             enable_disk_swap(guest)
-            guest.ssh(f"cat > /root/workload.sh && setsid -f sh -c 'sh /root/workload.sh > {OUTPUT}.tmp "
-                      f"2>&1; mv {OUTPUT}.tmp {OUTPUT}' < /dev/null > /dev/null 2>&1",
-                      input=f"python3 -m tmem_workloads.usemem --mib {WORKLOAD_MIB}".encode())
+            start_detached(guest, f"python3 -m tmem_workloads.usemem --mib {WORKLOAD_MIB}")
             assert wait_until(lambda: persistent_pages(old) > 8000, 300, interval=1.0)
             guest.migrate(f"exec:cat > {state}")
             guest.kill()
@@ -162,9 +157,8 @@ def test_a_guest_saved_to_a_file_mid_workload_resumes_on_a_new_tmemd_with_anothe
         resumed.start()
         try:
             resumed.resume_migrated()
-            assert wait_until(lambda: resumed.ssh(f"test -f {OUTPUT}", check=False).exit_status == 0,
-                              600, interval=2.0)
-            output = resumed.ssh(f"cat {OUTPUT}").stdout
+            assert wait_until(lambda: detached_output(resumed) is not None, 600, interval=2.0)
+            output = detached_output(resumed) or ""
             errors = io_errors(resumed)
         finally:
             resumed.shutdown()

@@ -380,8 +380,8 @@ class Runner:
                                    else None if reference is None else reference * migration.at)
                         new.append(self.run_migration_case(MODES[mode_name], repetition, after_s, metadata)
                                    if after_s is not None else
-                                   _failed_sample(MODES[mode_name], repetition, "infrastructure: no unmigrated "
-                                                  "run to time the migration by", migrated=True))
+                                   _failed_sample(MODES[mode_name], repetition, guest_name(0), "infrastructure: "
+                                                  "no unmigrated run to time the migration by", migrated=True))
                     samples.extend(new)
                     for sample in new:
                         self.log(self._sample_line(sample))
@@ -465,8 +465,7 @@ class Runner:
                 return self._measure(mode, repetition, guests, agents, tmemd, cluster)
         except INFRASTRUCTURE_ERRORS as error:
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            return [{"mode": mode.name, "repetition": repetition, "guest": name, "ok": False, "verified": None,
-                     "wall_s": None, "error": f"infrastructure: {first_line}"} for name in names]
+            return [_failed_sample(mode, repetition, name, f"infrastructure: {first_line}") for name in names]
 
     def _measure(
         self, mode: Mode, repetition: int, guests: list[launcher.Guest], agents: list[int | None],
@@ -561,26 +560,23 @@ class Runner:
                 guestops.install_guest_code(source)
                 prepare_swap(source, mode)
                 command = workload_phases(self.scenario, mode, 0, repetition)[0]
-                source.ssh(f"cat > {MIGRATION_SCRIPT} && setsid -f sh -c 'sh {MIGRATION_SCRIPT} > "
-                           f"{MIGRATION_OUTPUT}.tmp 2>&1; mv {MIGRATION_OUTPUT}.tmp {MIGRATION_OUTPUT}' "
-                           "< /dev/null > /dev/null 2>&1", input=command.encode())
+                guestops.start_detached(source, command)
                 started = time.monotonic()
                 guest, migration = source, None
                 if after_s is not None:
                     time.sleep(max(0.0, started + after_s - time.monotonic()))
-                    if _workload_done(source):
+                    if guestops.detached_output(source) is not None:
                         raise launcher.QemuError("the workload ended before the migration: lower after_s")
                     began = time.monotonic() - started
                     guest, migration = self._migrate(stack, source, config, mode, tmemds, vm_dir)
                     migration["started_s"] = round(began, 2)
                 deadline = started + self.scenario.workload_timeout_s
-                while not _workload_done(guest):
+                while (output := guestops.detached_output(guest)) is None:
                     if time.monotonic() > deadline:
                         raise launcher.SshTimeoutError(f"the workload did not finish in "
                                                        f"{self.scenario.workload_timeout_s:.0f} s")
                     time.sleep(0.25)
                 wall = time.monotonic() - started
-                output = guest.ssh(f"cat {MIGRATION_OUTPUT}").stdout
                 workload = _parse_workload_output(output)
                 verified = workload.get("verified") is True
                 tmemd = tmemds.get("b" if migrate else "a")
@@ -602,7 +598,7 @@ class Runner:
                 return sample
         except INFRASTRUCTURE_ERRORS as error:
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            return _failed_sample(mode, repetition, f"infrastructure: {first_line}", migrated=migrate)
+            return _failed_sample(mode, repetition, name, f"infrastructure: {first_line}", migrated=migrate)
 
     def _migration_tmemd(self, stack: contextlib.ExitStack, mode: Mode, side: str,
                          cluster: LocalCluster | None, vm_dir: Path) -> TmemdProcess:
@@ -654,17 +650,15 @@ class Runner:
         }
 
 
-def _failed_sample(mode: Mode, repetition: int, error: str, *, migrated: bool) -> Sample:
-    return {"mode": mode.name, "repetition": repetition, "guest": guest_name(0), "ok": False,
-            "verified": None, "wall_s": None, "error": error, "migrated": migrated}
-
-
-MIGRATION_SCRIPT = "/root/workload.sh"
-MIGRATION_OUTPUT = "/root/workload.out"
-
-
-def _workload_done(guest: launcher.Guest) -> bool:
-    return guest.ssh(f"test -e {MIGRATION_OUTPUT}", check=False).exit_status == 0
+def _failed_sample(mode: Mode, repetition: int, guest: str, error: str, *,
+                   migrated: bool | None = None) -> Sample:
+    """A guest's sample when the machinery failed before the workload could tell
+    (``migrated``: in a migration scenario, which of its two runs)."""
+    sample: Sample = {"mode": mode.name, "repetition": repetition, "guest": guest, "ok": False,
+                      "verified": None, "wall_s": None, "error": error}
+    if migrated is not None:
+        sample["migrated"] = migrated
+    return sample
 
 
 def _served_from_tmem(stats: StatsReply, guest: str) -> int:

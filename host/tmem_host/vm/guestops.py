@@ -36,6 +36,27 @@ def install_guest_code(guest: Guest) -> None:
     guest.ssh("mkdir -p /opt/tmem && tar -C /opt/tmem -xf -", input=archive.getvalue())
 
 
+# Where start_detached keeps a workload's script and result: the root disk, so
+# that a migration or a saved state carries them with the guest.
+DETACHED_SCRIPT = "/root/workload.sh"
+DETACHED_OUTPUT = "/root/workload.out"
+
+
+def start_detached(guest: Guest, command: str) -> None:
+    """Run COMMAND in the background, outliving this SSH session (and the QEMU it
+    came through: a migrated guest finishes it elsewhere); its output appears at
+    DETACHED_OUTPUT, whole, when it is done (see detached_output)."""
+    guest.ssh(f"cat > {DETACHED_SCRIPT} && setsid -f sh -c 'sh {DETACHED_SCRIPT} > {DETACHED_OUTPUT}.tmp "
+              f"2>&1; mv {DETACHED_OUTPUT}.tmp {DETACHED_OUTPUT}' < /dev/null > /dev/null 2>&1",
+              input=command.encode())
+
+
+def detached_output(guest: Guest) -> str | None:
+    """The output of start_detached's command once it is done, else None."""
+    result = guest.ssh(f"cat {DETACHED_OUTPUT}", check=False)
+    return result.stdout if result.exit_status == 0 else None
+
+
 def disk_by_serial(serial: str) -> str:
     """A shell expression for the /dev path of the guest's virtio disk with this serial."""
     return f"$(python3 -m tmem_guest find-disk {shlex.quote(serial)})"
