@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from tmem_guest import snapshot
 from tmem_host.testbed import hostmetrics
@@ -42,7 +43,7 @@ def test_process_usage_sees_cpu_and_memory_of_a_child() -> None:
         assert usage is not None
         assert usage.rss_bytes > 64 << 20 and usage.peak_rss_bytes >= usage.rss_bytes
         assert usage.cpu_s >= 0.25
-        with hostmetrics.RssTimeline({"qemu": [child.pid], "tmemd": [os.getpid()]}, interval=0.05) as timeline:
+        with hostmetrics.MemoryTimeline({"qemu": [child.pid], "tmemd": [os.getpid()]}, interval=0.05) as timeline:
             time.sleep(0.3)
         assert len(timeline.points) >= 3
         assert all(point[2] > 64 << 20 and point[1] > 0 for point in timeline.points)
@@ -50,3 +51,70 @@ def test_process_usage_sees_cpu_and_memory_of_a_child() -> None:
         child.kill()
         child.communicate()
     assert hostmetrics.process_usage(child.pid) is None
+
+
+def _written(path: Path, size: int) -> None:
+    with path.open("wb") as file:
+        file.write(os.urandom(size))
+        file.flush()
+        os.fsync(file.fileno())
+
+
+def test_cached_bytes_follows_the_page_cache(tmp_path: Path) -> None:
+    path = tmp_path / "image"
+    _written(path, 8 << 20)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # clean after the fsync: dropped
+        assert hostmetrics.cached_bytes(fd) < 1 << 20
+        os.pread(fd, 4 << 20, 0)
+        assert 4 << 20 <= hostmetrics.cached_bytes(fd) <= 8 << 20
+    finally:
+        os.close(fd)
+    empty = tmp_path / "empty"
+    empty.touch()
+    fd = os.open(empty, os.O_RDONLY)
+    try:
+        assert hostmetrics.cached_bytes(fd) == 0
+    finally:
+        os.close(fd)
+
+
+def test_the_timeline_counts_each_open_file_once_by_role(tmp_path: Path) -> None:
+    # A "QEMU" holding a disk image and the shared root image open, a "tmemd"
+    # holding the same disk image (counted once, for QEMU) and a journal of its own;
+    # the disk image deleted, as QEMU's snapshot overlay is.
+    shared = tmp_path / "images"
+    shared.mkdir()
+    disk, root, journal = tmp_path / "disk.img", shared / "rootfs.ext4", tmp_path / "journal"
+    for path, size in ((disk, 6 << 20), (root, 3 << 20), (journal, 2 << 20)):
+        _written(path, size)
+        with path.open("rb") as file:
+            file.read()
+    hold = "import sys, time\nfiles = [open(p, 'rb') for p in sys.argv[1:]]\nprint('ready', flush=True)\ntime.sleep(30)"
+    qemu = subprocess.Popen([sys.executable, "-c", hold, str(disk), str(root)], stdout=subprocess.PIPE)
+    tmemd = subprocess.Popen([sys.executable, "-c", hold, str(disk), str(journal)], stdout=subprocess.PIPE)
+    try:
+        for child in (qemu, tmemd):
+            assert child.stdout is not None and child.stdout.readline() == b"ready\n"
+        disk.unlink()
+        timeline = hostmetrics.MemoryTimeline({"qemu": [qemu.pid], "tmemd": [tmemd.pid]}, image_dir=shared)
+        row = dict(zip(hostmetrics.MEMORY_COMPONENTS, timeline.sample()))
+        assert row["guest_file_cache"] == 6 << 20
+        assert row["root_image_cache"] == 3 << 20
+        assert row["tmemd_file_cache"] == 2 << 20
+        assert row["qemu_rss"] > 0 and row["tmemd_rss"] > 0 and row["redis_rss"] == 0
+    finally:
+        for child in (qemu, tmemd):
+            child.kill()
+            child.communicate()
+
+
+def test_component_peaks_reads_both_row_layouts() -> None:
+    legacy = [[0.0, 10, 20], [0.5, 30, 5]]
+    assert hostmetrics.component_peaks(legacy) == {"tmemd_rss": 30, "qemu_rss": 20, "total": 35}
+    rows = [[0.0, 1, 2, 0, 4, 0, 8], [0.5, 2, 1, 0, 9, 0, 8]]
+    peaks = hostmetrics.component_peaks(rows)
+    # The shared root image is not the run's own: left out of the total.
+    assert peaks["guest_file_cache"] == 9 and peaks["root_image_cache"] == 8 and peaks["total"] == 12
+    assert hostmetrics.component_peaks([]) == {}

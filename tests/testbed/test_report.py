@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from tmem_host.testbed import report
-from tmem_host.testbed.records import Sample, TmemdCounters
+from tmem_host.testbed import hostmetrics, report
+from tmem_host.testbed.records import RunRecord, Sample, TmemdCounters
 from tmem_host.testbed.runner import TMEMD_COUNTERS
 
 RECORDED = Path(__file__).parent / "data" / "run-recorded.json"
@@ -84,3 +84,55 @@ def test_recorded_samples_use_only_the_keys_their_records_declare() -> None:
     # What a tmemd has only sometimes (an NBD export, a remote tier) is optional:
     # run.json files from before a key was added still load.
     assert TmemdCounters.__optional_keys__ == {"nbd", "remote"}
+
+
+def test_host_memory_by_component_per_mode(results: Path) -> None:
+    run = report.load_run(results)
+    mib = 1 << 20
+    for sample in run["samples"]:
+        if not sample.get("ok"):
+            continue
+        # disk-hdd's swap sits in the host page cache; tmem-blk's in tmemd.
+        disk = sample["mode"] != "tmem-blk"
+        rows = [[0.0, 0, 200 * mib, 0, 0, 0, 30 * mib],
+                [1.0, 0 if disk else 100 * mib, 210 * mib, 0, (300 if disk else 5) * mib, 2 * mib, 30 * mib]]
+        sample["timeline"] = rows
+        sample["host_memory"] = hostmetrics.component_peaks(rows)
+    (results / report.RUN_FILE).write_text(json.dumps(run))
+    table = {row[0]: row for row in report.memory_rows(run)}
+    assert table["disk-hdd"] == ["disk-hdd", "512", "210", "0", "0", "300", "2", "30"]
+    assert table["tmem-blk"] == ["tmem-blk", "317", "210", "100", "0", "5", "2", "30"]
+    names = {path.name for path in report.write_reports(results)}
+    assert {"host_memory.png", "host_memory_components.png"} <= names
+    markdown = (results / "report.md").read_text()
+    assert "## Host memory" in markdown and "| tmem-blk | 317 | 210 | 100 |" in markdown
+
+
+def _calibrated(run: RunRecord, factor: float, accelerator: str = "tcg") -> RunRecord:
+    run["metadata"]["accelerator"] = accelerator
+    run["metadata"]["calibration"] = {
+        "guest": {"python_rounds": 1, "python_s": 0.1 * factor, "lz4_pages": 1, "lz4_s": 0.1 * factor},
+        "host": {"python_rounds": 1, "python_s": 0.1, "lz4_pages": 1, "lz4_s": 0.1},
+        "python_factor": factor, "lz4_factor": factor,
+    }
+    return run
+
+
+def test_the_report_says_what_it_found_and_flags_guest_cpu_rows() -> None:
+    run = _calibrated(report.load_run(RECORDED), 2.7)
+    sentences = report.finding_sentences(run)
+    assert sentences[0].startswith("tmem-blk was the fastest of the 3 memory-starved modes (22.1 s mean, "
+                                   "72% less wall time than the baseline disk-hdd; p = ")
+    assert sentences[1] == "The rest, in order of wall time against the fastest: zswap 3.55x, disk-hdd 3.62x."
+    assert "2.7x slower than the host's on pure Python" in sentences[-1] and "(zswap)" in sentences[-1]
+    assert report.title(run).startswith("tmem-testbed: recorded (TCG, guest CPU 2.7x slower")
+    markdown = report.render_markdown(run)
+    assert "| zswap† | 3/4 |" in markdown and "| tmem-blk | 3/3 |" in markdown
+    assert markdown.index(sentences[0]) < markdown.index("| mode |")
+    # A guest CPU at the host's speed flags nothing.
+    fast = _calibrated(report.load_run(RECORDED), 1.1, "kvm")
+    assert "| zswap | 3/4 |" in report.render_markdown(fast)
+    assert report.finding_sentences(fast)[-1].endswith("(KVM): no row depends on emulation.")
+    # Runs recorded before calibration: no caveat, no marks.
+    old = report.load_run(RECORDED)
+    assert not any("guest CPU" in sentence for sentence in report.finding_sentences(old))

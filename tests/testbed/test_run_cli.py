@@ -80,12 +80,26 @@ def test_smoke_scenario_end_to_end(tmp_path: Path) -> None:
         # 1.25x of RAM cannot fit: the guest must have swapped out and back in.
         assert sample["vmstat"]["pswpout"] > 10_000 and sample["vmstat"]["pswpin"] > 1_000
         assert sample["host"]["qemu_cpu_s"] > 0 and sample["timeline"]
+    # The guest CPU against the host's, measured once per run.
+    calibration = run["metadata"]["calibration"]
+    assert calibration["python_factor"] > 0 and calibration["lz4_factor"] is not None
+    assert calibration["guest"]["python_rounds"] == calibration["host"]["python_rounds"]
+    # Host memory by component: disk-hostcache's swap sits in the host page cache
+    # (its swap image), tmem-blk's in tmemd; both boot from the cached root image.
+    swapped_bytes = modes["disk-hostcache"]["vmstat"]["pswpout"] * 4096
+    cached = modes["disk-hostcache"]["host_memory"]
+    assert cached["guest_file_cache"] > swapped_bytes * 0.5 and cached["tmemd_rss"] == 0
+    blk = modes["tmem-blk"]["host_memory"]
+    assert blk["tmemd_rss"] > 16 << 20 and blk["guest_file_cache"] < cached["guest_file_cache"]
+    assert blk["root_image_cache"] > 0 and blk["total"] >= blk["qemu_rss"] + blk["tmemd_rss"]
     tmem = modes["tmem-blk"]["tmemd"]
     assert tmem["puts"] >= modes["tmem-blk"]["vmstat"]["pswpout"] * 0.9
     assert tmem["hits"] > 1_000 and tmem["refusals"] == 0
     assert modes["disk-hostcache"]["tmemd"] is None
     report = (results / "report.md").read_text()
     assert "| tmem-blk | 1/1 |" in report and "accelerator (as QMP reports it)" in report
+    assert report.startswith(f"# tmem-testbed: smoke ({run['metadata']['accelerator'].upper()}, guest CPU ")
+    assert "## Host memory" in report and "was the fastest of the 2 memory-starved modes" in report
     assert (results / "report.html").stat().st_size > 10_000
     assert {p.name for p in (results / "plots").iterdir()} >= {"runtime.png", "swap_io.png", "tmem_hits.png"}
     assert "disk-hostcache" in result.stdout  # the closing summary table

@@ -9,10 +9,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
+)
 from rich.table import Table
 
 from tmem_host.testbed import report
@@ -58,7 +61,7 @@ def command_run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     if console.is_terminal:
         progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TimeElapsedColumn(), console=console)
+                            TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(), console=console)
         task = progress.add_task(scenario.name, total=len(scenario.modes) * scenario.repetitions)
 
         def update(description: str, completed: int, total: int) -> None:
@@ -68,8 +71,11 @@ def command_run(args: argparse.Namespace) -> int:
         with progress:
             outcome = _run_guarded(runner)
     else:
+        started = time.monotonic()
+
         def plain(description: str, completed: int, total: int) -> None:
-            print(f"[{completed}/{total}] {description}", file=sys.stderr, flush=True)
+            left = remaining_text(time.monotonic() - started, completed, total)
+            print(f"[{completed}/{total}] {description}{left}", file=sys.stderr, flush=True)
 
         runner = Runner(scenario, args.results, progress=plain,
                         log=lambda line: print(line, file=sys.stderr, flush=True))
@@ -81,11 +87,20 @@ def command_run(args: argparse.Namespace) -> int:
     return outcome.exit_code
 
 
+def remaining_text(elapsed_s: float, completed: int, total: int) -> str:
+    """', about N min left' from the pace so far (mode runs take alike long enough
+    for a mean); empty before the first run has finished."""
+    if completed <= 0 or completed >= total:
+        return ""
+    left = elapsed_s / completed * (total - completed)
+    return f", about {max(1, round(left / 60))} min left"
+
+
 def print_summary(run: RunRecord) -> None:
     """The summary table; the remote tier's when a mode had one; the migrations'."""
     console = stdout_console()
     console.print(report.summary_table(run))
-    for table in (report.remote_table(run), report.migration_table(run)):
+    for table in (report.memory_table(run), report.remote_table(run), report.migration_table(run)):
         if table is not None:
             console.print(table)
 

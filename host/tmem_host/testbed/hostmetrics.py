@@ -1,14 +1,18 @@
 """Host-side cost of a run: CPU time and resident memory of tmemd and each QEMU,
-read from /proc, plus a sampled timeline of their RSS (the "host memory over
-time" plot)."""
+read from /proc, plus a sampled timeline of the host memory the run takes by
+component, page cache included (the "host memory over time" plot)."""
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import os
+import stat
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -44,16 +48,139 @@ def process_usage(pid: int) -> ProcessUsage | None:
     )
 
 
-@dataclass
-class RssTimeline:
-    """Samples the RSS of named processes every `interval` seconds in a thread.
+# What a timeline row holds after its time (seconds since the start), in bytes:
+# resident memory of tmemd, of the guests' QEMUs (summed) and of a remote mode's
+# Redis nodes; then the host page cache the files those processes hold open take
+# (mincore): the guests' disk images (the swap a disk mode writes lands here: "let
+# the host cache it" is memory too), tmemd's files (journal, NBD fallback), and the
+# cached root image every guest boots from (shared, the same in every mode).
+MEMORY_COMPONENTS = ("tmemd_rss", "qemu_rss", "redis_rss", "guest_file_cache", "tmemd_file_cache",
+                     "root_image_cache")
+# Runs recorded before the file caches were sampled have rows [seconds, tmemd_rss, qemu_rss].
+LEGACY_COMPONENTS = MEMORY_COMPONENTS[:2]
+# Not the run's own: every mode boots from the same root image (650-700 MiB of it
+# cached here), so a run's total leaves it out and the reports show it apart.
+SHARED_COMPONENTS = ("root_image_cache",)
 
-    `processes` maps a role ("tmemd", "qemu") to pids; the timeline holds
-    [seconds since start, tmemd RSS, QEMU RSS summed over guests] rows.
+
+def row_components(point: Sequence[float]) -> dict[str, float]:
+    """A timeline row's components by name, for rows of either layout."""
+    names = MEMORY_COMPONENTS if len(point) > len(LEGACY_COMPONENTS) + 1 else LEGACY_COMPONENTS
+    return dict(zip(names, point[1:]))
+
+
+def run_total(point: Sequence[float]) -> float:
+    """The host memory a timeline row says the run took: all but SHARED_COMPONENTS."""
+    return sum(value for name, value in row_components(point).items() if name not in SHARED_COMPONENTS)
+
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def cached_bytes(fd: int) -> int:
+    """Bytes of the file open at ``fd`` that are in the host page cache (mincore(2)
+    over a read-only mapping, which faults nothing in)."""
+    size = os.fstat(fd).st_size
+    if size == 0:
+        return 0
+    address = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+    if address == _MAP_FAILED:
+        error = ctypes.get_errno()
+        raise OSError(error, os.strerror(error))
+    try:
+        pages = (size + _PAGE_SIZE - 1) // _PAGE_SIZE
+        vector = (ctypes.c_ubyte * pages)()
+        if _libc.mincore(address, size, vector) != 0:
+            error = ctypes.get_errno()
+            raise OSError(error, os.strerror(error))
+        resident = bytes(vector)
+        # Only bit 0 means anything (the others are reserved and zero).
+        return (pages - resident.count(0)) * _PAGE_SIZE
+    finally:
+        _libc.munmap(address, size)
+
+
+def open_files(pid: int) -> list[str]:
+    """/proc paths of the regular files ``pid`` holds open (deleted ones too: the
+    /proc link opens the file itself); empty when the process is gone."""
+    directory = f"/proc/{pid}/fd"
+    try:
+        names = os.listdir(directory)
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return []
+    files = []
+    for name in names:
+        path = f"{directory}/{name}"
+        try:
+            if stat.S_ISREG(os.stat(path).st_mode):
+                files.append(path)
+        except OSError:  # closed meanwhile
+            continue
+    return files
+
+
+@dataclass
+class FileCacheCounter:
+    """Page cache of the files a set of processes holds open, each file (by inode)
+    counted once per sample; ``shared_under``: files whose target lies in this
+    directory (the image cache) count apart."""
+
+    shared_under: Path | None = None
+
+    def sample(self, pids: Iterable[int], seen: set[tuple[int, int]]) -> tuple[int, int]:
+        """(bytes of the processes' own files, bytes of shared ones); ``seen``: the
+        inodes already counted in this sample (by another role), updated."""
+        own = shared = 0
+        for pid in pids:
+            for path in open_files(pid):
+                try:
+                    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                except OSError:
+                    continue
+                try:
+                    status = os.fstat(fd)
+                    identity = (status.st_dev, status.st_ino)
+                    if identity in seen:
+                        continue
+                    seen.add(identity)
+                    cached = cached_bytes(fd)
+                except OSError:
+                    continue
+                finally:
+                    os.close(fd)
+                if self._shared(path):
+                    shared += cached
+                else:
+                    own += cached
+        return own, shared
+
+    def _shared(self, path: str) -> bool:
+        if self.shared_under is None:
+            return False
+        try:
+            target = Path(os.readlink(path))
+        except OSError:
+            return False
+        return target.is_relative_to(self.shared_under)
+
+
+@dataclass
+class MemoryTimeline:
+    """Samples the host memory a run takes every ``interval`` seconds in a thread:
+    one row per sample, [seconds since start, *MEMORY_COMPONENTS].
+
+    ``processes`` maps a role ("tmemd", "qemu", "redis") to pids; ``image_dir``
+    is where the shared root image lives (its page cache counts as root_image_cache).
     """
 
     processes: Mapping[str, list[int]]
     interval: float = 0.5
+    image_dir: Path | None = None
     points: list[list[float]] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
@@ -65,15 +192,24 @@ class RssTimeline:
             total += usage.rss_bytes if usage else 0
         return total
 
+    def sample(self) -> list[int]:
+        """One row's components (MEMORY_COMPONENTS order)."""
+        files = FileCacheCounter(self.image_dir)
+        seen: set[tuple[int, int]] = set()
+        guest_files, root_image = files.sample(self.processes.get("qemu", []), seen)
+        tmemd_files, _ = files.sample(self.processes.get("tmemd", []), seen)
+        return [self._rss("tmemd"), self._rss("qemu"), self._rss("redis"), guest_files, tmemd_files, root_image]
+
     def _run(self) -> None:
         started = time.monotonic()
         while True:
-            self.points.append([round(time.monotonic() - started, 2), self._rss("tmemd"), self._rss("qemu")])
+            row = self.sample()
+            self.points.append([round(time.monotonic() - started, 2), *row])
             if self._stop.wait(self.interval):
                 return
 
-    def __enter__(self) -> RssTimeline:
-        self._thread = threading.Thread(target=self._run, name="rss-timeline", daemon=True)
+    def __enter__(self) -> MemoryTimeline:
+        self._thread = threading.Thread(target=self._run, name="memory-timeline", daemon=True)
         self._thread.start()
         return self
 
@@ -81,3 +217,17 @@ class RssTimeline:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+
+
+def component_peaks(points: Sequence[Sequence[float]]) -> dict[str, int]:
+    """Each component's peak over a timeline, and ``total``: the peak of the run's
+    own (run_total) at one instant: what the host had to have for it."""
+    peaks: dict[str, int] = {}
+    total = 0
+    for point in points:
+        for name, value in row_components(point).items():
+            peaks[name] = max(peaks.get(name, 0), int(value))
+        total = max(total, int(run_total(point)))
+    if points:
+        peaks["total"] = total
+    return peaks

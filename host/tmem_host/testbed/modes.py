@@ -37,6 +37,9 @@ class Mode:
     # tmemd's remote tier on a local 3+3 Redis Cluster, under a budget of about a
     # quarter of the working set (docs/TESTBED.md).
     remote: bool = False
+    # Why the mode's cost is guest CPU time (empty: it is not): under TCG, where the
+    # guest CPU is emulated, such a mode's standing depends on the calibration factor.
+    guest_cpu: str = ""
 
 
 MODES: dict[str, Mode] = {
@@ -50,7 +53,8 @@ MODES: dict[str, Mode] = {
             swap="hostcache",
             data_disk="hostcache",
         ),
-        Mode("zswap", "in-guest compressed swap cache (zswap, lz4) over the hdd disk", swap="hdd", zswap=True),
+        Mode("zswap", "in-guest compressed swap cache (zswap, lz4) over the hdd disk", swap="hdd", zswap=True,
+             guest_cpu="zswap compresses in the guest kernel"),
         Mode("tmem-blk", "swap on tmemd's NBD export through QEMU's block layer", swap="nbd", tmemd=True),
         Mode(
             "tmem-agent",
@@ -59,6 +63,7 @@ MODES: dict[str, Mode] = {
             swap="hdd",
             tmemd=True,
             agent="pipelined",
+            guest_cpu="the agent is Python in the guest",
         ),
         Mode(
             "tmem-agent-sync",
@@ -66,6 +71,7 @@ MODES: dict[str, Mode] = {
             swap="hdd",
             tmemd=True,
             agent="sync",
+            guest_cpu="the agent is Python in the guest",
         ),
         Mode(
             "tmem-nocompress",

@@ -76,11 +76,32 @@ class HostMetadata(TypedDict):
     qemu_version: str
 
 
+class CpuBenchRecord(TypedDict):
+    """tmem_workloads.cpubench's result (best of its trials)."""
+
+    python_rounds: int
+    python_s: float
+    lz4_pages: int
+    lz4_s: float | None  # None: no lz4 module where it ran
+    lz4_error: NotRequired[str]
+
+
+class CalibrationRecord(TypedDict):
+    """How much slower the guest CPU ran than the host's: cpubench in the run's first
+    guest and then on the host, factor = guest seconds / host seconds."""
+
+    guest: CpuBenchRecord
+    host: CpuBenchRecord
+    python_factor: float
+    lz4_factor: float | None
+
+
 class RunMetadata(HostMetadata):
     started: str  # ISO 8601, UTC
     image_hash: str
     guest_kernel: str
     accelerator: NotRequired[str]  # as QMP reports it, once a guest has booted
+    calibration: NotRequired[CalibrationRecord]  # once a guest has booted (runs before it lack it)
     finished: NotRequired[str]  # written when the run ends
 
 
@@ -127,7 +148,11 @@ class Sample(TypedDict):
     tmemd: NotRequired[TmemdCounters | None]  # None without tmemd
     # ROLE_cpu_s and ROLE_peak_rss, ROLE qemu, tmemd or redis (the cluster's nodes, summed)
     host: NotRequired[dict[str, float]]
-    timeline: NotRequired[list[list[float]]]  # [seconds, tmemd RSS, QEMU RSS] rows (hostmetrics)
+    # [seconds, *hostmetrics.MEMORY_COMPONENTS] rows, bytes (runs before the file
+    # caches were sampled: [seconds, tmemd RSS, QEMU RSS])
+    timeline: NotRequired[list[list[float]]]
+    # Each component's peak over the timeline, and "total": the peak of their sum.
+    host_memory: NotRequired[dict[str, int]]
     # A migration scenario's samples: whether this one was live-migrated mid-workload,
     # and what the migration measured (wall_s is then the host's, launch to result).
     migrated: NotRequired[bool]

@@ -20,7 +20,8 @@ from typing import Any, Literal
 from rich.table import Table
 
 from tmem_host.replies import RemoteGuestStats
-from tmem_host.testbed import stats
+from tmem_host.testbed import hostmetrics, stats
+from tmem_host.testbed.modes import MODES
 from tmem_host.testbed.records import MigrationRecord, RunRecord, Sample, TmemdCounter
 
 RUN_FILE = "run.json"
@@ -235,8 +236,9 @@ def columns(rows: Sequence[ModeRow]) -> tuple[str, ...]:
     return COLUMNS + REMOTE_COLUMNS if any(row.remote for row in rows) else COLUMNS
 
 
-def row_cells(row: ModeRow, baseline: str, remote: bool = False) -> list[str]:
-    """The summary's cells; ``remote``: with REMOTE_COLUMNS."""
+def row_cells(row: ModeRow, baseline: str, remote: bool = False, flagged: bool = False) -> list[str]:
+    """The summary's cells; ``remote``: with REMOTE_COLUMNS; ``flagged``: the mode's
+    standing depends on the guest CPU's speed (CPU_MARK)."""
     wall = "-" if row.wall is None else f"{row.wall.mean:.1f} ± {row.wall.stdev:.1f}"
     if _is_baseline(row.key, row.mode, baseline):
         change = "baseline"
@@ -246,7 +248,7 @@ def row_cells(row: ModeRow, baseline: str, remote: bool = False) -> list[str]:
         change = f"{row.change_pct:+.1f}%{row.mark}"
     runs = f"{row.samples - row.failures}/{row.samples}"
     return [
-        row.key,
+        row.key + (CPU_MARK if flagged else ""),
         runs,
         wall,
         change,
@@ -315,10 +317,11 @@ def summary_table(run: RunRecord, title: str | None = None) -> Table:
     baseline = run["scenario"]["baseline"]
     rows = summarize_run(run)
     names = columns(rows)
-    table = Table(title=title or f"{run['scenario']['name']}: workload wall time per mode")
+    table = Table(title=title or f"{run['scenario']['name']}: workload wall time per mode",
+                  caption=" ".join(finding_sentences(run)) or None, caption_justify="left")
     _add_columns(table, names)
     for row in rows:
-        table.add_row(*row_cells(row, baseline, names != COLUMNS))
+        table.add_row(*row_cells(row, baseline, names != COLUMNS, cpu_flagged(run, row.mode)))
     return table
 
 
@@ -347,7 +350,8 @@ def markdown_table(run: RunRecord) -> str:
     baseline = run["scenario"]["baseline"]
     rows = summarize_run(run)
     names = columns(rows)
-    return "\n".join(_markdown_rows(names, (row_cells(row, baseline, names != COLUMNS) for row in rows)))
+    return "\n".join(_markdown_rows(names, (row_cells(row, baseline, names != COLUMNS, cpu_flagged(run, row.mode))
+                                            for row in rows)))
 
 
 def remote_lines(run: RunRecord) -> list[str]:
@@ -455,8 +459,149 @@ def migration_table(run: RunRecord) -> Table | None:
                          MIGRATION_COLUMNS, migration_rows(run))
 
 
+MEMORY_LABELS = {"total": "host peak MiB", "qemu_rss": "QEMU RSS", "tmemd_rss": "tmemd RSS",
+                 "redis_rss": "Redis RSS", "guest_file_cache": "guest images cached",
+                 "tmemd_file_cache": "tmemd files cached", "root_image_cache": "root image cached"}
+MEMORY_COLUMNS = ("mode", *MEMORY_LABELS.values())
+MEMORY_NOTE = ("Means per run of each component's peak, MiB; host peak = the peak of their sum at one "
+               "instant, the shared root image left out. RSS: resident memory of the guests' QEMUs, tmemd and a remote mode's Redis "
+               "nodes; cached: host page cache (mincore) of the files they hold open: the guests' disk "
+               "images (a disk mode's swap lands there), tmemd's journal and NBD fallback, and the root "
+               "image every guest boots from (shared, the same in every mode).")
+
+
+def memory_rows(run: RunRecord) -> list[list[str]]:
+    """Host memory per mode by component (runs before the sampler had none)."""
+    guests = int(run["scenario"]["guests"]["count"])
+    rows = []
+    for mode in run["scenario"]["modes"]:
+        groups: dict[str, list[dict[str, int]]] = {}
+        for sample in run["samples"]:
+            # One host figure per run: every guest's sample carries the same timeline.
+            if sample["mode"] == mode and sample.get("ok") and (peaks := sample.get("host_memory")) \
+                    and (guests <= 1 or sample["guest"] == "g0"):
+                key = f"{mode} migrated" if sample.get("migrated") else mode
+                groups.setdefault(key, []).append(peaks)
+        for key, runs in groups.items():
+            rows.append([key, *(_fmt(_mean(p[name] / (1 << 20) if name in p else None for p in runs), ".0f")
+                                for name in MEMORY_LABELS)])
+    return rows
+
+
+def memory_lines(run: RunRecord) -> list[str]:
+    rows = memory_rows(run)
+    if not rows:
+        return []
+    return ["## Host memory", "", *_markdown_rows(MEMORY_COLUMNS, rows), "", MEMORY_NOTE, ""]
+
+
+def memory_table(run: RunRecord) -> Table | None:
+    return _detail_table(f"{run['scenario']['name']}: host memory by component (MiB, peaks, means per run)",
+                         MEMORY_COLUMNS, memory_rows(run))
+
+
+# A guest CPU this many times slower than the host's makes guest-CPU-bound rows
+# (Mode.guest_cpu) rank by emulation as much as by design.
+CPU_FACTOR_FLAG = 1.5
+CPU_MARK = "†"
+
+
+def cpu_factor(run: RunRecord) -> float | None:
+    """The guest CPU's slowdown against the host's (the larger of the two kinds)."""
+    calibration = run["metadata"].get("calibration")
+    if calibration is None:
+        return None
+    return max(calibration["python_factor"], calibration["lz4_factor"] or 0.0)
+
+
+def cpu_flagged(run: RunRecord, mode: str) -> bool:
+    factor = cpu_factor(run)
+    known = MODES.get(mode)
+    return factor is not None and factor >= CPU_FACTOR_FLAG and known is not None and bool(known.guest_cpu)
+
+
+def title(run: RunRecord) -> str:
+    """The report's title: the scenario, the accelerator and the calibration."""
+    meta = run["metadata"]
+    accelerator = meta.get("accelerator", "accelerator unknown").upper()
+    calibration = meta.get("calibration")
+    speed = ""
+    if calibration is not None:
+        speed = f", guest CPU {calibration['python_factor']:.1f}x slower than the host's (Python)"
+        if calibration["lz4_factor"]:
+            speed += f", {calibration['lz4_factor']:.1f}x (lz4)"
+    return f"tmem-testbed: {run['scenario']['name']} ({accelerator}{speed})"
+
+
+def _significance(welch: stats.WelchResult | None) -> str:
+    if welch is None:
+        return "too few runs to test"
+    if welch.significant:
+        return f"p = {welch.p_value:.3g}, Welch's t-test"
+    return f"not significant: p = {welch.p_value:.2f}"
+
+
+def finding_sentences(run: RunRecord) -> list[str]:
+    """What the run found, in a few generated sentences: the winner, by how much and
+    how sure, the order of the rest, host memory, and the calibration caveat."""
+    baseline = run["scenario"]["baseline"]
+    rows = [row for row in summarize_run(run) if row.wall is not None and not row.key.endswith(" migrated")]
+    floors = [row for row in rows if (known := MODES.get(row.mode)) is not None and known.enough_memory]
+    contenders = [row for row in rows if row not in floors]
+    if not contenders:
+        return []
+    ranked = sorted(contenders, key=lambda row: row.wall.mean if row.wall else 0.0)
+    best = ranked[0]
+    assert best.wall is not None
+    first = f"{best.key} was the fastest of the {len(contenders)} memory-starved modes ({best.wall.mean:.1f} s mean"
+    if best.mode != baseline and best.change_pct is not None:
+        first += (f", {abs(best.change_pct):.0f}% {'less' if best.change_pct < 0 else 'more'} wall time than "
+                  f"the baseline {baseline}; {_significance(best.welch)}")
+    first += ")"
+    if floors and floors[0].wall is not None:
+        first += f"; bigmem, with enough RAM, took {floors[0].wall.mean:.1f} s ({best.wall.mean / floors[0].wall.mean:.2f}x)"
+    sentences = [first + "."]
+    if len(ranked) > 1:
+        sentences.append("The rest, in order of wall time against the fastest: " + ", ".join(
+            f"{row.key} {row.wall.mean / best.wall.mean:.2f}x{stats.significance_mark(row.welch)}"
+            for row in ranked[1:] if row.wall is not None) + ".")
+    memory = {row[0]: row[1] for row in memory_rows(run)}
+    if best.key in memory and len(memory) > 1:
+        others = [f"{key} {value}" for key, value in memory.items() if key != best.key]
+        sentences.append(f"At its peak the run took {memory[best.key]} MiB of host memory with {best.key} "
+                         f"(RSS and page cache, the shared root image left out), against {', '.join(others)} MiB.")
+    sentences += _calibration_sentences(run, [row.mode for row in rows])
+    return sentences
+
+
+def _calibration_sentences(run: RunRecord, modes: Sequence[str]) -> list[str]:
+    calibration = run["metadata"].get("calibration")
+    factor = cpu_factor(run)
+    if calibration is None or factor is None:
+        return []
+    accelerator = run["metadata"].get("accelerator", "unknown").upper()
+    measured = (f"The guest CPU ran {calibration['python_factor']:.1f}x slower than the host's on pure Python"
+                + (f" and {calibration['lz4_factor']:.1f}x on lz4" if calibration["lz4_factor"] else "")
+                + f" ({accelerator})")
+    flagged = [mode for mode in modes if cpu_flagged(run, mode)]
+    if not flagged:
+        return [measured + (": no mode here spends much guest CPU." if factor >= CPU_FACTOR_FLAG
+                            else ": no row depends on emulation.")]
+    reasons = "; ".join(dict.fromkeys(MODES[mode].guest_cpu for mode in flagged))
+    return [measured + f": the rows marked {CPU_MARK} ({', '.join(flagged)}) spend guest CPU ({reasons}), so "
+            "their ranking depends on that factor; under KVM, where the guest CPU runs near the host's speed, "
+            "those rows would gain the most and could overtake the others."]
+
+
 def _metadata_lines(run: RunRecord) -> list[str]:
     meta: Mapping[str, object] = run.get("metadata", {})
+    lines = []
+    if calibration := run["metadata"].get("calibration"):
+        guest, host = calibration["guest"], calibration["host"]
+        lines.append(f"- calibration (tmem_workloads.cpubench, best of 3): pure Python {guest['python_s']:.3f} s "
+                     f"in the guest, {host['python_s']:.3f} s on the host ({calibration['python_factor']:.2f}x); "
+                     f"lz4 {_fmt(guest['lz4_s'], '.3f')} s / {_fmt(host['lz4_s'], '.3f')} s "
+                     f"({_fmt(calibration['lz4_factor'], '.2f', 'x')})")
     names = {
         "qemu_version": "QEMU",
         "accelerator": "accelerator (as QMP reports it)",
@@ -467,7 +612,7 @@ def _metadata_lines(run: RunRecord) -> list[str]:
         "started": "started",
         "finished": "finished",
     }
-    return [f"- {label}: {meta[key]}" for key, label in names.items() if key in meta]
+    return [f"- {label}: {meta[key]}" for key, label in names.items() if key in meta] + lines
 
 
 def pass_lines(run: RunRecord) -> list[str]:
@@ -494,10 +639,11 @@ def render_markdown(run: RunRecord, plots: Sequence[str] = ()) -> str:
     scenario = run["scenario"]
     failures = [s for s in run["samples"] if not s.get("ok")]
     lines = [
-        f"# tmem-testbed: {scenario['name']}",
+        f"# {title(run)}",
         "",
         scenario.get("description") or "",
         "",
+        *(f"{sentence}\n" for sentence in finding_sentences(run)),
         f"Workload `{scenario['workload']}` {json.dumps(scenario['params'], sort_keys=True)}; "
         f"{scenario['guests']['count']} guest(s) of {scenario['guests']['memory_mib']} MiB; "
         f"{scenario['repetitions']} repetition(s); baseline `{scenario['baseline']}`.",
@@ -509,10 +655,13 @@ def render_markdown(run: RunRecord, plots: Sequence[str] = ()) -> str:
         "tmem MiB = what tmemd held for the guest at the end (stored bytes); refused = puts tmemd "
         "refused (budget or cap: those pages went to the fallback); "
         "tmem hits = tmemd gets that hit; compression = raw / stored bytes in tmemd."
-        + (REMOTE_COLUMNS_NOTE if remote_detail_rows(run) else ""),
+        + (REMOTE_COLUMNS_NOTE if remote_detail_rows(run) else "")
+        + (f" {CPU_MARK}: the mode spends guest CPU, so its standing depends on how fast the guest "
+           "CPU ran (the calibration above)." if any(cpu_flagged(run, mode) for mode in scenario["modes"]) else ""),
         "",
     ]
     lines += pass_lines(run)
+    lines += memory_lines(run)
     lines += remote_lines(run)
     lines += migration_lines(run)
     if failures:
@@ -579,18 +728,48 @@ def make_plots(run: RunRecord) -> dict[str, bytes]:
         axes.tick_params(axis="x", rotation=30)
         save("tmem_hits", figure)
 
-    timelines = [s for s in run["samples"] if s.get("timeline")]
+    timelines = [s for s in run["samples"] if s.get("timeline") and s["guest"] == "g0"]
     if timelines:
+        # One colour per mode, one line style per repetition: a line per run, and
+        # the legend names each mode once.
         figure, axes = plt.subplots(figsize=(8, 4))
+        modes = list(dict.fromkeys(s["mode"] + (" migrated" if s.get("migrated") else "") for s in timelines))
+        colours = plt.get_cmap("tab10" if len(modes) <= 10 else "tab20")
+        styles = ["-", "--", ":", "-."]
+        labelled: set[str] = set()
         for sample in timelines:
+            key = sample["mode"] + (" migrated" if sample.get("migrated") else "")
+            index = modes.index(key)
             times = [point[0] for point in sample["timeline"]]
-            total_mib = [(point[1] + point[2]) / (1 << 20) for point in sample["timeline"]]
-            axes.plot(times, total_mib, label=f"{sample['mode']} #{sample['repetition'] + 1}", linewidth=1)
+            total_mib = [hostmetrics.run_total(point) / (1 << 20) for point in sample["timeline"]]
+            axes.plot(times, total_mib, color=colours(index % colours.N),
+                      linestyle=styles[sample["repetition"] % len(styles)], linewidth=1,
+                      label=None if key in labelled else key)
+            labelled.add(key)
         axes.set_xlabel("time in workload (s)")
-        axes.set_ylabel("host RSS of tmemd + QEMU (MiB)")
-        axes.set_title("host memory over time")
+        axes.set_ylabel("host memory of the run (MiB)")
+        axes.set_title("host memory over time (RSS + page cache, root image apart; line style: repetition)")
         axes.legend(fontsize="x-small", ncol=2)
         save("host_memory", figure)
+
+    memory = memory_rows(run)
+    if memory:
+        figure, axes = plt.subplots(figsize=(8, 4))
+        components = [name for name in MEMORY_LABELS
+                      if name != "total" and name not in hostmetrics.SHARED_COMPONENTS]
+        bottoms = [0.0] * len(memory)
+        keys = [row[0] for row in memory]
+        for name in components:
+            position = 1 + list(MEMORY_LABELS).index(name)
+            heights = [float(row[position]) if row[position] != "-" else 0.0 for row in memory]
+            if any(heights):
+                axes.bar(keys, heights, bottom=bottoms, label=MEMORY_LABELS[name])
+                bottoms = [b + h for b, h in zip(bottoms, heights)]
+        axes.set_ylabel("MiB (peak of each component, mean per run)")
+        axes.set_title("host memory by component (the shared root image left out)")
+        axes.tick_params(axis="x", rotation=30)
+        axes.legend(fontsize="x-small")
+        save("host_memory_components", figure)
     return plots
 
 
@@ -606,10 +785,14 @@ def render_html(run: RunRecord, plots: Mapping[str, bytes]) -> str:
     baseline = scenario["baseline"]
     rows = summarize_run(run)
     names = columns(rows)
-    summary = _html_table(names, (row_cells(row, baseline, names != COLUMNS) for row in rows))
+    summary = _html_table(names, (row_cells(row, baseline, names != COLUMNS, cpu_flagged(run, row.mode))
+                                  for row in rows))
     details = remote_detail_rows(run)
     remote = (f"<h2>Remote tier</h2>{_html_table(REMOTE_DETAIL_COLUMNS, details)}"
               f"<p>{html.escape(REMOTE_NOTE)}</p>" if details else "")
+    if memory := memory_rows(run):
+        remote = (f"<h2>Host memory</h2>{_html_table(MEMORY_COLUMNS, memory)}"
+                  f"<p>{html.escape(MEMORY_NOTE)}</p>") + remote
     if moves := migration_rows(run):
         remote += (f"<h2>Live migration</h2><p>{html.escape(migration_sentences(run))}</p>"
                    f"{_html_table(MIGRATION_COLUMNS, moves)}<p>{html.escape(MIGRATION_NOTE)}</p>")
@@ -621,12 +804,13 @@ def render_html(run: RunRecord, plots: Mapping[str, bytes]) -> str:
     meta = "".join(f"<li>{html.escape(line[2:])}</li>" for line in _metadata_lines(run))
     return (
         "<!doctype html><html><head><meta charset='utf-8'>"
-        f"<title>tmem-testbed: {html.escape(scenario['name'])}</title>"
+        f"<title>{html.escape(title(run))}</title>"
         "<style>body{font-family:sans-serif;max-width:70em;margin:2em auto}"
         "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.3em .6em;text-align:right}"
         "td:first-child{text-align:left}img{max-width:100%}</style></head><body>"
-        f"<h1>tmem-testbed: {html.escape(scenario['name'])}</h1>"
+        f"<h1>{html.escape(title(run))}</h1>"
         f"<p>{html.escape(scenario.get('description') or '')}</p>"
+        + "".join(f"<p>{html.escape(sentence)}</p>" for sentence in finding_sentences(run)) +
         f"{summary}"
         "<p>* p &lt; 0.05, ** p &lt; 0.01 (Welch's t-test against the baseline).</p>"
         f"{remote}<h2>Run</h2><ul>{meta}</ul><h2>Plots</h2>{images}</body></html>\n"

@@ -34,12 +34,13 @@ from tmem_host.replies import StatsReply
 from tmem_host.testbed import hostmetrics, report
 from tmem_host.testbed.modes import MODES, Mode
 from tmem_host.testbed.records import (
-    HostMetadata, MigrationRecord, RunMetadata, RunRecord, Sample, TmemdCounter, TmemdCounters,
+    CalibrationRecord, CpuBenchRecord, HostMetadata, MigrationRecord, RunMetadata, RunRecord, Sample, TmemdCounter, TmemdCounters,
 )
 from tmem_host.testbed.scenario import Scenario
 from tmem_host.vm import guestops, launcher
 from tmem_host.vm.image import ImageError, require_image
 from tmem_wire.agent import DISK_SERIALS
+from tmem_workloads import cpubench
 from tmem_wire.frontswap import PAGE_SIZE
 
 # Exit codes of `tmem-testbed run`.
@@ -344,10 +345,12 @@ class Runner:
         self.log = log
         self.run_id = new_run_id(scenario)
         self.results = results_root / self.run_id
+        self.image_dir: Path | None = None  # the guest image's cache directory, once run() found it
 
     def run(self) -> RunOutcome:
         self.results.mkdir(parents=True)
         image = require_image()
+        self.image_dir = image.directory
         host = host_metadata()
         metadata: RunMetadata = {
             "started": _utc_now(), "host_cpu": host["host_cpu"], "host_load": host["host_load"],
@@ -444,6 +447,16 @@ class Runner:
                 with contextlib.suppress(FileNotFoundError):
                     shutil.copy(tmemd.log_path, vm_dir / "tmemd.log")
 
+    def _calibrate_once(self, guest: launcher.Guest, metadata: RunMetadata) -> None:
+        """The accelerator and the guest CPU's speed against the host's, from the
+        run's first guest (before anything else runs in it)."""
+        metadata.setdefault("accelerator", "kvm" if guest.qmp("query-kvm").get("enabled") else "tcg")
+        if "calibration" not in metadata:
+            metadata["calibration"] = calibrate(guest)
+            self.log(f"calibration: the guest CPU ran {metadata['calibration']['python_factor']:.1f}x "
+                     "slower than the host's (pure Python)" +
+                     (f", {factor:.1f}x (lz4)" if (factor := metadata["calibration"]["lz4_factor"]) else ""))
+
     def run_once(self, mode: Mode, repetition: int, metadata: RunMetadata) -> list[Sample]:
         """One repetition of one mode: a sample per guest."""
         vm_dir = self.results / "vms" / f"{mode.name}-{repetition + 1}"
@@ -455,13 +468,12 @@ class Runner:
                     stack.enter_context(launcher.Guest(guest_config(self.scenario, mode, index, tmemd, vm_dir)))
                     for index in range(self.scenario.guests.count)
                 ]
+                self._calibrate_once(guests[0], metadata)
                 agents = [
                     prepare_pagecache(guest, mode, self.scenario, index, repetition)
                     if self.scenario.workload == "pagecache" else prepare_swap(guest, mode)
                     for index, guest in enumerate(guests)
                 ]
-                kvm = guests[0].qmp("query-kvm")
-                metadata.setdefault("accelerator", "kvm" if kvm.get("enabled") else "tcg")
                 return self._measure(mode, repetition, guests, agents, tmemd, cluster)
         except INFRASTRUCTURE_ERRORS as error:
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -478,7 +490,8 @@ class Runner:
         processes = {"qemu": qemu_pids, "tmemd": [tmemd.pid] if tmemd else [], "redis": redis_pids}
         host_before = {pid: hostmetrics.process_usage(pid) for pids in processes.values() for pid in pids}
         timeout = self.scenario.workload_timeout_s
-        with hostmetrics.RssTimeline(processes) as timeline, ThreadPoolExecutor(len(guests)) as pool:
+        with hostmetrics.MemoryTimeline(processes, image_dir=self.image_dir) as timeline, \
+                ThreadPoolExecutor(len(guests)) as pool:
             # All guests start their workload together (contention), each on its own SSH channel.
             futures = [
                 pool.submit(
@@ -528,6 +541,7 @@ class Runner:
                 "tmemd": _tmemd_counters(tmemd_stats, guest.config.name) if tmemd_stats is not None else None,
                 "host": host,
                 "timeline": timeline.points,
+                "host_memory": hostmetrics.component_peaks(timeline.points),
             })
         return samples
 
@@ -556,8 +570,8 @@ class Runner:
                                  root_overlay=launcher.create_root_overlay(vm_dir / "root.qcow2"),
                                  shared_disk_dir=vm_dir / "disks")
                 source = stack.enter_context(launcher.Guest(config))
-                metadata.setdefault("accelerator", "kvm" if source.qmp("query-kvm").get("enabled") else "tcg")
                 guestops.install_guest_code(source)
+                self._calibrate_once(source, metadata)
                 prepare_swap(source, mode)
                 command = workload_phases(self.scenario, mode, 0, repetition)[0]
                 guestops.start_detached(source, command)
@@ -648,6 +662,28 @@ class Runner:
             "handoff_s": round(time.monotonic() - stopped, 3), "handoff_bytes": handoff_bytes,
             "served_from_tmem": 0, "started_s": 0.0,
         }
+
+
+# Half cpubench's default work: about 5 s in a TCG guest here (pure Python ran 14x,
+# lz4 11.5x slower than the host; docs/TESTBED.md).
+CALIBRATION_SCALE = 0.5
+
+
+def calibrate(guest: launcher.Guest) -> CalibrationRecord:
+    """tmem_workloads.cpubench in ``guest``, then the same in this process on the
+    host (between runs: nothing else of the testbed's is busy)."""
+    lines = _json_lines(guest.ssh(f"python3 -m tmem_workloads.cpubench --scale {CALIBRATION_SCALE}",
+                                  timeout=600).stdout)
+    if not lines:
+        raise guestops.AgentError("cpubench printed no result in the guest")
+    in_guest = cast(CpuBenchRecord, lines[-1])
+    on_host = cast(CpuBenchRecord, cpubench.run(CALIBRATION_SCALE, 3))
+    guest_lz4, host_lz4 = in_guest["lz4_s"], on_host["lz4_s"]
+    return {
+        "guest": in_guest, "host": on_host,
+        "python_factor": round(in_guest["python_s"] / on_host["python_s"], 2),
+        "lz4_factor": round(guest_lz4 / host_lz4, 2) if guest_lz4 and host_lz4 else None,
+    }
 
 
 def _failed_sample(mode: Mode, repetition: int, guest: str, error: str, *,

@@ -5,7 +5,8 @@ hash names the image in the cache (tmem_host.vm.image), so a change here rebuild
 the image and nothing else does. The steps: debootstrap a minbase bookworm root
 from the host's mirror, add the exact Debian kernel package linux-image-amd64
 depends on (plus a decompressed vmlinux for PVH boot), prune modules, depmod,
-overlay images/rootfs, build the busybox initramfs and the KVM probe initramfs,
+fetch the upstream tarballs of sources.txt (checked against the suite's Sources
+index) into /opt/tmem/src, overlay images/rootfs, build the busybox initramfs and the KVM probe initramfs,
 and mkfs.ext4 -d the root.
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import bz2
 import datetime
 import gzip
+import hashlib
 import json
 import lzma
 import os
@@ -20,6 +22,7 @@ import shutil
 import struct
 import subprocess
 import tempfile
+import urllib.request
 import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -54,6 +57,20 @@ def read_list(name: str) -> list[str]:
     return [entry for entry in (line.split("#", 1)[0].strip() for line in lines) if entry]
 
 
+def parse_stanza(stanza: str) -> dict[str, str]:
+    """One deb822 stanza: lower-case field names; a folded field's lines joined by newlines."""
+    fields: dict[str, str] = {}
+    name = None
+    for line in stanza.splitlines():
+        if line.startswith((" ", "\t")) and name is not None:
+            fields[name] += "\n" + line.strip()
+        elif ":" in line and not line.startswith("#"):
+            key, value = line.split(":", 1)
+            name = key.strip().lower()
+            fields[name] = value.strip()
+    return fields
+
+
 def host_debian_mirror(
     sources_dir: Path = Path("/etc/apt/sources.list.d"),
     sources_list: Path = Path("/etc/apt/sources.list"),
@@ -61,11 +78,7 @@ def host_debian_mirror(
     """The URI of the host's apt source for the bookworm suite (deb822 or one-line)."""
     for sources in sorted(sources_dir.glob("*.sources")):
         for stanza in sources.read_text().split("\n\n"):
-            fields: dict[str, str] = {}
-            for line in stanza.splitlines():
-                if ":" in line and not line.startswith(("#", " ")):
-                    key, value = line.split(":", 1)
-                    fields[key.strip().lower()] = value.strip()
+            fields = parse_stanza(stanza)
             types = fields.get("types", "").split()
             if "deb" in types and SUITE in fields.get("suites", "").split():
                 return fields["uris"].split()[0]
@@ -159,6 +172,55 @@ class Builder:
         self.run(["debootstrap", "--variant=minbase", f"--include={packages}",
                   "--components=main", f"--cache-dir={self.deb_cache}", SUITE, str(self.root),
                   mirror])
+
+    def fetch_sources(self, mirror: str) -> dict[str, str]:
+        """The upstream tarball of every package in sources.txt, checked against the
+        SHA-256 the suite's Sources index gives (the index itself is signed through
+        the Release file debootstrap checked; here its size and our hash stand in),
+        cached beside the .debs, copied to /opt/tmem/src; returns name -> version."""
+        wanted = read_list("sources.txt")
+        if not wanted:
+            return {}
+        index = self.deb_cache / "Sources.xz"
+        self._download(f"{mirror.rstrip('/')}/dists/{SUITE}/main/source/Sources.xz", index)
+        stanzas = {}
+        for stanza in lzma.decompress(index.read_bytes()).decode().split("\n\n"):
+            fields = parse_stanza(stanza)
+            if fields.get("package") in wanted:
+                stanzas[fields["package"]] = fields
+        target = self.root / "opt/tmem/src"
+        target.mkdir(parents=True, exist_ok=True)
+        versions = {}
+        for package in wanted:
+            found = stanzas.get(package)
+            if found is None:
+                raise ImageError(f"source package {package} is not in {SUITE}'s Sources index")
+            tarballs = [line.split() for line in found["checksums-sha256"].splitlines()
+                        if ".orig.tar." in line]
+            if len(tarballs) != 1:
+                raise ImageError(f"source package {package}: expected one .orig tarball, got {tarballs}")
+            digest, size, name = tarballs[0]
+            cached = self.deb_cache / name
+            if not cached.is_file() or hashlib.sha256(cached.read_bytes()).hexdigest() != digest:
+                self._download(f"{mirror.rstrip('/')}/{found['directory']}/{name}", cached)
+            data = cached.read_bytes()
+            if len(data) != int(size) or hashlib.sha256(data).hexdigest() != digest:
+                cached.unlink()
+                raise ImageError(f"{name}: size or SHA-256 differs from {SUITE}'s Sources index")
+            shutil.copy2(cached, target / name)
+            versions[package] = found["version"]
+        return versions
+
+    def _download(self, url: str, path: Path) -> None:
+        with self.log_path.open("a") as log:
+            log.write(f"GET {url}\n")
+        temporary = path.with_suffix(path.suffix + ".part")
+        try:
+            with urllib.request.urlopen(url, timeout=120) as response, temporary.open("wb") as out:
+                shutil.copyfileobj(response, out)
+        except OSError as error:
+            raise ImageError(f"cannot download {url}: {error}") from None
+        temporary.replace(path)
 
     def kernel_package(self) -> str:
         """The exact linux-image-6.1.0-N-amd64 the meta package depends on."""
@@ -271,7 +333,7 @@ class Builder:
         return dict(line.split(" ", 1) for line in output.splitlines() if " " in line)
 
 
-STEPS = 9
+STEPS = 10
 
 
 def build_into(builder: Builder, digest: str) -> None:
@@ -281,6 +343,8 @@ def build_into(builder: Builder, digest: str) -> None:
     mirror = host_debian_mirror()
     progress.step(f"debootstrap {SUITE} from {mirror}")
     builder.debootstrap(mirror)
+    progress.step("fetching source tarballs (sources.txt)")
+    sources = builder.fetch_sources(mirror)
     progress.step("resolving the kernel package")
     package = builder.kernel_package()
     progress.step(f"installing {package}")
@@ -309,6 +373,7 @@ def build_into(builder: Builder, digest: str) -> None:
         "ready_marker": READY_MARKER,
         "probe_marker": PROBE_MARKER,
         "packages": builder.package_versions(),
+        "sources": sources,
     }
     progress.step("making rootfs.ext4 (mkfs.ext4 -d)")
     manifest["rootfs_bytes"] = builder.make_rootfs()
