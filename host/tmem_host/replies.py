@@ -206,6 +206,7 @@ class NbdExportStats(TypedDict):
     pages_drained: int
     reply_backlogs: int
     store_waits: int  # passes that waited for the remote tier
+    fallback_throttled_us: int  # replies' wait for the fallback disk's throttle (--fallback-iops)
     request_pages_histogram: dict[str, int]  # "1", "2", "4", ... "256+" pages per request
 
 

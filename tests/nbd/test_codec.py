@@ -262,3 +262,15 @@ def test_garbage_raises_only_protocol_errors(garbage: bytes, cut: int, transmiss
         drain(decoder)
     except nbd.NbdProtocolError:
         pass
+
+
+def test_iops_throttle_spaces_operations_by_its_interval() -> None:
+    from tmem_host.nbd.export import IopsThrottle
+
+    throttle = IopsThrottle(200)  # 5 ms an operation
+    assert throttle.charge(1, now=10.0) == pytest.approx(0.005)
+    assert throttle.charge(2, now=10.0) == pytest.approx(0.015)  # queued behind the first
+    assert throttle.charge(0, now=10.0) == 0.0
+    assert throttle.charge(1, now=20.0) == pytest.approx(0.005)  # idle meanwhile: no debt
+    with pytest.raises(ValueError):
+        IopsThrottle(0)

@@ -123,6 +123,31 @@ def test_capped_guest_spills_to_the_fallback_and_still_verifies(tmemd: TmemdProc
     assert export_stats(tmemd, CAPPED_GUEST)["slots_in_tmem"] == 0
 
 
+def test_a_throttled_fallback_answers_at_its_disks_pace_and_tmem_at_memory_speed(
+        start_tmemd: StartTmemd, tmp_path: Path) -> None:
+    # --fallback-iops 50: each request that touches the fallback takes 20 ms of
+    # the "disk"; requests tmem takes are not held up.
+    daemon = start_tmemd(guests=(f"{CAPPED_GUEST}:cap={CAP_BYTES}", "roomy"),
+                         extra_args=("--nbd-size", "64M", "--fallback-iops", "50"))
+    writes = [f"write -P {0x20 + n} {n * 64}k 64k" for n in range(20)]  # one request each
+    qemu_io(daemon, "roomy", *writes)
+    assert export_stats(daemon, "roomy")["fallback_throttled_us"] == 0
+    # 32 requests of 64 KiB, incompressible: past the 256 KiB cap, each is refused
+    # and is one fallback operation.
+    chunks = [os.urandom(64 * 1024) for _ in range(32)]
+    for number, chunk in enumerate(chunks):
+        (tmp_path / f"chunk{number}").write_bytes(chunk)
+    qemu_io(daemon, CAPPED_GUEST, *(f"write -s {tmp_path / f'chunk{n}'} {n * 64}k 64k" for n in range(32)))
+    stats = export_stats(daemon, CAPPED_GUEST)
+    refused_requests = stats["pages_refused_fallback"] // 16
+    assert refused_requests >= 28
+    assert stats["fallback_throttled_us"] >= 20_000 * refused_requests
+    back = tmp_path / "back.img"
+    run_tool("qemu-img", "convert", "-f", "raw", "-O", "raw", nbd_uri(daemon, CAPPED_GUEST), str(back))
+    with back.open("rb") as copy:
+        assert copy.read(2 * MIB) == b"".join(chunks)
+
+
 def test_without_preallocation_the_fallback_is_sparse_and_trim_punches_holes(
         start_tmemd: StartTmemd, tmp_path: Path) -> None:
     daemon = start_tmemd(guests=(f"{CAPPED_GUEST}:cap={CAP_BYTES}",),

@@ -61,9 +61,12 @@ def test_list_names_every_mode() -> None:
     result = run_testbed("list", "--json")
     listing = json.loads(result.stdout)
     assert set(listing["modes"]) == {"bigmem", "disk-hdd", "disk-hostcache", "zswap", "tmem-blk", "tmem-agent",
-                                     "tmem-agent-sync", "tmem-nocompress", "tmem-nojournal", "tmem-remote"}
+                                     "tmem-agent-sync", "tmem-nocompress", "tmem-nojournal", "tmem-remote",
+                                     "static", "balloon", "tmem", "tmem-balloon"}
     assert "usemem" in listing["workloads"]
     assert listing["workloads"]["pagecache"]["modes"] == ["bigmem", "disk-hdd", "disk-hostcache", "tmem-agent"]
+    assert listing["workloads"]["density"]["modes"] == ["static", "balloon", "tmem", "tmem-balloon"]
+    assert "static" not in listing["workloads"]["usemem"]["modes"]
 
 
 @pytest.mark.vm
@@ -223,3 +226,57 @@ def test_migration_scenario_end_to_end(tmp_path: Path) -> None:
     assert "## Live migration" in report and "| tmem-remote | 1 |" in report
     assert "Migrating mid-workload cost" in report and "QEMU sent" in report
     assert "live migration mid-workload" in result.stdout  # the terminal's table
+
+
+TINY_DENSITY = """
+name = "tiny-density"
+modes = ["tmem-balloon"]
+repetitions = 1
+[guests]
+count = 2
+swap_mib = 512
+[host]
+budget = "448M"
+[workload]
+kind = "density"
+hungry_mib = 224
+phases = 1
+stagger_s = 25
+floor_mib = 128
+tmem_share = 0.4
+[timeouts]
+workload_s = 400
+"""
+
+
+@pytest.mark.vm
+@pytest.mark.slow
+def test_density_scenario_moves_memory_within_the_budget(tmp_path: Path) -> None:
+    # Two guests under one 448 MiB budget; g1 idles while g0 is hungry, then the
+    # other way round. The balancer (real QMP balloon statistics and targets)
+    # moves RAM to the hungry guest; with tmem, tmemd's budget is what the
+    # guests do not hold.
+    _, results, run = run_passing_text(TINY_DENSITY, tmp_path)
+    alone = [s for s in run["samples"] if s["mode"] == "alone"]
+    assert len(alone) == 1 and alone[0]["verified"] and alone[0]["wall_s"] > 0
+    mib = 1 << 20
+    for mode in ("tmem-balloon",):  # the policy with both the balancer and tmemd (the others: make testbed)
+        samples = {s["guest"]: s for s in run["samples"] if s["mode"] == mode}
+        assert set(samples) == {"g0", "g1"} and all(s["verified"] for s in samples.values())
+        record = samples["g0"]["density"]
+        assert record["balloon_moves"] > 0
+        assert record["committed_peak_bytes"] <= record["budget_bytes"] == 448 * mib
+        ticks = record["monitor"]
+        # g0, hungry first, held more than it started with at some point; so did g1 later.
+        assert max(tick[3] for tick in ticks) > record["start_mib"] * mib
+        assert max(tick[4] for tick in ticks) > record["start_mib"] * mib
+        for tick in ticks:
+            assert tick[3] + tick[4] + tick[1] <= 448 * mib + mib  # guests' RAM + tmemd used
+    tmem_ticks = next(s for s in run["samples"] if s["mode"] == "tmem-balloon" and s.get("density"))
+    budgets = {tick[2] for tick in tmem_ticks["density"]["monitor"]}
+    assert len(budgets) > 1  # tmemd's budget followed the guests' RAM
+    assert all(tick[1] <= tick[2] + mib for tick in tmem_ticks["density"]["monitor"])
+    report = (results / "report.md").read_text()
+    assert "## Density" in report and "| tmem-balloon | 1/1 |" in report
+    assert "held its budget" in report
+    assert (results / "plots" / "density_budget.png").stat().st_size > 1000

@@ -77,3 +77,58 @@ def test_mistakes_are_one_line_with_file_and_key(tmp_path: Path, edit: tuple[str
 def test_missing_file_is_a_scenario_error(tmp_path: Path) -> None:
     with pytest.raises(ScenarioError, match="missing.toml: cannot read"):
         load_scenario(tmp_path / "missing.toml")
+
+
+DENSITY = """
+modes = ["static", "balloon", "tmem", "tmem-balloon"]
+[guests]
+count = 4
+[host]
+budget = "768M"
+[workload]
+kind = "density"
+"""
+
+
+def test_density_policies_and_sizes(tmp_path: Path) -> None:
+    from tmem_host.testbed import density
+    from tmem_host.testbed.modes import MODES
+
+    scenario = load_scenario(write(tmp_path, DENSITY))
+    plans = {mode: density.plan(scenario, MODES[mode]) for mode in scenario.modes}
+    assert plans["static"].boot_mib == plans["static"].start_mib == 192  # M/N
+    assert plans["balloon"].start_mib == 192 and plans["balloon"].boot_mib == 384  # M less 3 floors
+    # tmem: half of M for the guests' RAM (floored at 128 MiB each), tmemd the rest.
+    assert plans["tmem"].start_mib == 128 and plans["tmem"].tmemd_budget == (768 - 4 * 128) << 20
+    assert plans["tmem-balloon"].boot_mib == 384 and plans["tmem-balloon"].start_mib == 128
+    for plan in plans.values():
+        assert 4 * plan.start_mib * (1 << 20) + plan.tmemd_budget <= plan.budget
+    command = density.guest_command(scenario, 2, 1)
+    assert command.startswith("sleep 30 && python3 -m tmem_workloads.usemem --mib 384 --seed 1020 ")
+    assert " && sleep 20 && " in command  # two phases, a quiet one between
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (('"static", ', ''), None),
+        (('"static", ', '"tmem-blk", '), "modes[0]: mode 'tmem-blk' does not apply to workload 'density'"),
+        (('count = 4', 'count = 1'), "guests.count: workload 'density' needs at least 2 guests"),
+        (('budget = "768M"', 'budget = "256M"'), "workload.floor_mib: 4 guests of at least 128 MiB do not fit"),
+        (('kind = "density"', 'kind = "density"\ntmem_share = 1.5'), "workload.tmem_share: must be a fraction"),
+        (('kind = "density"', 'kind = "density"\nvariant = "busy"'), "workload.variant: must be one of staggered, steady"),
+    ],
+)
+def test_density_mistakes(tmp_path: Path, edit: tuple[str, str], message: str | None) -> None:
+    text = DENSITY.replace(*edit)
+    if message is None:
+        load_scenario(write(tmp_path, text))
+        return
+    with pytest.raises(ScenarioError) as raised:
+        load_scenario(write(tmp_path, text))
+    assert str(raised.value).startswith(f"scenario.toml: {message}")
+
+
+def test_swap_workloads_refuse_density_policies(tmp_path: Path) -> None:
+    with pytest.raises(ScenarioError, match="mode 'static' does not apply to workload 'usemem'"):
+        load_scenario(write(tmp_path, GOOD.replace('"tmem-blk"]', '"static"]')))

@@ -281,3 +281,9 @@ def test_no_io(monkeypatch: pytest.MonkeyPatch) -> None:
             patch.setattr(owner, name, refuse)
         for config in CONFIGS.values():
             build(**config)
+
+
+def test_balloon() -> None:
+    assert devices(build(balloon=True), "virtio-balloon-pci") == [
+        {"": "virtio-balloon-pci", "id": "balloon0", "deflate-on-oom": "on"}]
+    assert not devices(build(), "virtio-balloon-pci")

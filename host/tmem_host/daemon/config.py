@@ -50,7 +50,7 @@ _FILE_KEYS: Final = frozenset({
     "run_dir", "budget", "compress", "nbd_size", "vsock_port", "log_level", "log_format",
     "guest", "state_dir", "journal", "durability", "preallocate", "journal_reserve",
     "socket_group", "connections_per_guest", "handshake_timeout", "idle_timeout",
-    "remote", "remote_replicas", "remote_wait", "remote_budget", "host_id",
+    "remote", "remote_replicas", "remote_wait", "remote_budget", "host_id", "fallback_iops",
 })
 
 
@@ -231,6 +231,9 @@ class DaemonConfig:
     remote_budget_bytes: int | None = None
     # This tmemd's name among the hosts sharing a cluster (logs, stats).
     host_id: str = ""
+    # The NBD fallback files answer as a disk of this many operations per second
+    # would (frontswap's real swap disk); 0: at page-cache speed.
+    fallback_iops: int = 0
 
     @property
     def journal(self) -> bool:
@@ -447,6 +450,7 @@ def build_config(
     remote_wait: float | None = None,
     remote_budget: str | None = None,
     host_id: str | None = None,
+    fallback_iops: int | None = None,
 ) -> DaemonConfig:
     """Merge the TOML settings with command-line values (which take precedence;
     None: not given on the command line)."""
@@ -513,4 +517,6 @@ def build_config(
         remote_budget_bytes=(None if remote_budget_value is None else
                              parse_cap(remote_budget_value, remote_budget_name)),
         host_id=host,
+        fallback_iops=check_int(*_pick(settings, "fallback_iops", fallback_iops, _DEFAULTS.fallback_iops),
+                                0, 1_000_000),
     )

@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "unreachable (default 10)")
     parser.add_argument("--remote-budget", metavar="SIZE",
                         help="remote bytes all guests may use, shared by weight (default: no limit)")
+    parser.add_argument("--fallback-iops", type=int, metavar="N",
+                        help="the NBD fallback files answer as a disk of N operations per second "
+                             "(frontswap's real swap disk; default 0: page-cache speed)")
     parser.add_argument("--host-id", help="this tmemd's name among hosts sharing a cluster "
                         "(default: the hostname)")
     parser.add_argument("--log-level", choices=LOG_LEVELS)
@@ -130,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             remote_wait=args.remote_wait,
             remote_budget=args.remote_budget,
             host_id=args.host_id,
+            fallback_iops=args.fallback_iops,
         )
     except ConfigError as exc:
         print(f"tmemd: {exc}", file=sys.stderr)

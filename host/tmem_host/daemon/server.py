@@ -217,7 +217,8 @@ class Daemon:
                                size_bytes=self.config.nbd_size_bytes,
                                fallback_path=guest_fallback, start=start,
                                preallocate=self.config.preallocate,
-                               sync_fallback=self.config.durability == "fsync")
+                               sync_fallback=self.config.durability == "fsync",
+                               fallback_iops=self.config.fallback_iops)
             # The guest is fixed by the socket: nothing the peer sends can change it.
             abi_server = await loop.create_unix_server(
                 lambda: AbiSession(self.store, lambda _transport: runtime, "unix", self.limiter),

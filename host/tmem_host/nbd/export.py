@@ -21,6 +21,7 @@ import collections
 import errno
 import logging
 import os
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Final, Literal, cast
@@ -119,13 +120,32 @@ class _SlotEraser:
             fallocate(fd, 0, offset, length)
 
 
+class IopsThrottle:
+    """A disk's operations per second, as QEMU's throttling.iops-total imposes them
+    on the testbed's hdd disk: each operation takes 1/iops of the disk's time, one
+    after the other (sans-IO: the caller gives the clock and waits the delay)."""
+
+    def __init__(self, iops: int) -> None:
+        if iops <= 0:
+            raise ValueError("iops must be > 0")
+        self.interval_s = 1.0 / iops
+        self._free_at = 0.0
+
+    def charge(self, operations: int, now: float) -> float:
+        """Seconds until ``operations`` more, issued at ``now``, are done."""
+        if operations <= 0:
+            return 0.0
+        self._free_at = max(now, self._free_at) + operations * self.interval_s
+        return self._free_at - now
+
+
 class NbdExport:
     """One guest's NBD export; state outlives connections (QEMU reconnects)."""
 
     def __init__(self, store: Store, client: Client, *, name: str, size_bytes: int,
                  fallback_path: str | os.PathLike[str], description: str = "tmem swap",
                  start: ExportStart = "new", preallocate: bool = False,
-                 sync_fallback: bool = False) -> None:
+                 sync_fallback: bool = False, fallback_iops: int = 0) -> None:
         """``start``: ``"new"``, a fresh disk (the fallback file is emptied).
         ``"resume"``: tmemd restarted and replayed the guest's journal; the export
         takes back its pool (labelled EXPORT_POOL_LABEL) and the fallback file as
@@ -141,7 +161,11 @@ class NbdExport:
         guest's files took. ``sync_fallback`` (durability fsync): fdatasync the
         fallback file after a WRITE's refused pages, before the write's journal
         records, so that after a host crash no record points at a slot whose data
-        never reached the disk."""
+        never reached the disk. ``fallback_iops``: the fallback file answers as a
+        disk of that many operations per second would (a request that reads or
+        writes it is one operation; its reply waits its turn), so that refused
+        pages cost what frontswap's real swap disk costs; 0: as fast as the host's
+        page cache."""
         if size_bytes <= 0 or size_bytes % PAGE_SIZE:
             raise ValueError(f"export size must be a positive multiple of {PAGE_SIZE}")
         self.store = store
@@ -159,6 +183,8 @@ class NbdExport:
         self._lost: bytearray | None = (bytearray(b"\xff" * len(self._in_tmem))
                                         if start == "lost" else None)
         self._sync_fallback = sync_fallback
+        self._throttle = IopsThrottle(fallback_iops) if fallback_iops > 0 else None
+        self._fallback_operations = 0  # not yet charged to the throttle
         self._fallback_fd = open_state_file(self.fallback_path)
         try:
             if start == "resume":
@@ -483,8 +509,10 @@ class NbdExport:
         # the reply: whatever a crash interrupts, a slot reads its last
         # acknowledged copy or this one (docs/RELIABILITY.md).
         with self.store.deferred(self.client):
-            if self._write_pages(first_slot, data) and self._sync_fallback:
-                os.fdatasync(self._fallback_fd)
+            if self._write_pages(first_slot, data):
+                self._fallback_operations += 1
+                if self._sync_fallback:
+                    os.fdatasync(self._fallback_fd)
 
     def _write_pages(self, first_slot: int, data: bytes) -> bool:
         """Put the pages, the refused ones into the fallback file: whether any was."""
@@ -542,6 +570,7 @@ class NbdExport:
                 out[page << PAGE_SHIFT : (page + 1) << PAGE_SHIFT] = content
             self.counters["pages_read_tmem"] += len(tmem_pages)
         page = 0
+        read_fallback = False
         while page < pages:
             if self._is_in_tmem(first_slot + page):
                 page += 1
@@ -556,8 +585,20 @@ class NbdExport:
             # it to, the rest of the bytearray is zeros, as the file would read.
             out[page << PAGE_SHIFT : (page << PAGE_SHIFT) + len(chunk)] = chunk
             self.counters["pages_read_fallback"] += run_end - page
+            read_fallback = True
             page = run_end
+        self._fallback_operations += read_fallback
         return nbd.Error.OK, out
+
+    def fallback_delay(self) -> float:
+        """Seconds the replies just built wait for the fallback disk's throttle
+        (0 without one): the operations served since the last call, charged."""
+        operations, self._fallback_operations = self._fallback_operations, 0
+        if self._throttle is None or not operations:
+            return 0.0
+        delay = self._throttle.charge(operations, time.monotonic())
+        self.counters["fallback_throttled_us"] += int(delay * 1e6)
+        return delay
 
     def _stale(self, slot: int, status: object = None) -> tuple[int, bytes]:
         # The page was put and tmem lost it (an admin flush, the pool destroyed):
@@ -600,6 +641,11 @@ class NbdExport:
         self._connections.discard(connection)
 
 
+def _set_done(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
 COUNTER_NAMES: Final = (
     "requests", "reads", "writes", "trims", "zeroes", "flushes", "invalid_requests",
     "pages_put_tmem", "pages_refused_fallback", "pages_read_tmem", "pages_read_fallback",
@@ -609,6 +655,8 @@ COUNTER_NAMES: Final = (
     "reply_backlogs",
     # Passes that waited for the remote tier (a READ's pages, or its writes landing).
     "store_waits",
+    # Time replies waited for the fallback disk's throttle (--fallback-iops), µs.
+    "fallback_throttled_us",
 )
 _REPLY_HEADER_BYTES: Final = nbd.SIMPLE_REPLY_HEADER.size
 # READs whose fetches go to the tier together: what QEMU keeps in flight (16) and then some.
@@ -759,6 +807,14 @@ class NbdConnection(asyncio.Protocol):
         fails to take stays in memory, Store.strand)."""
         if not output or self.transport is None:
             return False
+        delay = self.export.fallback_delay()
+        if delay > 0 and wait:
+            # The fallback disk is slow (--fallback-iops): the replies wait for it.
+            self._unsent = output
+            slow_disk: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            asyncio.get_running_loop().call_later(delay, _set_done, slow_disk)
+            self._flow.suspend(slow_disk, self._send_unsent)
+            return True
         # What the replies acknowledge must first be as durable as promised
         # (durability fsync: one fdatasync for all of them; the remote tier: its
         # writes acknowledged by the cluster).

@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -169,8 +170,35 @@ class FileCacheCounter:
         return target.is_relative_to(self.shared_under)
 
 
+class SamplerThread:
+    """A context manager that runs ``self._run()`` in a thread it owns: entering
+    starts it, leaving sets ``self._stop`` and joins it, and an error the thread
+    stored in ``self._error`` is raised again (unless one is on its way already)."""
+
+    _stop: threading.Event
+    _thread: threading.Thread | None = None
+    _error: BaseException | None = None
+    thread_name = "sampler"
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=self.thread_name, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if self._error is not None and exc_info[0] is None:
+            raise self._error
+
+
 @dataclass
-class MemoryTimeline:
+class MemoryTimeline(SamplerThread):
     """Samples the host memory a run takes every ``interval`` seconds in a thread:
     one row per sample, [seconds since start, *MEMORY_COMPONENTS].
 
@@ -182,8 +210,7 @@ class MemoryTimeline:
     interval: float = 0.5
     image_dir: Path | None = None
     points: list[list[float]] = field(default_factory=list)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
+    thread_name = "memory-timeline"
 
     def _rss(self, role: str) -> int:
         total = 0
@@ -207,16 +234,6 @@ class MemoryTimeline:
             self.points.append([round(time.monotonic() - started, 2), *row])
             if self._stop.wait(self.interval):
                 return
-
-    def __enter__(self) -> MemoryTimeline:
-        self._thread = threading.Thread(target=self._run, name="memory-timeline", daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
 
 
 def component_peaks(points: Sequence[Sequence[float]]) -> dict[str, int]:

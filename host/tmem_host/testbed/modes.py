@@ -40,6 +40,11 @@ class Mode:
     # Why the mode's cost is guest CPU time (empty: it is not): under TCG, where the
     # guest CPU is emulated, such a mode's standing depends on the calibration factor.
     guest_cpu: str = ""
+    # A host policy of the density scenario (its workload's modes only): guest RAM
+    # and tmemd's budget come from the scenario's host budget (testbed.density).
+    density: bool = False
+    # A virtio-balloon device in every guest, driven by the host's balancer.
+    balloon: bool = False
 
 
 MODES: dict[str, Mode] = {
@@ -95,5 +100,16 @@ MODES: dict[str, Mode] = {
             tmemd=True,
             remote=True,
         ),
+        # The density scenario's policies: N guests, one host budget M for their RAM
+        # and tmem (testbed.density.plan sizes them).
+        Mode("static", "each guest gets M/N of RAM and swaps to the hdd disk: a host without overcommit",
+             swap="hdd", density=True),
+        Mode("balloon", "guests boot with room to grow; the host's balancer (virtio-balloon) moves RAM "
+             "to the hungry ones within M; swap on the hdd disk", swap="hdd", density=True, balloon=True),
+        Mode("tmem", "small guests swapping through tmemd's NBD export; one tmemd budget of M minus "
+             "their RAM, shared", swap="nbd", tmemd=True, density=True),
+        Mode("tmem-balloon", "ballooning plus tmem, Xen's production setup: the balancer moves RAM between "
+             "the guests and tmemd's budget is what they do not hold", swap="nbd", tmemd=True,
+             density=True, balloon=True),
     )
 }

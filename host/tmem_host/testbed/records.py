@@ -130,6 +130,20 @@ class TmemdCounters(TypedDict):
     remote: NotRequired[RemoteGuestStats]
 
 
+class DensityRecord(TypedDict):
+    """A density run's own figures (on its first guest's sample; testbed.density)."""
+
+    makespan_s: float  # launch to the last guest's last phase, host clock
+    budget_bytes: int  # M
+    boot_mib: int  # each guest's RAM at boot
+    start_mib: int  # each guest's RAM (balloon target) when the workload started
+    tmemd_budget_bytes: int  # tmemd's budget at the start (0: no tmemd)
+    balloon_moves: int  # balloon targets the balancer changed
+    committed_peak_bytes: int  # the most the guests held plus tmemd's used bytes at one tick
+    # Every second: [seconds, tmemd used, tmemd budget, each guest's RAM..., each guest's target...]
+    monitor: list[list[float]]
+
+
 class Sample(TypedDict):
     """One guest's result in one repetition of one mode."""
 
@@ -157,6 +171,7 @@ class Sample(TypedDict):
     # and what the migration measured (wall_s is then the host's, launch to result).
     migrated: NotRequired[bool]
     migration: NotRequired[MigrationRecord | None]
+    density: NotRequired[DensityRecord]  # a density run's first guest
 
 
 class RunRecord(TypedDict):

@@ -20,7 +20,7 @@ from typing import Any, Literal
 from rich.table import Table
 
 from tmem_host.replies import RemoteGuestStats
-from tmem_host.testbed import hostmetrics, stats
+from tmem_host.testbed import density, hostmetrics, stats
 from tmem_host.testbed.modes import MODES
 from tmem_host.testbed.records import MigrationRecord, RunRecord, Sample, TmemdCounter
 
@@ -500,6 +500,138 @@ def memory_table(run: RunRecord) -> Table | None:
                          MEMORY_COLUMNS, memory_rows(run))
 
 
+DENSITY_ALONE = "alone"  # runner.DENSITY_ALONE: the reference runs' samples
+DENSITY_COLUMNS = ("policy", "runs", "work MiB/min (mean ± sd)", "vs static", "makespan s", "slowdown mean",
+                   "slowdown worst", "Jain", "swap out MiB/guest", "tmem puts MiB/guest", "refused MiB/guest",
+                   "committed peak MiB", "budget MiB", "held")
+DENSITY_NOTE = ("Means over runs. work = the hungry phases the guests completed and verified (MiB of working set "
+                "each) per minute of the run's makespan (launch to the last guest's last phase); slowdown = a "
+                "guest's mean phase time over the same phase run alone in a guest with enough RAM (the "
+                "repetition's reference), mean over guests and the worst guest; Jain = Jain's fairness index "
+                "of the guests' 1/slowdown (1: all alike); swap out = guest /proc/vmstat pswpout; tmem puts "
+                "and refused = tmemd's puts for the guest and those it refused (to the fallback disk, as slow "
+                "as the hdd); committed peak = the most the guests' RAM (balloon actual) plus tmemd's used "
+                "bytes came to at one tick of the monitor (every second); held = never above the budget M.")
+
+
+@dataclass(frozen=True, slots=True)
+class DensityRun:
+    """One repetition of one density policy."""
+
+    work_mib_per_min: float
+    makespan_s: float
+    slowdowns: list[float]  # per guest
+    swap_out_mib: list[float]
+    tmem_put_mib: list[float]
+    refused_mib: list[float]
+    committed_peak: int
+    budget: int
+
+
+def density_runs(run: RunRecord, mode: str) -> list[DensityRun]:
+    """The policy's runs in which every guest verified and the reference ran."""
+    scenario = run["scenario"]
+    hungry = float(scenario["params"]["hungry_mib"])
+    alone = {s["repetition"]: float(wall) for s in run["samples"]
+             if s["mode"] == DENSITY_ALONE and s.get("ok") and (wall := s.get("wall_s"))}
+    runs = []
+    for repetition in range(scenario["repetitions"]):
+        samples = [s for s in run["samples"] if s["mode"] == mode and s["repetition"] == repetition]
+        first = next((s for s in samples if s.get("density")), None)
+        if not samples or not all(s.get("ok") for s in samples) or first is None or repetition not in alone:
+            continue
+        record = first["density"]
+        phases = [[float(p) for p in (s.get("workload") or {}).get("phase_s", [])] for s in samples]
+        slowdowns = [sum(p) / len(p) / alone[repetition] for p in phases if p]
+        tmemd = [s.get("tmemd") for s in samples]
+        runs.append(DensityRun(
+            work_mib_per_min=sum(len(p) for p in phases) * hungry / record["makespan_s"] * 60,
+            makespan_s=record["makespan_s"], slowdowns=slowdowns,
+            swap_out_mib=[(_vmstat(s, "pswpout") or 0) * 4096 / (1 << 20) for s in samples],
+            tmem_put_mib=[(t["puts"] if t else 0) * 4096 / (1 << 20) for t in tmemd],
+            refused_mib=[(t["refusals"] if t else 0) * 4096 / (1 << 20) for t in tmemd],
+            committed_peak=record["committed_peak_bytes"], budget=record["budget_bytes"]))
+    return runs
+
+
+def _per_guest(runs: Sequence[DensityRun], values: Callable[[DensityRun], list[float]]) -> float | None:
+    return _mean(sum(values(r)) / len(values(r)) for r in runs if values(r))
+
+
+def density_rows(run: RunRecord) -> list[list[str]]:
+    if run["scenario"]["workload"] != "density":
+        return []
+    reference = [r.work_mib_per_min for r in density_runs(run, "static")]
+    rows = []
+    for mode in run["scenario"]["modes"]:
+        runs = density_runs(run, mode)
+        total = sum(1 for r in range(run["scenario"]["repetitions"])
+                    if any(s["mode"] == mode and s["repetition"] == r for s in run["samples"]))
+        work = stats.summarize([r.work_mib_per_min for r in runs]) if runs else None
+        if mode == "static" or work is None or not reference:
+            change = "baseline" if mode == "static" and work is not None else "-"
+        else:
+            welch = stats.welch_t_test([r.work_mib_per_min for r in runs], reference)
+            change = (f"{stats.percent_change(work.mean, sum(reference) / len(reference)):+.1f}%"
+                      f"{stats.significance_mark(welch)}")
+        held = all(r.committed_peak <= r.budget + (1 << 20) for r in runs)
+        rows.append([
+            mode, f"{len(runs)}/{total}",
+            "-" if work is None else f"{work.mean:.0f} ± {work.stdev:.0f}", change,
+            _fmt(_mean(r.makespan_s for r in runs), ".1f"),
+            _fmt(_mean(sum(r.slowdowns) / len(r.slowdowns) for r in runs if r.slowdowns), ".2f", "x"),
+            _fmt(_mean(max(r.slowdowns) for r in runs if r.slowdowns), ".2f", "x"),
+            _fmt(_mean(jain for r in runs if (jain := density.jain_index([1 / x for x in r.slowdowns]))), ".3f"),
+            _fmt(_per_guest(runs, lambda r: r.swap_out_mib), ".0f"),
+            _fmt(_per_guest(runs, lambda r: r.tmem_put_mib), ".0f"),
+            _fmt(_per_guest(runs, lambda r: r.refused_mib), ".0f"),
+            _fmt(_mean(r.committed_peak / (1 << 20) for r in runs), ".0f"),
+            _fmt(_mean(r.budget / (1 << 20) for r in runs), ".0f"),
+            ("yes" if held else "NO") if runs else "-",
+        ])
+    return rows
+
+
+def density_sentences(run: RunRecord) -> list[str]:
+    """Whether tmem let the host do more work with the same memory, and by how much
+    against static and ballooning."""
+    work = {mode: [r.work_mib_per_min for r in density_runs(run, mode)] for mode in run["scenario"]["modes"]}
+    work = {mode: values for mode, values in work.items() if values}
+    if not work:
+        return []
+    means = {mode: sum(values) / len(values) for mode, values in work.items()}
+    best = max(means, key=means.__getitem__)
+    budget = run["scenario"]["budget_bytes"] >> 20
+    first = (f"With the same {budget} MiB for {run['scenario']['guests']['count']} guests' RAM and tmem, "
+             f"{best} did the most work: {means[best]:.0f} MiB of verified hungry phases per minute")
+    others = [f"{mode} {means[mode]:.0f} ({(means[best] / means[mode] - 1) * 100:+.0f}% for {best}, "
+              f"{_significance(stats.welch_t_test(work[best], work[mode]))})"
+              for mode in means if mode != best and means[mode] > 0]
+    sentences = [first + (f", against {'; '.join(others)}." if others else ".")]
+    for tmem_mode, rival in (("tmem", "balloon"), ("tmem-balloon", "balloon"), ("tmem", "static")):
+        if tmem_mode in means and rival in means and tmem_mode != best and rival != best:
+            change = (means[tmem_mode] / means[rival] - 1) * 100
+            sentences.append(f"{tmem_mode} against {rival}: {change:+.0f}% work per minute "
+                             f"({_significance(stats.welch_t_test(work[tmem_mode], work[rival]))}).")
+    rows = {row[0]: row for row in density_rows(run)}
+    broke = [mode for mode, row in rows.items() if row[-1] == "NO"]
+    sentences.append("Every policy held its budget (the monitor's committed peak never exceeded M)." if not broke
+                     else f"Over budget at some tick: {', '.join(broke)} (see committed peak).")
+    return sentences
+
+
+def density_lines(run: RunRecord) -> list[str]:
+    rows = density_rows(run)
+    if not rows:
+        return []
+    return ["## Density", "", *_markdown_rows(DENSITY_COLUMNS, rows), "", DENSITY_NOTE, ""]
+
+
+def density_table(run: RunRecord) -> Table | None:
+    return _detail_table(f"{run['scenario']['name']}: policies under one host budget (means per run)",
+                         DENSITY_COLUMNS, density_rows(run))
+
+
 # A guest CPU this many times slower than the host's makes guest-CPU-bound rows
 # (Mode.guest_cpu) rank by emulation as much as by design.
 CPU_FACTOR_FLAG = 1.5
@@ -544,6 +676,8 @@ def _significance(welch: stats.WelchResult | None) -> str:
 def finding_sentences(run: RunRecord) -> list[str]:
     """What the run found, in a few generated sentences: the winner, by how much and
     how sure, the order of the rest, host memory, and the calibration caveat."""
+    if run["scenario"]["workload"] == "density":
+        return density_sentences(run) + _calibration_sentences(run, run["scenario"]["modes"])
     baseline = run["scenario"]["baseline"]
     rows = [row for row in summarize_run(run) if row.wall is not None and not row.key.endswith(" migrated")]
     floors = [row for row in rows if (known := MODES.get(row.mode)) is not None and known.enough_memory]
@@ -661,6 +795,7 @@ def render_markdown(run: RunRecord, plots: Sequence[str] = ()) -> str:
         "",
     ]
     lines += pass_lines(run)
+    lines += density_lines(run)
     lines += memory_lines(run)
     lines += remote_lines(run)
     lines += migration_lines(run)
@@ -752,6 +887,27 @@ def make_plots(run: RunRecord) -> dict[str, bytes]:
         axes.legend(fontsize="x-small", ncol=2)
         save("host_memory", figure)
 
+    firsts = [s for s in run["samples"] if s.get("density") and s["repetition"] == 0]
+    if firsts:
+        # Per policy, its first run: what each guest held and tmemd's used bytes,
+        # stacked, against the budget M (the line).
+        guests = int(run["scenario"]["guests"]["count"])
+        figure, axes_list = plt.subplots(1, len(firsts), figsize=(4 * len(firsts), 3.5), sharey=True,
+                                         squeeze=False)
+        for axes, sample in zip(axes_list[0], firsts):
+            record = sample["density"]
+            ticks = record["monitor"]
+            times = [tick[0] for tick in ticks]
+            layers = [[tick[3 + index] / (1 << 20) for tick in ticks] for index in range(guests)]
+            layers.append([tick[1] / (1 << 20) for tick in ticks])
+            axes.stackplot(times, layers, labels=[f"g{index} RAM" for index in range(guests)] + ["tmemd used"])
+            axes.axhline(record["budget_bytes"] / (1 << 20), color="black", linestyle="--", linewidth=1)
+            axes.set_title(sample["mode"])
+            axes.set_xlabel("time in workload (s)")
+        axes_list[0][0].set_ylabel("committed memory (MiB); dashed: budget M")
+        axes_list[0][-1].legend(fontsize="x-small", loc="lower right")
+        save("density_budget", figure)
+
     memory = memory_rows(run)
     if memory:
         figure, axes = plt.subplots(figsize=(8, 4))
@@ -790,6 +946,9 @@ def render_html(run: RunRecord, plots: Mapping[str, bytes]) -> str:
     details = remote_detail_rows(run)
     remote = (f"<h2>Remote tier</h2>{_html_table(REMOTE_DETAIL_COLUMNS, details)}"
               f"<p>{html.escape(REMOTE_NOTE)}</p>" if details else "")
+    if policies := density_rows(run):
+        remote = (f"<h2>Density</h2>{_html_table(DENSITY_COLUMNS, policies)}"
+                  f"<p>{html.escape(DENSITY_NOTE)}</p>") + remote
     if memory := memory_rows(run):
         remote = (f"<h2>Host memory</h2>{_html_table(MEMORY_COLUMNS, memory)}"
                   f"<p>{html.escape(MEMORY_NOTE)}</p>") + remote

@@ -31,7 +31,7 @@ from tmem_host.daemon.config import format_size
 from tmem_host.daemon.process import TmemdFailed, TmemdProcess
 from tmem_host.remote.cluster import ClusterError, LocalCluster
 from tmem_host.replies import StatsReply
-from tmem_host.testbed import hostmetrics, report
+from tmem_host.testbed import density, hostmetrics, report
 from tmem_host.testbed.modes import MODES, Mode
 from tmem_host.testbed.records import (
     CalibrationRecord, CpuBenchRecord, HostMetadata, MigrationRecord, RunMetadata, RunRecord, Sample, TmemdCounter, TmemdCounters,
@@ -126,6 +126,8 @@ def workload_seed(index: int, repetition: int) -> int:
 
 
 def guest_memory_mib(scenario: Scenario, mode: Mode) -> int:
+    if mode.density:
+        return density.plan(scenario, mode).boot_mib
     if mode.enough_memory:
         return working_set_mib(scenario) + BIGMEM_HEADROOM_MIB
     return scenario.guests.memory_mib
@@ -165,11 +167,15 @@ def tmemd_arguments(scenario: Scenario, mode: Mode, remote_seeds: str | None = N
     """tmemd's budget, guests and options for ``mode``; a remote mode needs its
     cluster's seed nodes (LocalCluster.seed_spec)."""
     extra = ["--nbd-size", f"{scenario.guests.swap_mib}M"]
+    if mode.swap == "nbd":
+        # A refused page goes to a disk as slow as the other modes' (frontswap's
+        # real swap disk), not to the host page cache at memory speed.
+        extra += ["--fallback-iops", str(launcher.DISK_IOPS["hdd"])]
     if not mode.compress:
         extra.append("--no-compress")
     if not mode.journal:
         extra.append("--no-journal")
-    budget = scenario.budget_bytes
+    budget = density.plan(scenario, mode).tmemd_budget if mode.density else scenario.budget_bytes
     if mode.remote:
         if remote_seeds is None:
             raise ValueError(f"mode {mode.name} needs the cluster's seed nodes")
@@ -211,6 +217,7 @@ def guest_config(
         data_disk_mib=working_set_mib(scenario) * 5 // 4 + 64 if pagecache else 0,
         data_disk_speed=mode.data_disk,
         tmem_socket=tmemd.abi_socket(name) if tmemd is not None and mode.agent is not None else None,
+        balloon=mode.balloon,
         run_dir=run_dir / name,
         boot_timeout=scenario.boot_timeout_s,
     )
@@ -365,13 +372,21 @@ class Runner:
         exit_code = EXIT_OK
         try:
             for repetition in range(self.scenario.repetitions):
+                if self.scenario.workload == "density":
+                    alone = self.run_alone(repetition, metadata)
+                    samples.append(alone)
+                    self.log(self._sample_line(alone))
+                    if not alone["ok"]:
+                        exit_code = EXIT_VERIFICATION_FAILED if alone["verified"] is False else EXIT_INFRASTRUCTURE
                 # Modes interleave across repetitions, so slow drift in host load
                 # spreads over all modes instead of biasing the last one.
                 for mode_name in self.scenario.modes:
                     if self.progress:
                         self.progress(f"{mode_name} #{repetition + 1}", done, total)
                     migration = self.scenario.migration
-                    if migration is None:
+                    if self.scenario.workload == "density":
+                        new = self.run_density_case(MODES[mode_name], repetition, metadata)
+                    elif migration is None:
                         new = self.run_once(MODES[mode_name], repetition, metadata)
                     else:  # the run without a migration first: the slowdown's reference
                         new = []
@@ -383,7 +398,7 @@ class Runner:
                                    else None if reference is None else reference * migration.at)
                         new.append(self.run_migration_case(MODES[mode_name], repetition, after_s, metadata)
                                    if after_s is not None else
-                                   _failed_sample(MODES[mode_name], repetition, guest_name(0), "infrastructure: "
+                                   _failed_sample(mode_name, repetition, guest_name(0), "infrastructure: "
                                                   "no unmigrated run to time the migration by", migrated=True))
                     samples.extend(new)
                     for sample in new:
@@ -476,8 +491,7 @@ class Runner:
                 ]
                 return self._measure(mode, repetition, guests, agents, tmemd, cluster)
         except INFRASTRUCTURE_ERRORS as error:
-            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            return [_failed_sample(mode, repetition, name, f"infrastructure: {first_line}") for name in names]
+            return [_failed_sample(mode.name, repetition, name, error) for name in names]
 
     def _measure(
         self, mode: Mode, repetition: int, guests: list[launcher.Guest], agents: list[int | None],
@@ -546,6 +560,108 @@ class Runner:
         return samples
 
 
+    # -- the density scenario (testbed.density) ------------------------------------
+
+    def run_alone(self, repetition: int, metadata: RunMetadata) -> Sample:
+        """The density scenario's reference: one hungry phase in one guest with
+        enough RAM, alone on the host (each guest's slowdown is against it)."""
+        vm_dir = self.results / "vms" / f"alone-{repetition + 1}"
+        vm_dir.mkdir(parents=True)
+        name = guest_name(0)
+        memory = int(self.scenario.params["hungry_mib"]) + density.ALONE_HEADROOM_MIB
+        config = launcher.VmConfig(name=name, memory_mib=memory, vcpus=self.scenario.guests.vcpus,
+                                   run_dir=vm_dir / name, boot_timeout=self.scenario.boot_timeout_s)
+        try:
+            with launcher.Guest(config) as guest:
+                self._calibrate_once(guest, metadata)
+                command = density.phase_command(self.scenario, 1000 * repetition + 999)
+                result = guest.ssh(command, timeout=self.scenario.workload_timeout_s, check=False)
+        except INFRASTRUCTURE_ERRORS as error:
+            return _failed_sample(DENSITY_ALONE, repetition, name, error)
+        workload = _parse_workload_output(result.stdout)
+        verified = result.exit_status == 0 and workload.get("verified") is True
+        return {"mode": DENSITY_ALONE, "repetition": repetition, "guest": name, "ok": verified,
+                "verified": verified, "error": None if verified else _failure_text(result),
+                "wall_s": workload.get("total_s"), "workload": workload}
+
+    def run_density_case(self, mode: Mode, repetition: int, metadata: RunMetadata) -> list[Sample]:
+        """One repetition of one density policy: the guests sized by density.plan,
+        their staggered phases launched in the background, the monitor (and the
+        balancer) running until the last guest is done; a sample per guest, the
+        run's figures (makespan, the monitor's rows) on the first guest's."""
+        vm_dir = self.results / "vms" / f"{mode.name}-{repetition + 1}"
+        vm_dir.mkdir(parents=True)
+        count = self.scenario.guests.count
+        names = [guest_name(index) for index in range(count)]
+        plan = density.plan(self.scenario, mode)
+        try:
+            with self._tmemd(mode, vm_dir) as (tmemd, _), contextlib.ExitStack() as stack:
+                guests = [stack.enter_context(launcher.Guest(guest_config(self.scenario, mode, index, tmemd, vm_dir)))
+                          for index in range(count)]
+                self._calibrate_once(guests[0], metadata)
+                for guest in guests:
+                    prepare_swap(guest, mode)
+                if mode.balloon:
+                    density.settle(guests, plan.start_mib)
+                before = [json.loads(guest.ssh("python3 -m tmem_guest.snapshot", timeout=60).stdout)
+                          for guest in guests]
+                processes = {"qemu": [guest.pid for guest in guests if guest.pid is not None],
+                             "tmemd": [tmemd.pid] if tmemd else [], "redis": []}
+                with hostmetrics.MemoryTimeline(processes, interval=density.TICK_S, image_dir=self.image_dir) \
+                        as timeline, density.DensityMonitor(guests, mode, plan, tmemd) as monitor:
+                    started = time.monotonic()
+                    for index, guest in enumerate(guests):
+                        guestops.start_detached(guest, density.guest_command(self.scenario, index, repetition))
+                    outputs: dict[int, tuple[str, float]] = {}
+                    deadline = started + self.scenario.workload_timeout_s
+                    while len(outputs) < count:
+                        if time.monotonic() > deadline:
+                            raise launcher.SshTimeoutError(f"the guests did not finish in "
+                                                           f"{self.scenario.workload_timeout_s:.0f} s")
+                        time.sleep(2.0)
+                        for index, guest in enumerate(guests):
+                            if index not in outputs and (output := guestops.detached_output(guest)) is not None:
+                                outputs[index] = (output, time.monotonic() - started)
+                    makespan = max(done for _, done in outputs.values())
+                stats = None
+                if tmemd is not None:
+                    with tmemd.control() as control:
+                        stats = control.stats()
+                samples: list[Sample] = []
+                for index, guest in enumerate(guests):
+                    after = json.loads(guest.ssh("python3 -m tmem_guest.snapshot", timeout=60).stdout)
+                    output, done = outputs[index]
+                    workload = _parse_workload_output(output)
+                    phases = workload.get("bursts", [workload]) if "verified" in workload else []
+                    verified = (len(phases) == int(self.scenario.params["phases"])
+                                and all(phase.get("verified") is True for phase in phases))
+                    sample: Sample = {
+                        "mode": mode.name, "repetition": repetition, "guest": guest.config.name,
+                        "ok": verified, "verified": verified,
+                        "error": None if verified else "verification failed: " + output.strip()[-300:],
+                        # The guest's working time: its phases, not the sleeps between them.
+                        "wall_s": round(sum(float(phase.get("total_s", 0)) for phase in phases), 3),
+                        "workload": {**workload, "phase_s": [phase.get("total_s") for phase in phases],
+                                     "done_s": round(done, 2)},
+                        "vmstat": _delta(after["vmstat"], before[index]["vmstat"]),
+                        "psi": _delta(after["psi"], before[index]["psi"]),
+                        "tmemd": _tmemd_counters(stats, guest.config.name) if stats is not None else None,
+                    }
+                    if index == 0:
+                        sample["timeline"] = timeline.points
+                        sample["host_memory"] = hostmetrics.component_peaks(timeline.points)
+                        sample["density"] = {
+                            "makespan_s": round(makespan, 2), "budget_bytes": plan.budget,
+                            "boot_mib": plan.boot_mib, "start_mib": plan.start_mib,
+                            "tmemd_budget_bytes": plan.tmemd_budget, "balloon_moves": monitor.moves,
+                            "committed_peak_bytes": density.committed_peak(monitor.rows, count),
+                            "monitor": monitor.rows,
+                        }
+                    samples.append(sample)
+                return samples
+        except INFRASTRUCTURE_ERRORS as error:
+            return [_failed_sample(mode.name, repetition, name, error) for name in names]
+
     # -- live migration (scenario [migration]) ------------------------------------
 
     def run_migration_case(self, mode: Mode, repetition: int, after_s: float | None,
@@ -611,8 +727,7 @@ class Runner:
                 }
                 return sample
         except INFRASTRUCTURE_ERRORS as error:
-            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            return _failed_sample(mode, repetition, name, f"infrastructure: {first_line}", migrated=migrate)
+            return _failed_sample(mode.name, repetition, name, error, migrated=migrate)
 
     def _migration_tmemd(self, stack: contextlib.ExitStack, mode: Mode, side: str,
                          cluster: LocalCluster | None, vm_dir: Path) -> TmemdProcess:
@@ -686,11 +801,19 @@ def calibrate(guest: launcher.Guest) -> CalibrationRecord:
     }
 
 
-def _failed_sample(mode: Mode, repetition: int, guest: str, error: str, *,
+# The density scenario's reference runs: their samples' mode.
+DENSITY_ALONE = "alone"
+
+
+def _failed_sample(mode: str, repetition: int, guest: str, error: str | BaseException, *,
                    migrated: bool | None = None) -> Sample:
-    """A guest's sample when the machinery failed before the workload could tell
+    """A guest's sample when the machinery failed before the workload could tell:
+    ``error`` is the diagnosis, or the exception whose first line is it
     (``migrated``: in a migration scenario, which of its two runs)."""
-    sample: Sample = {"mode": mode.name, "repetition": repetition, "guest": guest, "ok": False,
+    if isinstance(error, BaseException):
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        error = f"infrastructure: {first_line}"
+    sample: Sample = {"mode": mode, "repetition": repetition, "guest": guest, "ok": False,
                       "verified": None, "wall_s": None, "error": error}
     if migrated is not None:
         sample["migrated"] = migrated

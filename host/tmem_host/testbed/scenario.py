@@ -22,7 +22,8 @@ typo never costs a 20-minute run. Unknown keys are errors too.
     budget = "1G"       # tmemd's global budget
 
     [workload]
-    kind = "usemem"     # see WORKLOADS (each lists the modes it accepts)
+    kind = "usemem"     # see WORKLOADS (each lists the modes it accepts; density:
+                        # its own policies, sized from [host] budget, docs/TESTBED.md)
     ratio = 1.5         # working set as a fraction of guest RAM
                         # (pagecache: file set as a fraction of reader_mib)
 
@@ -46,7 +47,7 @@ from typing import Any, cast
 
 from tmem_host.testbed.modes import MODES
 from tmem_host.testbed.records import ScenarioRecord
-from tmem_host.daemon.config import parse_size
+from tmem_host.daemon.config import format_size, parse_size
 
 
 class ScenarioError(Exception):
@@ -72,7 +73,9 @@ class WorkloadSpec:
     guests_min: int = 1
 
 
-SWAP_MODES = tuple(MODES)
+SWAP_MODES = tuple(name for name, mode in MODES.items() if not mode.density)
+DENSITY_MODES = tuple(name for name, mode in MODES.items() if mode.density)
+DENSITY_VARIANTS = ("staggered", "steady")
 PAGECACHE_MODES = ("bigmem", "disk-hdd", "disk-hostcache", "tmem-agent")
 
 WORKLOADS: dict[str, WorkloadSpec] = {
@@ -95,6 +98,15 @@ WORKLOADS: dict[str, WorkloadSpec] = {
             "several guests under one host budget, bursty usemem phases",
             {"ratio": 1.5, "order": "random", "passes": 1, "bursts": 2},
             SWAP_MODES,
+            guests_min=2,
+        ),
+        WorkloadSpec(
+            "density",
+            "several guests, one host memory budget ([host] budget) for their RAM and tmem; each guest "
+            "alternates hungry phases (a usemem of hungry_mib) and quiet ones, staggered (or all busy: steady)",
+            {"hungry_mib": 384, "phases": 2, "quiet_s": 20, "stagger_s": 15, "variant": "staggered",
+             "order": "sequential", "floor_mib": 128, "tmem_share": 0.5},
+            DENSITY_MODES,
             guests_min=2,
         ),
         WorkloadSpec(
@@ -313,6 +325,14 @@ def parse_scenario(data: Mapping[str, Any], source: str) -> Scenario:
             params[key] = workload_table.number(key, default, above=0.0)
         elif key == "order":
             params[key] = workload_table.string(key, default, choices=_ORDERS)
+        elif key == "variant":
+            params[key] = workload_table.string(key, default, choices=DENSITY_VARIANTS)
+        elif key == "tmem_share":
+            params[key] = workload_table.number(key, default, above=0.0)
+            if params[key] >= 1.0:
+                raise workload_table.fail(key, f"must be a fraction of the budget below 1, got {params[key]:g}")
+        elif key in ("quiet_s", "stagger_s"):
+            params[key] = workload_table.integer(key, default, minimum=0)
         elif isinstance(default, int):
             params[key] = workload_table.integer(key, default, minimum=1)
         else:
@@ -320,6 +340,9 @@ def parse_scenario(data: Mapping[str, Any], source: str) -> Scenario:
     workload_table.finish()
     if count < spec.guests_min:
         raise ScenarioError(source, "guests.count", f"workload {kind!r} needs at least {spec.guests_min} guests")
+    if kind == "density" and (params["floor_mib"] * count) << 20 > budget:
+        raise ScenarioError(source, "workload.floor_mib", f"{count} guests of at least {params['floor_mib']} MiB "
+                                                          f"do not fit the host budget ({format_size(budget)})")
     for position, mode in enumerate(modes):
         if mode not in spec.modes:
             raise top.fail(f"modes[{position}]", f"mode {mode!r} does not apply to workload {kind!r}; "

@@ -157,6 +157,9 @@ class CommandFailedError(SshError):
         self.result = result
 
 
+BALLOON_DEVICE_ID = "balloon0"  # QOM path /machine/peripheral/balloon0
+
+
 @dataclass(slots=True)
 class VmConfig:
     """What to boot. Sizes in MiB; socket paths must be listening before start()."""
@@ -191,6 +194,10 @@ class VmConfig:
     # The scratch swap and data disks live here and outlive the QEMU (the
     # migration's other QEMU opens the same files); None: fresh ones in run_dir.
     shared_disk_dir: Path | None = None
+    # A virtio-balloon device (BALLOON_DEVICE_ID; tmem_host.vm.balloon drives it),
+    # deflate-on-oom: a guest the host squeezed too hard takes memory back rather
+    # than kill a process.
+    balloon: bool = False
 
 
 @dataclass(slots=True)
@@ -324,6 +331,8 @@ def qemu_command(
                                f"bus={TMEM_SERIAL_BUS_ID}.0,name={TMEM_PORT_NAME}"]
     if config.vsock_cid is not None:
         command += ["-device", f"vhost-vsock-pci,guest-cid={config.vsock_cid}"]
+    if config.balloon:
+        command += ["-device", f"virtio-balloon-pci,id={BALLOON_DEVICE_ID},deflate-on-oom=on"]
     if config.share_agent:
         for tag, path in AGENT_SHARES.items():
             command += ["-virtfs", f"local,path={path},mount_tag={tag},"

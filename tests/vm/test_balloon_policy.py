@@ -1,0 +1,92 @@
+"""The balloon policy (sans-IO): memory moves to swapping guests and back from
+idle ones, and the targets plus a shared pool never exceed the budget."""
+
+from __future__ import annotations
+
+from tmem_host.vm.balloon import MIB, BalloonLimits, BalloonPolicy, BalloonStats
+
+LIMITS = BalloonLimits(budget=1024 * MIB, floor=128 * MIB, ceiling=640 * MIB, reserve=64 * MIB,
+                       hungry_swap_rate=256 * 1024, step=128 * MIB, hold_ticks=2)
+
+
+def stats(actual_mib: int, used_mib: int | None, swapped_mib: int = 0, ceiling_mib: int = 640) -> BalloonStats:
+    """A guest holding ``actual_mib`` that uses ``used_mib`` itself (the rest free),
+    booted with ``ceiling_mib`` (MemTotal keeps the balloon's pages: deflate-on-oom)."""
+    known = used_mib is not None
+    return BalloonStats(actual=actual_mib * MIB, total=ceiling_mib * MIB if known else None,
+                        free=(actual_mib - used_mib) * MIB if used_mib is not None else None,
+                        caches=0 if known else None, swap_in=0, swap_out=swapped_mib * MIB, major_faults=0)
+
+
+def policy() -> BalloonPolicy:
+    return BalloonPolicy(LIMITS, {name: 256 * MIB for name in ("g0", "g1", "g2", "g3")})
+
+
+def test_used_leaves_out_free_memory_page_cache_and_the_balloon() -> None:
+    sample = BalloonStats(actual=300 * MIB, total=500 * MIB, free=100 * MIB, caches=50 * MIB,
+                          swap_in=0, swap_out=0, major_faults=0)
+    assert sample.used(boot=512 * MIB) == (500 - 100 - 50 - 212) * MIB
+    assert stats(256, None).used(640 * MIB) is None
+
+
+def test_memory_flows_from_idle_guests_to_a_swapping_one() -> None:
+    balancer = policy()
+    swapped = 0
+    for _ in range(8):
+        swapped += 64  # g0 swaps 64 MiB a tick: hungry
+        observed = {"g0": stats(balancer.targets["g0"] // MIB, balancer.targets["g0"] // MIB, swapped)}
+        for name in ("g1", "g2", "g3"):
+            observed[name] = stats(balancer.targets[name] // MIB, 80)  # idle, using 80 MiB
+        targets = balancer.decide(observed, pool_bytes=0, interval_s=1.0)
+        assert sum(targets.values()) <= LIMITS.budget
+        assert all(LIMITS.floor <= value <= LIMITS.ceiling for value in targets.values())
+    # The idle guests kept what they use plus the reserve; the swapping one got the rest.
+    assert all(targets[name] == (80 + 64) * MIB for name in ("g1", "g2", "g3"))
+    assert targets["g0"] == LIMITS.budget - 3 * 144 * MIB
+
+
+def test_an_idle_guest_shrinks_a_step_a_tick_and_not_below_the_floor() -> None:
+    balancer = policy()
+    observed = {name: stats(256, 20) for name in ("g0", "g1", "g2", "g3")}
+    assert balancer.decide(observed, pool_bytes=0, interval_s=1.0) == {name: 128 * MIB for name in observed}
+    big = BalloonPolicy(LIMITS, {"g0": 640 * MIB})
+    assert big.decide({"g0": stats(640, 20)}, 0, 1.0) == {"g0": 512 * MIB}  # one step of 128
+
+
+def test_a_guest_that_was_hungry_is_not_squeezed_at_once() -> None:
+    balancer = BalloonPolicy(LIMITS, {"g0": 256 * MIB})
+    balancer.decide({"g0": stats(256, 250, 0)}, 0, 1.0)
+    balancer.decide({"g0": stats(256, 250, 100)}, 0, 1.0)  # swapping: grows a step
+    grown = balancer.targets["g0"]
+    assert grown == 384 * MIB
+    for _ in range(LIMITS.hold_ticks):  # quiet now, using little: held
+        assert balancer.decide({"g0": stats(grown // MIB, 50, 100)}, 0, 1.0)["g0"] == grown
+    assert balancer.decide({"g0": stats(grown // MIB, 50, 100)}, 0, 1.0)["g0"] < grown
+
+
+def test_a_growing_pool_is_paid_for_by_the_largest_guests() -> None:
+    balancer = BalloonPolicy(LIMITS, {"g0": 512 * MIB, "g1": 256 * MIB, "g2": 128 * MIB})
+    # Each uses its target less the reserve: nothing to take back.
+    observed = {"g0": stats(512, 448), "g1": stats(256, 192), "g2": stats(128, 64)}
+    balancer.decide(observed, pool_bytes=0, interval_s=1.0)
+    targets = balancer.decide(observed, pool_bytes=400 * MIB, interval_s=1.0)
+    assert targets == {"g0": 240 * MIB, "g1": 256 * MIB, "g2": 128 * MIB}
+
+
+def test_no_statistics_yet_means_no_move() -> None:
+    balancer = policy()
+    observed = {name: stats(256, None) for name in ("g0", "g1", "g2", "g3")}
+    assert balancer.decide(observed, 0, 1.0) == {name: 256 * MIB for name in observed}
+
+
+def test_memory_a_guest_has_not_given_back_yet_is_not_handed_out() -> None:
+    limits = BalloonLimits(budget=512 * MIB, floor=128 * MIB, ceiling=512 * MIB, reserve=64 * MIB,
+                           hungry_swap_rate=256 * 1024, step=256 * MIB, hold_ticks=2)
+    balancer = BalloonPolicy(limits, {"g0": 256 * MIB, "g1": 256 * MIB})
+    balancer.decide({"g0": stats(256, 250, 0, 512), "g1": stats(256, 200, 0, 512)}, 0, 1.0)
+    # g1, idle, is asked down to 128 MiB but still holds 256: g0 swaps and waits.
+    targets = balancer.decide({"g0": stats(256, 250, 100, 512), "g1": stats(256, 64, 0, 512)}, 0, 1.0)
+    assert targets["g1"] == 128 * MIB and targets["g0"] == 256 * MIB
+    # Once g1's balloon has taken the memory back, g0 gets it.
+    targets = balancer.decide({"g0": stats(256, 250, 200, 512), "g1": stats(128, 64, 0, 512)}, 0, 1.0)
+    assert targets == {"g0": 384 * MIB, "g1": 128 * MIB}
