@@ -52,12 +52,12 @@ def test_tmemd_arguments_per_mode() -> None:
     scenario = parse_scenario(scenario_data(), "s.toml")
     blk = runner.tmemd_arguments(scenario, MODES["tmem-blk"])
     assert blk.budget == "1G" and blk.guests == ["g0:weight=100"]
-    assert blk.extra_args == ["--nbd-size", "1024M"]
+    assert blk.extra_args == ["--nbd-size", "1024M", "--fallback-iops", "200"]
     seeds = "127.0.0.1:12000,127.0.0.1:12001,127.0.0.1:12002"
     remote = runner.tmemd_arguments(scenario, MODES["tmem-remote"], seeds)
     # 1.25 x 256 MiB = 320 MiB: a quarter, not the scenario's 1G.
     assert remote.budget == "80M" and remote.guests == blk.guests
-    assert remote.extra_args == ["--nbd-size", "1024M", "--remote", seeds, "--remote-replicas", "1"]
+    assert remote.extra_args == ["--nbd-size", "1024M", "--fallback-iops", "200", "--remote", seeds, "--remote-replicas", "1"]
     with pytest.raises(ValueError, match="seed nodes"):
         runner.tmemd_arguments(scenario, MODES["tmem-remote"])
     assert runner.tmemd_arguments(scenario, MODES["tmem-nocompress"]).extra_args[-1] == "--no-compress"

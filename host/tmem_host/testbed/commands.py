@@ -100,7 +100,8 @@ def print_summary(run: RunRecord) -> None:
     """The summary table; the remote tier's when a mode had one; the migrations'."""
     console = stdout_console()
     console.print(report.summary_table(run))
-    for table in (report.density_table(run), report.memory_table(run), report.remote_table(run),
+    for table in (report.application_table(run), report.density_table(run), report.memory_table(run),
+                  report.remote_table(run),
                   report.migration_table(run)):
         if table is not None:
             console.print(table)

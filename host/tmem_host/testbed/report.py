@@ -699,6 +699,7 @@ def finding_sentences(run: RunRecord) -> list[str]:
         sentences.append("The rest, in order of wall time against the fastest: " + ", ".join(
             f"{row.key} {row.wall.mean / best.wall.mean:.2f}x{stats.significance_mark(row.welch)}"
             for row in ranked[1:] if row.wall is not None) + ".")
+    sentences += _kv_sentences(run, [row.mode for row in contenders])
     memory = {row[0]: row[1] for row in memory_rows(run)}
     if best.key in memory and len(memory) > 1:
         others = [f"{key} {value}" for key, value in memory.items() if key != best.key]
@@ -706,6 +707,23 @@ def finding_sentences(run: RunRecord) -> list[str]:
                          f"(RSS and page cache, the shared root image left out), against {', '.join(others)} MiB.")
     sentences += _calibration_sentences(run, [row.mode for row in rows])
     return sentences
+
+
+def _kv_sentences(run: RunRecord, modes: Sequence[str]) -> list[str]:
+    """The key-value server's tail: what its users feel of a swapping server."""
+    if run["scenario"]["workload"] != "kv":
+        return []
+    tails = {}
+    for mode in modes:
+        value = _mean(s["workload"]["latency"]["p999_ms"] for s in run["samples"]
+                      if s["mode"] == mode and s.get("ok") and "latency" in (s.get("workload") or {}))
+        if value is not None:
+            tails[mode] = value
+    if len(tails) < 2:
+        return []
+    ranked = sorted(tails, key=tails.__getitem__)
+    return [f"The server's p99.9 GET latency was lowest with {ranked[0]} ({tails[ranked[0]]:.1f} ms), then "
+            + ", ".join(f"{mode} {tails[mode]:.1f} ms" for mode in ranked[1:]) + "."]
 
 
 def _calibration_sentences(run: RunRecord, modes: Sequence[str]) -> list[str]:
@@ -747,6 +765,64 @@ def _metadata_lines(run: RunRecord) -> list[str]:
         "finished": "finished",
     }
     return [f"- {label}: {meta[key]}" for key, label in names.items() if key in meta] + lines
+
+
+# The application workloads' own figures, per mode: (column, what a sample's
+# workload result gives for it); means over the runs that verified.
+APPLICATION_FIGURES: dict[str, tuple[tuple[str, Callable[[Mapping[str, Any]], float | None]], ...]] = {
+    "kv": (("GET/s", lambda w: w["latency"]["requests_per_s"]), ("p50 ms", lambda w: w["latency"]["p50_ms"]),
+           ("p99 ms", lambda w: w["latency"]["p99_ms"]), ("p99.9 ms", lambda w: w["latency"]["p999_ms"]),
+           ("max ms", lambda w: w["latency"]["max_ms"]), ("load s", lambda w: w["load_s"]),
+           ("benchmark s", lambda w: w["bench_s"])),
+    "build": (("build s", lambda w: w["build_s"]), ("extract s", lambda w: w["extract_s"]),
+              ("check s", lambda w: w.get("check_s")), ("objects", lambda w: w["objects"])),
+    "command": (("metric", lambda w: w.get("metric")), ("run s", lambda w: w["total_s"])),
+}
+APPLICATION_NOTES = {
+    "kv": ("Means per run. redis-benchmark's GETs of random keys of the set, from the host through a "
+           "forwarded port (one request in flight per connection); latency percentiles from its HDR "
+           "histogram (the first bucket at or above the percentile). load s: SETting the set, pipelined; "
+           "every value was read back and compared after the benchmark."),
+    "build": ("Means per run. build s: make -j<vCPUs> of Lua 5.4 in the workload's memory cgroup; check s: the "
+              "built interpreter running a program whose answer the workload checks."),
+    "command": "Means per run. metric: the number the scenario's metric pattern found in run's output.",
+}
+
+
+def application_columns(run: RunRecord) -> tuple[str, ...]:
+    figures = APPLICATION_FIGURES.get(run["scenario"]["workload"], ())
+    names = [name for name, _ in figures]
+    if run["scenario"]["workload"] == "command":
+        names[0] = str(run["scenario"]["params"].get("metric_name") or "metric")
+    return ("mode", "runs", *names)
+
+
+def application_rows(run: RunRecord) -> list[list[str]]:
+    figures = APPLICATION_FIGURES.get(run["scenario"]["workload"])
+    if figures is None:
+        return []
+    rows = []
+    for mode in run["scenario"]["modes"]:
+        workloads = [s["workload"] for s in run["samples"]
+                     if s["mode"] == mode and s.get("ok") and s.get("workload")]
+        if workloads:
+            rows.append([mode, str(len(workloads)),
+                         *(_fmt(_mean(figure(w) for w in workloads), ".0f" if name in ("GET/s", "objects") else
+                                ".2f" if name.endswith("ms") else ".1f") for name, figure in figures)])
+    return rows
+
+
+def application_lines(run: RunRecord) -> list[str]:
+    rows = application_rows(run)
+    if not rows:
+        return []
+    return ["## Application", "", *_markdown_rows(application_columns(run), rows), "",
+            APPLICATION_NOTES[run["scenario"]["workload"]], ""]
+
+
+def application_table(run: RunRecord) -> Table | None:
+    return _detail_table(f"{run['scenario']['name']}: the application's own figures (means per run)",
+                         application_columns(run), application_rows(run))
 
 
 def pass_lines(run: RunRecord) -> list[str]:
@@ -795,6 +871,7 @@ def render_markdown(run: RunRecord, plots: Sequence[str] = ()) -> str:
         "",
     ]
     lines += pass_lines(run)
+    lines += application_lines(run)
     lines += density_lines(run)
     lines += memory_lines(run)
     lines += remote_lines(run)
@@ -949,6 +1026,9 @@ def render_html(run: RunRecord, plots: Mapping[str, bytes]) -> str:
     if policies := density_rows(run):
         remote = (f"<h2>Density</h2>{_html_table(DENSITY_COLUMNS, policies)}"
                   f"<p>{html.escape(DENSITY_NOTE)}</p>") + remote
+    if applications := application_rows(run):
+        remote = (f"<h2>Application</h2>{_html_table(application_columns(run), applications)}"
+                  f"<p>{html.escape(APPLICATION_NOTES[scenario['workload']])}</p>") + remote
     if memory := memory_rows(run):
         remote = (f"<h2>Host memory</h2>{_html_table(MEMORY_COLUMNS, memory)}"
                   f"<p>{html.escape(MEMORY_NOTE)}</p>") + remote

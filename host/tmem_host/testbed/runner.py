@@ -31,14 +31,14 @@ from tmem_host.daemon.config import format_size
 from tmem_host.daemon.process import TmemdFailed, TmemdProcess
 from tmem_host.remote.cluster import ClusterError, LocalCluster
 from tmem_host.replies import StatsReply
-from tmem_host.testbed import density, hostmetrics, report
+from tmem_host.testbed import commandload, density, hostmetrics, kvload, report
 from tmem_host.testbed.modes import MODES, Mode
 from tmem_host.testbed.records import (
     CalibrationRecord, CpuBenchRecord, HostMetadata, MigrationRecord, RunMetadata, RunRecord, Sample, TmemdCounter, TmemdCounters,
 )
 from tmem_host.testbed.scenario import Scenario
 from tmem_host.vm import guestops, launcher
-from tmem_host.vm.image import ImageError, require_image
+from tmem_host.vm.image import GuestImage, ImageError, build_image, require_image
 from tmem_wire.agent import DISK_SERIALS
 from tmem_workloads import cpubench
 from tmem_wire.frontswap import PAGE_SIZE
@@ -68,7 +68,8 @@ REMOTE_REPLICAS = 1
 
 # What makes a run say nothing about tmem: the machinery under it failed.
 INFRASTRUCTURE_ERRORS: tuple[type[BaseException], ...] = (
-    launcher.LauncherError, guestops.AgentError, TmemdFailed, ImageError, ClusterError, OSError,
+    launcher.LauncherError, guestops.AgentError, TmemdFailed, ImageError, ClusterError, kvload.KvError,
+    commandload.CommandError, OSError,
 )
 
 
@@ -115,10 +116,11 @@ def guest_name(index: int) -> str:
 
 
 def working_set_mib(scenario: Scenario) -> int:
-    """usemem & co: ratio x guest RAM; pagecache: the file set, ratio x the reader's limit."""
+    """usemem & co: ratio x guest RAM; pagecache: the file set, ratio x the reader's
+    limit; build and command (no ratio): the guest's RAM."""
     if scenario.workload == "pagecache":
         return int(int(scenario.params["reader_mib"]) * float(scenario.params["ratio"]))
-    return int(scenario.guests.memory_mib * float(scenario.params["ratio"]))
+    return int(scenario.guests.memory_mib * float(scenario.params.get("ratio", 1.0)))
 
 
 def workload_seed(index: int, repetition: int) -> int:
@@ -199,7 +201,8 @@ def local_cluster(log_dir: Path) -> Iterator[LocalCluster]:
 
 
 def guest_config(
-    scenario: Scenario, mode: Mode, index: int, tmemd: TmemdProcess | None, run_dir: Path
+    scenario: Scenario, mode: Mode, index: int, tmemd: TmemdProcess | None, run_dir: Path,
+    image: GuestImage | None = None,
 ) -> launcher.VmConfig:
     name = guest_name(index)
     # The page-cache workload does not swap: its disk is the data disk the file set is on.
@@ -220,6 +223,7 @@ def guest_config(
         balloon=mode.balloon,
         run_dir=run_dir / name,
         boot_timeout=scenario.boot_timeout_s,
+        image=image,
     )
 
 
@@ -240,6 +244,9 @@ def workload_command(scenario: Scenario, index: int, repetition: int) -> str:
             bursts = [usemem(seed * 100 + burst) for burst in range(int(params["bursts"]))]
             return " && sleep 3 && ".join(bursts)
         return usemem(seed)
+    if scenario.workload == "build":
+        jobs = int(params["jobs"]) or scenario.guests.vcpus
+        return f"python3 -m tmem_workloads.build --cflags={shlex.quote(str(params['cflags']))} --jobs {jobs}"
     if scenario.workload == "stress-vm":
         return (
             f"stress-ng --vm 1 --vm-bytes {mib}M --vm-method {shlex.quote(str(params['method']))} "
@@ -255,12 +262,31 @@ FILE_SET = f"{DATA_MOUNT}/set"
 CACHE_MOUNT = "/mnt/cache"
 
 
-def workload_phases(scenario: Scenario, mode: Mode, index: int, repetition: int) -> list[str]:
-    """The workload as guest commands run one after the other; tmemd's counters are
-    taken between them (pagecache: one reader per pass, so hits are per pass)."""
+# A phase of a workload: a guest command, or a host-driven step (the kv workload's
+# load generator, the command workload's run-then-verify) that reports the same way.
+Phase = str | Callable[[launcher.Guest], launcher.CommandResult]
+
+
+def workload_memory_max(scenario: Scenario, mode: Mode) -> str:
+    """memory.max of the workload's cgroup: none for bigmem (the floor)."""
+    return "max" if mode.enough_memory else f"{scenario.guests.workload_memory_mib}M"
+
+
+def workload_phases(scenario: Scenario, mode: Mode, index: int, repetition: int) -> list[Phase]:
+    """The workload as phases run one after the other; tmemd's counters are taken
+    between them (pagecache: one reader per pass, so hits are per pass)."""
+    if scenario.workload == "kv":
+        kv = kvload.KvParams(mib=working_set_mib(scenario), value_bytes=int(scenario.params["value_bytes"]),
+                             requests=int(scenario.params["requests"]),
+                             clients=int(scenario.params["clients"]), seed=workload_seed(index, repetition))
+        return [_host_driven("kv", lambda guest: kvload.run(guest, kv, scenario.workload_timeout_s))]
+    if scenario.workload == "command":
+        return [_host_driven("command", lambda guest: commandload.run(
+            guest, commandload.CommandSpec.from_params(scenario.params), workload_memory_max(scenario, mode),
+            scenario.workload_timeout_s))]
     if scenario.workload != "pagecache":
-        limit = "max" if mode.enough_memory else f"{scenario.guests.workload_memory_mib}M"
-        return [guestops.in_cgroup(workload_command(scenario, index, repetition), limit)]
+        return [guestops.in_cgroup(workload_command(scenario, index, repetition),
+                                   workload_memory_max(scenario, mode))]
     params = scenario.params
     # The reader runs in a memory cgroup: memory.max bounds the page cache it may
     # keep (its pages are charged to it), so a set of ratio x reader_mib cannot stay
@@ -296,6 +322,25 @@ def prepare_pagecache(
     return None
 
 
+def _host_driven(name: str, step: Callable[[launcher.Guest], dict[str, Any]]) -> Phase:
+    """A host-driven step as a phase: its result as the JSON line a guest workload
+    prints, exit status 1 unless it verified."""
+    def phase(guest: launcher.Guest) -> launcher.CommandResult:
+        result = step(guest)
+        return launcher.CommandResult(name, 0 if result.get("verified") is True else 1, json.dumps(result), "")
+
+    return phase
+
+
+def prepare_workload(guest: launcher.Guest, mode: Mode, scenario: Scenario) -> None:
+    """What a workload needs running before it is measured: the key-value server
+    (in the workload's cgroup), the command workload's setup."""
+    if scenario.workload == "kv":
+        kvload.start_server(guest, workload_memory_max(scenario, mode))
+    elif scenario.workload == "command":
+        commandload.setup(guest, commandload.CommandSpec.from_params(scenario.params), scenario.workload_timeout_s)
+
+
 def prepare_swap(guest: launcher.Guest, mode: Mode) -> int | None:
     """Swap the mode's way: a disk (maybe under zswap), the NBD export, or the agent
     (whose pid is returned)."""
@@ -321,6 +366,7 @@ def _delta(after: Mapping[str, float], before: Mapping[str, float]) -> dict[str,
 
 
 TMEMD_COUNTERS: tuple[TmemdCounter, ...] = get_args(TmemdCounter)
+SELF_TIMED_WORKLOADS = ("usemem", "pagecache", "kv", "build", "command")
 
 
 def _tmemd_counters(stats: StatsReply, guest: str) -> TmemdCounters:
@@ -353,10 +399,24 @@ class Runner:
         self.run_id = new_run_id(scenario)
         self.results = results_root / self.run_id
         self.image_dir: Path | None = None  # the guest image's cache directory, once run() found it
+        self.image: GuestImage | None = None
+
+    def _image(self) -> GuestImage:
+        """The image, with the command workload's extra packages if it names any
+        (another recipe hash: built here, once, when it is not cached)."""
+        packages = tuple(self.scenario.params.get("packages", ()))
+        if not packages:
+            return require_image()
+        try:
+            return require_image(packages)
+        except ImageError:
+            self.log(f"building the guest image with {', '.join(packages)} (once; cached by recipe hash)")
+            return build_image(extra_packages=packages)
 
     def run(self) -> RunOutcome:
         self.results.mkdir(parents=True)
-        image = require_image()
+        image = self._image()
+        self.image = image
         self.image_dir = image.directory
         host = host_metadata()
         metadata: RunMetadata = {
@@ -480,7 +540,7 @@ class Runner:
         try:
             with self._tmemd(mode, vm_dir) as (tmemd, cluster), contextlib.ExitStack() as stack:
                 guests = [
-                    stack.enter_context(launcher.Guest(guest_config(self.scenario, mode, index, tmemd, vm_dir)))
+                    stack.enter_context(launcher.Guest(guest_config(self.scenario, mode, index, tmemd, vm_dir, self.image)))
                     for index in range(self.scenario.guests.count)
                 ]
                 self._calibrate_once(guests[0], metadata)
@@ -489,6 +549,8 @@ class Runner:
                     if self.scenario.workload == "pagecache" else prepare_swap(guest, mode)
                     for index, guest in enumerate(guests)
                 ]
+                for guest in guests:
+                    prepare_workload(guest, mode, self.scenario)
                 return self._measure(mode, repetition, guests, agents, tmemd, cluster)
         except INFRASTRUCTURE_ERRORS as error:
             return [_failed_sample(mode.name, repetition, name, error) for name in names]
@@ -544,10 +606,10 @@ class Runner:
                 "ok": verified,
                 "verified": verified,
                 "error": None if verified else _failure_text(result),
-                # usemem and the pagecache reader time themselves inside the guest (no
-                # SSH overhead); others by the host.
+                # Workloads that time themselves (inside the guest: no SSH overhead; kv:
+                # its load and benchmark, not the check after them); others by the host.
                 "wall_s": round(float(workload.get("total_s", wall))
-                                if self.scenario.workload in ("usemem", "pagecache") else wall, 3),
+                                if self.scenario.workload in SELF_TIMED_WORKLOADS else wall, 3),
                 "workload": workload,
                 "vmstat": _delta(after["vmstat"], before[index]["vmstat"]),
                 "psi": _delta(after["psi"], before[index]["psi"]),
@@ -596,7 +658,7 @@ class Runner:
         plan = density.plan(self.scenario, mode)
         try:
             with self._tmemd(mode, vm_dir) as (tmemd, _), contextlib.ExitStack() as stack:
-                guests = [stack.enter_context(launcher.Guest(guest_config(self.scenario, mode, index, tmemd, vm_dir)))
+                guests = [stack.enter_context(launcher.Guest(guest_config(self.scenario, mode, index, tmemd, vm_dir, self.image)))
                           for index in range(count)]
                 self._calibrate_once(guests[0], metadata)
                 for guest in guests:
@@ -681,7 +743,7 @@ class Runner:
                 cluster = stack.enter_context(local_cluster(vm_dir / "redis")) if mode.remote else None
                 tmemds = {side: self._migration_tmemd(stack, mode, side, cluster, vm_dir)
                           for side in ("a", "b")} if mode.tmemd else {}
-                config = guest_config(self.scenario, mode, 0, tmemds.get("a"), vm_dir)
+                config = guest_config(self.scenario, mode, 0, tmemds.get("a"), vm_dir, self.image)
                 config = replace(config, run_dir=vm_dir / "a", share_agent=False,
                                  root_overlay=launcher.create_root_overlay(vm_dir / "root.qcow2"),
                                  shared_disk_dir=vm_dir / "disks")
@@ -690,6 +752,7 @@ class Runner:
                 self._calibrate_once(source, metadata)
                 prepare_swap(source, mode)
                 command = workload_phases(self.scenario, mode, 0, repetition)[0]
+                assert isinstance(command, str)  # a migration scenario runs usemem
                 guestops.start_detached(source, command)
                 started = time.monotonic()
                 guest, migration = source, None
@@ -848,13 +911,13 @@ class PhaseRuns:
 
 
 def _run_phases(
-    guest: launcher.Guest, commands: list[str], timeout: float, snapshot: Callable[[], TmemdCounters] | None
+    guest: launcher.Guest, phases: list[Phase], timeout: float, snapshot: Callable[[], TmemdCounters] | None
 ) -> PhaseRuns:
     started = time.monotonic()
     results: list[launcher.CommandResult] = []
     counters = [snapshot()] if snapshot else []
-    for command in commands:
-        results.append(guest.ssh(command, timeout=timeout, check=False))
+    for phase in phases:
+        results.append(guest.ssh(phase, timeout=timeout, check=False) if isinstance(phase, str) else phase(guest))
         if snapshot:
             counters.append(snapshot())
         if results[-1].exit_status != 0:

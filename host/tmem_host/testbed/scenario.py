@@ -39,6 +39,7 @@ typo never costs a 20-minute run. Unknown keys are errors too.
 
 from __future__ import annotations
 
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -108,6 +109,27 @@ WORKLOADS: dict[str, WorkloadSpec] = {
              "order": "sequential", "floor_mib": 128, "tmem_share": 0.5},
             DENSITY_MODES,
             guests_min=2,
+        ),
+        WorkloadSpec(
+            "kv",
+            "redis-server in the guest holding ratio x guest RAM, loaded from the host, then "
+            "redis-benchmark GETs of random keys (throughput, p50/p99/p99.9); every value verified",
+            {"ratio": 1.5, "value_bytes": 4000, "requests": 20000, "clients": 4},
+            SWAP_MODES,
+        ),
+        WorkloadSpec(
+            "build",
+            "gcc builds Lua 5.4 (Debian's upstream tarball, in the image) with make -j<vCPUs> in the "
+            "workload cgroup, then the built interpreter runs a checked program",
+            {"cflags": "-O2", "jobs": 0},
+            SWAP_MODES,
+        ),
+        WorkloadSpec(
+            "command",
+            "your own: setup (untimed), run (timed, in the workload cgroup), verify (exit 0 = verified) "
+            "commands in the guest, a metric parsed from run's output, extra Debian packages in the image",
+            {"setup": "", "run": "", "verify": "", "metric": "", "metric_name": "metric", "packages": ()},
+            SWAP_MODES,
         ),
         WorkloadSpec(
             "pagecache",
@@ -271,6 +293,15 @@ def _positive_int(value: Any) -> int:
     return value
 
 
+_PACKAGE_NAME = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")
+
+
+def _package_name(value: Any) -> str:
+    if not isinstance(value, str) or not _PACKAGE_NAME.match(value):
+        raise ValueError(f"not a Debian package name: {value!r}")
+    return value
+
+
 def _mode_name(value: Any) -> str:
     if value not in MODES:
         raise ValueError(f"unknown mode {value!r}; modes are {', '.join(MODES)}")
@@ -331,13 +362,24 @@ def parse_scenario(data: Mapping[str, Any], source: str) -> Scenario:
             params[key] = workload_table.number(key, default, above=0.0)
             if params[key] >= 1.0:
                 raise workload_table.fail(key, f"must be a fraction of the budget below 1, got {params[key]:g}")
-        elif key in ("quiet_s", "stagger_s"):
+        elif key in ("quiet_s", "stagger_s", "jobs"):
             params[key] = workload_table.integer(key, default, minimum=0)
+        elif key == "packages":
+            params[key] = workload_table.list_of(key, _package_name, "Debian package names")
+        elif key == "metric":
+            params[key] = workload_table.string(key, default)
+            try:
+                if params[key] and re.compile(params[key]).groups != 1:
+                    raise workload_table.fail(key, "must be a regular expression with one group (the number)")
+            except re.error as error:
+                raise workload_table.fail(key, f"not a regular expression: {error}") from None
         elif isinstance(default, int):
             params[key] = workload_table.integer(key, default, minimum=1)
         else:
             params[key] = workload_table.string(key, default)
     workload_table.finish()
+    if kind == "command" and not params["run"].strip():
+        raise workload_table.fail("run", "a command workload needs a run command")
     if count < spec.guests_min:
         raise ScenarioError(source, "guests.count", f"workload {kind!r} needs at least {spec.guests_min} guests")
     if kind == "density" and (params["floor_mib"] * count) << 20 > budget:

@@ -80,33 +80,36 @@ def recipe_files() -> list[Path]:
     return [*files, Path(recipe.__file__).resolve()]
 
 
-def recipe_hash() -> str:
-    """Hash of the recipe: file names, modes and contents (16 hex digits)."""
+def recipe_hash(extra_packages: Sequence[str] = ()) -> str:
+    """Hash of the recipe: file names, modes and contents, and the extra packages a
+    scenario adds (its command workload's), if any (16 hex digits)."""
     digest = hashlib.sha256()
     for path in recipe_files():
         name = path.relative_to(REPO_ROOT).as_posix()
         digest.update(f"{name}\0{path.stat().st_mode & 0o777:o}\0".encode())
         digest.update(hashlib.sha256(path.read_bytes()).digest())
+    if extra_packages:
+        digest.update(("extra-packages\0" + "\0".join(sorted(set(extra_packages)))).encode())
     return digest.hexdigest()[:16]
 
 
-def cached_image() -> GuestImage | None:
+def cached_image(extra_packages: Sequence[str] = ()) -> GuestImage | None:
     """The image built from the current recipe, or None when it needs building."""
-    directory = images_dir() / recipe_hash()
+    directory = images_dir() / recipe_hash(extra_packages)
     if not (directory / "manifest.json").is_file():
         return None
     return GuestImage.load(directory)
 
 
-def require_image() -> GuestImage:
+def require_image(extra_packages: Sequence[str] = ()) -> GuestImage:
     """The current image; waits for a build in progress, raises ImageError if none."""
-    image = cached_image()
+    image = cached_image(extra_packages)
     if image is None and images_dir().is_dir():
         with build_lock():  # a running build holds it until its image is in place
-            image = cached_image()
+            image = cached_image(extra_packages)
     if image is None:
         raise ImageError(
-            f"no guest image for recipe {recipe_hash()} in {images_dir()}: "
+            f"no guest image for recipe {recipe_hash(extra_packages)} in {images_dir()}: "
             "run `make image` (python -m tmem_host.vm.image build)"
         )
     return image
@@ -158,8 +161,10 @@ def make_progress(total_steps: int) -> Progress:
     return PlainProgress(total_steps)
 
 
-def build_image(force: bool = False, progress: Progress | None = None) -> GuestImage:
-    """Build the image for the current recipe unless it is cached (or force)."""
+def build_image(force: bool = False, progress: Progress | None = None,
+                extra_packages: Sequence[str] = ()) -> GuestImage:
+    """Build the image for the current recipe (plus ``extra_packages``) unless it
+    is cached (or force)."""
     if os.geteuid() != 0:
         raise ImageError("building the guest image needs root (debootstrap, chroot, mknod)")
     for tool in ("debootstrap", "chroot", "apt-get", "dpkg-deb", "cpio", "mkfs.ext4"):
@@ -169,7 +174,7 @@ def build_image(force: bool = False, progress: Progress | None = None) -> GuestI
         raise ImageError(f"{HOST_BUSYBOX} is missing: apt-get install busybox-static")
     images_dir().mkdir(parents=True, exist_ok=True)
     with build_lock():
-        digest = recipe_hash()
+        digest = recipe_hash(extra_packages)
         final = images_dir() / digest
         if final.exists():
             if not force:
@@ -177,7 +182,8 @@ def build_image(force: bool = False, progress: Progress | None = None) -> GuestI
             shutil.rmtree(final)
         progress = progress or make_progress(recipe.STEPS)
         with scratch_dir(images_dir(), digest) as scratch:
-            builder = Builder(scratch, progress, deb_cache=cache_root() / "debootstrap-debs")
+            builder = Builder(scratch, progress, deb_cache=cache_root() / "debootstrap-debs",
+                              extra_packages=extra_packages)
             recipe.build_into(builder, digest)
             builder.output.rename(final)
         progress.close()

@@ -695,6 +695,22 @@ class Guest:
                 time.sleep(settle)
         return self._console_bytes()[before:].decode(errors="replace")
 
+    def forward_port(self, guest_port: int) -> int:
+        """Forward a free loopback port of the host to ``guest_port`` in the guest
+        (user networking's hostfwd, added at run time over the monitor) and return
+        it: how a load generator on the host reaches a server in the guest. Bound
+        to 127.0.0.1 only, like SSH."""
+        for _ in range(3):
+            port = free_local_port()
+            # HMP has no QMP twin for hostfwd_add; it answers "" or the failure text.
+            answer = self.qmp("human-monitor-command",
+                              {"command-line": f"hostfwd_add n0 tcp:127.0.0.1:{port}-:{guest_port}"})
+            if not answer.strip():
+                return port
+            if HOSTFWD_FAILURE not in answer:  # not a port race: say what QEMU said
+                break
+        raise self._error(QmpError, f"hostfwd_add for guest port {guest_port} failed: {answer.strip()}")
+
     # -- internals ------------------------------------------------------------
 
     def _check_config(self) -> GuestImage:

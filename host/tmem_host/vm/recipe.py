@@ -137,8 +137,11 @@ def has_pvh_entry(elf: bytes) -> bool:
 class Builder:
     """Runs the build steps in a scratch directory; commands log to build.log."""
 
-    def __init__(self, scratch: Path, progress: Progress, deb_cache: Path) -> None:
+    def __init__(self, scratch: Path, progress: Progress, deb_cache: Path,
+                 extra_packages: Sequence[str] = ()) -> None:
         self.scratch = scratch
+        # A scenario's own packages (the command workload's), beside packages.txt.
+        self.extra_packages = sorted(set(extra_packages))
         self.deb_cache = deb_cache
         self.root = scratch / "root"
         self.output = scratch / "output"
@@ -165,7 +168,7 @@ class Builder:
         return self.run(["chroot", str(self.root), *argv], capture=capture)
 
     def debootstrap(self, mirror: str) -> None:
-        packages = ",".join(read_list("packages.txt"))
+        packages = ",".join([*read_list("packages.txt"), *self.extra_packages])
         # Downloaded .debs are kept for the next build (debootstrap checks them
         # against the archive's checksums before use).
         self.deb_cache.mkdir(parents=True, exist_ok=True)
@@ -374,6 +377,7 @@ def build_into(builder: Builder, digest: str) -> None:
         "probe_marker": PROBE_MARKER,
         "packages": builder.package_versions(),
         "sources": sources,
+        "extra_packages": builder.extra_packages,
     }
     progress.step("making rootfs.ext4 (mkfs.ext4 -d)")
     manifest["rootfs_bytes"] = builder.make_rootfs()
