@@ -270,6 +270,9 @@ def test_density_scenario_moves_memory_within_the_budget(tmp_path: Path) -> None
         assert set(samples) == {"g0", "g1"} and all(s["verified"] for s in samples.values())
         record = samples["g0"]["density"]
         assert record["balloon_moves"] > 0
+        # Both signals were read: the swap counters (QMP) and PSI, streamed over SSH.
+        assert record["hunger"]["swap"] + record["hunger"]["stall"] > 0
+        assert len(record["stall_s"]) == 2 and max(record["stall_s"]) > 0
         assert record["committed_peak_bytes"] <= record["budget_bytes"] == 448 * mib
         ticks = record["monitor"]
         # g0, hungry first, held more than it started with at some point; so did g1 later.

@@ -3,6 +3,9 @@ idle ones, and the targets plus a shared pool never exceed the budget."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+from tmem_host.testbed.psi import PressureTotals, parse_pressure
 from tmem_host.vm.balloon import MIB, BalloonLimits, BalloonPolicy, BalloonStats
 
 LIMITS = BalloonLimits(budget=1024 * MIB, floor=128 * MIB, ceiling=640 * MIB, reserve=64 * MIB,
@@ -90,3 +93,37 @@ def test_memory_a_guest_has_not_given_back_yet_is_not_handed_out() -> None:
     # Once g1's balloon has taken the memory back, g0 gets it.
     targets = balancer.decide({"g0": stats(256, 250, 200, 512), "g1": stats(128, 64, 0, 512)}, 0, 1.0)
     assert targets == {"g0": 384 * MIB, "g1": 128 * MIB}
+
+
+def test_a_guest_stalled_on_memory_is_held_not_squeezed() -> None:
+    # PSI: 300 ms of each 1 s tick some task of g0 waited for memory (reclaim,
+    # refaults), while its swap counters stayed still; g1 stalled 20 ms (noise).
+    # Both use 80 MiB: the idle g1 shrinks a 32 MiB step a tick, the stalled g0
+    # only on the first tick (nothing to compare its stall with yet).
+    balancer = BalloonPolicy(replace(LIMITS, step=32 * MIB), {name: 256 * MIB for name in ("g0", "g1", "g2", "g3")})
+    stalls = {"g0": 0, "g1": 0, "g2": 0, "g3": 0}
+    for _ in range(4):
+        stalls["g0"] += 300_000
+        stalls["g1"] += 20_000
+        observed = {name: replace(stats(balancer.targets[name] // MIB, 80), stall_us=stalls[name])
+                    for name in stalls}
+        targets = balancer.decide(observed, pool_bytes=0, interval_s=1.0)
+    assert targets["g0"] == 224 * MIB and targets["g1"] == (80 + 64) * MIB
+    assert balancer.hunger == {"swap": 0, "stall": 3}  # the first tick has nothing to compare with
+    # Without PSI readings (stall_us None) nothing holds g0: it shrinks like the others.
+    blind = policy()
+    for _ in range(4):
+        targets = blind.decide({name: stats(blind.targets[name] // MIB, 80) for name in stalls},
+                               pool_bytes=0, interval_s=1.0)
+    assert blind.hunger == {"swap": 0, "stall": 0} and targets["g0"] == (80 + 64) * MIB
+
+
+def test_pressure_readings_parse_whole_or_not_at_all() -> None:
+    reading = ("some avg10=1.50 avg60=0.30 avg300=0.05 total=1234567\n"
+               "full avg10=0.50 avg60=0.10 avg300=0.01 total=456789\n")
+    assert parse_pressure(reading) == PressureTotals(some_us=1234567, full_us=456789)
+    assert parse_pressure(reading.splitlines()[0]) is None  # cut after "some"
+    # A reading cut inside a number is not whole either; the stream only parses
+    # readings ended by their blank line, so a cut one never reaches the parser.
+    assert parse_pressure("some avg10=1.50 total=12\nfull avg10=0.5 total=") is None
+    assert parse_pressure("") is None

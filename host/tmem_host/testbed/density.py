@@ -21,13 +21,14 @@ the alone reference runs the same phase in one guest with enough RAM.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 
 from tmem_host.daemon.control import ControlClient
 from tmem_host.daemon.process import TmemdProcess
 from tmem_host.testbed.hostmetrics import SamplerThread
 from tmem_host.testbed.modes import Mode
+from tmem_host.testbed.psi import PressureStream
 from tmem_host.testbed.scenario import Scenario
 from tmem_host.vm import balloon, launcher
 from tmem_host.vm.balloon import MIB
@@ -113,6 +114,8 @@ class DensityMonitor(SamplerThread):
     mode: Mode
     plan: DensityPlan
     tmemd: TmemdProcess | None
+    # Each guest's memory pressure (PSI), streamed: the balancer's second signal.
+    pressure: Mapping[str, PressureStream] = field(default_factory=dict)
     rows: list[list[float]] = field(default_factory=list)
     moves: int = 0  # balloon targets changed
     thread_name = "density-monitor"
@@ -131,7 +134,7 @@ class DensityMonitor(SamplerThread):
             used, budget = store["used_bytes"], store["budget_bytes"]
         names = [guest.config.name for guest in self.guests]
         if self.mode.balloon:
-            observed = {guest.config.name: balloon.read_stats(guest) for guest in self.guests}
+            observed = {guest.config.name: self._observe(guest) for guest in self.guests}
             actual = [observed[name].actual for name in names]
             before = dict(self.policy.targets)
             # tmemd's used bytes are spoken for: the guests grow into the rest.
@@ -150,6 +153,11 @@ class DensityMonitor(SamplerThread):
             actual = wanted = [guest.config.memory_mib * MIB for guest in self.guests]
         self.rows.append([round(now - started, 2), used, budget, *actual, *wanted])
         return now
+
+    def _observe(self, guest: launcher.Guest) -> balloon.BalloonStats:
+        stats = balloon.read_stats(guest)
+        stream = self.pressure.get(guest.config.name)
+        return replace(stats, stall_us=stream.stall_us()) if stream is not None else stats
 
     def _run(self) -> None:
         try:

@@ -140,6 +140,10 @@ class DensityRecord(TypedDict):
     tmemd_budget_bytes: int  # tmemd's budget at the start (0: no tmemd)
     balloon_moves: int  # balloon targets the balancer changed
     committed_peak_bytes: int  # the most the guests held plus tmemd's used bytes at one tick
+    # Balloon policies: the ticks a guest was found hungry by its swap counters, or
+    # by its memory pressure (PSI) alone; each guest's PSI "some" stall over the run.
+    hunger: NotRequired[dict[str, int]]
+    stall_s: NotRequired[list[float]]
     # Every second: [seconds, tmemd used, tmemd budget, each guest's RAM..., each guest's target...]
     monitor: list[list[float]]
 

@@ -31,7 +31,7 @@ from tmem_host.daemon.config import format_size
 from tmem_host.daemon.process import TmemdFailed, TmemdProcess
 from tmem_host.remote.cluster import ClusterError, LocalCluster
 from tmem_host.replies import StatsReply
-from tmem_host.testbed import commandload, density, hostmetrics, kvload, report
+from tmem_host.testbed import commandload, density, hostmetrics, kvload, psi, report
 from tmem_host.testbed.modes import MODES, Mode
 from tmem_host.testbed.records import (
     CalibrationRecord, CpuBenchRecord, HostMetadata, MigrationRecord, RunMetadata, RunRecord, Sample, TmemdCounter, TmemdCounters,
@@ -148,7 +148,7 @@ def tmemd_guest_specs(scenario: Scenario) -> list[str]:
 def remote_budget_bytes(scenario: Scenario) -> int:
     """tmemd's budget in a remote mode, whole MiB: REMOTE_LOCAL_SHARE of the guests'
     working sets, but at least the metadata floor. A quarter is 1024 bytes a page
-    and the floor 900, so the floor binds only for a share below ~0.22; default.toml's
+    and the floor 900, so the floor binds only for a share below ~0.22; remote.toml's
     guest (320 MiB, 81920 pages): 80 MiB, floor 70 MiB."""
     pages = working_set_mib(scenario) * scenario.guests.count * ((1 << 20) // PAGE_SIZE)
     share = pages * PAGE_SIZE * REMOTE_LOCAL_SHARE
@@ -669,8 +669,11 @@ class Runner:
                           for guest in guests]
                 processes = {"qemu": [guest.pid for guest in guests if guest.pid is not None],
                              "tmemd": [tmemd.pid] if tmemd else [], "redis": []}
+                # The balancer's second signal: each guest's memory pressure, streamed.
+                pressure = {guest.config.name: stack.enter_context(psi.PressureStream(guest))
+                            for guest in guests} if mode.balloon else {}
                 with hostmetrics.MemoryTimeline(processes, interval=density.TICK_S, image_dir=self.image_dir) \
-                        as timeline, density.DensityMonitor(guests, mode, plan, tmemd) as monitor:
+                        as timeline, density.DensityMonitor(guests, mode, plan, tmemd, pressure) as monitor:
                     started = time.monotonic()
                     for index, guest in enumerate(guests):
                         guestops.start_detached(guest, density.guest_command(self.scenario, index, repetition))
@@ -717,6 +720,10 @@ class Runner:
                             "boot_mib": plan.boot_mib, "start_mib": plan.start_mib,
                             "tmemd_budget_bytes": plan.tmemd_budget, "balloon_moves": monitor.moves,
                             "committed_peak_bytes": density.committed_peak(monitor.rows, count),
+                            "hunger": dict(monitor.policy.hunger),
+                            "stall_s": [round((stream.latest.some_us - stream.first.some_us) / 1e6, 2)
+                                        for stream in pressure.values()
+                                        if stream.latest is not None and stream.first is not None],
                             "monitor": monitor.rows,
                         }
                     samples.append(sample)

@@ -2,7 +2,8 @@
 QMP calls that feed and apply it.
 
 The policy sees, every tick, each guest's balloon statistics (what its driver
-reports through QEMU's stats polling: MemAvailable, swap and fault counters) and
+reports through QEMU's stats polling: MemAvailable, swap and fault counters, and
+the guest kernel's memory pressure stall time where the caller streams it) and
 the memory a shared pool outside the guests holds (tmemd's used bytes, 0 without
 one), and returns new balloon targets whose sum, plus that pool, stays within
 the host's budget. It moves memory to guests that swap or run out of room and
@@ -43,6 +44,9 @@ class BalloonStats:
     swap_in: int
     swap_out: int
     major_faults: int
+    # The guest kernel's memory pressure: cumulative "some" stall, microseconds
+    # (/proc/pressure/memory, streamed from the guest: testbed.psi); None: unknown.
+    stall_us: int | None = None
 
     def used(self, boot: int) -> int | None:
         """What the guest itself uses (anonymous memory, the kernel): not free, not
@@ -86,6 +90,9 @@ class BalloonLimits:
     reserve: int = 64 * MIB
     # Swap traffic (in + out, bytes per second) that makes a guest hungry.
     hungry_swap_rate: int = 256 * 1024
+    # This share of the tick's wall time in which some task of the guest waited
+    # for memory (PSI "some") holds a guest: it is not squeezed while it stalls.
+    hungry_stall_share: float = 0.10
     # At most this much moves to or from one guest per tick (balloon speed).
     step: int = 128 * MIB
     # A guest that was hungry within this many ticks is not squeezed.
@@ -99,6 +106,9 @@ class BalloonPolicy:
 
     limits: BalloonLimits
     targets: dict[str, int]  # the current targets (the guests' boot sizes at first)
+    # Guest-ticks found hungry by the swap counters ("swap") and held by a PSI
+    # stall alone ("stall").
+    hunger: dict[str, int] = field(default_factory=lambda: {"swap": 0, "stall": 0})
     _previous: dict[str, BalloonStats] = field(default_factory=dict)
     _hungry_ago: dict[str, int] = field(default_factory=dict)
 
@@ -110,6 +120,13 @@ class BalloonPolicy:
         swap_rate = (stats.swap_in + stats.swap_out - before.swap_in - before.swap_out) / interval_s
         return swap_rate >= self.limits.hungry_swap_rate
 
+    def stalled(self, name: str, stats: BalloonStats, interval_s: float) -> bool:
+        """Stalled on memory (PSI "some" over hungry_stall_share of the tick)."""
+        before = self._previous.get(name)
+        if before is None or interval_s <= 0 or stats.stall_us is None or before.stall_us is None:
+            return False
+        return (stats.stall_us - before.stall_us) / (interval_s * 1e6) >= self.limits.hungry_stall_share
+
     def decide(self, observed: Mapping[str, BalloonStats], pool_bytes: int, interval_s: float) -> dict[str, int]:
         """New targets; ``pool_bytes``: what a shared pool counted in the budget holds
         now, which the guests' targets must leave room for (0: none)."""
@@ -117,8 +134,16 @@ class BalloonPolicy:
         hungry = []
         for name, stats in observed.items():
             if self.hungry(name, stats, interval_s):
+                self.hunger["swap"] += 1
                 self._hungry_ago[name] = 0
                 hungry.append(name)
+            elif self.stalled(name, stats, interval_s):
+                # Stalled without swapping (reclaim, refaults, a balloon inflating
+                # into its working set): held, not squeezed further, but not grown
+                # either: growing on stalls alone made memory ping-pong between
+                # guests whose stalls the balloon itself caused.
+                self.hunger["stall"] += 1
+                self._hungry_ago[name] = 0
             else:
                 self._hungry_ago[name] = self._hungry_ago.get(name, limits.hold_ticks) + 1
         self._previous = dict(observed)
