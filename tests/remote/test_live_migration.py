@@ -94,7 +94,7 @@ def test_a_guest_migrated_mid_workload_verifies_every_page(
                 source.kill()  # stopped after the switch; its connections to a close
                 line = ok(tmemctl(a, "handoff", "g1", str(handoff)))
                 # The destination QEMU waits, connected and idle: the restore takes it.
-                ok(tmemctl(b, "restore", str(handoff)))
+                restored = ok(tmemctl(b, "restore", str(handoff)))
                 destination.resume_migrated()
                 assert wait_until(lambda: detached_output(destination) is not None, 600, interval=2.0)
                 output = detached_output(destination) or ""
@@ -103,10 +103,14 @@ def test_a_guest_migrated_mid_workload_verifies_every_page(
                 log = agent_log(destination, 60) if agent else ""
             finally:
                 destination.shutdown()
-        assert output.strip().endswith("}"), f"{output}\n{errors}\n{json.dumps(swap)}\nagent log:\n{log}"
+        # What both sides saw, should the guest not verify: the handoff and restore
+        # replies, each tmemd's remote counters and the tail of b's log.
+        diagnosis = (f"{output}\n{errors}\n{json.dumps(swap)}\nagent log:\n{log}\nhandoff: {line}restore: "
+                     f"{restored}a: {json.dumps(remote(a))}\nb: {json.dumps(remote(b))}\nb's log:\n{b.log_tail(30)}")
+        assert output.strip().endswith("}"), diagnosis
         usemem = json.loads(output.strip().splitlines()[-1])
-        assert usemem["verified"], output
-        assert errors == [], errors
+        assert usemem["verified"], diagnosis
+        assert errors == [], diagnosis
         figures = remote(b)
         assert figures["get_errors"] == figures["get_missing"] == 0, figures
         assert remote(a)["fenced"] and not figures["fenced"]

@@ -29,7 +29,17 @@ def test_verdict_is_probed_once_then_cached_per_key(
     cache.write_text(json.dumps(stored))
     assert accel.verdict(image).reason == "taken from the cache"
 
+    # A new key, or refresh, means a new probe: counted here, not booted again (one
+    # real probe above is what this test pays for; on a host whose KVM hangs, 25 s each).
+    probes: list[GuestImage] = []
+
+    def counted_probe(probed_image: GuestImage, timeout: float = accel.PROBE_TIMEOUT_S) -> accel.AccelVerdict:
+        probes.append(probed_image)
+        return probed
+    monkeypatch.setattr(accel, "probe_kvm", counted_probe)
     stored["key"] = "host another-kernel | qemu 0.0 | guest another"
     cache.write_text(json.dumps(stored))
-    assert accel.verdict(image).reason == probed.reason  # a new key means a new probe
-    assert accel.verdict(image, refresh=True).accel == probed.accel
+    assert accel.verdict(image).reason == probed.reason and len(probes) == 1
+    assert json.loads(cache.read_text())["key"] == probed.key  # stored under the current key
+    assert accel.verdict(image).reason == probed.reason and len(probes) == 1  # cached again
+    assert accel.verdict(image, refresh=True).accel == probed.accel and len(probes) == 2

@@ -95,6 +95,23 @@ def test_memory_a_guest_has_not_given_back_yet_is_not_handed_out() -> None:
     assert targets == {"g0": 384 * MIB, "g1": 128 * MIB}
 
 
+def test_grants_the_pool_grew_into_meanwhile_are_taken_back() -> None:
+    # g0 swaps and is granted what the pool did not hold when its used bytes were
+    # read; the pool then turns out to have grown 40.5 MiB into it (under its old
+    # budget): 41 MiB of g0's grant goes back, g1 (granted nothing) keeps its target.
+    limits = BalloonLimits(budget=512 * MIB, floor=64 * MIB, ceiling=512 * MIB, reserve=64 * MIB,
+                           hungry_swap_rate=256 * 1024, step=256 * MIB, hold_ticks=2)
+    balancer = BalloonPolicy(limits, {"g0": 128 * MIB, "g1": 128 * MIB})
+    balancer.decide({"g0": stats(128, 120, 0, 512), "g1": stats(128, 120, 0, 512)}, 100 * MIB, 1.0)
+    before = dict(balancer.targets)
+    targets = balancer.decide({"g0": stats(128, 120, 100, 512), "g1": stats(128, 120, 0, 512)}, 100 * MIB, 1.0)
+    assert targets == {"g0": 284 * MIB, "g1": 128 * MIB}  # all of 512 - 100 - 128
+    assert balancer.take_back(40 * MIB + MIB // 2, before) == {"g0": 243 * MIB, "g1": 128 * MIB}
+    assert balancer.targets["g0"] == 243 * MIB
+    # Never below where the tick started: nothing was granted, nothing is taken.
+    assert balancer.take_back(500 * MIB, balancer.targets) == {"g0": 243 * MIB, "g1": 128 * MIB}
+
+
 def test_a_guest_stalled_on_memory_is_held_not_squeezed() -> None:
     # PSI: 300 ms of each 1 s tick some task of g0 waited for memory (reclaim,
     # refaults), while its swap counters stayed still; g1 stalled 20 ms (noise).

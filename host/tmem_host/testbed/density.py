@@ -101,6 +101,14 @@ def settle(guests: Sequence[launcher.Guest], start_mib: int, timeout_s: float = 
             time.sleep(0.5)
 
 
+def release(guests: Sequence[launcher.Guest], boot_mib: int) -> None:
+    """The measurement is over: every balloon deflates to the guest's boot size, so
+    that the last readings (over SSH) do not wait on a guest squeezed to its floor
+    that swaps at the fallback disk's pace (tmemd full, --fallback-iops)."""
+    for guest in guests:
+        balloon.set_target(guest, boot_mib * MIB)
+
+
 # A monitor row: seconds, tmemd's used bytes and budget, then each guest's actual
 # RAM and then each guest's target (bytes; a guest without a balloon: its RAM twice).
 @dataclass
@@ -140,10 +148,16 @@ class DensityMonitor(SamplerThread):
             # tmemd's used bytes are spoken for: the guests grow into the rest.
             targets = self.policy.decide(observed, used, now - last)
             if control is not None:
-                # tmemd's budget is what the guests neither hold nor were promised.
-                holding = sum(max(targets[name], observed[name].actual) for name in names)
-                budget = max(used, self.plan.budget - holding)
+                budget = self._tmemd_budget(targets, observed, used)
                 control.set_budget(budget)
+                # tmemd may have grown, under its old budget, into what decide() just
+                # granted (its used bytes were read before the guests were): those
+                # grants are taken back, or guests and tmemd would hold more than M.
+                grown = control.stats()["store"]["used_bytes"]
+                if grown > budget:
+                    targets = self.policy.take_back(grown - budget, before)
+                    budget = self._tmemd_budget(targets, observed, grown)
+                    control.set_budget(budget)
             for guest in self.guests:
                 if targets[guest.config.name] != before[guest.config.name]:
                     balloon.set_target(guest, targets[guest.config.name])
@@ -153,6 +167,12 @@ class DensityMonitor(SamplerThread):
             actual = wanted = [guest.config.memory_mib * MIB for guest in self.guests]
         self.rows.append([round(now - started, 2), used, budget, *actual, *wanted])
         return now
+
+    def _tmemd_budget(self, targets: Mapping[str, int], observed: Mapping[str, balloon.BalloonStats],
+                      used: int) -> int:
+        """What the guests neither hold nor were promised (never below what tmemd holds)."""
+        holding = sum(max(targets[name], stats.actual) for name, stats in observed.items())
+        return max(used, self.plan.budget - holding)
 
     def _observe(self, guest: launcher.Guest) -> balloon.BalloonStats:
         stats = balloon.read_stats(guest)

@@ -669,11 +669,14 @@ class Runner:
                           for guest in guests]
                 processes = {"qemu": [guest.pid for guest in guests if guest.pid is not None],
                              "tmemd": [tmemd.pid] if tmemd else [], "redis": []}
-                # The balancer's second signal: each guest's memory pressure, streamed.
-                pressure = {guest.config.name: stack.enter_context(psi.PressureStream(guest))
-                            for guest in guests} if mode.balloon else {}
-                with hostmetrics.MemoryTimeline(processes, interval=density.TICK_S, image_dir=self.image_dir) \
-                        as timeline, density.DensityMonitor(guests, mode, plan, tmemd, pressure) as monitor:
+                with contextlib.ExitStack() as streams, \
+                        hostmetrics.MemoryTimeline(processes, interval=density.TICK_S, image_dir=self.image_dir) \
+                        as timeline:
+                    # The balancer's second signal: each guest's memory pressure, read
+                    # over SSH until the workloads are done.
+                    pressure = {guest.config.name: streams.enter_context(psi.PressureStream(guest))
+                                for guest in guests} if mode.balloon else {}
+                    monitor = streams.enter_context(density.DensityMonitor(guests, mode, plan, tmemd, pressure))
                     started = time.monotonic()
                     for index, guest in enumerate(guests):
                         guestops.start_detached(guest, density.guest_command(self.scenario, index, repetition))
@@ -688,6 +691,8 @@ class Runner:
                             if index not in outputs and (output := guestops.detached_output(guest)) is not None:
                                 outputs[index] = (output, time.monotonic() - started)
                     makespan = max(done for _, done in outputs.values())
+                if mode.balloon:
+                    density.release(guests, plan.boot_mib)
                 stats = None
                 if tmemd is not None:
                     with tmemd.control() as control:

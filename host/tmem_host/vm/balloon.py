@@ -185,3 +185,17 @@ class BalloonPolicy:
                 break
         self.targets = {name: value // MIB * MIB for name, value in targets.items()}
         return dict(self.targets)
+
+    def take_back(self, excess: int, before: Mapping[str, int]) -> dict[str, int]:
+        """Withdraw up to ``excess`` bytes (whole MiB) of the grants decide() just
+        made (targets above ``before``): what the shared pool took while they were
+        decided is not free any more. Returns the new targets."""
+        for name in sorted(self.targets):
+            if excess <= 0:
+                break
+            grant = self.targets[name] - before.get(name, self.targets[name])
+            cut = min(grant, -(-excess // MIB) * MIB)
+            if cut > 0:
+                self.targets[name] -= cut
+                excess -= cut
+        return dict(self.targets)

@@ -77,6 +77,10 @@ PR_SET_PDEATHSIG = 1
 # TCG boots in 8-15 s here but the host is shared and noisy: generous defaults.
 BOOT_TIMEOUT_S = {"tcg": 180.0, "kvm": 60.0}
 SOFT_SHUTDOWN_TIMEOUT_S = 30.0
+# How long Guest.ssh waits for the channel's EOF once the exit status is in (the
+# rest of the output may follow it); a command whose background child keeps its
+# pipes open returns after this.
+SSH_EOF_GRACE_S = 5.0
 QUIT_TIMEOUT_S = 10.0
 QUIET_CONSOLE_LOGLEVEL = "4"  # what the kernel's `quiet` sets
 
@@ -530,6 +534,7 @@ class Guest:
                 channel.sendall(input)
             channel.shutdown_write()
             deadline = time.monotonic() + timeout
+            eof_wait_until: float | None = None
             while True:
                 while channel.recv_ready():
                     stdout += channel.recv(65536)
@@ -537,7 +542,17 @@ class Guest:
                     stderr += channel.recv_stderr(65536)
                 if channel.exit_status_ready() and not (
                         channel.recv_ready() or channel.recv_stderr_ready()):
-                    break
+                    # sshd may send the exit status before the rest of the output (it
+                    # reads the child's pipes after reaping it, late on a loaded guest):
+                    # done at EOF, or after a grace should a background child hold the
+                    # pipes open. Breaking at the status once read a whole file as "".
+                    if channel.eof_received:
+                        break
+                    now = time.monotonic()
+                    if eof_wait_until is None:
+                        eof_wait_until = now + SSH_EOF_GRACE_S
+                    elif now > eof_wait_until:
+                        break
                 if time.monotonic() > deadline:
                     raise SshTimeoutError(
                         f"guest command {command!r} still running after {timeout} s\n"
