@@ -37,6 +37,14 @@ from tmem_host.vm.balloon import MIB
 ALONE_HEADROOM_MIB = 192
 # How often the monitor samples (and the balancer acts).
 TICK_S = 1.0
+# The runner asks each guest whether its phases are done this often, waiting at
+# most POLL_TIMEOUT_S for an answer: a guest squeezed to its floor while tmemd is
+# full swaps at the fallback's pace and its sshd may stall for a minute. It is
+# asked again next round (the run's deadline is the workload timeout); a poll that
+# waits delays noticing the others by as much, so done times are good to POLL_S
+# plus POLL_TIMEOUT_S at worst, and the density record counts such polls.
+POLL_S = 2.0
+POLL_TIMEOUT_S = 5.0
 # Ballooned guests reach their first target before the workload starts, or fail.
 SETTLE_TIMEOUT_S = 120.0
 

@@ -144,6 +144,9 @@ class DensityRecord(TypedDict):
     # by its memory pressure (PSI) alone; each guest's PSI "some" stall over the run.
     hunger: NotRequired[dict[str, int]]
     stall_s: NotRequired[list[float]]
+    # SSH reads a guest did not answer in time (its sshd stalled): done-polls
+    # (density.POLL_TIMEOUT_S) and PSI reads (psi.READ_TIMEOUT_S).
+    stalled_polls: NotRequired[int]
     # Every second: [seconds, tmemd used, tmemd budget, each guest's RAM..., each guest's target...]
     monitor: list[list[float]]
 

@@ -681,14 +681,22 @@ class Runner:
                     for index, guest in enumerate(guests):
                         guestops.start_detached(guest, density.guest_command(self.scenario, index, repetition))
                     outputs: dict[int, tuple[str, float]] = {}
+                    stalled_polls = 0
                     deadline = started + self.scenario.workload_timeout_s
                     while len(outputs) < count:
                         if time.monotonic() > deadline:
                             raise launcher.SshTimeoutError(f"the guests did not finish in "
                                                            f"{self.scenario.workload_timeout_s:.0f} s")
-                        time.sleep(2.0)
+                        time.sleep(density.POLL_S)
                         for index, guest in enumerate(guests):
-                            if index not in outputs and (output := guestops.detached_output(guest)) is not None:
+                            if index in outputs:
+                                continue
+                            try:
+                                output = guestops.detached_output(guest, timeout=density.POLL_TIMEOUT_S)
+                            except launcher.SshTimeoutError:
+                                stalled_polls += 1  # asked again next round
+                                continue
+                            if output is not None:
                                 outputs[index] = (output, time.monotonic() - started)
                     makespan = max(done for _, done in outputs.values())
                 if mode.balloon:
@@ -726,6 +734,9 @@ class Runner:
                             "tmemd_budget_bytes": plan.tmemd_budget, "balloon_moves": monitor.moves,
                             "committed_peak_bytes": density.committed_peak(monitor.rows, count),
                             "hunger": dict(monitor.policy.hunger),
+                            # SSH reads a guest did not answer in time (done-polls, PSI reads).
+                            "stalled_polls": stalled_polls + sum(stream.stalled_reads
+                                                                 for stream in pressure.values()),
                             "stall_s": [round((stream.latest.some_us - stream.first.some_us) / 1e6, 2)
                                         for stream in pressure.values()
                                         if stream.latest is not None and stream.first is not None],

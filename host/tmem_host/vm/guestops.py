@@ -51,9 +51,9 @@ def start_detached(guest: Guest, command: str) -> None:
               input=command.encode())
 
 
-def detached_output(guest: Guest) -> str | None:
+def detached_output(guest: Guest, timeout: float = 60.0) -> str | None:
     """The output of start_detached's command once it is done, else None."""
-    result = guest.ssh(f"cat {DETACHED_OUTPUT}", check=False)
+    result = guest.ssh(f"cat {DETACHED_OUTPUT}", timeout=timeout, check=False)
     return result.stdout if result.exit_status == 0 else None
 
 
