@@ -562,7 +562,10 @@ class Guest:
                 if channel.closed and not channel.exit_status_ready():
                     raise SshError(f"guest {self.config.name}: the SSH connection closed "
                                    f"while {command!r} ran")
-                channel.status_event.wait(0.05)
+                if eof_wait_until is None:
+                    channel.status_event.wait(0.05)
+                else:
+                    time.sleep(0.01)  # the status event is set: waiting on it would spin
             result = CommandResult(command, channel.recv_exit_status(),
                                    stdout.decode(errors="replace"),
                                    stderr.decode(errors="replace"))
