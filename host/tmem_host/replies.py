@@ -120,6 +120,7 @@ class GuestSettings(TypedDict):
     uuid: str  # its identity in the remote tier
     remote_cap_bytes: int | None
     remote_ephemeral: bool  # its evicted ephemeral pages go to the remote tier
+    cached_disk: str | None  # the image tmemd serves as its cached disk
 
 
 class PoolRecord(TypedDict):
@@ -324,6 +325,40 @@ class RemoteStats(TypedDict):
     guests: dict[str, RemoteGuestStats]
 
 
+class CachedDiskStats(TypedDict):
+    """A guest's cached disk (CachedDiskExport.stats(); its counters:
+    nbd.readcache.CACHED_DISK_COUNTERS)."""
+
+    name: str
+    backing: str  # the disk image's path
+    size_bytes: int
+    direct_io: bool  # the image is read with O_DIRECT (no copy in the host page cache)
+    pool_id: int | None  # None: the store refused the pool, the disk is served uncached
+    connections: int
+    pages_cached_now: int
+    requests: int
+    reads: int
+    writes: int
+    trims: int
+    zeroes: int
+    flushes: int
+    invalid_requests: int
+    pages_read_cache: int
+    pages_read_backing: int
+    pages_cached: int
+    pages_not_cached: int
+    pages_written: int
+    pages_invalidated: int
+    fallback_errors: int
+    pool_create_failures: int
+    connections_total: int
+    protocol_errors: int
+    reply_backlogs: int
+    store_waits: int
+    fallback_throttled_us: int
+    request_pages_histogram: dict[str, int]
+
+
 class StatsReply(TypedDict):
     """The `stats` reply."""
 
@@ -332,6 +367,7 @@ class StatsReply(TypedDict):
     guests: dict[str, GuestRecord]
     connections: list[ConnectionStats]
     nbd: dict[str, NbdExportStats]
+    cached_disks: dict[str, CachedDiskStats]  # guests with a cached disk
     journal: dict[str, JournalStats]  # guests whose store keeps a journal
     limits: LimitsStats
     remote: RemoteStats | None

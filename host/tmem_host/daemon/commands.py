@@ -106,6 +106,8 @@ class ControlCommands:
             "connections": [session.stats() for runtime in guests.values()
                             for session in runtime.sessions],
             "nbd": {name: runtime.nbd_export.stats() for name, runtime in guests.items()},
+            "cached_disks": {name: runtime.disk_export.stats() for name, runtime in guests.items()
+                             if runtime.disk_export is not None},
             "journal": {name: journal for name, runtime in guests.items()
                         if (journal := self.store.durability_stats(runtime.client)) is not None},
             "limits": self.daemon.limiter.stats(guests),

@@ -42,7 +42,7 @@ _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p
 # Guest names become file names (NAME.tmem.sock) and must fit a sun_path.
 _GUEST_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _GUEST_KEYS: Final = frozenset({"name", "weight", "cap", "shared", "dedup", "cid", "uuid",
-                                "remote_cap", "remote_ephemeral"})
+                                "remote_cap", "remote_ephemeral", "cached_disk"})
 #: A guest's default identity in the remote tier: uuid5 of its name in this namespace.
 GUEST_UUID_NAMESPACE: Final = uuid.UUID("6d1b5a3e-8f0c-4b7e-9a51-2f4c0e7d9b10")
 MAX_REMOTE_REPLICAS: Final = 16
@@ -183,6 +183,9 @@ class GuestConfig:
     remote_cap_bytes: int | None = None
     # Its evicted ephemeral pages go to the remote tier instead of being dropped.
     remote_ephemeral: bool = False
+    # A disk image tmemd serves to the guest over NBD (NAME.disk.nbd.sock) with
+    # the guest's ephemeral pool as its read cache (nbd.readcache).
+    cached_disk: Path | None = None
 
     @property
     def identity_uuid(self) -> uuid.UUID:
@@ -199,6 +202,7 @@ class GuestConfig:
             "uuid": str(self.identity_uuid),
             "remote_cap_bytes": self.remote_cap_bytes,
             "remote_ephemeral": self.remote_ephemeral,
+            "cached_disk": None if self.cached_disk is None else str(self.cached_disk),
         }
 
 
@@ -265,7 +269,7 @@ def parse_cap(value: object, name: str = "cap") -> int | None:
 
 def parse_guest_spec(spec: str) -> GuestConfig:
     """Parse `NAME[:weight=W][:cap=SIZE][:shared=UUID,...][:dedup][:cid=N][:uuid=UUID]
-    [:remote-cap=SIZE][:remote-ephemeral]`."""
+    [:remote-cap=SIZE][:remote-ephemeral][:cached-disk=PATH]`."""
     name, *options = spec.split(":")
     guest = GuestConfig(name=validate_guest_name(name))
     what = f"guest {name!r}"
@@ -287,6 +291,8 @@ def parse_guest_spec(spec: str) -> GuestConfig:
             guest = replace(guest, guest_uuid=_parse_uuid(value, f"{what} uuid"))
         elif key == "remote-cap" and has_value:
             guest = replace(guest, remote_cap_bytes=parse_cap(value, f"{what} remote-cap"))
+        elif key == "cached-disk" and has_value:
+            guest = replace(guest, cached_disk=check_path(value, f"{what} cached-disk"))
         else:
             raise ConfigError(f"bad guest option {_shown(option)} in {_shown(spec)}")
     return guest
@@ -347,6 +353,7 @@ def guest_from_mapping(table: object) -> GuestConfig:
         _fail(f"{what} shared", "a list of UUID strings", shared)
     cid = table.get("cid")
     guest_uuid = table.get("uuid")
+    cached_disk = table.get("cached_disk")
     return GuestConfig(
         name=name,
         weight=check_weight(table.get("weight", 100), f"{what} weight"),
@@ -357,6 +364,7 @@ def guest_from_mapping(table: object) -> GuestConfig:
         guest_uuid=None if guest_uuid is None else _parse_uuid(guest_uuid, f"{what} uuid"),
         remote_cap_bytes=parse_cap(table.get("remote_cap"), f"{what} remote_cap"),
         remote_ephemeral=check_bool(table.get("remote_ephemeral", False), f"{what} remote_ephemeral"),
+        cached_disk=None if cached_disk is None else check_path(cached_disk, f"{what} cached_disk"),
     )
 
 

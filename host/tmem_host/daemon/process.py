@@ -18,7 +18,7 @@ from pathlib import Path
 from types import TracebackType
 
 from tmem_host.daemon.control import ControlClient
-from tmem_host.daemon.runtime import abi_socket_path, nbd_socket_path
+from tmem_host.daemon.runtime import abi_socket_path, nbd_socket_path, disk_socket_path
 from tmem_host.daemon.server import READY_LINE
 from tmem_host.testbed.hostmetrics import process_usage
 from tmem_host.waiting import wait_until
@@ -115,6 +115,10 @@ class TmemdProcess:
 
     def nbd_socket(self, guest: str) -> Path:
         return nbd_socket_path(self.run_dir, guest)
+
+    def disk_socket(self, guest: str) -> Path:
+        """The guest's cached disk (guest option cached-disk=PATH)."""
+        return disk_socket_path(self.run_dir, guest)
 
     def control(self) -> ControlClient:
         return ControlClient(self.run_dir)

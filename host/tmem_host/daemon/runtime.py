@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, cast
 from tmem_host.daemon.config import GuestConfig
 from tmem_host.replies import GuestRecord, PoolRecord
 from tmem_host.nbd.export import NbdExport
+from tmem_host.nbd.readcache import CachedDiskExport
 from tmem_host.store import Client, Store
 from tmem_wire.abi import PoolFlag, PoolStats
 
@@ -34,6 +35,11 @@ def abi_socket_path(run_dir: Path, guest: str) -> Path:
 
 def nbd_socket_path(run_dir: Path, guest: str) -> Path:
     return run_dir / f"{guest}.nbd.sock"
+
+
+def disk_socket_path(run_dir: Path, guest: str) -> Path:
+    """The guest's cached disk (GuestConfig.cached_disk)."""
+    return run_dir / f"{guest}.disk.nbd.sock"
 
 
 def fallback_path(state_dir: Path, guest: str) -> Path:
@@ -55,6 +61,9 @@ class GuestRuntime:
     draining: bool = False
     # The NBD export's drain (its pages to its fallback file), while it runs.
     export_drain: asyncio.Task[int] | None = None
+    # Its cached disk (GuestConfig.cached_disk) and that export's listener.
+    disk_export: CachedDiskExport | None = None
+    disk_server: asyncio.Server | None = None
 
     @property
     def name(self) -> str:
@@ -63,7 +72,8 @@ class GuestRuntime:
     @property
     def connected(self) -> int:
         """Live connections to the guest's ABI and NBD sockets."""
-        return len(self.sessions) + self.nbd_export.connected
+        disk = self.disk_export.connected if self.disk_export is not None else 0
+        return len(self.sessions) + self.nbd_export.connected + disk
 
     def attach(self, session: AbiSession) -> None:
         self.sessions.add(session)
@@ -98,15 +108,21 @@ class GuestRuntime:
         keeps its pool and fallback file unless ``discard``)."""
         self.abi_server.close()
         self.nbd_server.close()
+        if self.disk_server is not None:
+            self.disk_server.close()
         for session in list(self.sessions):
             session.close("guest removed")
         if self.export_drain is not None:
             self.export_drain.cancel()
         self.nbd_export.close(discard=discard)
+        if self.disk_export is not None:
+            self.disk_export.close()
 
     async def wait_closed(self) -> None:
         await self.abi_server.wait_closed()
         await self.nbd_server.wait_closed()
+        if self.disk_server is not None:
+            await self.disk_server.wait_closed()
 
     def summary(self, store: Store) -> GuestRecord:
         """The control `guests` record."""

@@ -25,15 +25,17 @@ from tmem_host.daemon.control import (
 )
 from tmem_host.limits import ConnectionLimiter, raise_descriptor_limit
 from tmem_host.daemon.runtime import (
+    disk_socket_path,
     GuestRuntime, abi_socket_path, fallback_path, nbd_socket_path,
 )
 from tmem_host.daemon.session import AbiSession
 from tmem_host.daemon.vsock import guest_for_peer, open_vsock_listener
 from tmem_host.journal.journaled import JournaledStore
 from tmem_host.nbd.export import ExportStart, NbdConnection, NbdExport
+from tmem_host.nbd.readcache import CachedDiskExport
 from tmem_host.statefiles import open_state_file, prepare_private_dir
 from tmem_host.remote.tier import RemoteError, RemoteSettings, RemoteTier
-from tmem_host.store import Store
+from tmem_host.store import Client, Store
 
 log = logging.getLogger("tmemd")
 
@@ -208,10 +210,13 @@ class Daemon:
             start = "lost"
             log.error("this guest's swap disk was left without a journal that restores it: "
                       "its old slots fail to read", extra={"guest": guest.name})
+        disk_path = disk_socket_path(self.run_dir, guest.name)
+        sockets = (abi_path, nbd_path, disk_path)
         export: NbdExport | None = None
-        abi_server: asyncio.Server | None = None
+        disk_export: CachedDiskExport | None = None
+        servers: list[asyncio.Server] = []
         try:
-            for stale in (abi_path, nbd_path):  # a dead tmemd's sockets
+            for stale in sockets:  # a dead tmemd's sockets
                 stale.unlink(missing_ok=True)
             export = NbdExport(self.store, client, name=guest.name,
                                size_bytes=self.config.nbd_size_bytes,
@@ -219,17 +224,26 @@ class Daemon:
                                preallocate=self.config.preallocate,
                                sync_fallback=self.config.durability == "fsync",
                                fallback_iops=self.config.fallback_iops)
+            if guest.cached_disk is not None:
+                disk_export = self._open_cached_disk(guest, client)
             # The guest is fixed by the socket: nothing the peer sends can change it.
-            abi_server = await loop.create_unix_server(
+            servers.append(await loop.create_unix_server(
                 lambda: AbiSession(self.store, lambda _transport: runtime, "unix", self.limiter),
                 str(abi_path), start_serving=False,
-            )
-            nbd_server = await loop.create_unix_server(
+            ))
+            servers.append(await loop.create_unix_server(
                 lambda: NbdConnection(export, self.limiter), str(nbd_path), start_serving=False
-            )
+            ))
+            if disk_export is not None:
+                cached = disk_export
+                servers.append(await loop.create_unix_server(
+                    lambda: NbdConnection(cached, self.limiter), str(disk_path), start_serving=False
+                ))
         except BaseException:
-            if abi_server is not None:
-                abi_server.close()
+            for server in servers:
+                server.close()
+            if disk_export is not None:
+                disk_export.close()
             # Keep a journal and fallback file the guest came back with: a later
             # start may still resume them. A new guest leaves nothing behind.
             if export is not None:
@@ -240,18 +254,30 @@ class Daemon:
                     guest_fallback.unlink(missing_ok=True)
             else:
                 self.store.detach_client(client)
-            for path in (abi_path, nbd_path):
+            for path in sockets:
                 path.unlink(missing_ok=True)
             raise
-        runtime = GuestRuntime(guest, client, abi_server, export, nbd_server)
+        runtime = GuestRuntime(guest, client, servers[0], export, servers[1],
+                               disk_export=disk_export, disk_server=servers[2] if disk_export else None)
         self.guests[guest.name] = runtime
-        for path in (abi_path, nbd_path):
+        for path in sockets[: len(servers)]:
             self._secure_socket(path)
-        await abi_server.start_serving()
-        await nbd_server.start_serving()
+        for server in servers:
+            await server.start_serving()
         log.info("guest added", extra={"guest": guest.name, "abi": str(abi_path),
-                                       "nbd": str(nbd_path)})
+                                       "nbd": str(nbd_path),
+                                       "cached_disk": str(disk_path) if disk_export else None})
         return runtime
+
+    def _open_cached_disk(self, guest: GuestConfig, client: Client) -> CachedDiskExport:
+        """The guest's cached disk; a ConfigError says why it cannot be served."""
+        assert guest.cached_disk is not None
+        try:
+            return CachedDiskExport(self.store, client, name=guest.name, backing_path=guest.cached_disk,
+                                    backing_iops=self.config.fallback_iops)
+        except (OSError, ValueError) as error:
+            raise ConfigError(f"guest {guest.name!r}: cannot serve cached disk {guest.cached_disk}: "
+                               f"{error}") from None
 
     async def remove_guest(self, name: str, *, discard: bool = False) -> None:
         """Stop serving the guest. Its pages stay on disk (journal, fallback file)
@@ -260,7 +286,8 @@ class Daemon:
         runtime.stop_serving(discard=discard)
         await runtime.wait_closed()
         await self.settle()
-        for path in (abi_socket_path(self.run_dir, name), nbd_socket_path(self.run_dir, name)):
+        for path in (abi_socket_path(self.run_dir, name), nbd_socket_path(self.run_dir, name),
+                     disk_socket_path(self.run_dir, name)):
             path.unlink(missing_ok=True)
         if discard:
             self.store.remove_client(runtime.client)

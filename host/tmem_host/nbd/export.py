@@ -24,6 +24,7 @@ import os
 import time
 from collections import Counter
 from pathlib import Path
+from collections.abc import Callable
 from typing import Final, Literal, cast
 
 from tmem_host.limits import Admission, ConnectionKind, ConnectionLimiter, ReplyFlow
@@ -35,7 +36,7 @@ from tmem_host.statefiles import (
 from tmem_host.store import Client, Store
 from tmem_host.waiting import all_done
 from tmem_wire import nbd
-from tmem_wire.abi import Status
+from tmem_wire.abi import Oid, Status
 from tmem_wire.frontswap import LOST_PAGE_ERROR, PAGE_SHIFT, PAGE_SIZE, frontswap_keys, frontswap_offset
 
 log = logging.getLogger("tmemd.nbd")
@@ -82,15 +83,17 @@ def lost_map_path(fallback: Path) -> Path:
     return fallback.with_name(fallback.name + ".lost")
 
 
-class _SlotEraser:
+class SlotEraser:
     """Makes a range of the fallback file read as zeros. Sparse: punches a hole
     (the blocks go back to the file system). Preallocated: keeps the blocks
     (ZERO_RANGE; a hole punched and allocated again where the file system lacks
     it), so the guest's reservation stays its own. Writes zeros where neither works."""
 
-    def __init__(self, keep_blocks: bool) -> None:
+    def __init__(self, keep_blocks: bool,
+                 pwrite: Callable[[int, bytes, int], object] = os.pwrite) -> None:
         self.keep_blocks = keep_blocks
         self._fallocate_works = True
+        self._pwrite = pwrite  # (fd, data, offset): the zeros, where fallocate cannot
 
     def erase(self, fd: int, offset: int, length: int) -> None:
         if self._fallocate_works:
@@ -107,7 +110,9 @@ class _SlotEraser:
         zeros = bytes(min(length, MAX_PAYLOAD))
         done = 0
         while done < length:
-            done += os.pwrite(fd, zeros[: length - done], offset + done)
+            step = min(length - done, len(zeros))
+            self._pwrite(fd, zeros[:step], offset + done)
+            done += step
 
     @staticmethod
     def _zero_range(fd: int, offset: int, length: int) -> None:
@@ -139,8 +144,145 @@ class IopsThrottle:
         return self._free_at - now
 
 
-class NbdExport:
-    """One guest's NBD export; state outlives connections (QEMU reconnects)."""
+class DiskExport:
+    """What every export of tmemd shares: its connections, the checks every request
+    passes, the throttle of the disk behind it, its counters. A subclass serves
+    the valid requests (``_read``, ``_write``, ``_discard``, ``_flush``) and says
+    which keys a READ may have to fetch from the remote tier (``_fetch_keys``)."""
+
+    def __init__(self, store: Store, client: Client, *, name: str, size_bytes: int,
+                 description: str, backing_iops: int = 0) -> None:
+        if size_bytes <= 0 or size_bytes % PAGE_SIZE:
+            raise ValueError(f"export size must be a positive multiple of {PAGE_SIZE}")
+        self.store = store
+        self.client = client
+        self.name = name
+        self.size_bytes = size_bytes
+        self.description = description
+        self.slots = size_bytes // PAGE_SIZE
+        self._pool_id: int | None = None
+        self._throttle = IopsThrottle(backing_iops) if backing_iops > 0 else None
+        self._fallback_operations = 0  # disk operations not yet charged to the throttle
+        self._connections: set[NbdConnection] = set()
+        self._closed = False
+        self.counters: Counter[str] = Counter()
+        self.request_pages: Counter[str] = Counter()
+
+    def connection(self) -> asyncio.Protocol:
+        """Protocol factory for ``loop.create_unix_server``."""
+        return NbdConnection(self)
+
+    @property
+    def connected(self) -> int:
+        """Live client connections."""
+        return len(self._connections)
+
+    def _abort_connections(self) -> None:
+        self._closed = True
+        for connection in list(self._connections):
+            connection.abort("export closed")
+
+    def _attach(self, connection: NbdConnection) -> None:
+        self._connections.add(connection)
+        self.counters["connections_total"] += 1
+
+    def _detach(self, connection: NbdConnection) -> None:
+        self._connections.discard(connection)
+
+    def fallback_delay(self) -> float:
+        """Seconds the replies just built wait for the disk's throttle (0 without
+        one): the operations on the disk behind the export since the last call."""
+        operations, self._fallback_operations = self._fallback_operations, 0
+        if self._throttle is None or not operations:
+            return 0.0
+        delay = self._throttle.charge(operations, time.monotonic())
+        self.counters["fallback_throttled_us"] += int(delay * 1e6)
+        return delay
+
+    def _valid_read(self, request: nbd.Request) -> bool:
+        return (request.command == nbd.Command.READ
+                and not (request.offset | request.length) & (PAGE_SIZE - 1)
+                and request.offset + request.length <= self.size_bytes
+                and request.length <= MAX_PAYLOAD)
+
+    def prefetch(self, request: nbd.Request) -> asyncio.Future[None] | None:
+        """Before serving a READ: a future if some of its pages must first be read
+        back from the remote tier (None: all in memory, or not a valid READ)."""
+        pool_id = self._pool_id
+        if pool_id is None or not self._valid_read(request) or not self.store.may_fetch(self.client, pool_id):
+            return None
+        keys = self._fetch_keys(request.offset >> PAGE_SHIFT, request.length >> PAGE_SHIFT)
+        return self.store.fetch(self.client, pool_id, keys) if keys else None
+
+    def serve(self, request: nbd.Request) -> tuple[int, bytes | bytearray]:
+        """Serve one request: (NBD error, READ payload)."""
+        self.counters["requests"] += 1
+        try:
+            command = nbd.Command(request.command)
+        except ValueError:
+            self.counters["invalid_requests"] += 1
+            return nbd.Error.EINVAL, b""
+        allowed = ALLOWED_COMMAND_FLAGS.get(command, 0)
+        if request.flags & ~allowed:
+            self.counters["invalid_requests"] += 1
+            return nbd.Error.EINVAL, b""
+        if command not in (nbd.Command.READ, nbd.Command.WRITE, nbd.Command.TRIM,
+                           nbd.Command.WRITE_ZEROES, nbd.Command.FLUSH):
+            self.counters["invalid_requests"] += 1
+            return nbd.Error.EINVAL, b""
+        if command is not nbd.Command.FLUSH:
+            if request.offset + request.length > self.size_bytes:
+                self.counters["invalid_requests"] += 1
+                return (nbd.Error.ENOSPC if command is not nbd.Command.READ else nbd.Error.EINVAL), b""
+            # The advertised minimum block is a page: clients that asked honour it,
+            # and a page is never half-written behind a client's back. The maximum
+            # bounds payloads only: a TRIM or WRITE_ZEROES may span the whole export
+            # (swapon --discard trims the whole swap area in one request).
+            carries_payload = command in (nbd.Command.READ, nbd.Command.WRITE)
+            if (request.offset | request.length) & (PAGE_SIZE - 1) or (
+                    carries_payload and request.length > MAX_PAYLOAD):
+                self.counters["invalid_requests"] += 1
+                return nbd.Error.EINVAL, b""
+        first_slot = request.offset >> PAGE_SHIFT
+        pages = request.length >> PAGE_SHIFT
+        try:
+            if command is nbd.Command.FLUSH:
+                self.counters["flushes"] += 1
+                self._flush()
+                return nbd.Error.OK, b""
+            self.request_pages[size_bucket(max(pages, 1))] += 1
+            if command is nbd.Command.READ:
+                return self._read(first_slot, pages)
+            self.counters["changes"] += 1  # a WRITE, TRIM or WRITE_ZEROES
+            if command is nbd.Command.WRITE:
+                self._write(first_slot, request.data)
+            else:
+                self._discard(first_slot, pages, zeroing=command is nbd.Command.WRITE_ZEROES)
+        except OSError as exc:  # the disk behind the export failed (disk full, I/O error)
+            self.counters["fallback_errors"] += 1
+            log.error("NBD backing file error", extra={"guest": self.name, "error": str(exc)})
+            return (nbd.Error.ENOSPC if exc.errno in (errno.ENOSPC, errno.EDQUOT)
+                    else nbd.Error.EIO), b""
+        return nbd.Error.OK, b""
+
+    def _read(self, first_slot: int, pages: int) -> tuple[int, bytes | bytearray]:
+        raise NotImplementedError
+
+    def _write(self, first_slot: int, data: bytes) -> None:
+        raise NotImplementedError
+
+    def _discard(self, first_slot: int, pages: int, *, zeroing: bool) -> None:
+        raise NotImplementedError
+
+    def _flush(self) -> None:
+        raise NotImplementedError
+
+    def _fetch_keys(self, first_slot: int, pages: int) -> list[tuple[Oid, int]]:
+        raise NotImplementedError
+
+
+class NbdExport(DiskExport):
+    """One guest's NBD swap export; state outlives connections (QEMU reconnects)."""
 
     def __init__(self, store: Store, client: Client, *, name: str, size_bytes: int,
                  fallback_path: str | os.PathLike[str], description: str = "tmem swap",
@@ -166,25 +308,16 @@ class NbdExport:
         writes it is one operation; its reply waits its turn), so that refused
         pages cost what frontswap's real swap disk costs; 0: as fast as the host's
         page cache."""
-        if size_bytes <= 0 or size_bytes % PAGE_SIZE:
-            raise ValueError(f"export size must be a positive multiple of {PAGE_SIZE}")
-        self.store = store
-        self.client = client
-        self.name = name
-        self.size_bytes = size_bytes
-        self.description = description
+        super().__init__(store, client, name=name, size_bytes=size_bytes, description=description,
+                         backing_iops=fallback_iops)
         self.fallback_path = Path(fallback_path)
-        self.slots = size_bytes // PAGE_SIZE
         # Bit set: the slot's page is in tmem; clear: in the fallback file (or never written).
         self._in_tmem = bytearray((self.slots + 7) // 8)
-        self._pool_id: int | None = None
         # Bit set: the slot's page was lost (a crash without a journal, an admin
         # flush before a crash): reads fail until the slot is written or discarded.
         self._lost: bytearray | None = (bytearray(b"\xff" * len(self._in_tmem))
                                         if start == "lost" else None)
         self._sync_fallback = sync_fallback
-        self._throttle = IopsThrottle(fallback_iops) if fallback_iops > 0 else None
-        self._fallback_operations = 0  # not yet charged to the throttle
         self._fallback_fd = open_state_file(self.fallback_path)
         try:
             if start == "resume":
@@ -201,17 +334,9 @@ class NbdExport:
         except BaseException:
             os.close(self._fallback_fd)
             raise
-        self._eraser = _SlotEraser(keep_blocks=self.preallocated)
-        self._connections: set[NbdConnection] = set()
-        self._closed = False
-        self.counters: Counter[str] = Counter()
-        self.request_pages: Counter[str] = Counter()
+        self._eraser = SlotEraser(keep_blocks=self.preallocated)
 
     # -- tmemd's interface --
-
-    def connection(self) -> asyncio.Protocol:
-        """Protocol factory for ``loop.create_unix_server``."""
-        return NbdConnection(self)
 
     def _preallocate(self) -> bool:
         """Allocate every block of the fallback file; False where the file system
@@ -228,20 +353,13 @@ class NbdExport:
                           "space, lower --nbd-size, or --no-preallocate)") from None
         return True
 
-    @property
-    def connected(self) -> int:
-        """Live client connections."""
-        return len(self._connections)
-
     def close(self, *, discard: bool = False) -> None:
         """Stop serving. The pool and the fallback file are kept for the next start
         (the store keeps the pool on disk, if it can) unless ``discard``: then the
         guest's swap disk is gone for good (tmemctl forget)."""
         if self._closed:
             return
-        self._closed = True
-        for connection in list(self._connections):
-            connection.abort("export closed")
+        self._abort_connections()
         if discard and self._pool_id is not None:
             self.store.destroy_pool(self.client, self._pool_id)
             self._pool_id = None
@@ -437,71 +555,12 @@ class NbdExport:
 
     # -- requests --
 
-    def prefetch(self, request: nbd.Request) -> asyncio.Future[None] | None:
-        """Before serving a READ: a future if some of its pages must first be read
-        back from the remote tier (None: all in memory, or not a valid READ)."""
-        pool_id = self._pool_id
-        if (request.command != nbd.Command.READ or pool_id is None
-                or not self.store.may_fetch(self.client, pool_id)
-                or (request.offset | request.length) & (PAGE_SIZE - 1)
-                or request.offset + request.length > self.size_bytes
-                or request.length > MAX_PAYLOAD):
-            return None
-        first_slot = request.offset >> PAGE_SHIFT
-        slots = [slot for slot in range(first_slot, first_slot + (request.length >> PAGE_SHIFT))
-                 if self._is_in_tmem(slot)]
-        if not slots:
-            return None
-        return self.store.fetch(self.client, pool_id, frontswap_keys(SWAP_TYPE, slots))
+    def _fetch_keys(self, first_slot: int, pages: int) -> list[tuple[Oid, int]]:
+        return frontswap_keys(SWAP_TYPE, [slot for slot in range(first_slot, first_slot + pages)
+                                          if self._is_in_tmem(slot)])
 
-    def serve(self, request: nbd.Request) -> tuple[int, bytes | bytearray]:
-        """Serve one request: (NBD error, READ payload)."""
-        self.counters["requests"] += 1
-        try:
-            command = nbd.Command(request.command)
-        except ValueError:
-            self.counters["invalid_requests"] += 1
-            return nbd.Error.EINVAL, b""
-        allowed = ALLOWED_COMMAND_FLAGS.get(command, 0)
-        if request.flags & ~allowed:
-            self.counters["invalid_requests"] += 1
-            return nbd.Error.EINVAL, b""
-        if command is nbd.Command.FLUSH:
-            self.counters["flushes"] += 1
-            os.fdatasync(self._fallback_fd)
-            return nbd.Error.OK, b""
-        if command not in (nbd.Command.READ, nbd.Command.WRITE, nbd.Command.TRIM,
-                           nbd.Command.WRITE_ZEROES):
-            self.counters["invalid_requests"] += 1
-            return nbd.Error.EINVAL, b""
-        if request.offset + request.length > self.size_bytes:
-            self.counters["invalid_requests"] += 1
-            return (nbd.Error.ENOSPC if command is not nbd.Command.READ else nbd.Error.EINVAL), b""
-        # The advertised minimum block is a page: clients that asked honour it,
-        # and a page is never half-written behind a client's back. The maximum
-        # bounds payloads only: a TRIM or WRITE_ZEROES may span the whole export
-        # (swapon --discard trims the whole swap area in one request).
-        carries_payload = command in (nbd.Command.READ, nbd.Command.WRITE)
-        if (request.offset | request.length) & (PAGE_SIZE - 1) or (carries_payload and request.length > MAX_PAYLOAD):
-            self.counters["invalid_requests"] += 1
-            return nbd.Error.EINVAL, b""
-        first_slot = request.offset >> PAGE_SHIFT
-        pages = request.length >> PAGE_SHIFT
-        self.request_pages[size_bucket(max(pages, 1))] += 1
-        try:
-            if command is nbd.Command.READ:
-                return self._read(first_slot, pages)
-            self.counters["changes"] += 1  # a WRITE, TRIM or WRITE_ZEROES
-            if command is nbd.Command.WRITE:
-                self._write(first_slot, request.data)
-            else:
-                self._discard(first_slot, pages, zeroing=command is nbd.Command.WRITE_ZEROES)
-        except OSError as exc:  # the fallback file failed (disk full, I/O error)
-            self.counters["fallback_errors"] += 1
-            log.error("NBD fallback file error", extra={"guest": self.name, "error": str(exc)})
-            return (nbd.Error.ENOSPC if exc.errno in (errno.ENOSPC, errno.EDQUOT)
-                    else nbd.Error.EIO), b""
-        return nbd.Error.OK, b""
+    def _flush(self) -> None:
+        os.fdatasync(self._fallback_fd)
 
     def _write(self, first_slot: int, data: bytes) -> None:
         # The journal records of this write (PUTs, and the flushes of older tmem
@@ -590,16 +649,6 @@ class NbdExport:
         self._fallback_operations += read_fallback
         return nbd.Error.OK, out
 
-    def fallback_delay(self) -> float:
-        """Seconds the replies just built wait for the fallback disk's throttle
-        (0 without one): the operations served since the last call, charged."""
-        operations, self._fallback_operations = self._fallback_operations, 0
-        if self._throttle is None or not operations:
-            return 0.0
-        delay = self._throttle.charge(operations, time.monotonic())
-        self.counters["fallback_throttled_us"] += int(delay * 1e6)
-        return delay
-
     def _stale(self, slot: int, status: object = None) -> tuple[int, bytes]:
         # The page was put and tmem lost it (an admin flush, the pool destroyed):
         # the fallback holds an older version, if anything. Never serve it.
@@ -630,15 +679,6 @@ class NbdExport:
             self._mark(slot, False)
         if pages:
             self._eraser.erase(self._fallback_fd, first_slot << PAGE_SHIFT, pages << PAGE_SHIFT)
-
-    # -- connections --
-
-    def _attach(self, connection: NbdConnection) -> None:
-        self._connections.add(connection)
-        self.counters["connections_total"] += 1
-
-    def _detach(self, connection: NbdConnection) -> None:
-        self._connections.discard(connection)
 
 
 def _set_done(future: asyncio.Future[None]) -> None:
@@ -678,7 +718,7 @@ class NbdConnection(asyncio.Protocol):
     must finish the handshake in time; once in transmission it never times out.
     """
 
-    def __init__(self, export: NbdExport, limiter: ConnectionLimiter | None = None) -> None:
+    def __init__(self, export: DiskExport, limiter: ConnectionLimiter | None = None) -> None:
         self.export = export
         self.codec = nbd.NbdServerConnection(max_payload=MAX_PAYLOAD)
         self.transport: asyncio.Transport | None = None

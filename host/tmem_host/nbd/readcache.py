@@ -1,0 +1,237 @@
+"""tmemd's cached disk: a guest's data disk over NBD, with its ephemeral pool as
+the read cache (cleancache on the block path: no guest code).
+
+The export serves a disk image tmemd opens (the backing image). A READ takes the
+pages its ephemeral pool holds and reads the others from the image; those are
+then put into the pool, compressed, in the guest's share of the budget, weighed
+against the other guests, and dropped whenever the store needs the room, as
+cleancache allows. Gets are inclusive: the guest's page cache holds a page it
+read and tmem keeps its copy, because a block device never hears that the guest
+dropped a page (the agent's FUSE cleancache does, and puts it then).
+
+Rules (docs/NBD.md, "The cached disk"), each with a test in tests/nbd/test_readcache.py:
+- A WRITE, TRIM or WRITE_ZEROES first flushes its pages from the pool, then
+  changes the image: a failed write leaves the pages uncached, never an older copy.
+- Writes do not fill the cache (no write-allocate): what is cached was read.
+- The pool never outlives the export: ephemeral pools are not journaled, and a
+  restarted tmemd (or a guest added again) starts with an empty cache, so no
+  write it did not see can leave a stale copy behind.
+- The image is read and written with O_DIRECT where its file system allows, so
+  the cache is tmem's alone: the host page cache does not hold a second copy
+  (elsewhere POSIX_FADV_DONTNEED drops what the host cached, after each I/O).
+
+Keys: a block is keyed as tmem_wire.frontswap keys a swap slot (area 0).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import mmap
+import os
+from pathlib import Path
+from typing import Final, cast
+
+from tmem_host.replies import CachedDiskStats
+from tmem_host.store import Client, Store
+from tmem_wire.abi import Oid, Status
+from tmem_wire import nbd
+from tmem_wire.frontswap import PAGE_SHIFT, frontswap_keys
+
+from .export import HISTOGRAM_LABELS, MAX_PAYLOAD, DiskExport, SlotEraser
+
+log = logging.getLogger("tmemd.nbd")
+
+#: The store label of the cached disk's ephemeral pool.
+READ_CACHE_POOL_LABEL: Final = "readcache"
+AREA: Final = 0
+
+CACHED_DISK_COUNTERS: Final = (
+    "requests", "reads", "writes", "trims", "zeroes", "flushes", "invalid_requests",
+    # Pages a READ found in the pool, read from the image, then put into the pool
+    # (or not: the store refused them).
+    "pages_read_cache", "pages_read_backing", "pages_cached", "pages_not_cached",
+    # Pages a WRITE wrote, and pages a WRITE, TRIM or WRITE_ZEROES flushed from the pool.
+    "pages_written", "pages_invalidated",
+    "fallback_errors", "pool_create_failures", "connections_total", "protocol_errors",
+    "reply_backlogs", "store_waits", "fallback_throttled_us",
+)
+
+
+def open_backing(path: Path) -> tuple[int, bool]:
+    """The image, read-write, with O_DIRECT if its file system has it:
+    (fd, direct)."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_DIRECT), True
+    except OSError as error:
+        if error.errno != errno.EINVAL:  # EINVAL: no O_DIRECT here (tmpfs)
+            raise
+    return os.open(path, os.O_RDWR | os.O_CLOEXEC), False
+
+
+class CachedDiskExport(DiskExport):
+    """A guest's data disk: a backing image read through its ephemeral pool."""
+
+    def __init__(self, store: Store, client: Client, *, name: str, backing_path: str | os.PathLike[str],
+                 backing_iops: int = 0) -> None:
+        """``backing_path``: the disk image (a regular file, a whole number of
+        pages); ``backing_iops``: it answers as a disk of that many operations
+        per second would (0: as fast as the host's disk)."""
+        self.backing_path = Path(backing_path)
+        fd, self.direct = open_backing(self.backing_path)
+        try:
+            size = os.fstat(fd).st_size
+            super().__init__(store, client, name=name, size_bytes=size,
+                             description="tmem cached disk", backing_iops=backing_iops)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        # O_DIRECT wants aligned memory: one page-aligned buffer, reused (one
+        # request is served at a time).
+        self._buffer = mmap.mmap(-1, MAX_PAYLOAD)
+        self._eraser = SlotEraser(keep_blocks=False, pwrite=lambda _fd, data, offset: self._pwrite(offset, data))
+        # Whatever this guest's pool held is from before this export opened the
+        # image: gone (a restarted tmemd has none: ephemeral pools are not journaled).
+        stale = store.find_pool(client, READ_CACHE_POOL_LABEL)
+        if stale is not None:
+            store.destroy_pool(client, stale)
+        status, pool_id, _shared = store.new_pool(client, persistent=False, page_shift=PAGE_SHIFT,
+                                                  inclusive_gets=True, label=READ_CACHE_POOL_LABEL)
+        if status == Status.OK:
+            self._pool_id = pool_id
+        else:  # served uncached
+            self.counters["pool_create_failures"] += 1
+            log.warning("no read cache pool: the disk is served uncached",
+                        extra={"guest": name, "status": str(status)})
+
+    def close(self, *, discard: bool = False) -> None:
+        """Stop serving and drop the cache (the image is the guest's: it stays)."""
+        if self._closed:
+            return
+        self._abort_connections()
+        if self._pool_id is not None:
+            self.store.destroy_pool(self.client, self._pool_id)
+            self._pool_id = None
+        os.close(self._fd)
+        self._buffer.close()
+
+    def stats(self) -> CachedDiskStats:
+        pool = (self.store.pool_stats(self.client, self._pool_id)
+                if self._pool_id is not None else [])
+        return cast(CachedDiskStats, {
+            "name": self.name,
+            "backing": os.fspath(self.backing_path),
+            "size_bytes": self.size_bytes,
+            "direct_io": self.direct,
+            "pool_id": self._pool_id,
+            "connections": len(self._connections),
+            "pages_cached_now": pool[0].pages if pool else 0,
+            **{key: self.counters[key] for key in CACHED_DISK_COUNTERS},
+            "request_pages_histogram": {label: self.request_pages[label] for label in HISTOGRAM_LABELS},
+        })
+
+    # -- the image --
+
+    def _pread(self, offset: int, length: int) -> bytes:
+        """``length`` bytes of the image from ``offset`` (zeros past its end)."""
+        view = memoryview(self._buffer)[:length]
+        try:
+            done = 0
+            while done < length:
+                count = os.preadv(self._fd, [view[done:]], offset + done)
+                if count == 0:  # cannot happen (the size is fixed), but never loop
+                    view[done:] = bytes(length - done)
+                    break
+                done += count
+            if not self.direct:
+                os.posix_fadvise(self._fd, offset, length, os.POSIX_FADV_DONTNEED)
+            return bytes(view)
+        finally:
+            view.release()
+
+    def _pwrite(self, offset: int, data: bytes | memoryview) -> None:
+        length = len(data)
+        view = memoryview(self._buffer)[:length]
+        try:
+            view[:] = data
+            done = 0
+            while done < length:
+                done += os.pwritev(self._fd, [view[done:]], offset + done)
+        finally:
+            view.release()
+        if not self.direct:
+            os.posix_fadvise(self._fd, offset, length, os.POSIX_FADV_DONTNEED)
+
+    # -- requests (DiskExport checked them) --
+
+    def _fetch_keys(self, first_slot: int, pages: int) -> list[tuple[Oid, int]]:
+        # Pages demoted to the remote tier (a guest with remote-ephemeral) come
+        # back before the get; the store fetches only those.
+        return frontswap_keys(AREA, range(first_slot, first_slot + pages))
+
+    def _read(self, first_slot: int, pages: int) -> tuple[int, bytes | bytearray]:
+        self.counters["reads"] += 1
+        out = bytearray(pages << PAGE_SHIFT)
+        found = [False] * pages
+        pool_id = self._pool_id
+        if pool_id is not None:
+            keys = frontswap_keys(AREA, range(first_slot, first_slot + pages))
+            statuses, contents = self.store.get_many(self.client, pool_id, keys)
+            hits = iter(contents)
+            for page, status in enumerate(statuses):
+                if status == Status.OK:
+                    out[page << PAGE_SHIFT : (page + 1) << PAGE_SHIFT] = next(hits)
+                    found[page] = True
+        self.counters["pages_read_cache"] += sum(found)
+        page = 0
+        missed: list[int] = []
+        missed_data: list[bytes] = []
+        while page < pages:
+            if found[page]:
+                page += 1
+                continue
+            # A run of misses is one read of the image.
+            run_end = page + 1
+            while run_end < pages and not found[run_end]:
+                run_end += 1
+            chunk = self._pread((first_slot + page) << PAGE_SHIFT, (run_end - page) << PAGE_SHIFT)
+            out[page << PAGE_SHIFT : run_end << PAGE_SHIFT] = chunk
+            for index in range(run_end - page):
+                missed.append(first_slot + page + index)
+                missed_data.append(chunk[index << PAGE_SHIFT : (index + 1) << PAGE_SHIFT])
+            page = run_end
+        if missed:
+            self._fallback_operations += 1
+            self.counters["pages_read_backing"] += len(missed)
+            if pool_id is not None:
+                statuses = self.store.put_many(self.client, pool_id, frontswap_keys(AREA, missed), missed_data)
+                cached = sum(status == Status.OK for status in statuses)
+                self.counters["pages_cached"] += cached
+                self.counters["pages_not_cached"] += len(missed) - cached
+        return nbd.Error.OK, out
+
+    def _invalidate(self, first_slot: int, pages: int) -> None:
+        if self._pool_id is None or not pages:
+            return
+        statuses = self.store.flush_many(self.client, self._pool_id,
+                                         frontswap_keys(AREA, range(first_slot, first_slot + pages)))
+        self.counters["pages_invalidated"] += sum(status == Status.OK for status in statuses)
+
+    def _write(self, first_slot: int, data: bytes) -> None:
+        self.counters["writes"] += 1
+        self._invalidate(first_slot, len(data) >> PAGE_SHIFT)  # before the image changes
+        self._fallback_operations += 1
+        self._pwrite(first_slot << PAGE_SHIFT, data)
+        self.counters["pages_written"] += len(data) >> PAGE_SHIFT
+
+    def _discard(self, first_slot: int, pages: int, *, zeroing: bool) -> None:
+        self.counters["zeroes" if zeroing else "trims"] += 1
+        self._invalidate(first_slot, pages)
+        # Both read as zeros after (a hole either way): a TRIM need not promise
+        # it, but no read after one finds the old data, in the cache or the image.
+        self._eraser.erase(self._fd, first_slot << PAGE_SHIFT, pages << PAGE_SHIFT)
+
+    def _flush(self) -> None:
+        os.fdatasync(self._fd)
+
