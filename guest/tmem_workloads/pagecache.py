@@ -6,10 +6,15 @@ deterministic, mixed compressibility, no two pages equal. It then syncs and drop
 the page cache, so the first read comes from the disk. `read` reads every file
 through a directory (the agent's FUSE mount, or the plain file system) `--passes`
 times and checks every page; a page that comes back stale, zeroed or from another
-file is counted and named, and makes the exit status 1.
+file is counted and named, and makes the exit status 1. `--order random` reads
+`--reads` single pages per pass instead, chosen at random over the whole set
+(the same sequence every pass, readahead off: POSIX_FADV_RANDOM), the way a
+database or a key-value store looks records up: the disk's operations per second,
+not its bandwidth, bound it.
 
     python3 -m tmem_workloads.pagecache prepare --dir /data/set --mib 96 [--seed 1]
     python3 -m tmem_workloads.pagecache read --dir /mnt/cache --mib 96 [--passes 2]
+    python3 -m tmem_workloads.pagecache read --dir /data/set --mib 96 --order random --reads 8192
 
 Both print one JSON line. Stdlib only.
 """
@@ -17,8 +22,10 @@ Both print one JSON line. Stdlib only.
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import os
+import random
 import sys
 import time
 from collections.abc import Sequence
@@ -95,7 +102,36 @@ def read_pass(directory: Path, sizes: Sequence[int], templates: Sequence[bytes],
     return total, bad
 
 
-def read(directory: Path, mib: int, *, file_mib: int, seed: int, passes: int) -> dict[str, object]:
+def random_pass(directory: Path, sizes: Sequence[int], templates: Sequence[bytes], seed: int,
+                reads: int) -> tuple[int, list[str]]:
+    """Read and check ``reads`` pages picked at random over the set (the same ones
+    in the same order for the same seed); return (bytes read, the wrong pages)."""
+    starts = [0]
+    for pages in sizes:
+        starts.append(starts[-1] + pages)
+    picker = random.Random(seed)
+    fds = [os.open(directory / file_name(file), os.O_RDONLY) for file in range(len(sizes))]
+    total = 0
+    bad: list[str] = []
+    try:
+        for fd in fds:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # one page per read: no readahead
+        for _ in range(reads):
+            number = picker.randrange(starts[-1])
+            file = bisect.bisect_right(starts, number) - 1
+            page = number - starts[file]
+            data = os.pread(fds[file], PAGE_SIZE, page * PAGE_SIZE)
+            total += len(data)
+            if data != expected_page(templates, seed, page_stamp(file, page)):
+                bad.append(f"{file_name(file)}:{page}")
+    finally:
+        for fd in fds:
+            os.close(fd)
+    return total, bad
+
+
+def read(directory: Path, mib: int, *, file_mib: int, seed: int, passes: int, order: str = "sequential",
+         reads: int = 0) -> dict[str, object]:
     templates = page_templates(seed)
     sizes = layout(mib, file_mib)
     pass_times: list[float] = []
@@ -103,7 +139,10 @@ def read(directory: Path, mib: int, *, file_mib: int, seed: int, passes: int) ->
     bad: list[str] = []
     for _ in range(passes):
         started = time.monotonic()
-        count, wrong = read_pass(directory, sizes, templates, seed)
+        if order == "random":
+            count, wrong = random_pass(directory, sizes, templates, seed, reads or sum(sizes))
+        else:
+            count, wrong = read_pass(directory, sizes, templates, seed)
         pass_times.append(round(time.monotonic() - started, 3))
         total_bytes += count
         bad += wrong
@@ -113,6 +152,8 @@ def read(directory: Path, mib: int, *, file_mib: int, seed: int, passes: int) ->
         "mib": mib,
         "files": len(sizes),
         "passes": passes,
+        "order": order,
+        "reads": (reads or sum(sizes)) if order == "random" else None,
         "seed": seed,
         "pass_s": pass_times,
         "total_s": round(sum(pass_times), 3),
@@ -134,12 +175,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         command.add_argument("--seed", type=int, default=1)
     commands.choices["prepare"].add_argument("--keep-cache", action="store_true", help="do not drop caches")
     commands.choices["read"].add_argument("--passes", type=int, default=2)
+    commands.choices["read"].add_argument("--order", choices=("sequential", "random"), default="sequential",
+                                          help="whole files in order, or single pages at random")
+    commands.choices["read"].add_argument("--reads", type=int, default=0,
+                                          help="random: pages read per pass (0: as many as the set has)")
     args = parser.parse_args(argv)
     if args.command == "prepare":
         result = prepare(args.dir, args.mib, file_mib=args.file_mib, seed=args.seed, drop_caches=not args.keep_cache)
         print(json.dumps(result), flush=True)
         return 0
-    result = read(args.dir, args.mib, file_mib=args.file_mib, seed=args.seed, passes=args.passes)
+    result = read(args.dir, args.mib, file_mib=args.file_mib, seed=args.seed, passes=args.passes,
+                  order=args.order, reads=args.reads)
     print(json.dumps(result), flush=True)
     return 0 if result["verified"] else 1
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from tmem_host.testbed import hostmetrics, report
+from tmem_host.testbed import hostmetrics, report, stats
 from tmem_host.testbed.records import RunRecord, Sample, TmemdCounters
 from tmem_host.testbed.runner import TMEMD_COUNTERS
 
@@ -81,9 +81,9 @@ def test_recorded_samples_use_only_the_keys_their_records_declare() -> None:
     for sample in report.load_run(RECORDED)["samples"]:
         assert Sample.__required_keys__ <= sample.keys() <= Sample.__required_keys__ | Sample.__optional_keys__
         assert (sample.get("tmemd") or {}).keys() <= TmemdCounters.__required_keys__ | {"nbd"}
-    # What a tmemd has only sometimes (an NBD export, a remote tier) is optional:
+    # What a tmemd has only sometimes (an NBD export, a remote tier, a cached disk) is optional:
     # run.json files from before a key was added still load.
-    assert TmemdCounters.__optional_keys__ == {"nbd", "remote"}
+    assert TmemdCounters.__optional_keys__ == {"nbd", "remote", "cached_disk"}
 
 
 def test_host_memory_by_component_per_mode(results: Path) -> None:
@@ -136,3 +136,18 @@ def test_the_report_says_what_it_found_and_flags_guest_cpu_rows() -> None:
     # Runs recorded before calibration: no caveat, no marks.
     old = report.load_run(RECORDED)
     assert not any("guest CPU" in sentence for sentence in report.finding_sentences(old))
+
+
+def _row(mode: str, walls: list[float]) -> report.ModeRow:
+    return report.ModeRow(key=mode, mode=mode, samples=len(walls), failures=0, wall=stats.summarize(walls),
+                          change_pct=None, welch=None, swap_out_pages=None, swap_in_pages=None, major_faults=None,
+                          tmem_hit_ratio=None, compression_ratio=None, tmem_stored_mib=None, tmem_refusals=None)
+
+
+def test_a_page_cache_run_whose_disk_is_not_the_bottleneck_is_flagged() -> None:
+    # pagecache.toml's first runs: bigmem 19.7 s, disk-hdd 22.4 s (1.14x).
+    (narrow,) = report.disk_gap_sentences([_row("bigmem", [19.7]), _row("disk-hdd", [22.4])])
+    assert narrow.startswith(report.DISK_GAP_MARK) and "1.14x" in narrow and "says little" in narrow
+    (wide,) = report.disk_gap_sentences([_row("bigmem", [10.0]), _row("disk-hdd", [45.0, 55.0])])
+    assert "5.00x" in wide and report.DISK_GAP_MARK not in wide
+    assert report.disk_gap_sentences([_row("disk-hdd", [45.0])]) == []

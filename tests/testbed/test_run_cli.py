@@ -64,10 +64,11 @@ def test_list_names_every_mode() -> None:
     result = run_testbed("list", "--json")
     listing = json.loads(result.stdout)
     assert set(listing["modes"]) == {"bigmem", "disk-hdd", "disk-hostcache", "zswap", "tmem-blk", "tmem-agent",
-                                     "tmem-agent-sync", "tmem-nocompress", "tmem-nojournal", "tmem-remote",
+                                     "tmem-agent-sync", "tmem-nocompress", "tmem-nojournal", "tmem-remote", "tmem-cache",
                                      "static", "balloon", "tmem", "tmem-balloon"}
     assert "usemem" in listing["workloads"]
-    assert listing["workloads"]["pagecache"]["modes"] == ["bigmem", "disk-hdd", "disk-hostcache", "tmem-agent"]
+    assert listing["workloads"]["pagecache"]["modes"] == ["bigmem", "disk-hdd", "disk-hostcache", "tmem-agent",
+                                                           "tmem-cache"]
     assert listing["workloads"]["density"]["modes"] == ["static", "balloon", "tmem", "tmem-balloon"]
     assert "static" not in listing["workloads"]["usemem"]["modes"]
 
@@ -154,6 +155,47 @@ def test_pagecache_scenario_end_to_end(tmp_path: Path) -> None:
     assert "| disk-hdd | 1/1 |" in report and f"| tmem-agent{mark} | 1/1 |" in report
     assert f"| tmem-agent | {' / '.join(f'{t:.1f}' for t in agent['workload']['pass_s'])} | {first['hits']} / {second['hits']} |" in report
     assert "| disk-hdd | " in report.split("## Passes")[1] and "| - / - |" in report
+
+
+TINY_RANDREAD = """
+name = "tiny-randread"
+modes = ["tmem-cache"]
+repetitions = 1
+[guests]
+memory_mib = 192
+[host]
+budget = "256M"
+[workload]
+kind = "pagecache"
+order = "random"
+reads = 6144
+ratio = 3
+reader_mib = 16
+file_mib = 2
+[timeouts]
+workload_s = 300
+"""
+
+
+@pytest.mark.vm
+@pytest.mark.slow
+def test_random_reads_through_tmemds_cached_disk_end_to_end(tmp_path: Path) -> None:
+    _, results, run = run_passing_text(TINY_RANDREAD, tmp_path)
+    (sample,) = run["samples"]
+    workload = sample["workload"]
+    assert sample["ok"] and sample["verified"] and workload["verified"] and workload["bad_pages"] == 0
+    assert workload["order"] == "random" and workload["bytes"] == 2 * 6144 * 4096
+    disk = sample["tmemd"]["cached_disk"]
+    # The file set was written through the export (writes do not fill the cache),
+    # its pages read from the image on the first pass and put into the guest's
+    # ephemeral pool, and the second pass served mostly from it: the ~4,800
+    # distinct pages a pass touches do not fit the reader's 16 MiB cgroup.
+    assert disk["pages_written"] >= 48 * 256 and disk["direct_io"] and disk["fallback_errors"] == 0
+    first, second = workload["pass_tmemd"]
+    assert first["puts"] > 3_000 and second["hits"] > 2_000, (first, second)
+    assert second["hits"] > 2 * first["hits"]
+    assert disk["pages_read_cache"] == sample["tmemd"]["hits"]
+    assert "| tmem-cache | 1/1 |" in (results / "report.md").read_text()
 
 
 CONTENTION = """

@@ -38,7 +38,8 @@ def build(accel: ResolvedAccel = "tcg", **config: Any) -> list[str]:
     would have made for it."""
     guest_config = VmConfig(name="g1", **config)
     swap_disk = None if guest_config.swap in ("none", "nbd") else RUN / "swap.img"
-    data_disk = RUN / "data.img" if guest_config.data_disk_mib > 0 else None
+    data_disk = RUN / "data.img" if guest_config.data_disk_mib > 0 and guest_config.data_disk_speed != "nbd" \
+        else None
     return qemu_command(guest_config, accel=accel, image=IMAGE, console_log=CONSOLE,
                         ssh_port=SSH_PORT, ssh_public_key=PUBLIC_KEY, monitor_fd=MONITOR_FD,
                         swap_disk=swap_disk, data_disk=data_disk)
@@ -170,6 +171,19 @@ def test_nbd_swap_is_a_reconnecting_discarding_blockdev() -> None:
     assert {"": "virtio-blk-pci", "drive": "swap", "serial": "tmem-swap"} in \
         devices(argv, "virtio-blk-pci")
     assert not any(props(v).get("id") == "swap" for v in values(argv, "-drive"))
+
+
+def test_a_cached_data_disk_is_tmemds_disk_export_not_a_scratch_file() -> None:
+    disk_socket = Path("/tmemd/g1.disk.nbd.sock")
+    argv = build(data_disk_mib=256, data_disk_speed="nbd", data_nbd_socket=disk_socket)
+    (blockdev,) = [props(v) for v in values(argv, "-blockdev")]
+    assert blockdev == {"driver": "nbd", "node-name": "data", "discard": "unmap",
+                        "server.type": "unix", "server.path": str(disk_socket),
+                        "export": "g1", "reconnect-delay": "30"}
+    assert {"": "virtio-blk-pci", "drive": "data", "serial": "tmem-data"} in devices(argv, "virtio-blk-pci")
+    assert not any(props(v).get("id") == "data" for v in values(argv, "-drive"))
+    with pytest.raises(ValueError, match="data_nbd_socket"):
+        build(data_disk_mib=256, data_disk_speed="nbd")
 
 
 def test_nbd_swap_needs_socket_and_export() -> None:

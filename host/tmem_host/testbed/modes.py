@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tmem_host.vm.launcher import DiskSpeed, SwapKind
+from tmem_host.vm.launcher import DataDisk, SwapKind
 from tmem_wire.agent import AgentMode
 
 
@@ -32,8 +32,9 @@ class Mode:
     compress: bool = True
     # tmemd's crash journal (docs/RELIABILITY.md); off: --no-journal.
     journal: bool = True
-    # The data disk's speed class (page-cache workloads).
-    data_disk: DiskSpeed = "hdd"
+    # The data disk's speed class (page-cache workloads); "nbd": tmemd's cached
+    # disk (the image behind it answers at the hdd disk's speed).
+    data_disk: DataDisk = "hdd"
     # tmemd's remote tier on a local 3+3 Redis Cluster, under a budget of about a
     # quarter of the working set (docs/TESTBED.md).
     remote: bool = False
@@ -99,6 +100,14 @@ MODES: dict[str, Mode] = {
             swap="nbd",
             tmemd=True,
             remote=True,
+        ),
+        Mode(
+            "tmem-cache",
+            "the data disk through tmemd's cached disk (NBD, no guest code): reads fill the guest's "
+            "ephemeral pool, the hdd disk behind it",
+            swap="none",
+            tmemd=True,
+            data_disk="nbd",
         ),
         # The density scenario's policies: N guests, one host budget M for their RAM
         # and tmem (testbed.density.plan sizes them).

@@ -13,7 +13,7 @@ added since (the reports read them with .get()).
 from collections.abc import Sequence
 from typing import Any, Literal, NotRequired, TypedDict
 
-from tmem_host.replies import NbdExportStats, RemoteGuestStats
+from tmem_host.replies import NbdExportStats, CachedDiskStats, RemoteGuestStats
 
 
 class GuestsRecord(TypedDict):
@@ -128,6 +128,8 @@ class TmemdCounters(TypedDict):
     # The guest in tmemd's remote tier (remote modes; runs before it lack the key):
     # local vs remote pages, puts, demotions, reads from the cluster, round trips.
     remote: NotRequired[RemoteGuestStats]
+    # The guest's cached disk (modes whose data disk is tmemd's: tmem-cache).
+    cached_disk: NotRequired[CachedDiskStats]
 
 
 class DensityRecord(TypedDict):

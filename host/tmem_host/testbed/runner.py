@@ -135,14 +135,23 @@ def guest_memory_mib(scenario: Scenario, mode: Mode) -> int:
     return scenario.guests.memory_mib
 
 
-def tmemd_guest_specs(scenario: Scenario) -> list[str]:
+def tmemd_guest_specs(scenario: Scenario, cached_disks: Mapping[str, Path] | None = None) -> list[str]:
+    """``cached_disks``: each guest's data disk image, for a mode whose data disk is
+    tmemd's cached disk."""
     specs = []
     for index in range(scenario.guests.count):
         spec = f"{guest_name(index)}:weight={scenario.guests.weight(index)}"
         if scenario.guests.cap(index):
             spec += f":cap={format_size(scenario.guests.cap(index))}"
+        if cached_disks is not None:
+            spec += f":cached-disk={cached_disks[guest_name(index)]}"
         specs.append(spec)
     return specs
+
+
+def data_disk_mib(scenario: Scenario) -> int:
+    """The page-cache workload's data disk: the set, and the room ext4 needs around it."""
+    return working_set_mib(scenario) * 5 // 4 + 64 if scenario.workload == "pagecache" else 0
 
 
 def remote_budget_bytes(scenario: Scenario) -> int:
@@ -165,13 +174,15 @@ class TmemdArguments:
     extra_args: list[str]
 
 
-def tmemd_arguments(scenario: Scenario, mode: Mode, remote_seeds: str | None = None) -> TmemdArguments:
+def tmemd_arguments(scenario: Scenario, mode: Mode, remote_seeds: str | None = None,
+                    cached_disks: Mapping[str, Path] | None = None) -> TmemdArguments:
     """tmemd's budget, guests and options for ``mode``; a remote mode needs its
-    cluster's seed nodes (LocalCluster.seed_spec)."""
+    cluster's seed nodes (LocalCluster.seed_spec), a cached-disk mode the guests'
+    data disk images."""
     extra = ["--nbd-size", f"{scenario.guests.swap_mib}M"]
-    if mode.swap == "nbd":
-        # A refused page goes to a disk as slow as the other modes' (frontswap's
-        # real swap disk), not to the host page cache at memory speed.
+    if mode.swap == "nbd" or mode.data_disk == "nbd":
+        # A refused page (a cache miss) goes to a disk as slow as the other modes'
+        # (frontswap's real swap disk), not to the host page cache at memory speed.
         extra += ["--fallback-iops", str(launcher.DISK_IOPS["hdd"])]
     if not mode.compress:
         extra.append("--no-compress")
@@ -183,7 +194,7 @@ def tmemd_arguments(scenario: Scenario, mode: Mode, remote_seeds: str | None = N
             raise ValueError(f"mode {mode.name} needs the cluster's seed nodes")
         budget = remote_budget_bytes(scenario)
         extra += ["--remote", remote_seeds, "--remote-replicas", str(REMOTE_REPLICAS)]
-    return TmemdArguments(format_size(budget), tmemd_guest_specs(scenario), extra)
+    return TmemdArguments(format_size(budget), tmemd_guest_specs(scenario, cached_disks), extra)
 
 
 @contextlib.contextmanager
@@ -216,9 +227,9 @@ def guest_config(
         swap_mib=scenario.guests.swap_mib,
         nbd_socket=tmemd.nbd_socket(name) if tmemd is not None and swap == "nbd" else None,
         nbd_export=name if swap == "nbd" else None,
-        # ext4 needs some room around the set.
-        data_disk_mib=working_set_mib(scenario) * 5 // 4 + 64 if pagecache else 0,
+        data_disk_mib=data_disk_mib(scenario),
         data_disk_speed=mode.data_disk,
+        data_nbd_socket=tmemd.disk_socket(name) if tmemd is not None and mode.data_disk == "nbd" else None,
         tmem_socket=tmemd.abi_socket(name) if tmemd is not None and mode.agent is not None else None,
         balloon=mode.balloon,
         run_dir=run_dir / name,
@@ -297,7 +308,8 @@ def workload_phases(scenario: Scenario, mode: Mode, index: int, repetition: int)
     limit = "max" if mode.enough_memory else f"{int(params['reader_mib'])}M"
     directory = CACHE_MOUNT if mode.agent is not None else FILE_SET
     reader = (f"python3 -m tmem_workloads.pagecache read --dir {directory} "
-              f"{_file_set_arguments(scenario, index, repetition)} --passes 1")
+              f"{_file_set_arguments(scenario, index, repetition)} --passes 1 "
+              f"--order {params['order']} --reads {int(params['reads'])}")
     return [guestops.in_cgroup(reader, limit, "pagecache-reader")] * int(params["passes"])
 
 
@@ -309,12 +321,14 @@ def _file_set_arguments(scenario: Scenario, index: int, repetition: int) -> str:
 def prepare_pagecache(
     guest: launcher.Guest, mode: Mode, scenario: Scenario, index: int, repetition: int
 ) -> int | None:
-    """ext4 on the data disk, the file set written and dropped from the page cache;
-    for agent modes the agent's cleancache mount over it."""
+    """ext4 on the data disk, the file set written and dropped from the page cache
+    (bigmem keeps it: the floor is a guest that holds the set in RAM); for agent
+    modes the agent's cleancache mount over it."""
+    keep = " --keep-cache" if mode.enough_memory else ""
     guest.ssh(
         f"dev={guestops.disk_by_serial(DATA_DISK_SERIAL)} && mkfs.ext4 -q -F $dev && mkdir -p {DATA_MOUNT} && "
         f"mount $dev {DATA_MOUNT} && python3 -m tmem_workloads.pagecache prepare --dir {FILE_SET} "
-        f"{_file_set_arguments(scenario, index, repetition)}",
+        f"{_file_set_arguments(scenario, index, repetition)}{keep}",
         timeout=scenario.workload_timeout_s,
     )
     if mode.agent is not None:
@@ -380,6 +394,9 @@ def _tmemd_counters(stats: StatsReply, guest: str) -> TmemdCounters:
     remote = stats["remote"]["guests"].get(guest) if stats["remote"] is not None else None
     if remote is not None:
         counters["remote"] = remote
+    cached_disk = stats.get("cached_disks", {}).get(guest)
+    if cached_disk is not None:
+        counters["cached_disk"] = cached_disk
     return counters
 
 
@@ -509,10 +526,19 @@ class Runner:
         with contextlib.ExitStack() as stack:
             # Entered first, a remote mode's cluster stops after tmemd.
             cluster = stack.enter_context(local_cluster(vm_dir / "redis")) if mode.remote else None
-            arguments = tmemd_arguments(self.scenario, mode, cluster.seed_spec if cluster is not None else None)
             # Socket paths must fit sun_path (108 bytes): tmemd runs in a short
             # temporary directory and its log is kept with the run's other logs.
             run_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="tmemd-"))
+            cached_disks = None
+            if mode.data_disk == "nbd" and self.scenario.workload == "pagecache":
+                # The guests' data disks are tmemd's images (sparse, gone with its run dir).
+                cached_disks = {}
+                for index in range(self.scenario.guests.count):
+                    image = cached_disks[guest_name(index)] = Path(run_dir) / f"{guest_name(index)}.data.img"
+                    with image.open("wb") as sparse:
+                        sparse.truncate(data_disk_mib(self.scenario) << 20)
+            arguments = tmemd_arguments(self.scenario, mode, cluster.seed_spec if cluster is not None else None,
+                                        cached_disks)
             tmemd = TmemdProcess(Path(run_dir), budget=arguments.budget, guests=arguments.guests,
                                  extra_args=arguments.extra_args)
             try:

@@ -74,10 +74,12 @@ class WorkloadSpec:
     guests_min: int = 1
 
 
-SWAP_MODES = tuple(name for name, mode in MODES.items() if not mode.density)
+# A mode without swap is a swap workload's mode only if it has the RAM not to need any.
+SWAP_MODES = tuple(name for name, mode in MODES.items()
+                   if not mode.density and (mode.swap != "none" or mode.enough_memory))
 DENSITY_MODES = tuple(name for name, mode in MODES.items() if mode.density)
 DENSITY_VARIANTS = ("staggered", "steady")
-PAGECACHE_MODES = ("bigmem", "disk-hdd", "disk-hostcache", "tmem-agent")
+PAGECACHE_MODES = ("bigmem", "disk-hdd", "disk-hostcache", "tmem-agent", "tmem-cache")
 
 WORKLOADS: dict[str, WorkloadSpec] = {
     spec.kind: spec
@@ -133,9 +135,11 @@ WORKLOADS: dict[str, WorkloadSpec] = {
         ),
         WorkloadSpec(
             "pagecache",
-            "checksummed re-reads of a file set on the data disk (cleancache through the agent's FUSE mount)",
+            "checksummed re-reads of a file set on the data disk, whole files or random pages (cleancache "
+            "through the agent's FUSE mount, or tmemd's cached disk)",
             # reader_mib: the reader's memory cgroup limit (its page cache); the set is ratio x that.
-            {"ratio": 1.5, "passes": 2, "reader_mib": 96, "file_mib": 4},
+            # order random: `reads` single pages per pass at random (0: as many as the set has).
+            {"ratio": 1.5, "passes": 2, "reader_mib": 96, "file_mib": 4, "order": "sequential", "reads": 0},
             PAGECACHE_MODES,
         ),
     )
@@ -362,7 +366,7 @@ def parse_scenario(data: Mapping[str, Any], source: str) -> Scenario:
             params[key] = workload_table.number(key, default, above=0.0)
             if params[key] >= 1.0:
                 raise workload_table.fail(key, f"must be a fraction of the budget below 1, got {params[key]:g}")
-        elif key in ("quiet_s", "stagger_s", "jobs"):
+        elif key in ("quiet_s", "stagger_s", "jobs", "reads"):
             params[key] = workload_table.integer(key, default, minimum=0)
         elif key == "packages":
             params[key] = workload_table.list_of(key, _package_name, "Debian package names")

@@ -57,6 +57,9 @@ Accel = Literal["auto", "kvm", "tcg"]
 ResolvedAccel = Literal["kvm", "tcg"]  # what "auto" became: what qemu_command() takes
 SwapKind = Literal["none", "hdd", "ssd", "hostcache", "nbd"]
 DiskSpeed = Literal["hdd", "ssd", "hostcache"]
+# A data disk is a scratch file of a speed class, or "nbd": tmemd's cached disk
+# (the image is tmemd's, read through the guest's ephemeral pool: nbd.readcache).
+DataDisk = Literal["hdd", "ssd", "hostcache", "nbd"]
 QEMU_BINARY = "qemu-system-x86_64"
 # Seconds QEMU's NBD client holds requests while tmemd restarts (docs/RELIABILITY.md).
 NBD_RECONNECT_DELAY_S = 30
@@ -177,7 +180,8 @@ class VmConfig:
     nbd_socket: Path | None = None  # swap="nbd": tmemd's DIR/NAME.nbd.sock
     nbd_export: str | None = None  # swap="nbd": the export name (the guest's name)
     data_disk_mib: int = 0  # 0: no data disk
-    data_disk_speed: DiskSpeed = "hostcache"  # hdd/ssd throttled as swap; hostcache: unthrottled
+    data_disk_speed: DataDisk = "hostcache"  # hdd/ssd throttled as swap; hostcache: unthrottled
+    data_nbd_socket: Path | None = None  # data_disk_speed="nbd": tmemd's DIR/NAME.disk.nbd.sock
     tmem_socket: Path | None = None  # tmemd's DIR/NAME.tmem.sock: adds org.tmem.0
     vsock_cid: int | None = None  # needs /dev/vhost-vsock
     share_agent: bool = True  # 9p-share guest/ and wire/ at /opt/tmem
@@ -279,7 +283,7 @@ def qemu_command(
         raise ValueError(f"accel must be resolved to kvm or tcg, not {accel!r}")
     if (swap_disk is None) != (config.swap in ("none", "nbd")):
         raise ValueError(f"swap={config.swap!r} and swap_disk={swap_disk} do not match")
-    if (data_disk is None) != (config.data_disk_mib <= 0):
+    if (data_disk is None) != (config.data_disk_mib <= 0 or config.data_disk_speed == "nbd"):
         raise ValueError(f"data_disk_mib={config.data_disk_mib} and data_disk={data_disk} "
                          "do not match")
     kernel_args = [
@@ -314,18 +318,14 @@ def qemu_command(
     if config.swap == "nbd":
         if config.nbd_socket is None or not config.nbd_export:
             raise ValueError("swap='nbd' needs nbd_socket and nbd_export")
-        # discard=unmap: the guest's swap discards (swapon --discard) reach tmemd
-        # as NBD TRIM, so freed swap slots are flushed from tmem.
-        # reconnect-delay: if tmemd dies, QEMU reconnects and reruns the requests
-        # in flight for this long instead of failing them (EIO in the guest);
-        # a restarted tmemd has the swap pages back from its journal.
-        command += ["-blockdev", f"driver=nbd,node-name=swap,discard=unmap,server.type=unix,"
-                                 f"server.path={config.nbd_socket},export={config.nbd_export},"
-                                 f"reconnect-delay={NBD_RECONNECT_DELAY_S}",
-                    "-device", f"virtio-blk-pci,drive=swap,serial={DISK_SERIALS['swap']}"]
+        command += _nbd_disk_args("swap", config.nbd_socket, config.nbd_export)
     elif swap_disk is not None:
         command += _scratch_disk_args("swap", swap_disk, config.swap)
-    if data_disk is not None:
+    if config.data_disk_speed == "nbd" and config.data_disk_mib > 0:
+        if config.data_nbd_socket is None:
+            raise ValueError("data_disk_speed='nbd' needs data_nbd_socket")
+        command += _nbd_disk_args("data", config.data_nbd_socket, config.name)
+    elif data_disk is not None:
         command += _scratch_disk_args("data", data_disk, config.data_disk_speed)
     if config.tmem_socket is not None:
         command += ["-device", f"virtio-serial-pci,id={TMEM_SERIAL_BUS_ID}",
@@ -355,6 +355,20 @@ def create_root_overlay(path: Path, image: GuestImage | None = None) -> Path:
     if result.returncode != 0:
         raise VmConfigError(f"qemu-img create {path} exited {result.returncode}: {result.stderr.strip()}")
     return path
+
+
+def _nbd_disk_args(role: str, socket_path: Path, export: str) -> list[str]:
+    """Disk `role` (swap, data) on one of tmemd's NBD exports.
+
+    discard=unmap: the guest's discards (swapon --discard, fstrim) reach tmemd as
+    NBD TRIM, so freed slots are flushed from tmem. reconnect-delay: if tmemd
+    dies, QEMU reconnects and reruns the requests in flight for this long instead
+    of failing them (EIO in the guest); a restarted tmemd has the swap pages back
+    from its journal (a cached disk starts with an empty cache)."""
+    return ["-blockdev", f"driver=nbd,node-name={role},discard=unmap,server.type=unix,"
+                         f"server.path={socket_path},export={export},"
+                         f"reconnect-delay={NBD_RECONNECT_DELAY_S}",
+            "-device", f"virtio-blk-pci,drive={role},serial={DISK_SERIALS[role]}"]
 
 
 def _scratch_disk_args(role: str, path: Path, speed: str) -> list[str]:
@@ -788,7 +802,7 @@ class Guest:
         swap = None if config.swap in ("none", "nbd") else \
             self._sparse_file("swap.img", config.swap_mib)
         data = self._sparse_file("data.img", config.data_disk_mib) \
-            if config.data_disk_mib > 0 else None
+            if config.data_disk_mib > 0 and config.data_disk_speed != "nbd" else None
         return swap, data
 
     def _spawn(self, image: GuestImage) -> None:
