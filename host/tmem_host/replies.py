@@ -121,6 +121,7 @@ class GuestSettings(TypedDict):
     remote_cap_bytes: int | None
     remote_ephemeral: bool  # its evicted ephemeral pages go to the remote tier
     cached_disk: str | None  # the image tmemd serves as its cached disk
+    cached_disk_pool: str | None  # the UUID of the shared pool its cached disk reads through
 
 
 class PoolRecord(TypedDict):
@@ -333,6 +334,7 @@ class CachedDiskStats(TypedDict):
     backing: str  # the disk image's path
     size_bytes: int
     direct_io: bool  # the image is read with O_DIRECT (no copy in the host page cache)
+    shared_pool: str | None  # the UUID of the shared pool it reads through (None: private)
     pool_id: int | None  # None: the store refused the pool, the disk is served uncached
     connections: int
     pages_cached_now: int

@@ -123,6 +123,13 @@ BAD: list[tuple[str, str, list[str], str]] = [
      "guest(s) ['g1'] have remote-ephemeral but there is no remote tier"),
     ("toml-remote-ephemeral-string", '[[guest]]\nname = "g1"\nremote_ephemeral = "yes"', [],
      "guest 'g1' remote_ephemeral must be true or false"),
+    # The cached disk.
+    ("cli-cached-disk-pool-without-disk", "", ["--guest", f"g1:cached-disk-pool={uuid.UUID(int=1)}"],
+     "guest 'g1': cached-disk-pool needs a cached-disk"),
+    ("toml-cached-disk-pool-bad", '[[guest]]\nname = "g1"\ncached_disk = "/x.img"\ncached_disk_pool = "no"', [],
+     "guest 'g1' cached_disk_pool must be a UUID"),
+    ("toml-cached-disk-empty", '[[guest]]\nname = "g1"\ncached_disk = ""', [],
+     "guest 'g1' cached_disk must be a path"),
 ]
 # The real entry point, in a subprocess, for a few of them.
 SUBPROCESS = ("cli-budget-400-digits", "cli-nbd-size-0", "toml-budget-float", "cli-guest-twice",
@@ -243,6 +250,11 @@ GOOD: list[tuple[str, str, list[str], dict[str, Any]]] = [
     ("guest-remote-ephemeral", 'remote = "127.0.0.1:7000"\n[[guest]]\nname = "g2"\nremote_ephemeral = true',
      ["--guest", "g1:remote-ephemeral"],
      {"guests": (GuestConfig("g2", remote_ephemeral=True), GuestConfig("g1", remote_ephemeral=True))}),
+    ("guest-cached-disk-and-its-pool",
+     f'[[guest]]\nname = "g2"\ncached_disk = "/images/base.img"\ncached_disk_pool = "{uuid.UUID(int=2)}"',
+     ["--guest", f"g1:cached-disk-pool={uuid.UUID(int=2)}:cached-disk=/images/base.img"],
+     {"guests": (GuestConfig("g2", cached_disk=Path("/images/base.img"), cached_disk_pool=uuid.UUID(int=2)),
+                 GuestConfig("g1", cached_disk=Path("/images/base.img"), cached_disk_pool=uuid.UUID(int=2)))}),
     ("command-line-guest-replaces-file-guest", '[[guest]]\nname = "g1"\nweight = 5',
      ["--guest", "g1:weight=7"], {"guests": (GuestConfig("g1", weight=7),)}),
 ]

@@ -172,3 +172,40 @@ def test_a_cached_disk_tmemd_cannot_serve_stops_it_with_one_line(
     make(image)
     with pytest.raises(TmemdFailed, match=reason):
         start_with_disk(start_tmemd, image)
+
+
+POOL = "8f1c2d3e-4b5a-4c6d-9e7f-0a1b2c3d4e5f"
+
+
+def test_a_shared_pool_serves_the_second_guest_what_the_first_read(start_tmemd: StartTmemd, tmp_path: Path) -> None:
+    image = make_image(tmp_path / "base.img", tag=8)
+    expected = bytearray(image.read_bytes())
+    daemon = start_tmemd(guests=(f"d1:cached-disk={image}:cached-disk-pool={POOL}",
+                                 f"d2:cached-disk={image}:cached-disk-pool={POOL}",
+                                 f"d3:cached-disk={image}"), budget="64M")
+    with NbdClient(daemon.disk_socket("d1"), "d1") as first:
+        assert read_all(first) == expected
+        with NbdClient(daemon.disk_socket("d2"), "d2") as second:
+            assert read_all(second) == expected
+            two = disk_stats(daemon, "d2")
+            assert two["shared_pool"] == POOL and two["pages_read_cache"] == DISK_PAGES
+            assert two["pages_read_backing"] == 0
+            # A write by either flushes the pages for both: the image changed for both.
+            new = b"".join(page(9, number) for number in range(4))
+            assert second.write(10 * PAGE, new) == 0
+            expected[10 * PAGE : 14 * PAGE] = new
+            assert read_all(first) == expected
+    # Without the pool, the same image is cached privately: d3's first pass misses.
+    with NbdClient(daemon.disk_socket("d3"), "d3") as private:
+        assert read_all(private) == expected
+    three = disk_stats(daemon, "d3")
+    assert three["shared_pool"] is None and three["pages_read_cache"] == 0
+    assert three["pages_read_backing"] == DISK_PAGES
+
+
+def test_a_shared_pool_never_serves_another_image(start_tmemd: StartTmemd, tmp_path: Path) -> None:
+    one = make_image(tmp_path / "one.img", tag=10)
+    other = make_image(tmp_path / "other.img", tag=11)
+    with pytest.raises(TmemdFailed, match=f"cached-disk-pool {POOL} reads .*one.img"):
+        start_tmemd(guests=(f"d1:cached-disk={one}:cached-disk-pool={POOL}",
+                            f"d2:cached-disk={other}:cached-disk-pool={POOL}"))

@@ -186,6 +186,24 @@ def test_shared_pool_pages_are_seen_by_every_member() -> None:
     assert store.stats()["shared_pools"] == 1
 
 
+def test_a_shared_pool_is_joined_only_by_requests_of_its_label() -> None:
+    # tmemd's cached disks share a pool under a label; a guest's agent naming the
+    # same UUID over the ABI (no label) gets a pool of its own, so it can never
+    # put a page where a cached disk reads what it takes for the image's.
+    store = Store(BIG)
+    disk = store.add_client("d1", shared_uuids=frozenset({SHARED}))
+    agent = store.add_client("g2", shared_uuids=frozenset({SHARED}))
+    _, disk_pool, disk_shared = store.new_pool(disk, False, shared_uuid=SHARED, label="readcache")
+    _, agent_pool, agent_shared = store.new_pool(agent, False, shared_uuid=SHARED)
+    assert disk_shared and agent_shared
+    assert store.put(agent, agent_pool, OID, 0, text_page(9)) == Status.OK
+    assert store.get(disk, disk_pool, OID, 0)[0] == Status.MISS
+    _, joined, joined_shared = store.new_pool(agent, False, shared_uuid=SHARED, label="readcache")
+    store.put(disk, disk_pool, OID, 1, text_page(3))
+    assert joined_shared and store.get(agent, joined, OID, 1) == (Status.OK, text_page(3))
+    assert store.stats()["shared_pools"] == 2
+
+
 # ----------------------------------------------------------- never stale
 
 

@@ -42,7 +42,8 @@ _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p
 # Guest names become file names (NAME.tmem.sock) and must fit a sun_path.
 _GUEST_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _GUEST_KEYS: Final = frozenset({"name", "weight", "cap", "shared", "dedup", "cid", "uuid",
-                                "remote_cap", "remote_ephemeral", "cached_disk"})
+                                "remote_cap", "remote_ephemeral", "cached_disk",
+                                "cached_disk_pool"})
 #: A guest's default identity in the remote tier: uuid5 of its name in this namespace.
 GUEST_UUID_NAMESPACE: Final = uuid.UUID("6d1b5a3e-8f0c-4b7e-9a51-2f4c0e7d9b10")
 MAX_REMOTE_REPLICAS: Final = 16
@@ -186,6 +187,10 @@ class GuestConfig:
     # A disk image tmemd serves to the guest over NBD (NAME.disk.nbd.sock) with
     # the guest's ephemeral pool as its read cache (nbd.readcache).
     cached_disk: Path | None = None
+    # Its cached disk's pages go to the shared ephemeral pool of this UUID, with
+    # every other guest's whose cached disk is the same image (the host's say-so:
+    # tmemd refuses another image under the same UUID).
+    cached_disk_pool: uuid.UUID | None = None
 
     @property
     def identity_uuid(self) -> uuid.UUID:
@@ -203,6 +208,7 @@ class GuestConfig:
             "remote_cap_bytes": self.remote_cap_bytes,
             "remote_ephemeral": self.remote_ephemeral,
             "cached_disk": None if self.cached_disk is None else str(self.cached_disk),
+            "cached_disk_pool": None if self.cached_disk_pool is None else str(self.cached_disk_pool),
         }
 
 
@@ -269,7 +275,7 @@ def parse_cap(value: object, name: str = "cap") -> int | None:
 
 def parse_guest_spec(spec: str) -> GuestConfig:
     """Parse `NAME[:weight=W][:cap=SIZE][:shared=UUID,...][:dedup][:cid=N][:uuid=UUID]
-    [:remote-cap=SIZE][:remote-ephemeral][:cached-disk=PATH]`."""
+    [:remote-cap=SIZE][:remote-ephemeral][:cached-disk=PATH][:cached-disk-pool=UUID]`."""
     name, *options = spec.split(":")
     guest = GuestConfig(name=validate_guest_name(name))
     what = f"guest {name!r}"
@@ -293,8 +299,17 @@ def parse_guest_spec(spec: str) -> GuestConfig:
             guest = replace(guest, remote_cap_bytes=parse_cap(value, f"{what} remote-cap"))
         elif key == "cached-disk" and has_value:
             guest = replace(guest, cached_disk=check_path(value, f"{what} cached-disk"))
+        elif key == "cached-disk-pool" and has_value:
+            guest = replace(guest, cached_disk_pool=_parse_uuid(value, f"{what} cached-disk-pool"))
         else:
             raise ConfigError(f"bad guest option {_shown(option)} in {_shown(spec)}")
+    return _checked_guest(guest)
+
+
+def _checked_guest(guest: GuestConfig) -> GuestConfig:
+    """What one option alone cannot say is wrong."""
+    if guest.cached_disk_pool is not None and guest.cached_disk is None:
+        raise ConfigError(f"guest {guest.name!r}: cached-disk-pool needs a cached-disk")
     return guest
 
 
@@ -354,7 +369,8 @@ def guest_from_mapping(table: object) -> GuestConfig:
     cid = table.get("cid")
     guest_uuid = table.get("uuid")
     cached_disk = table.get("cached_disk")
-    return GuestConfig(
+    cached_disk_pool = table.get("cached_disk_pool")
+    return _checked_guest(GuestConfig(
         name=name,
         weight=check_weight(table.get("weight", 100), f"{what} weight"),
         cap_bytes=parse_cap(table.get("cap"), f"{what} cap"),
@@ -365,7 +381,9 @@ def guest_from_mapping(table: object) -> GuestConfig:
         remote_cap_bytes=parse_cap(table.get("remote_cap"), f"{what} remote_cap"),
         remote_ephemeral=check_bool(table.get("remote_ephemeral", False), f"{what} remote_ephemeral"),
         cached_disk=None if cached_disk is None else check_path(cached_disk, f"{what} cached_disk"),
-    )
+        cached_disk_pool=None if cached_disk_pool is None else _parse_uuid(cached_disk_pool,
+                                                                           f"{what} cached_disk_pool"),
+    ))
 
 
 def load_toml(path: Path) -> dict[str, Any]:

@@ -187,9 +187,14 @@ class Daemon:
         if guest.remote_ephemeral and self.tier is None:
             raise ControlError(f"guest {guest.name!r}: remote-ephemeral needs a remote tier (--remote)")
         loop = asyncio.get_running_loop()
+        if guest.cached_disk_pool is not None:
+            self._check_cached_disk_pool(guest)
+        # A cached disk's shared pool is the host's say-so: its UUID is authorised
+        # (in the store's namespace of cached disks only, Store.new_pool).
+        shared_uuids = guest.shared_uuids | ({guest.cached_disk_pool} if guest.cached_disk_pool else set())
         client = self.store.add_client(
             guest.name, weight=guest.weight, cap_bytes=guest.cap_bytes, dedup=guest.dedup,
-            shared_uuids=guest.shared_uuids,
+            shared_uuids=frozenset(shared_uuids),
         )
         if self.tier is not None:
             await self.tier.register(client, guest.identity_uuid, guest.remote_cap_bytes,
@@ -269,12 +274,31 @@ class Daemon:
                                        "cached_disk": str(disk_path) if disk_export else None})
         return runtime
 
+    def _check_cached_disk_pool(self, guest: GuestConfig) -> None:
+        """A shared pool of cached disks serves one image: a guest naming the pool
+        of another image would read that image's pages (ConfigError)."""
+        assert guest.cached_disk is not None
+        try:
+            image = os.stat(guest.cached_disk)
+        except OSError as error:
+            raise ConfigError(f"guest {guest.name!r}: cannot serve cached disk {guest.cached_disk}: "
+                              f"{error}") from None
+        for other in self.guests.values():
+            export = other.disk_export
+            if export is None or other.config.cached_disk_pool != guest.cached_disk_pool:
+                continue
+            theirs = os.fstat(export.fileno())
+            if (theirs.st_dev, theirs.st_ino) != (image.st_dev, image.st_ino):
+                raise ConfigError(f"guest {guest.name!r}: cached-disk-pool {guest.cached_disk_pool} reads "
+                                  f"{export.backing_path} (guest {other.name!r}), not {guest.cached_disk}")
+
     def _open_cached_disk(self, guest: GuestConfig, client: Client) -> CachedDiskExport:
         """The guest's cached disk; a ConfigError says why it cannot be served."""
         assert guest.cached_disk is not None
         try:
             return CachedDiskExport(self.store, client, name=guest.name, backing_path=guest.cached_disk,
-                                    backing_iops=self.config.fallback_iops)
+                                    backing_iops=self.config.fallback_iops,
+                                    shared_pool=guest.cached_disk_pool)
         except (OSError, ValueError) as error:
             raise ConfigError(f"guest {guest.name!r}: cannot serve cached disk {guest.cached_disk}: "
                                f"{error}") from None

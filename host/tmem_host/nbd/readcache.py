@@ -13,6 +13,10 @@ Rules (docs/NBD.md, "The cached disk"), each with a test in tests/nbd/test_readc
 - A WRITE, TRIM or WRITE_ZEROES first flushes its pages from the pool, then
   changes the image: a failed write leaves the pages uncached, never an older copy.
 - Writes do not fill the cache (no write-allocate): what is cached was read.
+- A shared pool (``shared_pool``) is read through by every export of the same
+  image that joins it; a write by any of them flushes the pages for all, as the
+  image changed for all. Only cached disks join it (the store keys shared pools
+  by label too): no guest's agent can put a page where a cached disk reads.
 - The pool never outlives the export: ephemeral pools are not journaled, and a
   restarted tmemd (or a guest added again) starts with an empty cache, so no
   write it did not see can leave a stale copy behind.
@@ -31,6 +35,7 @@ import mmap
 import os
 from pathlib import Path
 from typing import Final, cast
+from uuid import UUID
 
 from tmem_host.replies import CachedDiskStats
 from tmem_host.store import Client, Store
@@ -73,10 +78,14 @@ class CachedDiskExport(DiskExport):
     """A guest's data disk: a backing image read through its ephemeral pool."""
 
     def __init__(self, store: Store, client: Client, *, name: str, backing_path: str | os.PathLike[str],
-                 backing_iops: int = 0) -> None:
+                 backing_iops: int = 0, shared_pool: UUID | None = None) -> None:
         """``backing_path``: the disk image (a regular file, a whole number of
         pages); ``backing_iops``: it answers as a disk of that many operations
-        per second would (0: as fast as the host's disk)."""
+        per second would (0: as fast as the host's disk). ``shared_pool``: read
+        through the shared ephemeral pool of this UUID (the client must be
+        authorised for it), with the other exports of the same image that join
+        it: a page one guest read is a hit for the next. The caller makes sure
+        that every member serves the same image (tmemd checks the inode)."""
         self.backing_path = Path(backing_path)
         fd, self.direct = open_backing(self.backing_path)
         try:
@@ -96,14 +105,23 @@ class CachedDiskExport(DiskExport):
         stale = store.find_pool(client, READ_CACHE_POOL_LABEL)
         if stale is not None:
             store.destroy_pool(client, stale)
-        status, pool_id, _shared = store.new_pool(client, persistent=False, page_shift=PAGE_SHIFT,
-                                                  inclusive_gets=True, label=READ_CACHE_POOL_LABEL)
+        status, pool_id, shared = store.new_pool(client, persistent=False, page_shift=PAGE_SHIFT,
+                                                 shared_uuid=shared_pool, inclusive_gets=True,
+                                                 label=READ_CACHE_POOL_LABEL)
+        self.shared_pool = shared_pool if shared else None
+        if shared_pool is not None and not shared:
+            log.warning("cached disk: the shared pool was refused, the cache is private",
+                        extra={"guest": name, "uuid": str(shared_pool)})
         if status == Status.OK:
             self._pool_id = pool_id
         else:  # served uncached
             self.counters["pool_create_failures"] += 1
             log.warning("no read cache pool: the disk is served uncached",
                         extra={"guest": name, "status": str(status)})
+
+    def fileno(self) -> int:
+        """The open image (tmemd compares the inodes of a shared pool's images)."""
+        return self._fd
 
     def close(self, *, discard: bool = False) -> None:
         """Stop serving and drop the cache (the image is the guest's: it stays)."""
@@ -124,6 +142,7 @@ class CachedDiskExport(DiskExport):
             "backing": os.fspath(self.backing_path),
             "size_bytes": self.size_bytes,
             "direct_io": self.direct,
+            "shared_pool": None if self.shared_pool is None else str(self.shared_pool),
             "pool_id": self._pool_id,
             "connections": len(self._connections),
             "pages_cached_now": pool[0].pages if pool else 0,

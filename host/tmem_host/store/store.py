@@ -326,7 +326,11 @@ class Store:
         self.used_bytes = 0
         self.ephemeral_bytes = 0
         self._clients: dict[str, Client] = {}
-        self._shared_pools: dict[UUID, Pool] = {}
+        # By (label, UUID): a pool tmemd made for itself (the cached disk's, label
+        # "readcache") and one a guest's agent asked for under the same UUID are
+        # different pools, so no guest can put pages into what tmemd serves as
+        # read from an image.
+        self._shared_pools: dict[tuple[str, UUID], Pool] = {}
         self._total_weight = 0
         self._tick = itertools.count()
         # Counters of removed clients, so global totals never go backwards.
@@ -622,8 +626,9 @@ class Store:
 
         A shared request is honoured only for an ephemeral pool whose UUID the
         client is authorised for; otherwise the pool is private, as in Xen.
-        ``label`` tags a private pool for its creator inside tmemd (the NBD
-        export finds its pool again after a restart by it).
+        ``label`` tags a pool for its creator inside tmemd (the NBD export finds
+        its pool again after a restart by it); a shared pool is joined only by
+        requests with its label (the guests' ABI requests have none).
         """
         if not MIN_PAGE_SHIFT <= page_shift <= MAX_PAGE_SHIFT:
             return _INVALID, -1, False
@@ -637,7 +642,7 @@ class Store:
             and not persistent
             and shared_uuid in client.shared_uuids
         ):
-            existing = self._shared_pools.get(shared_uuid)
+            existing = self._shared_pools.get((label, shared_uuid))
             if existing is not None and existing.page_shift == page_shift:
                 existing.members.append(client)
                 client.pools[pool_id] = existing
@@ -645,8 +650,8 @@ class Store:
             if existing is None:
                 if len(self._shared_pools) >= MAX_SHARED_POOLS:
                     return _NOT_PERMITTED, -1, False
-                pool = Pool(client, persistent, page_shift, shared_uuid, inclusive_gets)
-                self._shared_pools[shared_uuid] = pool
+                pool = Pool(client, persistent, page_shift, shared_uuid, inclusive_gets, label)
+                self._shared_pools[(label, shared_uuid)] = pool
                 client.pools[pool_id] = pool
                 return _OK, pool_id, True
             # Same UUID, other page size: cannot be the same pool; private.
@@ -740,7 +745,7 @@ class Store:
                 if pool.owner is client and client not in pool.members:
                     self._reassign_owner(pool, pool.members[0])
                 return _OK
-            del self._shared_pools[pool.shared_uuid]
+            del self._shared_pools[(pool.label, pool.shared_uuid)]
         self._drop_all_pages(pool)  # in its slot still: the tier names its pages by it
         client.pools[pool_id] = None
         return _OK
