@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 from rich.console import Console
@@ -151,3 +152,18 @@ def test_a_page_cache_run_whose_disk_is_not_the_bottleneck_is_flagged() -> None:
     (wide,) = report.disk_gap_sentences([_row("bigmem", [10.0]), _row("disk-hdd", [45.0, 55.0])])
     assert "5.00x" in wide and report.DISK_GAP_MARK not in wide
     assert report.disk_gap_sentences([_row("disk-hdd", [45.0])]) == []
+
+
+def test_a_shared_image_run_says_how_much_the_shared_pool_saved_the_last_guest() -> None:
+    def sample(mode: str, guest: str, first_pass: float, hits: int) -> dict[str, Any]:
+        return {"mode": mode, "guest": guest, "ok": True,
+                "workload": {"pass_s": [first_pass], "pass_tmemd": [{"hits": hits}]}}
+
+    run = cast(RunRecord, {
+        "scenario": {"guests": {"count": 2}, "params": {"shared_image": True}},
+        "samples": [sample("tmem-cache", "g0", 40.0, 0), sample("tmem-cache", "g1", 42.0, 0),
+                    sample("tmem-cache-shared", "g0", 41.0, 0), sample("tmem-cache-shared", "g1", 8.0, 5000)],
+    })
+    (sentence,) = report.shared_pool_sentences(run)
+    assert sentence.startswith("g1's first pass took 8.0 s through the shared pool against 42.0 s") and "5.25x" in sentence
+    assert "| tmem-cache-shared/g1 | 8.0 | 5000 |" in report.pass_lines(run)

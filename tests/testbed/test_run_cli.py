@@ -64,11 +64,11 @@ def test_list_names_every_mode() -> None:
     result = run_testbed("list", "--json")
     listing = json.loads(result.stdout)
     assert set(listing["modes"]) == {"bigmem", "disk-hdd", "disk-hostcache", "zswap", "tmem-blk", "tmem-agent",
-                                     "tmem-agent-sync", "tmem-nocompress", "tmem-nojournal", "tmem-remote", "tmem-cache",
+                                     "tmem-agent-sync", "tmem-nocompress", "tmem-nojournal", "tmem-remote", "tmem-cache", "tmem-cache-shared",
                                      "static", "balloon", "tmem", "tmem-balloon"}
     assert "usemem" in listing["workloads"]
     assert listing["workloads"]["pagecache"]["modes"] == ["bigmem", "disk-hdd", "disk-hostcache", "tmem-agent",
-                                                           "tmem-cache"]
+                                                           "tmem-cache", "tmem-cache-shared"]
     assert listing["workloads"]["density"]["modes"] == ["static", "balloon", "tmem", "tmem-balloon"]
     assert "static" not in listing["workloads"]["usemem"]["modes"]
 

@@ -129,6 +129,26 @@ def test_density_mistakes(tmp_path: Path, edit: tuple[str, str], message: str | 
     assert str(raised.value).startswith(f"scenario.toml: {message}")
 
 
+SHARED_IMAGE = (REPO / "scenarios" / "shared-image.toml").read_text()
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (('modes = ["tmem-cache", "tmem-cache-shared"]', 'modes = ["tmem-cache", "disk-hdd"]'),
+         "modes[1]: mode 'disk-hdd' gives each guest a disk of its own; shared_image needs"),
+        (("count = 2", "count = 1"), "guests.count: shared_image needs at least 2 guests"),
+        (("shared_image = true", "shared_image = false"),
+         "modes[1]: mode 'tmem-cache-shared' shares one image's pool: it needs workload.shared_image = true"),
+        (("shared_image = true", 'shared_image = "yes"'), "workload.shared_image: must be true or false"),
+    ],
+)
+def test_shared_image_mistakes(tmp_path: Path, edit: tuple[str, str], message: str) -> None:
+    with pytest.raises(ScenarioError) as raised:
+        load_scenario(write(tmp_path, SHARED_IMAGE.replace(*edit)))
+    assert str(raised.value).startswith(f"scenario.toml: {message}")
+
+
 def test_swap_workloads_refuse_density_policies(tmp_path: Path) -> None:
     with pytest.raises(ScenarioError, match="mode 'static' does not apply to workload 'usemem'"):
         load_scenario(write(tmp_path, GOOD.replace('"tmem-blk"]', '"static"]')))

@@ -46,6 +46,9 @@ class Mode:
     density: bool = False
     # A virtio-balloon device in every guest, driven by the host's balancer.
     balloon: bool = False
+    # Cached disks (data_disk "nbd") of one image read through one shared pool
+    # (a pagecache scenario with shared_image).
+    shared_cache: bool = False
 
 
 MODES: dict[str, Mode] = {
@@ -108,6 +111,15 @@ MODES: dict[str, Mode] = {
             swap="none",
             tmemd=True,
             data_disk="nbd",
+        ),
+        Mode(
+            "tmem-cache-shared",
+            "as tmem-cache, for guests whose data disks are one image (shared_image): they read it "
+            "through one shared ephemeral pool, so one guest's reads are the next one's hits",
+            swap="none",
+            tmemd=True,
+            data_disk="nbd",
+            shared_cache=True,
         ),
         # The density scenario's policies: N guests, one host budget M for their RAM
         # and tmem (testbed.density.plan sizes them).

@@ -16,6 +16,11 @@ from typing import Any, Literal, NotRequired, TypedDict
 from tmem_host.replies import NbdExportStats, CachedDiskStats, RemoteGuestStats
 
 
+
+def guest_name(index: int) -> str:
+    """The testbed's name for a scenario's guest number ``index``."""
+    return f"g{index}"
+
 class GuestsRecord(TypedDict):
     """Scenario.guests (GuestsSpec) as JSON."""
 

@@ -22,7 +22,7 @@ from rich.table import Table
 from tmem_host.replies import RemoteGuestStats
 from tmem_host.testbed import density, hostmetrics, stats
 from tmem_host.testbed.modes import MODES
-from tmem_host.testbed.records import MigrationRecord, RunRecord, Sample, TmemdCounter
+from tmem_host.testbed.records import MigrationRecord, RunRecord, Sample, TmemdCounter, guest_name
 
 RUN_FILE = "run.json"
 
@@ -707,6 +707,7 @@ def finding_sentences(run: RunRecord) -> list[str]:
             for row in ranked[1:] if row.wall is not None) + ".")
     sentences += _kv_sentences(run, [row.mode for row in contenders])
     sentences += disk_gap_sentences(rows)
+    sentences += shared_pool_sentences(run)
     memory = {row[0]: row[1] for row in memory_rows(run)}
     if best.key in memory and len(memory) > 1:
         others = [f"{key} {value}" for key, value in memory.items() if key != best.key]
@@ -847,24 +848,46 @@ def application_table(run: RunRecord) -> Table | None:
                          application_columns(run), application_rows(run))
 
 
+def _pass_figures(run: RunRecord) -> dict[str, tuple[list[float | None], list[float | None]]]:
+    """Per mode (per mode and guest when several ran): each pass's mean time and
+    mean tmem hits, over the repetitions."""
+    guests = run["scenario"]["guests"]["count"]
+    keys: dict[str, list[dict[str, Any]]] = {}
+    for sample in run["samples"]:
+        if sample.get("ok") and (sample.get("workload") or {}).get("pass_s"):
+            keys.setdefault(_key(sample, guests), []).append(sample["workload"])
+    figures = {}
+    for key, workloads in keys.items():
+        passes = range(min(len(w["pass_s"]) for w in workloads))
+        figures[key] = ([_mean(w["pass_s"][i] for w in workloads) for i in passes],
+                        [_mean(w["pass_tmemd"][i]["hits"] if "pass_tmemd" in w else None for w in workloads)
+                         for i in passes])
+    return figures
+
+
 def pass_lines(run: RunRecord) -> list[str]:
     """Workloads that read in passes (pagecache): each pass's mean time per mode, and
     the tmem hits in it (the second pass is the one cleancache should serve)."""
     header = ["## Passes", "", "| mode | pass times s (mean) | tmem hits per pass (mean) |", "|---|---|---|"]
-    rows = []
-    for mode in run["scenario"]["modes"]:
-        workloads = [s["workload"] for s in run["samples"]
-                     if s["mode"] == mode and s.get("ok") and (s.get("workload") or {}).get("pass_s")]
-        if not workloads:
-            continue
-        passes = range(min(len(w["pass_s"]) for w in workloads))
-        times = " / ".join(_fmt(_mean(w["pass_s"][i] for w in workloads), ".1f") for i in passes)
-        hits = " / ".join(
-            _fmt(_mean(w["pass_tmemd"][i]["hits"] if "pass_tmemd" in w else None for w in workloads), ".0f")
-            for i in passes
-        )
-        rows.append(f"| {mode} | {times} | {hits} |")
+    rows = [f"| {key} | {' / '.join(_fmt(t, '.1f') for t in times)} | {' / '.join(_fmt(h, '.0f') for h in hits)} |"
+            for key, (times, hits) in _pass_figures(run).items()]
     return header + rows + [""] if rows else []
+
+
+def shared_pool_sentences(run: RunRecord) -> list[str]:
+    """A shared_image run: how much faster the last guest's first pass was with one
+    shared pool than with private ones (it reads what the guests before it read)."""
+    if not run["scenario"]["params"].get("shared_image"):
+        return []
+    figures = _pass_figures(run)
+    last = guest_name(run["scenario"]["guests"]["count"] - 1)
+    shared = figures.get(f"tmem-cache-shared/{last}", ([], []))[0]
+    private = figures.get(f"tmem-cache/{last}", ([], []))[0]
+    if not shared or not private or shared[0] is None or private[0] is None or shared[0] <= 0:
+        return []
+    return [f"{last}'s first pass took {shared[0]:.1f} s through the shared pool against {private[0]:.1f} s "
+            f"through a private one ({private[0] / shared[0]:.2f}x faster): it read what the guests before it "
+            "had brought in."]
 
 
 def render_markdown(run: RunRecord, plots: Sequence[str] = ()) -> str:

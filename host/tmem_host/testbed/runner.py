@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
@@ -34,6 +35,7 @@ from tmem_host.replies import StatsReply
 from tmem_host.testbed import commandload, density, hostmetrics, kvload, psi, report
 from tmem_host.testbed.modes import MODES, Mode
 from tmem_host.testbed.records import (
+    guest_name,
     CalibrationRecord, CpuBenchRecord, HostMetadata, MigrationRecord, RunMetadata, RunRecord, Sample, TmemdCounter, TmemdCounters,
 )
 from tmem_host.testbed.scenario import Scenario
@@ -111,10 +113,6 @@ def host_metadata() -> HostMetadata:
     }
 
 
-def guest_name(index: int) -> str:
-    return f"g{index}"
-
-
 def working_set_mib(scenario: Scenario) -> int:
     """usemem & co: ratio x guest RAM; pagecache: the file set, ratio x the reader's
     limit; build and command (no ratio): the guest's RAM."""
@@ -135,9 +133,10 @@ def guest_memory_mib(scenario: Scenario, mode: Mode) -> int:
     return scenario.guests.memory_mib
 
 
-def tmemd_guest_specs(scenario: Scenario, cached_disks: Mapping[str, Path] | None = None) -> list[str]:
+def tmemd_guest_specs(scenario: Scenario, cached_disks: Mapping[str, Path] | None = None,
+                      cached_disk_pool: uuid.UUID | None = None) -> list[str]:
     """``cached_disks``: each guest's data disk image, for a mode whose data disk is
-    tmemd's cached disk."""
+    tmemd's cached disk; ``cached_disk_pool``: the shared pool they read through."""
     specs = []
     for index in range(scenario.guests.count):
         spec = f"{guest_name(index)}:weight={scenario.guests.weight(index)}"
@@ -145,6 +144,8 @@ def tmemd_guest_specs(scenario: Scenario, cached_disks: Mapping[str, Path] | Non
             spec += f":cap={format_size(scenario.guests.cap(index))}"
         if cached_disks is not None:
             spec += f":cached-disk={cached_disks[guest_name(index)]}"
+            if cached_disk_pool is not None:
+                spec += f":cached-disk-pool={cached_disk_pool}"
         specs.append(spec)
     return specs
 
@@ -194,7 +195,9 @@ def tmemd_arguments(scenario: Scenario, mode: Mode, remote_seeds: str | None = N
             raise ValueError(f"mode {mode.name} needs the cluster's seed nodes")
         budget = remote_budget_bytes(scenario)
         extra += ["--remote", remote_seeds, "--remote-replicas", str(REMOTE_REPLICAS)]
-    return TmemdArguments(format_size(budget), tmemd_guest_specs(scenario, cached_disks), extra)
+    # One pool for the run's guests (their disks are one image: shared_image).
+    pool = uuid.uuid5(uuid.NAMESPACE_URL, f"tmem-testbed:{scenario.name}") if mode.shared_cache else None
+    return TmemdArguments(format_size(budget), tmemd_guest_specs(scenario, cached_disks, pool), extra)
 
 
 @contextlib.contextmanager
@@ -307,8 +310,10 @@ def workload_phases(scenario: Scenario, mode: Mode, index: int, repetition: int)
     # bigmem: no limit, the set stays in the guest page cache (the floor).
     limit = "max" if mode.enough_memory else f"{int(params['reader_mib'])}M"
     directory = CACHE_MOUNT if mode.agent is not None else FILE_SET
+    # One image for all: the first guest's set (its seed) is every guest's.
+    set_index = 0 if params["shared_image"] else index
     reader = (f"python3 -m tmem_workloads.pagecache read --dir {directory} "
-              f"{_file_set_arguments(scenario, index, repetition)} --passes 1 "
+              f"{_file_set_arguments(scenario, set_index, repetition)} --passes 1 "
               f"--order {params['order']} --reads {int(params['reads'])}")
     return [guestops.in_cgroup(reader, limit, "pagecache-reader")] * int(params["passes"])
 
@@ -323,8 +328,18 @@ def prepare_pagecache(
 ) -> int | None:
     """ext4 on the data disk, the file set written and dropped from the page cache
     (bigmem keeps it: the floor is a guest that holds the set in RAM); for agent
-    modes the agent's cleancache mount over it."""
+    modes the agent's cleancache mount over it. One image for all (shared_image):
+    the first guest makes it, then every guest mounts it read-only."""
     keep = " --keep-cache" if mode.enough_memory else ""
+    if scenario.params["shared_image"]:
+        # Guests are prepared in order: the first one's set is on the image by now.
+        guest.ssh(f"dev={guestops.disk_by_serial(DATA_DISK_SERIAL)} && mkdir -p {DATA_MOUNT} && "
+                  f"mount -o ro,noload $dev {DATA_MOUNT}" if index else
+                  f"dev={guestops.disk_by_serial(DATA_DISK_SERIAL)} && mkfs.ext4 -q -F $dev && "
+                  f"mkdir -p {DATA_MOUNT} && mount $dev {DATA_MOUNT} && python3 -m tmem_workloads.pagecache "
+                  f"prepare --dir {FILE_SET} {_file_set_arguments(scenario, 0, repetition)} && "
+                  f"mount -o remount,ro {DATA_MOUNT}", timeout=scenario.workload_timeout_s)
+        return None
     guest.ssh(
         f"dev={guestops.disk_by_serial(DATA_DISK_SERIAL)} && mkfs.ext4 -q -F $dev && mkdir -p {DATA_MOUNT} && "
         f"mount $dev {DATA_MOUNT} && python3 -m tmem_workloads.pagecache prepare --dir {FILE_SET} "
@@ -531,12 +546,16 @@ class Runner:
             run_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="tmemd-"))
             cached_disks = None
             if mode.data_disk == "nbd" and self.scenario.workload == "pagecache":
-                # The guests' data disks are tmemd's images (sparse, gone with its run dir).
+                # The guests' data disks are tmemd's images (sparse, gone with its run
+                # dir): one each, or one for all (shared_image).
                 cached_disks = {}
+                shared = bool(self.scenario.params["shared_image"])
                 for index in range(self.scenario.guests.count):
-                    image = cached_disks[guest_name(index)] = Path(run_dir) / f"{guest_name(index)}.data.img"
-                    with image.open("wb") as sparse:
-                        sparse.truncate(data_disk_mib(self.scenario) << 20)
+                    image = Path(run_dir) / ("data.img" if shared else f"{guest_name(index)}.data.img")
+                    cached_disks[guest_name(index)] = image
+                    if not image.exists():
+                        with image.open("wb") as sparse:
+                            sparse.truncate(data_disk_mib(self.scenario) << 20)
             arguments = tmemd_arguments(self.scenario, mode, cluster.seed_spec if cluster is not None else None,
                                         cached_disks)
             tmemd = TmemdProcess(Path(run_dir), budget=arguments.budget, guests=arguments.guests,
@@ -594,15 +613,17 @@ class Runner:
         timeout = self.scenario.workload_timeout_s
         with hostmetrics.MemoryTimeline(processes, image_dir=self.image_dir) as timeline, \
                 ThreadPoolExecutor(len(guests)) as pool:
-            # All guests start their workload together (contention), each on its own SSH channel.
-            futures = [
-                pool.submit(
-                    _run_phases, guest, workload_phases(self.scenario, mode, index, repetition), timeout,
-                    _tmemd_snapshot(tmemd, guest.config.name) if tmemd else None,
-                )
-                for index, guest in enumerate(guests)
-            ]
-            phase_runs = [future.result() for future in futures]
+            def run(index: int, guest: launcher.Guest) -> PhaseRuns:
+                return _run_phases(guest, workload_phases(self.scenario, mode, index, repetition), timeout,
+                                   _tmemd_snapshot(tmemd, guest.config.name) if tmemd else None)
+
+            if self.scenario.params.get("shared_image"):
+                # One after the other: each guest reads what the ones before it brought in.
+                phase_runs = [run(index, guest) for index, guest in enumerate(guests)]
+            else:
+                # All guests start their workload together (contention), each on its own SSH channel.
+                futures = [pool.submit(run, index, guest) for index, guest in enumerate(guests)]
+                phase_runs = [future.result() for future in futures]
         tmemd_stats: StatsReply | None = None
         if tmemd:
             with tmemd.control() as control:

@@ -79,7 +79,7 @@ SWAP_MODES = tuple(name for name, mode in MODES.items()
                    if not mode.density and (mode.swap != "none" or mode.enough_memory))
 DENSITY_MODES = tuple(name for name, mode in MODES.items() if mode.density)
 DENSITY_VARIANTS = ("staggered", "steady")
-PAGECACHE_MODES = ("bigmem", "disk-hdd", "disk-hostcache", "tmem-agent", "tmem-cache")
+PAGECACHE_MODES = ("bigmem", "disk-hdd", "disk-hostcache", "tmem-agent", "tmem-cache", "tmem-cache-shared")
 
 WORKLOADS: dict[str, WorkloadSpec] = {
     spec.kind: spec
@@ -139,7 +139,10 @@ WORKLOADS: dict[str, WorkloadSpec] = {
             "through the agent's FUSE mount, or tmemd's cached disk)",
             # reader_mib: the reader's memory cgroup limit (its page cache); the set is ratio x that.
             # order random: `reads` single pages per pass at random (0: as many as the set has).
-            {"ratio": 1.5, "passes": 2, "reader_mib": 96, "file_mib": 4, "order": "sequential", "reads": 0},
+            # shared_image: every guest's data disk is one image (tmemd's cached disks only),
+            # prepared by the first guest and read by one guest after the other.
+            {"ratio": 1.5, "passes": 2, "reader_mib": 96, "file_mib": 4, "order": "sequential", "reads": 0,
+             "shared_image": False},
             PAGECACHE_MODES,
         ),
     )
@@ -377,6 +380,8 @@ def parse_scenario(data: Mapping[str, Any], source: str) -> Scenario:
                     raise workload_table.fail(key, "must be a regular expression with one group (the number)")
             except re.error as error:
                 raise workload_table.fail(key, f"not a regular expression: {error}") from None
+        elif isinstance(default, bool):
+            params[key] = workload_table.boolean(key, default)
         elif isinstance(default, int):
             params[key] = workload_table.integer(key, default, minimum=1)
         else:
@@ -393,6 +398,15 @@ def parse_scenario(data: Mapping[str, Any], source: str) -> Scenario:
         if mode not in spec.modes:
             raise top.fail(f"modes[{position}]", f"mode {mode!r} does not apply to workload {kind!r}; "
                                                  f"its modes are {', '.join(spec.modes)}")
+        if params.get("shared_image") and MODES[mode].data_disk != "nbd":
+            raise top.fail(f"modes[{position}]", f"mode {mode!r} gives each guest a disk of its own; "
+                                                 "shared_image needs tmemd's cached disks (tmem-cache, "
+                                                 "tmem-cache-shared)")
+        if MODES[mode].shared_cache and not params.get("shared_image"):
+            raise top.fail(f"modes[{position}]", f"mode {mode!r} shares one image's pool: it needs "
+                                                 "workload.shared_image = true")
+    if params.get("shared_image") and count < 2:
+        raise ScenarioError(source, "guests.count", "shared_image needs at least 2 guests")
 
     timeouts = top.table_of("timeouts")
     boot_timeout = timeouts.number("boot_s", 240.0, above=0.0)
