@@ -157,18 +157,20 @@ def test_pagecache_scenario_end_to_end(tmp_path: Path) -> None:
     assert "| disk-hdd | " in report.split("## Passes")[1] and "| - / - |" in report
 
 
-TINY_RANDREAD = """
-name = "tiny-randread"
-modes = ["tmem-cache"]
+TINY_SHARED_IMAGE = """
+name = "tiny-shared-image"
+modes = ["tmem-cache", "tmem-cache-shared"]
 repetitions = 1
 [guests]
+count = 2
 memory_mib = 192
 [host]
 budget = "256M"
 [workload]
 kind = "pagecache"
+shared_image = true
 order = "random"
-reads = 6144
+reads = 3072
 ratio = 3
 reader_mib = 16
 file_mib = 2
@@ -179,23 +181,33 @@ workload_s = 300
 
 @pytest.mark.vm
 @pytest.mark.slow
-def test_random_reads_through_tmemds_cached_disk_end_to_end(tmp_path: Path) -> None:
-    _, results, run = run_passing_text(TINY_RANDREAD, tmp_path)
-    (sample,) = run["samples"]
-    workload = sample["workload"]
-    assert sample["ok"] and sample["verified"] and workload["verified"] and workload["bad_pages"] == 0
-    assert workload["order"] == "random" and workload["bytes"] == 2 * 6144 * 4096
-    disk = sample["tmemd"]["cached_disk"]
-    # The file set was written through the export (writes do not fill the cache),
-    # its pages read from the image on the first pass and put into the guest's
-    # ephemeral pool, and the second pass served mostly from it: the ~4,800
-    # distinct pages a pass touches do not fit the reader's 16 MiB cgroup.
-    assert disk["pages_written"] >= 48 * 256 and disk["direct_io"] and disk["fallback_errors"] == 0
-    first, second = workload["pass_tmemd"]
-    assert first["puts"] > 3_000 and second["hits"] > 2_000, (first, second)
-    assert second["hits"] > 2 * first["hits"]
-    assert disk["pages_read_cache"] == sample["tmemd"]["hits"]
-    assert "| tmem-cache | 1/1 |" in (results / "report.md").read_text()
+def test_random_reads_through_cached_disks_private_and_shared_end_to_end(tmp_path: Path) -> None:
+    # Two guests read one base image through tmemd's cached disks, one after the
+    # other: with private pools, then with one shared pool.
+    _, results, run = run_passing_text(TINY_SHARED_IMAGE, tmp_path)
+    samples = {(sample["mode"], sample["guest"]): sample for sample in run["samples"]}
+    assert len(samples) == 4
+    for sample in samples.values():
+        workload = sample["workload"]
+        assert sample["ok"] and sample["verified"] and workload["verified"] and workload["bad_pages"] == 0
+        assert workload["order"] == "random" and workload["bytes"] == 2 * 3072 * 4096
+        disk = sample["tmemd"]["cached_disk"]
+        assert disk["direct_io"] and disk["fallback_errors"] == 0 and disk["protocol_errors"] == 0
+    # The first guest wrote the set through its export (writes do not fill the
+    # cache); its first pass put the pages it read, its second one hit them: the
+    # ~2,700 distinct pages a pass reads do not fit its reader's 16 MiB cgroup.
+    first = samples[("tmem-cache", "g0")]
+    assert first["tmemd"]["cached_disk"]["pages_written"] >= 24 * 256
+    one, two = first["workload"]["pass_tmemd"]
+    assert one["puts"] > 1_500 and two["hits"] > 1_000 and two["hits"] > 2 * one["hits"], (one, two)
+    # The second guest: a private pool starts empty, the shared one holds what g0 read.
+    private = samples[("tmem-cache", "g1")]["workload"]["pass_tmemd"][0]
+    shared = samples[("tmem-cache-shared", "g1")]["workload"]["pass_tmemd"][0]
+    assert private["hits"] < 200 and shared["hits"] > 1_500, (private, shared)
+    assert samples[("tmem-cache-shared", "g1")]["tmemd"]["cached_disk"]["shared_pool"] is not None
+    assert samples[("tmem-cache", "g1")]["tmemd"]["cached_disk"]["shared_pool"] is None
+    report = (results / "report.md").read_text()
+    assert "| tmem-cache-shared/g1 | " in report and "g1's first pass took" in report
 
 
 CONTENTION = """
