@@ -167,3 +167,16 @@ def test_a_shared_image_run_says_how_much_the_shared_pool_saved_the_last_guest()
     (sentence,) = report.shared_pool_sentences(run)
     assert sentence.startswith("g1's first pass took 8.0 s through the shared pool against 42.0 s") and "5.25x" in sentence
     assert "| tmem-cache-shared/g1 | 8.0 | 5000 |" in report.pass_lines(run)
+
+
+def test_tmemd_cpu_per_page_divides_one_tmemd_over_all_its_guests_pages() -> None:
+    def sample(guest: str, repetition: int, puts: int, gets: int, cpu_s: float | None) -> dict[str, Any]:
+        return {"mode": "tmem-blk", "guest": guest, "repetition": repetition, "ok": True,
+                "tmemd": {"puts": puts, "gets": gets},
+                "host": {} if cpu_s is None else {"tmemd_cpu_s": cpu_s}}
+
+    samples = cast(list[Sample], [sample("g0", 0, 30_000, 10_000, 4.0), sample("g1", 0, 50_000, 10_000, 4.0),
+                                  sample("g0", 1, 1_000, 0, None), sample("g1", 1, 0, 0, 1.0)])
+    # Repetition 0: 4 s over 100,000 pages of both guests; repetition 1: g1 had no
+    # page (and g0's CPU time is unknown): nothing to divide.
+    assert report.tmemd_us_per_page(samples) == {("tmem-blk", 0): 40.0}

@@ -71,6 +71,8 @@ class ModeRow:
     tmem_stored_mib: float | None
     tmem_refusals: float | None
     remote: RemoteRow | None = None  # None: no remote tier (or a run from before it)
+    # tmemd's CPU time per page it handled (puts + gets), µs: what a page costs the host.
+    tmemd_us_per_page: float | None = None  # None: no remote tier (or a run from before it)
 
     @property
     def mark(self) -> str:
@@ -106,6 +108,23 @@ def _tmemd(sample: Sample, name: TmemdCounter) -> float | None:
 def _remote(sample: Sample) -> RemoteGuestStats | None:
     tmemd = sample.get("tmemd")
     return tmemd.get("remote") if tmemd else None
+
+
+def tmemd_us_per_page(samples: Sequence[Sample]) -> dict[tuple[str, int], float]:
+    """tmemd's CPU time over the pages it put and got, µs, per (mode, repetition):
+    what a page costs the host. The guests of one run share one tmemd, so its time
+    is divided by all their pages (runs without tmemd, or without a page, left out)."""
+    runs: dict[tuple[str, int, bool], tuple[float, float]] = {}
+    for sample in samples:
+        cpu_s = (sample.get("host") or {}).get("tmemd_cpu_s")
+        puts, gets = _tmemd(sample, "puts"), _tmemd(sample, "gets")
+        if cpu_s is None or puts is None or gets is None:
+            continue
+        key = (sample["mode"], sample["repetition"], bool(sample.get("migrated")))
+        pages = runs.get(key, (0.0, 0.0))[1] + puts + gets
+        runs[key] = (float(cpu_s), pages)
+    return {(mode, repetition): cpu_s * 1e6 / pages
+            for (mode, repetition, migrated), (cpu_s, pages) in runs.items() if pages > 0 and not migrated}
 
 
 def _compression_ratio(sample: Sample) -> float | None:
@@ -175,6 +194,7 @@ def summarize_run(run: RunRecord) -> list[ModeRow]:
     baseline_walls = _walls([s for s in run["samples"]
                              if s["mode"] == scenario["baseline"] and not s.get("migrated")])
     baseline_mean = stats.summarize(baseline_walls).mean if baseline_walls else None
+    per_page = tmemd_us_per_page(run["samples"])
     rows = []
     for mode in scenario["modes"]:
         for key, samples in groups.items():
@@ -207,6 +227,8 @@ def summarize_run(run: RunRecord) -> list[ModeRow]:
                     ),
                     tmem_refusals=_mean(_tmemd(s, "refusals") for s in samples),
                     remote=summarize_remote(samples),
+                    tmemd_us_per_page=_mean(per_page.get((s["mode"], s["repetition"])) for s in samples
+                                            if not s.get("migrated")),
                 )
             )
     return rows
@@ -223,7 +245,7 @@ def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
 
 COLUMNS = ("mode", "runs", "wall s (mean ± sd)", "vs baseline", "swap out", "swap in", "major faults",
            "tmem MiB", "refused",
-           "tmem hits", "compression")
+           "tmem hits", "compression", "tmemd µs/page")
 # Added when a mode had a remote tier: of the tmem hits, those the cluster served.
 REMOTE_COLUMNS = ("remote hits", "remote %")
 REMOTE_COLUMNS_NOTE = (" With a remote tier, tmem MiB is what tmemd held in memory and compression "
@@ -259,6 +281,7 @@ def row_cells(row: ModeRow, baseline: str, remote: bool = False, flagged: bool =
         _fmt(row.tmem_refusals, ".0f"),
         _fmt(None if row.tmem_hit_ratio is None else row.tmem_hit_ratio * 100, ".1f", "%"),
         _fmt(row.compression_ratio, ".2f", "x"),
+        _fmt(row.tmemd_us_per_page, ".0f"),
         *(_remote_hit_cells(row.remote) if remote else ()),
     ]
 
