@@ -67,6 +67,25 @@ def test_a_guest_that_was_hungry_is_not_squeezed_at_once() -> None:
     assert balancer.decide({"g0": stats(grown // MIB, 50, 100)}, 0, 1.0)["g0"] < grown
 
 
+def test_a_full_pool_gets_a_step_of_room_before_a_swapping_guest_grows() -> None:
+    # g0 swaps into the pool and the pool refuses pages (full): the pool is hungry
+    # too, and its step comes first; the guest grows from what is left.
+    def tick(balancer: BalloonPolicy, swapped: int, pool_mib: int, hungry: bool) -> dict[str, int]:
+        observed = {"g0": stats(balancer.targets["g0"] // MIB, balancer.targets["g0"] // MIB, swapped),
+                    "g1": stats(balancer.targets["g1"] // MIB, 256)}
+        return balancer.decide(observed, pool_bytes=pool_mib * MIB, interval_s=1.0, pool_hungry=hungry)
+
+    fed, starved = (BalloonPolicy(LIMITS, {"g0": 256 * MIB, "g1": 256 * MIB}) for _ in range(2))
+    for balancer, hungry in ((fed, True), (starved, False)):
+        tick(balancer, 0, 384, hungry)
+        tick(balancer, 64, 384, hungry)
+    # 1024 budget - 384 in the pool - 2 x 256 = 128 free: a full pool keeps it (its
+    # budget, what the guests do not hold, grows by that step); otherwise the
+    # swapping guest takes it and the pool stays full.
+    assert fed.targets == {"g0": 256 * MIB, "g1": 256 * MIB}
+    assert starved.targets == {"g0": 384 * MIB, "g1": 256 * MIB}
+
+
 def test_a_growing_pool_is_paid_for_by_the_largest_guests() -> None:
     balancer = BalloonPolicy(LIMITS, {"g0": 512 * MIB, "g1": 256 * MIB, "g2": 128 * MIB})
     # Each uses its target less the reserve: nothing to take back.

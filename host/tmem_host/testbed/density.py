@@ -134,6 +134,7 @@ class DensityMonitor(SamplerThread):
     pressure: Mapping[str, PressureStream] = field(default_factory=dict)
     rows: list[list[float]] = field(default_factory=list)
     moves: int = 0  # balloon targets changed
+    _refusals: int = 0  # tmemd's refused puts at the last tick
     thread_name = "density-monitor"
 
     def __post_init__(self) -> None:
@@ -145,16 +146,20 @@ class DensityMonitor(SamplerThread):
     def _tick(self, control: ControlClient | None, started: float, last: float) -> float:
         now = time.monotonic()
         used = budget = 0
+        pool_hungry = False
         if control is not None:
             store = control.stats()["store"]
             used, budget = store["used_bytes"], store["budget_bytes"]
+            # tmemd refused pages since the last tick: it is full, and hungry too.
+            pool_hungry = store["refusals"] > self._refusals
+            self._refusals = store["refusals"]
         names = [guest.config.name for guest in self.guests]
         if self.mode.balloon:
             observed = {guest.config.name: self._observe(guest) for guest in self.guests}
             actual = [observed[name].actual for name in names]
             before = dict(self.policy.targets)
             # tmemd's used bytes are spoken for: the guests grow into the rest.
-            targets = self.policy.decide(observed, used, now - last)
+            targets = self.policy.decide(observed, used, now - last, pool_hungry)
             if control is not None:
                 budget = self._tmemd_budget(targets, observed, used)
                 control.set_budget(budget)

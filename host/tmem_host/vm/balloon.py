@@ -127,10 +127,18 @@ class BalloonPolicy:
             return False
         return (stats.stall_us - before.stall_us) / (interval_s * 1e6) >= self.limits.hungry_stall_share
 
-    def decide(self, observed: Mapping[str, BalloonStats], pool_bytes: int, interval_s: float) -> dict[str, int]:
+    def decide(self, observed: Mapping[str, BalloonStats], pool_bytes: int, interval_s: float,
+               pool_hungry: bool = False) -> dict[str, int]:
         """New targets; ``pool_bytes``: what a shared pool counted in the budget holds
-        now, which the guests' targets must leave room for (0: none)."""
+        now, which the guests' targets must leave room for (0: none).
+        ``pool_hungry``: the pool refused pages since the last tick (it is full):
+        it is hungry like a swapping guest and gets a step of room first, before
+        any guest grows. Pages it takes are the swapping guests' (compressed, and
+        at once, while a balloon deflates in seconds); without this, guests grew
+        into all free memory and a full pool sent their swap to the disk."""
         limits = self.limits
+        if pool_hungry:
+            pool_bytes += limits.step
         hungry = []
         for name, stats in observed.items():
             if self.hungry(name, stats, interval_s):
