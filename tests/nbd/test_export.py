@@ -188,8 +188,14 @@ def test_unaligned_and_out_of_range_requests_get_errors_not_damage(tmemd: TmemdP
         assert client.write(64 * MIB, bytes(4096)) == nbd.Error.ENOSPC
         assert client.call(ClientRequest(nbd.Command.CACHE, 0, 4096)).error == nbd.Error.EINVAL
         assert client.read(0, 4096) == (nbd.Error.OK, b"\x44" * 4096)
+        # A TRIM is advisory: an unaligned one (mkfs.ext4 trims the first 1 KiB)
+        # discards the whole pages inside it and leaves the rest as it was.
+        assert client.call(ClientRequest(nbd.Command.TRIM, 0, 1024)).error == nbd.Error.OK
+        assert client.call(ClientRequest(nbd.Command.TRIM, 2048, 4096)).error == nbd.Error.OK
+        # An unaligned WRITE_ZEROES must zero exactly what it names: refused.
+        assert client.call(ClientRequest(nbd.Command.WRITE_ZEROES, 0, 1024)).error == nbd.Error.EINVAL
     qemu_io(tmemd, "g1", "read -P 0x44 0 8k")
-    assert export_stats(tmemd, "g1")["invalid_requests"] == 4
+    assert export_stats(tmemd, "g1")["invalid_requests"] == 5
 
 
 def test_garbage_and_half_requests_do_not_disturb_another_guest(tmemd: TmemdProcess) -> None:

@@ -209,3 +209,23 @@ def test_a_shared_pool_never_serves_another_image(start_tmemd: StartTmemd, tmp_p
     with pytest.raises(TmemdFailed, match=f"cached-disk-pool {POOL} reads .*one.img"):
         start_tmemd(guests=(f"d1:cached-disk={one}:cached-disk-pool={POOL}",
                             f"d2:cached-disk={other}:cached-disk-pool={POOL}"))
+
+
+def test_a_write_through_one_guests_disk_flushes_every_cache_of_that_image(
+        start_tmemd: StartTmemd, tmp_path: Path) -> None:
+    # Two guests' cached disks are one image, each with a private pool: d2 caches
+    # the image (a guest's udev probes it at boot), then d1 writes it. d2 must
+    # read the new content, not what its pool held.
+    image = make_image(tmp_path / "base.img", tag=12)
+    daemon = start_tmemd(guests=(f"d1:cached-disk={image}", f"d2:cached-disk={image}"), budget="64M")
+    with NbdClient(daemon.disk_socket("d2"), "d2") as reader:
+        assert read_all(reader) == image.read_bytes()
+        with NbdClient(daemon.disk_socket("d1"), "d1") as writer:
+            new = b"".join(page(13, number) for number in range(16))
+            assert writer.write(0, new) == 0
+            zeroed = writer.call(ClientRequest(nbd.Command.WRITE_ZEROES, 64 * PAGE, 8 * PAGE))
+            assert zeroed.error == 0
+        # The writer's changes left the reader's pool; the rest of it stays.
+        assert disk_stats(daemon, "d2")["pages_cached_now"] == DISK_PAGES - 16 - 8
+        assert read_all(reader) == image.read_bytes()
+        assert reader.read(0, 16 * PAGE) == (0, new)

@@ -32,7 +32,7 @@ from tmem_host.daemon.session import AbiSession
 from tmem_host.daemon.vsock import guest_for_peer, open_vsock_listener
 from tmem_host.journal.journaled import JournaledStore
 from tmem_host.nbd.export import ExportStart, NbdConnection, NbdExport
-from tmem_host.nbd.readcache import CachedDiskExport
+from tmem_host.nbd.readcache import CachedDiskExport, CachedImages
 from tmem_host.statefiles import open_state_file, prepare_private_dir
 from tmem_host.remote.tier import RemoteError, RemoteSettings, RemoteTier
 from tmem_host.store import Client, Store
@@ -58,6 +58,8 @@ class Daemon:
         else:
             self._socket_mode, self._socket_gid = 0o660, group_id(config.socket_group)
         self.guests: dict[str, GuestRuntime] = {}
+        # The cached disks open per image: a write through one flushes them all.
+        self.cached_images = CachedImages()
         # The remote tier (--remote), connected when run() starts.
         self.tier: RemoteTier | None = None
         self.limiter = self._connection_limits()
@@ -287,8 +289,7 @@ class Daemon:
             export = other.disk_export
             if export is None or other.config.cached_disk_pool != guest.cached_disk_pool:
                 continue
-            theirs = os.fstat(export.fileno())
-            if (theirs.st_dev, theirs.st_ino) != (image.st_dev, image.st_ino):
+            if export.image_inode != (image.st_dev, image.st_ino):
                 raise ConfigError(f"guest {guest.name!r}: cached-disk-pool {guest.cached_disk_pool} reads "
                                   f"{export.backing_path} (guest {other.name!r}), not {guest.cached_disk}")
 
@@ -298,7 +299,7 @@ class Daemon:
         try:
             return CachedDiskExport(self.store, client, name=guest.name, backing_path=guest.cached_disk,
                                     backing_iops=self.config.fallback_iops,
-                                    shared_pool=guest.cached_disk_pool)
+                                    shared_pool=guest.cached_disk_pool, images=self.cached_images)
         except (OSError, ValueError) as error:
             raise ConfigError(f"guest {guest.name!r}: cannot serve cached disk {guest.cached_disk}: "
                                f"{error}") from None

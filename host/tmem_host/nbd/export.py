@@ -214,37 +214,46 @@ class DiskExport:
         keys = self._fetch_keys(request.offset >> PAGE_SHIFT, request.length >> PAGE_SHIFT)
         return self.store.fetch(self.client, pool_id, keys) if keys else None
 
+    def _invalid(self, request: nbd.Request, why: str,
+                 error: int = nbd.Error.EINVAL) -> tuple[int, bytes | bytearray]:
+        self.counters["invalid_requests"] += 1
+        log.debug("invalid NBD request", extra={"guest": self.name, "why": why, "command": request.command,
+                                                "flags": request.flags, "offset": request.offset,
+                                                "length": request.length})
+        return error, b""
+
     def serve(self, request: nbd.Request) -> tuple[int, bytes | bytearray]:
         """Serve one request: (NBD error, READ payload)."""
         self.counters["requests"] += 1
         try:
             command = nbd.Command(request.command)
         except ValueError:
-            self.counters["invalid_requests"] += 1
-            return nbd.Error.EINVAL, b""
+            return self._invalid(request, "unknown command")
         allowed = ALLOWED_COMMAND_FLAGS.get(command, 0)
         if request.flags & ~allowed:
-            self.counters["invalid_requests"] += 1
-            return nbd.Error.EINVAL, b""
+            return self._invalid(request, "flags")
         if command not in (nbd.Command.READ, nbd.Command.WRITE, nbd.Command.TRIM,
                            nbd.Command.WRITE_ZEROES, nbd.Command.FLUSH):
-            self.counters["invalid_requests"] += 1
-            return nbd.Error.EINVAL, b""
+            return self._invalid(request, "command not served")
         if command is not nbd.Command.FLUSH:
             if request.offset + request.length > self.size_bytes:
-                self.counters["invalid_requests"] += 1
-                return (nbd.Error.ENOSPC if command is not nbd.Command.READ else nbd.Error.EINVAL), b""
+                return self._invalid(request, "past the end", nbd.Error.ENOSPC if command is not nbd.Command.READ
+                                     else nbd.Error.EINVAL)
             # The advertised minimum block is a page: clients that asked honour it,
             # and a page is never half-written behind a client's back. The maximum
             # bounds payloads only: a TRIM or WRITE_ZEROES may span the whole export
             # (swapon --discard trims the whole swap area in one request).
             carries_payload = command in (nbd.Command.READ, nbd.Command.WRITE)
-            if (request.offset | request.length) & (PAGE_SIZE - 1) or (
+            if ((request.offset | request.length) & (PAGE_SIZE - 1) and command is not nbd.Command.TRIM) or (
                     carries_payload and request.length > MAX_PAYLOAD):
-                self.counters["invalid_requests"] += 1
-                return nbd.Error.EINVAL, b""
+                return self._invalid(request, "alignment or size")
         first_slot = request.offset >> PAGE_SHIFT
         pages = request.length >> PAGE_SHIFT
+        if command is nbd.Command.TRIM and (request.offset | request.length) & (PAGE_SIZE - 1):
+            # Advisory: the whole pages inside are discarded, the rest keeps its data
+            # (mkfs.ext4 trims the first 1 KiB to see whether discards zero).
+            first_slot = -(-request.offset // PAGE_SIZE)
+            pages = max(0, (request.offset + request.length) // PAGE_SIZE - first_slot)
         try:
             if command is nbd.Command.FLUSH:
                 self.counters["flushes"] += 1

@@ -78,24 +78,32 @@ class CachedDiskExport(DiskExport):
     """A guest's data disk: a backing image read through its ephemeral pool."""
 
     def __init__(self, store: Store, client: Client, *, name: str, backing_path: str | os.PathLike[str],
-                 backing_iops: int = 0, shared_pool: UUID | None = None) -> None:
+                 backing_iops: int = 0, shared_pool: UUID | None = None,
+                 images: CachedImages | None = None) -> None:
         """``backing_path``: the disk image (a regular file, a whole number of
         pages); ``backing_iops``: it answers as a disk of that many operations
         per second would (0: as fast as the host's disk). ``shared_pool``: read
         through the shared ephemeral pool of this UUID (the client must be
         authorised for it), with the other exports of the same image that join
         it: a page one guest read is a hit for the next. The caller makes sure
-        that every member serves the same image (tmemd checks the inode)."""
+        that every member serves the same image (tmemd checks the inode).
+        ``images``: tmemd's registry of the cached disks open per image: a change
+        through this export flushes the pages from every cache of the same image
+        (without one, only from its own)."""
         self.backing_path = Path(backing_path)
         fd, self.direct = open_backing(self.backing_path)
         try:
-            size = os.fstat(fd).st_size
+            info = os.fstat(fd)
+            size = info.st_size
             super().__init__(store, client, name=name, size_bytes=size,
                              description="tmem cached disk", backing_iops=backing_iops)
         except BaseException:
             os.close(fd)
             raise
         self._fd = fd
+        #: The image's identity (st_dev, st_ino): what cached disks of one image share.
+        self.image_inode = (info.st_dev, info.st_ino)
+        self._images = images if images is not None else CachedImages()
         # O_DIRECT wants aligned memory: one page-aligned buffer, reused (one
         # request is served at a time).
         self._buffer = mmap.mmap(-1, MAX_PAYLOAD)
@@ -114,20 +122,18 @@ class CachedDiskExport(DiskExport):
                         extra={"guest": name, "uuid": str(shared_pool)})
         if status == Status.OK:
             self._pool_id = pool_id
+            self._images.join(self)
         else:  # served uncached
             self.counters["pool_create_failures"] += 1
             log.warning("no read cache pool: the disk is served uncached",
                         extra={"guest": name, "status": str(status)})
-
-    def fileno(self) -> int:
-        """The open image (tmemd compares the inodes of a shared pool's images)."""
-        return self._fd
 
     def close(self, *, discard: bool = False) -> None:
         """Stop serving and drop the cache (the image is the guest's: it stays)."""
         if self._closed:
             return
         self._abort_connections()
+        self._images.leave(self)
         if self._pool_id is not None:
             self.store.destroy_pool(self.client, self._pool_id)
             self._pool_id = None
@@ -231,7 +237,15 @@ class CachedDiskExport(DiskExport):
         return nbd.Error.OK, out
 
     def _invalidate(self, first_slot: int, pages: int) -> None:
-        if self._pool_id is None or not pages:
+        """Flush the pages from every cache of this image (another guest's cached
+        disk of the same image would otherwise serve what was there before)."""
+        if not pages:
+            return
+        for export in self._images.of(self):
+            export._flush_own(first_slot, pages)
+
+    def _flush_own(self, first_slot: int, pages: int) -> None:
+        if self._pool_id is None:
             return
         statuses = self.store.flush_many(self.client, self._pool_id,
                                          frontswap_keys(AREA, range(first_slot, first_slot + pages)))
@@ -249,8 +263,32 @@ class CachedDiskExport(DiskExport):
         self._invalidate(first_slot, pages)
         # Both read as zeros after (a hole either way): a TRIM need not promise
         # it, but no read after one finds the old data, in the cache or the image.
-        self._eraser.erase(self._fd, first_slot << PAGE_SHIFT, pages << PAGE_SHIFT)
+        if pages:
+            self._eraser.erase(self._fd, first_slot << PAGE_SHIFT, pages << PAGE_SHIFT)
 
     def _flush(self) -> None:
         os.fdatasync(self._fd)
 
+
+class CachedImages:
+    """The cached disks open per image, by inode: a write through one of them
+    flushes the image's pages from all their pools (a shared pool is flushed once
+    per member: the later flushes find nothing)."""
+
+    def __init__(self) -> None:
+        self._by_inode: dict[tuple[int, int], list[CachedDiskExport]] = {}
+
+    def join(self, export: CachedDiskExport) -> None:
+        self._by_inode.setdefault(export.image_inode, []).append(export)
+
+    def leave(self, export: CachedDiskExport) -> None:
+        key = export.image_inode
+        exports = self._by_inode.get(key, [])
+        if export in exports:
+            exports.remove(export)
+        if not exports:
+            self._by_inode.pop(key, None)
+
+    def of(self, export: CachedDiskExport) -> list[CachedDiskExport]:
+        """Every cached disk of ``export``'s image (itself included, if it caches)."""
+        return list(self._by_inode.get(export.image_inode, ()))
