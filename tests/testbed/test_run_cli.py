@@ -200,10 +200,12 @@ def test_random_reads_through_cached_disks_private_and_shared_end_to_end(tmp_pat
     assert first["tmemd"]["cached_disk"]["pages_written"] >= 24 * 256
     one, two = first["workload"]["pass_tmemd"]
     assert one["puts"] > 1_500 and two["hits"] > 1_000 and two["hits"] > 2 * one["hits"], (one, two)
-    # The second guest: a private pool starts empty, the shared one holds what g0 read.
+    # The second guest: a private pool starts empty (its hits are pages read twice
+    # in the pass), the shared one holds what g0 read: nearly every get hits.
     private = samples[("tmem-cache", "g1")]["workload"]["pass_tmemd"][0]
     shared = samples[("tmem-cache-shared", "g1")]["workload"]["pass_tmemd"][0]
-    assert private["hits"] < 200 and shared["hits"] > 1_500, (private, shared)
+    assert private["hits"] < 0.3 * private["gets"] and shared["hits"] > 0.9 * shared["gets"] > 1_500, \
+        (private, shared)
     assert samples[("tmem-cache-shared", "g1")]["tmemd"]["cached_disk"]["shared_pool"] is not None
     assert samples[("tmem-cache", "g1")]["tmemd"]["cached_disk"]["shared_pool"] is None
     report = (results / "report.md").read_text()
