@@ -264,13 +264,18 @@ def test_garbage_raises_only_protocol_errors(garbage: bytes, cut: int, transmiss
         pass
 
 
-def test_iops_throttle_spaces_operations_by_its_interval() -> None:
+def test_iops_throttle_is_qemus_leaky_bucket() -> None:
     from tmem_host.nbd.export import IopsThrottle
 
-    throttle = IopsThrottle(200)  # 5 ms an operation
-    assert throttle.charge(1, now=10.0) == pytest.approx(0.005)
-    assert throttle.charge(2, now=10.0) == pytest.approx(0.015)  # queued behind the first
+    throttle = IopsThrottle(200)  # a burst of 20 operations, then 200 a second
+    assert throttle.charge(1, now=10.0) == 0.0  # an idle disk: no wait
+    assert throttle.charge(24, now=10.0) == 0.0  # the bucket held 1: room for the burst
+    assert throttle.charge(1, now=10.0) == pytest.approx((25 - 20) / 200)  # past the burst
     assert throttle.charge(0, now=10.0) == 0.0
-    assert throttle.charge(1, now=20.0) == pytest.approx(0.005)  # idle meanwhile: no debt
+    # 10 ms later the bucket leaked 2: 24 in it, 4 past the burst.
+    assert throttle.charge(1, now=10.01) == pytest.approx(4 / 200)
+    assert throttle.charge(1, now=20.0) == 0.0  # idle meanwhile: no debt
+    # A client slower than 200 a second (one every 6 ms) never waits.
+    assert all(throttle.charge(1, now=30.0 + 0.006 * n) == 0.0 for n in range(1000))
     with pytest.raises(ValueError):
         IopsThrottle(0)

@@ -126,22 +126,33 @@ class SlotEraser:
 
 
 class IopsThrottle:
-    """A disk's operations per second, as QEMU's throttling.iops-total imposes them
-    on the testbed's hdd disk: each operation takes 1/iops of the disk's time, one
-    after the other (sans-IO: the caller gives the clock and waits the delay)."""
+    """A disk's operations per second as QEMU's throttling.iops-total imposes them
+    on the testbed's hdd disk, so that tmemd's fallback and cached-disk images cost
+    what the hdd costs the disk modes: QEMU's leaky bucket (util/throttle.c). Each
+    operation adds one to the bucket, which leaks ``iops`` a second; an operation
+    waits while the bucket holds more than a burst of ``iops`` / 10 (QEMU's default
+    when no -max is set), so a client slower than ``iops`` is never delayed and a
+    faster one gets ``iops`` on average. (sans-IO: the caller gives the clock and
+    waits the delay.)"""
 
     def __init__(self, iops: int) -> None:
         if iops <= 0:
             raise ValueError("iops must be > 0")
-        self.interval_s = 1.0 / iops
-        self._free_at = 0.0
+        self.iops = float(iops)
+        self.burst = self.iops / 10
+        self._level = 0.0
+        self._leaked_at: float | None = None
 
     def charge(self, operations: int, now: float) -> float:
-        """Seconds until ``operations`` more, issued at ``now``, are done."""
+        """Seconds ``operations`` more, issued at ``now``, wait before they are done."""
+        if self._leaked_at is not None:
+            self._level = max(0.0, self._level - (now - self._leaked_at) * self.iops)
+        self._leaked_at = now
         if operations <= 0:
             return 0.0
-        self._free_at = max(now, self._free_at) + operations * self.interval_s
-        return self._free_at - now
+        wait = max(0.0, self._level - self.burst) / self.iops
+        self._level += operations
+        return wait
 
 
 class DiskExport:
