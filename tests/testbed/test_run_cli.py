@@ -244,8 +244,12 @@ def test_two_guests_under_one_budget_report_where_the_memory_went(tmp_path: Path
     # its refused pages went to the export's fallback file, the other was not refused.
     assert free["puts"] > 10_000 and capped["puts"] > 10_000
     assert free["refusals"] == 0 and capped["refusals"] > 1_000
-    assert capped["stored_bytes"] <= 48 << 20 < free["stored_bytes"]
+    # The capped guest never held more than its cap; the other put more than that.
+    # (At the end tmemd holds little of either: the guests discarded the swap
+    # clusters their workloads freed.)
+    assert capped["stored_bytes"] <= 48 << 20 < free["puts"] * 4096
     assert capped["nbd"]["pages_refused_fallback"] == capped["refusals"]
+    assert free["nbd"]["trims"] > 1 and free["nbd"]["pages_discarded"] > 0
     report = (results / "report.md").read_text()
     assert "| tmem-blk/g0 | 1/1 |" in report and "| tmem-blk/g1 | 1/1 |" in report
 
