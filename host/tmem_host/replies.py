@@ -180,14 +180,13 @@ class ConnectionStats(TypedDict):
     discarded_bytes: int
 
 
-class NbdExportStats(TypedDict):
-    """A guest's NBD export (NbdExport.stats(); its counters: nbd.export.COUNTER_NAMES)."""
+class DiskExportStats(TypedDict):
+    """What every NBD export of tmemd counts (nbd.export.DiskExport)."""
 
     name: str
     size_bytes: int
-    pool_id: int | None  # None until the first WRITE creates its pool
+    pool_id: int | None  # None: no pool (yet, or the store refused it)
     connections: int
-    slots_in_tmem: int
     requests: int
     reads: int
     writes: int
@@ -195,21 +194,27 @@ class NbdExportStats(TypedDict):
     zeroes: int
     flushes: int
     invalid_requests: int
+    fallback_errors: int  # the disk behind the export failed
+    pool_create_failures: int
+    connections_total: int
+    protocol_errors: int
+    reply_backlogs: int
+    store_waits: int  # passes that waited for the remote tier
+    fallback_throttled_us: int  # replies' wait for the disk's throttle (--fallback-iops)
+    request_pages_histogram: dict[str, int]  # "1", "2", "4", ... "256+" pages per request
+
+
+class NbdExportStats(DiskExportStats):
+    """A guest's NBD swap export (NbdExport.stats(); its counters: nbd.export.COUNTER_NAMES)."""
+
+    slots_in_tmem: int
     pages_put_tmem: int
     pages_refused_fallback: int
     pages_read_tmem: int
     pages_read_fallback: int
     pages_discarded: int
     read_errors: int
-    fallback_errors: int
-    pool_create_failures: int
-    connections_total: int
-    protocol_errors: int
     pages_drained: int
-    reply_backlogs: int
-    store_waits: int  # passes that waited for the remote tier
-    fallback_throttled_us: int  # replies' wait for the fallback disk's throttle (--fallback-iops)
-    request_pages_histogram: dict[str, int]  # "1", "2", "4", ... "256+" pages per request
 
 
 class JournalStats(TypedDict):
@@ -326,39 +331,20 @@ class RemoteStats(TypedDict):
     guests: dict[str, RemoteGuestStats]
 
 
-class CachedDiskStats(TypedDict):
+class CachedDiskStats(DiskExportStats):
     """A guest's cached disk (CachedDiskExport.stats(); its counters:
     nbd.readcache.CACHED_DISK_COUNTERS)."""
 
-    name: str
     backing: str  # the disk image's path
-    size_bytes: int
     direct_io: bool  # the image is read with O_DIRECT (no copy in the host page cache)
     shared_pool: str | None  # the UUID of the shared pool it reads through (None: private)
-    pool_id: int | None  # None: the store refused the pool, the disk is served uncached
-    connections: int
     pages_cached_now: int
-    requests: int
-    reads: int
-    writes: int
-    trims: int
-    zeroes: int
-    flushes: int
-    invalid_requests: int
     pages_read_cache: int
     pages_read_backing: int
     pages_cached: int
     pages_not_cached: int
     pages_written: int
     pages_invalidated: int
-    fallback_errors: int
-    pool_create_failures: int
-    connections_total: int
-    protocol_errors: int
-    reply_backlogs: int
-    store_waits: int
-    fallback_throttled_us: int
-    request_pages_histogram: dict[str, int]
 
 
 class StatsReply(TypedDict):

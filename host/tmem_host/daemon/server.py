@@ -283,8 +283,7 @@ class Daemon:
         try:
             image = os.stat(guest.cached_disk)
         except OSError as error:
-            raise ConfigError(f"guest {guest.name!r}: cannot serve cached disk {guest.cached_disk}: "
-                              f"{error}") from None
+            raise _cannot_serve(guest, error) from None
         for other in self.guests.values():
             export = other.disk_export
             if export is None or other.config.cached_disk_pool != guest.cached_disk_pool:
@@ -301,8 +300,7 @@ class Daemon:
                                     backing_iops=self.config.fallback_iops,
                                     shared_pool=guest.cached_disk_pool, images=self.cached_images)
         except (OSError, ValueError) as error:
-            raise ConfigError(f"guest {guest.name!r}: cannot serve cached disk {guest.cached_disk}: "
-                               f"{error}") from None
+            raise _cannot_serve(guest, error) from None
 
     async def remove_guest(self, name: str, *, discard: bool = False) -> None:
         """Stop serving the guest. Its pages stay on disk (journal, fallback file)
@@ -359,6 +357,10 @@ class Daemon:
     def stop(self) -> None:
         """Stop now: what SIGTERM does (every guest's state is kept)."""
         self._stopping.set()
+
+
+def _cannot_serve(guest: GuestConfig, error: Exception) -> ConfigError:
+    return ConfigError(f"guest {guest.name!r}: cannot serve cached disk {guest.cached_disk}: {error}")
 
 
 def group_id(group: str) -> int:
