@@ -1,8 +1,10 @@
-"""Fixtures shared by every test folder: a real tmemd in a temporary run dir."""
+"""Fixtures shared by every test folder: a real tmemd in a temporary run dir, and
+small file systems of their own (to fill)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import subprocess
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -37,3 +39,24 @@ def start_tmemd(tmp_path: Path) -> Iterator[StartTmemd]:
 def tmemd(start_tmemd: StartTmemd) -> TmemdProcess:
     """tmemd with guests g1 and g2 and a 64 MiB budget."""
     return start_tmemd()
+
+
+@pytest.fixture
+def mount_tmpfs(tmp_path: Path) -> Iterator[Callable[[str, str], Path]]:
+    """``mount_tmpfs(name, size)``: a tmpfs of that size under tmp_path (a file system
+    a test can fill); unmounted at teardown. Skips where mounting is not allowed."""
+    mounted: list[Path] = []
+
+    def mount(name: str, size: str) -> Path:
+        mount_point = tmp_path / name
+        mount_point.mkdir(mode=0o700)
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs",
+                                 str(mount_point)], capture_output=True, text=True)
+        if result.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
+        mounted.append(mount_point)
+        return mount_point
+
+    yield mount
+    for mount_point in mounted:
+        subprocess.run(["umount", "-l", str(mount_point)], check=True)

@@ -122,6 +122,7 @@ class GuestSettings(TypedDict):
     remote_ephemeral: bool  # its evicted ephemeral pages go to the remote tier
     cached_disk: str | None  # the image tmemd serves as its cached disk
     cached_disk_pool: str | None  # the UUID of the shared pool its cached disk reads through
+    cached_disk_write_allocate: bool  # its cached disk caches what the guest writes too
 
 
 class PoolRecord(TypedDict):
@@ -338,12 +339,14 @@ class CachedDiskStats(DiskExportStats):
     backing: str  # the disk image's path
     direct_io: bool  # the image is read with O_DIRECT (no copy in the host page cache)
     shared_pool: str | None  # the UUID of the shared pool it reads through (None: private)
+    write_allocate: bool  # a WRITE puts its pages into the cache too
     pages_cached_now: int
     pages_read_cache: int
     pages_read_backing: int
     pages_cached: int
     pages_not_cached: int
     pages_written: int
+    pages_written_cached: int
     pages_invalidated: int
 
 

@@ -12,7 +12,7 @@ import stat
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -150,18 +150,9 @@ def page(number: int) -> bytes:
 
 
 @pytest.fixture
-def small_state_dir(tmp_path: Path) -> Iterator[Path]:
+def small_state_dir(mount_tmpfs: Callable[[str, str], Path]) -> Path:
     """A 56 MiB file system of its own (tmpfs)."""
-    mount_point = tmp_path / "state"
-    mount_point.mkdir(mode=0o700)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=56M,mode=0700", "tmpfs",
-                              str(mount_point)], capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    try:
-        yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=True)
+    return mount_tmpfs("state", "56M")
 
 
 def fill_the_disk(directory: Path) -> int:

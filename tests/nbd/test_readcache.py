@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -229,3 +230,54 @@ def test_a_write_through_one_guests_disk_flushes_every_cache_of_that_image(
         assert disk_stats(daemon, "d2")["pages_cached_now"] == DISK_PAGES - 16 - 8
         assert read_all(reader) == image.read_bytes()
         assert reader.read(0, 16 * PAGE) == (0, new)
+
+
+def test_write_allocate_caches_what_was_written(start_tmemd: StartTmemd, tmp_path: Path) -> None:
+    # The testbed's case: the guest writes its data set, then reads it. With
+    # write-allocate the first read is a hit, as it is for the host page cache.
+    image = tmp_path / "data.img"
+    image.write_bytes(bytes(DISK_PAGES * PAGE))
+    expected = bytearray(b"".join(page(14, number) for number in range(DISK_PAGES)))
+    daemon = start_tmemd(guests=(f"d1:cached-disk={image}:cached-disk-write-allocate",
+                                 f"d2:cached-disk={image}"), budget="64M")
+    with NbdClient(daemon.disk_socket("d2"), "d2") as other:
+        assert read_all(other, 64) == bytes(64 * PAGE)  # d2 caches the zeros of the first pages
+        with NbdClient(daemon.disk_socket("d1"), "d1") as client:
+            for first in range(0, DISK_PAGES, 64):
+                assert client.write(first * PAGE, bytes(expected[first * PAGE : (first + 64) * PAGE])) == 0
+            stats = disk_stats(daemon)
+            assert stats["write_allocate"] and stats["pages_written_cached"] == DISK_PAGES
+            assert read_all(client) == expected
+            stats = disk_stats(daemon)
+            assert stats["pages_read_cache"] == DISK_PAGES and stats["pages_read_backing"] == 0
+            # An overwrite replaces the cached pages (one page of a run, and a run).
+            for offset, length, tag in ((5, 1, 15), (100, 8, 16)):
+                new = b"".join(page(tag, number) for number in range(length))
+                assert client.write(offset * PAGE, new) == 0
+                expected[offset * PAGE : (offset + length) * PAGE] = new
+            assert read_all(client) == expected
+            assert disk_stats(daemon)["pages_read_backing"] == 0
+        # The writes left d2's pool (its zeros are gone), and reached the image.
+        assert read_all(other, 64) == expected[: 64 * PAGE]
+    assert disk_stats(daemon, "d2")["pages_read_cache"] == 0
+    assert image.read_bytes() == bytes(expected)
+
+
+def test_write_allocate_never_caches_a_write_the_image_refused(
+        start_tmemd: StartTmemd, tmp_path: Path, mount_tmpfs: Callable[[str, str], Path]) -> None:
+    # A sparse 8 MiB image on a 1 MiB file system: writes past the first MiB fail
+    # with ENOSPC. The failed write's pages must read what the image holds (its
+    # old zeros, or what of the write landed), never the write's data from tmem.
+    image = mount_tmpfs("small", "1M") / "data.img"
+    with image.open("wb") as sparse:
+        sparse.truncate(DISK_PAGES * PAGE)
+    daemon = start_tmemd(guests=(f"d1:cached-disk={image}:cached-disk-write-allocate",), budget="64M")
+    with NbdClient(daemon.disk_socket("d1"), "d1") as client:
+        assert read_all(client) == bytes(DISK_PAGES * PAGE)  # every page cached (zeros)
+        errors = []
+        for first in range(0, DISK_PAGES, 64):
+            errors.append(client.write(first * PAGE, b"".join(page(17, first + n) for n in range(64))))
+        assert errors[0] == 0 and nbd.Error.ENOSPC in errors, errors
+        stats = disk_stats(daemon)
+        assert stats["fallback_errors"] > 0 and 0 < stats["pages_written_cached"] < DISK_PAGES
+        assert read_all(client) == image.read_bytes()

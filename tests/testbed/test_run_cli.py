@@ -64,11 +64,12 @@ def test_list_names_every_mode() -> None:
     result = run_testbed("list", "--json")
     listing = json.loads(result.stdout)
     assert set(listing["modes"]) == {"bigmem", "disk-hdd", "disk-hostcache", "zswap", "tmem-blk", "tmem-agent",
-                                     "tmem-agent-sync", "tmem-nocompress", "tmem-nojournal", "tmem-remote", "tmem-cache", "tmem-cache-shared",
+                                     "tmem-agent-sync", "tmem-nocompress", "tmem-nojournal", "tmem-remote", "tmem-cache", "tmem-cache-around",
+                                     "tmem-cache-shared",
                                      "static", "balloon", "tmem", "tmem-balloon"}
     assert "usemem" in listing["workloads"]
     assert listing["workloads"]["pagecache"]["modes"] == ["bigmem", "disk-hdd", "disk-hostcache", "tmem-agent",
-                                                           "tmem-cache", "tmem-cache-shared"]
+                                                           "tmem-cache", "tmem-cache-around", "tmem-cache-shared"]
     assert listing["workloads"]["density"]["modes"] == ["static", "balloon", "tmem", "tmem-balloon"]
     assert "static" not in listing["workloads"]["usemem"]["modes"]
 
@@ -159,7 +160,7 @@ def test_pagecache_scenario_end_to_end(tmp_path: Path) -> None:
 
 TINY_SHARED_IMAGE = """
 name = "tiny-shared-image"
-modes = ["tmem-cache", "tmem-cache-shared"]
+modes = ["tmem-cache", "tmem-cache-around", "tmem-cache-shared"]
 repetitions = 1
 [guests]
 count = 2
@@ -183,25 +184,33 @@ workload_s = 300
 @pytest.mark.slow
 def test_random_reads_through_cached_disks_private_and_shared_end_to_end(tmp_path: Path) -> None:
     # Two guests read one base image through tmemd's cached disks, one after the
-    # other: with private pools, then with one shared pool.
+    # other: with private pools (writes fill them, or only reads do), then with
+    # one shared pool.
     _, results, run = run_passing_text(TINY_SHARED_IMAGE, tmp_path)
     samples = {(sample["mode"], sample["guest"]): sample for sample in run["samples"]}
-    assert len(samples) == 4
+    assert len(samples) == 6
     for sample in samples.values():
         workload = sample["workload"]
         assert sample["ok"] and sample["verified"] and workload["verified"] and workload["bad_pages"] == 0
         assert workload["order"] == "random" and workload["bytes"] == 2 * 3072 * 4096
         disk = sample["tmemd"]["cached_disk"]
         assert disk["direct_io"] and disk["fallback_errors"] == 0 and disk["protocol_errors"] == 0
-    # The first guest wrote the set through its export (writes do not fill the
-    # cache); its first pass put the pages it read, its second one hit them: the
-    # ~2,700 distinct pages a pass reads do not fit its reader's 16 MiB cgroup.
+    # The first guest wrote the set through its export, and the writes filled its
+    # cache (write-allocate): both its passes hit what it wrote. The ~2,700
+    # distinct pages a pass reads do not fit its reader's 16 MiB cgroup.
     first = samples[("tmem-cache", "g0")]
-    assert first["tmemd"]["cached_disk"]["pages_written"] >= 24 * 256
-    one, two = first["workload"]["pass_tmemd"]
+    disk = first["tmemd"]["cached_disk"]
+    assert disk["write_allocate"] and disk["pages_written"] >= 24 * 256
+    assert disk["pages_written_cached"] >= 24 * 256
+    for one_pass in first["workload"]["pass_tmemd"]:
+        assert one_pass["hits"] > 0.9 * one_pass["gets"] > 1_000, one_pass
+    # Write-around: the first pass put the pages it read, the second one hit them.
+    around = samples[("tmem-cache-around", "g0")]
+    assert around["tmemd"]["cached_disk"]["pages_written_cached"] == 0
+    one, two = around["workload"]["pass_tmemd"]
     assert one["puts"] > 1_500 and two["hits"] > 1_000 and two["hits"] > 2 * one["hits"], (one, two)
     # The second guest: a private pool starts empty (its hits are pages read twice
-    # in the pass), the shared one holds what g0 read: nearly every get hits.
+    # in the pass), the shared one holds what g0 wrote: nearly every get hits.
     private = samples[("tmem-cache", "g1")]["workload"]["pass_tmemd"][0]
     shared = samples[("tmem-cache-shared", "g1")]["workload"]["pass_tmemd"][0]
     assert private["hits"] < 0.3 * private["gets"] and shared["hits"] > 0.9 * shared["gets"] > 1_500, \

@@ -43,7 +43,7 @@ _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p
 _GUEST_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _GUEST_KEYS: Final = frozenset({"name", "weight", "cap", "shared", "dedup", "cid", "uuid",
                                 "remote_cap", "remote_ephemeral", "cached_disk",
-                                "cached_disk_pool"})
+                                "cached_disk_pool", "cached_disk_write_allocate"})
 #: A guest's default identity in the remote tier: uuid5 of its name in this namespace.
 GUEST_UUID_NAMESPACE: Final = uuid.UUID("6d1b5a3e-8f0c-4b7e-9a51-2f4c0e7d9b10")
 MAX_REMOTE_REPLICAS: Final = 16
@@ -191,6 +191,10 @@ class GuestConfig:
     # every other guest's whose cached disk is the same image (the host's say-so:
     # tmemd refuses another image under the same UUID).
     cached_disk_pool: uuid.UUID | None = None
+    # Its cached disk puts what the guest writes into the cache as well (write-
+    # allocate, as cleancache puts a written page once it is clean and evicted);
+    # without it only what was read is cached (write-around).
+    cached_disk_write_allocate: bool = False
 
     @property
     def identity_uuid(self) -> uuid.UUID:
@@ -209,6 +213,7 @@ class GuestConfig:
             "remote_ephemeral": self.remote_ephemeral,
             "cached_disk": None if self.cached_disk is None else str(self.cached_disk),
             "cached_disk_pool": None if self.cached_disk_pool is None else str(self.cached_disk_pool),
+            "cached_disk_write_allocate": self.cached_disk_write_allocate,
         }
 
 
@@ -275,7 +280,8 @@ def parse_cap(value: object, name: str = "cap") -> int | None:
 
 def parse_guest_spec(spec: str) -> GuestConfig:
     """Parse `NAME[:weight=W][:cap=SIZE][:shared=UUID,...][:dedup][:cid=N][:uuid=UUID]
-    [:remote-cap=SIZE][:remote-ephemeral][:cached-disk=PATH][:cached-disk-pool=UUID]`."""
+    [:remote-cap=SIZE][:remote-ephemeral][:cached-disk=PATH][:cached-disk-pool=UUID]
+    [:cached-disk-write-allocate]`."""
     name, *options = spec.split(":")
     guest = GuestConfig(name=validate_guest_name(name))
     what = f"guest {name!r}"
@@ -285,6 +291,8 @@ def parse_guest_spec(spec: str) -> GuestConfig:
             guest = replace(guest, dedup=True)
         elif key == "remote-ephemeral" and not has_value:
             guest = replace(guest, remote_ephemeral=True)
+        elif key == "cached-disk-write-allocate" and not has_value:
+            guest = replace(guest, cached_disk_write_allocate=True)
         elif key == "weight" and has_value:
             guest = replace(guest, weight=check_weight(_parse_int(value), f"{what} weight"))
         elif key == "cap" and has_value:
@@ -310,6 +318,8 @@ def _checked_guest(guest: GuestConfig) -> GuestConfig:
     """What one option alone cannot say is wrong."""
     if guest.cached_disk_pool is not None and guest.cached_disk is None:
         raise ConfigError(f"guest {guest.name!r}: cached-disk-pool needs a cached-disk")
+    if guest.cached_disk_write_allocate and guest.cached_disk is None:
+        raise ConfigError(f"guest {guest.name!r}: cached-disk-write-allocate needs a cached-disk")
     return guest
 
 
@@ -383,6 +393,8 @@ def guest_from_mapping(table: object) -> GuestConfig:
         cached_disk=None if cached_disk is None else check_path(cached_disk, f"{what} cached_disk"),
         cached_disk_pool=None if cached_disk_pool is None else _parse_uuid(cached_disk_pool,
                                                                            f"{what} cached_disk_pool"),
+        cached_disk_write_allocate=check_bool(table.get("cached_disk_write_allocate", False),
+                                              f"{what} cached_disk_write_allocate"),
     ))
 
 

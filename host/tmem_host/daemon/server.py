@@ -298,7 +298,8 @@ class Daemon:
         try:
             return CachedDiskExport(self.store, client, name=guest.name, backing_path=guest.cached_disk,
                                     backing_iops=self.config.fallback_iops,
-                                    shared_pool=guest.cached_disk_pool, images=self.cached_images)
+                                    shared_pool=guest.cached_disk_pool, images=self.cached_images,
+                                    write_allocate=guest.cached_disk_write_allocate)
         except (OSError, ValueError) as error:
             raise _cannot_serve(guest, error) from None
 

@@ -12,7 +12,13 @@ dropped a page (the agent's FUSE cleancache does, and puts it then).
 Rules (docs/NBD.md, "The cached disk"), each with a test in tests/nbd/test_readcache.py:
 - A WRITE, TRIM or WRITE_ZEROES first flushes its pages from the pool, then
   changes the image: a failed write leaves the pages uncached, never an older copy.
-- Writes do not fill the cache (no write-allocate): what is cached was read.
+- Writes fill the cache only with ``write_allocate`` (guest option
+  cached-disk-write-allocate): after the image took the write, its pages are put
+  into this export's pool, as cleancache puts a page the guest wrote once it is
+  clean and evicted. Requests are served one at a time, so no read of the old
+  data can fill the cache between the image's change and the put; a put the
+  store refuses leaves the pages uncached (they were flushed first). Without
+  it (write-around) what is cached was read.
 - A shared pool (``shared_pool``) is read through by every export of the same
   image that joins it; a write by any of them flushes the pages for all, as the
   image changed for all. Only cached disks join it (the store keys shared pools
@@ -33,13 +39,14 @@ import errno
 import logging
 import mmap
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Final, cast
 from uuid import UUID
 
 from tmem_host.replies import CachedDiskStats
 from tmem_host.store import Client, Store
-from tmem_wire.abi import Oid, Status
+from tmem_wire.abi import Buffer, Oid, Status
 from tmem_wire import nbd
 from tmem_wire.frontswap import PAGE_SHIFT, frontswap_keys
 
@@ -56,8 +63,9 @@ CACHED_DISK_COUNTERS: Final = (
     # Pages a READ found in the pool, read from the image, then put into the pool
     # (or not: the store refused them).
     "pages_read_cache", "pages_read_backing", "pages_cached", "pages_not_cached",
-    # Pages a WRITE wrote, and pages a WRITE, TRIM or WRITE_ZEROES flushed from the pool.
-    "pages_written", "pages_invalidated",
+    # Pages a WRITE wrote, those it put into the pool (write_allocate), and pages a
+    # WRITE, TRIM or WRITE_ZEROES flushed from the pool.
+    "pages_written", "pages_written_cached", "pages_invalidated",
     "fallback_errors", "pool_create_failures", "connections_total", "protocol_errors",
     "reply_backlogs", "store_waits", "fallback_throttled_us",
 )
@@ -79,7 +87,7 @@ class CachedDiskExport(DiskExport):
 
     def __init__(self, store: Store, client: Client, *, name: str, backing_path: str | os.PathLike[str],
                  backing_iops: int = 0, shared_pool: UUID | None = None,
-                 images: CachedImages | None = None) -> None:
+                 images: CachedImages | None = None, write_allocate: bool = False) -> None:
         """``backing_path``: the disk image (a regular file, a whole number of
         pages); ``backing_iops``: it answers as a disk of that many operations
         per second would (0: as fast as the host's disk). ``shared_pool``: read
@@ -89,8 +97,10 @@ class CachedDiskExport(DiskExport):
         that every member serves the same image (tmemd checks the inode).
         ``images``: tmemd's registry of the cached disks open per image: a change
         through this export flushes the pages from every cache of the same image
-        (without one, only from its own)."""
+        (without one, only from its own). ``write_allocate``: a WRITE's pages
+        are put into the cache once the image has them (else only reads fill it)."""
         self.backing_path = Path(backing_path)
+        self.write_allocate = write_allocate
         fd, self.direct = open_backing(self.backing_path)
         try:
             info = os.fstat(fd)
@@ -149,6 +159,7 @@ class CachedDiskExport(DiskExport):
             "size_bytes": self.size_bytes,
             "direct_io": self.direct,
             "shared_pool": None if self.shared_pool is None else str(self.shared_pool),
+            "write_allocate": self.write_allocate,
             "pool_id": self._pool_id,
             "connections": len(self._connections),
             "pages_cached_now": pool[0].pages if pool else 0,
@@ -229,12 +240,17 @@ class CachedDiskExport(DiskExport):
         if missed:
             self._fallback_operations += 1
             self.counters["pages_read_backing"] += len(missed)
-            if pool_id is not None:
-                statuses = self.store.put_many(self.client, pool_id, frontswap_keys(AREA, missed), missed_data)
-                cached = sum(status == Status.OK for status in statuses)
-                self.counters["pages_cached"] += cached
-                self.counters["pages_not_cached"] += len(missed) - cached
+            cached = self._cache(missed, missed_data)
+            self.counters["pages_cached"] += cached
+            self.counters["pages_not_cached"] += len(missed) - cached
         return nbd.Error.OK, out
+
+    def _cache(self, slots: list[int], pages: Sequence[Buffer]) -> int:
+        """Put what the image holds at ``slots`` into the pool: how many it took."""
+        if self._pool_id is None:
+            return 0
+        statuses = self.store.put_many(self.client, self._pool_id, frontswap_keys(AREA, slots), pages)
+        return sum(status == Status.OK for status in statuses)
 
     def _invalidate(self, first_slot: int, pages: int) -> None:
         """Flush the pages from every cache of this image (another guest's cached
@@ -256,7 +272,13 @@ class CachedDiskExport(DiskExport):
         self._invalidate(first_slot, len(data) >> PAGE_SHIFT)  # before the image changes
         self._fallback_operations += 1
         self._pwrite(first_slot << PAGE_SHIFT, data)
-        self.counters["pages_written"] += len(data) >> PAGE_SHIFT
+        pages = len(data) >> PAGE_SHIFT
+        self.counters["pages_written"] += pages
+        if self.write_allocate:
+            view = memoryview(data)
+            self.counters["pages_written_cached"] += self._cache(
+                list(range(first_slot, first_slot + pages)),
+                [view[page << PAGE_SHIFT : (page + 1) << PAGE_SHIFT] for page in range(pages)])
 
     def _discard(self, first_slot: int, pages: int, *, zeroing: bool) -> None:
         self.counters["zeroes" if zeroing else "trims"] += 1

@@ -49,6 +49,10 @@ class Mode:
     # Cached disks (data_disk "nbd") of one image read through one shared pool
     # (a pagecache scenario with shared_image).
     shared_cache: bool = False
+    # Cached disks put what the guest writes into the cache too (write-allocate:
+    # cleancache puts a written page once it is clean and evicted); off, only
+    # reads fill it (write-around).
+    cache_writes: bool = False
 
 
 MODES: dict[str, Mode] = {
@@ -106,8 +110,17 @@ MODES: dict[str, Mode] = {
         ),
         Mode(
             "tmem-cache",
-            "the data disk through tmemd's cached disk (NBD, no guest code): reads fill the guest's "
-            "ephemeral pool, the hdd disk behind it",
+            "the data disk through tmemd's cached disk (NBD, no guest code): reads and writes fill "
+            "the guest's ephemeral pool (write-allocate), the hdd disk behind it",
+            swap="none",
+            tmemd=True,
+            data_disk="nbd",
+            cache_writes=True,
+        ),
+        Mode(
+            "tmem-cache-around",
+            "as tmem-cache, but only reads fill the pool (write-around): what was written comes "
+            "from the hdd disk the first time",
             swap="none",
             tmemd=True,
             data_disk="nbd",
@@ -115,11 +128,12 @@ MODES: dict[str, Mode] = {
         Mode(
             "tmem-cache-shared",
             "as tmem-cache, for guests whose data disks are one image (shared_image): they read it "
-            "through one shared ephemeral pool, so one guest's reads are the next one's hits",
+            "through one shared ephemeral pool, so one guest's reads and writes are the next one's hits",
             swap="none",
             tmemd=True,
             data_disk="nbd",
             shared_cache=True,
+            cache_writes=True,
         ),
         # The density scenario's policies: N guests, one host budget M for their RAM
         # and tmem (testbed.density.plan sizes them).

@@ -134,9 +134,10 @@ def guest_memory_mib(scenario: Scenario, mode: Mode) -> int:
 
 
 def tmemd_guest_specs(scenario: Scenario, cached_disks: Mapping[str, Path] | None = None,
-                      cached_disk_pool: uuid.UUID | None = None) -> list[str]:
+                      cached_disk_pool: uuid.UUID | None = None, write_allocate: bool = False) -> list[str]:
     """``cached_disks``: each guest's data disk image, for a mode whose data disk is
-    tmemd's cached disk; ``cached_disk_pool``: the shared pool they read through."""
+    tmemd's cached disk; ``cached_disk_pool``: the shared pool they read through;
+    ``write_allocate``: their writes fill the cache too."""
     specs = []
     for index in range(scenario.guests.count):
         spec = f"{guest_name(index)}:weight={scenario.guests.weight(index)}"
@@ -146,6 +147,8 @@ def tmemd_guest_specs(scenario: Scenario, cached_disks: Mapping[str, Path] | Non
             spec += f":cached-disk={cached_disks[guest_name(index)]}"
             if cached_disk_pool is not None:
                 spec += f":cached-disk-pool={cached_disk_pool}"
+            if write_allocate:
+                spec += ":cached-disk-write-allocate"
         specs.append(spec)
     return specs
 
@@ -197,7 +200,8 @@ def tmemd_arguments(scenario: Scenario, mode: Mode, remote_seeds: str | None = N
         extra += ["--remote", remote_seeds, "--remote-replicas", str(REMOTE_REPLICAS)]
     # One pool for the run's guests (their disks are one image: shared_image).
     pool = uuid.uuid5(uuid.NAMESPACE_URL, f"tmem-testbed:{scenario.name}") if mode.shared_cache else None
-    return TmemdArguments(format_size(budget), tmemd_guest_specs(scenario, cached_disks, pool), extra)
+    return TmemdArguments(format_size(budget),
+                          tmemd_guest_specs(scenario, cached_disks, pool, mode.cache_writes), extra)
 
 
 @contextlib.contextmanager

@@ -79,7 +79,8 @@ SWAP_MODES = tuple(name for name, mode in MODES.items()
                    if not mode.density and (mode.swap != "none" or mode.enough_memory))
 DENSITY_MODES = tuple(name for name, mode in MODES.items() if mode.density)
 DENSITY_VARIANTS = ("staggered", "steady")
-PAGECACHE_MODES = ("bigmem", "disk-hdd", "disk-hostcache", "tmem-agent", "tmem-cache", "tmem-cache-shared")
+PAGECACHE_MODES = ("bigmem", "disk-hdd", "disk-hostcache", "tmem-agent", "tmem-cache", "tmem-cache-around",
+                   "tmem-cache-shared")
 
 WORKLOADS: dict[str, WorkloadSpec] = {
     spec.kind: spec
