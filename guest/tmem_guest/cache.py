@@ -14,19 +14,14 @@ second-level cache behind the guest's own (inclusive: the first read of a page
 also puts it). The backing files are read with POSIX_FADV_DONTNEED afterwards so
 the guest does not cache the same bytes twice (once per file system).
 
-Invalidation races: a read that missed fills tmem after reading the backing
-file; a concurrent write could land in between and the fill would leave stale
-pages. Each inode has a write generation (odd while a write is in progress, a
-seqlock): a fill is skipped if a write is in progress, and flushed again if the
-generation moved while it ran. An invalidation that cannot reach tmemd (channel
-down) marks the pool untrusted: it is treated as empty and recreated on reconnect.
-Changes made to the backing directory behind the mount's back are not seen.
+The tmem side (read-through fills and invalidations, and why no fill leaves a
+stale page) is tmem_guest.readthrough. Changes made to the backing directory behind the
+mount's back are not seen.
 """
 
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import stat
 import threading
@@ -40,117 +35,19 @@ import pyfuse3
 import trio
 
 from tmem_guest.counters import Counters
-from tmem_guest.session import ChannelDown, Session, SessionPool
-from tmem_wire.abi import WHOLE_OBJECT, Key, Oid
-from tmem_wire.frontswap import PAGE_SHIFT, PAGE_SIZE, page_span
-
-log = logging.getLogger("tmem_guest.cache")
+from tmem_guest.readthrough import PageCacheBridge
+from tmem_guest.session import Session, SessionPool
+from tmem_wire.frontswap import page_span
 
 T = TypeVar("T")
 
-
-def object_id(inode: int) -> Oid:
-    return (inode, 0, 0)
-
-
-class PageCacheBridge:
-    """The tmem side of the mount: read-through fills and invalidations (thread-safe)."""
-
-    def __init__(self, session: Session, pool: SessionPool, counters: Counters) -> None:
-        self.session = session
-        self.pool = pool
-        self.counters = counters
-        self._lock = threading.Lock()
-        self._generation: defaultdict[int, int] = defaultdict(int)
-
-    def _usable(self) -> bool:
-        return self.session.is_up and not self.pool.untrusted
-
-    # -- invalidation ----------------------------------------------------------
-
-    def begin_change(self, inode: int) -> None:
-        with self._lock:
-            self._generation[inode] += 1  # odd: a change is in progress
-
-    def end_change(self, inode: int) -> None:
-        with self._lock:
-            self._generation[inode] += 1
-
-    def generation(self, inode: int) -> int:
-        with self._lock:
-            return self._generation[inode]
-
-    def _invalidate(self, send: Callable[[], None], count: int) -> None:
-        try:
-            send()
-            self.counters.add(flushes=count)
-        except ChannelDown:
-            # tmemd may still hold the old pages: never trust this pool again.
-            self.pool.untrusted = True
-            self.counters.add(channel_down=1)
-
-    def invalidate_pages(self, inode: int, pages: range) -> None:
-        if not pages:
-            return
-        keys: list[Key] = [(object_id(inode), page) for page in pages]
-        self._invalidate(lambda: self.session.flush_batch(self.pool, keys), len(keys))
-
-    def invalidate_file(self, inode: int) -> None:
-        self._invalidate(lambda: self.session.flush_batch(self.pool, [(object_id(inode), WHOLE_OBJECT)]), 1)
-
-    # -- reads -------------------------------------------------------------------
-
-    def read(self, fd: int, inode: int, offset: int, size: int) -> bytes:
-        started = time.monotonic()
-        file_size = os.fstat(fd).st_size
-        end = min(offset + size, file_size)
-        if offset >= end:
-            return b""
-        pages = page_span(offset, end - offset)
-        buffer = bytearray(len(pages) << PAGE_SHIFT)
-        view = memoryview(buffer)
-        page_views = [view[i << PAGE_SHIFT : (i + 1) << PAGE_SHIFT] for i in range(len(pages))]
-        keys: list[Key] = [(object_id(inode), page) for page in pages]
-        generation = self.generation(inode)
-        found = [False] * len(pages)
-        if self._usable():
-            try:
-                found = self.session.get_batch(self.pool, keys, page_views)
-                hits = sum(found)
-                self.counters.add(gets=len(keys), hits=hits, misses=len(keys) - hits, bytes_got=hits << PAGE_SHIFT)
-            except ChannelDown:
-                self.counters.add(channel_down=1)
-                found = [False] * len(pages)
-        missing = [i for i, hit in enumerate(found) if not hit]
-        if missing:
-            self._read_backing(fd, pages.start, missing, page_views)
-            self._fill(inode, generation, [keys[i] for i in missing], [page_views[i] for i in missing])
-        self.counters.add(requests=1)
-        self.counters.observe("fuse_read", time.monotonic() - started)
-        first = offset - (pages.start << PAGE_SHIFT)
-        return bytes(view[first : first + end - offset])
-
-    def _read_backing(self, fd: int, first_page: int, missing: list[int], page_views: list[memoryview]) -> None:
-        for i in missing:
-            into = page_views[i]
-            count = os.preadv(fd, [into], (first_page + i) << PAGE_SHIFT)
-            into[count:] = bytes(PAGE_SIZE - count)  # past EOF: zeros, as a page of the file reads
-        os.posix_fadvise(fd, (first_page + missing[0]) << PAGE_SHIFT, len(page_views) << PAGE_SHIFT, os.POSIX_FADV_DONTNEED)
-        self.counters.add(disk_reads=len(missing))
-
-    def _fill(self, inode: int, generation: int, keys: list[Key], pages: list[memoryview]) -> None:
-        if generation % 2 or not self._usable():
-            return  # a write is in progress: what we read may already be stale
-        try:
-            accepted = self.session.put_batch(self.pool, keys, pages)
-        except ChannelDown:
-            self.counters.add(channel_down=1)
-            return
-        taken = sum(accepted)
-        self.counters.add(puts=len(keys), put_refusals=len(keys) - taken, bytes_put=taken << PAGE_SHIFT)
-        if self.generation(inode) != generation:
-            # A write ran while we filled: our pages may predate it.
-            self.invalidate_pages(inode, range(keys[0][1], keys[-1][1] + 1))
+# How long the kernel may keep a name's lookup and a file's attributes. Every
+# change goes through this mount, and the kernel updates or drops what it cached
+# for each (a write, truncate, rename, unlink), so they stay true. With a timeout
+# of 0 the kernel asked for the attributes again before every read() (GETATTR:
+# a round trip to this process for each, the page cache hit or not), because
+# auto_inval_data checks the file's mtime first.
+ATTRIBUTE_TIMEOUT_S = 3600.0
 
 
 class CacheFs(pyfuse3.Operations):  # type: ignore[misc]
@@ -188,8 +85,8 @@ class CacheFs(pyfuse3.Operations):  # type: ignore[misc]
         if path == self._paths[pyfuse3.ROOT_INODE]:
             entry.st_ino = pyfuse3.ROOT_INODE
         entry.generation = 0
-        entry.entry_timeout = 0
-        entry.attr_timeout = 0
+        entry.entry_timeout = ATTRIBUTE_TIMEOUT_S
+        entry.attr_timeout = ATTRIBUTE_TIMEOUT_S
         return entry
 
     def _remember(self, path: str) -> Any:
@@ -218,6 +115,7 @@ class CacheFs(pyfuse3.Operations):  # type: ignore[misc]
                     self._paths.pop(inode, None)
 
     async def getattr(self, inode: int, ctx: Any = None) -> Any:
+        self.bridge.counters.add(attribute_requests=1)
         return self._attributes(self._path(inode))
 
     async def setattr(self, inode: int, attr: Any, fields: Any, fh: int | None, ctx: Any) -> Any:

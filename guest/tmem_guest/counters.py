@@ -81,6 +81,8 @@ COUNTER_NAMES = (
     "unsure_flushed",  # keys flushed after an outage left them unsure (swap)
     "drained_pages",  # pages moved from tmem to the fallback disk by drains (swap)
     "readahead_hits",  # pages a READ took from the agent's readahead window (swap)
+    "attribute_requests",  # GETATTRs the kernel sent (cache: one per read() while it keeps none)
+    "fills_skipped",  # cache fills not put: the file changed after their read
 )
 
 

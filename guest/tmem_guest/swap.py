@@ -41,7 +41,8 @@ from tmem_wire import nbd
 from tmem_wire.abi import WHOLE_OBJECT, Oid
 from tmem_wire.agent import AGENT_MODES
 from tmem_wire.frontswap import (
-    LOST_PAGE_ERROR, PAGE_SHIFT, PAGE_SIZE, Where, frontswap_area_oids, frontswap_keys, older_copy_is_stale,
+    LOST_PAGE_ERROR, PAGE_SHIFT, PAGE_SIZE, Where, contiguous_runs, frontswap_area_oids, frontswap_keys,
+    older_copy_is_stale,
 )
 
 log = logging.getLogger("tmem_guest.swap")
@@ -107,17 +108,6 @@ class FallbackDisk:
 
     def close(self) -> None:
         os.close(self.fd)
-
-
-def contiguous_runs(positions: Sequence[int]) -> list[tuple[int, int]]:
-    """Split sorted positions into (first, count) runs of consecutive values."""
-    runs: list[tuple[int, int]] = []
-    for position in positions:
-        if runs and runs[-1][0] + runs[-1][1] == position:
-            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
-        else:
-            runs.append((position, 1))
-    return runs
 
 
 # A READ reply is sent as one contiguous buffer: the 16-byte reply header sits just

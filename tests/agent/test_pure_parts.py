@@ -16,8 +16,7 @@ from tmem_guest import __main__ as agent_main
 from tmem_guest import system
 from tmem_guest.counters import Counters, LatencyHistogram, StatsPublisher, read_all
 from tmem_guest.slots import SlotMap, SlotMarks
-from tmem_guest.swap import contiguous_runs
-from tmem_wire.frontswap import Where
+from tmem_wire.frontswap import Where, contiguous_runs
 
 
 def test_slot_map_records_where_each_slot_lives() -> None:

@@ -39,7 +39,7 @@ not: NOWHERE and DISK both read the fallback file) plus a bitmap of lost slots.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Final
 
 from tmem_wire.abi import MIN_PAGE_SHIFT, Key, Oid
@@ -100,6 +100,18 @@ class Where(enum.IntEnum):
     NOWHERE = 0  # never written, or discarded: reads return the disk's bytes
     TMEM = 1  # in the guest's persistent tmem pool
     DISK = 2  # on the fallback disk, at the same offset
+
+
+def contiguous_runs(positions: Sequence[int]) -> list[tuple[int, int]]:
+    """Split sorted positions into (first, count) runs of consecutive values: the
+    pages one I/O can move (a run of refused slots, of misses)."""
+    runs: list[tuple[int, int]] = []
+    for position in positions:
+        if runs and runs[-1][0] + runs[-1][1] == position:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((position, 1))
+    return runs
 
 
 def older_copy_is_stale(before: Where, accepted: bool) -> bool:

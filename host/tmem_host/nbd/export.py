@@ -37,7 +37,9 @@ from tmem_host.store import Client, Store
 from tmem_host.waiting import all_done
 from tmem_wire import nbd
 from tmem_wire.abi import Oid, Status
-from tmem_wire.frontswap import LOST_PAGE_ERROR, PAGE_SHIFT, PAGE_SIZE, frontswap_keys, frontswap_offset
+from tmem_wire.frontswap import (
+    LOST_PAGE_ERROR, PAGE_SHIFT, PAGE_SIZE, contiguous_runs, frontswap_keys, frontswap_offset,
+)
 
 log = logging.getLogger("tmemd.nbd")
 
@@ -607,26 +609,19 @@ class NbdExport(DiskExport):
             # A refused put also drops the slot's older tmem copy (the store's rule).
             statuses = self.store.put_many(self.client, pool_id, keys, page_data)
         view = memoryview(data)
-        wrote_fallback = False
-        page = 0
-        while page < pages:
-            if statuses[page] == Status.OK:
+        refused: list[int] = []
+        for page, status in enumerate(statuses):
+            if status == Status.OK:
                 self._mark(first_slot + page, True)  # any fallback copy is superseded
-                self.counters["pages_put_tmem"] += 1
-                page += 1
-                continue
-            # A run of refused pages is one pwrite.
-            run_end = page + 1
-            while run_end < pages and statuses[run_end] != Status.OK:
-                run_end += 1
-            for slot in range(first_slot + page, first_slot + run_end):
-                self._mark(slot, False)
-            os.pwrite(self._fallback_fd, view[page << PAGE_SHIFT : run_end << PAGE_SHIFT],
+            else:
+                self._mark(first_slot + page, False)
+                refused.append(page)
+        self.counters["pages_put_tmem"] += pages - len(refused)
+        for page, count in contiguous_runs(refused):  # a run of refused pages is one pwrite
+            os.pwrite(self._fallback_fd, view[page << PAGE_SHIFT : (page + count) << PAGE_SHIFT],
                       (first_slot + page) << PAGE_SHIFT)
-            self.counters["pages_refused_fallback"] += run_end - page
-            page = run_end
-            wrote_fallback = True
-        return wrote_fallback
+            self.counters["pages_refused_fallback"] += count
+        return bool(refused)
 
     def _read(self, first_slot: int, pages: int) -> tuple[int, bytes | bytearray]:
         self.counters["reads"] += 1
@@ -636,7 +631,8 @@ class NbdExport(DiskExport):
             for slot in range(first_slot, first_slot + pages):
                 if lost[slot >> 3] & (1 << (slot & 7)):
                     return self._stale(slot, "lost before tmemd restarted")
-        tmem_pages = [page for page in range(pages) if self._is_in_tmem(first_slot + page)]
+        in_tmem = [self._is_in_tmem(first_slot + page) for page in range(pages)]
+        tmem_pages = [page for page in range(pages) if in_tmem[page]]
         if tmem_pages:
             if self._pool_id is None:
                 return self._stale(first_slot + tmem_pages[0])
@@ -648,25 +644,14 @@ class NbdExport(DiskExport):
             for page, content in zip(tmem_pages, found):
                 out[page << PAGE_SHIFT : (page + 1) << PAGE_SHIFT] = content
             self.counters["pages_read_tmem"] += len(tmem_pages)
-        page = 0
-        read_fallback = False
-        while page < pages:
-            if self._is_in_tmem(first_slot + page):
-                page += 1
-                continue
-            # A run of fallback slots is one pread.
-            run_end = page + 1
-            while run_end < pages and not self._is_in_tmem(first_slot + run_end):
-                run_end += 1
-            chunk = os.pread(self._fallback_fd, (run_end - page) << PAGE_SHIFT,
-                             (first_slot + page) << PAGE_SHIFT)
+        fallback_pages = [page for page in range(pages) if not in_tmem[page]]
+        for page, count in contiguous_runs(fallback_pages):  # a run of fallback slots is one pread
+            chunk = os.pread(self._fallback_fd, count << PAGE_SHIFT, (first_slot + page) << PAGE_SHIFT)
             # The file has the export's size, so a short read cannot happen; were
             # it to, the rest of the bytearray is zeros, as the file would read.
             out[page << PAGE_SHIFT : (page << PAGE_SHIFT) + len(chunk)] = chunk
-            self.counters["pages_read_fallback"] += run_end - page
-            read_fallback = True
-            page = run_end
-        self._fallback_operations += read_fallback
+        self.counters["pages_read_fallback"] += len(fallback_pages)
+        self._fallback_operations += bool(fallback_pages)
         return nbd.Error.OK, out
 
     def _stale(self, slot: int, status: object = None) -> tuple[int, bytes]:

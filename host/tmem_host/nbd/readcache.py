@@ -48,7 +48,7 @@ from tmem_host.replies import CachedDiskStats
 from tmem_host.store import Client, Store
 from tmem_wire.abi import Buffer, Oid, Status
 from tmem_wire import nbd
-from tmem_wire.frontswap import PAGE_SHIFT, frontswap_keys
+from tmem_wire.frontswap import PAGE_SHIFT, contiguous_runs, frontswap_keys
 
 from .export import HISTOGRAM_LABELS, MAX_PAYLOAD, DiskExport, SlotEraser
 
@@ -220,23 +220,15 @@ class CachedDiskExport(DiskExport):
                     out[page << PAGE_SHIFT : (page + 1) << PAGE_SHIFT] = next(hits)
                     found[page] = True
         self.counters["pages_read_cache"] += sum(found)
-        page = 0
         missed: list[int] = []
         missed_data: list[bytes] = []
-        while page < pages:
-            if found[page]:
-                page += 1
-                continue
-            # A run of misses is one read of the image.
-            run_end = page + 1
-            while run_end < pages and not found[run_end]:
-                run_end += 1
-            chunk = self._pread((first_slot + page) << PAGE_SHIFT, (run_end - page) << PAGE_SHIFT)
-            out[page << PAGE_SHIFT : run_end << PAGE_SHIFT] = chunk
-            for index in range(run_end - page):
+        misses = [page for page in range(pages) if not found[page]]
+        for page, count in contiguous_runs(misses):  # a run of misses is one read of the image
+            chunk = self._pread((first_slot + page) << PAGE_SHIFT, count << PAGE_SHIFT)
+            out[page << PAGE_SHIFT : (page + count) << PAGE_SHIFT] = chunk
+            for index in range(count):
                 missed.append(first_slot + page + index)
                 missed_data.append(chunk[index << PAGE_SHIFT : (index + 1) << PAGE_SHIFT])
-            page = run_end
         if missed:
             self._fallback_operations += 1
             self.counters["pages_read_backing"] += len(missed)
