@@ -180,3 +180,27 @@ def test_tmemd_cpu_per_page_divides_one_tmemd_over_all_its_guests_pages() -> Non
     # Repetition 0: 4 s over 100,000 pages of both guests; repetition 1: g1 had no
     # page (and g0's CPU time is unknown): nothing to divide.
     assert report.tmemd_us_per_page(samples) == {("tmem-blk", 0): 40.0}
+
+
+def test_a_density_run_of_builds_counts_builds_per_minute() -> None:
+    def guests(mode: str, phase_s: float, makespan: float) -> list[dict[str, Any]]:
+        record = {"makespan_s": makespan, "committed_peak_bytes": 500 << 20, "budget_bytes": 512 << 20}
+        return [{"mode": mode, "guest": f"g{index}", "repetition": 0, "ok": True,
+                 "workload": {"phase_s": [phase_s]}, "tmemd": None,
+                 **({"density": record} if index == 0 else {})} for index in range(2)]
+
+    run = cast(RunRecord, {
+        "scenario": {"workload": "density", "modes": ["static", "tmem"], "repetitions": 1,
+                     "guests": {"count": 2}, "budget_bytes": 512 << 20,
+                     "params": {"phase": "build", "hungry_mib": 80}},
+        "samples": [{"mode": report.DENSITY_ALONE, "repetition": 0, "ok": True, "wall_s": 100.0},
+                    *guests("static", 300.0, 400.0), *guests("tmem", 150.0, 200.0)],
+    })
+    # Two builds in 400 s and in 200 s; slowdown against the build alone (100 s).
+    assert report.density_columns(run)[2] == "work builds/min (mean ± sd)"
+    static, tmem = report.density_rows(run)
+    assert static[:4] == ["static", "1/1", "0.30 ± 0.00", "baseline"]
+    assert tmem[2] == "0.60 ± 0.00" and tmem[3].startswith("+100.0%") and tmem[5] == "1.50x"
+    assert report.density_sentences(run)[0].endswith(
+        "tmem did the most work: 0.60 verified builds per minute, against static 0.30 (+100% for tmem, "
+        "too few runs to test).")

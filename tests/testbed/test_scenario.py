@@ -108,6 +108,18 @@ def test_density_policies_and_sizes(tmp_path: Path) -> None:
     assert " && sleep 20 && " in command  # two phases, a quiet one between
 
 
+def test_a_density_phase_can_be_an_application(tmp_path: Path) -> None:
+    from tmem_host.testbed import density
+
+    scenario = load_scenario(write(tmp_path, DENSITY.replace('kind = "density"',
+                                                             'kind = "density"\nphase = "build"\ncflags = "-O1 -g"')))
+    command = density.guest_command(scenario, 1, 0)
+    assert command == ("sleep 15 && python3 -m tmem_workloads.build --cflags '-O1 -g' && sleep 20 && "
+                       "python3 -m tmem_workloads.build --cflags '-O1 -g'")
+    assert density.work_unit(scenario.params) == (1.0, "builds/min")
+    assert density.work_unit(load_scenario(write(tmp_path, DENSITY)).params) == (384.0, "MiB/min")
+
+
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
@@ -117,6 +129,7 @@ def test_density_policies_and_sizes(tmp_path: Path) -> None:
         (('budget = "768M"', 'budget = "256M"'), "workload.floor_mib: 4 guests of at least 128 MiB do not fit"),
         (('kind = "density"', 'kind = "density"\ntmem_share = 1.5'), "workload.tmem_share: must be a fraction"),
         (('kind = "density"', 'kind = "density"\nvariant = "busy"'), "workload.variant: must be one of staggered, steady"),
+        (('kind = "density"', 'kind = "density"\nphase = "kv"'), "workload.phase: must be one of usemem, build"),
     ],
 )
 def test_density_mistakes(tmp_path: Path, edit: tuple[str, str], message: str | None) -> None:

@@ -14,12 +14,15 @@ plus tmem, and each alternates memory-hungry phases with quiet ones. The policie
 
 The monitor records every second what each guest holds (balloon actual, or its
 RAM) and tmemd's used bytes and budget: a policy held its budget when their sum
-never exceeded M. A guest's hungry phase is a verified usemem of hungry_mib;
-the alone reference runs the same phase in one guest with enough RAM.
+never exceeded M. A guest's hungry phase is a verified usemem of hungry_mib, or
+(phase = "build") an application: gcc building Lua 5.4 and checking the built
+interpreter (tmem_workloads.build), whose peak is about hungry_mib; the alone
+reference runs the same phase in one guest with enough RAM.
 """
 
 from __future__ import annotations
 
+import shlex
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -78,9 +81,21 @@ def plan(scenario: Scenario, mode: Mode) -> DensityPlan:
 
 
 def phase_command(scenario: Scenario, seed: int) -> str:
+    """One hungry phase: a guest command that prints one JSON line with total_s
+    and verified. A build phase has no seed: every build is the same work."""
     params = scenario.params
+    if params["phase"] == "build":
+        return f"python3 -m tmem_workloads.build --cflags {shlex.quote(params['cflags'])}"
     return (f"python3 -m tmem_workloads.usemem --mib {int(params['hungry_mib'])} --seed {seed} "
             f"--order {params['order']} --passes 1")
+
+
+def work_unit(params: Mapping[str, object]) -> tuple[float, str]:
+    """What one completed phase counts as work, and the unit of work per minute:
+    a usemem phase its working set (MiB), a build phase one build."""
+    if params.get("phase") == "build":
+        return 1.0, "builds/min"
+    return float(str(params.get("hungry_mib", 0))), "MiB/min"
 
 
 def guest_command(scenario: Scenario, index: int, repetition: int) -> str:

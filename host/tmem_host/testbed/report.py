@@ -528,7 +528,8 @@ DENSITY_COLUMNS = ("policy", "runs", "work MiB/min (mean ± sd)", "vs static", "
                    "slowdown worst", "Jain", "swap out MiB/guest", "tmem puts MiB/guest", "refused MiB/guest",
                    "committed peak MiB", "budget MiB", "held")
 DENSITY_NOTE = ("Means over runs. work = the hungry phases the guests completed and verified (MiB of working set "
-                "each) per minute of the run's makespan (launch to the last guest's last phase); slowdown = a "
+                "each; with phase = build, builds) per minute of the run's makespan (launch to the last guest's "
+                "last phase); slowdown = a "
                 "guest's mean phase time over the same phase run alone in a guest with enough RAM (the "
                 "repetition's reference), mean over guests and the worst guest; Jain = Jain's fairness index "
                 "of the guests' 1/slowdown (1: all alike); swap out = guest /proc/vmstat pswpout; tmem puts "
@@ -541,7 +542,7 @@ DENSITY_NOTE = ("Means over runs. work = the hungry phases the guests completed 
 class DensityRun:
     """One repetition of one density policy."""
 
-    work_mib_per_min: float
+    work_per_min: float  # in density.work_unit's unit
     makespan_s: float
     slowdowns: list[float]  # per guest
     swap_out_mib: list[float]
@@ -554,7 +555,7 @@ class DensityRun:
 def density_runs(run: RunRecord, mode: str) -> list[DensityRun]:
     """The policy's runs in which every guest verified and the reference ran."""
     scenario = run["scenario"]
-    hungry = float(scenario["params"]["hungry_mib"])
+    unit, _ = density.work_unit(scenario["params"])
     alone = {s["repetition"]: float(wall) for s in run["samples"]
              if s["mode"] == DENSITY_ALONE and s.get("ok") and (wall := s.get("wall_s"))}
     runs = []
@@ -568,7 +569,7 @@ def density_runs(run: RunRecord, mode: str) -> list[DensityRun]:
         slowdowns = [sum(p) / len(p) / alone[repetition] for p in phases if p]
         tmemd = [s.get("tmemd") for s in samples]
         runs.append(DensityRun(
-            work_mib_per_min=sum(len(p) for p in phases) * hungry / record["makespan_s"] * 60,
+            work_per_min=sum(len(p) for p in phases) * unit / record["makespan_s"] * 60,
             makespan_s=record["makespan_s"], slowdowns=slowdowns,
             swap_out_mib=[(_vmstat(s, "pswpout") or 0) * 4096 / (1 << 20) for s in samples],
             tmem_put_mib=[(t["puts"] if t else 0) * 4096 / (1 << 20) for t in tmemd],
@@ -584,23 +585,24 @@ def _per_guest(runs: Sequence[DensityRun], values: Callable[[DensityRun], list[f
 def density_rows(run: RunRecord) -> list[list[str]]:
     if run["scenario"]["workload"] != "density":
         return []
-    reference = [r.work_mib_per_min for r in density_runs(run, "static")]
+    reference = [r.work_per_min for r in density_runs(run, "static")]
+    digits = 2 if _builds(run) else 0
     rows = []
     for mode in run["scenario"]["modes"]:
         runs = density_runs(run, mode)
         total = sum(1 for r in range(run["scenario"]["repetitions"])
                     if any(s["mode"] == mode and s["repetition"] == r for s in run["samples"]))
-        work = stats.summarize([r.work_mib_per_min for r in runs]) if runs else None
+        work = stats.summarize([r.work_per_min for r in runs]) if runs else None
         if mode == "static" or work is None or not reference:
             change = "baseline" if mode == "static" and work is not None else "-"
         else:
-            welch = stats.welch_t_test([r.work_mib_per_min for r in runs], reference)
+            welch = stats.welch_t_test([r.work_per_min for r in runs], reference)
             change = (f"{stats.percent_change(work.mean, sum(reference) / len(reference)):+.1f}%"
                       f"{stats.significance_mark(welch)}")
         held = all(r.committed_peak <= r.budget + (1 << 20) for r in runs)
         rows.append([
             mode, f"{len(runs)}/{total}",
-            "-" if work is None else f"{work.mean:.0f} ± {work.stdev:.0f}", change,
+            "-" if work is None else f"{work.mean:.{digits}f} ± {work.stdev:.{digits}f}", change,
             _fmt(_mean(r.makespan_s for r in runs), ".1f"),
             _fmt(_mean(sum(r.slowdowns) / len(r.slowdowns) for r in runs if r.slowdowns), ".2f", "x"),
             _fmt(_mean(max(r.slowdowns) for r in runs if r.slowdowns), ".2f", "x"),
@@ -618,7 +620,7 @@ def density_rows(run: RunRecord) -> list[list[str]]:
 def density_sentences(run: RunRecord) -> list[str]:
     """Whether tmem let the host do more work with the same memory, and by how much
     against static and ballooning."""
-    work = {mode: [r.work_mib_per_min for r in density_runs(run, mode)] for mode in run["scenario"]["modes"]}
+    work = {mode: [r.work_per_min for r in density_runs(run, mode)] for mode in run["scenario"]["modes"]}
     work = {mode: values for mode, values in work.items() if values}
     if not work:
         return []
@@ -626,8 +628,9 @@ def density_sentences(run: RunRecord) -> list[str]:
     best = max(means, key=means.__getitem__)
     budget = run["scenario"]["budget_bytes"] >> 20
     first = (f"With the same {budget} MiB for {run['scenario']['guests']['count']} guests' RAM and tmem, "
-             f"{best} did the most work: {means[best]:.0f} MiB of verified hungry phases per minute")
-    others = [f"{mode} {means[mode]:.0f} ({(means[best] / means[mode] - 1) * 100:+.0f}% for {best}, "
+             f"{best} did the most work: {_amount(run, means[best])} "
+             f"{'verified builds' if _builds(run) else 'MiB of verified hungry phases'} per minute")
+    others = [f"{mode} {_amount(run, means[mode])} ({(means[best] / means[mode] - 1) * 100:+.0f}% for {best}, "
               f"{_significance(stats.welch_t_test(work[best], work[mode]))})"
               for mode in means if mode != best and means[mode] > 0]
     sentences = [first + (f", against {'; '.join(others)}." if others else ".")]
@@ -643,16 +646,30 @@ def density_sentences(run: RunRecord) -> list[str]:
     return sentences
 
 
+def _builds(run: RunRecord) -> bool:
+    return density.work_unit(run["scenario"]["params"])[1] == "builds/min"
+
+
+def _amount(run: RunRecord, per_minute: float) -> str:
+    return f"{per_minute:.2f}" if _builds(run) else f"{per_minute:.0f}"
+
+
+def density_columns(run: RunRecord) -> tuple[str, ...]:
+    """DENSITY_COLUMNS with the work column in the scenario's unit."""
+    unit = density.work_unit(run["scenario"]["params"])[1]
+    return tuple(f"work {unit} (mean ± sd)" if name.startswith("work ") else name for name in DENSITY_COLUMNS)
+
+
 def density_lines(run: RunRecord) -> list[str]:
     rows = density_rows(run)
     if not rows:
         return []
-    return ["## Density", "", *_markdown_rows(DENSITY_COLUMNS, rows), "", DENSITY_NOTE, ""]
+    return ["## Density", "", *_markdown_rows(density_columns(run), rows), "", DENSITY_NOTE, ""]
 
 
 def density_table(run: RunRecord) -> Table | None:
     return _detail_table(f"{run['scenario']['name']}: policies under one host budget (means per run)",
-                         DENSITY_COLUMNS, density_rows(run))
+                         density_columns(run), density_rows(run))
 
 
 # A guest CPU this many times slower than the host's makes guest-CPU-bound rows
@@ -1092,7 +1109,7 @@ def render_html(run: RunRecord, plots: Mapping[str, bytes]) -> str:
     remote = (f"<h2>Remote tier</h2>{_html_table(REMOTE_DETAIL_COLUMNS, details)}"
               f"<p>{html.escape(REMOTE_NOTE)}</p>" if details else "")
     if policies := density_rows(run):
-        remote = (f"<h2>Density</h2>{_html_table(DENSITY_COLUMNS, policies)}"
+        remote = (f"<h2>Density</h2>{_html_table(density_columns(run), policies)}"
                   f"<p>{html.escape(DENSITY_NOTE)}</p>") + remote
     if applications := application_rows(run):
         remote = (f"<h2>Application</h2>{_html_table(application_columns(run), applications)}"

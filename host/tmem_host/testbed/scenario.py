@@ -79,6 +79,9 @@ SWAP_MODES = tuple(name for name, mode in MODES.items()
                    if not mode.density and (mode.swap != "none" or mode.enough_memory))
 DENSITY_MODES = tuple(name for name, mode in MODES.items() if mode.density)
 DENSITY_VARIANTS = ("staggered", "steady")
+# A density guest's hungry phase: usemem's verified working set, or an application
+# (gcc building Lua: tmem_workloads.build, a real program that checks its result).
+DENSITY_PHASES = ("usemem", "build")
 PAGECACHE_MODES = ("bigmem", "disk-hdd", "disk-hostcache", "tmem-agent", "tmem-cache", "tmem-cache-around",
                    "tmem-cache-shared")
 
@@ -107,9 +110,10 @@ WORKLOADS: dict[str, WorkloadSpec] = {
         WorkloadSpec(
             "density",
             "several guests, one host memory budget ([host] budget) for their RAM and tmem; each guest "
-            "alternates hungry phases (a usemem of hungry_mib) and quiet ones, staggered (or all busy: steady)",
+            "alternates hungry phases (a usemem of hungry_mib, or phase = \"build\": gcc building Lua, "
+            "about hungry_mib at its peak) and quiet ones, staggered (or all busy: steady)",
             {"hungry_mib": 384, "phases": 2, "quiet_s": 20, "stagger_s": 15, "variant": "staggered",
-             "order": "sequential", "floor_mib": 128, "tmem_share": 0.5},
+             "order": "sequential", "floor_mib": 128, "tmem_share": 0.5, "phase": "usemem", "cflags": "-O2"},
             DENSITY_MODES,
             guests_min=2,
         ),
@@ -366,6 +370,8 @@ def parse_scenario(data: Mapping[str, Any], source: str) -> Scenario:
             params[key] = workload_table.string(key, default, choices=_ORDERS)
         elif key == "variant":
             params[key] = workload_table.string(key, default, choices=DENSITY_VARIANTS)
+        elif key == "phase":
+            params[key] = workload_table.string(key, default, choices=DENSITY_PHASES)
         elif key == "tmem_share":
             params[key] = workload_table.number(key, default, above=0.0)
             if params[key] >= 1.0:
