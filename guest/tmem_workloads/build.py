@@ -94,13 +94,17 @@ def run(tarball: Path, work: Path, cflags: str, jobs: int) -> dict[str, object]:
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python3 -m tmem_workloads.build", description=__doc__.split("\n")[0])
     parser.add_argument("--cflags", default="-O2", help="MYCFLAGS for Lua's Makefile (default -O2)")
     parser.add_argument("--jobs", type=int, default=0, help="make -j (default: the CPUs this process may use)")
     parser.add_argument("--source", type=Path, default=SOURCE_DIR, help="where the tarball is")
     parser.add_argument("--work", type=Path, default=Path("/root"), help="where the tree is built")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     jobs = args.jobs or len(os.sched_getaffinity(0))
     work = Path(tempfile.mkdtemp(prefix="build-", dir=args.work))
     try:

@@ -3,6 +3,7 @@ naming the file and the key."""
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import pytest
@@ -114,8 +115,14 @@ def test_a_density_phase_can_be_an_application(tmp_path: Path) -> None:
     scenario = load_scenario(write(tmp_path, DENSITY.replace('kind = "density"',
                                                              'kind = "density"\nphase = "build"\ncflags = "-O1 -g"')))
     command = density.guest_command(scenario, 1, 0)
-    assert command == ("sleep 15 && python3 -m tmem_workloads.build --cflags '-O1 -g' && sleep 20 && "
-                       "python3 -m tmem_workloads.build --cflags '-O1 -g'")
+    assert command == ("sleep 15 && python3 -m tmem_workloads.build --cflags='-O1 -g' --jobs 1 && sleep 20 && "
+                       "python3 -m tmem_workloads.build --cflags='-O1 -g' --jobs 1")
+    # What the guest's build module makes of it (a value such as -O2 must not be
+    # taken for an option).
+    from tmem_workloads import build
+    for cflags in ("-O1 -g", "-O2"):
+        arguments = build.parse_args(shlex.split(density.build_command(cflags, 1))[3:])
+        assert arguments.cflags == cflags and arguments.jobs == 1
     assert density.work_unit(scenario.params) == (1.0, "builds/min")
     assert density.work_unit(load_scenario(write(tmp_path, DENSITY)).params) == (384.0, "MiB/min")
 

@@ -85,9 +85,15 @@ def phase_command(scenario: Scenario, seed: int) -> str:
     and verified. A build phase has no seed: every build is the same work."""
     params = scenario.params
     if params["phase"] == "build":
-        return f"python3 -m tmem_workloads.build --cflags {shlex.quote(params['cflags'])}"
+        return build_command(str(params["cflags"]), 1)
     return (f"python3 -m tmem_workloads.usemem --mib {int(params['hungry_mib'])} --seed {seed} "
             f"--order {params['order']} --passes 1")
+
+
+def build_command(cflags: str, jobs: int) -> str:
+    """The build workload's guest command (also density's build phase)."""
+    # --cflags=: argparse takes a value such as -O2 for an option of its own.
+    return f"python3 -m tmem_workloads.build --cflags={shlex.quote(cflags)} --jobs {jobs}"
 
 
 def work_unit(params: Mapping[str, object]) -> tuple[float, str]:

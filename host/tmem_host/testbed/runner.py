@@ -264,7 +264,7 @@ def workload_command(scenario: Scenario, index: int, repetition: int) -> str:
         return usemem(seed)
     if scenario.workload == "build":
         jobs = int(params["jobs"]) or scenario.guests.vcpus
-        return f"python3 -m tmem_workloads.build --cflags={shlex.quote(str(params['cflags']))} --jobs {jobs}"
+        return density.build_command(str(params["cflags"]), jobs)
     if scenario.workload == "stress-vm":
         return (
             f"stress-ng --vm 1 --vm-bytes {mib}M --vm-method {shlex.quote(str(params['method']))} "
