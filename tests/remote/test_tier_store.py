@@ -16,7 +16,7 @@ from tmem_host.journal import codec
 from tmem_host.journal.journaled import JournaledStore, journal_path
 from tmem_host.remote.cluster import LocalCluster
 from tmem_host.remote import tier as tier_module
-from tmem_host.remote.tier import RemoteSettings, RemoteTier
+from tmem_host.remote.tier import RemoteSettings, RemoteTier, page_key
 from tmem_host.store import Client
 from tmem_host.store.tier import RemotePage
 from tmem_wire.abi import Key, Status
@@ -350,5 +350,57 @@ def test_a_copy_a_get_waits_for_survives_a_starved_event_loop_until_the_get_take
             assert pool is not None
             page = pool.objects[keys[7][0]][keys[7][1]]
             assert isinstance(page, RemotePage) and page.fetched is None
+
+    run(scenario)
+
+
+def test_a_copy_a_queued_get_holds_survives_other_batches_while_its_read_is_slow(
+        tmp_path: Path, redis_cluster: LocalCluster) -> None:
+    """One get of two pages: one whose copy is here (read before, taken, older than
+    CACHE_GRACE_S) and one the tier must read, from a master that is slow (paused).
+    Meanwhile other gets' batches end past the cache's bytes and memory pressure
+    empties the cache: the held copy stays, so when the fetch ends both pages read
+    back (a get served after its fetch never reads again: a copy gone would be a
+    MISS, a guest's lost swap page, as a migrated agent guest once saw)."""
+    async def scenario() -> None:
+        async with tiered(tmp_path, redis_cluster, 1 << 20, demote_above=10.0, local_fraction=0.0,
+                          read_cache_bytes=4 * (PAGE + 64), read_around=False) as (store, tier):
+            client = store.add_client("g1")
+            await tier.register(client, uuid.uuid4(), None)
+            _, pool_id, _ = store.new_pool(client, True)
+            pool = client.pools[pool_id]
+            guest = tier.guest("g1")
+            assert pool is not None and guest is not None
+            pages = [os.urandom(PAGE) for _ in range(256)]
+            keys = frontswap_keys(0, range(256))
+            for first in range(0, 256, 64):
+                assert store.put_many(client, pool_id, keys[first:first + 64], pages[first:first + 64]) == \
+                    [Status.OK] * 64
+            await settle(store)
+
+            def master_port(number: int) -> int:
+                oid, index = keys[number]
+                page = pool.objects[oid][index]
+                assert isinstance(page, RemotePage)
+                return redis_cluster.master_of(page_key(guest, pool_id, oid, index, page.version)).port
+
+            assert await get_all(store, client, pool_id, [keys[7]]) == ([Status.OK], [pages[7]])
+            await asyncio.sleep(tier_module.CACHE_GRACE_S + 0.1)  # taken, and old
+            slow = master_port(100)
+            others = [number for number in range(101, 256) if master_port(number) != slow][:16]
+            assert len(others) == 16
+            with redis_cluster.node_by_port(slow).client() as admin:
+                admin.execute_command("CLIENT", "PAUSE", 1000, "ALL")
+            waited = store.fetch(client, pool_id, [keys[7], keys[100]])
+            assert waited is not None
+            await asyncio.sleep(0.2)
+            statuses, found = await get_all(store, client, pool_id, [keys[number] for number in others])
+            assert found == [pages[number] for number in others]
+            assert tier.stats()["read_cache_bytes"] > 4 * (PAGE + 64)
+            tier.forget_copies()
+            assert not waited.done()  # still waiting for the paused master
+            await waited
+            assert store.get_many(client, pool_id, [keys[7], keys[100]]) == \
+                ([Status.OK, Status.OK], [pages[7], pages[100]])
 
     run(scenario)

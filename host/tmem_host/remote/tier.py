@@ -716,22 +716,30 @@ class RemoteTier:
                 self._cached_bytes += page.nbytes
             cache[page] = now
         bound = self.settings.read_cache_bytes
-        pinned = self._pinned
         scanned = 0
         while self._cached_bytes > bound and cache and scanned < len(cache):
             old, since = next(iter(cache.items()))
             if since == now or (now - since < CACHE_GRACE_S
                                 and self._cached_bytes <= bound * CACHE_HARD_FACTOR):
                 break  # this batch's (moved to the end, all cached at `now`), or young
-            pin = pinned.get(old)
-            if pin is not None and now - pin < PIN_MAX_S:
-                cache.move_to_end(old)  # a get still waits for it
+            if self._waited_for(old, now):
+                cache.move_to_end(old)
                 scanned += 1
                 continue
-            pinned.pop(old, None)
+            self._pinned.pop(old, None)
             del cache[old]
             old.fetched = None
             self._cached_bytes -= old.nbytes
+
+    def _waited_for(self, page: RemotePage, now: float) -> bool:
+        """Whether a get still counts on this page's copy: one whose fetch (of other
+        pages) is queued or in flight holds it, however long that read takes (a get
+        served after its fetch never reads a page again: a copy gone is a MISS, EIO
+        to the guest), or one that the fetch has woken has not taken it yet."""
+        if page in self._holding:
+            return True
+        pin = self._pinned.get(page)
+        return pin is not None and now - pin < PIN_MAX_S
 
     def forget_copies(self) -> int:
         """Empty the read cache now, grace or not (the next gets read the cluster),
@@ -739,7 +747,7 @@ class RemoteTier:
         freed = 0
         now = time.monotonic()
         for page in list(self._cached):
-            if now - self._pinned.get(page, -PIN_MAX_S) >= PIN_MAX_S:
+            if not self._waited_for(page, now):
                 del self._cached[page]
                 page.fetched = None
                 freed += page.nbytes
