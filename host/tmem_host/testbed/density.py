@@ -85,7 +85,7 @@ def phase_command(scenario: Scenario, seed: int) -> str:
     and verified. A build phase has no seed: every build is the same work."""
     params = scenario.params
     if params["phase"] == "build":
-        return build_command(str(params["cflags"]), 1)
+        return build_command(str(params["cflags"]), int(params["jobs"]))
     return (f"python3 -m tmem_workloads.usemem --mib {int(params['hungry_mib'])} --seed {seed} "
             f"--order {params['order']} --passes 1")
 

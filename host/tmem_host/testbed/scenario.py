@@ -110,10 +110,11 @@ WORKLOADS: dict[str, WorkloadSpec] = {
         WorkloadSpec(
             "density",
             "several guests, one host memory budget ([host] budget) for their RAM and tmem; each guest "
-            "alternates hungry phases (a usemem of hungry_mib, or phase = \"build\": gcc building Lua, "
-            "about hungry_mib at its peak) and quiet ones, staggered (or all busy: steady)",
+            "alternates hungry phases (a usemem of hungry_mib, or phase = \"build\": gcc building Lua with "
+            "make -j<jobs>, about hungry_mib at its peak) and quiet ones, staggered (or all busy: steady)",
             {"hungry_mib": 384, "phases": 2, "quiet_s": 20, "stagger_s": 15, "variant": "staggered",
-             "order": "sequential", "floor_mib": 128, "tmem_share": 0.5, "phase": "usemem", "cflags": "-O2"},
+             "order": "sequential", "floor_mib": 128, "tmem_share": 0.5, "phase": "usemem", "cflags": "-O2",
+             "jobs": 1},
             DENSITY_MODES,
             guests_min=2,
         ),

@@ -26,6 +26,7 @@ import base64
 import ctypes
 import io
 import json
+import logging
 import os
 import re
 import shlex
@@ -52,6 +53,12 @@ from tmem_host.vm import accel as accel_probe
 from tmem_host.vm.image import GuestImage, ImageError, require_image
 from tmem_host.vm.recipe import READY_MARKER, REPO_ROOT
 from tmem_wire.agent import DISK_SERIALS, PORT_NAME as TMEM_PORT_NAME
+
+# paramiko's transport thread logs every failed handshake with a traceback (a guest
+# squeezed by its balloon or swapping to a throttled disk may not answer SSH for a
+# while); the launcher retries and raises SshTimeoutError naming the last error, so
+# those lines are noise in a run's terminal.
+logging.getLogger("paramiko.transport").setLevel(logging.CRITICAL)
 
 Accel = Literal["auto", "kvm", "tcg"]
 ResolvedAccel = Literal["kvm", "tcg"]  # what "auto" became: what qemu_command() takes
