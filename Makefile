@@ -7,7 +7,7 @@ SYSDEPS_STAMP := $(VENV)/.system-packages
 VENV_STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: all test stress testbed image bench fuzz typecheck doctor deps clean
+.PHONY: all test stress testbed image bench profile fuzz typecheck doctor deps clean
 
 all: test
 
@@ -39,6 +39,10 @@ typecheck: deps
 
 bench: deps
 	$(PY) -m tmem_host.bench
+
+# Where tmemd's time goes on each hot path (py-spy samples; docs/PERFORMANCE.md).
+profile: deps
+	$(PY) -m tmem_host.bench --profile
 
 fuzz: deps
 	$(PY) -m tmem_host.fuzz --frames 1000000

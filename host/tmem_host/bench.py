@@ -50,10 +50,12 @@ from tmem_host.daemon.main import keep_batch_buffers_on_the_heap
 from tmem_host.daemon.process import TmemdProcess
 from tmem_host.journal.journaled import JournaledStore
 from tmem_host.nbd.client import bench_export
+from tmem_host.profiling import Profile, sampled
 from tmem_host.replies import RemoteStats
 from tmem_host.remote.cluster import LocalCluster
 from tmem_host.remote.rawbench import raw_cluster_rows
 from tmem_host.remote.tier import RemoteSettings
+from tmem_wire import nbd as nbd_wire
 from tmem_wire.abi import Key, Op, PoolFlag, Status, decode_batch_reply
 from tmem_wire.frontswap import PAGE_SIZE, frontswap_keys
 from tmem_workloads.usemem import expected_page, page_templates
@@ -559,6 +561,89 @@ SUITES: list[Callable[[BenchContext], list[Row]]] = [lz4_suite, tmemd_suite, jou
                                                      nbd_suite, redis_suite, remote_suite]
 
 
+# -- profiles ---------------------------------------------------------------------
+
+# How long each hot path runs under py-spy: a few thousand samples at DEFAULT_RATE.
+PROFILE_SECONDS = 8.0
+PROFILE_TOP = 12
+
+
+@dataclass
+class PathProfile:
+    """One of tmemd's hot paths, repeated under py-spy: its rate while sampled
+    (py-spy pauses tmemd for each sample, so a little below the bench row's) and
+    where the samples fell."""
+    name: str
+    pages_per_s: float
+    profile: Profile
+    stacks_path: Path
+
+
+def _repeat(work: Callable[[], int], seconds: float) -> float:
+    """Run ``work`` (returns the pages it moved) until ``seconds`` passed: pages/s."""
+    pages = 0
+    started = time.perf_counter()
+    while (elapsed := time.perf_counter() - started) < seconds:
+        pages += work()
+    return pages / elapsed
+
+
+def profile_paths(ctx: BenchContext, out_dir: Path, seconds: float) -> list[PathProfile]:
+    """tmemd's hot paths one at a time, each sampled alone: batched PUT and GET
+    over the ABI socket, NBD WRITE and READ of BATCH_PAGES-page requests."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pages, keys = ctx.pages, ctx.keys
+    nbd_socket = ctx.daemon.nbd_socket(BENCH_GUEST)
+    results: list[PathProfile] = []
+    with AbiClient.open(ctx.daemon.abi_socket(BENCH_GUEST)) as client:
+        pool_id, _ = client.new_pool(PoolFlag.PERSISTENT)
+        _put_batched(client, pool_id, keys, pages)  # so that the first GET finds them
+
+        def put_batched() -> int:
+            _put_batched(client, pool_id, keys, pages)
+            return len(pages)
+
+        def get_batched() -> int:
+            if _get_batched(client, pool_id, keys) != pages:
+                raise RuntimeError("tmemd returned different pages than were put")
+            return len(pages)
+
+        def nbd(command: nbd_wire.Command) -> Callable[[], int]:
+            def run() -> int:
+                ((_, _, moved, _),) = bench_export(nbd_socket, BENCH_GUEST, pages, commands=(command,),
+                                                   pages_per_request=BATCH_PAGES, depth=BATCH_DEPTH)
+                return moved
+            return run
+
+        paths: list[tuple[str, Callable[[], int]]] = [
+            (f"PUT_BATCH {BATCH_PAGES}p x{BATCH_DEPTH}", put_batched),
+            (f"GET_BATCH {BATCH_PAGES}p x{BATCH_DEPTH}", get_batched),
+            (f"NBD WRITE {BATCH_PAGES}p x{BATCH_DEPTH}", nbd(nbd_wire.Command.WRITE)),
+            (f"NBD READ {BATCH_PAGES}p x{BATCH_DEPTH}", nbd(nbd_wire.Command.READ)),
+        ]
+        for name, work in paths:
+            stacks_path = out_dir / (name.split(" x")[0].replace(" ", "-").lower() + ".txt")
+            with sampled(ctx.daemon.pid, stacks_path):
+                rate = _repeat(work, seconds)
+            results.append(PathProfile(name, rate, Profile.load(stacks_path), stacks_path))
+    return results
+
+
+def render_profiles(results: list[PathProfile]) -> list[Table]:
+    tables = []
+    for result in results:
+        profile = result.profile
+        table = Table(title=f"tmemd {result.name}: {result.pages_per_s:,.0f} pages/s sampled, "
+                            f"busy {profile.busy_share:.0%} of {profile.samples} samples "
+                            f"({result.stacks_path})")
+        for column in ("function (self: on top of the stack)", "self", "total"):
+            table.add_column(column, justify="left" if column.startswith("function") else "right")
+        for share in profile.top(PROFILE_TOP):
+            table.add_row(share.function, f"{share.self_share:.1%}", f"{share.total_share:.1%}")
+        tables.append(table)
+    return tables
+
+
 # -- report ----------------------------------------------------------------------
 
 
@@ -596,6 +681,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pages", type=int, default=32768, help="pages per row (default 128 MiB)")
     parser.add_argument("--quick", action="store_true", help="fewer unpipelined round trips")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--profile", action="store_true",
+                        help="instead of the rows: sample tmemd with py-spy on each hot path "
+                             f"({PROFILE_SECONDS:g} s each), print where the time goes and keep "
+                             "the stacks (collapsed format: flamegraph.pl, speedscope)")
     args = parser.parse_args(argv)
     # The bench's own clients move batch-sized buffers too (same settings as tmemd).
     keep_batch_buffers_on_the_heap()
@@ -607,6 +696,12 @@ def main(argv: list[str] | None = None) -> int:
                          nbd_size=f"{-(-args.pages * PAGE_SIZE // (1 << 20))}M",  # room for every page
                          extra_args=("--log-level", "warning")) as daemon:
         ctx = BenchContext(pages, keys, Path(temp_dir), daemon, args.quick, budget)
+        if args.profile:
+            stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+            profiles = profile_paths(ctx, args.results_dir / f"{stamp}-profile", PROFILE_SECONDS)
+            for table in render_profiles(profiles):
+                Console().print(table)
+            return 0
         # Other work on the host skews every row: record how busy it was.
         ctx.notes["loadavg_before"] = round(os.getloadavg()[0], 2)
         for suite in SUITES:

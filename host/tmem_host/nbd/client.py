@@ -174,8 +174,11 @@ class NbdClient:
 
 
 def bench_export(socket_path: str | Path, export: str, pages: Sequence[bytes], *,
-                 pages_per_request: int = 64, depth: int = 4) -> list[tuple[str, str, int, float]]:
-    """Time WRITE then READ of ``pages`` in ``pages_per_request``-page requests, ``depth`` in flight.
+                 pages_per_request: int = 64, depth: int = 4,
+                 commands: Sequence[nbd.Command] = (nbd.Command.WRITE, nbd.Command.READ),
+                 ) -> list[tuple[str, str, int, float]]:
+    """Time WRITE then READ (``commands``: either alone, a READ of pages written
+    before) of ``pages`` in ``pages_per_request``-page requests, ``depth`` in flight.
 
     Returns (row name, "put" or "get", pages, seconds) per direction, for ``make bench``.
     """
@@ -184,7 +187,8 @@ def bench_export(socket_path: str | Path, export: str, pages: Sequence[bytes], *
                 for start in range(0, len(pages) - pages_per_request + 1, pages_per_request)]
     rows: list[tuple[str, str, int, float]] = []
     with NbdClient(socket_path, export) as client:
-        for command, kind in ((nbd.Command.WRITE, "put"), (nbd.Command.READ, "get")):
+        for command in commands:
+            kind = "put" if command == nbd.Command.WRITE else "get"
             requests = (ClientRequest(command, number * request_bytes, request_bytes,
                                       payload if command == nbd.Command.WRITE else b"")
                         for number, payload in enumerate(payloads))
