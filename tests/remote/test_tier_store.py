@@ -59,6 +59,22 @@ async def settle(store: JournaledStore) -> None:
         await waiter
 
 
+async def put_random_pages(store: JournaledStore, tier: RemoteTier,
+                           count: int) -> tuple[Client, int, list[Key], list[bytes]]:
+    """Guest g1 with a persistent pool of ``count`` random pages, put 64 at a time
+    and durable: its client, the pool, the keys and the pages."""
+    client = store.add_client("g1")
+    await tier.register(client, uuid.uuid4(), None)
+    _, pool_id, _ = store.new_pool(client, True)
+    pages = [os.urandom(PAGE) for _ in range(count)]
+    keys = frontswap_keys(0, range(count))
+    for first in range(0, count, 64):
+        assert store.put_many(client, pool_id, keys[first:first + 64], pages[first:first + 64]) == \
+            [Status.OK] * 64
+    await settle(store)
+    return client, pool_id, keys, pages
+
+
 async def get_all(store: JournaledStore, client: Client, pool_id: int,
                   keys: list[Key]) -> tuple[list[Status], list[bytes]]:
     waiter = store.fetch(client, pool_id, keys)
@@ -324,15 +340,7 @@ def test_a_copy_a_get_waits_for_survives_a_starved_event_loop_until_the_get_take
     async def scenario() -> None:
         async with tiered(tmp_path, redis_cluster, 1 << 20, demote_above=10.0, local_fraction=0.0,
                           read_cache_bytes=4 * (PAGE + 64), read_around=False) as (store, tier):
-            client = store.add_client("g1")
-            await tier.register(client, uuid.uuid4(), None)
-            _, pool_id, _ = store.new_pool(client, True)
-            pages = [os.urandom(PAGE) for _ in range(256)]
-            keys = frontswap_keys(0, range(256))
-            for first in range(0, 256, 64):
-                assert store.put_many(client, pool_id, keys[first:first + 64], pages[first:first + 64]) == \
-                    [Status.OK] * 64
-            await settle(store)
+            client, pool_id, keys, pages = await put_random_pages(store, tier, 256)
             waited = store.fetch(client, pool_id, [keys[7]])
             assert waited is not None
             await waited
@@ -365,18 +373,10 @@ def test_a_copy_a_queued_get_holds_survives_other_batches_while_its_read_is_slow
     async def scenario() -> None:
         async with tiered(tmp_path, redis_cluster, 1 << 20, demote_above=10.0, local_fraction=0.0,
                           read_cache_bytes=4 * (PAGE + 64), read_around=False) as (store, tier):
-            client = store.add_client("g1")
-            await tier.register(client, uuid.uuid4(), None)
-            _, pool_id, _ = store.new_pool(client, True)
+            client, pool_id, keys, pages = await put_random_pages(store, tier, 256)
             pool = client.pools[pool_id]
             guest = tier.guest("g1")
             assert pool is not None and guest is not None
-            pages = [os.urandom(PAGE) for _ in range(256)]
-            keys = frontswap_keys(0, range(256))
-            for first in range(0, 256, 64):
-                assert store.put_many(client, pool_id, keys[first:first + 64], pages[first:first + 64]) == \
-                    [Status.OK] * 64
-            await settle(store)
 
             def master_port(number: int) -> int:
                 oid, index = keys[number]
