@@ -12,23 +12,13 @@ from __future__ import annotations
 
 import argparse
 import random
-import time
-from collections.abc import Callable
 
+from tmem_host.bench import rate
 from tmem_wire import abi
 from tmem_wire.abi import NEED_DATA, Frame, FrameDecoder, Op
 from tmem_wire.frontswap import PAGE_SHIFT, PAGE_SIZE
 
 CHUNK = 64 * 1024
-
-
-def rate(work: Callable[[], int], seconds: float) -> float:
-    """Units per second of `work` (which returns the units it did), over >= seconds."""
-    done = 0
-    start = time.perf_counter()
-    while (elapsed := time.perf_counter() - start) < seconds:
-        done += work()
-    return done / elapsed
 
 
 def decode_stream(stream: bytes) -> int:

@@ -579,13 +579,14 @@ class PathProfile:
     stacks_path: Path
 
 
-def _repeat(work: Callable[[], int], seconds: float) -> float:
-    """Run ``work`` (returns the pages it moved) until ``seconds`` passed: pages/s."""
-    pages = 0
+def rate(work: Callable[[], int], seconds: float) -> float:
+    """Units per second of ``work`` (which returns the units it did), run again
+    and again for at least ``seconds`` (bench/abi_codec.py's rows too)."""
+    done = 0
     started = time.perf_counter()
     while (elapsed := time.perf_counter() - started) < seconds:
-        pages += work()
-    return pages / elapsed
+        done += work()
+    return done / elapsed
 
 
 def profile_paths(ctx: BenchContext, out_dir: Path, seconds: float) -> list[PathProfile]:
@@ -624,8 +625,8 @@ def profile_paths(ctx: BenchContext, out_dir: Path, seconds: float) -> list[Path
         for name, work in paths:
             stacks_path = out_dir / (name.split(" x")[0].replace(" ", "-").lower() + ".txt")
             with sampled(ctx.daemon.pid, stacks_path):
-                rate = _repeat(work, seconds)
-            results.append(PathProfile(name, rate, Profile.load(stacks_path), stacks_path))
+                pages_per_s = rate(work, seconds)
+            results.append(PathProfile(name, pages_per_s, Profile.load(stacks_path), stacks_path))
     return results
 
 
@@ -667,6 +668,11 @@ def render(rows: list[Row], notes: dict[str, object]) -> Table:
     return table
 
 
+def _utc_stamp() -> str:
+    """What names a run's results: 20261206T173751Z."""
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+
+
 def _git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
@@ -697,8 +703,7 @@ def main(argv: list[str] | None = None) -> int:
                          extra_args=("--log-level", "warning")) as daemon:
         ctx = BenchContext(pages, keys, Path(temp_dir), daemon, args.quick, budget)
         if args.profile:
-            stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-            profiles = profile_paths(ctx, args.results_dir / f"{stamp}-profile", PROFILE_SECONDS)
+            profiles = profile_paths(ctx, args.results_dir / f"{_utc_stamp()}-profile", PROFILE_SECONDS)
             for table in render_profiles(profiles):
                 Console().print(table)
             return 0
@@ -710,7 +715,7 @@ def main(argv: list[str] | None = None) -> int:
         ctx.notes["loadavg_after"] = round(os.getloadavg()[0], 2)
     Console().print(render(rows, ctx.notes))
     args.results_dir.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    stamp = _utc_stamp()
     result_path = args.results_dir / f"{stamp}.json"
     result_path.write_text(json.dumps({
         "timestamp": stamp, "commit": _git_commit(), "host": platform.node(),
