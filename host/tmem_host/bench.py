@@ -571,8 +571,8 @@ PROFILE_TOP = 12
 @dataclass
 class PathProfile:
     """One of tmemd's hot paths, repeated under py-spy: its rate while sampled
-    (py-spy pauses tmemd for each sample, so a little below the bench row's) and
-    where the samples fell."""
+    (py-spy pauses tmemd for each sample: about two thirds of the bench row's)
+    and where the samples fell."""
     name: str
     pages_per_s: float
     profile: Profile

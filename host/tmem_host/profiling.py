@@ -10,11 +10,11 @@ so `busy_share` says how much of its threads' time tmemd worked at all.
 
 from __future__ import annotations
 
-import sys
 import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -32,8 +32,9 @@ ATTACH_S = 0.5
 _FRAME = re.compile(r"^(?P<function>.*?) \((?P<file>[^():]+)(?::\d+)?\)$")
 # What comes before a module's path: the checkout, site-packages, the stdlib.
 _MODULE_ROOT = re.compile(r"^.*/(?:(?=tmem_host/|tmem_wire/)|site-packages/|lib/python3\.\d+/)")
-# Where an idle event loop waits: the sample is idle when one of these is on top.
-IDLE_FUNCTIONS = frozenset({"select", "poll", "epoll", "wait", "_run_once"})
+# Where a thread waits: the sample is idle when one of these is on top (the event
+# loop's own _run_once on top is the loop working, not waiting).
+IDLE_FUNCTIONS = frozenset({"select", "poll", "epoll", "wait"})
 
 
 class ProfilerError(Exception):
