@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -366,7 +367,7 @@ def test_a_copy_a_queued_get_holds_survives_other_batches_while_its_read_is_slow
         tmp_path: Path, redis_cluster: LocalCluster) -> None:
     """One get of two pages: one whose copy is here (read before, taken, older than
     CACHE_GRACE_S) and one the tier must read, from a master that is slow (paused).
-    Meanwhile other gets' batches end past the cache's bytes and memory pressure
+    Meanwhile other gets' batches end past the cache's bytes and forget_copies
     empties the cache: the held copy stays, so when the fetch ends both pages read
     back (a get served after its fetch never reads again: a copy gone would be a
     MISS, a guest's lost swap page, as a migrated agent guest once saw)."""
@@ -387,7 +388,8 @@ def test_a_copy_a_queued_get_holds_survives_other_batches_while_its_read_is_slow
             assert await get_all(store, client, pool_id, [keys[7]]) == ([Status.OK], [pages[7]])
             await asyncio.sleep(tier_module.CACHE_GRACE_S + 0.1)  # taken, and old
             slow = master_port(100)
-            others = [number for number in range(101, 256) if master_port(number) != slow][:16]
+            others = list(itertools.islice(
+                (number for number in range(101, 256) if master_port(number) != slow), 16))
             assert len(others) == 16
             with redis_cluster.node_by_port(slow).client() as admin:
                 admin.execute_command("CLIENT", "PAUSE", 1000, "ALL")
