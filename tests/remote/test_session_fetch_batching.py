@@ -25,13 +25,14 @@ from tmem_host.limits import REPLY_BYTES_IN_FLIGHT
 from tmem_host.remote.cluster import LocalCluster
 from tmem_host.remote.tier import RemoteTier
 from tmem_host.store import Client
+from tmem_host.store.tier import RemotePage
 from tmem_wire.abi import (
     ALL_POOLS, NEED_DATA, Frame, FrameDecoder, Hello, Key, Op, Status, decode_batch_reply,
     encode_frame, encode_key_batch,
 )
 from tmem_wire.frontswap import frontswap_keys
 
-from .test_tier_store import tiered
+from .test_tier_store import demote_all, master_port, remote_page, tiered
 
 if TYPE_CHECKING:
     from tmem_host.daemon.runtime import GuestRuntime
@@ -551,3 +552,59 @@ def test_a_page_put_just_before_a_get_that_fetches_is_found(
         assert batch_pages(replies[1]) == [page, host.pages[host.keys[3]]]
 
     with_remote_pages(tmp_path, redis_cluster, BATCH, scenario)
+
+
+def test_a_page_demoted_while_its_get_waits_for_the_tier_is_read_back(
+        tmp_path: Path, redis_cluster: LocalCluster) -> None:
+    """A GET_BATCH of a page in memory and a page the tier must read, from a master
+    that is slow (paused). Meanwhile memory runs short and the demoter moves the
+    first page to the cluster: its copy here is gone when the get is served. The
+    session reads it again rather than answer MISS for a page the cluster has (the
+    lost swap pages of a migrated agent guest, whose new host was demoting what the
+    handoff brought while the guest read)."""
+    async def main() -> None:
+        failures: list[dict[str, Any]] = []
+        asyncio.get_running_loop().set_exception_handler(lambda _loop, context: failures.append(context))
+        async with tiered(tmp_path, redis_cluster, 8 << 20, read_around=False) as (store, tier):
+            client = store.add_client("g1")
+            await tier.register(client, uuid.uuid4(), None)
+            _, pool_id, _ = store.new_pool(client, True)
+            keys = frontswap_keys(0, range(4 * BATCH))
+            pages = [os.urandom(PAGE) for _ in keys]
+            host = Host(store, tier, client, pool_id, keys, dict(zip(keys, pages)))
+
+            def put_all(first: int, count: int) -> None:
+                for start in range(first, first + count, BATCH):
+                    assert store.put_many(client, pool_id, keys[start:start + BATCH],
+                                          pages[start:start + BATCH]) == [Status.OK] * BATCH
+
+            def remote(number: int) -> RemotePage | None:
+                return remote_page(client, pool_id, keys[number])
+
+            def port(number: int) -> int:
+                return master_port(redis_cluster, tier, client, pool_id, keys[number])
+
+            put_all(0, len(keys))
+            await host.settle()
+            await demote_all(store, tier, client, len(keys), 8 << 20)
+            tier.forget_copies()
+            local_master = port(7)
+            put_all(0, BATCH)  # slots 0-63 back in memory, one hash tag
+            await host.settle()
+            assert remote(7) is None
+            wanted = next(number for number in range(BATCH, len(keys)) if port(number) != local_master)
+            connection = await connect(host)
+            with redis_cluster.node_by_port(port(wanted)).client() as admin:
+                admin.execute_command("CLIENT", "PAUSE", 1500, "ALL")
+            await connection.deliver(get_batch(2, pool_id, [keys[7], keys[wanted]]))
+            await asyncio.sleep(0.05)
+            assert not connection.replies_so_far()  # waiting for the paused master
+            await demote_all(store, tier, client, len(keys), 8 << 20)
+            demoted = remote(7)
+            assert demoted is not None and demoted.fetched is None and demoted.pending is None
+            (reply,) = await connection.replies(1)
+            assert batch_pages(reply) == [pages[7], pages[wanted]]
+            assert tier.guest_stats("g1")["get_missing"] == 0  # type: ignore[index]
+        assert failures == []
+
+    asyncio.run(main())

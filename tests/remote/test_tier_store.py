@@ -60,6 +60,35 @@ async def settle(store: JournaledStore) -> None:
         await waiter
 
 
+def remote_page(client: Client, pool_id: int, key: Key) -> RemotePage | None:
+    """The page's RemotePage, or None if it is in memory."""
+    pool = client.pools[pool_id]
+    assert pool is not None
+    value = pool.objects[key[0]][key[1]]
+    return value if isinstance(value, RemotePage) else None
+
+
+def master_port(cluster: LocalCluster, tier: RemoteTier, client: Client, pool_id: int, key: Key) -> int:
+    """The port of the master that holds this remote page (of its hash tag)."""
+    guest = tier.guest(client.name)
+    page = remote_page(client, pool_id, key)
+    assert guest is not None and page is not None
+    return cluster.master_of(page_key(guest, pool_id, *key, page.version)).port
+
+
+async def demote_all(store: JournaledStore, tier: RemoteTier, client: Client, pages: int,
+                     budget: int) -> None:
+    """Shrink the budget until the demoter has moved all ``pages`` of the client to
+    the cluster (written and acknowledged), then give ``budget`` back."""
+    store.set_budget(64 << 10)
+    tier.pressure()
+    deadline = asyncio.get_running_loop().time() + 30
+    while client.remote_pages < pages or store.make_durable() is not None:
+        assert asyncio.get_running_loop().time() < deadline, "the demoter did not finish"
+        await asyncio.sleep(0.001)
+    store.set_budget(budget)
+
+
 async def put_random_pages(store: JournaledStore, tier: RemoteTier,
                            count: int) -> tuple[Client, int, list[Key], list[bytes]]:
     """Guest g1 with a persistent pool of ``count`` random pages, put 64 at a time
@@ -369,27 +398,20 @@ def test_a_copy_a_queued_get_holds_survives_other_batches_while_its_read_is_slow
     CACHE_GRACE_S) and one the tier must read, from a master that is slow (paused).
     Meanwhile other gets' batches end past the cache's bytes and forget_copies
     empties the cache: the held copy stays, so when the fetch ends both pages read
-    back (a get served after its fetch never reads again: a copy gone would be a
-    MISS, a guest's lost swap page, as a migrated agent guest once saw)."""
+    back (a copy gone would cost the get a second read, Store.fetch's ``again``;
+    before that it was a MISS, a guest's lost swap page)."""
     async def scenario() -> None:
         async with tiered(tmp_path, redis_cluster, 1 << 20, demote_above=10.0, local_fraction=0.0,
                           read_cache_bytes=4 * (PAGE + 64), read_around=False) as (store, tier):
             client, pool_id, keys, pages = await put_random_pages(store, tier, 256)
-            pool = client.pools[pool_id]
-            guest = tier.guest("g1")
-            assert pool is not None and guest is not None
 
-            def master_port(number: int) -> int:
-                oid, index = keys[number]
-                page = pool.objects[oid][index]
-                assert isinstance(page, RemotePage)
-                return redis_cluster.master_of(page_key(guest, pool_id, oid, index, page.version)).port
+            def port(number: int) -> int:
+                return master_port(redis_cluster, tier, client, pool_id, keys[number])
 
             assert await get_all(store, client, pool_id, [keys[7]]) == ([Status.OK], [pages[7]])
             await asyncio.sleep(tier_module.CACHE_GRACE_S + 0.1)  # taken, and old
-            slow = master_port(100)
-            others = list(itertools.islice(
-                (number for number in range(101, 256) if master_port(number) != slow), 16))
+            slow = port(100)
+            others = list(itertools.islice((number for number in range(101, 256) if port(number) != slow), 16))
             assert len(others) == 16
             with redis_cluster.node_by_port(slow).client() as admin:
                 admin.execute_command("CLIENT", "PAUSE", 1000, "ALL")

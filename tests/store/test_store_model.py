@@ -323,6 +323,7 @@ class MemoryTier:
               held: list[RemotePage]) -> asyncio.Future[None]:
         for _, _, page in pages:
             page.fetched = self.copies.get(page.version)
+            page.read_failed = page.fetched is None
         done: asyncio.Future[None] = self.loop.create_future()
         done.set_result(None)
         return done

@@ -247,17 +247,18 @@ class AbiSession(asyncio.BufferedProtocol):
                         if served > negotiated.max_in_flight and not resumed:
                             raise _Refusal(Status.INVALID, f"more than {negotiated.max_in_flight}"
                                            " requests in flight")
-                        # A get that joined the fetch just done is served as it is now:
+                        # A get that joined the fetch just done is served as it is now,
+                        # but for copies gone meanwhile (pages demoted while it waited):
                         # a page the tier could not read back misses, it is not fetched
                         # again. A get held over to a later pass fetches again if it must.
-                        if (opcode in _GETS and not (resumed and id(frame) in fetched)
-                                and (waiter := self._prefetch(frame)) is not None):
+                        if (opcode in _GETS and (waiter := self._prefetch(
+                                frame, again=resumed and id(frame) in fetched)) is not None):
                             taken_ahead.appendleft(frame)
                             if fetched:
-                                # Not in this pass: that fetch skipped the pages the
-                                # tier still holds from the last one, which it forgets
-                                # when this pass is over. The next pass (from the event
-                                # loop) asks again; its reads join what this one asked.
+                                # Not in this pass: a fetch in the pass right after one
+                                # would skip the pages that one read. The next pass
+                                # (from the event loop) asks again, and its reads join
+                                # what this one asked.
                                 waiter = None
                                 refetch = True
                             else:
@@ -368,10 +369,10 @@ class AbiSession(asyncio.BufferedProtocol):
                 payload = max(payload, BATCH_HEADER_SIZE + count + 8 + (count << page_shift))
         return HEADER_SIZE + payload
 
-    def _prefetch(self, frame: Frame) -> asyncio.Future[None] | None:
+    def _prefetch(self, frame: Frame, *, again: bool = False) -> asyncio.Future[None] | None:
         """Before a GET or GET_BATCH: a future if its pages must first be read back
         from the remote tier (None: they are in memory, or the request is bad and
-        its handler says so)."""
+        its handler says so). ``again``: its fetch is done (Store.fetch)."""
         assert self.guest is not None
         client = self.guest.client
         if not self.store.may_fetch(client, frame.pool_id):
@@ -383,7 +384,7 @@ class AbiSession(asyncio.BufferedProtocol):
                 keys = decode_key_batch(frame.payload)
             except ProtocolError:
                 return None
-        return self.store.fetch(client, frame.pool_id, keys)
+        return self.store.fetch(client, frame.pool_id, keys, again=again)
 
     def _undecodable(self, transport: asyncio.Transport, out: _Chunks, served: int,
                      error: ProtocolError) -> None:

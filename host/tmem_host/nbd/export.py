@@ -218,14 +218,15 @@ class DiskExport:
                 and request.offset + request.length <= self.size_bytes
                 and request.length <= MAX_PAYLOAD)
 
-    def prefetch(self, request: nbd.Request) -> asyncio.Future[None] | None:
+    def prefetch(self, request: nbd.Request, *, again: bool = False) -> asyncio.Future[None] | None:
         """Before serving a READ: a future if some of its pages must first be read
-        back from the remote tier (None: all in memory, or not a valid READ)."""
+        back from the remote tier (None: all in memory, or not a valid READ).
+        ``again``: its fetch is done (Store.fetch)."""
         pool_id = self._pool_id
         if pool_id is None or not self._valid_read(request) or not self.store.may_fetch(self.client, pool_id):
             return None
         keys = self._fetch_keys(request.offset >> PAGE_SHIFT, request.length >> PAGE_SHIFT)
-        return self.store.fetch(self.client, pool_id, keys) if keys else None
+        return self.store.fetch(self.client, pool_id, keys, again=again) if keys else None
 
     def _invalid(self, request: nbd.Request, why: str,
                  error: int = nbd.Error.EINVAL) -> tuple[int, bytes | bytearray]:
@@ -528,11 +529,8 @@ class NbdExport(DiskExport):
         slot = 0
         while slot < self.slots:
             slots, slot = self._tmem_slots(slot, pages_per_step)
-            if slots and self._pool_id is not None:
-                waiter = self.store.fetch(self.client, self._pool_id,
-                                          frontswap_keys(SWAP_TYPE, slots))
-                if waiter is not None:  # remote pages: read back first
-                    await waiter
+            if slots and self._pool_id is not None:  # remote pages: read back first
+                await self.store.read_back(self.client, self._pool_id, frontswap_keys(SWAP_TYPE, slots))
             moved += self._drain_slots(slots)
             await asyncio.sleep(0)
         return moved
@@ -915,8 +913,9 @@ class NbdConnection(asyncio.Protocol):
         export = self.export
         while True:
             event: nbd.ClientEvent | nbd.NeedData | nbd.Paused
-            # A READ resumed after its fetch is served as it is now: a page the
-            # tier could not read back fails it (EIO), it is not fetched again.
+            # A READ resumed after its fetch is served as it is now, but for copies
+            # gone meanwhile (pages demoted while it waited): a page the tier could
+            # not read back fails it (EIO), it is not fetched again.
             resumed = bool(self._resumed)
             event = self._resumed.popleft() if resumed else codec.next_event()
             # Requests a backlog held over to a later pass fetch again if they must.
@@ -928,9 +927,9 @@ class NbdConnection(asyncio.Protocol):
             if isinstance(event, nbd.Request):
                 if event.command == nbd.Command.DISC:
                     continue  # the codec reports ConnectionClosed next
-                waiter = None if fetched else export.prefetch(event)
+                waiter = export.prefetch(event, again=fetched)
                 if waiter is not None:
-                    if resumed:  # held over by a backlog: first again, alone
+                    if resumed:  # held over by a backlog, or a copy gone: first again, alone
                         self._resumed.appendleft(event)
                         self._fetching = [event]
                         self._fetch_waiter = waiter

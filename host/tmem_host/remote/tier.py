@@ -662,6 +662,8 @@ class RemoteTier:
         if guest is None or not self.reachable or self._closed:
             if guest is not None:
                 guest.counters["get_unreachable"] += len(pages)
+            for _, _, page in pages:
+                page.read_failed = True
             missed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             missed.set_result(None)  # they miss: EIO to the guest, never wrong data
             return missed
@@ -916,6 +918,7 @@ class RemoteTier:
             counters = read.guest.counters
             if read.key in unread:
                 counters["get_unreachable"] += not read.prefetch
+                read.page.read_failed |= not read.prefetch
                 continue
             value = by_key.get(read.key)
             stored = decode_value(read.key, read.page.version, value)
@@ -924,7 +927,9 @@ class RemoteTier:
                 if stored is not None:
                     counters["prefetched"] += 1
                     read.page.fetched = stored
+                    read.page.read_failed = False
                 continue
+            read.page.read_failed = stored is None
             if stored is None:
                 # An ephemeral page's key may expire or be evicted: a plain miss.
                 counters["get_errors" if value is not None else

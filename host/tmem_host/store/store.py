@@ -469,9 +469,17 @@ class Store:
         pool = _pool_of(client, pool_id)
         return pool is not None and pool.remote_pages > 0
 
-    def fetch(self, client: Client, pool_id: int, keys: Sequence[Key]) -> asyncio.Future[None] | None:
+    def fetch(self, client: Client, pool_id: int, keys: Sequence[Key], *,
+              again: bool = False) -> asyncio.Future[None] | None:
         """Before a get of ``keys``: None if every page is in memory, else a future
-        that completes once the tier has read the others back (get them then)."""
+        that completes once the tier has read the others back (get them then).
+
+        ``again``: the get's fetch has ended and it is about to be served. A page
+        the tier failed to read then misses (its read is not repeated, or a get of
+        a page the cluster lost would wait forever); a copy gone since, one that
+        was local and has been demoted meanwhile, or one dropped from the read
+        cache, is read again (else the get would miss a page that is there:
+        EIO to the guest, as a migrated guest once saw)."""
         pool = _pool_of(client, pool_id)
         if pool is None or not pool.remote_pages or self.tier is None:
             return None
@@ -482,11 +490,20 @@ class Store:
             obj = objects.get(oid)
             value = obj.get(index) if obj is not None else None
             if type(value) is RemotePage:
-                if value.pending is None and value.fetched is None:
-                    wanted.append((oid, index, value))
-                else:
+                if value.pending is not None or value.fetched is not None:
                     held.append(value)
+                elif not (again and value.read_failed):
+                    wanted.append((oid, index, value))
         return self.tier.fetch(pool, wanted, held) if wanted else None
+
+    async def read_back(self, client: Client, pool_id: int, keys: Sequence[Key]) -> None:
+        """fetch() and wait, again until nothing is left to read: then (before the
+        caller yields to the event loop) every page of ``keys`` the tier could
+        read has its copy here."""
+        waiter = self.fetch(client, pool_id, keys)
+        while waiter is not None:
+            await waiter
+            waiter = self.fetch(client, pool_id, keys, again=True)
 
     # -- the tier's side: demotion, and writes that failed ------------------------
 

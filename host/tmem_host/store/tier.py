@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from .store import Pool
 
 #: A remote page's local metadata beyond a persistent page's: the RemotePage
-#: object (4 slots, 72 bytes) and its version int (36), sys.getsizeof on 3.11.
+#: object (5 slots, 72 bytes) and its version int (36), sys.getsizeof on 3.11.
 REMOTE_PAGE_EXTRA_BYTES: Final = 112
 
 
@@ -31,15 +31,18 @@ class RemotePage:
     checksum, so an older copy can never be taken for it). ``nbytes`` is what it
     costs the tier. ``pending`` holds the stored form while the tier's write is
     in flight (gets are served from it); ``fetched`` holds a copy the tier read
-    back for a get in progress."""
+    back for a get in progress. ``read_failed``: the tier's last read of it for a
+    get found no valid copy (missing, damaged, unreachable): the gets that read
+    waited for miss rather than read again (``Store.fetch(again=True)``)."""
 
-    __slots__ = ("version", "nbytes", "pending", "fetched")
+    __slots__ = ("version", "nbytes", "pending", "fetched", "read_failed")
 
     def __init__(self, version: int, nbytes: int, pending: StoredPage | None = None) -> None:
         self.version = version
         self.nbytes = nbytes
         self.pending = pending
         self.fetched: StoredPage | None = None
+        self.read_failed = False
 
     def __repr__(self) -> str:
         return f"RemotePage(version={self.version}, nbytes={self.nbytes})"
@@ -61,7 +64,8 @@ class PageTier(Protocol):
     def fetch(self, pool: Pool, pages: list[tuple[Oid, int, RemotePage]],
               held: list[RemotePage]) -> asyncio.Future[None]:
         """Read these pages back (into ``page.fetched``); the future completes when
-        every read has ended, whether it found the page or not. ``held``: pages of
+        every read has ended, whether it found the page or not (then it sets
+        ``page.read_failed``; a read that finds it clears it). ``held``: pages of
         the same gets whose copy is here already (written or read before): they
         must still have it when the future's waiters run."""
 

@@ -1,0 +1,86 @@
+"""The NBD export over a remote tier on a real Redis Cluster, served in-process
+(the export and its connections on this test's event loop, a real NBD client in
+a thread): a READ that waits for the tier still gets every page it asks for."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from pathlib import Path
+
+from tmem_host.nbd.client import NbdClient
+from tmem_host.nbd.export import NbdConnection, NbdExport
+from tmem_host.remote.cluster import LocalCluster
+from tmem_host.store.tier import RemotePage
+from tmem_wire import nbd
+from tmem_wire.frontswap import PAGE_SIZE, frontswap_keys
+
+from .test_tier_store import demote_all, master_port, remote_page, settle, tiered
+
+GROUP = 64  # slots that share a hash tag (docs/REMOTE.md)
+BUDGET = 8 << 20
+
+
+def test_a_page_demoted_while_its_read_waits_for_the_tier_is_read_back(
+        tmp_path: Path, redis_cluster: LocalCluster) -> None:
+    """A READ of two slots: one in memory, one the tier must read from a master that
+    is slow (paused). Meanwhile memory runs short and the demoter moves the first
+    to the cluster. The READ reads it again, rather than fail with EIO for a page
+    the cluster has."""
+    async def main() -> None:
+        async with tiered(tmp_path, redis_cluster, BUDGET, read_around=False) as (store, tier):
+            client = store.add_client("g1")
+            await tier.register(client, uuid.uuid4(), None)
+            export = NbdExport(store, client, name="g1", size_bytes=16 << 20,
+                               fallback_path=tmp_path / "g1.fallback")
+            socket_path = tmp_path / "g1.nbd.sock"
+            server = await asyncio.get_running_loop().create_unix_server(
+                lambda: NbdConnection(export), str(socket_path))
+            nbd_client = NbdClient(socket_path, "g1")
+            await asyncio.to_thread(nbd_client.connect)
+            try:
+                slots = 8 * GROUP
+                data = os.urandom(slots * PAGE_SIZE)
+                keys = frontswap_keys(0, range(slots))
+
+                async def write(first: int, count: int) -> None:
+                    error = await asyncio.to_thread(nbd_client.write, first * PAGE_SIZE,
+                                                    data[first * PAGE_SIZE:(first + count) * PAGE_SIZE])
+                    assert error == nbd.Error.OK
+                    await settle(store)
+
+                await write(0, slots)
+                pool_id = next(number for number, pool in enumerate(client.pools) if pool is not None)
+
+                def remote(slot: int) -> RemotePage | None:
+                    return remote_page(client, pool_id, keys[slot])
+
+                def port(slot: int) -> int:
+                    return master_port(redis_cluster, tier, client, pool_id, keys[slot])
+
+                await demote_all(store, tier, client, slots, BUDGET)
+                tier.forget_copies()
+                # Two neighbouring hash tags on different masters: the READ spans both.
+                boundary = next(first for first in range(GROUP, slots, GROUP)
+                                if port(first - 1) != port(first))
+                await write(boundary - GROUP, GROUP)  # back in memory
+                assert remote(boundary - 1) is None
+                with redis_cluster.node_by_port(port(boundary)).client() as admin:
+                    admin.execute_command("CLIENT", "PAUSE", 1500, "ALL")
+                read = asyncio.ensure_future(asyncio.to_thread(
+                    nbd_client.read, (boundary - 1) * PAGE_SIZE, 2 * PAGE_SIZE))
+                await asyncio.sleep(0.1)
+                assert not read.done()  # waiting for the paused master
+                await demote_all(store, tier, client, slots, BUDGET)
+                demoted = remote(boundary - 1)
+                assert demoted is not None and demoted.fetched is None and demoted.pending is None
+                error, payload = await read
+                assert error == nbd.Error.OK
+                assert payload == data[(boundary - 1) * PAGE_SIZE:(boundary + 1) * PAGE_SIZE]
+            finally:
+                await asyncio.to_thread(nbd_client.close)
+                server.close()
+                export.close()
+
+    asyncio.run(main())
