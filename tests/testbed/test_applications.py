@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 
-from tmem_host.testbed import commandload, kvload, report, runner
+from tmem_host.testbed import commandload, density, report, runner
 from tmem_host.testbed.modes import MODES
 from tmem_host.testbed.scenario import ScenarioError, parse_scenario
 from tmem_host.vm import image
-from tmem_workloads import build
+from tmem_workloads import build, kv
 from tmem_workloads.usemem import page_templates
 
 RECORDED = Path(__file__).parent / "data" / "run-recorded.json"
@@ -50,21 +50,21 @@ BENCHMARK_OUTPUT = (
 
 
 def test_redis_benchmark_figures_whole_and_cut() -> None:
-    figures = kvload.parse_redis_benchmark(BENCHMARK_OUTPUT, 5000)
+    figures = kv.parse_redis_benchmark(BENCHMARK_OUTPUT, 5000)
     assert figures == {"requests": 5000, "requests_per_s": 104166.66, "avg_ms": 0.023, "p50_ms": 0.023,
                        "p99_ms": 0.079, "p999_ms": 0.463, "max_ms": 1.151}
     # Any part missing (a crashed run, another tool's output) is an error, not zeros.
     for cut in ("Summary:", "Latency by percentile", "throughput summary"):
         with pytest.raises(ValueError, match="not redis-benchmark's output"):
-            kvload.parse_redis_benchmark(BENCHMARK_OUTPUT.split(cut)[0], 5000)
+            kv.parse_redis_benchmark(BENCHMARK_OUTPUT.split(cut)[0], 5000)
 
 
 def test_kv_keys_are_the_ones_redis_benchmark_draws() -> None:
     # -r N makes redis-benchmark GET key:__rand_int__, a 12-digit number below N.
-    assert kvload.KEY_FORMAT.format(42) == "key:000000000042"
-    params = kvload.KvParams(mib=64, value_bytes=4000, requests=100, clients=4, seed=1)
+    assert kv.KEY_FORMAT.format(42) == "key:000000000042"
+    params = kv.KvParams(mib=64, value_bytes=4000, requests=100, clients=4, seed=1)
     assert params.keys == (64 << 20) // 4000
-    values = dict(kvload._values(params, 0, 3, page_templates(1)))
+    values = dict(kv.values(params, 0, 3, page_templates(1)))
     assert len(values) == 3 and len(set(values.values())) == 3  # stamped: no two equal
     assert all(len(value) == 4000 for value in values.values())
 
@@ -108,10 +108,23 @@ def test_build_and_kv_phases() -> None:
     assert isinstance(bigmem, str) and "echo max >" in bigmem
     # bigmem's RAM covers the guest's RAM (the build has no ratio) plus headroom.
     assert runner.guest_memory_mib(scenario, MODES["bigmem"]) == 256 + runner.BIGMEM_HEADROOM_MIB
-    kv = parse_scenario({**data, "workload": {"kind": "kv", "ratio": 0.5}}, "k.toml")
-    (phase,) = runner.workload_phases(kv, MODES["tmem-blk"], 0, 0)
+    server = parse_scenario({**data, "workload": {"kind": "kv", "ratio": 0.5}}, "k.toml")
+    (phase,) = runner.workload_phases(server, MODES["tmem-blk"], 0, 0)
     assert callable(phase)  # driven from the host
-    assert runner.working_set_mib(kv) == 128
+    assert runner.working_set_mib(server) == 128
+
+
+def test_a_density_phase_can_be_the_kv_server() -> None:
+    workload: dict[str, Any] = {"kind": "density", "phase": "kv", "hungry_mib": 96, "requests": 500, "clients": 2}
+    data = {"modes": ["tmem"], "guests": {"count": 2}, "host": {"budget": "512M"}, "workload": workload}
+    scenario = parse_scenario(data, "d.toml")
+    command = density.phase_command(scenario, 7)
+    assert command == ("python3 -m tmem_workloads.kv --start-server --mib 96 --value-bytes 4000 "
+                       "--requests 500 --clients 2 --seed 7")
+    # Each phase's data set is its work, as usemem's working set is.
+    assert density.work_unit(scenario.params) == (96.0, "MiB/min")
+    with pytest.raises(ScenarioError, match="workload.phase"):
+        parse_scenario({**data, "workload": {**workload, "phase": "memcached"}}, "d.toml")
 
 
 def test_the_build_checks_its_answer() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -107,6 +108,17 @@ def test_agent_source_is_shared_read_only_and_importable(guest: Guest) -> None:
     assert result.stdout.split() == ["/opt/tmem/guest/tmem_guest/__init__.py",
                                      "/opt/tmem/wire/tmem_wire/__init__.py"]
     assert guest.ssh("touch /opt/tmem/guest/x", check=False).exit_status != 0
+
+
+def test_the_kv_phase_runs_redis_of_its_own_in_the_guest(guest: Guest) -> None:
+    """The density scenario's kv phase: the image's redis-server and redis-benchmark,
+    driven by tmem_workloads.kv inside the guest, every value read back."""
+    result = guest.ssh("python3 -m tmem_workloads.kv --start-server --mib 4 --requests 300 --clients 2",
+                       timeout=300)
+    figures = json.loads(result.stdout)
+    assert figures["verified"] and figures["dbsize"] == (4 << 20) // 4000
+    assert figures["latency"]["requests"] == 300 and figures["latency"]["p99_ms"] > 0
+    assert guest.ssh("pgrep -x redis-server", check=False).exit_status != 0  # shut down with the phase
 
 
 def test_reclaim_sysctls_are_applied(guest: Guest) -> None:

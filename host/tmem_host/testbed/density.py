@@ -15,9 +15,12 @@ plus tmem, and each alternates memory-hungry phases with quiet ones. The policie
 The monitor records every second what each guest holds (balloon actual, or its
 RAM) and tmemd's used bytes and budget: a policy held its budget when their sum
 never exceeded M. A guest's hungry phase is a verified usemem of hungry_mib, or
-(phase = "build") an application: gcc building Lua 5.4 and checking the built
-interpreter (tmem_workloads.build), whose peak is about hungry_mib; the alone
-reference runs the same phase in one guest with enough RAM.
+an application: gcc building Lua 5.4 and checking the built interpreter
+(phase = "build", tmem_workloads.build), whose peak is about hungry_mib; or
+redis-server holding hungry_mib of values, loaded, benchmarked with
+redis-benchmark's GETs and read back, all inside the guest (phase = "kv",
+tmem_workloads.kv). The alone reference runs the same phase in one guest with
+enough RAM.
 """
 
 from __future__ import annotations
@@ -86,6 +89,10 @@ def phase_command(scenario: Scenario, seed: int) -> str:
     params = scenario.params
     if params["phase"] == "build":
         return build_command(str(params["cflags"]), int(params["jobs"]))
+    if params["phase"] == "kv":
+        return (f"python3 -m tmem_workloads.kv --start-server --mib {int(params['hungry_mib'])} "
+                f"--value-bytes {int(params['value_bytes'])} --requests {int(params['requests'])} "
+                f"--clients {int(params['clients'])} --seed {seed}")
     return (f"python3 -m tmem_workloads.usemem --mib {int(params['hungry_mib'])} --seed {seed} "
             f"--order {params['order']} --passes 1")
 
@@ -98,7 +105,8 @@ def build_command(cflags: str, jobs: int) -> str:
 
 def work_unit(params: Mapping[str, object]) -> tuple[float, str]:
     """What one completed phase counts as work, and the unit of work per minute:
-    a usemem phase its working set (MiB), a build phase one build."""
+    a usemem phase its working set (MiB), a kv phase its data set (MiB, each
+    value written, benchmarked and read back), a build phase one build."""
     if params.get("phase") == "build":
         return 1.0, "builds/min"
     return float(str(params.get("hungry_mib", 0))), "MiB/min"

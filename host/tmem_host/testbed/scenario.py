@@ -80,8 +80,9 @@ SWAP_MODES = tuple(name for name, mode in MODES.items()
 DENSITY_MODES = tuple(name for name, mode in MODES.items() if mode.density)
 DENSITY_VARIANTS = ("staggered", "steady")
 # A density guest's hungry phase: usemem's verified working set, or an application
-# (gcc building Lua: tmem_workloads.build, a real program that checks its result).
-DENSITY_PHASES = ("usemem", "build")
+# that checks its result (gcc building Lua: tmem_workloads.build; redis-server
+# loaded, benchmarked and verified in the guest: tmem_workloads.kv).
+DENSITY_PHASES = ("usemem", "build", "kv")
 PAGECACHE_MODES = ("bigmem", "disk-hdd", "disk-hostcache", "tmem-agent", "tmem-cache", "tmem-cache-around",
                    "tmem-cache-shared")
 
@@ -110,11 +111,12 @@ WORKLOADS: dict[str, WorkloadSpec] = {
         WorkloadSpec(
             "density",
             "several guests, one host memory budget ([host] budget) for their RAM and tmem; each guest "
-            "alternates hungry phases (a usemem of hungry_mib, or phase = \"build\": gcc building Lua with "
-            "make -j<jobs>, about hungry_mib at its peak) and quiet ones, staggered (or all busy: steady)",
+            "alternates hungry phases (a usemem of hungry_mib; phase = \"build\": gcc building Lua with "
+            "make -j<jobs>, about hungry_mib at its peak; phase = \"kv\": redis-server holding hungry_mib, "
+            "redis-benchmark GETs, every value verified) and quiet ones, staggered (or all busy: steady)",
             {"hungry_mib": 384, "phases": 2, "quiet_s": 20, "stagger_s": 15, "variant": "staggered",
              "order": "sequential", "floor_mib": 128, "tmem_share": 0.5, "phase": "usemem", "cflags": "-O2",
-             "jobs": 1},
+             "jobs": 1, "value_bytes": 4000, "requests": 20000, "clients": 4},
             DENSITY_MODES,
             guests_min=2,
         ),
