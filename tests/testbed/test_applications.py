@@ -123,8 +123,6 @@ def test_a_density_phase_can_be_the_kv_server() -> None:
                        "--requests 500 --clients 2 --seed 7")
     # Each phase's data set is its work, as usemem's working set is.
     assert density.work_unit(scenario.params) == (96.0, "MiB/min")
-    with pytest.raises(ScenarioError, match="workload.phase"):
-        parse_scenario({**data, "workload": {**workload, "phase": "memcached"}}, "d.toml")
 
 
 def test_the_build_checks_its_answer() -> None:

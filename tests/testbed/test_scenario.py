@@ -136,7 +136,7 @@ def test_a_density_phase_can_be_an_application(tmp_path: Path) -> None:
         (('budget = "768M"', 'budget = "256M"'), "workload.floor_mib: 4 guests of at least 128 MiB do not fit"),
         (('kind = "density"', 'kind = "density"\ntmem_share = 1.5'), "workload.tmem_share: must be a fraction"),
         (('kind = "density"', 'kind = "density"\nvariant = "busy"'), "workload.variant: must be one of staggered, steady"),
-        (('kind = "density"', 'kind = "density"\nphase = "kv"'), "workload.phase: must be one of usemem, build"),
+        (('kind = "density"', 'kind = "density"\nphase = "memcached"'), "workload.phase: must be one of usemem, build, kv"),
     ],
 )
 def test_density_mistakes(tmp_path: Path, edit: tuple[str, str], message: str | None) -> None:
