@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -133,6 +134,57 @@ def test_channel_drop_reattaches_the_same_pool_and_keeps_its_pages(tmemd: TmemdP
         assert into == page(5)
     finally:
         session.stop()
+
+
+def serve_like_tmemd_until(listener: socket.socket, connections: int, refuse: abi.Op) -> None:
+    """A peer that speaks the ABI as tmemd does for ``connections`` connections
+    (HELLO, STATS of no pools, NEW_POOL) but answers every ``refuse`` request with
+    PROTOCOL_ERROR: what the ABI lets a server say of a frame it cannot take."""
+    for _ in range(connections):
+        connection, _ = listener.accept()
+        decoder = abi.FrameDecoder()
+        with connection:
+            while data := connection.recv(1 << 16):
+                decoder.feed(data)
+                while isinstance(frame := decoder.next_frame(), abi.Frame):
+                    if frame.opcode == abi.Op.HELLO:
+                        reply = abi.reply_to(frame, abi.Status.OK, abi.Hello().encode())
+                    elif frame.opcode == abi.Op.STATS:
+                        reply = abi.reply_to(frame, abi.Status.OK, abi.encode_pool_stats([]))
+                    elif frame.opcode == abi.Op.NEW_POOL:
+                        reply = abi.reply_to(frame, abi.Status.OK, abi.encode_pool_grant(abi.PoolFlag.PERSISTENT),
+                                             pool_id=3)
+                    else:
+                        assert frame.opcode == refuse
+                        reply = abi.reply_to(frame, abi.Status.PROTOCOL_ERROR, b"cannot take this frame")
+                    connection.sendall(abi.encode_frame(reply))
+
+
+def test_a_protocol_error_reply_starts_the_session_over_and_is_never_read_as_misses(tmp_path: Path) -> None:
+    """A server answers a frame it cannot take with PROTOCOL_ERROR (the stream is
+    unusable until a resync, docs/ABI.md). The call fails as ChannelDown (the swap
+    frontend retries a read once the session is back) and the session says HELLO
+    again: a GET_BATCH's pages were not looked up, so they never read as lost
+    (before, they came back as misses: EIO for swap pages tmemd still holds)."""
+    path = tmp_path / "peer.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(str(path))
+        listener.listen()
+        peer = threading.Thread(target=serve_like_tmemd_until, args=(listener, 2, abi.Op.GET_BATCH), daemon=True)
+        peer.start()
+        session = Session(UnixSocketChannel(path), backoff_max=0.2, request_timeout=10)
+        pool = session.register_pool(persistent=True)
+        session.start()
+        try:
+            assert session.wait_up(10)
+            keys = [frontswap_key(0, slot) for slot in range(8)]
+            with pytest.raises(ChannelDown, match="tmemd refused GET_BATCH: cannot take this frame"):
+                session.get_batch(pool, keys, [memoryview(bytearray(PAGE_SIZE)) for _ in keys])
+            assert wait_until(lambda: session.connections == 2 and session.is_up, 10)
+        finally:
+            session.stop()
+            peer.join(10)
+        assert not peer.is_alive()
 
 
 def test_tmemd_restart_calls_fail_fast_then_the_pool_resumes_or_is_created_afresh(
