@@ -255,10 +255,9 @@ class AbiSession(asyncio.BufferedProtocol):
                                 frame, again=resumed and id(frame) in fetched)) is not None):
                             taken_ahead.appendleft(frame)
                             if fetched:
-                                # Not in this pass: a fetch in the pass right after one
-                                # would skip the pages that one read. The next pass
-                                # (from the event loop) asks again, and its reads join
-                                # what this one asked.
+                                # Not in this pass: the pass resumed from a fetch serves
+                                # what that fetch covered. The next pass (from the event
+                                # loop) asks again, and its reads join what this one asked.
                                 waiter = None
                                 refetch = True
                             else:
