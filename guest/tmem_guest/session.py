@@ -453,11 +453,9 @@ class Session:
             if reply is None:
                 raise ChannelDown("tmemd session went down with the request in flight")
             if reply.status == Status.PROTOCOL_ERROR:
-                # tmemd does not take this stream for a session: its host side
-                # reconnected unseen (a chardev that came back while the guest was
-                # paused, after a migration's restore) and the new connection never
-                # saw HELLO. Start over: the reply answers nothing (a GET_BATCH's
-                # pages are not missing, they were not looked up).
+                # The stream is unusable until a resync (docs/ABI.md): start over
+                # with a HELLO. The reply answers nothing: a GET_BATCH's pages are
+                # not missing, they were not looked up.
                 if self._mark_down(generation):
                     log.warning("tmemd refused %s (%s): session down, saying HELLO again",
                                 opcode.name, abi.error_text(reply))

@@ -143,9 +143,7 @@ async def _read_back(store: Store, client: Client, pool_id: int, pool: Pool,
     unreadable = 0
     for start in range(0, len(remote), FETCH_PAGES):
         batch = remote[start:start + FETCH_PAGES]
-        future = store.fetch(client, pool_id, [snapshot[position][:2] for position in batch])
-        if future is not None:
-            await future
+        await store.read_back(client, pool_id, [snapshot[position][:2] for position in batch])
         for position in batch:
             oid, index, page = snapshot[position]
             assert type(page) is RemotePage
