@@ -204,3 +204,42 @@ def test_a_density_run_of_builds_counts_builds_per_minute() -> None:
     assert report.density_sentences(run)[0].endswith(
         "tmem did the most work: 0.60 verified builds per minute, against static 0.30 (+100% for tmem, "
         "too few runs to test).")
+
+
+def test_a_density_run_of_kv_phases_reports_the_servers_latency_per_phase() -> None:
+    def phase(get_per_s: float, p999: float) -> dict[str, Any]:
+        return {"verified": True, "total_s": 50.0, "load_s": 20.0, "bench_s": 30.0, "verify_s": 10.0,
+                "latency": {"requests": 100, "requests_per_s": get_per_s, "avg_ms": 1.0, "p50_ms": 1.0,
+                            "p99_ms": 9.0, "p999_ms": p999, "max_ms": 50.0}}
+
+    record = {"makespan_s": 100.0, "committed_peak_bytes": 500 << 20, "budget_bytes": 512 << 20}
+    alone = {"mode": report.DENSITY_ALONE, "guest": "g0", "repetition": 0, "ok": True, "wall_s": 10.0,
+             "workload": phase(6000.0, 2.0)}
+    # static: one phase per guest; tmem: g0 ran two phases (its workload's bursts);
+    # a guest that failed verification is left out.
+    static = [{"mode": "static", "guest": f"g{i}", "repetition": 0, "ok": True, "tmemd": None,
+               "workload": {**phase(200.0 + 100 * i, 100.0), "phase_s": [50.0]}, **({"density": record} if i == 0 else {})}
+              for i in range(2)]
+    tmem = [{"mode": "tmem", "guest": "g0", "repetition": 0, "ok": True, "tmemd": None, "density": record,
+             "workload": {**phase(400.0, 60.0), "bursts": [phase(400.0, 60.0), phase(600.0, 80.0)],
+                          "phase_s": [50.0, 50.0]}},
+            {"mode": "tmem", "guest": "g1", "repetition": 0, "ok": False, "tmemd": None,
+             "workload": {**phase(1.0, 1.0), "phase_s": [50.0]}}]
+    run = cast(RunRecord, {
+        "scenario": {"workload": "density", "name": "density-kv", "modes": ["static", "tmem"], "repetitions": 1,
+                     "guests": {"count": 2}, "budget_bytes": 512 << 20, "baseline": "static",
+                     "params": {"phase": "kv", "hungry_mib": 100}},
+        "samples": [alone, *static, *tmem], "metadata": {},
+    })
+    assert report.application_columns(run)[:4] == ("policy", "phases", "GET/s", "p50 ms")
+    rows = {row[0]: row for row in report.application_rows(run)}
+    assert list(rows) == ["alone", "static", "tmem"]
+    assert rows["alone"][:3] == ["alone", "1", "6000"] and rows["static"][:3] == ["static", "2", "250"]
+    assert rows["tmem"] == ["tmem", "2", "500", "1.00", "9.00", "70.00", "50.00", "20.0", "30.0", "10.0"]
+    sentences = report.finding_sentences(run)
+    assert "The server's p99.9 GET latency was lowest with tmem (70.0 ms), then static 100.0 ms." in sentences
+    markdown = "\n".join(report.application_lines(run))
+    assert "| policy | phases | GET/s |" in markdown and "Means per hungry phase" in markdown
+    # A usemem density run has no application table.
+    run["scenario"]["params"]["phase"] = "usemem"
+    assert report.application_rows(run) == [] and report.application_lines(run) == []

@@ -723,7 +723,8 @@ def finding_sentences(run: RunRecord) -> list[str]:
     """What the run found, in a few generated sentences: the winner, by how much and
     how sure, the order of the rest, host memory, and the calibration caveat."""
     if run["scenario"]["workload"] == "density":
-        return density_sentences(run) + _calibration_sentences(run, run["scenario"]["modes"])
+        return (density_sentences(run) + _kv_sentences(run, run["scenario"]["modes"])
+                + _calibration_sentences(run, run["scenario"]["modes"]))
     baseline = run["scenario"]["baseline"]
     rows = [row for row in summarize_run(run) if row.wall is not None and not row.key.endswith(" migrated")]
     floors = [row for row in rows if (known := MODES.get(row.mode)) is not None and known.enough_memory]
@@ -774,12 +775,11 @@ def disk_gap_sentences(rows: Sequence[ModeRow]) -> list[str]:
 
 def _kv_sentences(run: RunRecord, modes: Sequence[str]) -> list[str]:
     """The key-value server's tail: what its users feel of a swapping server."""
-    if run["scenario"]["workload"] != "kv":
+    if _application(run) not in ("kv", "density-kv"):
         return []
     tails = {}
     for mode in modes:
-        value = _mean(s["workload"]["latency"]["p999_ms"] for s in run["samples"]
-                      if s["mode"] == mode and s.get("ok") and "latency" in (s.get("workload") or {}))
+        value = _mean(w["latency"]["p999_ms"] for w in _application_results(run, mode) if "latency" in w)
         if value is not None:
             tails[mode] = value
     if len(tails) < 2:
@@ -832,11 +832,14 @@ def _metadata_lines(run: RunRecord) -> list[str]:
 
 # The application workloads' own figures, per mode: (column, what a sample's
 # workload result gives for it); means over the runs that verified.
+KV_FIGURES: tuple[tuple[str, Callable[[Mapping[str, Any]], float | None]], ...] = (
+    ("GET/s", lambda w: w["latency"]["requests_per_s"]), ("p50 ms", lambda w: w["latency"]["p50_ms"]),
+    ("p99 ms", lambda w: w["latency"]["p99_ms"]), ("p99.9 ms", lambda w: w["latency"]["p999_ms"]),
+    ("max ms", lambda w: w["latency"]["max_ms"]), ("load s", lambda w: w["load_s"]),
+    ("benchmark s", lambda w: w["bench_s"]))
 APPLICATION_FIGURES: dict[str, tuple[tuple[str, Callable[[Mapping[str, Any]], float | None]], ...]] = {
-    "kv": (("GET/s", lambda w: w["latency"]["requests_per_s"]), ("p50 ms", lambda w: w["latency"]["p50_ms"]),
-           ("p99 ms", lambda w: w["latency"]["p99_ms"]), ("p99.9 ms", lambda w: w["latency"]["p999_ms"]),
-           ("max ms", lambda w: w["latency"]["max_ms"]), ("load s", lambda w: w["load_s"]),
-           ("benchmark s", lambda w: w["bench_s"])),
+    "kv": KV_FIGURES,
+    "density-kv": (*KV_FIGURES, ("verify s", lambda w: w["verify_s"])),
     "build": (("build s", lambda w: w["build_s"]), ("extract s", lambda w: w["extract_s"]),
               ("check s", lambda w: w.get("check_s")), ("objects", lambda w: w["objects"])),
     "command": (("metric", lambda w: w.get("metric")), ("run s", lambda w: w["total_s"])),
@@ -846,45 +849,74 @@ APPLICATION_NOTES = {
            "forwarded port (one request in flight per connection); latency percentiles from its HDR "
            "histogram (the first bucket at or above the percentile). load s: SETting the set, pipelined; "
            "every value was read back and compared after the benchmark."),
+    "density-kv": ("Means per hungry phase (alone: the same phase in one guest with enough RAM, the "
+                   "slowdown reference). redis-benchmark's GETs of random keys, run in the guest beside its "
+                   "server (one request in flight per connection); latency percentiles from its HDR histogram. "
+                   "load s: SETting the phase's values, pipelined; verify s: reading every value back and "
+                   "comparing, after the benchmark."),
     "build": ("Means per run. build s: make -j<vCPUs> of Lua 5.4 in the workload's memory cgroup; check s: the "
               "built interpreter running a program whose answer the workload checks."),
     "command": "Means per run. metric: the number the scenario's metric pattern found in run's output.",
 }
 
 
+def _application(run: RunRecord) -> str | None:
+    """The application whose own figures the run has: its workload, or a density
+    run's kv phase (APPLICATION_FIGURES and APPLICATION_NOTES key)."""
+    scenario = run["scenario"]
+    if scenario["workload"] == "density":
+        return "density-kv" if scenario["params"].get("phase") == "kv" else None
+    return scenario["workload"] if scenario["workload"] in APPLICATION_FIGURES else None
+
+
+def _application_results(run: RunRecord, mode: str) -> list[Mapping[str, Any]]:
+    """The mode's verified results: one per run, or in a density run one per hungry
+    phase (a guest's phases are its workload's `bursts`)."""
+    workloads: list[Mapping[str, Any]] = [s["workload"] for s in run["samples"]
+                                          if s["mode"] == mode and s.get("ok") and s.get("workload")]
+    if run["scenario"]["workload"] != "density":
+        return workloads
+    return [phase for workload in workloads for phase in workload.get("bursts", [workload])]
+
+
 def application_columns(run: RunRecord) -> tuple[str, ...]:
-    figures = APPLICATION_FIGURES.get(run["scenario"]["workload"], ())
-    names = [name for name, _ in figures]
-    if run["scenario"]["workload"] == "command":
+    application = _application(run)
+    names = [name for name, _ in APPLICATION_FIGURES.get(application or "", ())]
+    if application == "command":
         names[0] = str(run["scenario"]["params"].get("metric_name") or "metric")
-    return ("mode", "runs", *names)
+    return ("policy", "phases", *names) if application == "density-kv" else ("mode", "runs", *names)
 
 
 def application_rows(run: RunRecord) -> list[list[str]]:
-    figures = APPLICATION_FIGURES.get(run["scenario"]["workload"])
-    if figures is None:
+    application = _application(run)
+    if application is None:
         return []
+    figures = APPLICATION_FIGURES[application]
+    # A density run's policies after the reference: the same phase alone with enough RAM.
+    modes = [DENSITY_ALONE, *run["scenario"]["modes"]] if application == "density-kv" else run["scenario"]["modes"]
     rows = []
-    for mode in run["scenario"]["modes"]:
-        workloads = [s["workload"] for s in run["samples"]
-                     if s["mode"] == mode and s.get("ok") and s.get("workload")]
-        if workloads:
-            rows.append([mode, str(len(workloads)),
-                         *(_fmt(_mean(figure(w) for w in workloads), ".0f" if name in ("GET/s", "objects") else
+    for mode in modes:
+        if results := _application_results(run, mode):
+            rows.append([mode, str(len(results)),
+                         *(_fmt(_mean(figure(w) for w in results), ".0f" if name in ("GET/s", "objects") else
                                 ".2f" if name.endswith("ms") else ".1f") for name, figure in figures)])
     return rows
+
+
+def application_note(run: RunRecord) -> str:
+    return APPLICATION_NOTES[_application(run) or ""]
 
 
 def application_lines(run: RunRecord) -> list[str]:
     rows = application_rows(run)
     if not rows:
         return []
-    return ["## Application", "", *_markdown_rows(application_columns(run), rows), "",
-            APPLICATION_NOTES[run["scenario"]["workload"]], ""]
+    return ["## Application", "", *_markdown_rows(application_columns(run), rows), "", application_note(run), ""]
 
 
 def application_table(run: RunRecord) -> Table | None:
-    return _detail_table(f"{run['scenario']['name']}: the application's own figures (means per run)",
+    unit = "per phase" if _application(run) == "density-kv" else "per run"
+    return _detail_table(f"{run['scenario']['name']}: the application's own figures (means {unit})",
                          application_columns(run), application_rows(run))
 
 
@@ -1113,7 +1145,7 @@ def render_html(run: RunRecord, plots: Mapping[str, bytes]) -> str:
                   f"<p>{html.escape(DENSITY_NOTE)}</p>") + remote
     if applications := application_rows(run):
         remote = (f"<h2>Application</h2>{_html_table(application_columns(run), applications)}"
-                  f"<p>{html.escape(APPLICATION_NOTES[scenario['workload']])}</p>") + remote
+                  f"<p>{html.escape(application_note(run))}</p>") + remote
     if memory := memory_rows(run):
         remote = (f"<h2>Host memory</h2>{_html_table(MEMORY_COLUMNS, memory)}"
                   f"<p>{html.escape(MEMORY_NOTE)}</p>") + remote
