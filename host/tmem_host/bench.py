@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
+import queue
 import random
 import shutil
 import socket
@@ -39,6 +41,8 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from math import ceil
+from multiprocessing.queues import Queue
+from multiprocessing.synchronize import Barrier
 from pathlib import Path
 
 import lz4.block
@@ -272,6 +276,86 @@ def journal_suite(ctx: BenchContext) -> list[Row]:
                       COMPACTION_PAGES, lambda: JournaledStore(
                           store.budget_bytes, state_dir=state_dir).add_client(BENCH_GUEST)))
     return rows
+
+
+# -- several guests at once ---------------------------------------------------------
+
+GUEST_COUNT = 4
+GUEST_ROUNDS = 2
+GUEST_TIMEOUT_S = 600.0
+
+
+def _put_as_guest(socket_path: Path, keys: Sequence[Key], pages: Sequence[bytes],
+                  start: Barrier, spans: Queue[tuple[float, float]]) -> None:
+    """One guest's PUT_BATCHes, in a process of its own (forked: the pages are
+    inherited), once ``start`` lets every guest go; puts (started, ended) on ``spans``."""
+    with AbiClient.open(socket_path) as client:
+        pool_id, _ = client.new_pool(PoolFlag.PERSISTENT)
+        start.wait(timeout=GUEST_TIMEOUT_S)  # BrokenBarrierError if another guest never came
+        started = time.monotonic()  # CLOCK_MONOTONIC: one clock for every process
+        _put_batched(client, pool_id, keys, pages)
+        spans.put((started, time.monotonic()))
+
+
+def guests_suite(ctx: BenchContext) -> list[Row]:
+    """PUT_BATCH from GUEST_COUNT guests at once into one tmemd, each guest a
+    client process of its own with a quarter of the pages (BATCH_DEPTH frames in
+    flight each): the aggregate rate from the first start to the last end, against
+    one guest putting all the pages alone into the same tmemd (best of
+    GUEST_ROUNDS each, alternated)."""
+    names = [f"{BENCH_GUEST}{number}" for number in range(GUEST_COUNT)]
+    share = len(ctx.pages) // GUEST_COUNT
+    processes = multiprocessing.get_context("fork")
+    alone: Row | None = None
+    together: Row | None = None
+    with TmemdProcess(ctx.run_dir / "guests", budget=ctx.budget, guests=tuple(names),
+                      extra_args=("--log-level", "warning")) as daemon:
+        for _ in range(GUEST_ROUNDS):
+            with AbiClient.open(daemon.abi_socket(names[0])) as client:
+                pool_id, _ = client.new_pool(PoolFlag.PERSISTENT)
+                row = timed("tmemd PUT_BATCH one guest (of the 4-guest tmemd)", "put", share * GUEST_COUNT,
+                            lambda: _put_batched(client, pool_id, ctx.keys[:share * GUEST_COUNT],
+                                                 ctx.pages[:share * GUEST_COUNT]))
+                client.destroy_pool(pool_id)
+            alone = row if alone is None or row.seconds < alone.seconds else alone
+            start, spans = processes.Barrier(GUEST_COUNT), processes.Queue()
+            workers = [processes.Process(target=_put_as_guest, args=(
+                daemon.abi_socket(name), ctx.keys[number * share:(number + 1) * share],
+                ctx.pages[number * share:(number + 1) * share], start, spans))
+                for number, name in enumerate(names)]
+            for worker in workers:
+                worker.start()
+            ran: list[tuple[float, float]] = []
+            try:
+                deadline = time.monotonic() + GUEST_TIMEOUT_S
+                while len(ran) < len(workers):
+                    try:
+                        ran.append(spans.get(timeout=0.5))
+                    except queue.Empty:
+                        if any(worker.exitcode for worker in workers) or time.monotonic() > deadline:
+                            start.abort()  # the guests still waiting to start give up
+                            raise RuntimeError("a guest's client failed or hung: exit codes "
+                                               f"{[worker.exitcode for worker in workers]}") from None
+            finally:
+                for worker in workers:
+                    worker.join(timeout=10)
+                    if worker.is_alive():
+                        worker.kill()
+                        worker.join()
+            seconds = max(end for _, end in ran) - min(begin for begin, _ in ran)
+            row = Row(f"tmemd PUT_BATCH {GUEST_COUNT} guests at once (aggregate)", "put",
+                      share * GUEST_COUNT, seconds)
+            together = row if together is None or row.seconds < together.seconds else together
+            with daemon.control() as control:  # every page landed, in its guest's pool
+                clients = control.stats()["store"]["clients"]
+                short = {name: clients[name]["pages"] for name in names if clients[name]["pages"] < share}
+                if short:
+                    raise RuntimeError(f"pages held after {share} put per guest: {short}")
+                for name in names:
+                    control.request("flush", guest=name)
+    assert alone is not None and together is not None
+    ctx.notes["guests_aggregate_vs_one"] = round(together.pages_per_s / alone.pages_per_s, 3)
+    return [alone, together]
 
 
 def _batch_statuses(client: AbiClient, request_id: int) -> list[Status]:
@@ -557,7 +641,7 @@ def _fill_memory(daemon: TmemdProcess, budget: int) -> None:
 
 
 # Suites run in this order.
-SUITES: list[Callable[[BenchContext], list[Row]]] = [lz4_suite, tmemd_suite, journal_suite,
+SUITES: list[Callable[[BenchContext], list[Row]]] = [lz4_suite, tmemd_suite, journal_suite, guests_suite,
                                                      nbd_suite, redis_suite, remote_suite]
 
 
@@ -658,6 +742,11 @@ def render(rows: list[Row], notes: dict[str, object]) -> Table:
                         f"{notes.get('tmemd_ratio')}, load {notes.get('loadavg_before')})")
     for column in ("operation", "pages/s", "MB/s", "vs redis SET pipelined", "vs lz4"):
         table.add_column(column, justify="left" if column == "operation" else "right")
+    # The ratios between rows that are not against Redis or lz4 (durability levels,
+    # several guests against one, the remote tier against the raw cluster).
+    ratios = [f"{key.replace('_', ' ')}: {value}x" for key, value in notes.items()
+              if "_vs_" in key and isinstance(value, float)]
+    table.caption = "; ".join(ratios) or None
     for row in rows:
         ceiling = ceilings.get(row.kind)
         table.add_row(
