@@ -471,9 +471,16 @@ def test_command_scenario_end_to_end(tmp_path: Path) -> None:
     assert workload["metric_name"] == "bogo ops" and workload["metric"] > 0, workload["output_tail"]
     assert sample["vmstat"]["pswpout"] > 1_000  # 96 MiB in a 64 MiB cgroup
     assert "| mode | runs | bogo ops | run s |" in (results / "report.md").read_text()
-    # A verify command that fails makes the sample fail verification (exit 1).
-    failing = TINY_COMMAND.replace('verify = "! dmesg', 'verify = "false && ! dmesg')
+    # A verify command that fails makes the sample fail verification (exit 1). Its
+    # run needs no swapping: what fails here is the verify step, after a run that passed.
+    failing = "\n".join(
+        'run = "grep -qx ready /root/cmd/state"' if line.startswith("run = ")
+        else line.replace('verify = "', 'verify = "false && ') if line.startswith("verify = ") else line
+        for line in TINY_COMMAND.splitlines())
+    assert 'verify = "false && ' in failing
     scenario = tmp_path / "failing.toml"
     scenario.write_text(failing.replace("tiny-command", "tiny-command-failing"))
     result = run_testbed("run", str(scenario), "--results", str(tmp_path / "failing"), timeout=900)
     assert result.returncode == 1, result.stderr[-2000:]
+    (sample,) = json.loads((tmp_path / "failing" / "latest" / "run.json").read_text())["samples"]
+    assert sample["workload"]["run_exit"] == 0 and sample["workload"]["verify_exit"] == 1 and not sample["verified"]
