@@ -71,6 +71,15 @@ def test_qmp_reports_running_and_the_accelerator_verdict(guest: Guest, image: Gu
     assert guest.accel == accel.verdict(image).accel
 
 
+def test_an_emulated_cpu_has_no_rep_movsb_fast_strings(guest: Guest) -> None:
+    # Under TCG the guest must not see ERMS/FSRM: its kernel would copy and clear
+    # pages with rep movsb/stosb, one byte per pass of QEMU 7.2's TCG (launcher.TCG_CPU_MODEL).
+    flags = guest.ssh("grep -m1 '^flags' /proc/cpuinfo").stdout.split()
+    if guest.accel == "tcg":
+        assert "erms" not in flags and "fsrm" not in flags, flags
+        assert "sse4_2" in flags and "avx2" in flags  # the rest of -cpu max stays
+
+
 def test_tmem_port_is_named_and_connected_to_tmemd(guest: Guest) -> None:
     names = guest.ssh("cat /sys/class/virtio-ports/*/name").stdout.split()
     assert TMEM_PORT_NAME in names

@@ -111,7 +111,7 @@ def test_every_configuration_keeps_the_invariants(label: str, accel: ResolvedAcc
 
 def test_tcg_is_q35_with_the_max_cpu() -> None:
     argv = build("tcg")
-    assert argv[5:13] == ["-name", "g1", "-M", "q35", "-accel", "tcg", "-cpu", "max"]
+    assert argv[5:13] == ["-name", "g1", "-M", "q35", "-accel", "tcg", "-cpu", "max,-erms,-fsrm"]
     assert "kvm" not in argv and "host" not in argv
 
 
@@ -258,7 +258,7 @@ def test_tmem_blk_guest_exactly() -> None:
     key = base64.b64encode(PUBLIC_KEY.encode()).decode()
     assert argv == [
         "qemu-system-x86_64", "-chardev", "socket,id=mon,fd=7", "-mon", "chardev=mon,mode=control",
-        "-name", "g1", "-M", "q35", "-accel", "tcg", "-cpu", "max", "-m", "256", "-smp", "1",
+        "-name", "g1", "-M", "q35", "-accel", "tcg", "-cpu", "max,-erms,-fsrm", "-m", "256", "-smp", "1",
         "-nodefaults", "-display", "none", "-no-reboot",
         "-chardev", "file,id=console,path=/run-dir/console.log", "-serial", "chardev:console",
         "-kernel", "/img/vmlinux", "-initrd", "/img/initrd.img",
