@@ -215,6 +215,11 @@ def test_random_reads_through_cached_disks_private_and_shared_end_to_end(tmp_pat
     shared = samples[("tmem-cache-shared", "g1")]["workload"]["pass_tmemd"][0]
     assert private["hits"] < 0.3 * private["gets"] and shared["hits"] > 0.9 * shared["gets"] > 1_500, \
         (private, shared)
+    # A record is one page and one NBD READ of one page: the file system's blocks
+    # are pages (with 1 KiB blocks QEMU widened each read to two aligned pages).
+    for mode in ("tmem-cache", "tmem-cache-shared"):
+        reader = samples[(mode, "g1")]["tmemd"]["cached_disk"]  # g1 only reads
+        assert reader["writes"] == 0 and reader["request_pages_histogram"]["1"] > 0.95 * reader["reads"], reader
     assert samples[("tmem-cache-shared", "g1")]["tmemd"]["cached_disk"]["shared_pool"] is not None
     assert samples[("tmem-cache", "g1")]["tmemd"]["cached_disk"]["shared_pool"] is None
     report = (results / "report.md").read_text()
