@@ -1,0 +1,170 @@
+"""What one 4 KiB read of a data disk costs: tmemd's cached disk against a file in
+the host page cache and against qemu-nbd, QEMU's own NBD server (C), over the same image.
+
+    .venv/bin/python bench/disk_latency.py [--reads 4000] [--where host,guest]
+
+host: a depth-1 NBD client on the host reads random pages of a 32 MiB image
+(every page read once before, so tmemd's pool and the host page cache hold them)
+from tmemd's cached disk and from qemu-nbd (--cache=writeback), then the same at
+depth 16. guest: a fresh 192 MiB TCG guest per variant reads random pages of its
+data disk with O_DIRECT, one at a time, three passes over the same pages (the first
+fills tmemd's pool; the guest's page cache holds none of them): the disk as a file
+in the host page cache (QEMU's file driver, the testbed's disk-hostcache), the
+image through qemu-nbd, the image through tmemd's cached disk (QEMU's NBD client
+both). Prints µs per read and one JSON line. docs/PERFORMANCE.md, "The cached
+disk's reads", says what the figures showed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shlex
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from tmem_host.bench import mixed_pages
+from tmem_host.daemon.process import TmemdProcess
+from tmem_host.nbd.client import ClientRequest, NbdClient
+from tmem_host.vm.launcher import Guest, VmConfig
+from tmem_wire import nbd
+from tmem_wire.agent import DISK_SERIALS
+from tmem_wire.frontswap import PAGE_SIZE
+
+IMAGE_MIB = 32
+EXPORT = "g1"
+QEMU_NBD_START_S = 5.0
+# In the guest: random O_DIRECT page reads of the data disk (found by its serial:
+# no udev), the same pages each pass; µs per read for each pass.
+GUEST_READER = """
+import mmap, os, random, time
+from pathlib import Path
+(name,) = [entry.parent.name for entry in Path("/sys/block").glob("*/serial")
+           if entry.read_text().strip() == {serial!r}]
+fd = os.open("/dev/" + name, os.O_RDONLY | os.O_DIRECT)
+pages = os.lseek(fd, 0, os.SEEK_END) // 4096
+buffer = mmap.mmap(-1, 4096)
+offsets = [random.Random(2).randrange(pages) * 4096 for _ in range({reads})]
+passes = []
+for _ in range(3):
+    started = time.perf_counter()
+    for offset in offsets:
+        os.preadv(fd, [buffer], offset)
+    passes.append(round((time.perf_counter() - started) / len(offsets) * 1e6, 1))
+print(passes)
+"""
+
+
+def write_image(path: Path) -> None:
+    path.write_bytes(b"".join(mixed_pages(IMAGE_MIB * 256)))
+
+
+@contextmanager
+def qemu_nbd(image: Path, socket_path: Path) -> Iterator[Path]:
+    """qemu-nbd serving ``image`` (export EXPORT) on ``socket_path``, through the
+    host page cache, up to 4 clients."""
+    process = subprocess.Popen(["qemu-nbd", "--socket", str(socket_path), "--format", "raw",
+                                "--export-name", EXPORT, "--cache=writeback", "--shared", "4",
+                                str(image)])
+    try:
+        deadline = time.monotonic() + QEMU_NBD_START_S
+        while not socket_path.exists():
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"qemu-nbd did not listen on {socket_path} (exit {process.poll()})")
+            time.sleep(0.02)
+        yield socket_path
+    finally:
+        process.terminate()
+        process.wait()
+
+
+@contextmanager
+def cached_disk(image: Path, work_dir: Path) -> Iterator[Path]:
+    """tmemd serving ``image`` as guest EXPORT's cached disk."""
+    with TmemdProcess(work_dir / "tmemd", budget="512M", guests=(f"{EXPORT}:cached-disk={image}",)) as daemon:
+        yield daemon.disk_socket(EXPORT)
+
+
+def host_reads(socket_path: Path, reads: int) -> dict[str, float]:
+    """µs per random page READ at depth 1 and 16 (best of two runs each)."""
+    pages = IMAGE_MIB * 256
+    offsets = [random.Random(1).randrange(pages) * PAGE_SIZE for _ in range(reads)]
+    with NbdClient(socket_path, EXPORT) as client:
+        for first in range(0, pages, 64):  # every page read once: cached from now on
+            client.read(first * PAGE_SIZE, 64 * PAGE_SIZE)
+        result: dict[str, float] = {}
+        for depth in (1, 16):
+            best = float("inf")
+            for _ in range(2):
+                requests = (ClientRequest(nbd.Command.READ, offset, PAGE_SIZE, b"") for offset in offsets)
+                started = time.perf_counter()
+                if any(reply.error for reply in client.run(requests, depth)):
+                    raise RuntimeError(f"a READ from {socket_path} failed")
+                best = min(best, (time.perf_counter() - started) / reads * 1e6)
+            result[f"depth {depth}"] = round(best, 1)
+    return result
+
+
+def guest_reads(work_dir: Path, reads: int, **disk: object) -> list[float]:
+    """µs per read for each of the three passes, in a guest whose data disk is ``disk``."""
+    config = VmConfig(name=EXPORT, memory_mib=192, data_disk_mib=IMAGE_MIB, run_dir=work_dir / "guest",
+                      **disk)  # type: ignore[arg-type]
+    with Guest(config) as guest:
+        if config.data_disk_speed == "hostcache":  # a scratch file: give it data, as the image has
+            guest.ssh(f"for d in /sys/block/*; do [ \"$(cat $d/serial 2>/dev/null)\" = {DISK_SERIALS['data']} ]"
+                      f" && dd if=/dev/urandom of=/dev/$(basename $d) bs=1M count={IMAGE_MIB} oflag=direct"
+                      " status=none; done")
+        script = GUEST_READER.format(serial=DISK_SERIALS["data"], reads=reads)
+        output = guest.ssh(f"python3 -c {shlex.quote(script)}", timeout=900).stdout
+    passes: list[float] = json.loads(output.strip().splitlines()[-1])
+    return passes
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reads", type=int, default=4000)
+    parser.add_argument("--where", default="host,guest")
+    arguments = parser.parse_args()
+    where = set(arguments.where.split(","))
+    results: dict[str, object] = {}
+    with tempfile.TemporaryDirectory(prefix="disk-latency-") as temp:
+        work = Path(temp)
+        image = work / "image.raw"
+        write_image(image)
+        variants: list[tuple[str, Callable[[Path], object]]] = []
+        if "host" in where:
+            def host_tmemd(run: Path) -> object:
+                with cached_disk(image, run) as socket_path:
+                    return host_reads(socket_path, arguments.reads * 5)
+
+            def host_qemu_nbd(run: Path) -> object:
+                with qemu_nbd(image, run / "qemu-nbd.sock") as socket_path:
+                    return host_reads(socket_path, arguments.reads * 5)
+            variants += [("host: tmemd cached disk", host_tmemd), ("host: qemu-nbd", host_qemu_nbd)]
+        if "guest" in where:
+            def guest_file(run: Path) -> object:
+                return guest_reads(run, arguments.reads, data_disk_speed="hostcache")
+
+            def guest_qemu_nbd(run: Path) -> object:
+                with qemu_nbd(image, run / "qemu-nbd.sock") as socket_path:
+                    return guest_reads(run, arguments.reads, data_disk_speed="nbd", data_nbd_socket=socket_path)
+
+            def guest_tmemd(run: Path) -> object:
+                with cached_disk(image, run) as socket_path:
+                    return guest_reads(run, arguments.reads, data_disk_speed="nbd", data_nbd_socket=socket_path)
+            variants += [("guest: file in the host page cache", guest_file),
+                         ("guest: qemu-nbd", guest_qemu_nbd), ("guest: tmemd cached disk", guest_tmemd)]
+        for name, measure in variants:
+            run_dir = Path(tempfile.mkdtemp(dir=work))
+            results[name] = measure(run_dir)
+            print(f"{name}: µs per 4 KiB read {results[name]}", flush=True)
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
