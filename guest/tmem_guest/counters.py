@@ -69,6 +69,7 @@ COUNTER_NAMES = (
     "gets",  # pages asked of tmem
     "hits",  # pages tmem returned
     "misses",  # pages tmem did not have
+    "misses_known",  # of those, pages never put (cache): read without asking tmem
     "flushes",  # pages (or objects) invalidated in tmem
     "bytes_put",  # payload bytes of accepted puts
     "bytes_got",  # payload bytes of hits

@@ -4,19 +4,22 @@ the file system calls it from its worker threads.
 
 Keys: object = (backing inode, 0, 0), index = page number in the file.
 
-A read asks tmem first (one GET_BATCH for the read's pages). What missed is read
-from the backing file, and a *fill* PUTs those pages before the read returns.
-(Answering the kernel first and putting in a thread of its own was measured and
-was slower: on the guest's one emulated vCPU the extra thread costs more than the
-put's round trip it hides; docs/AGENT.md.)
+A read asks tmem first (one GET_BATCH for the read's pages that may be there:
+PutPages). What missed is read from the backing file, and a *fill* posts the PUT
+of those pages before the read returns: the frame is on the channel, its reply
+is handled later by the session's reader thread. (A fill in a thread of its own
+after the reply was measured and was slower: on the guest's one emulated vCPU
+the extra thread costs more than the put's round trip it hides; docs/AGENT.md.
+Posting needs no thread: the reader wakes for the reply either way.)
 
 Invalidation races: a fill puts what the backing file held when the read ran; a
 write through the mount may land between that read and the put. Each inode has a
 write generation (a seqlock: odd while a change is in progress), taken before the
 read. A fill puts only if the generation is still the one it took, and it checks
-and puts under the fill lock, which every change takes to begin: so a change
-either begins after the put (and its invalidation flushes what was put, which was
-the file's content until then) or before the check (and the fill puts nothing).
+and sends the put under the fill lock, which every change takes to begin: so a
+change either begins after the put was sent (its invalidation, sent later on the
+same channel, flushes what was put, which was the file's content until then) or
+before the check (and the fill puts nothing).
 No moment exists where tmem holds a page older than the file. An invalidation
 that cannot reach tmemd (channel down) marks the pool untrusted: it is treated as
 empty and recreated on reconnect.
@@ -30,7 +33,8 @@ import os
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Final
 
 from tmem_guest.counters import Counters
 from tmem_guest.session import ChannelDown, Session, SessionPool
@@ -47,6 +51,45 @@ def object_id(inode: int) -> Oid:
     return (inode, 0, 0)
 
 
+class PutPages:
+    """The pages of each file that tmem took from this mount: the only ones a GET
+    can find. A read of any other page is a miss without a round trip to tmemd
+    (on a cold pass, every read). A bit is set once tmem accepted the page and is
+    never cleared for a flush or an eviction: such a page costs a GET that
+    misses, as it did without this. So the filter can only save GETs that would
+    miss; it never decides what data a read returns.
+
+    One bit per page, in chunks of 2^CHUNK_SHIFT pages per file that grow to the
+    highest page set (a sparse read far into a file costs part of one chunk, not
+    the file). Marks come from one thread, the session's reader, as fills'
+    replies arrive; tests from any thread (a stale answer costs a GET that misses, or a read of the file
+    for a page tmem held: never other data).
+    """
+
+    CHUNK_SHIFT: Final = 15  # 32768 pages (128 MiB of file) a chunk, 4 KiB at most
+
+    def __init__(self) -> None:
+        self._files: dict[int, dict[int, bytearray]] = {}
+
+    def mark(self, inode: int, pages: Sequence[int]) -> None:
+        chunks = self._files.setdefault(inode, {})
+        for page in pages:
+            bit = page & ((1 << self.CHUNK_SHIFT) - 1)
+            chunk = chunks.setdefault(page >> self.CHUNK_SHIFT, bytearray())
+            if len(chunk) <= bit >> 3:
+                chunk.extend(bytes((bit >> 3) + 1 - len(chunk)))
+            chunk[bit >> 3] |= 1 << (bit & 7)
+
+    def may_hold(self, inode: int, page: int) -> bool:
+        chunk = self._files.get(inode, {}).get(page >> self.CHUNK_SHIFT)
+        bit = page & ((1 << self.CHUNK_SHIFT) - 1)
+        return chunk is not None and len(chunk) > bit >> 3 and bool(chunk[bit >> 3] & (1 << (bit & 7)))
+
+    def forget(self, inode: int) -> None:
+        """The file is gone or replaced: its inode number may come back as another."""
+        self._files.pop(inode, None)
+
+
 class PageCacheBridge:
     """Read-through fills and invalidations of one mount (thread-safe)."""
 
@@ -57,6 +100,7 @@ class PageCacheBridge:
         self._lock = threading.Lock()  # the generations
         self._fill_lock = threading.Lock()  # a fill's check and put; a change's beginning
         self._generation: defaultdict[int, int] = defaultdict(int)
+        self.put_pages = PutPages()
 
     def _usable(self) -> bool:
         return self.session.is_up and not self.pool.untrusted
@@ -92,6 +136,7 @@ class PageCacheBridge:
         self._invalidate(lambda: self.session.flush_batch(self.pool, keys), len(keys))
 
     def invalidate_file(self, inode: int) -> None:
+        self.put_pages.forget(inode)
         self._invalidate(lambda: self.session.flush_batch(self.pool, [(object_id(inode), WHOLE_OBJECT)]), 1)
 
     # -- reads -------------------------------------------------------------------
@@ -118,13 +163,20 @@ class PageCacheBridge:
         keys: list[Key] = [(object_id(inode), page) for page in pages]
         generation = self.generation(inode)
         found = [False] * len(pages)
-        if self._usable():
+        asking = [i for i, page in enumerate(pages) if self.put_pages.may_hold(inode, page)]
+        if len(asking) < len(pages):
+            self.counters.add(misses=len(pages) - len(asking), misses_known=len(pages) - len(asking))
+        if asking and self._usable():
             try:
                 asked = time.monotonic()
-                found = self.session.get_batch(self.pool, keys, page_views)
+                answers = self.session.get_batch(self.pool, [keys[i] for i in asking],
+                                                 [page_views[i] for i in asking])
                 self.counters.observe("tmem_get", time.monotonic() - asked)
-                hits = sum(found)
-                self.counters.add(gets=len(keys), hits=hits, misses=len(keys) - hits, bytes_got=hits << PAGE_SHIFT)
+                for i, hit in zip(asking, answers):
+                    found[i] = hit
+                hits = sum(answers)
+                self.counters.add(gets=len(asking), hits=hits, misses=len(asking) - hits,
+                                  bytes_got=hits << PAGE_SHIFT)
             except ChannelDown:
                 self.counters.add(channel_down=1)
                 found = [False] * len(pages)
@@ -151,16 +203,29 @@ class PageCacheBridge:
         self.counters.observe("backing_read", time.monotonic() - started)
 
     def _fill(self, inode: int, generation: int, keys: list[Key], pages: list[memoryview]) -> None:
+        """Post the put of what a read found in the file; its reply is `_filled`'s.
+        Posting takes the put's round trip out of the read: the frame carries the
+        pages, and it is on the channel before the fill lock is released, so a
+        change's FLUSH, sent later, reaches tmemd after it (tmemd applies one
+        channel's requests in order)."""
         started = time.monotonic()
         with self._fill_lock:
             if self.generation(inode) != generation or not self._usable():
                 self.counters.add(fills_skipped=1)
                 return  # the file changed since it was read: what we hold may be old
             try:
-                accepted = self.session.put_batch(self.pool, keys, pages)
+                self.session.post_put_batch(self.pool, keys, pages, functools.partial(self._filled, inode))
             except ChannelDown:
                 self.counters.add(channel_down=1)
                 return
+        self.counters.observe("tmem_fill", time.monotonic() - started)
+
+    def _filled(self, inode: int, keys: Sequence[Key], accepted: list[bool] | None) -> None:
+        """A fill's reply, on the session's reader thread (None: the session went
+        down first; the puts may have landed, and are never asked for)."""
+        if accepted is None:
+            self.counters.add(channel_down=1)
+            return
         taken = sum(accepted)
         self.counters.add(puts=len(keys), put_refusals=len(keys) - taken, bytes_put=taken << PAGE_SHIFT)
-        self.counters.observe("tmem_fill", time.monotonic() - started)
+        self.put_pages.mark(inode, [key[1] for key, took in zip(keys, accepted) if took])

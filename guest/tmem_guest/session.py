@@ -77,10 +77,14 @@ class SessionPool:
         return 1 << self.page_shift
 
 
+class _NotRegistered(ChannelDown):
+    """The session was down before the request became pending: nothing to undo."""
+
+
 class _Call:
     """One request slot: its frame buffer and the lock its reply releases."""
 
-    __slots__ = ("buffer", "view", "payload_view", "done", "request_id", "reply", "sent_at")
+    __slots__ = ("buffer", "view", "payload_view", "done", "request_id", "reply", "sent_at", "on_reply")
 
     def __init__(self, size: int) -> None:
         self.buffer = bytearray(size)
@@ -91,6 +95,9 @@ class _Call:
         self.request_id = 0
         self.reply: Frame | None = None
         self.sent_at = 0.0  # time.monotonic() when registered as pending
+        # A posted call (Session.post_put_batch): nobody waits on `done`; the reply
+        # (None: the session went down first) goes here, and the call is freed.
+        self.on_reply: Callable[[Frame | None], None] | None = None
 
 
 class Session:
@@ -302,8 +309,20 @@ class Session:
             self._pending.clear()
         for call in pending:
             call.reply = None
-            call.done.release()
+            if call.on_reply is not None:
+                self._finish_posted(call, None)
+            else:
+                call.done.release()
         return True
+
+    def _finish_posted(self, call: _Call, reply: Frame | None) -> None:
+        on_reply, call.on_reply = call.on_reply, None
+        self._free.put(call)
+        assert on_reply is not None
+        try:
+            on_reply(reply)
+        except Exception:  # a frontend's bug must not take the reader thread down
+            log.exception("a posted request's completion failed")
 
     def _complete(self, frame: Frame) -> None:
         draining = bool(frame.flags & _DRAIN_FLAG)
@@ -321,6 +340,13 @@ class Session:
             # Ids are never reused: this answers a request given up on (timeout, reconnect).
             self.late_replies += 1
             log.info("late reply to request %d (op %d) dropped", frame.request_id, frame.opcode)
+            return
+        if call.on_reply is not None:
+            if frame.status == Status.PROTOCOL_ERROR:
+                self._refused(frame, self.connections)  # (the reader's own epoch)
+                self._finish_posted(call, None)
+                return
+            self._finish_posted(call, frame)
             return
         call.reply = frame
         call.done.release()
@@ -406,45 +432,7 @@ class Session:
         buffer (the view after the header) and returns its length: no payload object."""
         call = self._free.get()
         try:
-            pool_id = pool.pool_id
-            if not self._up.is_set() or pool_id is None:
-                raise ChannelDown("tmemd session is down")
-            if encode is not None:
-                length = encode(call.payload_view)
-            else:
-                length = len(payload) if not isinstance(payload, memoryview) else payload.nbytes
-                call.view[abi.HEADER_SIZE : abi.HEADER_SIZE + length] = payload
-            request_id = call.request_id = next(self._request_ids)
-            abi.pack_header_into(
-                call.buffer, 0, opcode=opcode, flags=0, request_id=request_id, status=0,
-                pool_id=pool_id, oid=oid, index=index, payload_length=length,
-            )
-            with self._pending_lock:
-                if not self._up.is_set():
-                    raise ChannelDown("tmemd session is down")
-                generation = self.connections
-                call.sent_at = time.monotonic()
-                self._pending[request_id] = call
-            # Bounded: another caller's send may be stuck on a host that stopped reading.
-            if not self._send_lock.acquire(timeout=self.request_timeout):
-                self._withdraw(call)
-                self._give_up(generation, f"{opcode.name} not sent within {self.request_timeout} s")
-                raise ChannelDown("tmemd is not taking requests")
-            try:
-                # A reconnect since registering: this request must not precede the new HELLO.
-                if generation != self.connections or not self._up.is_set():
-                    self._withdraw(call)
-                    raise ChannelDown("tmemd session went down before the request was sent")
-                self._last_sent = call.sent_at
-                try:
-                    self.channel.send(call.view[: abi.HEADER_SIZE + length])
-                except ChannelDown as error:
-                    # Maybe part of a frame went out: the stream is unusable until a new HELLO.
-                    self._withdraw(call)
-                    self._give_up(generation, f"{opcode.name} not sent: {error}")
-                    raise
-            finally:
-                self._send_lock.release()
+            generation = self._send(call, opcode, pool, oid, index, payload, encode)
             if not call.done.acquire(timeout=self.request_timeout):
                 self._withdraw(call)
                 self._give_up(generation, f"no reply to {opcode.name} within {self.request_timeout} s")
@@ -453,21 +441,98 @@ class Session:
             if reply is None:
                 raise ChannelDown("tmemd session went down with the request in flight")
             if reply.status == Status.PROTOCOL_ERROR:
-                # The stream is unusable until a resync (docs/ABI.md): start over
-                # with a HELLO. The reply answers nothing: a GET_BATCH's pages are
-                # not missing, they were not looked up.
-                if self._mark_down(generation):
-                    log.warning("tmemd refused %s (%s): session down, saying HELLO again",
-                                opcode.name, abi.error_text(reply))
+                self._refused(reply, generation, opcode)
                 raise ChannelDown(f"tmemd refused {opcode.name}: {abi.error_text(reply)}")
             return reply
         finally:
             self._free.put(call)
 
-    def _withdraw(self, call: _Call) -> None:
-        """Take an unanswered call back; if it was completed meanwhile, consume that completion."""
+    def _post(
+        self, opcode: Op, pool: SessionPool, encode: Callable[[memoryview], int],
+        on_reply: Callable[[Frame | None], None],
+    ) -> None:
+        """Send one request and return: `on_reply` gets its reply later, on the
+        reader thread (None if the session went down first, or tmemd refused the
+        frame). It must be quick and take no lock a sender may hold. Raises
+        ChannelDown if the request was not sent (`on_reply` may still get None, if
+        a disconnect raced the send)."""
+        call = self._free.get()  # waits while max_in_flight calls are out: the bound
+        try:
+            self._send(call, opcode, pool, (0, 0, 0), 0, b"", encode, on_reply)
+        except _NotRegistered:
+            self._free.put(call)
+            raise
+
+    def _send(
+        self, call: _Call, opcode: Op, pool: SessionPool, oid: Oid, index: int, payload: abi.Buffer,
+        encode: Callable[[memoryview], int] | None, on_reply: Callable[[Frame | None], None] | None = None,
+    ) -> int:
+        """Frame the request in `call`'s buffer, register it as pending and send it:
+        the connection epoch it went out on. Raises _NotRegistered (a ChannelDown)
+        if it never was pending, else ChannelDown with the call withdrawn (a posted
+        call, `on_reply` given, is then freed by whoever took it out of pending)."""
+        pool_id = pool.pool_id
+        if not self._up.is_set() or pool_id is None:
+            raise _NotRegistered("tmemd session is down")
+        if encode is not None:
+            length = encode(call.payload_view)
+        else:
+            length = len(payload) if not isinstance(payload, memoryview) else payload.nbytes
+            call.view[abi.HEADER_SIZE : abi.HEADER_SIZE + length] = payload
+        request_id = call.request_id = next(self._request_ids)
+        abi.pack_header_into(
+            call.buffer, 0, opcode=opcode, flags=0, request_id=request_id, status=0,
+            pool_id=pool_id, oid=oid, index=index, payload_length=length,
+        )
+        with self._pending_lock:
+            if not self._up.is_set():
+                raise _NotRegistered("tmemd session is down")
+            generation = self.connections
+            call.sent_at = time.monotonic()
+            call.on_reply = on_reply
+            self._pending[request_id] = call
+        posted = on_reply is not None
+        # Bounded: another caller's send may be stuck on a host that stopped reading.
+        if not self._send_lock.acquire(timeout=self.request_timeout):
+            self._withdraw(call, posted)
+            self._give_up(generation, f"{opcode.name} not sent within {self.request_timeout} s")
+            raise ChannelDown("tmemd is not taking requests")
+        try:
+            # A reconnect since registering: this request must not precede the new HELLO.
+            if generation != self.connections or not self._up.is_set():
+                self._withdraw(call, posted)
+                raise ChannelDown("tmemd session went down before the request was sent")
+            self._last_sent = call.sent_at
+            try:
+                self.channel.send(call.view[: abi.HEADER_SIZE + length])
+            except ChannelDown as error:
+                # Maybe part of a frame went out: the stream is unusable until a new HELLO.
+                self._withdraw(call, posted)
+                self._give_up(generation, f"{opcode.name} not sent: {error}")
+                raise
+        finally:
+            self._send_lock.release()
+        return generation
+
+    def _refused(self, reply: Frame, generation: int, opcode: Op | None = None) -> None:
+        """tmemd answered PROTOCOL_ERROR on connection `generation`: the stream is
+        unusable until a resync (docs/ABI.md): start over with a HELLO. The reply
+        answers nothing: a GET_BATCH's pages are not missing, they were not looked up."""
+        if self._mark_down(generation):
+            log.warning("tmemd refused %s (%s): session down, saying HELLO again",
+                        opcode.name if opcode is not None else f"op {reply.opcode}", abi.error_text(reply))
+
+    def _withdraw(self, call: _Call, posted: bool = False) -> None:
+        """Take an unanswered call back; if it was completed meanwhile, consume that
+        completion. A posted call taken back is freed here (no reply will come);
+        one completed meanwhile belongs to its completer, which freed it."""
         with self._pending_lock:
             completed = self._pending.pop(call.request_id, None) is None
+        if posted:
+            if not completed:
+                call.on_reply = None
+                self._free.put(call)
+            return
         if completed:
             call.done.acquire()
         call.reply = None
@@ -512,6 +577,32 @@ class Session:
             statuses, _ = abi.decode_batch_reply(reply.payload)
             accepted += [status == Status.OK for status in statuses]
         return accepted
+
+    def post_put_batch(self, pool: SessionPool, keys: Sequence[Key], pages: Sequence[abi.Buffer],
+                       on_accepted: Callable[[Sequence[Key], list[bool] | None], None]) -> None:
+        """PUT_BATCH without waiting for the replies: the pages are copied into the
+        frames, which go out in order with every other request (so tmemd applies a
+        FLUSH sent after this returns after these puts). For each frame,
+        `on_accepted(keys, flags)` runs later on the reader thread: one accepted
+        flag per key, or None if the session went down first (the puts may or may
+        not have landed). Raises ChannelDown if a frame could not be sent; the
+        frames sent before it still complete."""
+        for start in self._chunks(len(keys)):
+            end = start + self.batch_pages
+            chunk_keys, chunk_pages = keys[start:end], pages[start:end]
+
+            def on_reply(reply: Frame | None, chunk_keys: Sequence[Key] = chunk_keys) -> None:
+                if reply is None:
+                    on_accepted(chunk_keys, None)
+                elif reply.status != Status.OK:
+                    on_accepted(chunk_keys, [False] * len(chunk_keys))
+                else:
+                    statuses, _ = abi.decode_batch_reply(reply.payload)
+                    on_accepted(chunk_keys, [status == Status.OK for status in statuses])
+
+            self._post(Op.PUT_BATCH, pool,
+                       lambda out: abi.encode_put_batch_into(out, 0, pool.page_shift, chunk_keys, chunk_pages),
+                       on_reply)
 
     def get_batch(self, pool: SessionPool, keys: Sequence[Key], into: Sequence[memoryview]) -> list[bool]:
         """GET_BATCH into `into` (one page view per key); one hit flag per key."""

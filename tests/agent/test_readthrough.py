@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
 
 from tmem_guest.counters import Counters
-from tmem_guest.readthrough import PageCacheBridge, object_id
+from tmem_guest.readthrough import PageCacheBridge, PutPages, object_id
 from tmem_guest.session import ChannelDown, SessionPool
 from tmem_wire.abi import WHOLE_OBJECT, Buffer, Key
 
@@ -32,12 +32,17 @@ class PoolInMemory:
         self.put_started = threading.Event()
         self._release = threading.Event()
         self.down_on_flush = False
+        self.asked: list[Key] = []  # every key a GET_BATCH asked for
+        self.refuse_puts = False
+        self.reply_later = False  # posted puts' replies wait in `replies`
+        self.replies: list[Callable[[], None]] = []
 
     def release_puts(self) -> None:
         self._release.set()
 
     def get_batch(self, pool: SessionPool, keys: Sequence[Key], into: Sequence[memoryview]) -> list[bool]:
         found = []
+        self.asked += keys
         for key, view in zip(keys, into):
             page = self.pages.get(key)
             if page is not None:
@@ -50,8 +55,20 @@ class PoolInMemory:
         self.put_started.set()
         if self.hold_puts:
             assert self._release.wait(10)
+        if self.refuse_puts:
+            return [False] * len(keys)
         self.pages.update(zip(keys, contents))
         return [True] * len(keys)
+
+    def post_put_batch(self, pool: SessionPool, keys: Sequence[Key], pages: Sequence[Buffer],
+                       on_accepted: Callable[[Sequence[Key], list[bool] | None], None]) -> None:
+        """As the session's: the frame (and its place in the channel's order) is
+        taken now; the reply comes later, here at once or when ``reply_later``."""
+        accepted = self.put_batch(pool, keys, pages)
+        if self.reply_later:
+            self.replies.append(lambda: on_accepted(keys, accepted))
+        else:
+            on_accepted(keys, accepted)
 
     def flush_batch(self, pool: SessionPool, keys: Sequence[Key]) -> None:
         if self.down_on_flush:
@@ -156,3 +173,63 @@ def test_an_invalidation_that_cannot_reach_tmemd_distrusts_the_pool(
     # Treated as empty: the old page still in tmem is never asked for.
     data, no_fill = bridge.read_through(fd, inode, 0, PAGE)
     assert data == b"D" * PAGE and no_fill is None
+
+
+def test_pages_never_put_are_read_without_asking_tmem(
+        setup: tuple[PageCacheBridge, PoolInMemory, int, int]) -> None:
+    bridge, tmem, fd, inode = setup
+    key = (object_id(inode), 1)
+    assert bridge.read(fd, inode, PAGE, PAGE) == b"A" * PAGE  # cold: no GET, then filled
+    assert tmem.asked == [] and key in tmem.pages
+    assert bridge.counters["misses"] == bridge.counters["misses_known"] == 1
+    assert bridge.read(fd, inode, 0, 2 * PAGE) == b"A" * 2 * PAGE  # only page 1 may be in tmem
+    assert tmem.asked == [key] and bridge.counters["hits"] == 1
+    # Evicted behind the mount's back: asked, missed, read from the file.
+    tmem.pages.clear()
+    tmem.asked.clear()
+    os.pwrite(fd, b"E" * PAGE, PAGE)  # (not through the mount: what the file holds now)
+    assert bridge.read(fd, inode, PAGE, PAGE) == b"E" * PAGE and tmem.asked == [key]
+
+
+def test_a_refused_fill_and_a_replaced_file_are_not_asked_for(
+        setup: tuple[PageCacheBridge, PoolInMemory, int, int]) -> None:
+    bridge, tmem, fd, inode = setup
+    tmem.refuse_puts = True
+    bridge.read(fd, inode, 0, PAGE)
+    bridge.read(fd, inode, 0, PAGE)
+    assert tmem.asked == [] and bridge.counters["put_refusals"] == 2
+    tmem.refuse_puts = False
+    bridge.read(fd, inode, 0, PAGE)
+    bridge.read(fd, inode, 0, PAGE)
+    assert tmem.asked == [(object_id(inode), 0)]
+    bridge.invalidate_file(inode)  # the inode number may now name another file
+    bridge.read(fd, inode, 0, PAGE)
+    assert tmem.asked == [(object_id(inode), 0)] and bridge.counters["misses_known"] == 4
+
+
+def test_put_pages_marks_bits_across_chunks_and_sparse_pages_cost_little() -> None:
+    pages = PutPages()
+    chunk = 1 << PutPages.CHUNK_SHIFT
+    marked = [0, 7, 8, chunk - 1, chunk, 5 * chunk + 3]
+    pages.mark(42, marked)
+    assert [page for page in range(6 * chunk) if pages.may_hold(42, page)] == marked
+    assert not pages.may_hold(43, 0) and not pages.may_hold(42, 10 * chunk)
+    pages.mark(43, [(1 << 40) + 9])  # far into a sparse file: one small chunk
+    assert pages.may_hold(43, (1 << 40) + 9) and not pages.may_hold(43, (1 << 40) + 8)
+    assert len(pages._files[43][(1 << 40) >> PutPages.CHUNK_SHIFT]) == 2
+    pages.forget(42)
+    assert not any(pages.may_hold(42, page) for page in marked)
+
+
+def test_a_fill_returns_before_its_reply_and_the_reply_marks_the_pages(
+        setup: tuple[PageCacheBridge, PoolInMemory, int, int]) -> None:
+    bridge, tmem, fd, inode = setup
+    tmem.reply_later = True
+    assert bridge.read(fd, inode, 0, PAGE) == b"A" * PAGE
+    assert (object_id(inode), 0) in tmem.pages and bridge.counters["puts"] == 0
+    bridge.read(fd, inode, 0, PAGE)  # the reply has not come: not asked for, filled again
+    assert tmem.asked == []
+    for reply in tmem.replies:
+        reply()
+    assert bridge.counters["puts"] == 2
+    assert bridge.read(fd, inode, 0, PAGE) == b"A" * PAGE and tmem.asked == [(object_id(inode), 0)]

@@ -279,3 +279,110 @@ def test_an_idle_session_notices_a_stopped_tmemd_by_its_heartbeat(tmemd: TmemdPr
         assert session.wait_up(15)
     finally:
         session.stop()
+
+
+class Replies:
+    """What post_put_batch's callbacks received, by key batch, as they arrived."""
+
+    def __init__(self) -> None:
+        self.results: list[tuple[list[abi.Key], list[bool] | None]] = []
+        self.threads: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __call__(self, keys: object, accepted: list[bool] | None) -> None:
+        with self._lock:
+            self.results.append((list(keys), accepted))  # type: ignore[call-overload]
+            self.threads.add(threading.current_thread().name)
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self.results)
+
+
+def test_posted_puts_complete_on_the_reader_thread_in_order_with_later_requests(tmemd: TmemdProcess) -> None:
+    session, pool = open_session(tmemd)
+    try:
+        replies = Replies()
+        keys = [frontswap_key(0, slot) for slot in range(100)]  # two frames
+        session.post_put_batch(pool, keys, [page(slot) for slot in range(100)], replies)
+        # Sent after the posts: tmemd applies them after, replies or not.
+        into = memoryview(bytearray(PAGE_SIZE))
+        assert session.get(pool, *keys[99], into) and into == page(99)
+        session.flush_batch(pool, keys[:10])
+        assert wait_until(lambda: replies.count() == 2, 10)
+        assert [key for batch, _ in replies.results for key in batch] == keys
+        assert all(accepted == [True] * len(batch) for batch, accepted in replies.results)
+        assert replies.threads == {"tmem-session"}
+        found = session.get_batch(pool, keys, [memoryview(bytearray(PAGE_SIZE)) for _ in keys])
+        assert found == [False] * 10 + [True] * 90
+        # Many more posts than calls exist: each call is freed by its reply.
+        for round_ in range(3 * 8):
+            session.post_put_batch(pool, keys[:1], [page(round_)], replies)
+        assert wait_until(lambda: replies.count() == 2 + 3 * 8, 10)
+        assert session.get(pool, *keys[0], into) and into == page(3 * 8 - 1)
+    finally:
+        session.stop()
+    capped, capped_pool = open_session(tmemd, CAPPED)
+    try:
+        refused = Replies()
+        slots = range(CAP_PAGES * 2)  # random pages: the cap counts stored (compressed) bytes
+        capped.post_put_batch(capped_pool, [frontswap_key(0, slot) for slot in slots],
+                              [os.urandom(PAGE_SIZE) for _ in slots], refused)
+        assert wait_until(lambda: refused.count() == 1, 10)
+        accepted = refused.results[0][1]
+        assert accepted is not None and 0 < sum(accepted) <= CAP_PAGES + 1 and not accepted[-1]
+    finally:
+        capped.stop()
+
+
+def test_posted_puts_a_stopped_tmemd_never_answers_complete_as_unknown_and_free_their_calls(
+        tmemd: TmemdProcess) -> None:
+    session = Session(UnixSocketChannel(tmemd.abi_socket(GUEST), send_timeout=1.0), request_timeout=1.0,
+                      heartbeat_interval=0.2, backoff_max=0.2)
+    pool = session.register_pool(persistent=False)
+    session.start()
+    try:
+        assert session.wait_up(10)
+        replies = Replies()
+        stop_tmemd(tmemd)
+        try:
+            for slot in range(4):
+                session.post_put_batch(pool, [frontswap_key(0, slot)], [page(slot)], replies)
+            # No reply: the request timeout takes the session down, each post learns "unknown".
+            assert wait_until(lambda: replies.count() == 4, 10)
+            assert [accepted for _, accepted in replies.results] == [None] * 4 and session.timeouts == 1
+            with pytest.raises(ChannelDown):  # down: refused at once, no callback
+                session.post_put_batch(pool, [frontswap_key(0, 9)], [page(9)], replies)
+            assert replies.count() == 4
+        finally:
+            continue_tmemd(tmemd)
+        assert session.wait_up(15)
+        # Every call came back: more posts than calls exist all go through.
+        for slot in range(3 * 8):
+            session.post_put_batch(pool, [frontswap_key(0, slot)], [page(slot)], replies)
+        assert wait_until(lambda: replies.count() == 4 + 3 * 8, 10)
+        assert all(accepted == [True] for _, accepted in replies.results[4:])
+    finally:
+        session.stop()
+
+
+def test_a_posted_put_tmemd_refuses_as_a_protocol_error_starts_the_session_over(tmp_path: Path) -> None:
+    path = tmp_path / "peer.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(str(path))
+        listener.listen()
+        peer = threading.Thread(target=serve_like_tmemd_until, args=(listener, 2, abi.Op.PUT_BATCH), daemon=True)
+        peer.start()
+        session = Session(UnixSocketChannel(path), backoff_max=0.2, request_timeout=10)
+        pool = session.register_pool(persistent=True)
+        session.start()
+        try:
+            assert session.wait_up(10)
+            replies = Replies()
+            session.post_put_batch(pool, [frontswap_key(0, 1)], [page(1)], replies)
+            assert wait_until(lambda: replies.count() == 1, 10) and replies.results[0][1] is None
+            assert wait_until(lambda: session.connections == 2 and session.is_up, 10)
+        finally:
+            session.stop()
+            peer.join(10)
+        assert not peer.is_alive()
