@@ -1,18 +1,22 @@
-"""What one 4 KiB read of a data disk costs: tmemd's cached disk against a file in
-the host page cache and against qemu-nbd, QEMU's own NBD server (C), over the same image.
+"""What one 4 KiB read of a disk costs: tmemd's exports against a file in the host
+page cache and against qemu-nbd, QEMU's own NBD server (C), over the same data.
 
     .venv/bin/python bench/disk_latency.py [--reads 4000] [--where host,guest]
 
 host: a depth-1 NBD client on the host reads random pages of a 32 MiB image
 (every page read once before, so tmemd's pool and the host page cache hold them)
 from tmemd's cached disk and from qemu-nbd (--cache=writeback), then the same at
-depth 16. guest: a fresh 192 MiB TCG guest per variant reads random pages of its
-data disk with O_DIRECT, one at a time, three passes over the same pages (the first
-fills tmemd's pool; the guest's page cache holds none of them): the disk as a file
-in the host page cache (QEMU's file driver, the testbed's disk-hostcache), the
-image through qemu-nbd, the image through tmemd's cached disk (QEMU's NBD client
-both). Prints µs per read and one JSON line. docs/PERFORMANCE.md, "The cached
-disk's reads", says what the figures showed.
+depth 16. guest: a fresh 192 MiB TCG guest per variant writes 32 MiB of its disk
+where the disk is empty (O_DIRECT), then reads random pages of it with O_DIRECT,
+one at a time, three passes over the same pages (the guest's page cache holds
+none of them): a data disk that is a file in the host page cache (QEMU's file
+driver, the testbed's disk-hostcache), the image through qemu-nbd, the image
+through tmemd's cached disk (its first pass fills the pool), and the swap disk
+on tmemd's NBD export (the testbed's tmem-blk; the pages written are in tmem).
+For each guest variant QEMU's own figure too: query-blockstats' read time over
+read operations during the passes (what the device model waited per request).
+Prints µs per read and one JSON line. docs/PERFORMANCE.md, "The cached disk's
+reads", says what the figures showed.
 """
 
 from __future__ import annotations
@@ -39,17 +43,17 @@ from tmem_wire.frontswap import PAGE_SIZE
 IMAGE_MIB = 32
 EXPORT = "g1"
 QEMU_NBD_START_S = 5.0
-# In the guest: random O_DIRECT page reads of the data disk (found by its serial:
-# no udev), the same pages each pass; µs per read for each pass.
+# In the guest: random O_DIRECT page reads of the first {pages} pages of the disk
+# with serial {serial} (no udev in the guest), the same pages each pass; µs per
+# read for each pass.
 GUEST_READER = """
 import mmap, os, random, time
 from pathlib import Path
 (name,) = [entry.parent.name for entry in Path("/sys/block").glob("*/serial")
            if entry.read_text().strip() == {serial!r}]
 fd = os.open("/dev/" + name, os.O_RDONLY | os.O_DIRECT)
-pages = os.lseek(fd, 0, os.SEEK_END) // 4096
 buffer = mmap.mmap(-1, 4096)
-offsets = [random.Random(2).randrange(pages) * 4096 for _ in range({reads})]
+offsets = [random.Random(2).randrange({pages}) * 4096 for _ in range({reads})]
 passes = []
 for _ in range(3):
     started = time.perf_counter()
@@ -58,6 +62,9 @@ for _ in range(3):
     passes.append(round((time.perf_counter() - started) / len(offsets) * 1e6, 1))
 print(passes)
 """
+# Data where a guest's disk starts empty: the scratch file, the swap export.
+GUEST_FILL = ("for d in /sys/block/*; do [ \"$(cat $d/serial 2>/dev/null)\" = {serial} ] && dd if=/dev/urandom"
+              " of=/dev/$(basename $d) bs=1M count={mib} oflag=direct status=none; done")
 
 
 def write_image(path: Path) -> None:
@@ -110,19 +117,32 @@ def host_reads(socket_path: Path, reads: int) -> dict[str, float]:
     return result
 
 
-def guest_reads(work_dir: Path, reads: int, **disk: object) -> list[float]:
-    """µs per read for each of the three passes, in a guest whose data disk is ``disk``."""
-    config = VmConfig(name=EXPORT, memory_mib=192, data_disk_mib=IMAGE_MIB, run_dir=work_dir / "guest",
-                      **disk)  # type: ignore[arg-type]
+def qemu_reads(guest: Guest, role: str) -> tuple[int, int]:
+    """QEMU's block statistics of the disk ``role`` (its -drive id or -blockdev
+    node name): read operations and the nanoseconds they took."""
+    for entry in guest.qmp("query-blockstats"):
+        if role in (entry.get("device"), entry.get("node-name")):
+            return int(entry["stats"]["rd_operations"]), int(entry["stats"]["rd_total_time_ns"])
+    raise RuntimeError(f"no block device {role!r} in query-blockstats")
+
+
+def guest_reads(work_dir: Path, reads: int, role: str, fill: bool, **disk: object) -> dict[str, object]:
+    """µs per read for each of the three passes over disk ``role`` (data, swap)
+    of a guest whose disks are ``disk``, and QEMU's mean µs per read meanwhile;
+    ``fill``: write the pages first (the disk starts empty)."""
+    config = VmConfig(name=EXPORT, memory_mib=192, data_disk_mib=IMAGE_MIB if role == "data" else 0,
+                      run_dir=work_dir / "guest", **disk)  # type: ignore[arg-type]
+    serial = DISK_SERIALS[role]
     with Guest(config) as guest:
-        if config.data_disk_speed == "hostcache":  # a scratch file: give it data, as the image has
-            guest.ssh(f"for d in /sys/block/*; do [ \"$(cat $d/serial 2>/dev/null)\" = {DISK_SERIALS['data']} ]"
-                      f" && dd if=/dev/urandom of=/dev/$(basename $d) bs=1M count={IMAGE_MIB} oflag=direct"
-                      " status=none; done")
-        script = GUEST_READER.format(serial=DISK_SERIALS["data"], reads=reads)
+        if fill:
+            guest.ssh(GUEST_FILL.format(serial=serial, mib=IMAGE_MIB), timeout=300)
+        script = GUEST_READER.format(serial=serial, pages=IMAGE_MIB * 256, reads=reads)
+        operations, nanoseconds = qemu_reads(guest, role)
         output = guest.ssh(f"python3 -c {shlex.quote(script)}", timeout=900).stdout
+        operations_after, nanoseconds_after = qemu_reads(guest, role)
     passes: list[float] = json.loads(output.strip().splitlines()[-1])
-    return passes
+    qemu_us = (nanoseconds_after - nanoseconds) / max(operations_after - operations, 1) / 1000
+    return {"passes_us": passes, "qemu_us": round(qemu_us, 1)}
 
 
 def main() -> None:
@@ -148,17 +168,25 @@ def main() -> None:
             variants += [("host: tmemd cached disk", host_tmemd), ("host: qemu-nbd", host_qemu_nbd)]
         if "guest" in where:
             def guest_file(run: Path) -> object:
-                return guest_reads(run, arguments.reads, data_disk_speed="hostcache")
+                return guest_reads(run, arguments.reads, "data", True, data_disk_speed="hostcache")
 
             def guest_qemu_nbd(run: Path) -> object:
                 with qemu_nbd(image, run / "qemu-nbd.sock") as socket_path:
-                    return guest_reads(run, arguments.reads, data_disk_speed="nbd", data_nbd_socket=socket_path)
+                    return guest_reads(run, arguments.reads, "data", False, data_disk_speed="nbd",
+                                       data_nbd_socket=socket_path)
 
-            def guest_tmemd(run: Path) -> object:
+            def guest_cached_disk(run: Path) -> object:
                 with cached_disk(image, run) as socket_path:
-                    return guest_reads(run, arguments.reads, data_disk_speed="nbd", data_nbd_socket=socket_path)
+                    return guest_reads(run, arguments.reads, "data", False, data_disk_speed="nbd",
+                                       data_nbd_socket=socket_path)
+
+            def guest_swap_export(run: Path) -> object:
+                with TmemdProcess(run / "tmemd", budget="512M", guests=(EXPORT,)) as daemon:
+                    return guest_reads(run, arguments.reads, "swap", True, swap="nbd",
+                                       nbd_socket=daemon.nbd_socket(EXPORT), nbd_export=EXPORT)
             variants += [("guest: file in the host page cache", guest_file),
-                         ("guest: qemu-nbd", guest_qemu_nbd), ("guest: tmemd cached disk", guest_tmemd)]
+                         ("guest: qemu-nbd", guest_qemu_nbd), ("guest: tmemd cached disk", guest_cached_disk),
+                         ("guest: tmemd swap export", guest_swap_export)]
         for name, measure in variants:
             run_dir = Path(tempfile.mkdtemp(dir=work))
             results[name] = measure(run_dir)
