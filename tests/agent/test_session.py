@@ -8,6 +8,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -160,31 +161,39 @@ def serve_like_tmemd_until(listener: socket.socket, connections: int, refuse: ab
                     connection.sendall(abi.encode_frame(reply))
 
 
-def test_a_protocol_error_reply_starts_the_session_over_and_is_never_read_as_misses(tmp_path: Path) -> None:
-    """A server answers a frame it cannot take with PROTOCOL_ERROR (the stream is
-    unusable until a resync, docs/ABI.md). The call fails as ChannelDown (the swap
-    frontend retries a read once the session is back) and the session says HELLO
-    again: a GET_BATCH's pages were not looked up, so they never read as lost
-    (before, they came back as misses: EIO for swap pages tmemd still holds)."""
+@contextmanager
+def session_with_a_peer_refusing(tmp_path: Path, refuse: abi.Op) -> Iterator[tuple[Session, SessionPool]]:
+    """A session up with serve_like_tmemd_until (two connections, ``refuse`` answered
+    PROTOCOL_ERROR); on exit the session stops and the peer must be done."""
     path = tmp_path / "peer.sock"
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
         listener.bind(str(path))
         listener.listen()
-        peer = threading.Thread(target=serve_like_tmemd_until, args=(listener, 2, abi.Op.GET_BATCH), daemon=True)
+        peer = threading.Thread(target=serve_like_tmemd_until, args=(listener, 2, refuse), daemon=True)
         peer.start()
         session = Session(UnixSocketChannel(path), backoff_max=0.2, request_timeout=10)
         pool = session.register_pool(persistent=True)
         session.start()
         try:
             assert session.wait_up(10)
-            keys = [frontswap_key(0, slot) for slot in range(8)]
-            with pytest.raises(ChannelDown, match="tmemd refused GET_BATCH: cannot take this frame"):
-                session.get_batch(pool, keys, [memoryview(bytearray(PAGE_SIZE)) for _ in keys])
-            assert wait_until(lambda: session.connections == 2 and session.is_up, 10)
+            yield session, pool
         finally:
             session.stop()
             peer.join(10)
         assert not peer.is_alive()
+
+
+def test_a_protocol_error_reply_starts_the_session_over_and_is_never_read_as_misses(tmp_path: Path) -> None:
+    """A server answers a frame it cannot take with PROTOCOL_ERROR (the stream is
+    unusable until a resync, docs/ABI.md). The call fails as ChannelDown (the swap
+    frontend retries a read once the session is back) and the session says HELLO
+    again: a GET_BATCH's pages were not looked up, so they never read as lost
+    (before, they came back as misses: EIO for swap pages tmemd still holds)."""
+    with session_with_a_peer_refusing(tmp_path, abi.Op.GET_BATCH) as (session, pool):
+        keys = [frontswap_key(0, slot) for slot in range(8)]
+        with pytest.raises(ChannelDown, match="tmemd refused GET_BATCH: cannot take this frame"):
+            session.get_batch(pool, keys, [memoryview(bytearray(PAGE_SIZE)) for _ in keys])
+        assert wait_until(lambda: session.connections == 2 and session.is_up, 10)
 
 
 def test_tmemd_restart_calls_fail_fast_then_the_pool_resumes_or_is_created_afresh(
@@ -224,11 +233,17 @@ def continue_tmemd(daemon: TmemdProcess) -> None:
     os.kill(daemon.pid, signal.SIGCONT)
 
 
-def test_a_stopped_tmemd_times_calls_out_then_they_fail_at_once_until_it_continues(tmemd: TmemdProcess) -> None:
-    session = Session(UnixSocketChannel(tmemd.abi_socket(GUEST), send_timeout=1.0), request_timeout=1.0,
+def start_impatient_session(daemon: TmemdProcess, *, persistent: bool) -> tuple[Session, SessionPool]:
+    """A session started (not yet up) that gives a request 1 s: for a stopped tmemd."""
+    session = Session(UnixSocketChannel(daemon.abi_socket(GUEST), send_timeout=1.0), request_timeout=1.0,
                       heartbeat_interval=0.2, backoff_max=0.2)
-    pool = session.register_pool(persistent=True)
+    pool = session.register_pool(persistent=persistent)
     session.start()
+    return session, pool
+
+
+def test_a_stopped_tmemd_times_calls_out_then_they_fail_at_once_until_it_continues(tmemd: TmemdProcess) -> None:
+    session, pool = start_impatient_session(tmemd, persistent=True)
     try:
         assert session.wait_up(10)
         oid, index = frontswap_key(0, 11)
@@ -337,10 +352,7 @@ def test_posted_puts_complete_on_the_reader_thread_in_order_with_later_requests(
 
 def test_posted_puts_a_stopped_tmemd_never_answers_complete_as_unknown_and_free_their_calls(
         tmemd: TmemdProcess) -> None:
-    session = Session(UnixSocketChannel(tmemd.abi_socket(GUEST), send_timeout=1.0), request_timeout=1.0,
-                      heartbeat_interval=0.2, backoff_max=0.2)
-    pool = session.register_pool(persistent=False)
-    session.start()
+    session, pool = start_impatient_session(tmemd, persistent=False)
     try:
         assert session.wait_up(10)
         replies = Replies()
@@ -367,22 +379,8 @@ def test_posted_puts_a_stopped_tmemd_never_answers_complete_as_unknown_and_free_
 
 
 def test_a_posted_put_tmemd_refuses_as_a_protocol_error_starts_the_session_over(tmp_path: Path) -> None:
-    path = tmp_path / "peer.sock"
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
-        listener.bind(str(path))
-        listener.listen()
-        peer = threading.Thread(target=serve_like_tmemd_until, args=(listener, 2, abi.Op.PUT_BATCH), daemon=True)
-        peer.start()
-        session = Session(UnixSocketChannel(path), backoff_max=0.2, request_timeout=10)
-        pool = session.register_pool(persistent=True)
-        session.start()
-        try:
-            assert session.wait_up(10)
-            replies = Replies()
-            session.post_put_batch(pool, [frontswap_key(0, 1)], [page(1)], replies)
-            assert wait_until(lambda: replies.count() == 1, 10) and replies.results[0][1] is None
-            assert wait_until(lambda: session.connections == 2 and session.is_up, 10)
-        finally:
-            session.stop()
-            peer.join(10)
-        assert not peer.is_alive()
+    with session_with_a_peer_refusing(tmp_path, abi.Op.PUT_BATCH) as (session, pool):
+        replies = Replies()
+        session.post_put_batch(pool, [frontswap_key(0, 1)], [page(1)], replies)
+        assert wait_until(lambda: replies.count() == 1, 10) and replies.results[0][1] is None
+        assert wait_until(lambda: session.connections == 2 and session.is_up, 10)
