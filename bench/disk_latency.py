@@ -35,7 +35,9 @@ from pathlib import Path
 from tmem_host.bench import mixed_pages
 from tmem_host.daemon.process import TmemdProcess
 from tmem_host.nbd.client import ClientRequest, NbdClient
+from tmem_host.vm.guestops import disk_by_serial
 from tmem_host.vm.launcher import Guest, VmConfig
+from tmem_host.waiting import wait_until
 from tmem_wire import nbd
 from tmem_wire.agent import DISK_SERIALS
 from tmem_wire.frontswap import PAGE_SIZE
@@ -44,14 +46,10 @@ IMAGE_MIB = 32
 EXPORT = "g1"
 QEMU_NBD_START_S = 5.0
 # In the guest: random O_DIRECT page reads of the first {pages} pages of the disk
-# with serial {serial} (no udev in the guest), the same pages each pass; µs per
-# read for each pass.
+# at sys.argv[1], the same pages each pass; µs per read for each pass.
 GUEST_READER = """
-import mmap, os, random, time
-from pathlib import Path
-(name,) = [entry.parent.name for entry in Path("/sys/block").glob("*/serial")
-           if entry.read_text().strip() == {serial!r}]
-fd = os.open("/dev/" + name, os.O_RDONLY | os.O_DIRECT)
+import mmap, os, random, sys, time
+fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECT)
 buffer = mmap.mmap(-1, 4096)
 offsets = [random.Random(2).randrange({pages}) * 4096 for _ in range({reads})]
 passes = []
@@ -62,9 +60,6 @@ for _ in range(3):
     passes.append(round((time.perf_counter() - started) / len(offsets) * 1e6, 1))
 print(passes)
 """
-# Data where a guest's disk starts empty: the scratch file, the swap export.
-GUEST_FILL = ("for d in /sys/block/*; do [ \"$(cat $d/serial 2>/dev/null)\" = {serial} ] && dd if=/dev/urandom"
-              " of=/dev/$(basename $d) bs=1M count={mib} oflag=direct status=none; done")
 
 
 def write_image(path: Path) -> None:
@@ -79,11 +74,9 @@ def qemu_nbd(image: Path, socket_path: Path) -> Iterator[Path]:
                                 "--export-name", EXPORT, "--cache=writeback", "--shared", "4",
                                 str(image)])
     try:
-        deadline = time.monotonic() + QEMU_NBD_START_S
-        while not socket_path.exists():
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"qemu-nbd did not listen on {socket_path} (exit {process.poll()})")
-            time.sleep(0.02)
+        if not wait_until(lambda: socket_path.exists() or process.poll() is not None, QEMU_NBD_START_S) \
+                or not socket_path.exists():
+            raise RuntimeError(f"qemu-nbd did not listen on {socket_path} (exit {process.poll()})")
         yield socket_path
     finally:
         process.terminate()
@@ -132,13 +125,14 @@ def guest_reads(work_dir: Path, reads: int, role: str, fill: bool, **disk: objec
     ``fill``: write the pages first (the disk starts empty)."""
     config = VmConfig(name=EXPORT, memory_mib=192, data_disk_mib=IMAGE_MIB if role == "data" else 0,
                       run_dir=work_dir / "guest", **disk)  # type: ignore[arg-type]
-    serial = DISK_SERIALS[role]
+    device = disk_by_serial(DISK_SERIALS[role])
     with Guest(config) as guest:
-        if fill:
-            guest.ssh(GUEST_FILL.format(serial=serial, mib=IMAGE_MIB), timeout=300)
-        script = GUEST_READER.format(serial=serial, pages=IMAGE_MIB * 256, reads=reads)
+        if fill:  # the disk starts empty (a scratch file, the swap export): data first
+            guest.ssh(f"dd if=/dev/urandom of={device} bs=1M count={IMAGE_MIB} oflag=direct status=none",
+                      timeout=300)
+        script = GUEST_READER.format(pages=IMAGE_MIB * 256, reads=reads)
         operations, nanoseconds = qemu_reads(guest, role)
-        output = guest.ssh(f"python3 -c {shlex.quote(script)}", timeout=900).stdout
+        output = guest.ssh(f"python3 -c {shlex.quote(script)} {device}", timeout=900).stdout
         operations_after, nanoseconds_after = qemu_reads(guest, role)
     passes: list[float] = json.loads(output.strip().splitlines()[-1])
     qemu_us = (nanoseconds_after - nanoseconds) / max(operations_after - operations, 1) / 1000

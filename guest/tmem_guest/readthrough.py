@@ -62,8 +62,8 @@ class PutPages:
     One bit per page, in chunks of 2^CHUNK_SHIFT pages per file that grow to the
     highest page set (a sparse read far into a file costs part of one chunk, not
     the file). Marks come from one thread, the session's reader, as fills'
-    replies arrive; tests from any thread (a stale answer costs a GET that misses, or a read of the file
-    for a page tmem held: never other data).
+    replies arrive; tests from any thread (a stale answer costs a GET that
+    misses, or a read of the file for a page tmem held: never other data).
     """
 
     CHUNK_SHIFT: Final = 15  # 32768 pages (128 MiB of file) a chunk, 4 KiB at most
@@ -71,19 +71,25 @@ class PutPages:
     def __init__(self) -> None:
         self._files: dict[int, dict[int, bytearray]] = {}
 
+    @classmethod
+    def _locate(cls, page: int) -> tuple[int, int, int]:
+        """The page's chunk, the byte in that chunk, and the bit in that byte."""
+        bit = page & ((1 << cls.CHUNK_SHIFT) - 1)
+        return page >> cls.CHUNK_SHIFT, bit >> 3, 1 << (bit & 7)
+
     def mark(self, inode: int, pages: Sequence[int]) -> None:
         chunks = self._files.setdefault(inode, {})
         for page in pages:
-            bit = page & ((1 << self.CHUNK_SHIFT) - 1)
-            chunk = chunks.setdefault(page >> self.CHUNK_SHIFT, bytearray())
-            if len(chunk) <= bit >> 3:
-                chunk.extend(bytes((bit >> 3) + 1 - len(chunk)))
-            chunk[bit >> 3] |= 1 << (bit & 7)
+            number, byte, mask = self._locate(page)
+            chunk = chunks.setdefault(number, bytearray())
+            if len(chunk) <= byte:
+                chunk.extend(bytes(byte + 1 - len(chunk)))
+            chunk[byte] |= mask
 
     def may_hold(self, inode: int, page: int) -> bool:
-        chunk = self._files.get(inode, {}).get(page >> self.CHUNK_SHIFT)
-        bit = page & ((1 << self.CHUNK_SHIFT) - 1)
-        return chunk is not None and len(chunk) > bit >> 3 and bool(chunk[bit >> 3] & (1 << (bit & 7)))
+        number, byte, mask = self._locate(page)
+        chunk = self._files.get(inode, {}).get(number)
+        return chunk is not None and len(chunk) > byte and bool(chunk[byte] & mask)
 
     def forget(self, inode: int) -> None:
         """The file is gone or replaced: its inode number may come back as another."""
