@@ -53,6 +53,7 @@ from tmem_host.daemon.client import AbiClient, PipelinedRequest
 from tmem_host.daemon.main import keep_batch_buffers_on_the_heap
 from tmem_host.daemon.process import TmemdProcess
 from tmem_host.journal.journaled import JournaledStore
+from tmem_host.limits import widen_socket_buffers
 from tmem_host.nbd.client import bench_export
 from tmem_host.profiling import Profile, sampled
 from tmem_host.replies import RemoteStats
@@ -371,6 +372,7 @@ class RespClient:
 
     def __init__(self, path: Path) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        widen_socket_buffers(self.sock)  # as tmemd's clients do (the server's are its own)
         self.sock.connect(str(path))
         self._buffer = bytearray()
         self._recv_buffer = memoryview(bytearray(1 << 18))

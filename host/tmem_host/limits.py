@@ -13,6 +13,7 @@ control socket. Three pieces (docs/CONTROL.md, "Connection limits"):
   extra connections cannot take, and handshake and idle timeouts, checked by one
   periodic sweep (no timer per connection, nothing on the per-request path).
 - ``raise_descriptor_limit``: RLIMIT_NOFILE's soft limit up to the hard limit.
+- ``widen_socket_buffers``: kernel socket buffers that hold a whole batch.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import enum
 import logging
 import os
 import resource
+import socket
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -39,6 +41,13 @@ log = logging.getLogger("tmemd.limits")
 #: bound (one read of 256 KiB plus one request payload of at most 4 MiB), a
 #: connection holds at most about 2 x 4 MiB of replies + 4.25 MiB of requests.
 REPLY_BYTES_IN_FLIGHT: Final = 4 << 20
+#: Kernel buffer asked for on each stream socket of tmemd and its host clients,
+#: each way (the kernel doubles it for its bookkeeping, and caps the request at
+#: net.core.wmem_max / rmem_max). A unix socket's default, 208 KiB, is less than
+#: one 64-page batch (256 KiB and its header): each batch then leaves in pieces,
+#: the sender waiting for the receiver to drain the first, one event-loop turn
+#: each. docs/PERFORMANCE.md, "Socket buffers", has what it bought.
+SOCKET_BUFFER_BYTES: Final = 1 << 20
 #: Concurrent control connections (tmemctl, monitoring).
 CONTROL_CONNECTIONS: Final = 16
 #: Descriptors kept for the control socket (CONTROL_CONNECTIONS of them), each
@@ -435,3 +444,38 @@ def open_descriptors() -> int:
         return len(os.listdir("/proc/self/fd")) - 1  # less listdir's own
     except OSError:
         return 0
+
+
+class SocketOptions(Protocol):
+    """What widen_socket_buffers needs: a socket, or asyncio's view of one."""
+
+    def setsockopt(self, level: int, option: int, value: int, /) -> None: ...
+
+    def getsockopt(self, level: int, option: int, /) -> int: ...
+
+
+def widen_socket_buffers(sock: SocketOptions | None) -> int:
+    """Ask for SOCKET_BUFFER_BYTES of send and receive buffer on ``sock``; returns
+    the send buffer the kernel granted (0 if the socket takes no such option)."""
+    if sock is None:
+        return 0
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER_BYTES)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER_BYTES)
+        return sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+    except OSError:  # not a socket that takes them
+        return 0
+
+
+def check_socket_buffers() -> int:
+    """The send buffer each connection will get; a warning if the host caps it
+    below SOCKET_BUFFER_BYTES (net.core.wmem_max: batches then leave in pieces)."""
+    ours, peer = socket.socketpair()
+    with ours, peer:
+        granted = widen_socket_buffers(ours)
+    if granted < SOCKET_BUFFER_BYTES:
+        log.warning("socket buffers are capped below what batches need",
+                    extra={"granted": granted, "asked": SOCKET_BUFFER_BYTES,
+                           "fix": f"sysctl net.core.wmem_max={SOCKET_BUFFER_BYTES} "
+                                  f"net.core.rmem_max={SOCKET_BUFFER_BYTES}"})
+    return granted

@@ -5,16 +5,23 @@ driven and inspected directly, with a real client on its real sockets."""
 from __future__ import annotations
 
 import asyncio
+import logging
+import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+from tmem_host import limits
 
 from tmem_host.daemon.client import AbiClient
 from tmem_host.daemon.config import DaemonConfig, GuestConfig
 from tmem_host.daemon.control import ControlError
-from tmem_host.daemon.runtime import abi_socket_path
+from tmem_host.daemon.runtime import abi_socket_path, nbd_socket_path
 from tmem_host.daemon.server import Daemon
+from tmem_host.limits import SOCKET_BUFFER_BYTES, check_socket_buffers
+from tmem_host.nbd.client import NbdClient
 from tmem_wire import nbd
 from tmem_wire.abi import PoolFlag, Status
 
@@ -112,3 +119,50 @@ def test_forget_waits_for_the_guest_to_disconnect_and_a_restart_resumes_the_rest
 
     in_process(tmp_path, first)
     in_process(tmp_path, second)  # a graceful stop and a start on the same dirs
+
+
+def test_every_connection_gets_socket_buffers_that_hold_a_batch(tmp_path: Path) -> None:
+    """A 64-page batch (256 KiB) does not fit a unix socket's default buffer (208
+    KiB): tmemd's ABI and NBD connections, and its host clients, ask for
+    SOCKET_BUFFER_BYTES each way (the kernel doubles what it grants, up to
+    net.core.wmem_max / rmem_max)."""
+    def granted(sysctl: str) -> int:
+        return 2 * min(SOCKET_BUFFER_BYTES, int(Path(f"/proc/sys/net/core/{sysctl}").read_text()))
+
+    default_bytes = int(Path("/proc/sys/net/core/wmem_default").read_text())
+    expected = (granted("wmem_max"), granted("rmem_max"))
+    assert expected[0] > default_bytes  # else this host cannot tell them apart
+
+    def buffers(sock: Any) -> tuple[int, int]:
+        return (sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF),
+                sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
+
+    async def scenario(daemon: Daemon) -> None:
+        abi = await asyncio.to_thread(AbiClient.open, abi_socket_path(daemon.run_dir, "g1"))
+        block = NbdClient(nbd_socket_path(daemon.run_dir, "g1"), "g1")
+        await asyncio.to_thread(block.__enter__)
+        try:
+            guest = daemon.guests["g1"]
+            assert await until(lambda: len(guest.sessions) == 1 and guest.nbd_export.connected == 1)
+            (session,) = guest.sessions
+            (connection,) = guest.nbd_export._connections
+            assert session._transport is not None and connection.transport is not None
+            assert buffers(session._transport.get_extra_info("socket")) == expected
+            assert buffers(connection.transport.get_extra_info("socket")) == expected
+            assert buffers(abi.sock) == expected
+            assert buffers(block._sock) == expected
+        finally:
+            await asyncio.to_thread(abi.close)
+            await asyncio.to_thread(block.__exit__, None, None, None)
+
+    in_process(tmp_path, scenario)
+
+
+def test_a_host_that_caps_socket_buffers_is_named_at_start(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    wmem_max = int(Path("/proc/sys/net/core/wmem_max").read_text())
+    assert check_socket_buffers() == 2 * min(SOCKET_BUFFER_BYTES, wmem_max)
+    monkeypatch.setattr(limits, "SOCKET_BUFFER_BYTES", 4 * wmem_max)  # more than any host grants
+    with caplog.at_level(logging.WARNING, logger="tmemd.limits"):
+        assert check_socket_buffers() == 2 * wmem_max
+    assert "socket buffers are capped below what batches need" in caplog.text

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from tmem_host.limits import widen_socket_buffers
 from tmem_wire.abi import (
     ALL_POOLS,
     Buffer,
@@ -86,6 +87,7 @@ class AbiClient:
         self.path = Path(path)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
+        widen_socket_buffers(self.sock)
         self.sock.connect(str(self.path))
         self.negotiated: Hello | None = None
         self._decoder = FrameDecoder()

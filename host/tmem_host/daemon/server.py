@@ -23,7 +23,7 @@ from tmem_host.daemon.control import (
     ControlError,
     ControlServerProtocol,
 )
-from tmem_host.limits import ConnectionLimiter, raise_descriptor_limit
+from tmem_host.limits import ConnectionLimiter, check_socket_buffers, raise_descriptor_limit
 from tmem_host.daemon.runtime import (
     disk_socket_path,
     GuestRuntime, abi_socket_path, fallback_path, nbd_socket_path,
@@ -134,6 +134,7 @@ class Daemon:
         """Take every descriptor the hard limit allows, and bound what connections
         may hold of them, of memory and of time (docs/CONTROL.md, "Connection limits")."""
         config = self.config
+        check_socket_buffers()
         return ConnectionLimiter(
             connections_per_guest=config.connections_per_guest,
             handshake_timeout_s=config.handshake_timeout_s,

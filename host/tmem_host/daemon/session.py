@@ -36,7 +36,7 @@ from tmem_wire.abi import (
     negotiate, pack_header_into,
 )
 
-from tmem_host.limits import Admission, ConnectionKind, ConnectionLimiter, ReplyFlow
+from tmem_host.limits import Admission, ConnectionKind, ConnectionLimiter, ReplyFlow, widen_socket_buffers
 from tmem_host.replies import ConnectionStats
 from tmem_host.store import Store
 from tmem_host.waiting import all_done
@@ -160,6 +160,7 @@ class AbiSession(asyncio.BufferedProtocol):
         self.guest = guest
         guest.attach(self)
         self._flow.attach(transport)
+        widen_socket_buffers(transport.get_extra_info("socket"))
         log.info("guest connected", extra={"guest": guest.name, "transport": self.transport_kind})
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from tmem_host.limits import widen_socket_buffers
 from tmem_wire import nbd
 from tmem_wire.frontswap import PAGE_SIZE
 
@@ -56,6 +57,7 @@ class NbdClient:
         self.export = export
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.settimeout(timeout)
+        widen_socket_buffers(self._sock)
         self._next_handle = 1
         self.negotiated: Negotiated | None = None
 

@@ -27,7 +27,9 @@ from pathlib import Path
 from collections.abc import Callable
 from typing import Final, Literal, cast
 
-from tmem_host.limits import Admission, ConnectionKind, ConnectionLimiter, ReplyFlow
+from tmem_host.limits import (
+    Admission, ConnectionKind, ConnectionLimiter, ReplyFlow, widen_socket_buffers,
+)
 from tmem_host.replies import NbdExportStats
 from tmem_host.statefiles import (
     FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, fallocate, open_state_file,
@@ -753,6 +755,7 @@ class NbdConnection(asyncio.Protocol):
                 return  # refused (closed, logged and counted by the limiter)
         self.export._attach(self)
         self._flow.attach(transport)
+        widen_socket_buffers(transport.get_extra_info("socket"))
         transport.write(self.codec.send(nbd.Greeting()))
 
     def connection_lost(self, exc: Exception | None) -> None:
