@@ -41,6 +41,9 @@ def test_good_scenario_resolves_defaults(tmp_path: Path) -> None:
     assert scenario.params == {"ratio": 1.5, "order": "sequential", "passes": 1}
     assert scenario.guests.count == 1 and scenario.guests.weight(0) == 100 and scenario.guests.cap(0) == 0
     assert scenario.to_json()["params"]["ratio"] == 1.5
+    assert scenario.calibrate  # the guest CPU is timed unless the file says not to
+    quick = load_scenario(write(tmp_path, GOOD.replace("repetitions = 2", "repetitions = 2\ncalibrate = false")))
+    assert not quick.calibrate and quick.to_json()["calibrate"] is False
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "scenarios").glob("*.toml")), ids=lambda p: p.name)
@@ -61,6 +64,7 @@ def test_shipped_scenarios_are_valid(path: Path) -> None:
         (('memory_mib = 256', 'memory_mib = 256\nweights = [1, 2]'), "scenario.toml: guests.weights: must have one entry per guest (1), got 2"),
         (('repetitions = 2', 'repetitions = 2\nbaseline = "zswap"'), "scenario.toml: baseline: must be one of the scenario's modes"),
         (('[workload]', '[workload'), "scenario.toml: not valid TOML"),
+        (('repetitions = 2', 'repetitions = 2\ncalibrate = "no"'), "scenario.toml: calibrate: must be true or false"),
         (('kind = "usemem"', 'kind = "pagecache"'), "scenario.toml: modes[1]: mode 'tmem-blk' does not apply to workload 'pagecache'; its modes are bigmem, disk-hdd, disk-hostcache, tmem-agent"),
         (('kind = "usemem"', 'kind = "usemem"\norder = "backwards"'), "scenario.toml: workload.order: must be one of sequential, random; got 'backwards'"),
     ],

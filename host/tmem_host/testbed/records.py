@@ -70,6 +70,7 @@ class ScenarioRecord(TypedDict):
     description: str
     extra: dict[str, Any]
     migration: NotRequired[MigrationSpecRecord | None]  # scenarios before migration lack the key
+    calibrate: NotRequired[bool]  # runs before the key calibrated
 
 
 class HostMetadata(TypedDict):

@@ -577,10 +577,11 @@ class Runner:
                     shutil.copy(tmemd.log_path, vm_dir / "tmemd.log")
 
     def _calibrate_once(self, guest: launcher.Guest, metadata: RunMetadata) -> None:
-        """The accelerator and the guest CPU's speed against the host's, from the
-        run's first guest (before anything else runs in it)."""
+        """The accelerator and (unless the scenario says not to) the guest CPU's
+        speed against the host's, from the run's first guest (before anything else
+        runs in it)."""
         metadata.setdefault("accelerator", "kvm" if guest.qmp("query-kvm").get("enabled") else "tcg")
-        if "calibration" not in metadata:
+        if "calibration" not in metadata and self.scenario.calibrate:
             metadata["calibration"] = calibrate(guest)
             self.log(f"calibration: the guest CPU ran {metadata['calibration']['python_factor']:.1f}x "
                      "slower than the host's (pure Python)" +

@@ -8,6 +8,8 @@ typo never costs a 20-minute run. Unknown keys are errors too.
     repetitions = 3
     baseline = "disk-hdd"
     modes = ["bigmem", "disk-hdd", "tmem-blk"]
+    calibrate = true    # time the guest CPU against the host's first (about 5 s
+                        # under TCG); false: the report has no CPU factor
 
     [guests]            # identical guests booted side by side
     count = 1
@@ -213,6 +215,7 @@ class Scenario:
     description: str = ""
     extra: Mapping[str, Any] = field(default_factory=dict)
     migration: MigrationSpec | None = None
+    calibrate: bool = True
 
     def to_json(self) -> ScenarioRecord:
         data = asdict(self)
@@ -336,6 +339,7 @@ def parse_scenario(data: Mapping[str, Any], source: str) -> Scenario:
     if baseline not in modes:
         raise top.fail("baseline", f"must be one of the scenario's modes ({', '.join(modes)}), got {baseline!r}")
     repetitions = top.integer("repetitions", 3, minimum=1, maximum=50)
+    calibrate = top.boolean("calibrate", True)
 
     guests_table = top.table_of("guests")
     count = guests_table.integer("count", 1, minimum=1, maximum=8)
@@ -462,6 +466,7 @@ def parse_scenario(data: Mapping[str, Any], source: str) -> Scenario:
         workload_timeout_s=workload_timeout,
         description=description,
         migration=migration,
+        calibrate=calibrate,
     )
 
 
