@@ -428,3 +428,46 @@ def test_a_copy_a_queued_get_holds_survives_other_batches_while_its_read_is_slow
                 ([Status.OK, Status.OK], [pages[7], pages[100]])
 
     run(scenario)
+
+
+def test_a_put_while_a_demotion_is_in_flight_cannot_pass_the_remote_quota(
+        tmp_path: Path, redis_cluster: LocalCluster) -> None:
+    """The demoter's batch counts against the guest's remote quota from the moment
+    it is queued, not only once the cluster has it: a page put while the batch is
+    on its way (the masters paused) is refused (to the guest's fallback) where it
+    would have taken the guest past its quota. Once written, nothing is left
+    counted twice."""
+    cap = 40 * (PAGE + 64)
+
+    async def main() -> None:
+        async with tiered(tmp_path, redis_cluster, 8 << 20, read_around=False, demote_above=0.001,
+                          demote_to=0.0005) as (store, tier):
+            client = store.add_client("g1")
+            guest = await tier.register(client, uuid.uuid4(), cap)
+            _, pool_id, _ = store.new_pool(client, True)
+            keys = frontswap_keys(0, range(64))
+            pages = [os.urandom(PAGE) for _ in keys]
+            for node in redis_cluster.masters():
+                with node.client() as admin:
+                    admin.execute_command("CLIENT", "PAUSE", 800, "WRITE")
+            assert store.put_many(client, pool_id, keys, pages) == [Status.OK] * 64  # in memory
+            tier.pressure()
+            deadline = asyncio.get_running_loop().time() + 5
+            while guest.demoting_bytes == 0:
+                assert asyncio.get_running_loop().time() < deadline, "the demoter did not start"
+                await asyncio.sleep(0.005)
+            # The batch takes what the quota allows, and it is all still in flight.
+            assert client.remote_bytes == 0 and cap - (PAGE + 64) < guest.demoting_bytes <= cap
+            pool = client.pools[pool_id]
+            assert pool is not None
+            refused = tier.guest_stats("g1")["refused_quota"]  # type: ignore[index]
+            assert tier.take(pool, (1 << 40, 0, 0), 0, os.urandom(PAGE)) is None
+            assert tier.guest_stats("g1")["refused_quota"] == refused + 1  # type: ignore[index]
+            await settle(store)
+            while (waiter := tier.barrier()) is not None:
+                await waiter
+            assert guest.demoting_bytes == 0 and 0 < client.remote_bytes <= cap
+            statuses, found = await get_all(store, client, pool_id, keys)
+            assert statuses == [Status.OK] * 64 and found == pages
+
+    asyncio.run(main())

@@ -237,6 +237,9 @@ class GuestRemote:
     fenced: bool = False
     # The claim waits for the cluster (the prober tries again).
     claim_pending: bool = False
+    # Demotions queued or in flight: in the guest's remote quota before demote()
+    # charges them (puts that come meanwhile must not pass the quota).
+    demoting_bytes: int = 0
 
     def __post_init__(self) -> None:
         self.prefix = f"tmem:{{{self.uuid.hex}:".encode()
@@ -631,12 +634,12 @@ class RemoteTier:
         limit = self.limit_bytes(guest)
         if limit is None:
             return True
-        over = client.remote_bytes + nbytes - limit
+        over = client.remote_bytes + guest.demoting_bytes + nbytes - limit
         if over > 0 and persistent and client.remote_ephemeral:
             guest.counters["ephemeral_shed"] += len(client.remote_ephemeral)
             self.store.shed_remote_ephemeral(client, over)
             guest.counters["ephemeral_shed"] -= len(client.remote_ephemeral)
-            over = client.remote_bytes + nbytes - limit
+            over = client.remote_bytes + guest.demoting_bytes + nbytes - limit
         return over <= 0
 
     def release(self, pool: Pool, oid: Oid, index: int, page: RemotePage, *, keep: bool) -> None:
@@ -881,6 +884,7 @@ class RemoteTier:
     def _complete_write(self, write: _Write, ok: bool) -> None:
         page, pool = write.page, write.pool
         if write.expected is not None:  # a demotion
+            write.guest.demoting_bytes -= page.nbytes
             if ok and self.store.demote(pool, write.oid, write.index, write.expected, page):
                 write.guest.counters["demoted"] += 1
                 return
@@ -1173,7 +1177,7 @@ class RemoteTier:
         pages = max(1, min(settings.demote_batch, int(excess) // 2048 + 1))
         writes: list[_Write] = []
         room = self.settings.inflight_bytes - self._inflight_bytes
-        batch_bytes = 0  # not in client.remote_bytes until demote() enters them
+        batch_bytes = 0  # not in client.remote_bytes until demote() enters them (in guest.demoting_bytes)
         for pool, oid, index, stored in store.demotion_candidates(client, pages):
             nbytes = VALUE_HEADER.size + len(stored)
             if nbytes > room or not self._room_in_quota(client, guest, batch_bytes + nbytes, True):
@@ -1185,6 +1189,7 @@ class RemoteTier:
             key = page_key(guest, self._pool_id(pool), oid, index, version)
             writes.append(_Write(guest, pool, oid, index, RemotePage(version, nbytes), key,
                                  encode_value(key, version, stored), expected=stored))
+        guest.demoting_bytes += batch_bytes
         return writes
 
     # -- control: a guest's pages home, a namespace forgotten -------------------------
