@@ -8,6 +8,9 @@ control socket. Three pieces (docs/CONTROL.md, "Connection limits"):
   its codec only while the transport's write buffer plus the replies it is
   building stay under REPLY_BYTES_IN_FLIGHT; the rest wait in the codec with
   reading paused and are served, in order, once the transport drains.
+- ``DurableReplies``: replies that wait for the store (what they acknowledge
+  made durable) while the connection is served on; at most MAX_WAITING_PASSES
+  passes' worth and REPLY_BYTES_IN_FLIGHT.
 - ``ConnectionLimiter``: live connections per guest socket (ABI and NBD
   separately) and on the control socket, a reserve of descriptors that guests'
   extra connections cannot take, and handshake and idle timeouts, checked by one
@@ -25,7 +28,7 @@ import os
 import resource
 import socket
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Final, Protocol, cast
@@ -308,6 +311,99 @@ class ConnectionLimiter:
                 for guest in guests
             },
         }
+
+
+#: Passes whose replies may wait for the store at once (DurableReplies).
+MAX_WAITING_PASSES: Final = 32
+
+
+class DurableReplies:
+    """A connection's replies that wait, each for the store's future that says
+    what it acknowledges is durable (the remote tier's writes acknowledged by the
+    cluster), sent strictly in order: a reply leaves once its own future and
+    every reply before it have. Meanwhile the protocol serves on, so the next
+    requests' work overlaps the store's.
+
+    ``add`` says when the protocol must stop serving until the first waiting
+    reply can leave (``first_waiting``): MAX_WAITING_PASSES passes or
+    REPLY_BYTES_IN_FLIGHT wait. ``bytes`` count against the pass's room. An EOF
+    while replies wait is held (``hold_eof``): the transport closes once they
+    are sent.
+    """
+
+    __slots__ = ("_make_outcome_durable", "_transport", "_waiting", "bytes", "_eof")
+
+    def __init__(self, make_outcome_durable: Callable[[], object]) -> None:
+        # Called before replies leave whose futures completed: durability fsync
+        # syncs the records of those writes' outcomes (a page the cluster refused
+        # is back in memory, its journal record written).
+        self._make_outcome_durable = make_outcome_durable
+        self._transport: asyncio.Transport | None = None
+        self._waiting: deque[tuple[bytes, asyncio.Future[None] | None]] = deque()
+        self.bytes = 0
+        self._eof = False
+
+    def attach(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+
+    def detach(self) -> None:
+        self._transport = None
+        self._waiting.clear()
+        self.bytes = 0
+
+    def __bool__(self) -> bool:
+        return bool(self._waiting)
+
+    def add(self, reply: bytes, waiter: asyncio.Future[None] | None) -> bool:
+        """Send ``reply`` once ``waiter`` (None: nothing) and the replies before it
+        have completed; True if the protocol must stop serving (see the class)."""
+        transport = self._transport
+        if transport is None:
+            return False
+        if waiter is None and not self._waiting:
+            transport.write(reply)
+            return False
+        self._waiting.append((reply, waiter))
+        self.bytes += len(reply)
+        if waiter is not None:
+            waiter.add_done_callback(self._send_ready)
+        return len(self._waiting) >= MAX_WAITING_PASSES or self.bytes >= REPLY_BYTES_IN_FLIGHT
+
+    def first_waiting(self) -> asyncio.Future[None]:
+        """The future the first reply that cannot leave waits for (its callback,
+        which sends, runs before any added later)."""
+        return next(waiter for _, waiter in self._waiting if waiter is not None)
+
+    def send_all(self, reply: bytes) -> None:
+        """The connection is closing: every reply now, then ``reply``, whatever the
+        store does (a page the tier fails to take stays in memory, Store.strand)."""
+        pieces = [waiting for waiting, _ in self._waiting]
+        self._waiting.clear()
+        self.bytes = 0
+        if self._transport is not None:
+            self._transport.write(b"".join([*pieces, reply]))
+
+    def hold_eof(self) -> bool:
+        """At EOF: True (keep the transport open) if replies wait."""
+        self._eof = bool(self._waiting)
+        return self._eof
+
+    def _send_ready(self, _: asyncio.Future[None] | None = None) -> None:
+        transport = self._transport
+        ready: list[bytes] = []
+        while self._waiting:
+            reply, waiter = self._waiting[0]
+            if waiter is not None and not waiter.done():
+                break
+            self._waiting.popleft()
+            self.bytes -= len(reply)
+            ready.append(reply)
+        if not ready or transport is None:
+            return
+        self._make_outcome_durable()
+        transport.write(b"".join(ready))
+        if self._eof and not self._waiting:
+            transport.close()
 
 
 class ReplyFlow:

@@ -36,7 +36,9 @@ from tmem_wire.abi import (
     negotiate, pack_header_into,
 )
 
-from tmem_host.limits import Admission, ConnectionKind, ConnectionLimiter, ReplyFlow, widen_socket_buffers
+from tmem_host.limits import (
+    Admission, ConnectionKind, ConnectionLimiter, DurableReplies, ReplyFlow, widen_socket_buffers,
+)
 from tmem_host.replies import ConnectionStats
 from tmem_host.store import Store
 from tmem_host.waiting import all_done
@@ -138,7 +140,7 @@ class AbiSession(asyncio.BufferedProtocol):
         self._fetched: set[int] = set()
         self._carried: _Chunks = []
         self._carried_served = 0
-        self._unsent = b""
+        self._durable = DurableReplies(lambda: store.make_durable(tier=False))
         self.store_waits = 0
 
     # -- asyncio callbacks ---------------------------------------------------
@@ -160,6 +162,7 @@ class AbiSession(asyncio.BufferedProtocol):
         self.guest = guest
         guest.attach(self)
         self._flow.attach(transport)
+        self._durable.attach(transport)
         widen_socket_buffers(transport.get_extra_info("socket"))
         log.info("guest connected", extra={"guest": guest.name, "transport": self.transport_kind})
 
@@ -176,6 +179,7 @@ class AbiSession(asyncio.BufferedProtocol):
         self._transport = None
         self._resumed.clear()
         self._fetching = []
+        self._durable.detach()
 
     # The guest is not reading its replies: stop reading its requests.
     def pause_writing(self) -> None:
@@ -186,6 +190,11 @@ class AbiSession(asyncio.BufferedProtocol):
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self._recv_buffer
+
+    def eof_received(self) -> bool | None:
+        # Replies that still wait for the store go first (then it closes); else
+        # asyncio closes the transport once the replies written are sent.
+        return True if self._durable.hold_eof() else None
 
     def buffer_updated(self, nbytes: int) -> None:
         if self._transport is None or self.guest is None:
@@ -210,7 +219,7 @@ class AbiSession(asyncio.BufferedProtocol):
         out, self._carried = self._carried, []
         self._reply_flags = _REPLY_DRAIN if self.guest.draining and self.drain_negotiated else _REPLY
         self._out_bytes = sum(len(chunk) for chunk in out)
-        room = self._flow.room()
+        room = self._flow.room() - self._durable.bytes
         decoder = self._decoder
         handlers = self._handlers
         first = served = self._chunk_frames
@@ -292,7 +301,7 @@ class AbiSession(asyncio.BufferedProtocol):
             return
         carried, self._carried_served = self._carried_served, 0
         if self._write(transport, out, served - first + carried, served):
-            return  # the replies wait for the store; the pass ends when they are sent
+            return  # too many replies wait for the store: the next pass comes when the first leave
         if backlog:
             self.reply_backlogs += 1
         # A get left to fetch in the next pass: that pass comes as after a backlog
@@ -398,7 +407,12 @@ class AbiSession(asyncio.BufferedProtocol):
 
     def _write(self, transport: asyncio.Transport, out: _Chunks, served: int,
                in_flight: int, *, wait: bool = True) -> bool:
-        """Send the pass's replies; True if they wait for the store first."""
+        """Send the pass's replies once what they acknowledge is as durable as
+        promised (durability fsync: one fdatasync for all of them; the remote tier:
+        its writes acknowledged by the cluster), after the earlier replies still
+        waiting; the connection is served on meanwhile (DurableReplies). True if
+        the pass must stop until the first waiting reply leaves. ``wait=False``
+        (the connection is closing): send every reply now."""
         self.frames_in += served
         if in_flight > self.in_flight_max:
             self.in_flight_max = in_flight
@@ -407,27 +421,16 @@ class AbiSession(asyncio.BufferedProtocol):
         reply = b"".join(out)
         self.bytes_out += len(reply)
         self.frames_out += served
-        # What the replies acknowledge must first be as durable as promised
-        # (durability fsync: one fdatasync for all of them; the remote tier: its
-        # writes acknowledged by the cluster).
         waiter = self.store.make_durable()
-        if waiter is None or not wait:
-            transport.write(reply)
+        if not wait:
+            self._durable.send_all(reply)
             return False
-        self._unsent = reply
-        self.store_waits += 1
-        self._flow.suspend(waiter, self._send_unsent)
-        return True
-
-    def _send_unsent(self) -> None:
-        waiter = self.store.make_durable()  # records the tier's outcome wrote, if any
         if waiter is not None:
-            self._flow.suspend(waiter, self._send_unsent)
-            return
-        reply, self._unsent = self._unsent, b""
-        if self._transport is not None:
-            self._transport.write(reply)
-        self._serve()
+            self.store_waits += 1
+        if not self._durable.add(reply, waiter):
+            return False
+        self._flow.suspend(self._durable.first_waiting(), self._serve)
+        return True
 
     # -- requests ---------------------------------------------------------------
 

@@ -430,7 +430,7 @@ class JournaledStore(Store):
         journal = self.journal(client)
         return journal is not None and journal.existed and not journal.state_lost
 
-    def make_durable(self) -> asyncio.Future[None] | None:
+    def make_durable(self, *, tier: bool = True) -> asyncio.Future[None] | None:
         """Durability fsync: fdatasync every journal written since the last call.
         The frontends call it before sending replies, once per batch they read,
         and again when the tier's future it returns completes (until None)."""
@@ -438,7 +438,7 @@ class JournaledStore(Store):
             for journal in self._unsynced:
                 journal.sync()
             self._unsynced.clear()
-        return super().make_durable()
+        return super().make_durable(tier=tier)
 
     # The remote tier moves pages between memory and the cluster: each move is
     # one record (REMOTE or PUT), so a replay finds every page where it is.

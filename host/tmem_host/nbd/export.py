@@ -28,7 +28,7 @@ from collections.abc import Callable
 from typing import Final, Literal, cast
 
 from tmem_host.limits import (
-    Admission, ConnectionKind, ConnectionLimiter, ReplyFlow, widen_socket_buffers,
+    Admission, ConnectionKind, ConnectionLimiter, DurableReplies, ReplyFlow, widen_socket_buffers,
 )
 from tmem_host.replies import NbdExportStats
 from tmem_host.statefiles import (
@@ -740,7 +740,10 @@ class NbdConnection(asyncio.Protocol):
         self._fetched: set[int] = set()
         self._fetch_waiter: asyncio.Future[None] | None = None
         self._carried: list[bytes | bytearray] = []
+        # Replies held by the slow fallback disk (--fallback-iops).
         self._unsent: list[bytes | bytearray] = []
+        # Replies waiting for the store while the connection is served on.
+        self._durable = DurableReplies(lambda: export.store.make_durable(tier=False))
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A stream transport (uvloop's are not asyncio.Transport subclasses).
@@ -755,6 +758,7 @@ class NbdConnection(asyncio.Protocol):
                 return  # refused (closed, logged and counted by the limiter)
         self.export._attach(self)
         self._flow.attach(transport)
+        self._durable.attach(transport)
         widen_socket_buffers(transport.get_extra_info("socket"))
         transport.write(self.codec.send(nbd.Greeting()))
 
@@ -763,6 +767,7 @@ class NbdConnection(asyncio.Protocol):
         if self._admission is not None:
             self._admission.release()
         self._flow.detach()
+        self._durable.detach()
 
     def data_received(self, data: bytes) -> None:
         self._feed(data)
@@ -820,7 +825,7 @@ class NbdConnection(asyncio.Protocol):
         output, self._carried = self._carried, []
         try:
             outcome = self._serve_events(
-                output, self._flow.room() - sum(len(chunk) for chunk in output))
+                output, self._flow.room() - self._durable.bytes - sum(len(chunk) for chunk in output))
         except nbd.NbdProtocolError as exc:
             self._protocol_error(exc, output)
             return
@@ -832,7 +837,7 @@ class NbdConnection(asyncio.Protocol):
             self._fetch_waiter = None
             return
         if self._send(output, wait=outcome != "finished"):
-            return  # the replies wait for the store; the pass ends when they are sent
+            return  # the replies wait (the slow fallback disk, or too many for the store)
         if outcome == "finished":
             self._closing = True
             transport.close()
@@ -848,9 +853,14 @@ class NbdConnection(asyncio.Protocol):
         self.abort("protocol error")
 
     def _send(self, output: list[bytes | bytearray], *, wait: bool = True) -> bool:
-        """Send the pass's replies; True if they wait for the store first. Not
-        ``wait`` (the connection closes): now, whatever the tier does (a page it
-        fails to take stays in memory, Store.strand)."""
+        """Send the pass's replies once what they acknowledge is as durable as
+        promised (durability fsync: one fdatasync for all of them; the remote tier:
+        its writes acknowledged by the cluster), after the earlier ones still
+        waiting; the connection is served on meanwhile (DurableReplies). True if
+        the pass must stop first: the slow fallback disk holds them, or too many
+        replies wait. Not ``wait`` (the connection closes): every reply now,
+        whatever the tier does (a page it fails to take stays in memory,
+        Store.strand)."""
         if not output or self.transport is None:
             return False
         delay = self.export.fallback_delay()
@@ -861,26 +871,25 @@ class NbdConnection(asyncio.Protocol):
             asyncio.get_running_loop().call_later(delay, _set_done, slow_disk)
             self._flow.suspend(slow_disk, self._send_unsent)
             return True
-        # What the replies acknowledge must first be as durable as promised
-        # (durability fsync: one fdatasync for all of them; the remote tier: its
-        # writes acknowledged by the cluster).
+        return self._send_durable(b"".join(output), wait=wait)
+
+    def _send_durable(self, reply: bytes, *, wait: bool = True) -> bool:
         waiter = self.export.store.make_durable()
-        if waiter is None or not wait:
-            self.transport.write(b"".join(output))
+        if not wait:
+            self._durable.send_all(reply)
             return False
-        self._unsent = output
-        self.export.counters["store_waits"] += 1
-        self._flow.suspend(waiter, self._send_unsent)
+        if waiter is not None:
+            self.export.counters["store_waits"] += 1
+        if not self._durable.add(reply, waiter):
+            return False
+        self._flow.suspend(self._durable.first_waiting(), self._serve)
         return True
 
     def _send_unsent(self) -> None:
-        waiter = self.export.store.make_durable()  # records the tier's outcome wrote, if any
-        if waiter is not None:
-            self._flow.suspend(waiter, self._send_unsent)
-            return
+        """The slow fallback disk's delay is over."""
         output, self._unsent = self._unsent, []
-        if self.transport is not None:
-            self.transport.write(b"".join(output))
+        if self.transport is not None and self._send_durable(b"".join(output)):
+            return
         self._serve()
 
     def _serve_fetched(self) -> None:

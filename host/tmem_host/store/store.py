@@ -457,12 +457,13 @@ class Store:
         """A block whose durable records are written together when it ends."""
         return contextlib.nullcontext()
 
-    def make_durable(self) -> asyncio.Future[None] | None:
+    def make_durable(self, *, tier: bool = True) -> asyncio.Future[None] | None:
         """Make what the replies about to be sent acknowledge survive what the
         store's durability level promises (called once per batch of requests).
         A future means: not yet, the tier's writes are in flight; send the
-        replies when it completes (they then hold, whatever its outcome)."""
-        return self.tier.barrier() if self.tier is not None else None
+        replies when it completes (they then hold, whatever its outcome).
+        ``tier=False``: that future has completed; only make its outcome durable."""
+        return self.tier.barrier() if tier and self.tier is not None else None
 
     def may_fetch(self, client: Client, pool_id: int) -> bool:
         """Whether a get from this pool may need fetch() (it holds remote pages)."""
