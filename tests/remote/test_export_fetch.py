@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
-from tmem_host.nbd.client import NbdClient
+from tmem_host.nbd.client import ClientRequest, NbdClient
 from tmem_host.nbd.export import NbdConnection, NbdExport
 from tmem_host.remote.cluster import LocalCluster
 from tmem_host.store.tier import RemotePage
@@ -78,6 +80,65 @@ def test_a_page_demoted_while_its_read_waits_for_the_tier_is_read_back(
                 error, payload = await read
                 assert error == nbd.Error.OK
                 assert payload == data[(boundary - 1) * PAGE_SIZE:(boundary + 1) * PAGE_SIZE]
+            finally:
+                await asyncio.to_thread(nbd_client.close)
+                server.close()
+                export.close()
+
+    asyncio.run(main())
+
+
+def test_requests_behind_a_write_that_waits_for_the_cluster_are_served_and_replied_in_order(
+        tmp_path: Path, redis_cluster: LocalCluster) -> None:
+    """A WRITE whose page goes to a master that is slow (its writes paused) is
+    acknowledged only once that master has it; the WRITE and READ sent behind it
+    are served meanwhile (the second WRITE's page is on its way too), and every
+    reply leaves in order, the READ's with the first WRITE's data."""
+    async def main() -> None:
+        # No memory share: every page goes to the cluster as it is written.
+        async with tiered(tmp_path, redis_cluster, BUDGET, read_around=False,
+                          local_fraction=0.0, demote_above=10.0) as (store, tier):
+            client = store.add_client("g1")
+            await tier.register(client, uuid.uuid4(), None)
+            export = NbdExport(store, client, name="g1", size_bytes=16 << 20,
+                               fallback_path=tmp_path / "g1.fallback")
+            socket_path = tmp_path / "g1.nbd.sock"
+            server = await asyncio.get_running_loop().create_unix_server(
+                lambda: NbdConnection(export), str(socket_path))
+            nbd_client = NbdClient(socket_path, "g1")
+            await asyncio.to_thread(nbd_client.connect)
+            try:
+                first, second = os.urandom(PAGE_SIZE), os.urandom(PAGE_SIZE)
+                keys = frontswap_keys(0, range(2 * GROUP))
+                assert await asyncio.to_thread(nbd_client.write, 0, os.urandom(PAGE_SIZE)) == nbd.Error.OK
+                pool_id = next(number for number, pool in enumerate(client.pools) if pool is not None)
+                port = master_port(redis_cluster, tier, client, pool_id, keys[0])
+                with redis_cluster.node_by_port(port).client() as admin:
+                    admin.execute_command("CLIENT", "PAUSE", 1500, "WRITE")
+                requests = [ClientRequest(nbd.Command.WRITE, 0, PAGE_SIZE, first),
+                            ClientRequest(nbd.Command.WRITE, GROUP * PAGE_SIZE, PAGE_SIZE, second),
+                            ClientRequest(nbd.Command.READ, 0, PAGE_SIZE)]
+
+                def paced() -> Iterator[ClientRequest]:
+                    yield requests[0]
+                    time.sleep(0.1)  # the first WRITE is read alone, and waits for the master
+                    yield from requests[1:]
+
+                replies = asyncio.ensure_future(asyncio.to_thread(lambda: list(nbd_client.run(paced(), 3))))
+                deadline = asyncio.get_running_loop().time() + 1.0
+                pool = client.pools[pool_id]
+                assert pool is not None
+                second_key = keys[GROUP]
+                while second_key[1] not in pool.objects.get(second_key[0], {}):  # the second WRITE served
+                    assert asyncio.get_running_loop().time() < deadline, "nothing served behind the WRITE"
+                    await asyncio.sleep(0.005)
+                assert not replies.done()  # yet nothing answered before the first WRITE
+                done = await replies
+                assert [reply.handle for reply in done] == [2, 3, 4]  # in order
+                assert [reply.error for reply in done] == [nbd.Error.OK] * 3
+                assert done[2].data == first
+                page = remote_page(client, pool_id, keys[0])
+                assert page is not None and page.pending is None  # written when acknowledged
             finally:
                 await asyncio.to_thread(nbd_client.close)
                 server.close()

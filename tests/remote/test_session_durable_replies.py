@@ -20,7 +20,7 @@ from tmem_wire.abi import Op, Status
 from .test_session_fetch_batching import PAGE, Host, connect, get, put, until, with_remote_pages
 from .test_tier_store import master_port, remote_page
 
-PAUSE_MS = 500
+PAUSE_MS = 1500
 
 
 def in_flight(page: RemotePage | None) -> bool:
