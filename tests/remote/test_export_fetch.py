@@ -5,7 +5,9 @@ a thread): a READ that waits for the tier still gets every page it asks for."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
+import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -139,6 +141,55 @@ def test_requests_behind_a_write_that_waits_for_the_cluster_are_served_and_repli
                 assert done[2].data == first
                 page = remote_page(client, pool_id, keys[0])
                 assert page is not None and page.pending is None  # written when acknowledged
+            finally:
+                await asyncio.to_thread(nbd_client.close)
+                server.close()
+                export.close()
+
+    asyncio.run(main())
+
+
+def test_a_client_that_disconnects_while_its_writes_wait_gets_their_replies_first(
+        tmp_path: Path, redis_cluster: LocalCluster) -> None:
+    """WRITEs to a slow master, then the client sends NBD_CMD_DISC and shuts its
+    side: every WRITE is still acknowledged (once the master has its page), and
+    only then does tmemd close."""
+    async def main() -> None:
+        async with tiered(tmp_path, redis_cluster, BUDGET, read_around=False,
+                          local_fraction=0.0, demote_above=10.0) as (store, tier):
+            client = store.add_client("g1")
+            await tier.register(client, uuid.uuid4(), None)
+            export = NbdExport(store, client, name="g1", size_bytes=16 << 20,
+                               fallback_path=tmp_path / "g1.fallback")
+            socket_path = tmp_path / "g1.nbd.sock"
+            server = await asyncio.get_running_loop().create_unix_server(
+                lambda: NbdConnection(export), str(socket_path))
+            nbd_client = NbdClient(socket_path, "g1")
+            await asyncio.to_thread(nbd_client.connect)
+            try:
+                assert await asyncio.to_thread(nbd_client.write, 0, os.urandom(PAGE_SIZE)) == nbd.Error.OK
+                pool_id = next(number for number, pool in enumerate(client.pools) if pool is not None)
+                keys = frontswap_keys(0, range(GROUP))
+                port = master_port(redis_cluster, tier, client, pool_id, keys[0])
+                with redis_cluster.node_by_port(port).client() as admin:
+                    admin.execute_command("CLIENT", "PAUSE", 1500, "WRITE")
+                pages = [os.urandom(PAGE_SIZE) for _ in range(2)]
+
+                def then_leave() -> Iterator[ClientRequest]:
+                    for number, page in enumerate(pages):
+                        yield ClientRequest(nbd.Command.WRITE, number * PAGE_SIZE, PAGE_SIZE, page)
+                    yield ClientRequest(nbd.Command.DISC, 0, 0)
+                    nbd_client._sock.shutdown(socket.SHUT_WR)
+
+                def replies_then_eof() -> tuple[list[int], bytes]:
+                    errors = [reply.error for reply in itertools.islice(nbd_client.run(then_leave(), 3), 2)]
+                    return errors, nbd_client._sock.recv(1)  # b"": tmemd closed
+
+                errors, after = await asyncio.to_thread(replies_then_eof)
+                assert errors == [nbd.Error.OK, nbd.Error.OK] and after == b""
+                for number in range(2):  # each acknowledged once the master had it
+                    page = remote_page(client, pool_id, keys[number])
+                    assert page is not None and page.pending is None
             finally:
                 await asyncio.to_thread(nbd_client.close)
                 server.close()

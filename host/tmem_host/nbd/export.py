@@ -774,7 +774,9 @@ class NbdConnection(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         self._feed(b"")
-        return None
+        # Replies still waiting for the store keep the transport open until they
+        # are sent (DurableReplies closes it then).
+        return True if self._durable else None
 
     # Slow reader: stop taking requests until its replies drain.
     def pause_writing(self) -> None:
@@ -836,12 +838,17 @@ class NbdConnection(asyncio.Protocol):
             self._flow.suspend(self._fetch_waiter, self._serve_fetched)
             self._fetch_waiter = None
             return
-        if self._send(output, wait=outcome != "finished"):
-            return  # the replies wait (the slow fallback disk, or too many for the store)
         if outcome == "finished":
+            # The client is done (EOF, DISC, ABORT): its last replies wait for the
+            # store like the rest, then the connection closes.
             self._closing = True
-            transport.close()
+            if output:
+                self._durable.add(b"".join(output), self.export.store.make_durable())
+            if not self._durable.hold_eof():
+                transport.close()
             return
+        if self._send(output):
+            return  # the replies wait (the slow fallback disk, or too many for the store)
         if outcome == "backlog":
             self.export.counters["reply_backlogs"] += 1
         self._flow.pass_done(outcome == "backlog")
