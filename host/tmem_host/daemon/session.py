@@ -130,8 +130,9 @@ class AbiSession(asyncio.BufferedProtocol):
         self.reply_backlogs = 0
         # A pass stopped on the store (the remote tier): the frames taken from the
         # decoder to serve first, in order, when it resumes (a get that waits, those
-        # already received behind it; an undecodable one as its error), the replies
-        # built before them, and replies waiting to be sent.
+        # already received behind it; an undecodable one as its error) and the
+        # replies built before them (_carried). Replies that wait for the store's
+        # writes are in _durable.
         self._resumed: collections.deque[Frame | ProtocolError] = collections.deque()
         # The gets the pending fetch covers; in the pass right after it (ids of
         # frames taken ahead) they are served as they are then (the tier forgets

@@ -732,7 +732,7 @@ class NbdConnection(asyncio.Protocol):
         self._admission: Admission | None = None
         self._flow = ReplyFlow(self._serve)
         # A pass stopped on the store (the remote tier): the READ to serve first
-        # when it resumes, the replies built before it, replies waiting to be sent.
+        # when it resumes, and the replies built before it (_carried).
         self._resumed: collections.deque[nbd.ClientEvent] = collections.deque()
         # The READs the pending fetch covers; in the pass right after it, their
         # pages are read back (the tier forgets them after that pass).
