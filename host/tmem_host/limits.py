@@ -2,7 +2,7 @@
 
 tmemd serves every guest from one thread, so a client that can make it buffer
 without bound, hold descriptors or wait forever harms every other guest and the
-control socket. Three pieces (docs/CONTROL.md, "Connection limits"):
+control socket. The pieces (docs/CONTROL.md, "Connection limits"):
 
 - ``ReplyFlow``: a connection's replies in flight. A protocol takes requests from
   its codec only while the transport's write buffer plus the replies it is
