@@ -304,6 +304,7 @@ class RemoteGuestStats(TypedDict):
     ephemeral_missing: int  # ephemeral pages the cluster no longer had (TTL, eviction): misses
     ephemeral_shed: int  # ephemeral pages dropped from the cluster for persistent ones
     prefetched: int  # pages read around the wanted ones (same hash tag, same round trip)
+    read_ahead: int  # pages read ahead of a sequential stream of gets (the next neighbourhoods)
     demotions_refused: int
     rtt_us_histogram: dict[str, int]  # its round trips, by upper bound in microseconds
 

@@ -272,7 +272,7 @@ def test_a_read_fetches_its_hash_tag_and_the_neighbours_need_no_round_trip(
     its new data."""
     async def scenario() -> None:
         async with tiered(tmp_path, redis_cluster, 1 << 20, demote_above=10.0,
-                          local_fraction=0.0) as (store, tier):
+                          local_fraction=0.0, read_ahead_groups=0) as (store, tier):
             client = store.add_client("g1")
             await tier.register(client, uuid.uuid4(), None)
             _, pool_id, _ = store.new_pool(client, True)
@@ -304,6 +304,71 @@ def test_a_read_fetches_its_hash_tag_and_the_neighbours_need_no_round_trip(
             before = tier.counters["round_trips"]
             statuses, found = await get_all(store, client, pool_id, [keys[64]])
             assert found == [pages[64]] and tier.counters["round_trips"] - before == 1
+
+    run(scenario)
+
+
+async def read_ahead_landed(tier: RemoteTier, pages: int) -> None:
+    """Wait until the tier has read ``pages`` pages ahead (a guest that takes its time)."""
+    deadline = asyncio.get_running_loop().time() + 30
+    while (figures := tier.guest_stats("g1")) is None or figures["read_ahead"] < pages:
+        assert asyncio.get_running_loop().time() < deadline, f"read ahead: {figures}"
+        await asyncio.sleep(0.001)
+
+
+def test_sequential_gets_read_the_next_neighbourhoods_ahead_and_random_gets_none(
+        tmp_path: Path, redis_cluster: LocalCluster) -> None:
+    """Read-ahead: once the gets walk from one 64-slot group into the next, the
+    tier reads the next two groups (with that get's own read, then one more group
+    as each group is entered), so a guest swapping in in order waits for the
+    cluster twice, not once per group. A page rewritten or flushed after it was
+    read ahead reads its new state; gets in no order read nothing ahead."""
+    async def scenario() -> None:
+        async with tiered(tmp_path, redis_cluster, 1 << 20, demote_above=10.0,
+                          local_fraction=0.0, read_ahead_groups=2) as (store, tier):
+            groups = 8
+            client, pool_id, keys, pages = await put_random_pages(store, tier, groups * 64)
+            assert client.remote_pages == groups * 64
+            tier.forget_copies()  # those of the writes: the gets below read the cluster
+            rewritten, flushed = 5 * 64 + 7, 5 * 64 + 9
+            new = os.urandom(PAGE)
+            waited = []
+            for group in range(groups):
+                for first in range(group * 64, group * 64 + 64, 8):  # swap readahead's 8 pages
+                    batch = keys[first:first + 8]
+                    waiter = store.fetch(client, pool_id, batch)
+                    if waiter is not None:
+                        waited.append(group)
+                        await waiter
+                    statuses, found = store.get_many(client, pool_id, batch)
+                    expected = [new if slot == rewritten else pages[slot]
+                                for slot in range(first, first + 8)]
+                    if first <= flushed < first + 8:
+                        assert statuses[flushed - first] == Status.MISS
+                        del statuses[flushed - first], expected[flushed - first]
+                    assert statuses == [Status.OK] * len(expected) and found == expected, first
+                if group >= 1:
+                    await read_ahead_landed(tier, 64 * (min(group + 2, groups - 1) - 1))
+                if group == 3:  # group 5 is in the read cache now: change two of its pages
+                    assert store.put(client, pool_id, *keys[rewritten], new) == Status.OK
+                    assert store.flush_page(client, pool_id, *keys[flushed]) == Status.OK
+                    await settle(store)
+            # Group 0 starts the stream, group 1 makes it sequential; in group 5 the
+            # rewritten page's new copy is only in the cluster (a write keeps none).
+            assert waited == [0, 1, 5]
+            figures = tier.guest_stats("g1")
+            assert figures is not None and figures["get_errors"] == figures["get_missing"] == 0
+
+            # Gets that jump about (never into the group after the last) read nothing ahead.
+            tier.forget_copies()
+            before = figures["read_ahead"]
+            for group in (6, 2, 4, 0, 7, 3):
+                batch = keys[group * 64 + 16:group * 64 + 24]
+                statuses, found = await get_all(store, client, pool_id, batch)
+                assert found == pages[group * 64 + 16:group * 64 + 24]
+            await asyncio.sleep(0.05)
+            figures = tier.guest_stats("g1")
+            assert figures is not None and figures["read_ahead"] == before
 
     run(scenario)
 

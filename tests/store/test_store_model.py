@@ -334,7 +334,7 @@ class MemoryTier:
     def pressure(self) -> None:
         pass
 
-    def consumed(self, page: RemotePage) -> None:
+    def consumed(self, pool: Pool, oid: Oid, index: int, page: RemotePage) -> None:
         pass  # this tier keeps every copy until the next fetch: nothing to unpin
 
     def restored(self, page: RemotePage) -> None:

@@ -200,6 +200,10 @@ class RemoteSettings:
     #: Read-around: a read also fetches the other remote pages of its hash tag (the
     #: same MGET: no extra round trip), for the swap-ins of neighbouring slots.
     read_around: bool = True
+    #: Read-ahead: once a guest's gets walk from one 64-page neighbourhood (page_key's
+    #: GROUP) into the next, the tier keeps this many neighbourhoods past the one
+    #: being read on their way (0: never), so a sequential swap-in finds them here.
+    read_ahead_groups: int = 2
     #: TTL of demoted ephemeral pages' keys: a volatile-* policy may evict them,
     #: and copies a crash orphaned expire.
     ephemeral_ttl_s: float = 3600.0
@@ -240,6 +244,14 @@ class GuestRemote:
     # Demotions queued or in flight: in the guest's remote quota before demote()
     # charges them (puts that come meanwhile must not pass the quota).
     demoting_bytes: int = 0
+    # Read-ahead: the object (pool id, oid[0] >> 4, oid[1], oid[2]) its last gets
+    # of remote pages were in, their neighbourhood (index >> 2), whether they came
+    # from the neighbourhood before it (a sequential stream), and the last
+    # neighbourhood already queued ahead of them.
+    stream: tuple[int, int, int, int] | None = None
+    stream_group: int = 0
+    stream_sequential: bool = False
+    stream_ahead: int = 0
 
     def __post_init__(self) -> None:
         self.prefix = f"tmem:{{{self.uuid.hex}:".encode()
@@ -270,6 +282,8 @@ class _Read:
     key: bytes
     # Read around a wanted page, not asked for (its copy waits in the read cache).
     prefetch: bool = False
+    # Of those, read ahead of a sequential stream of gets (counted apart).
+    ahead: bool = False
 
 
 def page_key(guest: GuestRemote, pool_id: int, oid: Oid, index: int, version: int) -> bytes:
@@ -313,6 +327,12 @@ def _digest(key: bytes, version: int, tag: int, data: bytes) -> bytes:
     hasher.update(bytes((tag,)))
     hasher.update(data)
     return hasher.digest()
+
+
+def _group_of(pool_id: int, oid: Oid, index: int) -> tuple[int, int, int, int, int]:
+    """The page's neighbourhood (page_key's POOL:OBJ:GROUP): pool id, oid[0] >> 4,
+    oid[1], oid[2], index >> 2."""
+    return pool_id, oid[0] >> 4, oid[1], oid[2], index >> 2
 
 
 def is_page_key(key: bytes) -> bool:
@@ -677,34 +697,69 @@ class RemoteTier:
         if held:
             self._held.extend(held)
             self._holding.update(held)
+        queued = {id(page) for _, _, page in pages}
         if self.settings.read_around:
-            self._read_around(guest, pool, pool_id, pages)
+            for group in {_group_of(pool_id, oid, index) for oid, index, _ in pages}:
+                self._queue_group(guest, pool, *group, queued)
+        if pages:
+            oid, index, _ = pages[0]
+            self._follow(guest, pool, pool_id, oid, index, queued)
         if self._reads_done is None:
             self._reads_done = asyncio.get_running_loop().create_future()
         self._schedule_flush()
         return self._reads_done
 
-    def _read_around(self, guest: GuestRemote, pool: Pool, pool_id: int,
-                     pages: list[tuple[Oid, int, RemotePage]]) -> None:
-        """Queue the other remote pages of the wanted pages' hash tags (see page_key:
-        oids differing in their low 4 bits, indexes in their low 2) as prefetches."""
-        queued = {id(page) for _, _, page in pages}
+    def _queue_group(self, guest: GuestRemote, pool: Pool, pool_id: int, high: int, oid1: int,
+                     oid2: int, group: int, queued: set[int], *, ahead: bool = False) -> int:
+        """Queue as prefetches the remote pages of one neighbourhood (see page_key:
+        oids differing in their low 4 bits, indexes in their low 2) that have no
+        copy here and are not queued yet; returns how many."""
         objects = pool.objects
-        for high, oid1, oid2, group in {(oid[0] >> 4, oid[1], oid[2], index >> 2)
-                                        for oid, index, _ in pages}:
-            for low in range(16):
-                oid = ((high << 4) | low, oid1, oid2)
-                obj = objects.get(oid)
-                if obj is None:
-                    continue
-                for index in range(group << 2, (group << 2) + 4):
-                    value = obj.get(index)
-                    if (type(value) is RemotePage and value.pending is None
-                            and value.fetched is None and id(value) not in queued):
-                        queued.add(id(value))
-                        self._reads.append(_Read(
-                            guest, pool, value, page_key(guest, pool_id, oid, index, value.version),
-                            prefetch=True))
+        count = 0
+        for low in range(16):
+            oid = ((high << 4) | low, oid1, oid2)
+            obj = objects.get(oid)
+            if obj is None:
+                continue
+            for index in range(group << 2, (group << 2) + 4):
+                value = obj.get(index)
+                if (type(value) is RemotePage and value.pending is None
+                        and value.fetched is None and id(value) not in queued):
+                    queued.add(id(value))
+                    self._reads.append(_Read(
+                        guest, pool, value, page_key(guest, pool_id, oid, index, value.version),
+                        prefetch=True, ahead=ahead))
+                    count += 1
+        return count
+
+    def _follow(self, guest: GuestRemote, pool: Pool, pool_id: int, oid: Oid, index: int,
+                queued: set[int] | None = None) -> None:
+        """Read-ahead (Linux's swap and file readahead, by neighbourhood): a get of a
+        remote page in the neighbourhood after the last one's makes the guest's
+        stream sequential, and the next ``read_ahead_groups`` neighbourhoods are
+        queued (once each). Any other get starts a new stream and reads nothing
+        ahead: random gets cost no extra reads. Prefetches are checked like any
+        read, and a put or flush meanwhile replaces the page (and its copy)."""
+        window = self.settings.read_ahead_groups
+        if window <= 0:
+            return
+        stream = (pool_id, oid[0] >> 4, oid[1], oid[2])
+        group = index >> 2
+        if stream != guest.stream or not guest.stream_group <= group <= guest.stream_group + 1:
+            guest.stream, guest.stream_group = stream, group
+            guest.stream_sequential, guest.stream_ahead = False, group
+            return
+        if group != guest.stream_group:
+            guest.stream_group, guest.stream_sequential = group, True
+        if not guest.stream_sequential or guest.stream_ahead >= group + window:
+            return
+        first = max(guest.stream_ahead, group) + 1
+        guest.stream_ahead = group + window
+        queued = set() if queued is None else queued
+        pages = sum(self._queue_group(guest, pool, *stream, ahead_group, queued, ahead=True)
+                    for ahead_group in range(first, group + window + 1))
+        if pages:
+            self._schedule_flush()
 
     def _cache(self, pages: Sequence[RemotePage]) -> None:
         """Keep (or keep afresh) these pages' copies in the read cache; the oldest
@@ -759,8 +814,12 @@ class RemoteTier:
         self._cached_bytes -= freed
         return freed
 
-    def consumed(self, page: RemotePage) -> None:
+    def consumed(self, pool: Pool, oid: Oid, index: int, page: RemotePage) -> None:
         self._pinned.pop(page, None)
+        if self.settings.read_ahead_groups > 0 and self.reachable and not self._closed:
+            guest = self._guests.get(pool.owner.name)
+            if guest is not None:
+                self._follow(guest, pool, self._pool_id(pool), oid, index)
 
     def barrier(self) -> asyncio.Future[None] | None:
         waits = list(self._batches_in_flight)
@@ -929,7 +988,7 @@ class RemoteTier:
             if read.prefetch:
                 # Not asked for: a failure is counted when a get asks (and fails) itself.
                 if stored is not None:
-                    counters["prefetched"] += 1
+                    counters["read_ahead" if read.ahead else "prefetched"] += 1
                     read.page.fetched = stored
                     read.page.read_failed = False
                 continue
@@ -1310,6 +1369,7 @@ class RemoteTier:
             "ephemeral_missing": counters["ephemeral_missing"],
             "ephemeral_shed": counters["ephemeral_shed"],
             "prefetched": counters["prefetched"],
+            "read_ahead": counters["read_ahead"],
             "demotions_refused": counters["demotions_refused"],
             "rtt_us_histogram": {label: guest.rtt_us[label] for label in RTT_LABELS},
         }

@@ -1207,7 +1207,7 @@ class Store:
                 return None
             data = decode_page(copy, pool.page_size)
             if self.tier is not None:
-                self.tier.consumed(stored)
+                self.tier.consumed(pool, oid, index, stored)
         if pool.persistent:
             local_lru = pool.local_lru
             if local_lru is not None and type(stored) is bytes:

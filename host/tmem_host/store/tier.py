@@ -78,9 +78,10 @@ class PageTier(Protocol):
         """A persistent put found no room even for a remote page's metadata: make
         room (demote) before the next ones."""
 
-    def consumed(self, page: RemotePage) -> None:
-        """A get took this page's copy (``page.fetched``): a copy a get waited for
-        is kept until then, however long the event loop took to run it."""
+    def consumed(self, pool: Pool, oid: Oid, index: int, page: RemotePage) -> None:
+        """A get took this page's copy (``page.fetched`` or ``pending``): a copy a
+        get waited for is kept until then, however long the event loop took to run
+        it; and the tier sees which pages the guest reads (read-ahead)."""
 
     def restored(self, page: RemotePage) -> None:
         """The journal's replay entered this page: versions must stay above it."""

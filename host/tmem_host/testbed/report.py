@@ -40,6 +40,7 @@ class RemoteRow:
     local_hits: float  # tmem hits served from memory (hits - remote hits)
     remote_hits: float  # pages a get read back from the cluster, checked
     read_around: float  # pages read with them, same round trips (later hits count as local)
+    read_ahead: float  # pages read ahead of a sequential stream of gets (later hits count as local)
     remote_share: float | None  # remote hits / tmem hits
     local_pages: float  # where the guest's pages were at the end
     remote_pages: float
@@ -169,6 +170,7 @@ def summarize_remote(samples: Sequence[Sample]) -> RemoteRow | None:
         remote_hits=mean(lambda s, r: r["gets"]),
         # Absent from runs recorded before read-around.
         read_around=mean(lambda s, r: r.get("prefetched", 0)),
+        read_ahead=mean(lambda s, r: r.get("read_ahead", 0)),
         remote_share=_mean(_remote_share(sample) for sample, _ in present),
         local_pages=mean(lambda s, r: r["local_pages"]),
         remote_pages=mean(lambda s, r: r["remote_pages"]),
@@ -294,13 +296,14 @@ def _remote_hit_cells(remote: RemoteRow | None) -> list[str]:
 
 
 REMOTE_DETAIL_COLUMNS = ("mode", "pages local", "pages remote", "hits local", "hits remote", "remote %",
-                         "read around", "put to cluster", "demoted", "failed reads", "round trips",
+                         "read around", "read ahead", "put to cluster", "demoted", "failed reads", "round trips",
                          "round trip median")
 REMOTE_NOTE = ("Means per run, at the end of the workload: pages local / remote = the guest's pages in "
                "tmemd's memory / in the cluster; hits remote = pages read back from the cluster (checked), "
                "hits local = the other tmem hits (pages in memory, or in the read cache); read around = "
                "pages read in the same round trips as the hits remote, for the gets of neighbouring "
-               "slots that followed; put to cluster = puts that went straight there (memory "
+               "slots that followed; read ahead = pages of the next neighbourhoods read while the "
+               "guest's gets walked through the swap device in order; put to cluster = puts that went straight there (memory "
                "full); demoted = cold pages moved there to make room; failed reads = remote reads missing, "
                "damaged or unreachable (the guest's read failed); round trips = the guest's pipelines to "
                "the cluster, and the histogram bucket holding their median.")
@@ -318,6 +321,7 @@ def remote_detail_cells(row: ModeRow) -> list[str] | None:
         _fmt(remote.local_hits, ".0f"),
         *_remote_hit_cells(remote),
         _fmt(remote.read_around, ".0f"),
+        _fmt(remote.read_ahead, ".0f"),
         _fmt(remote.puts, ".0f"),
         _fmt(remote.demoted, ".0f"),
         _fmt(remote.failed_gets, ".0f"),
