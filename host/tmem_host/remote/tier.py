@@ -105,6 +105,9 @@ CACHE_HARD_FACTOR: Final = 4
 PIN_MAX_S: Final = 10.0
 
 
+# Read-ahead marks a guest may leave behind (neighbourhoods read ahead that no
+# get reached) before they are all forgotten.
+MAX_AHEAD_MARKS: Final = 1024
 # A guest's keys spread over this many hash tags (cluster slots), each with its
 # own fence key: enough to balance a guest over the masters, few enough to claim
 # in one round trip per master.
@@ -244,14 +247,12 @@ class GuestRemote:
     # Demotions queued or in flight: in the guest's remote quota before demote()
     # charges them (puts that come meanwhile must not pass the quota).
     demoting_bytes: int = 0
-    # Read-ahead: the object (pool id, oid[0] >> 4, oid[1], oid[2]) its last gets
-    # of remote pages were in, their neighbourhood (index >> 2), whether they came
-    # from the neighbourhood before it (a sequential stream), and the last
-    # neighbourhood already queued ahead of them.
+    # Read-ahead: the object (pool id, oid[0] >> 4, oid[1], oid[2]) its last get
+    # of a remote page was in and its neighbourhood (index >> 2), and the
+    # neighbourhoods read ahead that no get has reached yet.
     stream: tuple[int, int, int, int] | None = None
     stream_group: int = 0
-    stream_sequential: bool = False
-    stream_ahead: int = 0
+    ahead_marks: set[tuple[tuple[int, int, int, int], int]] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.prefix = f"tmem:{{{self.uuid.hex}:".encode()
@@ -734,30 +735,35 @@ class RemoteTier:
 
     def _follow(self, guest: GuestRemote, pool: Pool, pool_id: int, oid: Oid, index: int,
                 queued: set[int] | None = None) -> None:
-        """Read-ahead (Linux's swap and file readahead, by neighbourhood): a get of a
-        remote page in the neighbourhood after the last one's makes the guest's
-        stream sequential, and the next ``read_ahead_groups`` neighbourhoods are
-        queued (once each). Any other get starts a new stream and reads nothing
-        ahead: random gets cost no extra reads. Prefetches are checked like any
-        read, and a put or flush meanwhile replaces the page (and its copy)."""
+        """Read-ahead (Linux's swap and file readahead, by neighbourhood). A get of a
+        remote page in the neighbourhood one or two after the last one's, or in a
+        neighbourhood read ahead (marked, as Linux marks a page PG_readahead, so a
+        stream survives other gets between its own), makes the stream sequential:
+        the next ``read_ahead_groups`` neighbourhoods not yet marked are queued and
+        marked. Any other get reads nothing ahead: random gets cost no extra reads.
+        Prefetches are checked like any read, and a put or flush meanwhile replaces
+        the page (and its copy)."""
         window = self.settings.read_ahead_groups
         if window <= 0:
             return
         stream = (pool_id, oid[0] >> 4, oid[1], oid[2])
         group = index >> 2
-        if stream != guest.stream or not guest.stream_group <= group <= guest.stream_group + 1:
-            guest.stream, guest.stream_group = stream, group
-            guest.stream_sequential, guest.stream_ahead = False, group
+        marks = guest.ahead_marks
+        if (stream, group) in marks:
+            marks.discard((stream, group))
+        elif stream != guest.stream or not 0 < group - guest.stream_group <= 2:
+            if stream != guest.stream or group != guest.stream_group:
+                guest.stream, guest.stream_group = stream, group
             return
-        if group != guest.stream_group:
-            guest.stream_group, guest.stream_sequential = group, True
-        if not guest.stream_sequential or guest.stream_ahead >= group + window:
-            return
-        first = max(guest.stream_ahead, group) + 1
-        guest.stream_ahead = group + window
+        guest.stream, guest.stream_group = stream, group
+        if len(marks) > MAX_AHEAD_MARKS:  # streams the guest left: marks are only hints
+            marks.clear()
         queued = set() if queued is None else queued
-        pages = sum(self._queue_group(guest, pool, *stream, ahead_group, queued, ahead=True)
-                    for ahead_group in range(first, group + window + 1))
+        pages = 0
+        for ahead_group in range(group + 1, group + window + 1):
+            if (stream, ahead_group) not in marks:
+                marks.add((stream, ahead_group))
+                pages += self._queue_group(guest, pool, *stream, ahead_group, queued, ahead=True)
         if pages:
             self._schedule_flush()
 
