@@ -59,10 +59,11 @@ def read_errors(client: NbdClient, slots: range, generation: int = 0) -> list[in
 
 @pytest.fixture
 def tmemd_remote(tmp_path: Path, redis_cluster: LocalCluster) -> Iterator[TmemdProcess]:
-    """A tmemd whose 4 MiB budget holds a quarter of what the tests write."""
+    """A tmemd whose 4 MiB budget holds a quarter of what the tests write (no
+    read-ahead: the round trips the tests count are their reads' own)."""
     with TmemdProcess(tmp_path / "run", budget="4M", guests=("g1", "g2"), nbd_size="32M",
                       extra_args=["--remote", redis_cluster.seed_spec,
-                                  "--remote-replicas", "1"]) as tmemd:
+                                  "--remote-replicas", "1", "--remote-read-ahead", "0"]) as tmemd:
         yield tmemd
     redis_cluster.flushall()
 

@@ -9,6 +9,7 @@ import contextlib
 import itertools
 import os
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 from pathlib import Path
@@ -382,6 +383,58 @@ def test_sequential_gets_read_the_next_neighbourhoods_ahead_and_random_gets_none
     run(scenario)
 
 
+def test_a_get_of_a_page_being_read_ahead_joins_that_read_and_waits_only_for_its_master(
+        tmp_path: Path, redis_cluster: LocalCluster) -> None:
+    """Groups g+2 and g+3 are read ahead with g+1's own read while g+2's master is
+    paused. The get of g+1 and a get of g+3 (joining its read in flight, not
+    reading it again) end without waiting for the paused master; a get of g+2
+    waits for it, then reads right. Every page was read once."""
+    async def scenario() -> None:
+        async with tiered(tmp_path, redis_cluster, 1 << 20, demote_above=10.0, local_fraction=0.0,
+                          read_around=False, read_ahead_groups=2) as (store, tier):
+            client, pool_id, keys, pages = await put_random_pages(store, tier, 16 * 64)
+            tier.forget_copies()
+            read_keys: Counter[bytes] = Counter()  # every page read from the cluster
+            read_pages = tier._read_pages
+
+            async def counted(reads: list[Any]) -> None:
+                read_keys.update(read.key for read in reads)
+                await read_pages(reads)
+
+            tier._read_pages = counted  # type: ignore[method-assign]
+
+            def port(group: int) -> int:
+                return master_port(redis_cluster, tier, client, pool_id, keys[group * 64])
+
+            g = next(g for g in range(13) if port(g + 2) not in (port(g), port(g + 1), port(g + 3)))
+
+            def group_keys(group: int) -> list[Key]:
+                return keys[group * 64:(group + 1) * 64]
+
+            assert (await get_all(store, client, pool_id, group_keys(g)))[1] == pages[g * 64:(g + 1) * 64]
+            with redis_cluster.node_by_port(port(g + 2)).client() as admin:
+                admin.execute_command("CLIENT", "PAUSE", 3000, "ALL")
+            own = store.fetch(client, pool_id, group_keys(g + 1))  # and g+2, g+3 ahead
+            assert own is not None
+            await own
+            joined = store.fetch(client, pool_id, group_keys(g + 3))  # None: already here
+            if joined is not None:
+                await joined
+            slow = store.fetch(client, pool_id, group_keys(g + 2))
+            assert slow is not None and not slow.done()  # its master is still paused
+            for group in (g + 1, g + 3):
+                statuses, found = store.get_many(client, pool_id, group_keys(group))
+                assert statuses == [Status.OK] * 64 and found == pages[group * 64:(group + 1) * 64]
+            await slow
+            statuses, found = store.get_many(client, pool_id, group_keys(g + 2))
+            assert statuses == [Status.OK] * 64 and found == pages[(g + 2) * 64:(g + 3) * 64]
+            # Groups g, g+1 and g+2 read for gets, g+3 for a get or ahead (and the
+            # groups after it ahead, as the gets went on): each page once.
+            assert len(read_keys) >= 4 * 64 and set(read_keys.values()) == {1}
+
+    run(scenario)
+
+
 def test_the_read_cache_keeps_its_bytes_but_never_a_copy_a_get_may_wait_for(
         tmp_path: Path, redis_cluster: LocalCluster) -> None:
     """Copies read back (and around) stay at least CACHE_GRACE_S, however big the
@@ -476,7 +529,8 @@ def test_a_copy_a_queued_get_holds_survives_other_batches_while_its_read_is_slow
     before that it was a MISS, a guest's lost swap page)."""
     async def scenario() -> None:
         async with tiered(tmp_path, redis_cluster, 1 << 20, demote_above=10.0, local_fraction=0.0,
-                          read_cache_bytes=4 * (PAGE + 64), read_around=False) as (store, tier):
+                          read_cache_bytes=4 * (PAGE + 64), read_around=False,
+                          read_ahead_groups=0) as (store, tier):
             client, pool_id, keys, pages = await put_random_pages(store, tier, 256)
 
             def port(number: int) -> int:

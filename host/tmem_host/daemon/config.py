@@ -47,11 +47,13 @@ _GUEST_KEYS: Final = frozenset({"name", "weight", "cap", "shared", "dedup", "cid
 #: A guest's default identity in the remote tier: uuid5 of its name in this namespace.
 GUEST_UUID_NAMESPACE: Final = uuid.UUID("6d1b5a3e-8f0c-4b7e-9a51-2f4c0e7d9b10")
 MAX_REMOTE_REPLICAS: Final = 16
+MAX_REMOTE_READ_AHEAD: Final = 64
 _FILE_KEYS: Final = frozenset({
     "run_dir", "budget", "compress", "nbd_size", "vsock_port", "log_level", "log_format",
     "guest", "state_dir", "journal", "durability", "preallocate", "journal_reserve",
     "socket_group", "connections_per_guest", "handshake_timeout", "idle_timeout",
-    "remote", "remote_replicas", "remote_wait", "remote_budget", "host_id", "fallback_iops",
+    "remote", "remote_replicas", "remote_wait", "remote_budget", "remote_read_ahead", "host_id",
+    "fallback_iops",
 })
 
 
@@ -244,6 +246,8 @@ class DaemonConfig:
     remote_replicas: int = 0
     remote_wait_s: float = 10.0
     remote_budget_bytes: int | None = None
+    # Neighbourhoods of 64 pages the tier reads ahead of a sequential stream of gets.
+    remote_read_ahead: int = 2
     # This tmemd's name among the hosts sharing a cluster (logs, stats).
     host_id: str = ""
     # The NBD fallback files answer as a disk of this many operations per second
@@ -487,6 +491,7 @@ def build_config(
     remote_replicas: int | None = None,
     remote_wait: float | None = None,
     remote_budget: str | None = None,
+    remote_read_ahead: int | None = None,
     host_id: str | None = None,
     fallback_iops: int | None = None,
 ) -> DaemonConfig:
@@ -554,6 +559,8 @@ def build_config(
             *_pick(settings, "remote_wait", remote_wait, _DEFAULTS.remote_wait_s), 3600),
         remote_budget_bytes=(None if remote_budget_value is None else
                              parse_cap(remote_budget_value, remote_budget_name)),
+        remote_read_ahead=check_int(*_pick(settings, "remote_read_ahead", remote_read_ahead,
+                                           _DEFAULTS.remote_read_ahead), 0, MAX_REMOTE_READ_AHEAD),
         host_id=host,
         fallback_iops=check_int(*_pick(settings, "fallback_iops", fallback_iops, _DEFAULTS.fallback_iops),
                                 0, 1_000_000),

@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "unreachable (default 10)")
     parser.add_argument("--remote-budget", metavar="SIZE",
                         help="remote bytes all guests may use, shared by weight (default: no limit)")
+    parser.add_argument("--remote-read-ahead", type=int, metavar="N",
+                        help="64-page neighbourhoods read ahead of gets that walk a guest's pages "
+                        "in order (default 2; 0: none)")
     parser.add_argument("--fallback-iops", type=int, metavar="N",
                         help="the NBD fallback files answer as a disk of N operations per second "
                              "(frontswap's real swap disk; default 0: page-cache speed)")
@@ -132,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             remote_replicas=args.remote_replicas,
             remote_wait=args.remote_wait,
             remote_budget=args.remote_budget,
+            remote_read_ahead=args.remote_read_ahead,
             host_id=args.host_id,
             fallback_iops=args.fallback_iops,
         )

@@ -115,7 +115,8 @@ class Daemon:
         config = self.config
         tier = RemoteTier(RemoteSettings(
             seeds=seeds, replicas=config.remote_replicas, wait_s=config.remote_wait_s,
-            budget_bytes=config.remote_budget_bytes, host_id=config.host_id), self.store)
+            budget_bytes=config.remote_budget_bytes, read_ahead_groups=config.remote_read_ahead,
+            host_id=config.host_id), self.store)
         try:
             await tier.start()
         except RemoteError as error:

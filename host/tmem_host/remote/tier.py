@@ -275,15 +275,35 @@ class _Write:
     expected: bytes | None = None
 
 
+class _Waiter:
+    """One get's wait for the reads of its pages: done when the last one has ended
+    (each when its own master answered), whatever else their batches read."""
+
+    __slots__ = ("future", "left")
+
+    def __init__(self) -> None:
+        self.future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.left = 0
+
+    def read_ended(self) -> None:
+        self.left -= 1
+        if self.left == 0 and not self.future.done():
+            self.future.set_result(None)
+
+
 @dataclass(slots=True)
 class _Read:
     guest: GuestRemote
     pool: Pool
     page: RemotePage
     key: bytes
-    # Read around a wanted page, not asked for (its copy waits in the read cache).
+    # The gets that wait for this read (None: none, a prefetch).
+    waiters: list[_Waiter] | None = None
+    # Read around a wanted page, not asked for (its copy waits in the read cache);
+    # a get of the page while it is queued or in flight waits for it instead of
+    # reading the page again, and makes it its own (no longer a prefetch).
     prefetch: bool = False
-    # Of those, read ahead of a sequential stream of gets (counted apart).
+    # Read ahead of a sequential stream of gets (counted apart from read around).
     ahead: bool = False
 
 
@@ -400,9 +420,8 @@ class RemoteTier:
         self._outbox: list[_Write] = []
         self._deletes: list[bytes] = []
         self._reads: list[_Read] = []
-        # Completes when the queued reads are done: one future per batch, so that
-        # whoever waits for several fetches of one batch wakes at once.
-        self._reads_done: asyncio.Future[None] | None = None
+        # The queued and in-flight reads, by page: each page is read once at a time.
+        self._reading: dict[RemotePage, _Read] = {}
         self._inflight_bytes = 0
         # The read cache (settings.read_cache_bytes), oldest first, and its bytes:
         # each page keeps its .fetched copy while it is here (a RemotePage is one
@@ -692,29 +711,47 @@ class RemoteTier:
             missed.set_result(None)  # they miss: EIO to the guest, never wrong data
             return missed
         pool_id = self._pool_id(pool)
+        waiter = _Waiter()
         for oid, index, page in pages:
-            self._reads.append(_Read(guest, pool, page,
-                                     page_key(guest, pool_id, oid, index, page.version)))
+            read = self._reading.get(page)
+            if read is None:
+                read = self._queue_read(_Read(guest, pool, page,
+                                              page_key(guest, pool_id, oid, index, page.version)))
+            read.prefetch = False  # a get waits for it: pinned when it lands, a failure misses
+            if read.waiters is None:
+                read.waiters = []
+            read.waiters.append(waiter)
+            waiter.left += 1
         if held:
+            # Pinned until the get takes them; held (never evicted, a write that lands
+            # keeps its copy) until the next batch ends, then cached afresh.
+            now = time.monotonic()
+            for page in held:
+                self._pinned[page] = now
             self._held.extend(held)
             self._holding.update(held)
-        queued = {id(page) for _, _, page in pages}
+            self._schedule_flush()
         if self.settings.read_around:
             for group in {_group_of(pool_id, oid, index) for oid, index, _ in pages}:
-                self._queue_group(guest, pool, *group, queued)
+                self._queue_group(guest, pool, *group)
         if pages:
             oid, index, _ = pages[0]
-            self._follow(guest, pool, pool_id, oid, index, queued)
-        if self._reads_done is None:
-            self._reads_done = asyncio.get_running_loop().create_future()
+            self._follow(guest, pool, pool_id, oid, index)
+        if not waiter.left:
+            waiter.future.set_result(None)
+        return waiter.future
+
+    def _queue_read(self, read: _Read) -> _Read:
+        self._reads.append(read)
+        self._reading[read.page] = read
         self._schedule_flush()
-        return self._reads_done
+        return read
 
     def _queue_group(self, guest: GuestRemote, pool: Pool, pool_id: int, high: int, oid1: int,
-                     oid2: int, group: int, queued: set[int], *, ahead: bool = False) -> int:
+                     oid2: int, group: int, *, ahead: bool = False) -> int:
         """Queue as prefetches the remote pages of one neighbourhood (see page_key:
         oids differing in their low 4 bits, indexes in their low 2) that have no
-        copy here and are not queued yet; returns how many."""
+        copy here and are not being read; returns how many."""
         objects = pool.objects
         count = 0
         for low in range(16):
@@ -725,16 +762,14 @@ class RemoteTier:
             for index in range(group << 2, (group << 2) + 4):
                 value = obj.get(index)
                 if (type(value) is RemotePage and value.pending is None
-                        and value.fetched is None and id(value) not in queued):
-                    queued.add(id(value))
-                    self._reads.append(_Read(
+                        and value.fetched is None and value not in self._reading):
+                    self._queue_read(_Read(
                         guest, pool, value, page_key(guest, pool_id, oid, index, value.version),
                         prefetch=True, ahead=ahead))
                     count += 1
         return count
 
-    def _follow(self, guest: GuestRemote, pool: Pool, pool_id: int, oid: Oid, index: int,
-                queued: set[int] | None = None) -> None:
+    def _follow(self, guest: GuestRemote, pool: Pool, pool_id: int, oid: Oid, index: int) -> None:
         """Read-ahead (Linux's swap and file readahead, by neighbourhood). A get of a
         remote page in the neighbourhood one or two after the last one's, or in a
         neighbourhood read ahead (marked, as Linux marks a page PG_readahead, so a
@@ -758,21 +793,18 @@ class RemoteTier:
         guest.stream, guest.stream_group = stream, group
         if len(marks) > MAX_AHEAD_MARKS:  # streams the guest left: marks are only hints
             marks.clear()
-        queued = set() if queued is None else queued
-        pages = 0
         for ahead_group in range(group + 1, group + window + 1):
             if (stream, ahead_group) not in marks:
                 marks.add((stream, ahead_group))
-                pages += self._queue_group(guest, pool, *stream, ahead_group, queued, ahead=True)
-        if pages:
-            self._schedule_flush()
+                self._queue_group(guest, pool, *stream, ahead_group, ahead=True)
 
-    def _cache(self, pages: Sequence[RemotePage]) -> None:
+    def _cache(self, pages: Sequence[RemotePage], now: float | None = None) -> None:
         """Keep (or keep afresh) these pages' copies in the read cache; the oldest
         leave beyond its bytes, if they have been there CACHE_GRACE_S (or the cache
-        is past its hard bound), never these."""
+        is past its hard bound), never these nor others cached at ``now`` (one
+        batch's, cached as its masters answer: default, the present)."""
         cache = self._cached
-        now = time.monotonic()
+        now = time.monotonic() if now is None else now
         for page in pages:
             if page.fetched is None:
                 continue
@@ -875,11 +907,11 @@ class RemoteTier:
         self._spawn(self._flush())
 
     async def _flush(self) -> None:
+        cached_at = time.monotonic()  # the batch's copies count as cached together
         writes, self._outbox = self._outbox, []
         deletes, self._deletes = self._deletes, []
         reads, self._reads = self._reads, []
         held, self._held = self._held, []
-        reads_done, self._reads_done = self._reads_done, None
         written = self._outbox_done
         self._outbox_done = None
         if writes:
@@ -887,15 +919,10 @@ class RemoteTier:
                 written = asyncio.get_running_loop().create_future()
             self._batches_in_flight.add(written)
         try:
-            await asyncio.gather(self._write_batch(writes, deletes), self._read_batch(reads))
+            await asyncio.gather(self._write_batch(writes, deletes),
+                                 self._read_batch(reads, cached_at))
         finally:
-            if reads_done is not None and not reads_done.done():
-                reads_done.set_result(None)
-            now = time.monotonic()
-            for page in (*held, *(read.page for read in reads if not read.prefetch)):
-                if page.fetched is not None:
-                    self._pinned[page] = now
-            self._cache([*held, *(read.page for read in reads)])
+            self._cache(held, cached_at)  # (pages read were cached as their master answered)
             self._holding.subtract(held)
             self._holding += Counter()  # drops the pages no read holds any more
             if written is not None:
@@ -972,9 +999,29 @@ class RemoteTier:
             write.guest.counters["stranded"] += 1
         page.pending = None
 
-    async def _read_batch(self, reads: list[_Read]) -> None:
-        if not reads:
-            return
+    async def _read_batch(self, reads: list[_Read], cached_at: float) -> None:
+        by_node: dict[str | None, list[_Read]] = defaultdict(list)
+        for read in reads:
+            by_node[self._node_for(read.key)].append(read)
+        await asyncio.gather(*(self._read_node(node_reads, cached_at)
+                               for node_reads in by_node.values()))
+
+    async def _read_node(self, reads: list[_Read], cached_at: float) -> None:
+        """One master's share of a batch: the gets waiting for these reads wake when
+        this master has answered, not the slowest one."""
+        try:
+            await self._read_pages(reads)
+        finally:
+            self._cache([read.page for read in reads], cached_at)
+            # Read (or failed): a get from now on finds the copy, or reads again.
+            for read in reads:
+                if self._reading.get(read.page) is read:
+                    del self._reading[read.page]
+                if read.waiters is not None:
+                    for waiter in read.waiters:
+                        waiter.read_ended()
+
+    async def _read_pages(self, reads: list[_Read]) -> None:
         commands: dict[bytes, list[Any]] = {}
         for read in reads:
             commands.setdefault(_tag_of(read.key), ["MGET"]).append(read.key)
@@ -1009,6 +1056,7 @@ class RemoteTier:
                 continue
             counters["gets"] += 1
             read.page.fetched = stored
+            self._pinned[read.page] = time.monotonic()  # until the get takes it
 
     async def _run(self, commands: list[list[Any]], connections: dict[str, aioredis.Redis], *,
                    wait_replicas: int = 0,
