@@ -251,8 +251,9 @@ COLUMNS = ("mode", "runs", "wall s (mean ± sd)", "vs baseline", "swap out", "sw
 # Added when a mode had a remote tier: of the tmem hits, those the cluster served.
 REMOTE_COLUMNS = ("remote hits", "remote %")
 REMOTE_COLUMNS_NOTE = (" With a remote tier, tmem MiB is what tmemd held in memory and compression "
-                       "counts the bytes in the cluster too; remote hits = tmem hits the remote tier "
-                       "served (pages read back from the cluster), remote % = their share of the tmem hits.")
+                       "counts the bytes in the cluster too; remote hits = tmem hits that waited for the "
+                       "remote tier to read them back (pages read around or ahead of their gets count as "
+                       "local: they were here when the get came), remote % = their share of the tmem hits.")
 
 
 def columns(rows: Sequence[ModeRow]) -> tuple[str, ...]:
@@ -299,8 +300,9 @@ REMOTE_DETAIL_COLUMNS = ("mode", "pages local", "pages remote", "hits local", "h
                          "read around", "read ahead", "put to cluster", "demoted", "failed reads", "round trips",
                          "round trip median")
 REMOTE_NOTE = ("Means per run, at the end of the workload: pages local / remote = the guest's pages in "
-               "tmemd's memory / in the cluster; hits remote = pages read back from the cluster (checked), "
-               "hits local = the other tmem hits (pages in memory, or in the read cache); read around = "
+               "tmemd's memory / in the cluster; hits remote = pages a get waited for the cluster to "
+               "read back (checked), hits local = the other tmem hits (pages in memory, or in the read "
+               "cache, where the pages read around and ahead wait for their gets); read around = "
                "pages read in the same round trips as the hits remote, for the gets of neighbouring "
                "slots that followed; read ahead = pages of the next neighbourhoods read while the "
                "guest's gets walked through the swap device in order; put to cluster = puts that went straight there (memory "
