@@ -57,13 +57,15 @@ def read_errors(client: NbdClient, slots: range, generation: int = 0) -> list[in
     return bad
 
 
-@pytest.fixture
-def tmemd_remote(tmp_path: Path, redis_cluster: LocalCluster) -> Iterator[TmemdProcess]:
-    """A tmemd whose 4 MiB budget holds a quarter of what the tests write (no
-    read-ahead: the round trips the tests count are their reads' own)."""
+@pytest.fixture(params=[0], ids=["no-read-ahead"])
+def tmemd_remote(request: pytest.FixtureRequest, tmp_path: Path,
+                 redis_cluster: LocalCluster) -> Iterator[TmemdProcess]:
+    """A tmemd whose 4 MiB budget holds a quarter of what the tests write; by default
+    without read-ahead, so that the round trips the tests count are their reads'
+    own (a test parametrizes ``tmemd_remote`` indirectly for other windows)."""
     with TmemdProcess(tmp_path / "run", budget="4M", guests=("g1", "g2"), nbd_size="32M",
-                      extra_args=["--remote", redis_cluster.seed_spec,
-                                  "--remote-replicas", "1", "--remote-read-ahead", "0"]) as tmemd:
+                      extra_args=["--remote", redis_cluster.seed_spec, "--remote-replicas", "1",
+                                  "--remote-read-ahead", str(request.param)]) as tmemd:
         yield tmemd
     redis_cluster.flushall()
 
@@ -151,6 +153,9 @@ def _page_keys(cluster: LocalCluster) -> list[tuple[redis.Redis, bytes]]:
     return found
 
 
+# Read back in order with read-ahead, the damaged pages are read ahead of their
+# gets: still errors, never data.
+@pytest.mark.parametrize("tmemd_remote", [0, 2], ids=["no-read-ahead", "read-ahead"], indirect=True)
 def test_a_damaged_foreign_or_missing_copy_is_an_error_never_data(
         tmemd_remote: TmemdProcess, redis_cluster: LocalCluster) -> None:
     slots = range(0, 4096)
