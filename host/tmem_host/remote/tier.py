@@ -105,6 +105,8 @@ CACHE_HARD_FACTOR: Final = 4
 PIN_MAX_S: Final = 10.0
 
 
+# A guest's key prefix: b"tmem:{", its UUID in 32 hex digits, b":" (GuestRemote.prefix).
+_GUEST_PREFIX_LENGTH: Final = 6 + 32 + 1
 # Read-ahead marks a guest may leave behind (neighbourhoods read ahead that no
 # get reached) before they are all forgotten.
 MAX_AHEAD_MARKS: Final = 1024
@@ -1191,8 +1193,10 @@ class RemoteTier:
                   extra={"guest": guest.name, "uuid": str(guest.uuid), "reason": reason})
 
     def _guest_of(self, key: bytes) -> GuestRemote | None:
-        uuid_hex = key[6:38].decode()  # after b"tmem:{"
-        return next((guest for guest in self._guests.values() if guest.uuid.hex == uuid_hex), None)
+        # b"tmem:{" + the guest's UUID in hex + b":", compared as bytes: no UUID.hex
+        # formatting per guest and key (per write command, on the event loop).
+        prefix = key[:_GUEST_PREFIX_LENGTH]
+        return next((guest for guest in self._guests.values() if guest.prefix == prefix), None)
 
     def _node_for(self, key: bytes) -> str | None:
         if self._cluster is None:
