@@ -10,6 +10,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import cast
@@ -109,6 +110,19 @@ def test_a_64_page_read_is_one_round_trip_per_node(tmemd_remote: TmemdProcess,
                 remote = control.stats()["remote"]
             assert remote is not None
             return remote["round_trips"]
+
+        # The demoter goes on after the writes (down to its target): its pipelines
+        # are round trips too. Count from when it has stopped (longer without a
+        # round trip than its 0.5 s wake-up).
+        deadline = time.monotonic() + 30
+        last = round_trips()
+        while True:
+            time.sleep(0.7)
+            now = round_trips()
+            if now == last:
+                break
+            assert time.monotonic() < deadline, "the demoter did not stop"
+            last = now
 
         # 64 aligned slots share one hash tag: one MGET on one node.
         before = round_trips()
