@@ -25,6 +25,10 @@ redis-py's asyncio client:
   grouped by hash tag (MSET / MGET / DEL per tag), the tags grouped by master,
   one pipeline per master, all masters at once; with ``replicas`` a WAIT ends
   each master's pipeline on the same connection.
+- **Reads.** A get's read also reads its neighbourhood (read-around) and, once the
+  guest's gets walk its pages in order, the next neighbourhoods (read-ahead). A
+  page is read once at a time: a get of a page being read waits for that read.
+  A get wakes when the masters holding its own pages have answered.
 - **Failures.** MOVED/ASK, CLUSTERDOWN, refused or timed-out connections refresh
   the slot map and retry until ``wait_s``; then the cluster is unreachable:
   writes in flight go back to memory (Store.strand: acknowledged pages are never
