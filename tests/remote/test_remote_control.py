@@ -99,6 +99,8 @@ def test_remote_shows_a_guests_pages_in_memory_and_in_the_cluster(
     text = ok(tmemctl(tmemd_remote, "remote", "g1"))
     assert "remote pages" in text and str(figures["remote_pages"]) in text
     assert figures["uuid"] in text and "round trips" in text
+    # Its counters, read around and ahead included, one row each.
+    assert "read ahead" in text and "prefetched" in text and "demoted" in text
     assert json.loads(ok(tmemctl(tmemd_remote, "remote", "g1", "--json")))["guest"] == "g1"
     stats = ok(tmemctl(tmemd_remote, "stats"))
     assert "remote tier" in stats and "reachable yes" in stats

@@ -38,11 +38,12 @@ STATS_COUNTERS: tuple[ClientCounter, ...] = (*RATE_COUNTERS, "flushes")
 RemoteCounter = Literal["puts", "demoted", "gets", "get_missing", "get_errors",
                         "get_unreachable", "stranded", "refused_quota", "refused_unreachable",
                         "refused_inflight", "refused_full", "ephemeral_demoted",
-                        "ephemeral_missing", "ephemeral_shed", "demotions_refused"]
+                        "ephemeral_missing", "ephemeral_shed", "prefetched", "read_ahead",
+                        "demotions_refused"]
 REMOTE_COUNTERS: tuple[RemoteCounter, ...] = (
-    "puts", "demoted", "gets", "get_missing", "get_errors", "get_unreachable", "stranded",
-    "refused_quota", "refused_unreachable", "refused_inflight", "refused_full",
-    "ephemeral_demoted", "ephemeral_missing", "ephemeral_shed", "demotions_refused")
+    "puts", "demoted", "gets", "prefetched", "read_ahead", "get_missing", "get_errors",
+    "get_unreachable", "stranded", "refused_quota", "refused_unreachable", "refused_inflight",
+    "refused_full", "ephemeral_demoted", "ephemeral_missing", "ephemeral_shed", "demotions_refused")
 # Output width when not on a terminal, so tables do not wrap in logs and tests.
 PIPE_WIDTH = 160
 
