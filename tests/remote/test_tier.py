@@ -22,6 +22,7 @@ from tmem_host.daemon.process import TmemdProcess
 from tmem_host.nbd.client import ClientRequest, NbdClient
 from tmem_host.remote.cluster import LocalCluster
 from tmem_host.remote.tier import VALUE_HEADER, is_page_key
+from tmem_host.waiting import wait_until
 from tmem_wire import nbd
 
 PAGE = 4096
@@ -114,15 +115,14 @@ def test_a_64_page_read_is_one_round_trip_per_node(tmemd_remote: TmemdProcess,
         # The demoter goes on after the writes (down to its target): its pipelines
         # are round trips too. Count from when it has stopped (longer without a
         # round trip than its 0.5 s wake-up).
-        deadline = time.monotonic() + 30
-        last = round_trips()
-        while True:
-            time.sleep(0.7)
-            now = round_trips()
-            if now == last:
-                break
-            assert time.monotonic() < deadline, "the demoter did not stop"
-            last = now
+        samples = [round_trips()]
+
+        def demoter_stopped() -> bool:
+            samples.append(round_trips())
+            return samples[-1] == samples[-2]
+
+        time.sleep(0.7)
+        assert wait_until(demoter_stopped, 30, interval=0.7), "the demoter did not stop"
 
         # 64 aligned slots share one hash tag: one MGET on one node.
         before = round_trips()

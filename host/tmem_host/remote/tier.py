@@ -356,10 +356,10 @@ def _digest(key: bytes, version: int, tag: int, data: bytes) -> bytes:
     return hasher.digest()
 
 
-def _group_of(pool_id: int, oid: Oid, index: int) -> tuple[int, int, int, int, int]:
-    """The page's neighbourhood (page_key's POOL:OBJ:GROUP): pool id, oid[0] >> 4,
-    oid[1], oid[2], index >> 2."""
-    return pool_id, oid[0] >> 4, oid[1], oid[2], index >> 2
+def _group_of(pool_id: int, oid: Oid, index: int) -> tuple[tuple[int, int, int, int], int]:
+    """The page's neighbourhood (page_key's POOL:OBJ:GROUP): its object (pool id,
+    oid[0] >> 4, oid[1], oid[2]) and its group in it (index >> 2)."""
+    return (pool_id, oid[0] >> 4, oid[1], oid[2]), index >> 2
 
 
 def is_page_key(key: bytes) -> bool:
@@ -738,8 +738,8 @@ class RemoteTier:
             self._holding.update(held)
             self._schedule_flush()
         if self.settings.read_around:
-            for group in {_group_of(pool_id, oid, index) for oid, index, _ in pages}:
-                self._queue_group(guest, pool, *group)
+            for stream, group in {_group_of(pool_id, oid, index) for oid, index, _ in pages}:
+                self._queue_group(guest, pool, *stream, group)
         if pages:
             oid, index, _ = pages[0]
             self._follow(guest, pool, pool_id, oid, index)
@@ -754,12 +754,11 @@ class RemoteTier:
         return read
 
     def _queue_group(self, guest: GuestRemote, pool: Pool, pool_id: int, high: int, oid1: int,
-                     oid2: int, group: int, *, ahead: bool = False) -> int:
+                     oid2: int, group: int, *, ahead: bool = False) -> None:
         """Queue as prefetches the remote pages of one neighbourhood (see page_key:
         oids differing in their low 4 bits, indexes in their low 2) that have no
-        copy here and are not being read; returns how many."""
+        copy here and are not being read."""
         objects = pool.objects
-        count = 0
         for low in range(16):
             oid = ((high << 4) | low, oid1, oid2)
             obj = objects.get(oid)
@@ -772,8 +771,6 @@ class RemoteTier:
                     self._queue_read(_Read(
                         guest, pool, value, page_key(guest, pool_id, oid, index, value.version),
                         prefetch=True, ahead=ahead))
-                    count += 1
-        return count
 
     def _follow(self, guest: GuestRemote, pool: Pool, pool_id: int, oid: Oid, index: int) -> None:
         """Read-ahead (Linux's swap and file readahead, by neighbourhood). A get of a
@@ -787,16 +784,14 @@ class RemoteTier:
         window = self.settings.read_ahead_groups
         if window <= 0:
             return
-        stream = (pool_id, oid[0] >> 4, oid[1], oid[2])
-        group = index >> 2
+        stream, group = _group_of(pool_id, oid, index)
         marks = guest.ahead_marks
-        if (stream, group) in marks:
-            marks.discard((stream, group))
-        elif stream != guest.stream or not 0 < group - guest.stream_group <= 2:
-            if stream != guest.stream or group != guest.stream_group:
-                guest.stream, guest.stream_group = stream, group
-            return
+        sequential = (stream, group) in marks or (
+            stream == guest.stream and 0 < group - guest.stream_group <= 2)
+        marks.discard((stream, group))
         guest.stream, guest.stream_group = stream, group
+        if not sequential:
+            return
         if len(marks) > MAX_AHEAD_MARKS:  # streams the guest left: marks are only hints
             marks.clear()
         for ahead_group in range(group + 1, group + window + 1):
