@@ -178,6 +178,7 @@ class ConnectionStats(TypedDict):
     resyncs: int  # HELLOs after the first
     reply_backlogs: int
     store_waits: int  # passes that waited for the remote tier
+    encoded_ahead: int  # PUT_BATCHes whose pages the encoder threads encoded
     discarded_bytes: int
 
 

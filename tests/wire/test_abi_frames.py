@@ -154,6 +154,63 @@ def test_split_at_every_offset(frame: Frame) -> None:
         assert decode_all(data, [split, len(data) - split]) == [frame, GET_REQUEST], split
 
 
+def decode_parsing_ahead(data: bytes, chunk_sizes: list[int]) -> tuple[list[Frame], list[Frame]]:
+    """As decode_all, but parse_ahead() after every feed, and next_frame() only for
+    every other chunk: (the frames parse_ahead returned, those next_frame did)."""
+    decoder = FrameDecoder()
+    ahead: list[Frame] = []
+    frames: list[Frame] = []
+    position = 0
+    for number, size in enumerate(chunk_sizes):
+        decoder.feed(data[position : position + size])
+        position += size
+        ahead += decoder.parse_ahead()
+        if number % 2:
+            while (frame := decoder.next_frame()) is not NEED_DATA:
+                assert isinstance(frame, Frame)
+                frames.append(frame)
+    while (frame := decoder.next_frame()) is not NEED_DATA:
+        assert isinstance(frame, Frame)
+        frames.append(frame)
+    return ahead, frames
+
+
+@pytest.mark.parametrize("chunking", ["whole", "byte-at-a-time", "split-in-three"])
+def test_parse_ahead_returns_each_frame_once_and_next_frame_still_returns_all(chunking: str) -> None:
+    data = b"".join(abi.encode_frame(frame) for frame in SAMPLE_FRAMES if frame.opcode != Op.HELLO)
+    expected = [frame for frame in SAMPLE_FRAMES if frame.opcode != Op.HELLO]
+    sizes = {"whole": [len(data)], "byte-at-a-time": [1] * len(data),
+             "split-in-three": [len(data) // 3, len(data) // 3, len(data) - 2 * (len(data) // 3)]}[chunking]
+    ahead, frames = decode_parsing_ahead(data, sizes)
+    assert frames == expected
+    assert ahead == expected  # each parsed ahead exactly once, in order
+
+
+def test_parse_ahead_stops_after_a_hello() -> None:
+    decoder = FrameDecoder()
+    decoder.feed(abi.encode_frame(GET_REQUEST) + abi.encode_frame(HELLO_REQUEST) + abi.encode_frame(PUT_REQUEST))
+    assert decoder.parse_ahead() == [GET_REQUEST, HELLO_REQUEST]
+    assert decoder.parse_ahead() == []  # not past the HELLO before it is taken
+    assert decoder.next_frame() == GET_REQUEST and decoder.next_frame() == HELLO_REQUEST
+    decoder.max_payload = abi.HEADER_SIZE  # what the HELLO negotiated: the PUT no longer fits
+    with pytest.raises(ProtocolError):
+        decoder.parse_ahead() or decoder.next_frame()
+
+
+def test_an_error_met_parsing_ahead_is_raised_in_its_turn() -> None:
+    decoder = FrameDecoder()
+    decoder.feed(abi.encode_frame(GET_REQUEST) + abi.encode_frame(PUT_REQUEST) + MALFORMED["bad magic"])
+    assert decoder.parse_ahead() == [GET_REQUEST, PUT_REQUEST]
+    assert decoder.parse_ahead() == []
+    assert decoder.next_frame() == GET_REQUEST
+    assert decoder.next_frame() == PUT_REQUEST
+    with pytest.raises(ProtocolError) as first:
+        decoder.next_frame()
+    with pytest.raises(ProtocolError) as again:
+        decoder.next_frame()
+    assert again.value is first.value
+
+
 def test_memoryview_feed_and_payload() -> None:
     frame = Frame(Op.PUT, 1, pool_id=1, payload=memoryview(PAGE))
     data = abi.encode_frame(frame)

@@ -21,6 +21,7 @@ cannot be encoded: that is a bug in the caller, not bad input from the peer.
 
 from __future__ import annotations
 
+import collections
 import functools
 import struct
 import uuid
@@ -358,6 +359,9 @@ class FrameDecoder:
     error; start a new one (with resync=True) for the next session.
 
     max_payload may be lowered after HELLO to the negotiated max_frame - HEADER_SIZE.
+    parse_ahead() decodes the whole frames received so far at once (a receiver
+    that starts work on them early); next_frame() still returns each in its turn,
+    and raises an error met on the way only after the frames before it.
     With resync=True the decoder first discards bytes until a valid HELLO frame
     header (request or reply) starts: a session always opens with HELLO, and this
     lets a receiver find it after reconnects lost bytes mid-frame.
@@ -376,11 +380,39 @@ class FrameDecoder:
         self._header: tuple[int, ...] | None = None
         self._shape = 0  # the pending header's batch shape, from _check_header
         self._error: ProtocolError | None = None
+        # parse_ahead()'s frames, not yet returned, and the error that stopped it.
+        self._ahead: collections.deque[Frame] = collections.deque()
+        self._error_ahead: ProtocolError | None = None
 
     @property
     def pending_bytes(self) -> int:
-        """Bytes received but not yet returned as a frame (partial frame at EOF)."""
+        """Bytes received but not yet decoded into a frame (partial frame at EOF)."""
         return len(self._buffer) - self._offset
+
+    @property
+    def frames_ahead(self) -> int:
+        """Frames parse_ahead() decoded that next_frame() has not returned yet."""
+        return len(self._ahead)
+
+    def parse_ahead(self) -> list[Frame]:
+        """Decode every whole frame received so far; returns them (next_frame()
+        returns each again in its turn). It stops after a HELLO: the frames behind
+        one are checked against the max_payload that HELLO negotiates."""
+        parsed: list[Frame] = []
+        while self._error is None and self._error_ahead is None:
+            if self._ahead and self._ahead[-1].opcode == Op.HELLO:
+                break
+            try:
+                frame = self._next_frame()
+            except ProtocolError as error:
+                self._error_ahead = error
+                break
+            if frame is NEED_DATA:
+                break
+            assert isinstance(frame, Frame)
+            self._ahead.append(frame)
+            parsed.append(frame)
+        return parsed
 
     def feed(self, data: Buffer) -> None:
         if self._error is not None:
@@ -389,6 +421,11 @@ class FrameDecoder:
 
     def next_frame(self) -> Frame | NeedData:
         if self._error is not None:
+            raise self._error
+        if self._ahead:
+            return self._ahead.popleft()
+        if self._error_ahead is not None:
+            self._error = self._error_ahead
             raise self._error
         try:
             return self._next_frame()
@@ -778,6 +815,15 @@ def encode_put_batch_into(
         buffer[position : position + page_size] = page
         position += page_size
     return length
+
+
+def put_batch_pages(payload: Buffer) -> tuple[int, memoryview]:
+    """(page_shift, the pages as one read-only view) of a PUT_BATCH payload the
+    decoder accepted: its pages follow the descriptors back to back."""
+    count, page_shift = _parse_batch_header(payload, with_pages=True)
+    start = BATCH_HEADER_SIZE + count * DESCRIPTOR_SIZE
+    view = memoryview(payload).cast("B").toreadonly()
+    return page_shift, view[start : start + (count << page_shift)]
 
 
 def decode_put_batch(payload: Buffer) -> tuple[int, list[Key], list[memoryview]]:

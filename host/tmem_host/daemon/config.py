@@ -48,12 +48,13 @@ _GUEST_KEYS: Final = frozenset({"name", "weight", "cap", "shared", "dedup", "cid
 GUEST_UUID_NAMESPACE: Final = uuid.UUID("6d1b5a3e-8f0c-4b7e-9a51-2f4c0e7d9b10")
 MAX_REMOTE_REPLICAS: Final = 16
 MAX_REMOTE_READ_AHEAD: Final = 64
+MAX_ENCODER_THREADS: Final = 8
 _FILE_KEYS: Final = frozenset({
     "run_dir", "budget", "compress", "nbd_size", "vsock_port", "log_level", "log_format",
     "guest", "state_dir", "journal", "durability", "preallocate", "journal_reserve",
     "socket_group", "connections_per_guest", "handshake_timeout", "idle_timeout",
     "remote", "remote_replicas", "remote_wait", "remote_budget", "remote_read_ahead", "host_id",
-    "fallback_iops",
+    "fallback_iops", "encoder_threads",
 })
 
 
@@ -253,6 +254,8 @@ class DaemonConfig:
     # The NBD fallback files answer as a disk of this many operations per second
     # would (frontswap's real swap disk); 0: at page-cache speed.
     fallback_iops: int = 0
+    # Threads that compress PUT_BATCH pages ahead of the event loop (0: it does).
+    encoder_threads: int = 1
 
     @property
     def journal(self) -> bool:
@@ -494,6 +497,7 @@ def build_config(
     remote_read_ahead: int | None = None,
     host_id: str | None = None,
     fallback_iops: int | None = None,
+    encoder_threads: int | None = None,
 ) -> DaemonConfig:
     """Merge the TOML settings with command-line values (which take precedence;
     None: not given on the command line)."""
@@ -564,4 +568,6 @@ def build_config(
         host_id=host,
         fallback_iops=check_int(*_pick(settings, "fallback_iops", fallback_iops, _DEFAULTS.fallback_iops),
                                 0, 1_000_000),
+        encoder_threads=check_int(*_pick(settings, "encoder_threads", encoder_threads,
+                                         _DEFAULTS.encoder_threads), 0, MAX_ENCODER_THREADS),
     )

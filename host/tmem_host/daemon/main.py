@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fallback-iops", type=int, metavar="N",
                         help="the NBD fallback files answer as a disk of N operations per second "
                              "(frontswap's real swap disk; default 0: page-cache speed)")
+    parser.add_argument("--encoder-threads", type=int, metavar="N",
+                        help="threads that compress PUT_BATCH pages while the event loop serves "
+                             "(default 1; 0: the event loop compresses them)")
     parser.add_argument("--host-id", help="this tmemd's name among hosts sharing a cluster "
                         "(default: the hostname)")
     parser.add_argument("--log-level", choices=LOG_LEVELS)
@@ -138,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             remote_read_ahead=args.remote_read_ahead,
             host_id=args.host_id,
             fallback_iops=args.fallback_iops,
+            encoder_threads=args.encoder_threads,
         )
     except ConfigError as exc:
         print(f"tmemd: {exc}", file=sys.stderr)

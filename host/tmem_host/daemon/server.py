@@ -35,7 +35,7 @@ from tmem_host.nbd.export import ExportStart, NbdConnection, NbdExport
 from tmem_host.nbd.readcache import CachedDiskExport, CachedImages
 from tmem_host.statefiles import open_state_file, prepare_private_dir
 from tmem_host.remote.tier import RemoteError, RemoteSettings, RemoteTier
-from tmem_host.store import Client, Store
+from tmem_host.store import Client, PageEncoder, Store
 
 log = logging.getLogger("tmemd")
 
@@ -53,6 +53,9 @@ class Daemon:
             config.budget_bytes, compress=config.compress, state_dir=self.state_dir,
             durability=config.durability,
             reserve_bytes=config.journal_reserve_bytes if config.preallocate else 0)
+        # Compresses PUT_BATCH pages on its own threads ahead of the sessions
+        # (docs/PERFORMANCE.md); they start with the first batch.
+        self.encoder = PageEncoder(config.encoder_threads) if config.encoder_threads else None
         if config.socket_group is None:
             self._socket_mode, self._socket_gid = 0o600, -1
         else:
@@ -176,6 +179,8 @@ class Daemon:
                 await server.wait_closed()
         if self.tier is not None:
             await self.tier.aclose()
+        if self.encoder is not None:
+            self.encoder.close()  # after the sessions that submit to it
         for path in (self.run_dir / CONTROL_SOCKET_NAME, self.run_dir / PID_FILE_NAME):
             path.unlink(missing_ok=True)
 
@@ -237,7 +242,8 @@ class Daemon:
                 disk_export = self._open_cached_disk(guest, client)
             # The guest is fixed by the socket: nothing the peer sends can change it.
             servers.append(await loop.create_unix_server(
-                lambda: AbiSession(self.store, lambda _transport: runtime, "unix", self.limiter),
+                lambda: AbiSession(self.store, lambda _transport: runtime, "unix", self.limiter,
+                                   self.encoder),
                 str(abi_path), start_serving=False,
             ))
             servers.append(await loop.create_unix_server(
@@ -339,7 +345,8 @@ class Daemon:
         if listener is None:
             return
         self._vsock_server = await asyncio.get_running_loop().create_server(
-            lambda: AbiSession(self.store, self._resolve_vsock_peer, "vsock", self.limiter),
+            lambda: AbiSession(self.store, self._resolve_vsock_peer, "vsock", self.limiter,
+                               self.encoder),
             sock=listener,
         )
         log.info("vsock listening", extra={"port": port})

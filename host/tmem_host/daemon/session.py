@@ -33,14 +33,14 @@ from tmem_wire.abi import (
     ALL_POOLS, BATCH_HEADER_SIZE, DESCRIPTOR_SIZE, FLAG_REPLY, Feature, Flag, HEADER_SIZE, MAX_ERROR_TEXT,
     NEED_DATA, Buffer, Frame, FrameDecoder, Hello, NeedData, NewPool, Op, PoolFlag, ProtocolError, Status,
     decode_key_batch, decode_put_batch, encode_batch_reply, encode_pool_grant, encode_pool_stats,
-    negotiate, pack_header_into,
+    negotiate, pack_header_into, put_batch_pages,
 )
 
 from tmem_host.limits import (
     Admission, ConnectionKind, ConnectionLimiter, DurableReplies, ReplyFlow, widen_socket_buffers,
 )
 from tmem_host.replies import ConnectionStats
-from tmem_host.store import Store
+from tmem_host.store import EncodedPages, EncodingJob, PageEncoder, Store, encode_pages
 from tmem_host.waiting import all_done
 
 if TYPE_CHECKING:
@@ -51,8 +51,9 @@ log = logging.getLogger("tmemd.session")
 # What tmemd offers in HELLO; the reply holds the minimum of both sides.
 SERVER_HELLO = Hello(features=Feature.BATCH | Feature.ASYNC | Feature.STATS | Feature.DRAIN,
                      max_in_flight=128)
-# One read's worth: a few batch frames.
-RECV_BUFFER_BYTES = 1 << 18
+# One read's worth: a few 64-page batch frames (a 256 KiB read held less than one,
+# so the encoder threads never had a frame to encode ahead: docs/PERFORMANCE.md).
+RECV_BUFFER_BYTES = 1 << 20
 # Until HELLO: a HELLO frame is 96 bytes, and a connection that never says it
 # (half-open, junk) should cost next to nothing.
 HANDSHAKE_RECV_BYTES = 4096
@@ -89,6 +90,7 @@ class AbiSession(asyncio.BufferedProtocol):
         resolve_guest: Callable[[asyncio.BaseTransport], GuestRuntime | None],
         transport_kind: str,
         limiter: ConnectionLimiter | None = None,
+        encoder: PageEncoder | None = None,
     ) -> None:
         self.store = store
         self._resolve_guest = resolve_guest
@@ -96,6 +98,10 @@ class AbiSession(asyncio.BufferedProtocol):
         self.guest: GuestRuntime | None = None
         self._transport: asyncio.Transport | None = None
         self._limiter = limiter
+        # PUT_BATCH pages encoded ahead (see _encode_ahead): by frame, with the frame
+        # itself, so that an entry can never serve another frame that took its id.
+        self._encoder = encoder
+        self._encoding: dict[int, tuple[Frame, EncodingJob]] = {}
         self._admission: Admission | None = None
         self._flow = ReplyFlow(self._serve)
         self._decoder = FrameDecoder(max_payload=HANDSHAKE_MAX_PAYLOAD, resync=True)
@@ -143,6 +149,7 @@ class AbiSession(asyncio.BufferedProtocol):
         self._carried_served = 0
         self._durable = DurableReplies(lambda: store.make_durable(tier=False))
         self.store_waits = 0
+        self.encoded_ahead = 0
 
     # -- asyncio callbacks ---------------------------------------------------
 
@@ -180,6 +187,7 @@ class AbiSession(asyncio.BufferedProtocol):
         self._transport = None
         self._resumed.clear()
         self._fetching = []
+        self._encoding.clear()
         self._durable.detach()
 
     # The guest is not reading its replies: stop reading its requests.
@@ -207,7 +215,31 @@ class AbiSession(asyncio.BufferedProtocol):
         except ProtocolError as error:
             self._undecodable(self._transport, [], 0, error)
             return
+        self._encode_ahead()
         self._serve()
+
+    def _encode_ahead(self) -> None:
+        """Hand the PUT_BATCH frames received whole to the encoder thread now: it
+        compresses them (GIL released) while this thread serves the frames before
+        them. Only once HELLO has set the frame limit, and not while frames wait
+        for the remote tier (they are served first, and may include a HELLO)."""
+        encoder = self._encoder
+        if encoder is None or self._negotiated is None or self._resumed:
+            return
+        assert self.guest is not None
+        # The frame the coming pass serves first is encoded by the pass itself (in
+        # one C call): handing it to a thread would only add two thread wake-ups
+        # to its latency. The ones behind it are encoded while the pass serves it.
+        served_next = self._decoder.frames_ahead == 0 and not self._flow.suspended
+        for number, frame in enumerate(self._decoder.parse_ahead()):
+            if (number == 0 and served_next) or frame.opcode != Op.PUT_BATCH \
+                    or not self.store.encodes_batches(self.guest.client, frame.pool_id):
+                continue
+            try:
+                page_shift, pages = put_batch_pages(frame.payload)
+            except ProtocolError:
+                continue  # refused in its turn
+            self._encoding[id(frame)] = (frame, encoder.submit(pages, 1 << page_shift, self.store.compress))
 
     def _serve(self) -> None:
         """One pass: serve the decoder's frames until it needs data, the replies
@@ -277,6 +309,7 @@ class AbiSession(asyncio.BufferedProtocol):
                             break
                         handlers[opcode](frame, out)
                     except _Refusal as refusal:
+                        self._encoding.pop(id(frame), None)  # refused before its handler took it
                         self.errors += 1
                         self._reply(out, frame, refusal.status,
                                     refusal.reason.encode()[:MAX_ERROR_TEXT])
@@ -511,14 +544,34 @@ class AbiSession(asyncio.BufferedProtocol):
 
     def _put_batch(self, frame: Frame, out: _Chunks) -> None:
         assert self.guest is not None
+        encoded = self._encoded(frame)
         page_shift, keys, pages = decode_put_batch(frame.payload)
         self._check_batch(len(keys))
         pool_shift = self._pool_page_shift(frame.pool_id)
         if page_shift != pool_shift:
             raise _Refusal(Status.INVALID, f"batch of 2^{page_shift}-byte pages for a pool of "
                            f"2^{pool_shift}-byte pages")
-        statuses = self.store.put_many(self.guest.client, frame.pool_id, keys, pages)
+        statuses = self.store.put_many(self.guest.client, frame.pool_id, keys, pages, encoded)
         self._reply(out, frame, _OK, encode_batch_reply(statuses))
+
+    def _encoded(self, frame: Frame) -> EncodedPages | None:
+        """The frame's pages as the encoder threads stored them (waiting for them
+        if they are still at work); else encoded now, in one call for the batch.
+        None for a pool that takes no pages encoded ahead (dedup), or a payload
+        refused in its turn."""
+        entry = self._encoding.pop(id(frame), None)
+        if entry is not None and entry[0] is frame and (encoded := entry[1].result()) is not None:
+            self.encoded_ahead += 1
+            return encoded
+        assert self.guest is not None
+        if not self.store.encodes_batches(self.guest.client, frame.pool_id):
+            return None
+        try:
+            page_shift, pages = put_batch_pages(frame.payload)
+        except ProtocolError:
+            return None
+        compress = self.store.compress
+        return EncodedPages(1 << page_shift, compress, encode_pages(pages, 1 << page_shift, compress))
 
     def _get_batch(self, frame: Frame, out: _Chunks) -> None:
         assert self.guest is not None
@@ -601,6 +654,7 @@ class AbiSession(asyncio.BufferedProtocol):
             "resyncs": max(0, self.hellos - 1),
             "reply_backlogs": self.reply_backlogs,
             "store_waits": self.store_waits,
+            "encoded_ahead": self.encoded_ahead,
             "discarded_bytes": self._decoder.discarded,
         }
 

@@ -39,7 +39,7 @@ from tmem_host.replies import JournalStats
 from tmem_host.statefiles import (
     FALLOC_FL_KEEP_SIZE, fallocate, fsync_dir, open_state_file, unsupported,
 )
-from tmem_host.store import DEFAULT_WEIGHT, Client, Pool, Store
+from tmem_host.store import DEFAULT_WEIGHT, Client, EncodedPages, Pool, Store
 from tmem_host.store.store import DedupBlob
 from tmem_host.store.tier import RemotePage
 
@@ -703,8 +703,8 @@ class JournaledStore(Store):
         return status
 
     def put_many(self, client: Client, pool_id: int, keys: Sequence[Key],
-                 pages: Sequence[Buffer]) -> list[Status]:
-        statuses = super().put_many(client, pool_id, keys, pages)
+                 pages: Sequence[Buffer], encoded: EncodedPages | None = None) -> list[Status]:
+        statuses = super().put_many(client, pool_id, keys, pages, encoded)
         found = self._journal_for(client, pool_id)
         if found is None:
             return statuses

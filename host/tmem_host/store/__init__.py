@@ -1,6 +1,6 @@
 """tmem_host.store: the in-memory tmem page store behind tmemd (pure, no I/O)."""
 
-from .pagecodec import decode_page, encode_page
+from .pagecodec import EncodedPages, EncodingJob, PageEncoder, decode_page, encode_page, encode_pages
 from .store import (
     DEFAULT_WEIGHT,
     INVALID_UUID,
@@ -26,9 +26,13 @@ __all__ = [
     "OBJECT_OVERHEAD_BYTES",
     "PERSISTENT_PAGE_OVERHEAD_BYTES",
     "Client",
+    "EncodedPages",
+    "EncodingJob",
+    "PageEncoder",
     "Pool",
     "Store",
     "decode_page",
     "encode_page",
+    "encode_pages",
     "page_overhead_bytes",
 ]

@@ -9,16 +9,28 @@ nothing beyond what lz4 returns:
   knows the page size).
 - ``bytes`` exactly as long as the page: the page itself, because lz4 did not
   shrink it or compression is off.
+
+:func:`encode_pages` makes the same forms for a whole batch in C with the GIL
+released (``_pagebatch.c``), and :class:`PageEncoder`'s native threads do it
+for a guest's next batches on the second core while the event loop stores this one.
+Its lz4 is Debian's liblz4 where :func:`encode_page`'s is python-lz4's: the
+same version and the same format, blocks that can differ by a few bytes (both
+decode to the page), so a form is checked by decoding it, never by comparing.
 """
 
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 from typing import Final
 
 import lz4.block
 
 from tmem_wire.abi import Buffer
+
+from ._pagebatch import Encoder as _Encoder
+from ._pagebatch import Job as _Job
+from ._pagebatch import encode_pages as _encode_pages
 
 FILL_WORD_BYTES: Final = 8
 
@@ -47,6 +59,61 @@ def encode_page(data: Buffer, page_size: int, compress: bool) -> StoredPage:
         if len(packed) < page_size:
             return packed
     return bytes(data)
+
+
+def encode_pages(pages: Buffer, page_size: int, compress: bool) -> list[StoredPage]:
+    """:func:`encode_page` of every page of ``pages`` (whole pages, contiguous),
+    in one C call that holds the GIL only to build the result."""
+    return _encode_pages(pages, page_size, compress)
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedPages:
+    """A batch's stored forms, and what they were made for: a store uses them
+    only for a pool of that page size with that compression (see Store.put_many)."""
+
+    page_size: int
+    compress: bool
+    forms: list[StoredPage]
+
+
+class PageEncoder:
+    """Native threads (one by default) that encode batches ahead of the event loop.
+
+    A session hands it each PUT_BATCH as soon as the frame is whole; by the time
+    the event loop reaches that frame, its pages are usually encoded. The
+    threads never take the GIL (``_pagebatch.c``): the event loop builds the
+    forms when it takes them. close() cancels what is queued and joins the
+    threads: the owner (the server) closes it after the sessions that submit."""
+
+    def __init__(self, threads: int = 1) -> None:
+        self._encoder = _Encoder(threads)
+
+    def submit(self, pages: Buffer, page_size: int, compress: bool) -> EncodingJob:
+        """Encode ``pages`` (whole pages, contiguous, unchanged until taken)."""
+        return EncodingJob(self._encoder.submit(pages, page_size, compress), page_size, compress)
+
+    def close(self) -> None:
+        self._encoder.close()
+
+
+class EncodingJob:
+    """One batch handed to a PageEncoder."""
+
+    __slots__ = ("_job", "_page_size", "_compress")
+
+    def __init__(self, job: _Job, page_size: int, compress: bool) -> None:
+        self._job = job
+        self._page_size = page_size
+        self._compress = compress
+
+    def result(self) -> EncodedPages | None:
+        """The batch's forms (waiting for them, GIL released), or None if the
+        encoder closed before it ran (the caller then encodes the pages itself)."""
+        try:
+            return EncodedPages(self._page_size, self._compress, self._job.forms())
+        except RuntimeError:
+            return None
 
 
 def decode_page(stored: StoredPage, page_size: int) -> bytes:

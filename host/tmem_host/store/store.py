@@ -24,7 +24,7 @@ import hashlib
 import itertools
 import math
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from operator import itemgetter
 from typing import Final, TypeAlias
 from uuid import UUID
@@ -42,7 +42,7 @@ from tmem_wire.abi import (
     Status,
 )
 
-from .pagecodec import StoredPage, decode_page, encode_page, stored_data_bytes
+from .pagecodec import EncodedPages, StoredPage, decode_page, encode_page, stored_data_bytes
 from .tier import REMOTE_PAGE_EXTRA_BYTES, PageTier, RemotePage
 
 #: Xen's MAX_POOLS_PER_DOMAIN and MAX_GLOBAL_SHARED_POOLS.
@@ -801,26 +801,34 @@ class Store:
         pool_id: int,
         keys: Sequence[Key],
         pages: Sequence[Buffer],
+        encoded: EncodedPages | None = None,
     ) -> list[Status]:
         """Put ``pages[i]`` at ``keys[i]`` (oid, index); one status per page.
-        Pages may be views into a batch payload: the store keeps none of them."""
+        Pages may be views into a batch payload: the store keeps none of them.
+        ``encoded``: the pages' stored forms made ahead (PageEncoder), used if
+        they were made for this pool's page size and the store's compression and
+        the pool keeps pages by their own key (not dedup); else ignored."""
         if len(keys) != len(pages):
             raise ValueError("keys and pages differ in length")
         pool = _pool_of(client, pool_id)
         if pool is None:
             return [_INVALID] * len(keys)
         page_size = pool.page_size
+        forms: Iterable[StoredPage | None] = itertools.repeat(None)
+        if (encoded is not None and encoded.page_size == page_size and encoded.compress == self.compress
+                and not pool.dedup and len(encoded.forms) == len(keys)):
+            forms = encoded.forms
         put_page = self._refuse_frozen_put if client.frozen else self._put_page
         statuses: list[Status] = []
         append = statuses.append
         refused = 0
         invalid = 0
-        for (oid, index), data in zip(keys, pages):
+        for (oid, index), data, stored in zip(keys, pages, forms):
             if len(data) != page_size:
                 append(_INVALID)
                 invalid += 1
                 continue
-            status = put_page(pool, oid, index, data)
+            status = put_page(pool, oid, index, data, stored)
             if status is not _OK:
                 refused += 1
             append(status)
@@ -830,6 +838,12 @@ class Store:
         client.refusals += refused
         pool.refusals += refused
         return statuses
+
+    def encodes_batches(self, client: Client, pool_id: int) -> bool:
+        """Whether put_many would take the pool's pages encoded ahead (EncodedPages):
+        the pool exists and keeps pages by their own key (not dedup)."""
+        pool = _pool_of(client, pool_id)
+        return pool is not None and not pool.dedup
 
     def get(self, client: Client, pool_id: int, oid: Oid, index: int) -> tuple[Status, bytes | None]:
         pool = _pool_of(client, pool_id)
@@ -1001,7 +1015,9 @@ class Store:
             raise KeyError(client.name)
         return client
 
-    def _put_page(self, pool: Pool, oid: Oid, index: int, data: Buffer) -> Status:
+    def _put_page(self, pool: Pool, oid: Oid, index: int, data: Buffer,
+                  stored: StoredPage | None = None) -> Status:
+        """``stored``: ``data``'s stored form if it was made ahead (never for dedup)."""
         objects = pool.objects
         obj = objects.get(oid)
         if obj is not None and index in obj:
@@ -1011,7 +1027,8 @@ class Store:
         if pool.dedup:
             return self._put_dedup_page(pool, oid, index, data)
         owner = pool.owner
-        stored = encode_page(data, pool.page_size, self.compress)
+        if stored is None:
+            stored = encode_page(data, pool.page_size, self.compress)
         cost = pool.page_overhead + (len(stored) if type(stored) is bytes else 0)
         if pool.local_lru is not None and type(stored) is bytes and self._beyond_local_share(owner, cost):
             return self._put_remote(pool, owner, oid, index, stored)
@@ -1185,7 +1202,8 @@ class Store:
             self._drop_page(pool, obj, oid, index)  # never leave a stale copy
         return status
 
-    def _refuse_frozen_put(self, pool: Pool, oid: Oid, index: int, data: Buffer) -> Status:
+    def _refuse_frozen_put(self, pool: Pool, oid: Oid, index: int, data: Buffer,
+                           stored: StoredPage | None = None) -> Status:
         return self._refuse_put(pool, oid, index, _FROZEN)
 
     def _get_page(self, pool: Pool, oid: Oid, index: int) -> bytes | None:
