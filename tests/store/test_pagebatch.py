@@ -146,6 +146,27 @@ def test_closing_cancels_what_is_queued_and_is_idempotent() -> None:
         encoder.submit(pages, PAGE, True)
 
 
+def test_a_job_no_thread_started_can_be_taken_back() -> None:
+    """What a session does when the event loop reaches a batch still queued
+    behind other sessions' batches: it cancels it and encodes it itself."""
+    pages = b"".join(mixed_pages(512))
+    encoder = PageEncoder(threads=1)
+    queued = [encoder.submit(pages, PAGE, True) for _ in range(16)]
+    assert queued[-1].result() is None  # 15 batches ahead of it: cancelled, the caller encodes
+    encoder.close()
+    raw = Encoder(threads=1)
+    jobs = [raw.submit(pages, PAGE, True) for _ in range(16)]
+    deadline = time.monotonic() + 20
+    while not jobs[0].done() and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert not jobs[0].cancel()  # finished: nothing to take back
+    same_forms(jobs[0].forms(), mixed_pages(512), PAGE, True)
+    assert jobs[-1].cancel()
+    with pytest.raises(RuntimeError):
+        jobs[-1].forms()
+    raw.close()
+
+
 def test_jobs_dropped_untaken_queued_or_running_free_cleanly() -> None:
     encoder = Encoder(threads=1)
     pages = b"".join(mixed_pages(1024))

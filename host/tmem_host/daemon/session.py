@@ -237,9 +237,13 @@ class AbiSession(asyncio.BufferedProtocol):
                 continue
             try:
                 page_shift, pages = put_batch_pages(frame.payload)
+                job = encoder.submit(pages, 1 << page_shift, self.store.compress)
             except ProtocolError:
                 continue  # refused in its turn
-            self._encoding[id(frame)] = (frame, encoder.submit(pages, 1 << page_shift, self.store.compress))
+            except (OSError, RuntimeError, MemoryError) as error:  # no thread, closed: encoded in its turn
+                log.warning("encoder refused a batch", extra={"guest": self.guest.name, "error": str(error)})
+                return
+            self._encoding[id(frame)] = (frame, job)
 
     def _serve(self) -> None:
         """One pass: serve the decoder's frames until it needs data, the replies

@@ -27,7 +27,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -44,6 +44,7 @@ from tmem_host.store.store import DedupBlob
 from tmem_host.store.tier import RemotePage
 
 from . import codec
+from ._records import batch_records, object_records
 
 log = logging.getLogger("tmemd.journal")
 
@@ -264,12 +265,15 @@ class GuestJournal:
             count = 0
             for pool_id, pool in pools:
                 pieces.append(codec.encode(codec.NewPoolRecord(pool_id, pool.page_shift, pool.label)))
-                for oid, index, stored in Store.stored_pages(pool):
-                    pieces += codec.put_record(pool_id, oid, index, stored)
-                    count += 1
-                    if count % _COMPACT_RECORDS_PER_WRITE == 0:
+                special = _special_record(pool_id)
+                for oid, pages in pool.objects.items():  # an object's records in one C call
+                    records, added = object_records(pool_id, oid, pages, special)
+                    pieces.append(records)
+                    count += added
+                    if count >= _COMPACT_RECORDS_PER_WRITE:
                         size += _write_all(fd, pieces)
                         pieces = []
+                        count = 0
                 pieces += [codec.encode(codec.LostRecord(pool_id, oid, index))
                            for oid, index in self.lost.get(pool_id, ())]
             size += _write_all(fd, pieces)
@@ -318,6 +322,16 @@ def _write_all(fd: int, pieces: Sequence[Buffer]) -> int:
 def _live_pools(client: Client) -> list[tuple[int, Pool]]:
     return [(pool_id, pool) for pool_id, pool in enumerate(client.pools)
             if pool is not None and pool.persistent]
+
+
+def _special_record(pool_id: int) -> Callable[[Oid, int, object], bytes]:
+    """The record of a page the C record builder leaves to Python: a dedup blob's
+    stored form, or a page in the remote tier (its REMOTE record)."""
+    def record(oid: Oid, index: int, value: object) -> bytes:
+        stored = value.stored if isinstance(value, DedupBlob) else value
+        assert isinstance(stored, (int, bytes, RemotePage))
+        return b"".join(codec.put_record(pool_id, oid, index, stored))
+    return record
 
 
 def _stored_form(pool: Pool, oid: Oid, index: int) -> int | bytes | RemotePage:
@@ -712,22 +726,13 @@ class JournaledStore(Store):
         if not journal.appending:  # durability none: only the lost keys to keep
             journal.found(pool_id, keys)
             return statuses
-        objects = pool.objects
-        put_record = codec.put_record
-        pieces: list[Buffer] = []
-        records = 0
-        for (oid, index), status in zip(keys, statuses):
-            if status == Status.OK:
-                value = objects[oid][index]
-                pieces += put_record(pool_id, oid, index,
-                                     value.stored if isinstance(value, DedupBlob) else value)
-            elif status == Status.INVALID:
-                continue
-            else:
-                pieces.append(codec.encode(codec.FlushPageRecord(pool_id, oid, index)))
-            records += 1
+        # PUTs of what the pool holds now for the keys put, FLUSH_PAGEs for the
+        # refused ones (the store dropped their older copies: so must a replay),
+        # in one C call (_records.c: the codec's bytes, without a Python call per page).
+        blob, records = batch_records(pool_id, keys, statuses, pool.objects, Status.OK, Status.INVALID,
+                                      _special_record(pool_id))
         journal.found(pool_id, keys)
-        self._commit(client, journal, pieces, records)
+        self._commit(client, journal, [blob], records)
         return statuses
 
     def flush_page(self, client: Client, pool_id: int, oid: Oid, index: int) -> Status:

@@ -428,6 +428,44 @@ Job_forms(Job *self, PyObject *unused)
     return forms;
 }
 
+/* With the encoder's lock held: take a queued job out of the queue (cancelled). */
+static void
+unlink_queued(Encoder *encoder, Job *self)
+{
+    Job *previous = NULL;
+    for (Job *job = encoder->head; job != NULL; previous = job, job = job->next) {
+        if (job == self) {
+            if (previous == NULL) {
+                encoder->head = job->next;
+            } else {
+                previous->next = job->next;
+            }
+            if (encoder->tail == job) {
+                encoder->tail = previous;
+            }
+            job->next = NULL;
+            break;
+        }
+    }
+    self->state = JOB_CANCELLED;
+}
+
+static PyObject *
+Job_cancel(Job *self, PyObject *unused)
+{
+    pthread_mutex_lock(&self->encoder->lock);
+    int cancelled = self->state == JOB_QUEUED;
+    if (cancelled) {
+        unlink_queued(self->encoder, self);
+    }
+    pthread_mutex_unlock(&self->encoder->lock);
+    if (cancelled) {
+        batch_free(&self->batch);
+        self->state = JOB_TAKEN;
+    }
+    return PyBool_FromLong(cancelled);
+}
+
 static PyObject *
 Job_done(Job *self, PyObject *unused)
 {
@@ -446,21 +484,7 @@ Job_dealloc(Job *self)
         /* Dropped while queued: unlink it; while running: wait for the thread. */
         pthread_mutex_lock(&encoder->lock);
         if (self->state == JOB_QUEUED) {
-            Job *previous = NULL;
-            for (Job *job = encoder->head; job != NULL; previous = job, job = job->next) {
-                if (job == self) {
-                    if (previous == NULL) {
-                        encoder->head = job->next;
-                    } else {
-                        previous->next = job->next;
-                    }
-                    if (encoder->tail == job) {
-                        encoder->tail = previous;
-                    }
-                    break;
-                }
-            }
-            self->state = JOB_CANCELLED;
+            unlink_queued(encoder, self);
         }
         int running = self->state == JOB_RUNNING;
         pthread_mutex_unlock(&encoder->lock);
@@ -474,6 +498,9 @@ Job_dealloc(Job *self)
 }
 
 static PyMethodDef Job_methods[] = {
+    {"cancel", (PyCFunction)Job_cancel, METH_NOARGS,
+     "cancel() -> bool: take the job out of the queue if no thread has started it\n"
+     "(its pages are released; forms() then raises); False if one has."},
     {"done", (PyCFunction)Job_done, METH_NOARGS,
      "done() -> bool: whether forms() would return (or raise) without waiting."},
     {"forms", (PyCFunction)Job_forms, METH_NOARGS,

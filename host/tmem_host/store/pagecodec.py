@@ -108,8 +108,13 @@ class EncodingJob:
         self._compress = compress
 
     def result(self) -> EncodedPages | None:
-        """The batch's forms (waiting for them, GIL released), or None if the
-        encoder closed before it ran (the caller then encodes the pages itself)."""
+        """The batch's forms, or None: the caller encodes the pages itself. None if
+        no thread has started the job yet (it is cancelled: the threads serve every
+        session, and waiting behind other sessions' batches would stall the event
+        loop, which can encode this one now) or the encoder closed before it ran.
+        A job a thread has started is waited for (GIL released)."""
+        if self._job.cancel():
+            return None
         try:
             return EncodedPages(self._page_size, self._compress, self._job.forms())
         except RuntimeError:

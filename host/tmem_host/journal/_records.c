@@ -1,0 +1,315 @@
+/*
+ * Journal records for many pages in one call (docs/RELIABILITY.md's format).
+ *
+ * tmem_host.journal.codec is the format's reference: put_record() and
+ * encode(FlushPageRecord) make one record per Python call, about a microsecond
+ * of interpreter work per page on tmemd's event-loop thread (docs/PERFORMANCE.md).
+ * These functions make the same bytes for a whole batch or object:
+ *
+ *     crc32 u32 | magic u16 | type u8 | reserved u8 | body length u32 | body
+ *     PUT         pool u8, oid 3 x u64, index u64, tag u8, stored page
+ *     FLUSH_PAGE  pool u8, oid 3 x u64, index u64
+ *
+ * little-endian, the crc32 (zlib's, as Python's zlib.crc32) over everything after
+ * it. A stored page that is an int is a fill word (tag FILL, 8 bytes), bytes are
+ * data (tag DATA); any other value (a dedup blob, a page in the remote tier) is
+ * handed to the caller's `special(oid, index, value)`, which returns its
+ * record's bytes. tests/journal/test_records.py compares every record with the
+ * codec's, byte for byte.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+#include <zlib.h>
+
+#define MAGIC 0x4A54
+#define TYPE_PUT 2
+#define TYPE_FLUSH_PAGE 3
+#define TAG_FILL 0
+#define TAG_DATA 1
+#define HEADER_SIZE 12  /* crc, magic, type, reserved, body length */
+#define KEY_SIZE 33     /* pool u8, oid 3 x u64, index u64 */
+
+struct out {
+    char *data;
+    size_t length, capacity;
+};
+
+static int
+reserve(struct out *out, size_t more)
+{
+    if (out->length + more <= out->capacity) {
+        return 0;
+    }
+    size_t capacity = out->capacity ? out->capacity : 64 * 1024;
+    while (capacity < out->length + more) {
+        capacity *= 2;
+    }
+    char *data = PyMem_Realloc(out->data, capacity);
+    if (data == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    out->data = data;
+    out->capacity = capacity;
+    return 0;
+}
+
+static void
+put_le(unsigned char *p, uint64_t value, int bytes)
+{
+    for (int i = 0; i < bytes; i++) {
+        p[i] = (unsigned char)(value >> (8 * i));
+    }
+}
+
+struct key {
+    uint64_t oid[3];
+    uint64_t index;
+};
+
+/* (oid, index) from Python: oid a 3-tuple of ints, index an int; -1 on error. */
+static int
+parse_key(PyObject *oid, PyObject *index, struct key *key)
+{
+    if (!PyTuple_Check(oid) || PyTuple_GET_SIZE(oid) != 3) {
+        PyErr_SetString(PyExc_TypeError, "an oid is a tuple of three ints");
+        return -1;
+    }
+    for (int i = 0; i < 3; i++) {
+        key->oid[i] = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(oid, i));
+        if (key->oid[i] == (uint64_t)-1 && PyErr_Occurred()) {
+            return -1;
+        }
+    }
+    key->index = PyLong_AsUnsignedLongLong(index);
+    if (key->index == (uint64_t)-1 && PyErr_Occurred()) {
+        return -1;
+    }
+    return 0;
+}
+
+/* One record: header, key, then (PUT) the tag and `data`. */
+static int
+append_record(struct out *out, int type, int pool_id, const struct key *key, int tag,
+              const char *data, size_t data_length)
+{
+    size_t body = KEY_SIZE + (type == TYPE_PUT ? 1 + data_length : 0);
+    if (reserve(out, HEADER_SIZE + body) < 0) {
+        return -1;
+    }
+    unsigned char *record = (unsigned char *)out->data + out->length;
+    unsigned char *p = record + 4;
+    put_le(p, MAGIC, 2);
+    p[2] = (unsigned char)type;
+    p[3] = 0;
+    put_le(p + 4, body, 4);
+    p += 8;
+    p[0] = (unsigned char)pool_id;
+    for (int i = 0; i < 3; i++) {
+        put_le(p + 1 + 8 * i, key->oid[i], 8);
+    }
+    put_le(p + 25, key->index, 8);
+    p += KEY_SIZE;
+    if (type == TYPE_PUT) {
+        p[0] = (unsigned char)tag;
+        memcpy(p + 1, data, data_length);
+    }
+    uLong crc = crc32(0L, record + 4, (uInt)(HEADER_SIZE - 4 + body));
+    put_le(record, crc, 4);
+    out->length += HEADER_SIZE + body;
+    return 0;
+}
+
+/* The PUT record of a stored page, or `special`'s bytes for another value. */
+static int
+append_put(struct out *out, int pool_id, PyObject *oid, PyObject *index, PyObject *value,
+           PyObject *special)
+{
+    struct key key;
+    if (PyLong_CheckExact(value)) {
+        unsigned char word[8];
+        uint64_t fill = PyLong_AsUnsignedLongLong(value);
+        if ((fill == (uint64_t)-1 && PyErr_Occurred()) || parse_key(oid, index, &key) < 0) {
+            return -1;
+        }
+        put_le(word, fill, 8);
+        return append_record(out, TYPE_PUT, pool_id, &key, TAG_FILL, (const char *)word, 8);
+    }
+    if (PyBytes_CheckExact(value)) {
+        if (parse_key(oid, index, &key) < 0) {
+            return -1;
+        }
+        return append_record(out, TYPE_PUT, pool_id, &key, TAG_DATA, PyBytes_AS_STRING(value),
+                             (size_t)PyBytes_GET_SIZE(value));
+    }
+    PyObject *record = PyObject_CallFunctionObjArgs(special, oid, index, value, NULL);
+    if (record == NULL) {
+        return -1;
+    }
+    if (!PyBytes_Check(record)) {
+        Py_DECREF(record);
+        PyErr_SetString(PyExc_TypeError, "special() must return the record's bytes");
+        return -1;
+    }
+    int result = reserve(out, (size_t)PyBytes_GET_SIZE(record));
+    if (result == 0) {
+        memcpy(out->data + out->length, PyBytes_AS_STRING(record), (size_t)PyBytes_GET_SIZE(record));
+        out->length += (size_t)PyBytes_GET_SIZE(record);
+    }
+    Py_DECREF(record);
+    return result;
+}
+
+static PyObject *
+finish(struct out *out, Py_ssize_t records)
+{
+    PyObject *blob = PyBytes_FromStringAndSize(out->data ? out->data : "", (Py_ssize_t)out->length);
+    PyMem_Free(out->data);
+    if (blob == NULL) {
+        return NULL;
+    }
+    return Py_BuildValue("(Nn)", blob, records);
+}
+
+static int
+check_pool(int pool_id)
+{
+    if (pool_id < 0 || pool_id > 255) {
+        PyErr_SetString(PyExc_ValueError, "a pool id is a byte");
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *
+batch_records(PyObject *module, PyObject *args)
+{
+    int pool_id;
+    PyObject *keys, *statuses, *objects, *ok, *invalid, *special;
+    if (!PyArg_ParseTuple(args, "iOOO!OOO:batch_records", &pool_id, &keys, &statuses, &PyDict_Type,
+                          &objects, &ok, &invalid, &special) || check_pool(pool_id) < 0) {
+        return NULL;
+    }
+    PyObject *key_list = PySequence_Fast(keys, "keys must be a sequence");
+    if (key_list == NULL) {
+        return NULL;
+    }
+    PyObject *status_list = PySequence_Fast(statuses, "statuses must be a sequence");
+    if (status_list == NULL) {
+        Py_DECREF(key_list);
+        return NULL;
+    }
+    struct out out = {NULL, 0, 0};
+    Py_ssize_t records = 0;
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(key_list);
+    if (PySequence_Fast_GET_SIZE(status_list) != count) {
+        PyErr_SetString(PyExc_ValueError, "keys and statuses differ in length");
+        goto error;
+    }
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *key = PySequence_Fast_GET_ITEM(key_list, i);
+        PyObject *status = PySequence_Fast_GET_ITEM(status_list, i);
+        if (!PyTuple_Check(key) || PyTuple_GET_SIZE(key) != 2) {
+            PyErr_SetString(PyExc_TypeError, "a key is an (oid, index) tuple");
+            goto error;
+        }
+        PyObject *oid = PyTuple_GET_ITEM(key, 0);
+        PyObject *index = PyTuple_GET_ITEM(key, 1);
+        int is_ok = PyObject_RichCompareBool(status, ok, Py_EQ);
+        if (is_ok < 0) {
+            goto error;
+        }
+        if (is_ok) {
+            /* The page the store holds now: the last put of the key wins. */
+            PyObject *obj = PyDict_GetItemWithError(objects, oid);
+            PyObject *value = obj == NULL ? NULL : PyObject_GetItem(obj, index);
+            if (value == NULL) {
+                if (!PyErr_Occurred()) {
+                    PyErr_SetString(PyExc_KeyError, "a page put OK is not in the pool");
+                }
+                goto error;
+            }
+            int result = append_put(&out, pool_id, oid, index, value, special);
+            Py_DECREF(value);
+            if (result < 0) {
+                goto error;
+            }
+        } else {
+            int is_invalid = PyObject_RichCompareBool(status, invalid, Py_EQ);
+            if (is_invalid < 0) {
+                goto error;
+            }
+            if (is_invalid) {
+                continue;  /* nothing changed */
+            }
+            /* Refused: the store dropped the key's older copy, and so must a replay. */
+            struct key parsed;
+            if (parse_key(oid, index, &parsed) < 0
+                    || append_record(&out, TYPE_FLUSH_PAGE, pool_id, &parsed, 0, NULL, 0) < 0) {
+                goto error;
+            }
+        }
+        records++;
+    }
+    Py_DECREF(key_list);
+    Py_DECREF(status_list);
+    return finish(&out, records);
+error:
+    PyMem_Free(out.data);
+    Py_DECREF(key_list);
+    Py_DECREF(status_list);
+    return NULL;
+}
+
+static PyObject *
+object_records(PyObject *module, PyObject *args)
+{
+    int pool_id;
+    PyObject *oid, *pages, *special;
+    if (!PyArg_ParseTuple(args, "iOO!O:object_records", &pool_id, &oid, &PyDict_Type, &pages, &special)
+            || check_pool(pool_id) < 0) {
+        return NULL;
+    }
+    struct out out = {NULL, 0, 0};
+    Py_ssize_t position = 0, records = 0;
+    PyObject *index, *value;
+    while (PyDict_Next(pages, &position, &index, &value)) {
+        /* special() may run Python: hold what the dict lends across it. */
+        Py_INCREF(index);
+        Py_INCREF(value);
+        int result = append_put(&out, pool_id, oid, index, value, special);
+        Py_DECREF(index);
+        Py_DECREF(value);
+        if (result < 0) {
+            PyMem_Free(out.data);
+            return NULL;
+        }
+        records++;
+    }
+    return finish(&out, records);
+}
+
+static PyMethodDef methods[] = {
+    {"batch_records", batch_records, METH_VARARGS,
+     "batch_records(pool_id, keys, statuses, objects, ok, invalid, special) -> (bytes, records)\n\n"
+     "A put_many's records: for each key (oid, index), a PUT of what `objects`\n"
+     "(the pool's oid -> {index: value}) holds if its status equals `ok`, nothing if\n"
+     "it equals `invalid`, else a FLUSH_PAGE."},
+    {"object_records", object_records, METH_VARARGS,
+     "object_records(pool_id, oid, pages, special) -> (bytes, records)\n\n"
+     "A PUT record for every page of one object (`pages`: index -> value)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "tmem_host.journal._records",
+    "Journal records for many pages in one call (docs/RELIABILITY.md).", -1, methods,
+};
+
+PyMODINIT_FUNC
+PyInit__records(void)
+{
+    return PyModule_Create(&module);
+}
