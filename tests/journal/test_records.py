@@ -89,10 +89,19 @@ def test_an_object_makes_one_put_per_page() -> None:
     oid = (7, 0, 2**64 - 1)
     pages: dict[int, Any] = {index: (bytes([index]) * 100 if index % 3 else index) for index in range(50)}
     pages[60] = RemotePage(version=3, nbytes=99)
-    blob, records = object_records(5, oid, pages, _special_record(5))
-    assert records == len(pages)
-    assert blob == b"".join(b"".join(codec.put_record(5, oid, index, value)) for index, value in pages.items())
-    assert object_records(5, oid, {}, _special_record(5)) == (b"", 0)
+    expected = b"".join(b"".join(codec.put_record(5, oid, index, value)) for index, value in pages.items())
+    assert object_records(5, oid, pages, _special_record(5), 0, 1000) == (expected, len(pages), None)
+    for limit in (1, 7, 51):  # in pieces of at most `limit` records, resumed where the last stopped
+        blobs: list[bytes] = []
+        position: int | None = 0
+        while position is not None:
+            blob, records, position = object_records(5, oid, pages, _special_record(5), position, limit)
+            assert 0 < records <= limit
+            blobs.append(blob)
+        assert b"".join(blobs) == expected and len(blobs) == -(-len(pages) // limit)
+    assert object_records(5, oid, {}, _special_record(5), 0, 10) == (b"", 0, None)
+    with pytest.raises(ValueError):
+        object_records(5, oid, pages, _special_record(5), 0, 0)
 
 
 @pytest.mark.parametrize(("keys", "statuses", "objects", "error"), [

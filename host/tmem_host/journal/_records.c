@@ -268,14 +268,20 @@ object_records(PyObject *module, PyObject *args)
 {
     int pool_id;
     PyObject *oid, *pages, *special;
-    if (!PyArg_ParseTuple(args, "iOO!O:object_records", &pool_id, &oid, &PyDict_Type, &pages, &special)
-            || check_pool(pool_id) < 0) {
+    Py_ssize_t position, limit;
+    if (!PyArg_ParseTuple(args, "iOO!Onn:object_records", &pool_id, &oid, &PyDict_Type, &pages, &special,
+                          &position, &limit) || check_pool(pool_id) < 0) {
+        return NULL;
+    }
+    if (position < 0 || limit < 1) {
+        PyErr_SetString(PyExc_ValueError, "start from a position of 0 or more, at least one record");
         return NULL;
     }
     struct out out = {NULL, 0, 0};
-    Py_ssize_t position = 0, records = 0;
+    Py_ssize_t records = 0;
     PyObject *index, *value;
-    while (PyDict_Next(pages, &position, &index, &value)) {
+    /* `position` is PyDict_Next's: the caller must not change the dict between calls. */
+    while (records < limit && PyDict_Next(pages, &position, &index, &value)) {
         /* special() may run Python: hold what the dict lends across it. */
         Py_INCREF(index);
         Py_INCREF(value);
@@ -288,7 +294,20 @@ object_records(PyObject *module, PyObject *args)
         }
         records++;
     }
-    return finish(&out, records);
+    PyObject *result = finish(&out, records);
+    if (result == NULL) {
+        return NULL;
+    }
+    /* Where to go on from, or None: no page is left after this call's. */
+    PyObject *next = records < limit || !PyDict_Next(pages, &(Py_ssize_t){position}, &index, &value)
+        ? Py_NewRef(Py_None) : PyLong_FromSsize_t(position);
+    if (next == NULL) {
+        Py_DECREF(result);
+        return NULL;
+    }
+    PyObject *triple = Py_BuildValue("(OON)", PyTuple_GET_ITEM(result, 0), PyTuple_GET_ITEM(result, 1), next);
+    Py_DECREF(result);
+    return triple;
 }
 
 static PyMethodDef methods[] = {
@@ -298,8 +317,10 @@ static PyMethodDef methods[] = {
      "(the pool's oid -> {index: value}) holds if its status equals `ok`, nothing if\n"
      "it equals `invalid`, else a FLUSH_PAGE."},
     {"object_records", object_records, METH_VARARGS,
-     "object_records(pool_id, oid, pages, special) -> (bytes, records)\n\n"
-     "A PUT record for every page of one object (`pages`: index -> value)."},
+     "object_records(pool_id, oid, pages, special, position, limit) -> (bytes, records, next)\n\n"
+     "PUT records for the pages of one object (`pages`: index -> value), at most\n"
+     "`limit` of them from `position` (0 first; then the `next` returned, None at\n"
+     "the end), so that an object of any size costs bounded memory per call."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -266,14 +266,17 @@ class GuestJournal:
             for pool_id, pool in pools:
                 pieces.append(codec.encode(codec.NewPoolRecord(pool_id, pool.page_shift, pool.label)))
                 special = _special_record(pool_id)
-                for oid, pages in pool.objects.items():  # an object's records in one C call
-                    records, added = object_records(pool_id, oid, pages, special)
-                    pieces.append(records)
-                    count += added
-                    if count >= _COMPACT_RECORDS_PER_WRITE:
-                        size += _write_all(fd, pieces)
-                        pieces = []
-                        count = 0
+                for oid, pages in pool.objects.items():
+                    position: int | None = 0
+                    while position is not None:  # up to a write's worth of an object per C call
+                        records, added, position = object_records(pool_id, oid, pages, special, position,
+                                                                   _COMPACT_RECORDS_PER_WRITE - count)
+                        pieces.append(records)
+                        count += added
+                        if count >= _COMPACT_RECORDS_PER_WRITE:
+                            size += _write_all(fd, pieces)
+                            pieces = []
+                            count = 0
                 pieces += [codec.encode(codec.LostRecord(pool_id, oid, index))
                            for oid, index in self.lost.get(pool_id, ())]
             size += _write_all(fd, pieces)
