@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tmem_host.bench import mixed_pages
-from tmem_host.store import PageEncoder, decode_page, encode_page, encode_pages
+from tmem_host.store import PageEncoder, decode_page, decode_pages, encode_page, encode_pages
 from tmem_host.store._pagebatch import Encoder
 
 PAGE = 4096
@@ -69,6 +69,36 @@ def test_other_page_sizes(page_size: int) -> None:
     pages = [(page * (page_size // PAGE + 1))[:page_size] for page in mixed_pages(6)]
     pages += [bytes(page_size), b"\x5a" * page_size]
     same_forms(encode_pages(b"".join(pages), page_size, True), pages, page_size, True)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(page_contents, max_size=12))
+def test_decode_pages_gives_back_every_page(pages: list[bytes]) -> None:
+    forms = [encode_page(page, PAGE, True) for page in pages]
+    decoded = decode_pages(forms, PAGE)
+    assert decoded == pages
+    for form, page in zip(forms, decoded):  # a raw page is handed back as it is, not copied
+        if isinstance(form, bytes) and len(form) == PAGE:
+            assert page is form
+
+
+@pytest.mark.parametrize("page_size", [16, 8192, 65536])
+def test_decode_pages_other_page_sizes(page_size: int) -> None:
+    pages = [(page * (page_size // PAGE + 1))[:page_size] for page in mixed_pages(6)]
+    pages += [bytes(page_size), b"\x5a" * page_size, (3).to_bytes(8, "little") * (page_size // 8)]
+    assert decode_pages(encode_pages(b"".join(pages), page_size, True), page_size) == pages
+
+
+def test_decode_pages_refuses_what_is_not_a_stored_page() -> None:
+    block = encode_page(mixed_pages(1)[0], PAGE, True)
+    assert isinstance(block, bytes) and len(block) < PAGE
+    with pytest.raises(ValueError, match="does not decode"):
+        decode_pages([5, block[:-9]], PAGE)  # a cut block
+    with pytest.raises(TypeError):
+        decode_pages([bytes(PAGE + 1)], PAGE)
+    with pytest.raises(TypeError):
+        decode_pages(["page"], PAGE)  # type: ignore[list-item]
+    assert decode_pages([], PAGE) == []
 
 
 @pytest.mark.parametrize(("data", "page_size", "message"), [

@@ -1,6 +1,6 @@
 """tmem_host.store: the in-memory tmem page store behind tmemd (pure, no I/O)."""
 
-from .pagecodec import EncodedPages, EncodingJob, PageEncoder, decode_page, encode_page, encode_pages
+from .pagecodec import EncodedPages, EncodingJob, PageEncoder, decode_page, decode_pages, encode_page, encode_pages
 from .store import (
     DEFAULT_WEIGHT,
     INVALID_UUID,
@@ -32,6 +32,7 @@ __all__ = [
     "Pool",
     "Store",
     "decode_page",
+    "decode_pages",
     "encode_page",
     "encode_pages",
     "page_overhead_bytes",

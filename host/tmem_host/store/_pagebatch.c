@@ -187,6 +187,96 @@ encode_pages(PyObject *module, PyObject *args)
     return result;
 }
 
+/* The page of each stored form (int: fill word; bytes of page length: the page
+ * itself, returned as it is; shorter bytes: an lz4 block), the lz4 blocks
+ * decompressed with the GIL released once for the batch. */
+static PyObject *
+decode_pages(PyObject *module, PyObject *args)
+{
+    PyObject *forms;
+    Py_ssize_t page_size;
+    if (!PyArg_ParseTuple(args, "O!n:decode_pages", &PyList_Type, &forms, &page_size)) {
+        return NULL;
+    }
+    if (page_size < MIN_PAGE_SIZE || page_size % FILL_WORD_BYTES != 0 || page_size > LZ4_MAX_INPUT_SIZE) {
+        PyErr_Format(PyExc_ValueError, "page size %zd is not a multiple of %d from %d to %d",
+                     page_size, FILL_WORD_BYTES, MIN_PAGE_SIZE, LZ4_MAX_INPUT_SIZE);
+        return NULL;
+    }
+    Py_ssize_t count = PyList_GET_SIZE(forms);
+    PyObject *pages = PyList_New(count);
+    if (pages == NULL) {
+        return NULL;
+    }
+    /* The blocks to decompress: (source, its length, destination). */
+    struct block { const char *source; int length; char *page; } *blocks = NULL;
+    Py_ssize_t block_count = 0;
+    blocks = PyMem_RawMalloc((size_t)(count ? count : 1) * sizeof(*blocks));
+    if (blocks == NULL) {
+        Py_DECREF(pages);
+        return PyErr_NoMemory();
+    }
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *form = PyList_GET_ITEM(forms, i);
+        PyObject *page;
+        if (PyLong_CheckExact(form)) {
+            uint64_t word = PyLong_AsUnsignedLongLong(form);
+            if (word == (uint64_t)-1 && PyErr_Occurred()) {
+                goto error;
+            }
+            page = PyBytes_FromStringAndSize(NULL, page_size);
+            if (page == NULL) {
+                goto error;
+            }
+            unsigned char *p = (unsigned char *)PyBytes_AS_STRING(page);
+            for (int b = 0; b < FILL_WORD_BYTES; b++) {
+                p[b] = (unsigned char)(word >> (8 * b));
+            }
+            for (Py_ssize_t filled = FILL_WORD_BYTES; filled < page_size; filled *= 2) {
+                memcpy(p + filled, p, (size_t)(filled * 2 <= page_size ? filled : page_size - filled));
+            }
+        } else if (PyBytes_CheckExact(form) && PyBytes_GET_SIZE(form) == page_size) {
+            page = Py_NewRef(form);  /* the raw page: bytes are immutable, no copy */
+        } else if (PyBytes_CheckExact(form) && PyBytes_GET_SIZE(form) < page_size) {
+            page = PyBytes_FromStringAndSize(NULL, page_size);
+            if (page == NULL) {
+                goto error;
+            }
+            blocks[block_count].source = PyBytes_AS_STRING(form);
+            blocks[block_count].length = (int)PyBytes_GET_SIZE(form);
+            blocks[block_count].page = PyBytes_AS_STRING(page);
+            block_count++;
+        } else {
+            PyErr_Format(PyExc_TypeError, "form %zd is not a stored page of %zd bytes", i, page_size);
+            goto error;
+        }
+        PyList_SET_ITEM(pages, i, page);
+    }
+    Py_ssize_t bad = -1;
+    /* The forms list holds every source, and the pages are ours: no one else
+     * can change either while the GIL is released. */
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t b = 0; b < block_count; b++) {
+        if (LZ4_decompress_safe(blocks[b].source, blocks[b].page, blocks[b].length, (int)page_size)
+                != page_size) {
+            bad = b;
+            break;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    PyMem_RawFree(blocks);
+    if (bad >= 0) {
+        Py_DECREF(pages);
+        PyErr_Format(PyExc_ValueError, "an lz4 block (the %zd-th of the batch) does not decode to a page", bad);
+        return NULL;
+    }
+    return pages;
+error:
+    PyMem_RawFree(blocks);
+    Py_DECREF(pages);  /* the unset items are NULL: list dealloc skips them */
+    return NULL;
+}
+
 /* ------------------------------------------------------ the encoder threads */
 
 typedef struct job Job;
@@ -522,6 +612,10 @@ static PyTypeObject JobType = {
 /* ------------------------------------------------------------------ module */
 
 static PyMethodDef methods[] = {
+    {"decode_pages", decode_pages, METH_VARARGS,
+     "decode_pages(forms, page_size) -> list[bytes]\n\n"
+     "The page of each stored form, as tmem_host.store.pagecodec.decode_page\n"
+     "makes it; the lz4 blocks are decompressed with the GIL released."},
     {"encode_pages", encode_pages, METH_VARARGS,
      "encode_pages(pages, page_size, compress) -> list[int | bytes]\n\n"
      "The stored form of every page of `pages` (a contiguous buffer of whole\n"

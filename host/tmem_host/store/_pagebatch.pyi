@@ -1,5 +1,6 @@
 from tmem_wire.abi import Buffer
 
+def decode_pages(forms: list[int | bytes], page_size: int) -> list[bytes]: ...
 def encode_pages(pages: Buffer, page_size: int, compress: bool) -> list[int | bytes]: ...
 
 class Job:

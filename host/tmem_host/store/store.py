@@ -42,7 +42,7 @@ from tmem_wire.abi import (
     Status,
 )
 
-from .pagecodec import EncodedPages, StoredPage, decode_page, encode_page, stored_data_bytes
+from .pagecodec import EncodedPages, StoredPage, decode_page, decode_pages, encode_page, stored_data_bytes
 from .tier import REMOTE_PAGE_EXTRA_BYTES, PageTier, RemotePage
 
 #: Xen's MAX_POOLS_PER_DOMAIN and MAX_GLOBAL_SHARED_POOLS.
@@ -866,15 +866,16 @@ class Store:
         if pool is None:
             return [_INVALID] * len(keys), []
         statuses: list[Status] = []
-        found: list[bytes] = []
-        get_page = self._get_page
+        forms: list[StoredPage] = []
+        get_form = self._get_form
         for oid, index in keys:
-            data = get_page(pool, oid, index)
-            if data is None:
+            form = get_form(pool, oid, index)
+            if form is None:
                 statuses.append(_MISS)
             else:
                 statuses.append(_OK)
-                found.append(data)
+                forms.append(form)
+        found = decode_pages(forms, pool.page_size)  # one C call for the batch
         client.gets += len(keys)
         pool.gets += len(keys)
         client.hits += len(found)
@@ -1207,6 +1208,12 @@ class Store:
         return self._refuse_put(pool, oid, index, _FROZEN)
 
     def _get_page(self, pool: Pool, oid: Oid, index: int) -> bytes | None:
+        form = self._get_form(pool, oid, index)
+        return None if form is None else decode_page(form, pool.page_size)
+
+    def _get_form(self, pool: Pool, oid: Oid, index: int) -> StoredPage | None:
+        """A get of one page, its stored form (None: a miss): the LRUs, an
+        exclusive get's drop and the tier are told as for the page itself."""
         obj = pool.objects.get(oid)
         if obj is None:
             return None
@@ -1214,16 +1221,16 @@ class Store:
         if stored is None:
             return None
         if type(stored) is bytes or type(stored) is int:
-            data = decode_page(stored, pool.page_size)
+            data = stored
         elif type(stored) is DedupBlob:
-            data = decode_page(stored.stored, pool.page_size)
+            data = stored.stored
         else:
             assert type(stored) is RemotePage
             # In flight to the tier, or read back by fetch(); else not here: a miss.
             copy = stored.pending if stored.pending is not None else stored.fetched
             if copy is None:
                 return None
-            data = decode_page(copy, pool.page_size)
+            data = copy
             if self.tier is not None:
                 self.tier.consumed(pool, oid, index, stored)
         if pool.persistent:
