@@ -57,9 +57,10 @@ def test_each_hot_path_of_a_real_tmemd_is_sampled_where_it_works(
     # Each path shows the code that serves it: the store's batched put and get
     # (from the ABI session and from the NBD export), the page codec. PUT_BATCH's
     # lz4 runs on the encoder's native threads, which py-spy does not see: the
-    # session taking their forms (or waiting for them) is what shows.
+    # session taking their forms (or waiting for them) is what shows; gets decode
+    # a batch in one call (decode_pages).
     assert put.total_share("put_many") > 0.01 and get.total_share("get_many") > 0.01
-    assert put.total_share("_encoded") > 0 and get.total_share("decode_page") > 0
+    assert put.total_share("_encoded") > 0 and get.total_share("decode_pages") > 0
     assert write.total_share("put_many") > 0.01 and read.total_share("get_many") > 0.01
     assert put.total_share("get_many") == 0 and get.total_share("put_many") == 0
     assert bench.render_profiles(results)
