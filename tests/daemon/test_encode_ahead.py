@@ -8,7 +8,7 @@ import pytest
 from tmem_host.bench import mixed_pages
 from tmem_host.daemon.client import AbiClient
 from tmem_host.daemon.process import StartTmemd
-from tmem_wire.abi import Key, Op, Status, decode_batch_reply, encode_key_batch
+from tmem_wire.abi import Hello, Key, Op, Status, decode_batch_reply, encode_key_batch
 
 KEYS: list[Key] = [((9, 0, 0), index) for index in range(64)]
 
@@ -49,3 +49,28 @@ def test_batches_sent_together_apply_in_order(start_tmemd: StartTmemd, threads: 
     else:
         assert connection["encoded_ahead"] == 0
     assert connection["errors"] == 0
+
+
+def test_a_batch_refused_in_its_turn_is_refused_whoever_saw_it_first(start_tmemd: StartTmemd) -> None:
+    """A PUT_BATCH over the negotiated batch size, sent behind good ones, is
+    INVALID in its turn and stores nothing; the ones around it are stored."""
+    daemon = start_tmemd(guests=("g1",))
+    pages = mixed_pages(48)
+    with AbiClient(daemon.abi_socket("g1")) as client:
+        client.hello(Hello(max_batch_pages=16))
+        pool_id, _ = client.new_pool()
+        for _ in range(ROUNDS):
+            first = client.submit_put_batch(pool_id, KEYS[:16], pages[:16])
+            too_big = client.submit_put_batch(pool_id, KEYS[16:48], pages[16:48])
+            last = client.submit_put_batch(pool_id, KEYS[32:48], pages[32:48])
+            got = client.submit_get_batch(pool_id, KEYS[:16])
+            got_rest = client.submit_get_batch(pool_id, KEYS[16:32])
+            assert client.reply(first).status == Status.OK
+            assert client.reply(too_big).status == Status.INVALID
+            assert client.reply(last).status == Status.OK
+            assert client.get_batch_reply(got)[1] == pages[:16]
+            assert client.get_batch_reply(got_rest)[1] == [None] * 16  # never stored
+        with daemon.control() as control:
+            (connection,) = control.request("stats")["connections"]
+    assert connection["errors"] == ROUNDS
+    assert connection["encoded_ahead"] <= 2 * ROUNDS

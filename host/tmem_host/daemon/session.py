@@ -237,6 +237,8 @@ class AbiSession(asyncio.BufferedProtocol):
                 continue
             try:
                 page_shift, pages = put_batch_pages(frame.payload)
+                if len(pages) >> page_shift > self._negotiated.max_batch_pages:
+                    continue  # refused in its turn
                 job = encoder.submit(pages, 1 << page_shift, self.store.compress)
             except ProtocolError:
                 continue  # refused in its turn
@@ -318,6 +320,7 @@ class AbiSession(asyncio.BufferedProtocol):
                         self._reply(out, frame, refusal.status,
                                     refusal.reason.encode()[:MAX_ERROR_TEXT])
                     except ProtocolError as error:  # a payload codec rejected a value
+                        self._encoding.pop(id(frame), None)
                         self.errors += 1
                         self._reply(out, frame, error.status,
                                     error.message.encode()[:MAX_ERROR_TEXT])
@@ -548,13 +551,13 @@ class AbiSession(asyncio.BufferedProtocol):
 
     def _put_batch(self, frame: Frame, out: _Chunks) -> None:
         assert self.guest is not None
-        encoded = self._encoded(frame)
         page_shift, keys, pages = decode_put_batch(frame.payload)
         self._check_batch(len(keys))
         pool_shift = self._pool_page_shift(frame.pool_id)
         if page_shift != pool_shift:
             raise _Refusal(Status.INVALID, f"batch of 2^{page_shift}-byte pages for a pool of "
                            f"2^{pool_shift}-byte pages")
+        encoded = self._encoded(frame)
         statuses = self.store.put_many(self.guest.client, frame.pool_id, keys, pages, encoded)
         self._reply(out, frame, _OK, encode_batch_reply(statuses))
 
