@@ -187,6 +187,23 @@ encode_pages(PyObject *module, PyObject *args)
     return result;
 }
 
+/* An lz4 block to decompress: its form (a reference held across the GIL
+ * release, whatever another thread does to the list), its length, its page. */
+struct block {
+    PyObject *form;
+    int length;
+    char *page;
+};
+
+static void
+release_blocks(struct block *blocks, Py_ssize_t count)
+{
+    for (Py_ssize_t b = 0; b < count; b++) {
+        Py_DECREF(blocks[b].form);
+    }
+    PyMem_RawFree(blocks);
+}
+
 /* The page of each stored form (int: fill word; bytes of page length: the page
  * itself, returned as it is; shorter bytes: an lz4 block), the lz4 blocks
  * decompressed with the GIL released once for the batch. */
@@ -208,8 +225,7 @@ decode_pages(PyObject *module, PyObject *args)
     if (pages == NULL) {
         return NULL;
     }
-    /* The blocks to decompress: (source, its length, destination). */
-    struct block { const char *source; int length; char *page; } *blocks = NULL;
+    struct block *blocks = NULL;
     Py_ssize_t block_count = 0;
     blocks = PyMem_RawMalloc((size_t)(count ? count : 1) * sizeof(*blocks));
     if (blocks == NULL) {
@@ -242,7 +258,7 @@ decode_pages(PyObject *module, PyObject *args)
             if (page == NULL) {
                 goto error;
             }
-            blocks[block_count].source = PyBytes_AS_STRING(form);
+            blocks[block_count].form = Py_NewRef(form);
             blocks[block_count].length = (int)PyBytes_GET_SIZE(form);
             blocks[block_count].page = PyBytes_AS_STRING(page);
             block_count++;
@@ -253,18 +269,18 @@ decode_pages(PyObject *module, PyObject *args)
         PyList_SET_ITEM(pages, i, page);
     }
     Py_ssize_t bad = -1;
-    /* The forms list holds every source, and the pages are ours: no one else
-     * can change either while the GIL is released. */
+    /* The forms are held and immutable, the pages are not shared yet: nothing
+     * can change under the decompression while the GIL is released. */
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t b = 0; b < block_count; b++) {
-        if (LZ4_decompress_safe(blocks[b].source, blocks[b].page, blocks[b].length, (int)page_size)
-                != page_size) {
+        if (LZ4_decompress_safe(PyBytes_AS_STRING(blocks[b].form), blocks[b].page, blocks[b].length,
+                                (int)page_size) != page_size) {
             bad = b;
             break;
         }
     }
     Py_END_ALLOW_THREADS
-    PyMem_RawFree(blocks);
+    release_blocks(blocks, block_count);
     if (bad >= 0) {
         Py_DECREF(pages);
         PyErr_Format(PyExc_ValueError, "an lz4 block (the %zd-th of the batch) does not decode to a page", bad);
@@ -272,7 +288,7 @@ decode_pages(PyObject *module, PyObject *args)
     }
     return pages;
 error:
-    PyMem_RawFree(blocks);
+    release_blocks(blocks, block_count);
     Py_DECREF(pages);  /* the unset items are NULL: list dealloc skips them */
     return NULL;
 }
