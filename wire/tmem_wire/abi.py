@@ -829,14 +829,11 @@ def put_batch_pages(payload: Buffer) -> tuple[int, memoryview]:
 def decode_put_batch(payload: Buffer) -> tuple[int, list[Key], list[memoryview]]:
     """(page_shift, keys, pages) of a PUT_BATCH request payload. The pages are
     read-only views into `payload` (no copies): keep what outlives it as bytes."""
-    count, page_shift = _parse_batch_header(payload, with_pages=True)
+    page_shift, region = put_batch_pages(payload)
     _check_reserved(payload, 5, 8, "batch header reserved bytes")
     page_size = 1 << page_shift
-    start = BATCH_HEADER_SIZE + count * DESCRIPTOR_SIZE
-    view = memoryview(payload).cast("B").toreadonly()
-    pages = [view[offset : offset + page_size]
-             for offset in range(start, start + count * page_size, page_size)]
-    return page_shift, _decode_keys(payload, count), pages
+    pages = [region[offset : offset + page_size] for offset in range(0, len(region), page_size)]
+    return page_shift, _decode_keys(payload, len(pages)), pages
 
 
 def encode_key_batch(keys: Sequence[Key]) -> bytes:

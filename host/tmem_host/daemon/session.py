@@ -40,7 +40,7 @@ from tmem_host.limits import (
     Admission, ConnectionKind, ConnectionLimiter, DurableReplies, ReplyFlow, widen_socket_buffers,
 )
 from tmem_host.replies import ConnectionStats
-from tmem_host.store import EncodedPages, EncodingJob, PageEncoder, Store, encode_pages
+from tmem_host.store import EncodedPages, EncodingJob, PageEncoder, Store
 from tmem_host.waiting import all_done
 
 if TYPE_CHECKING:
@@ -571,14 +571,11 @@ class AbiSession(asyncio.BufferedProtocol):
             self.encoded_ahead += 1
             return encoded
         assert self.guest is not None
-        if not self.store.encodes_batches(self.guest.client, frame.pool_id):
-            return None
         try:
             page_shift, pages = put_batch_pages(frame.payload)
         except ProtocolError:
             return None
-        compress = self.store.compress
-        return EncodedPages(1 << page_shift, compress, encode_pages(pages, 1 << page_shift, compress))
+        return self.store.encode_batch(self.guest.client, frame.pool_id, pages, 1 << page_shift)
 
     def _get_batch(self, frame: Frame, out: _Chunks) -> None:
         assert self.guest is not None

@@ -40,7 +40,7 @@ from tmem_host.statefiles import (
     FALLOC_FL_KEEP_SIZE, fallocate, fsync_dir, open_state_file, unsupported,
 )
 from tmem_host.store import DEFAULT_WEIGHT, Client, EncodedPages, Pool, Store
-from tmem_host.store.store import DedupBlob
+from tmem_host.store.store import DedupBlob, stored_form
 from tmem_host.store.tier import RemotePage
 
 from . import codec
@@ -331,15 +331,13 @@ def _special_record(pool_id: int) -> Callable[[Oid, int, object], bytes]:
     """The record of a page the C record builder leaves to Python: a dedup blob's
     stored form, or a page in the remote tier (its REMOTE record)."""
     def record(oid: Oid, index: int, value: object) -> bytes:
-        stored = value.stored if isinstance(value, DedupBlob) else value
-        assert isinstance(stored, (int, bytes, RemotePage))
-        return b"".join(codec.put_record(pool_id, oid, index, stored))
+        assert isinstance(value, (DedupBlob, RemotePage))
+        return b"".join(codec.put_record(pool_id, oid, index, stored_form(value)))
     return record
 
 
 def _stored_form(pool: Pool, oid: Oid, index: int) -> int | bytes | RemotePage:
-    value = pool.objects[oid][index]
-    return value.stored if isinstance(value, DedupBlob) else value
+    return stored_form(pool.objects[oid][index])
 
 
 class JournaledStore(Store):

@@ -35,7 +35,7 @@ from tmem_host.statefiles import (
     FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, fallocate, open_state_file,
     unsupported,
 )
-from tmem_host.store import Client, EncodedPages, Store, encode_pages
+from tmem_host.store import Client, Store
 from tmem_host.waiting import all_done
 from tmem_wire import nbd
 from tmem_wire.abi import Oid, Status
@@ -607,8 +607,7 @@ class NbdExport(DiskExport):
             keys = frontswap_keys(SWAP_TYPE, range(first_slot, first_slot + pages))
             page_data = [data[page << PAGE_SHIFT : (page + 1) << PAGE_SHIFT] for page in range(pages)]
             # The whole request encoded in one call (GIL released once, not per page).
-            encoded = (EncodedPages(PAGE_SIZE, self.store.compress, encode_pages(data, PAGE_SIZE, self.store.compress))
-                       if self.store.encodes_batches(self.client, pool_id) else None)
+            encoded = self.store.encode_batch(self.client, pool_id, data, PAGE_SIZE)
             # A refused put also drops the slot's older tmem copy (the store's rule).
             statuses = self.store.put_many(self.client, pool_id, keys, page_data, encoded)
         view = memoryview(data)

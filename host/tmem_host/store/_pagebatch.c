@@ -60,6 +60,18 @@ load_le64(const unsigned char *p)
     return word;
 }
 
+/* A page size both directions handle: whole fill words, within lz4's input limit. */
+static int
+check_page_size(Py_ssize_t page_size)
+{
+    if (page_size < MIN_PAGE_SIZE || page_size % FILL_WORD_BYTES != 0 || page_size > LZ4_MAX_INPUT_SIZE) {
+        PyErr_Format(PyExc_ValueError, "page size %zd is not a multiple of %d from %d to %d",
+                     page_size, FILL_WORD_BYTES, MIN_PAGE_SIZE, LZ4_MAX_INPUT_SIZE);
+        return -1;
+    }
+    return 0;
+}
+
 static void
 batch_free(struct batch *b)
 {
@@ -78,9 +90,7 @@ static int
 batch_init(struct batch *b, PyObject *pages, Py_ssize_t page_size, int compress)
 {
     memset(b, 0, sizeof(*b));
-    if (page_size < MIN_PAGE_SIZE || page_size % FILL_WORD_BYTES != 0 || page_size > LZ4_MAX_INPUT_SIZE) {
-        PyErr_Format(PyExc_ValueError, "page size %zd is not a multiple of %d from %d to %d",
-                     page_size, FILL_WORD_BYTES, MIN_PAGE_SIZE, LZ4_MAX_INPUT_SIZE);
+    if (check_page_size(page_size) < 0) {
         return -1;
     }
     if (PyObject_GetBuffer(pages, &b->view, PyBUF_SIMPLE) < 0) {
@@ -215,9 +225,7 @@ decode_pages(PyObject *module, PyObject *args)
     if (!PyArg_ParseTuple(args, "O!n:decode_pages", &PyList_Type, &forms, &page_size)) {
         return NULL;
     }
-    if (page_size < MIN_PAGE_SIZE || page_size % FILL_WORD_BYTES != 0 || page_size > LZ4_MAX_INPUT_SIZE) {
-        PyErr_Format(PyExc_ValueError, "page size %zd is not a multiple of %d from %d to %d",
-                     page_size, FILL_WORD_BYTES, MIN_PAGE_SIZE, LZ4_MAX_INPUT_SIZE);
+    if (check_page_size(page_size) < 0) {
         return NULL;
     }
     Py_ssize_t count = PyList_GET_SIZE(forms);

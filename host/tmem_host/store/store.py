@@ -42,7 +42,9 @@ from tmem_wire.abi import (
     Status,
 )
 
-from .pagecodec import EncodedPages, StoredPage, decode_page, decode_pages, encode_page, stored_data_bytes
+from .pagecodec import (
+    EncodedPages, StoredPage, decode_page, decode_pages, encode_page, encode_pages, stored_data_bytes,
+)
 from .tier import REMOTE_PAGE_EXTRA_BYTES, PageTier, RemotePage
 
 #: Xen's MAX_POOLS_PER_DOMAIN and MAX_GLOBAL_SHARED_POOLS.
@@ -749,7 +751,7 @@ class Store:
         a page in the tier below is its RemotePage."""
         for oid, obj in pool.objects.items():
             for index, value in obj.items():
-                yield oid, index, value.stored if isinstance(value, DedupBlob) else value
+                yield oid, index, stored_form(value)
 
     def destroy_pool(self, client: Client, pool_id: int) -> Status:
         """Free the client's pool slot; a shared pool dies with its last member."""
@@ -844,6 +846,14 @@ class Store:
         the pool exists and keeps pages by their own key (not dedup)."""
         pool = _pool_of(client, pool_id)
         return pool is not None and not pool.dedup
+
+    def encode_batch(self, client: Client, pool_id: int, pages: Buffer, page_size: int) -> EncodedPages | None:
+        """The stored forms of ``pages`` (whole pages of ``page_size``, contiguous)
+        for put_many, made now in one C call; None for a pool that would not take
+        them (see encodes_batches)."""
+        if not self.encodes_batches(client, pool_id):
+            return None
+        return EncodedPages(page_size, self.compress, encode_pages(pages, page_size, self.compress))
 
     def get(self, client: Client, pool_id: int, oid: Oid, index: int) -> tuple[Status, bytes | None]:
         pool = _pool_of(client, pool_id)
@@ -1356,6 +1366,12 @@ class Store:
         if cap is not None:
             while client.stored_bytes > cap and client.evictable:
                 self._evict_oldest(client)
+
+
+def stored_form(value: _PageValue) -> StoredPage | RemotePage:
+    """What a pool holds for a page, as the journal and a save file keep it: a
+    dedup blob's stored form, else the value itself."""
+    return value.stored if isinstance(value, DedupBlob) else value
 
 
 def _pool_of(client: Client, pool_id: int) -> Pool | None:
