@@ -15,7 +15,7 @@ $(SYSDEPS_STAMP): ci/system-packages.txt ci/install-system-packages.sh
 	ci/install-system-packages.sh
 	@mkdir -p $(VENV) && touch $@
 
-$(VENV_STAMP): pyproject.toml host/tmem_host/store/_pagebatch.c host/tmem_host/journal/_records.c $(SYSDEPS_STAMP)
+$(VENV_STAMP): pyproject.toml $(wildcard host/tmem_host/*/_*.c) $(SYSDEPS_STAMP)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'

@@ -60,6 +60,7 @@ from tmem_host.replies import RemoteStats
 from tmem_host.remote.cluster import LocalCluster
 from tmem_host.remote.rawbench import raw_cluster_rows
 from tmem_host.remote.tier import RemoteSettings
+from tmem_host.testbed.hostmetrics import HostCpu, process_usage
 from tmem_wire import nbd as nbd_wire
 from tmem_wire.abi import Key, Op, PoolFlag, Status, decode_batch_reply
 from tmem_wire.frontswap import PAGE_SIZE, frontswap_keys
@@ -307,16 +308,19 @@ def guests_suite(ctx: BenchContext) -> list[Row]:
     names = [f"{BENCH_GUEST}{number}" for number in range(GUEST_COUNT)]
     share = len(ctx.pages) // GUEST_COUNT
     processes = multiprocessing.get_context("fork")
-    alone: list[Row] = []
-    together: list[Row] = []
+    alone: list[tuple[Row, CpuUse]] = []
+    together: list[tuple[Row, CpuUse]] = []
     with TmemdProcess(ctx.run_dir / "guests", budget=ctx.budget, guests=tuple(names),
                       extra_args=("--log-level", "warning")) as daemon:
         for _ in range(GUEST_ROUNDS):
             with AbiClient.open(daemon.abi_socket(names[0])) as client:
                 pool_id, _ = client.new_pool(PoolFlag.PERSISTENT)
-                alone.append(timed("tmemd PUT_BATCH one guest (of the 4-guest tmemd)", "put", share * GUEST_COUNT,
-                                   lambda: _put_batched(client, pool_id, ctx.keys[:share * GUEST_COUNT],
-                                                        ctx.pages[:share * GUEST_COUNT])))
+                with _cpu_meter(daemon.pid) as cpu:
+                    row = timed("tmemd PUT_BATCH one guest (of the 4-guest tmemd)", "put",
+                                share * GUEST_COUNT,
+                                lambda: _put_batched(client, pool_id, ctx.keys[:share * GUEST_COUNT],
+                                                     ctx.pages[:share * GUEST_COUNT]))
+                alone.append((row, cpu))
                 client.destroy_pool(pool_id)
             start, spans = processes.Barrier(GUEST_COUNT), processes.Queue()
             workers = [processes.Process(target=_put_as_guest, args=(
@@ -326,25 +330,26 @@ def guests_suite(ctx: BenchContext) -> list[Row]:
             for worker in workers:
                 worker.start()
             ran: list[tuple[float, float]] = []
-            try:
-                deadline = time.monotonic() + GUEST_TIMEOUT_S
-                while len(ran) < len(workers):
-                    try:
-                        ran.append(spans.get(timeout=0.5))
-                    except queue.Empty:
-                        if any(worker.exitcode for worker in workers) or time.monotonic() > deadline:
-                            start.abort()  # the guests still waiting to start give up
-                            raise RuntimeError("a guest's client failed or hung: exit codes "
-                                               f"{[worker.exitcode for worker in workers]}") from None
-            finally:
-                for worker in workers:
-                    worker.join(timeout=10)
-                    if worker.is_alive():
-                        worker.kill()
-                        worker.join()
+            with _cpu_meter(daemon.pid) as cpu:  # from the barrier to the last guest's end
+                try:
+                    deadline = time.monotonic() + GUEST_TIMEOUT_S
+                    while len(ran) < len(workers):
+                        try:
+                            ran.append(spans.get(timeout=0.5))
+                        except queue.Empty:
+                            if any(worker.exitcode for worker in workers) or time.monotonic() > deadline:
+                                start.abort()  # the guests still waiting to start give up
+                                raise RuntimeError("a guest's client failed or hung: exit codes "
+                                                   f"{[worker.exitcode for worker in workers]}") from None
+                finally:
+                    for worker in workers:
+                        worker.join(timeout=10)
+                        if worker.is_alive():
+                            worker.kill()
+                            worker.join()
             seconds = max(end for _, end in ran) - min(begin for begin, _ in ran)
-            together.append(Row(f"tmemd PUT_BATCH {GUEST_COUNT} guests at once (aggregate)", "put",
-                                share * GUEST_COUNT, seconds))
+            together.append((Row(f"tmemd PUT_BATCH {GUEST_COUNT} guests at once (aggregate)", "put",
+                                 share * GUEST_COUNT, seconds), cpu))
             with daemon.control() as control:  # every page landed, in its guest's pool
                 clients = control.stats()["store"]["clients"]
                 short = {name: clients[name]["pages"] for name in names if clients[name]["pages"] < share}
@@ -352,9 +357,38 @@ def guests_suite(ctx: BenchContext) -> list[Row]:
                     raise RuntimeError(f"pages held after {share} put per guest: {short}")
                 for name in names:
                     control.request("flush", guest=name)
-    best_alone, best_together = (min(rows, key=lambda row: row.seconds) for rows in (alone, together))
+    (best_alone, alone_cpu), (best_together, together_cpu) = (
+        min(runs, key=lambda run: run[0].seconds) for runs in (alone, together))
     ctx.notes["guests_aggregate_vs_one"] = round(best_together.pages_per_s / best_alone.pages_per_s, 3)
+    # What the cores had left. Every page costs CPU in tmemd and in its guest's
+    # client, on the same cores: however tmemd spreads its work, the guests together
+    # can go at most as much faster than one as the cores one guest left idle allow.
+    for label, cpu in (("one", alone_cpu), ("four", together_cpu)):
+        ctx.notes[f"guests_{label}_host_busy"] = round(cpu.host_busy, 3)
+        ctx.notes[f"guests_{label}_tmemd_cores"] = round(cpu.tmemd_cores, 2)
+    ctx.notes["guests_cpu_ceiling_vs_one"] = round(1 / max(0.01, alone_cpu.host_busy), 3)
     return [best_alone, best_together]
+
+
+@dataclass
+class CpuUse:
+    """Over a timed run: the share of the host's cores that was busy, and the cores
+    tmemd used (its CPU seconds per wall second, every thread)."""
+    host_busy: float = 0.0
+    tmemd_cores: float = 0.0
+
+
+@contextmanager
+def _cpu_meter(tmemd_pid: int) -> Iterator[CpuUse]:
+    use = CpuUse()
+    host, tmemd, started = HostCpu.now(), process_usage(tmemd_pid), time.monotonic()
+    try:
+        yield use
+    finally:
+        after = process_usage(tmemd_pid)
+        use.host_busy = HostCpu.now().busy_since(host)
+        if tmemd is not None and after is not None:
+            use.tmemd_cores = (after.cpu_s - tmemd.cpu_s) / max(1e-6, time.monotonic() - started)
 
 
 def _batch_statuses(client: AbiClient, request_id: int) -> list[Status]:

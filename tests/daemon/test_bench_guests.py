@@ -4,6 +4,7 @@ names the aggregate against one guest."""
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import pytest
 
 from tmem_host import bench
 from tmem_host.daemon.process import TmemdProcess
+from tmem_host.testbed.hostmetrics import HostCpu
 
 
 def test_guests_suite_puts_from_four_processes_at_once(tmp_path: Path) -> None:
@@ -25,6 +27,26 @@ def test_guests_suite_puts_from_four_processes_at_once(tmp_path: Path) -> None:
     assert alone.pages == together.pages == len(pages) and alone.seconds > 0 and together.seconds > 0
     ratio = ctx.notes["guests_aggregate_vs_one"]
     assert isinstance(ratio, float) and ratio == round(together.pages_per_s / alone.pages_per_s, 3)
+    # The CPU the runs took, from /proc (in clock ticks: a run this short may see
+    # none): never more than the whole host, and the ceiling is what one guest left idle.
+    for label in ("one", "four"):
+        busy, cores = ctx.notes[f"guests_{label}_host_busy"], ctx.notes[f"guests_{label}_tmemd_cores"]
+        assert isinstance(busy, float) and 0 <= busy <= 1
+        assert isinstance(cores, float) and 0 <= cores <= (os.cpu_count() or 1) + 0.5
+    one_busy = ctx.notes["guests_one_host_busy"]
+    assert isinstance(one_busy, float)
+    assert ctx.notes["guests_cpu_ceiling_vs_one"] == round(1 / max(0.01, one_busy), 3)
+
+
+def test_host_cpu_counts_a_busy_core() -> None:
+    # A second of this process spinning shows as busy CPU of the host (at least
+    # most of one core's share; other processes may add to it).
+    earlier = HostCpu.now()
+    until = time.monotonic() + 1.0
+    while time.monotonic() < until:
+        pass
+    busy = HostCpu.now().busy_since(earlier)
+    assert 0.8 / (os.cpu_count() or 1) <= busy <= 1.0
 
 
 PUT_AS_GUEST = bench._put_as_guest

@@ -49,6 +49,25 @@ def process_usage(pid: int) -> ProcessUsage | None:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class HostCpu:
+    """The host's CPU time since boot, from /proc/stat's "cpu" line (clock ticks)."""
+    busy: int  # every state but idle and iowait
+    total: int
+
+    @classmethod
+    def now(cls) -> HostCpu:
+        with open("/proc/stat") as stat_file:
+            fields = [int(field) for field in stat_file.readline().split()[1:]]
+        # user nice system idle iowait irq softirq steal (guest time is inside user)
+        total = sum(fields[:8])
+        return cls(busy=total - fields[3] - fields[4], total=total)
+
+    def busy_since(self, earlier: HostCpu) -> float:
+        """The share of all the host's cores that was busy between the two readings."""
+        return (self.busy - earlier.busy) / max(1, self.total - earlier.total)
+
+
 # What a timeline row holds after its time (seconds since the start), in bytes:
 # resident memory of tmemd, of the guests' QEMUs (summed) and of a remote mode's
 # Redis nodes; then the host page cache the files those processes hold open take
