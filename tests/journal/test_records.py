@@ -11,11 +11,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tmem_host.journal import codec
-from tmem_host.journal._records import batch_records, object_records
+from tmem_host.journal._records import batch_records, flush_records, object_records
 from tmem_host.journal.journaled import _special_record
 from tmem_host.store.store import DedupBlob
 from tmem_host.store.tier import RemotePage
-from tmem_wire.abi import Oid, Status
+from tmem_wire.abi import WHOLE_OBJECT, Oid, Status
 
 U64 = st.integers(0, 2**64 - 1)
 OIDS = st.tuples(U64, U64, U64)
@@ -102,6 +102,33 @@ def test_an_object_makes_one_put_per_page() -> None:
     assert object_records(5, oid, {}, _special_record(5), 0, 10) == (b"", 0, None)
     with pytest.raises(ValueError):
         object_records(5, oid, pages, _special_record(5), 0, 0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(pool_id=st.integers(0, 255),
+       keys=st.lists(st.tuples(OIDS, st.one_of(U64, st.just(WHOLE_OBJECT))), max_size=40))
+def test_flushes_make_the_codecs_records(pool_id: int, keys: list[tuple[Oid, int]]) -> None:
+    # What JournaledStore.flush_many wrote before: one codec call per key.
+    expected = b"".join(codec.encode(codec.FlushObjectRecord(pool_id, oid) if index == WHOLE_OBJECT
+                                     else codec.FlushPageRecord(pool_id, oid, index))
+                        for oid, index in keys)
+    assert flush_records(pool_id, keys) == (expected, len(keys))
+    assert [type(record) for record in decoded(expected)] == [
+        codec.FlushObjectRecord if index == WHOLE_OBJECT else codec.FlushPageRecord for _, index in keys]
+
+
+@pytest.mark.parametrize(("keys", "error"), [
+    ([((1, 2), 0)], TypeError),  # not a 3-part oid
+    ([((1, 2, 3),)], TypeError),  # not an (oid, index) pair
+    ([((1, 2, 3), -1)], OverflowError),
+    ([((1, 2, 3), 2**64)], OverflowError),
+    (None, TypeError),
+])
+def test_what_is_not_a_flush_is_an_error(keys: Any, error: type[Exception]) -> None:
+    with pytest.raises(error):
+        flush_records(0, keys)
+    with pytest.raises(ValueError):
+        flush_records(-1, [])
 
 
 @pytest.mark.parametrize(("keys", "statuses", "objects", "error"), [

@@ -7,8 +7,9 @@
  * These functions make the same bytes for a whole batch or object:
  *
  *     crc32 u32 | magic u16 | type u8 | reserved u8 | body length u32 | body
- *     PUT         pool u8, oid 3 x u64, index u64, tag u8, stored page
- *     FLUSH_PAGE  pool u8, oid 3 x u64, index u64
+ *     PUT           pool u8, oid 3 x u64, index u64, tag u8, stored page
+ *     FLUSH_PAGE    pool u8, oid 3 x u64, index u64
+ *     FLUSH_OBJECT  pool u8, oid 3 x u64
  *
  * little-endian, the crc32 (zlib's, as Python's zlib.crc32) over everything after
  * it. A stored page that is an int is a fill word (tag FILL, 8 bytes), bytes are
@@ -26,10 +27,13 @@
 #define MAGIC 0x4A54
 #define TYPE_PUT 2
 #define TYPE_FLUSH_PAGE 3
+#define TYPE_FLUSH_OBJECT 4
+#define WHOLE_OBJECT UINT64_MAX  /* the ABI's index for "the whole object" */
 #define TAG_FILL 0
 #define TAG_DATA 1
 #define HEADER_SIZE 12  /* crc, magic, type, reserved, body length */
 #define KEY_SIZE 33     /* pool u8, oid 3 x u64, index u64 */
+#define OBJECT_KEY_SIZE 25  /* pool u8, oid 3 x u64 */
 
 struct out {
     char *data;
@@ -90,12 +94,14 @@ parse_key(PyObject *oid, PyObject *index, struct key *key)
     return 0;
 }
 
-/* One record: header, key, then (PUT) the tag and `data`. */
+/* One record: header, key (FLUSH_OBJECT: without the index), then (PUT) the
+ * tag and `data`. */
 static int
 append_record(struct out *out, int type, int pool_id, const struct key *key, int tag,
               const char *data, size_t data_length)
 {
-    size_t body = KEY_SIZE + (type == TYPE_PUT ? 1 + data_length : 0);
+    size_t key_size = type == TYPE_FLUSH_OBJECT ? OBJECT_KEY_SIZE : KEY_SIZE;
+    size_t body = key_size + (type == TYPE_PUT ? 1 + data_length : 0);
     if (reserve(out, HEADER_SIZE + body) < 0) {
         return -1;
     }
@@ -110,8 +116,10 @@ append_record(struct out *out, int type, int pool_id, const struct key *key, int
     for (int i = 0; i < 3; i++) {
         put_le(p + 1 + 8 * i, key->oid[i], 8);
     }
-    put_le(p + 25, key->index, 8);
-    p += KEY_SIZE;
+    if (type != TYPE_FLUSH_OBJECT) {
+        put_le(p + 25, key->index, 8);
+    }
+    p += key_size;
     if (type == TYPE_PUT) {
         p[0] = (unsigned char)tag;
         memcpy(p + 1, data, data_length);
@@ -264,6 +272,41 @@ error:
 }
 
 static PyObject *
+flush_records(PyObject *module, PyObject *args)
+{
+    int pool_id;
+    PyObject *keys;
+    if (!PyArg_ParseTuple(args, "iO:flush_records", &pool_id, &keys) || check_pool(pool_id) < 0) {
+        return NULL;
+    }
+    PyObject *key_list = PySequence_Fast(keys, "keys must be a sequence");
+    if (key_list == NULL) {
+        return NULL;
+    }
+    struct out out = {NULL, 0, 0};
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(key_list);
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *key = PySequence_Fast_GET_ITEM(key_list, i);
+        struct key parsed;
+        if (!PyTuple_Check(key) || PyTuple_GET_SIZE(key) != 2) {
+            PyErr_SetString(PyExc_TypeError, "a key is an (oid, index) tuple");
+            goto error;
+        }
+        if (parse_key(PyTuple_GET_ITEM(key, 0), PyTuple_GET_ITEM(key, 1), &parsed) < 0
+                || append_record(&out, parsed.index == WHOLE_OBJECT ? TYPE_FLUSH_OBJECT : TYPE_FLUSH_PAGE,
+                                 pool_id, &parsed, 0, NULL, 0) < 0) {
+            goto error;
+        }
+    }
+    Py_DECREF(key_list);
+    return finish(&out, count);
+error:
+    PyMem_Free(out.data);
+    Py_DECREF(key_list);
+    return NULL;
+}
+
+static PyObject *
 object_records(PyObject *module, PyObject *args)
 {
     int pool_id;
@@ -316,6 +359,10 @@ static PyMethodDef methods[] = {
      "A put_many's records: for each key (oid, index), a PUT of what `objects`\n"
      "(the pool's oid -> {index: value}) holds if its status equals `ok`, nothing if\n"
      "it equals `invalid`, else a FLUSH_PAGE."},
+    {"flush_records", flush_records, METH_VARARGS,
+     "flush_records(pool_id, keys) -> (bytes, records)\n\n"
+     "A flush_many's records: for each key (oid, index), a FLUSH_PAGE, or a\n"
+     "FLUSH_OBJECT if the index is the ABI's WHOLE_OBJECT."},
     {"object_records", object_records, METH_VARARGS,
      "object_records(pool_id, oid, pages, special, position, limit) -> (bytes, records, next)\n\n"
      "PUT records for the pages of one object (`pages`: index -> value), at most\n"

@@ -44,7 +44,7 @@ from tmem_host.store.store import DedupBlob, stored_form
 from tmem_host.store.tier import RemotePage
 
 from . import codec
-from ._records import batch_records, object_records
+from ._records import batch_records, flush_records, object_records
 
 log = logging.getLogger("tmemd.journal")
 
@@ -748,9 +748,8 @@ class JournaledStore(Store):
         statuses = super().flush_many(client, pool_id, keys)
         found = self._journal_for(client, pool_id)
         if found is not None and keys:
-            pieces = [codec.encode(codec.FlushObjectRecord(pool_id, oid) if index == WHOLE_OBJECT
-                                   else codec.FlushPageRecord(pool_id, oid, index))
-                      for oid, index in keys]
+            # A FLUSH_PAGE (FLUSH_OBJECT for WHOLE_OBJECT) per key, in one C call.
+            blob, records = flush_records(pool_id, keys)
             found[0].found(pool_id, keys)
-            self._commit(client, found[0], pieces, len(pieces))
+            self._commit(client, found[0], [blob], records)
         return statuses
