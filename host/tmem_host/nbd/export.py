@@ -30,6 +30,7 @@ from typing import Final, Literal, cast
 from tmem_host.limits import (
     Admission, ConnectionKind, ConnectionLimiter, DurableReplies, ReplyFlow, widen_socket_buffers,
 )
+from tmem_host.nbd import slotmap
 from tmem_host.replies import NbdExportStats
 from tmem_host.statefiles import (
     FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, fallocate, open_state_file,
@@ -554,9 +555,6 @@ class NbdExport(DiskExport):
 
     # -- slots --
 
-    def _is_in_tmem(self, slot: int) -> bool:
-        return bool(self._in_tmem[slot >> 3] & (1 << (slot & 7)))
-
     def _mark(self, slot: int, in_tmem: bool) -> None:
         if in_tmem:
             self._in_tmem[slot >> 3] |= 1 << (slot & 7)
@@ -578,8 +576,7 @@ class NbdExport(DiskExport):
     # -- requests --
 
     def _fetch_keys(self, first_slot: int, pages: int) -> list[tuple[Oid, int]]:
-        return frontswap_keys(SWAP_TYPE, [slot for slot in range(first_slot, first_slot + pages)
-                                          if self._is_in_tmem(slot)])
+        return frontswap_keys(SWAP_TYPE, slotmap.set_slots(self._in_tmem, first_slot, pages))
 
     def _flush(self) -> None:
         os.fdatasync(self._fallback_fd)
@@ -611,13 +608,11 @@ class NbdExport(DiskExport):
             # A refused put also drops the slot's older tmem copy (the store's rule).
             statuses = self.store.put_many(self.client, pool_id, keys, page_data, encoded)
         view = memoryview(data)
-        refused: list[int] = []
-        for page, status in enumerate(statuses):
-            if status == Status.OK:
-                self._mark(first_slot + page, True)  # any fallback copy is superseded
-            else:
-                self._mark(first_slot + page, False)
-                refused.append(page)
+        refused = [page for page, status in enumerate(statuses) if status != Status.OK]
+        # In tmem: any fallback copy is superseded. Refused: the fallback's (below).
+        slotmap.fill(self._in_tmem, first_slot, pages, True)
+        for page in refused:
+            self._mark(first_slot + page, False)
         self.counters["pages_put_tmem"] += pages - len(refused)
         for page, count in contiguous_runs(refused):  # a run of refused pages is one pwrite
             os.pwrite(self._fallback_fd, view[page << PAGE_SHIFT : (page + count) << PAGE_SHIFT],
@@ -628,13 +623,9 @@ class NbdExport(DiskExport):
     def _read(self, first_slot: int, pages: int) -> tuple[int, bytes | bytearray]:
         self.counters["reads"] += 1
         out = bytearray(pages << PAGE_SHIFT)
-        lost = self._lost
-        if lost is not None:
-            for slot in range(first_slot, first_slot + pages):
-                if lost[slot >> 3] & (1 << (slot & 7)):
-                    return self._stale(slot, "lost before tmemd restarted")
-        in_tmem = [self._is_in_tmem(first_slot + page) for page in range(pages)]
-        tmem_pages = [page for page in range(pages) if in_tmem[page]]
+        if self._lost is not None and (lost := slotmap.set_slots(self._lost, first_slot, pages)):
+            return self._stale(lost[0], "lost before tmemd restarted")
+        tmem_pages = [slot - first_slot for slot in slotmap.set_slots(self._in_tmem, first_slot, pages)]
         if tmem_pages:
             if self._pool_id is None:
                 return self._stale(first_slot + tmem_pages[0])
@@ -646,7 +637,8 @@ class NbdExport(DiskExport):
             for page, content in zip(tmem_pages, found):
                 out[page << PAGE_SHIFT : (page + 1) << PAGE_SHIFT] = content
             self.counters["pages_read_tmem"] += len(tmem_pages)
-        fallback_pages = [page for page in range(pages) if not in_tmem[page]]
+        held = set(tmem_pages)
+        fallback_pages = [page for page in range(pages) if page not in held] if len(held) < pages else []
         for page, count in contiguous_runs(fallback_pages):  # a run of fallback slots is one pread
             chunk = os.pread(self._fallback_fd, count << PAGE_SHIFT, (first_slot + page) << PAGE_SHIFT)
             # The file has the export's size, so a short read cannot happen; were
@@ -665,25 +657,20 @@ class NbdExport(DiskExport):
         return LOST_PAGE_ERROR, b""
 
     def _mark_found(self, first_slot: int, pages: int) -> None:
-        lost = self._lost
-        if lost is not None:
-            for slot in range(first_slot, first_slot + pages):
-                lost[slot >> 3] &= ~(1 << (slot & 7)) & 0xFF
+        if self._lost is not None:
+            slotmap.fill(self._lost, first_slot, pages, False)
 
     def _discard(self, first_slot: int, pages: int, *, zeroing: bool) -> None:
         self.counters["zeroes" if zeroing else "trims"] += 1
         self.counters["pages_discarded"] += pages
-        in_tmem = [slot for slot in range(first_slot, first_slot + pages) if self._is_in_tmem(slot)]
-        # Lost slots are flushed too: the store then knows they are the guest's again.
-        lost = self._lost
-        flushed = in_tmem if lost is None else [
-            slot for slot in range(first_slot, first_slot + pages)
-            if self._is_in_tmem(slot) or lost[slot >> 3] & (1 << (slot & 7))]
+        flushed = slotmap.set_slots(self._in_tmem, first_slot, pages)
+        if self._lost is not None:
+            # Lost slots are flushed too: the store then knows they are the guest's again.
+            flushed = sorted({*flushed, *slotmap.set_slots(self._lost, first_slot, pages)})
         self._mark_found(first_slot, pages)
         if flushed and self._pool_id is not None:
             self.store.flush_many(self.client, self._pool_id, frontswap_keys(SWAP_TYPE, flushed))
-        for slot in in_tmem:
-            self._mark(slot, False)
+        slotmap.fill(self._in_tmem, first_slot, pages, False)
         if pages:
             self._eraser.erase(self._fallback_fd, first_slot << PAGE_SHIFT, pages << PAGE_SHIFT)
 

@@ -1,0 +1,58 @@
+"""The export's slot bitmaps, a range at a time, against a bit at a time."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tmem_host.nbd import slotmap
+
+BITMAP_BYTES = 40  # 320 slots: ranges that start, end and stay inside one byte, and cross many
+
+
+@st.composite
+def bitmaps_and_ranges(draw: st.DrawFn) -> tuple[bytearray, int, int]:
+    bitmap = bytearray(draw(st.binary(min_size=BITMAP_BYTES, max_size=BITMAP_BYTES)))
+    first = draw(st.integers(0, BITMAP_BYTES * 8))
+    count = draw(st.integers(0, BITMAP_BYTES * 8 - first))
+    return bitmap, first, count
+
+
+def bit(bitmap: bytearray, slot: int) -> bool:
+    return bool(bitmap[slot >> 3] >> (slot & 7) & 1)
+
+
+@settings(max_examples=500, deadline=None)
+@given(bitmaps_and_ranges())
+def test_set_slots_are_the_set_bits_in_the_range(case: tuple[bytearray, int, int]) -> None:
+    bitmap, first, count = case
+    before = bytes(bitmap)
+    assert slotmap.set_slots(bitmap, first, count) == [
+        slot for slot in range(first, first + count) if bit(bitmap, slot)]
+    assert bitmap == before  # read only
+    assert all(slotmap.is_set(bitmap, slot) == bit(bitmap, slot) for slot in range(BITMAP_BYTES * 8))
+
+
+@settings(max_examples=500, deadline=None)
+@given(bitmaps_and_ranges(), st.booleans())
+def test_fill_changes_the_range_and_nothing_else(case: tuple[bytearray, int, int], value: bool) -> None:
+    bitmap, first, count = case
+    expected = bytearray(bitmap)
+    for slot in range(first, first + count):
+        if value:
+            expected[slot >> 3] |= 1 << (slot & 7)
+        else:
+            expected[slot >> 3] &= ~(1 << (slot & 7)) & 0xFF
+    slotmap.fill(bitmap, first, count, value)
+    assert bitmap == expected
+
+
+def test_a_range_of_many_zero_bytes() -> None:
+    bitmap = bytearray(1 << 15)  # 262,144 slots, as a 1 GiB swap disk has
+    for slot in (0, 9, 70_001, 262_143):
+        bitmap[slot >> 3] |= 1 << (slot & 7)
+    assert slotmap.set_slots(bitmap, 0, 1 << 18) == [0, 9, 70_001, 262_143]
+    assert slotmap.set_slots(bitmap, 10, 70_000) == [70_001]  # slots 10 to 70,009
+    assert slotmap.set_slots(bitmap, 10, 69_991) == []  # to 70,000
+    slotmap.fill(bitmap, 1, (1 << 18) - 2, False)
+    assert slotmap.set_slots(bitmap, 0, 1 << 18) == [0, 262_143]
