@@ -1,11 +1,14 @@
-"""The export's slot bitmaps, a range at a time, against a bit at a time."""
+"""The export's slot bitmaps, a range at a time, against a bit at a time; its
+request-size histogram buckets."""
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tmem_host.nbd import slotmap
+from tmem_host.nbd.export import size_bucket
 
 BITMAP_BYTES = 40  # 320 slots: ranges that start, end and stay inside one byte, and cross many
 
@@ -56,3 +59,11 @@ def test_a_range_of_many_zero_bytes() -> None:
     assert slotmap.set_slots(bitmap, 10, 69_991) == []  # to 70,000
     slotmap.fill(bitmap, 1, (1 << 18) - 2, False)
     assert slotmap.set_slots(bitmap, 0, 1 << 18) == [0, 262_143]
+
+
+@pytest.mark.parametrize(("pages", "bucket"), [
+    (1, "1"), (2, "2"), (3, "2"), (4, "4"), (7, "4"), (8, "8"), (127, "64"), (128, "128"),
+    (255, "128"), (256, "256+"), (1 << 20, "256+"),
+])
+def test_a_request_counts_in_its_power_of_two_bucket(pages: int, bucket: str) -> None:
+    assert size_bucket(pages) == bucket
