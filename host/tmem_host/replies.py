@@ -233,7 +233,9 @@ class JournalStats(TypedDict):
     records: int
     write_errors: int
     compactions: int
-    last_compaction_s: float
+    last_compaction_s: float  # from its start to the swap of the files
+    last_compaction_pause_s: float  # the longest step: how long it held tmemd's event loop at once
+    compacting: bool  # a compaction in steps is under way
     replayed_records: int
     replayed_pages: int
     replay_truncated_bytes: int

@@ -17,6 +17,9 @@ from tmem_guest.channel import ChannelDown, UnixSocketChannel
 from tmem_guest.session import Session
 from tmem_host.daemon.client import AbiClient
 from tmem_host.daemon.process import StartTmemd, TmemdFailed, TmemdProcess
+from tmem_host.failpoints import ENVIRONMENT
+from tmem_host.journal.journaled import journal_path
+from tmem_host.waiting import wait_until
 from tmem_wire.abi import PoolFlag, Status
 from tmem_wire.frontswap import PAGE_SIZE, frontswap_key
 from tmem_workloads.usemem import expected_page, page_templates
@@ -222,3 +225,45 @@ def test_a_guest_that_cannot_come_back_keeps_its_journal(start_tmemd: StartTmemd
     daemon.start()
     with AbiClient.open(daemon.abi_socket("g1")) as client:
         assert client.get(pool, (0, 0, 0), 0) == (Status.OK, page(0))
+
+
+def test_kill_9_in_the_middle_of_a_compaction_loses_nothing(tmp_path: Path) -> None:
+    # The journal compacts in steps while the guest goes on writing; tmemd dies
+    # (a failpoint: SIGKILL) right after the first step, with NAME.journal.tmp
+    # half written. The restart replays the old journal: every page's last copy.
+    daemon = TmemdProcess(tmp_path / "run", budget="512M", guests=("g1",),
+                          environment={ENVIRONMENT: "journal-compaction-step"})
+    daemon.start()
+    keys = [((n % 16, 0, 0), n // 16) for n in range(8192)]
+    versions: dict[int, int] = {}
+    try:
+        with AbiClient.open(daemon.abi_socket("g1")) as client:
+            pool_id, _ = client.new_pool(PoolFlag.PERSISTENT)
+            # Rewriting the same 8,192 pages (about 20 MiB of records) passes the
+            # compaction threshold (twice the live bytes plus 64 MiB) in the fifth round.
+            for version in range(12):
+                for start in range(0, len(keys), 256):
+                    numbers = range(start, start + 256)
+                    statuses = client.put_batch(pool_id, [keys[n] for n in numbers],
+                                                [page(n, version) for n in numbers])
+                    assert statuses == [Status.OK] * 256
+                    versions.update(dict.fromkeys(numbers, version))
+    except OSError:  # tmemd died under this batch: its reply never came
+        pass
+    assert wait_until(lambda: not daemon.alive(), 30), "the compaction never started"
+    journal = journal_path(daemon.run_dir, "g1")  # the state dir defaults to the run dir
+    assert journal.with_name(journal.name + ".tmp").exists()  # killed mid-compaction
+    daemon.kill()
+    daemon.environment = {}
+    daemon.start()
+    try:
+        with AbiClient.open(daemon.abi_socket("g1")) as client:
+            for start in range(0, len(keys), 256):
+                numbers = range(start, start + 256)
+                found = client.get_batch(pool_id, [keys[n] for n in numbers])
+                for n, data in zip(numbers, found):
+                    # The batch in flight when tmemd died: its old copy or its new one.
+                    assert data in (page(n, versions[n]), page(n, versions[n] + 1)), f"page {n}"
+        assert not journal.with_name(journal.name + ".tmp").exists()
+    finally:
+        assert daemon.terminate() == 0

@@ -325,6 +325,9 @@ object_records(PyObject *module, PyObject *args)
     PyObject *index, *value;
     /* `position` is PyDict_Next's: the caller must not change the dict between calls. */
     while (records < limit && PyDict_Next(pages, &position, &index, &value)) {
+        if (value == Py_None) {
+            continue;  /* no page: one the caller listed was flushed since (compaction in slices) */
+        }
         /* special() may run Python: hold what the dict lends across it. */
         Py_INCREF(index);
         Py_INCREF(value);
@@ -365,7 +368,8 @@ static PyMethodDef methods[] = {
      "FLUSH_OBJECT if the index is the ABI's WHOLE_OBJECT."},
     {"object_records", object_records, METH_VARARGS,
      "object_records(pool_id, oid, pages, special, position, limit) -> (bytes, records, next)\n\n"
-     "PUT records for the pages of one object (`pages`: index -> value), at most\n"
+     "PUT records for the pages of one object (`pages`: index -> value; None\n"
+     "values are skipped), at most\n"
      "`limit` of them from `position` (0 first; then the `next` returned, None at\n"
      "the end), so that an object of any size costs bounded memory per call."},
     {NULL, NULL, 0, NULL},

@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -35,6 +36,7 @@ from uuid import UUID
 
 from tmem_wire.abi import WHOLE_OBJECT, Buffer, Key, Oid, Status
 
+from tmem_host.failpoints import failpoint
 from tmem_host.replies import JournalStats
 from tmem_host.statefiles import (
     FALLOC_FL_KEEP_SIZE, fallocate, fsync_dir, open_state_file, unsupported,
@@ -54,8 +56,13 @@ JOURNAL_SUFFIX: Final = ".journal"
 DURABILITY_LEVELS: Final = ("none", "journal", "fsync")
 _READ_CHUNK: Final = 1 << 20
 _IOV_MAX: Final = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
-# Records per write while compacting: bounds the memory of one write.
-_COMPACT_RECORDS_PER_WRITE: Final = 4096
+# Records per write while compacting: bounds the memory of one write, and (in
+# the background) how long one step holds the event loop.
+_COMPACT_RECORDS_PER_WRITE: Final = 1024
+# The journal appended while a background compaction ran is copied behind it in
+# steps of this much; the last step (at most this much) swaps the files.
+_TAIL_STEP_BYTES: Final = 8 << 20
+_DONE: Final = object()
 _PERSISTENT_CHANGES: Final = (Status.OK, Status.REFUSED, Status.FROZEN)
 
 
@@ -111,6 +118,13 @@ class GuestJournal:
         self.write_errors = 0
         self.compactions = 0
         self.last_compaction_s = 0.0
+        # The longest the last compaction held its caller (the event loop) at once.
+        self.last_compaction_pause_s = 0.0
+        # A compaction in steps (start_rewrite), or None.
+        self.compacting: _Compaction | None = None
+        # The journal a compaction in steps replaced, still open: closing it frees
+        # its blocks, which takes a while for a large file (release_old, next step).
+        self._old_fd = -1
         self.replay = ReplayResult()
         # The journal was there but corrupt: nothing of the guest was restored.
         self.state_lost = False
@@ -214,6 +228,7 @@ class GuestJournal:
 
     def _retire(self, reason: str) -> None:
         self.broken = True
+        self.abort_rewrite()
         log.error("journal write failed: this guest's persistent pages no longer survive "
                   "a tmemd crash", extra={"journal": str(self.path), "error": reason})
         # Deleted at once, so that no restart replays it: it misses this request's
@@ -255,58 +270,217 @@ class GuestJournal:
         return records, result
 
     def rewrite(self, pools: list[tuple[int, Pool]]) -> None:
-        """Compaction: the live persistent pages into NAME.journal.tmp, then an
-        atomic os.replace; a crash before the replace leaves the old journal."""
-        started = time.perf_counter()
-        fd = open_state_file(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-        size = 0
+        """Compaction at once: the live persistent pages into NAME.journal.tmp,
+        then an atomic os.replace; a crash before the replace leaves the old
+        journal. A compaction in steps under way is given up first."""
+        self.abort_rewrite()
+        compaction = self._begin(pools)
         try:
-            pieces: list[Buffer] = []
-            count = 0
-            for pool_id, pool in pools:
-                pieces.append(codec.encode(codec.NewPoolRecord(pool_id, pool.page_shift, pool.label)))
-                special = _special_record(pool_id)
-                for oid, pages in pool.objects.items():
-                    position: int | None = 0
-                    while position is not None:  # up to a write's worth of an object per C call
-                        records, added, position = object_records(pool_id, oid, pages, special, position,
-                                                                   _COMPACT_RECORDS_PER_WRITE - count)
+            for _ in self._write_live(compaction, pools):
+                pass
+        except BaseException:
+            self._give_up(compaction)
+            raise
+        self._finish(compaction)
+        self.last_compaction_pause_s = self.last_compaction_s
+
+    def start_rewrite(self, pools: list[tuple[int, Pool]]) -> None:
+        """Compaction in steps (rewrite_step), the journal appended to meanwhile.
+
+        The new file gets every live page as the step that writes its object finds
+        it, then, copied byte for byte, everything appended to the old journal
+        since this call. Every change after this call is in that copy, in order,
+        and each record sets a key's (or pool's) state outright, so a replay of
+        the new file ends where a replay of the old one does, whatever the steps
+        found. A crash before the swap leaves the old journal, whole."""
+        self.abort_rewrite()
+        compaction = self._begin(pools)
+        compaction.steps = self._write_live(compaction, pools)
+        compaction.write_behind = True
+        self.compacting = compaction
+        self.last_compaction_pause_s = 0.0
+
+    def rewrite_step(self) -> bool:
+        """One step of the compaction start_rewrite began: at most a write's worth
+        of records, or of the journal appended since. True when it is done (the
+        files swapped). OSError: given up, the old journal intact."""
+        compaction = self.compacting
+        assert compaction is not None, "no compaction under way"
+        started = time.perf_counter()
+        try:
+            assert compaction.steps is not None
+            if next(compaction.steps, _DONE) is _DONE:  # every object written: the tail
+                self._copy_tail(compaction, _TAIL_STEP_BYTES)
+                left = self.size_bytes - compaction.tail_copied_to
+                # Copied on while it shrinks; once it is small, or the guest appends
+                # as fast as it is copied, the rest goes in this step.
+                if left > _TAIL_STEP_BYTES and left < compaction.tail_left:
+                    compaction.tail_left = left
+                    return False
+                self._copy_tail(compaction, None)
+                self.compacting = None
+                self._finish(compaction, keep_old=True)
+                return True
+            return False
+        except BaseException:
+            self.abort_rewrite()
+            raise
+        finally:
+            self.last_compaction_pause_s = max(self.last_compaction_pause_s,
+                                               time.perf_counter() - started)
+
+    def release_old(self) -> None:
+        """Close the journal the last compaction in steps replaced (idempotent)."""
+        old_fd, self._old_fd = self._old_fd, -1
+        if old_fd >= 0:
+            os.close(old_fd)
+
+    def abort_rewrite(self) -> None:
+        """Give up a compaction in steps, if one is under way (idempotent)."""
+        compaction, self.compacting = self.compacting, None
+        if compaction is not None:
+            self._give_up(compaction)
+
+    def _begin(self, pools: list[tuple[int, Pool]]) -> _Compaction:
+        fd = open_state_file(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        return _Compaction(fd, time.perf_counter(), tail_copied_to=self.size_bytes)
+
+    def _write_live(self, compaction: _Compaction,
+                    pools: list[tuple[int, Pool]]) -> Generator[None, None, None]:
+        """Write the pools' pages, yielding after each write. The object ids, and
+        the indexes of an object larger than a write, are listed when its turn
+        comes: between yields the store may change (keys listed and flushed since
+        are skipped; keys added since are in the tail, like every change)."""
+        pieces: list[Buffer] = []
+        count = 0
+        for pool_id, pool in pools:
+            pieces.append(codec.encode(codec.NewPoolRecord(pool_id, pool.page_shift, pool.label)))
+            special = _special_record(pool_id)
+            for oid in list(pool.objects):
+                pages = pool.objects.get(oid)
+                if not pages:
+                    continue
+                room = _COMPACT_RECORDS_PER_WRITE - count
+                if len(pages) <= room:  # the whole object in one call: nothing changes during it
+                    records, added, _ = object_records(pool_id, oid, pages, special, 0, room)
+                    pieces.append(records)
+                    count += added
+                else:
+                    indexes = list(pages)
+                    for start in range(0, len(indexes), _COMPACT_RECORDS_PER_WRITE):
+                        chunk = indexes[start:start + _COMPACT_RECORDS_PER_WRITE]
+                        # The pages as they are now (None: flushed since listed, skipped).
+                        now = dict(zip(chunk, map(pages.get, chunk)))
+                        records, added, _ = object_records(pool_id, oid, now, special, 0, len(now))
                         pieces.append(records)
                         count += added
                         if count >= _COMPACT_RECORDS_PER_WRITE:
-                            size += _write_all(fd, pieces)
-                            pieces = []
-                            count = 0
-                pieces += [codec.encode(codec.LostRecord(pool_id, oid, index))
-                           for oid, index in self.lost.get(pool_id, ())]
-            size += _write_all(fd, pieces)
+                            compaction.write(pieces)
+                            pieces, count = [], 0
+                            yield
+                        pages = pool.objects.get(oid) or {}
+                if count >= _COMPACT_RECORDS_PER_WRITE:
+                    compaction.write(pieces)
+                    pieces, count = [], 0
+                    yield
+        # LOST records as they are now: an admin flush or a write since the start
+        # is in the tail too, and replays the same way after them.
+        for pool_id, _pool in pools:
+            pieces += [codec.encode(codec.LostRecord(pool_id, oid, index))
+                       for oid, index in self.lost.get(pool_id, ())]
+        compaction.write(pieces)
+
+    def _copy_tail(self, compaction: _Compaction, limit: int | None) -> None:
+        """Copy what was appended to the journal since the compaction began (up to
+        ``limit`` bytes of it) behind the new file's records."""
+        end = self.size_bytes if limit is None else min(self.size_bytes,
+                                                         compaction.tail_copied_to + limit)
+        while compaction.tail_copied_to < end:
+            want = end - compaction.tail_copied_to
+            try:
+                copied = os.copy_file_range(self.fd, compaction.fd, want, compaction.tail_copied_to)
+            except OSError as error:
+                if error.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                    raise
+                chunk = os.pread(self.fd, min(want, _READ_CHUNK), compaction.tail_copied_to)
+                copied = _write_all(compaction.fd, [chunk]) if chunk else 0
+            if copied <= 0:
+                raise OSError(errno.EIO, "the journal ended before its recorded size")
+            compaction.tail_copied_to += copied
+            compaction.size += copied
+
+    def _finish(self, compaction: _Compaction, *, keep_old: bool = False) -> None:
+        try:
             if self.durability != "journal":  # a checkpoint, or fsync: on the disk first
-                os.fdatasync(fd)
+                os.fdatasync(compaction.fd)
         except BaseException:
-            os.close(fd)
-            self.tmp_path.unlink(missing_ok=True)
+            self._give_up(compaction)
             raise
-        os.close(fd)
+        os.close(compaction.fd)
         os.replace(self.tmp_path, self.path)
         if self.durability != "journal":
             fsync_dir(self.path.parent)
-        if self.fd >= 0:
+        try:
+            new_fd = open_state_file(self.path, os.O_RDWR | os.O_APPEND)
+        except OSError as error:
+            # The new journal is in place and cannot be appended to, while appends
+            # to the old file would never be replayed: retired, like a failed write.
+            self.write_errors += 1
+            self._retire(f"reopening the compacted journal: {error}")
+            return
+        self.release_old()
+        if keep_old:
+            self._old_fd = self.fd
+        elif self.fd >= 0:
             os.close(self.fd)
-        self.fd = open_state_file(self.path, os.O_RDWR | os.O_APPEND)
-        self.size_bytes = size
+        self.fd = new_fd
+        self.size_bytes = compaction.size
+        self.unsynced = False  # the new file is on the disk as far as durability asks
         self.reserved_to = self.next_reserve_at = 0
         if self.appending:
             self._reserve()
         self.compactions += 1
-        self.last_compaction_s = time.perf_counter() - started
+        self.last_compaction_s = time.perf_counter() - compaction.started
+
+    def _give_up(self, compaction: _Compaction) -> None:
+        if compaction.steps is not None:
+            compaction.steps.close()
+        with contextlib.suppress(OSError):
+            os.close(compaction.fd)
+        self.tmp_path.unlink(missing_ok=True)
 
     def close(self, *, delete: bool) -> None:
+        self.abort_rewrite()
+        self.release_old()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
         if delete:
             self.path.unlink(missing_ok=True)
             self.tmp_path.unlink(missing_ok=True)
+
+
+@dataclass(eq=False)
+class _Compaction:
+    """A compaction under way: the new file, the records still to write into it
+    (a generator, one write per step), and how far the old journal's tail has
+    been copied behind them."""
+    fd: int
+    started: float
+    tail_copied_to: int  # an offset in the old journal
+    size: int = 0  # of the new file
+    tail_left: int = 1 << 62  # what was left of the tail after the last step that copied it
+    steps: Generator[None, None, None] | None = None
+    # In steps: each write's pages are sent to the disk as it is made (and leave
+    # the page cache), so that the rename at the end (ext4 writes out a file
+    # renamed over another) has little left to write while it holds the loop.
+    write_behind: bool = False
+
+    def write(self, pieces: Sequence[Buffer]) -> None:
+        start = self.size
+        self.size += _write_all(self.fd, pieces)
+        if self.write_behind and self.size > start:
+            os.posix_fadvise(self.fd, start, self.size - start, os.POSIX_FADV_DONTNEED)
 
 
 def _write_all(fd: int, pieces: Sequence[Buffer]) -> int:
@@ -515,6 +689,8 @@ class JournaledStore(Store):
             "write_errors": journal.write_errors,
             "compactions": journal.compactions,
             "last_compaction_s": round(journal.last_compaction_s, 4),
+            "last_compaction_pause_s": round(journal.last_compaction_pause_s, 4),
+            "compacting": journal.compacting is not None,
             "replayed_records": journal.replay.records,
             "replayed_pages": journal.replay.pages,
             "replay_truncated_bytes": journal.replay.truncated_bytes,
@@ -603,15 +779,51 @@ class JournaledStore(Store):
             return
         if journal.unsynced:
             self._unsynced.add(journal)
-        if journal.size_bytes > journal.compact_floor and not journal.broken:
-            if journal.size_bytes > 2 * self._live_bytes(client) + journal.compact_floor:
-                try:
+        if (journal.size_bytes > journal.compact_floor and not journal.broken
+                and journal.compacting is None
+                and journal.size_bytes > 2 * self._live_bytes(client) + journal.compact_floor):
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                loop = None
+            try:
+                if loop is None:  # no event loop to step it (a tool, a test): at once
                     self.compact(client)
-                except OSError as error:  # e.g. no room for the copy: the journal is intact
-                    journal.compact_floor *= 2  # back off instead of retrying every request
-                    log.error("journal compaction failed", extra={
-                        "guest": client.name, "error": str(error),
-                        "next_floor_bytes": journal.compact_floor})
+                    return
+                # In steps, the guests served between them: at once, a large journal
+                # would hold every guest's requests for as long as it takes.
+                journal.start_rewrite(_live_pools(client))
+            except OSError as error:
+                self._compaction_failed(client, journal, error)
+                return
+            loop.call_soon(self._compaction_step, client, journal)
+
+    def _compaction_step(self, client: Client, journal: GuestJournal) -> None:
+        if self._journals.get(client.name) is not journal or journal.compacting is None:
+            return  # the guest left, or the compaction was given up (or done at once)
+        compaction = journal.compacting
+        try:
+            done = journal.rewrite_step()
+        except OSError as error:
+            self._compaction_failed(client, journal, error)
+            return
+        if not done:
+            failpoint("journal-compaction-step")  # tests: a kill -9 between two steps
+            asyncio.get_running_loop().call_soon(self._compaction_step, client, journal)
+            return
+        asyncio.get_running_loop().call_soon(journal.release_old)
+        log.info("journal compacted", extra={
+            "guest": client.name, "before_bytes": compaction.tail_copied_to,
+            "after_bytes": journal.size_bytes,
+            "seconds": round(journal.last_compaction_s, 3),
+            "longest_step_s": round(journal.last_compaction_pause_s, 4)})
+
+    @staticmethod
+    def _compaction_failed(client: Client, journal: GuestJournal, error: OSError) -> None:
+        # E.g. no room for the copy: the journal is intact.
+        journal.compact_floor *= 2  # back off instead of retrying every request
+        log.error("journal compaction failed", extra={
+            "guest": client.name, "error": str(error), "next_floor_bytes": journal.compact_floor})
 
     @contextlib.contextmanager
     def deferred(self, client: Client) -> Iterator[None]:
