@@ -789,14 +789,21 @@ class JournaledStore(Store):
             try:
                 if loop is None:  # no event loop to step it (a tool, a test): at once
                     self.compact(client)
-                    return
-                # In steps, the guests served between them: at once, a large journal
-                # would hold every guest's requests for as long as it takes.
-                journal.start_rewrite(_live_pools(client))
+                else:
+                    # In steps, the guests served between them: at once, a large
+                    # journal would hold every guest's requests for as long as it takes.
+                    self.compact_in_steps(client)
             except OSError as error:
                 self._compaction_failed(client, journal, error)
-                return
-            loop.call_soon(self._compaction_step, client, journal)
+
+    def compact_in_steps(self, client: Client | str) -> None:
+        """Start compacting the client's journal in steps on the running event loop
+        (one step per pass of the loop; GuestJournal.start_rewrite)."""
+        client = self._resolve(client)
+        journal = self._journals[client.name]
+        loop = asyncio.get_running_loop()
+        journal.start_rewrite(_live_pools(client))
+        loop.call_soon(self._compaction_step, client, journal)
 
     def _compaction_step(self, client: Client, journal: GuestJournal) -> None:
         if self._journals.get(client.name) is not journal or journal.compacting is None:
