@@ -33,7 +33,17 @@ def test_set_slots_are_the_set_bits_in_the_range(case: tuple[bytearray, int, int
     assert slotmap.set_slots(bitmap, first, count) == [
         slot for slot in range(first, first + count) if bit(bitmap, slot)]
     assert bitmap == before  # read only
-    assert all(slotmap.is_set(bitmap, slot) == bit(bitmap, slot) for slot in range(BITMAP_BYTES * 8))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(min_size=BITMAP_BYTES, max_size=BITMAP_BYTES), st.integers(0, BITMAP_BYTES * 8 - 1),
+       st.booleans())
+def test_mark_changes_one_bit(data: bytes, slot: int, value: bool) -> None:
+    bitmap = bytearray(data)
+    slotmap.mark(bitmap, slot, value)
+    assert bit(bitmap, slot) is value
+    assert all(bit(bitmap, other) == bit(bytearray(data), other)
+               for other in range(BITMAP_BYTES * 8) if other != slot)
 
 
 @settings(max_examples=500, deadline=None)

@@ -470,7 +470,7 @@ class NbdExport(DiskExport):
             for oid, index in lost:
                 slot = frontswap_offset(oid, index)
                 if slot < self.slots:
-                    self._lost[slot >> 3] |= 1 << (slot & 7)
+                    slotmap.mark(self._lost, slot, True)
         log.info("NBD export resumed", extra={"guest": self.name, "pool_id": pool_id,
                                               "slots_in_tmem": in_tmem, "slots_lost": len(lost)})
 
@@ -557,10 +557,7 @@ class NbdExport(DiskExport):
     # -- slots --
 
     def _mark(self, slot: int, in_tmem: bool) -> None:
-        if in_tmem:
-            self._in_tmem[slot >> 3] |= 1 << (slot & 7)
-        else:
-            self._in_tmem[slot >> 3] &= ~(1 << (slot & 7)) & 0xFF
+        slotmap.mark(self._in_tmem, slot, in_tmem)
 
     def _pool(self) -> int | None:
         """The guest's persistent pool, created on first use (None if the store refuses)."""

@@ -17,8 +17,12 @@ _NONZERO: Final = re.compile(rb"[^\x00]+")
 _BITS: Final = tuple(tuple(bit for bit in range(8) if value >> bit & 1) for value in range(256))
 
 
-def is_set(bitmap: bytearray | bytes, slot: int) -> bool:
-    return bool(bitmap[slot >> 3] & (1 << (slot & 7)))
+def mark(bitmap: bytearray, slot: int, value: bool) -> None:
+    """Set (``value``) or clear one slot's bit."""
+    if value:
+        bitmap[slot >> 3] |= 1 << (slot & 7)
+    else:
+        bitmap[slot >> 3] &= ~(1 << (slot & 7)) & 0xFF
 
 
 def set_slots(bitmap: bytearray | bytes, first: int, count: int) -> list[int]:
@@ -51,7 +55,4 @@ def fill(bitmap: bytearray, first: int, count: int, value: bool) -> None:
     else:
         edges = list(range(first, end))
     for slot in edges:
-        if value:
-            bitmap[slot >> 3] |= 1 << (slot & 7)
-        else:
-            bitmap[slot >> 3] &= ~(1 << (slot & 7)) & 0xFF
+        mark(bitmap, slot, value)
