@@ -29,7 +29,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 from uuid import UUID
@@ -274,9 +274,9 @@ class GuestJournal:
         then an atomic os.replace; a crash before the replace leaves the old
         journal. A compaction in steps under way is given up first."""
         self.abort_rewrite()
-        compaction = self._begin(pools)
+        compaction = self._begin(pools, write_behind=False)
         try:
-            for _ in self._write_live(compaction, pools):
+            for _ in compaction.steps:
                 pass
         except BaseException:
             self._give_up(compaction)
@@ -294,10 +294,7 @@ class GuestJournal:
         the new file ends where a replay of the old one does, whatever the steps
         found. A crash before the swap leaves the old journal, whole."""
         self.abort_rewrite()
-        compaction = self._begin(pools)
-        compaction.steps = self._write_live(compaction, pools)
-        compaction.write_behind = True
-        self.compacting = compaction
+        self.compacting = self._begin(pools, write_behind=True)
         self.last_compaction_pause_s = 0.0
 
     def rewrite_step(self) -> bool:
@@ -308,7 +305,6 @@ class GuestJournal:
         assert compaction is not None, "no compaction under way"
         started = time.perf_counter()
         try:
-            assert compaction.steps is not None
             if next(compaction.steps, _DONE) is _DONE:  # every object written: the tail
                 self._copy_tail(compaction, _TAIL_STEP_BYTES)
                 left = self.size_bytes - compaction.tail_copied_to
@@ -341,9 +337,12 @@ class GuestJournal:
         if compaction is not None:
             self._give_up(compaction)
 
-    def _begin(self, pools: list[tuple[int, Pool]]) -> _Compaction:
+    def _begin(self, pools: list[tuple[int, Pool]], *, write_behind: bool) -> _Compaction:
         fd = open_state_file(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-        return _Compaction(fd, time.perf_counter(), tail_copied_to=self.size_bytes)
+        compaction = _Compaction(fd, time.perf_counter(), tail_copied_to=self.size_bytes,
+                                 write_behind=write_behind)
+        compaction.steps = self._write_live(compaction, pools)
+        return compaction
 
     def _write_live(self, compaction: _Compaction,
                     pools: list[tuple[int, Pool]]) -> Generator[None, None, None]:
@@ -443,8 +442,7 @@ class GuestJournal:
         self.last_compaction_s = time.perf_counter() - compaction.started
 
     def _give_up(self, compaction: _Compaction) -> None:
-        if compaction.steps is not None:
-            compaction.steps.close()
+        compaction.steps.close()
         with contextlib.suppress(OSError):
             os.close(compaction.fd)
         self.tmp_path.unlink(missing_ok=True)
@@ -468,13 +466,14 @@ class _Compaction:
     fd: int
     started: float
     tail_copied_to: int  # an offset in the old journal
-    size: int = 0  # of the new file
-    tail_left: int = 1 << 62  # what was left of the tail after the last step that copied it
-    steps: Generator[None, None, None] | None = None
     # In steps: each write's pages are sent to the disk as it is made (and leave
     # the page cache), so that the rename at the end (ext4 writes out a file
     # renamed over another) has little left to write while it holds the loop.
-    write_behind: bool = False
+    write_behind: bool
+    size: int = 0  # of the new file
+    tail_left: int = 1 << 62  # what was left of the tail after the last step that copied it
+    # The records still to write (GuestJournal._write_live), one write per step.
+    steps: Generator[None, None, None] = field(init=False)
 
     def write(self, pieces: Sequence[Buffer]) -> None:
         start = self.size
