@@ -94,6 +94,19 @@ parse_key(PyObject *oid, PyObject *index, struct key *key)
     return 0;
 }
 
+/* A key (oid, index) from Python: its two parts, borrowed; -1 on error. */
+static int
+split_key(PyObject *key, PyObject **oid, PyObject **index)
+{
+    if (!PyTuple_Check(key) || PyTuple_GET_SIZE(key) != 2) {
+        PyErr_SetString(PyExc_TypeError, "a key is an (oid, index) tuple");
+        return -1;
+    }
+    *oid = PyTuple_GET_ITEM(key, 0);
+    *index = PyTuple_GET_ITEM(key, 1);
+    return 0;
+}
+
 /* One record: header, key (FLUSH_OBJECT: without the index), then (PUT) the
  * tag and `data`. */
 static int
@@ -217,14 +230,11 @@ batch_records(PyObject *module, PyObject *args)
         goto error;
     }
     for (Py_ssize_t i = 0; i < count; i++) {
-        PyObject *key = PySequence_Fast_GET_ITEM(key_list, i);
         PyObject *status = PySequence_Fast_GET_ITEM(status_list, i);
-        if (!PyTuple_Check(key) || PyTuple_GET_SIZE(key) != 2) {
-            PyErr_SetString(PyExc_TypeError, "a key is an (oid, index) tuple");
+        PyObject *oid, *index;
+        if (split_key(PySequence_Fast_GET_ITEM(key_list, i), &oid, &index) < 0) {
             goto error;
         }
-        PyObject *oid = PyTuple_GET_ITEM(key, 0);
-        PyObject *index = PyTuple_GET_ITEM(key, 1);
         int is_ok = PyObject_RichCompareBool(status, ok, Py_EQ);
         if (is_ok < 0) {
             goto error;
@@ -286,13 +296,10 @@ flush_records(PyObject *module, PyObject *args)
     struct out out = {NULL, 0, 0};
     Py_ssize_t count = PySequence_Fast_GET_SIZE(key_list);
     for (Py_ssize_t i = 0; i < count; i++) {
-        PyObject *key = PySequence_Fast_GET_ITEM(key_list, i);
+        PyObject *oid, *index;
         struct key parsed;
-        if (!PyTuple_Check(key) || PyTuple_GET_SIZE(key) != 2) {
-            PyErr_SetString(PyExc_TypeError, "a key is an (oid, index) tuple");
-            goto error;
-        }
-        if (parse_key(PyTuple_GET_ITEM(key, 0), PyTuple_GET_ITEM(key, 1), &parsed) < 0
+        if (split_key(PySequence_Fast_GET_ITEM(key_list, i), &oid, &index) < 0
+                || parse_key(oid, index, &parsed) < 0
                 || append_record(&out, parsed.index == WHOLE_OBJECT ? TYPE_FLUSH_OBJECT : TYPE_FLUSH_PAGE,
                                  pool_id, &parsed, 0, NULL, 0) < 0) {
             goto error;
@@ -369,9 +376,9 @@ static PyMethodDef methods[] = {
     {"object_records", object_records, METH_VARARGS,
      "object_records(pool_id, oid, pages, special, position, limit) -> (bytes, records, next)\n\n"
      "PUT records for the pages of one object (`pages`: index -> value; None\n"
-     "values are skipped), at most\n"
-     "`limit` of them from `position` (0 first; then the `next` returned, None at\n"
-     "the end), so that an object of any size costs bounded memory per call."},
+     "values are skipped), at most `limit` of them from `position` (0 first; then\n"
+     "the `next` returned, None at the end), so that an object of any size costs\n"
+     "bounded memory per call."},
     {NULL, NULL, 0, NULL},
 };
 
