@@ -21,9 +21,11 @@ import redis
 from tmem_host.daemon.process import TmemdProcess
 from tmem_host.nbd.client import ClientRequest, NbdClient
 from tmem_host.remote.cluster import LocalCluster
-from tmem_host.remote.tier import VALUE_HEADER, is_page_key
+from tmem_host.remote.tier import VALUE_HEADER, decode_value, is_page_key
 from tmem_host.waiting import wait_until
 from tmem_wire import nbd
+
+from .test_values import reference_tmr1
 
 PAGE = 4096
 SLOTS_PER_REQUEST = 64
@@ -196,6 +198,34 @@ def test_a_damaged_foreign_or_missing_copy_is_an_error_never_data(
     stats = remote_stats(tmemd_remote)
     assert isinstance(stats["get_errors"], int) and stats["get_errors"] >= 2
     assert isinstance(stats["get_missing"], int) and stats["get_missing"] >= 1
+
+
+def test_pages_an_older_tmemd_wrote_in_the_first_value_format_read_back(
+        tmemd_remote: TmemdProcess, redis_cluster: LocalCluster) -> None:
+    """An upgrade keeps the cluster's pages: a third of them rewritten as TMR1 values
+    (what tmemd wrote before TMR2, tests/remote/test_values.py's reference) read
+    back exactly; one of them damaged is an error, never data."""
+    slots = range(0, 4096)
+    with NbdClient(tmemd_remote.nbd_socket("g1"), "g1") as client:
+        write_slots(client, slots)
+        keys = _page_keys(redis_cluster)
+        assert len(keys) >= 2048
+        for node, key in keys[::3]:
+            version = int(key.rsplit(b":", 1)[1], 16)
+            stored = decode_value(key, version, cast(bytes, node.get(key)))
+            assert stored is not None
+            node.set(key, reference_tmr1(key, version, stored))
+        damaged_node, damaged_key = keys[3]
+        value = bytearray(cast(bytes, damaged_node.get(damaged_key)))
+        assert value.startswith(b"TMR1")
+        value[-1] ^= 0x80
+        damaged_node.set(damaged_key, bytes(value))
+        # The damaged page's request fails as a whole (EIO); every other slot reads back.
+        bad = read_errors(client, slots)
+        assert 1 <= len(bad) <= SLOTS_PER_REQUEST
+        assert len({slot // SLOTS_PER_REQUEST for slot in bad}) == 1
+    stats = remote_stats(tmemd_remote)
+    assert stats["get_errors"] == 1 and stats["get_missing"] == 0
 
 
 def test_a_guest_beyond_its_remote_cap_goes_to_its_fallback_disk(

@@ -397,9 +397,9 @@ def test_a_get_of_a_page_being_read_ahead_joins_that_read_and_waits_only_for_its
             read_keys: Counter[bytes] = Counter()  # every page read from the cluster
             read_pages = tier._read_pages
 
-            async def counted(reads: list[Any]) -> None:
+            async def counted(tags: list[list[Any]], reads: list[Any]) -> None:
                 read_keys.update(read.key for read in reads)
-                await read_pages(reads)
+                await read_pages(tags, reads)
 
             tier._read_pages = counted  # type: ignore[method-assign]
 

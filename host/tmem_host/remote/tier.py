@@ -18,9 +18,9 @@ redis-py's asyncio client:
   tmemd claims a guest with a new epoch (a counter in the guest's ``owner`` key)
   on every bucket; from then on the previous owner's writes and deletes fail with
   FENCED, whatever their timing, and it stops using the tier for that guest.
-- **Values** carry a header: magic, tag, version and a blake2b-128 digest of
-  the key, the version and the data, so a wrong, damaged or older value is a
-  miss (EIO to the guest), never data.
+- **Values** carry a header: magic, tag, version and an XXH3-128 digest of
+  the key, the version and the data (``_values.c``), so a wrong, damaged or
+  older value is a miss (EIO to the guest), never data.
 - **Batches.** Writes taken during one pass of the event loop go out together:
   grouped by hash tag (MSET / MGET / DEL per tag), the tags grouped by master,
   one pipeline per master, all masters at once; with ``replicas`` a WAIT ends
@@ -69,6 +69,8 @@ from redis.exceptions import (
     TryAgainError,
 )
 
+from tmem_host.remote._values import decode_value as _decode_value_v2
+from tmem_host.remote._values import encode_value as encode_value
 from tmem_host.replies import RemoteGuestStats, RemoteStats
 from tmem_host.store import Client, Pool, Store
 from tmem_host.store.pagecodec import StoredPage
@@ -80,7 +82,9 @@ log = logging.getLogger("tmemd.remote")
 
 #: Values: magic, tag (0 fill word, 1 data), 3 reserved, version, digest.
 VALUE_HEADER: Final = struct.Struct("<4sB3xQ16s")
-VALUE_MAGIC: Final = b"TMR1"
+# TMR2 (written; _values.c has its digest) and TMR1 (still read; docs/REMOTE.md).
+VALUE_MAGIC: Final = b"TMR2"
+VALUE_MAGIC_V1: Final = b"TMR1"
 _FILL = struct.Struct("<Q")
 #: Eviction policies that never evict a key without a TTL (tmemd sets none).
 SAFE_POLICIES: Final = frozenset({"noeviction", "volatile-lru", "volatile-lfu",
@@ -315,30 +319,41 @@ class _Read:
 
 def page_key(guest: GuestRemote, pool_id: int, oid: Oid, index: int, version: int) -> bytes:
     """The page's key (see the module docstring for the hash tag)."""
-    neighbourhood = b"%d:%x.%x.%x:%x" % (pool_id, oid[0] >> 4, oid[1], oid[2], index >> 2)
-    return b"%b%02x}:%b:%x:%x" % (guest.prefix, zlib.crc32(neighbourhood) % FENCE_BUCKETS,
-                                  neighbourhood, ((oid[0] & 15) << 2) | (index & 3), version)
+    return (_neighbourhood_key(guest, pool_id, oid[0] >> 4, oid[1], oid[2], index >> 2)
+            + b"%x:%x" % (((oid[0] & 15) << 2) | (index & 3), version))
 
 
-def encode_value(key: bytes, version: int, stored: StoredPage) -> bytes:
-    if type(stored) is int:
-        tag, data = 0, _FILL.pack(stored)
-    else:
-        assert isinstance(stored, bytes)
-        tag, data = 1, stored
-    digest = _digest(key, version, tag, data)
-    return VALUE_HEADER.pack(VALUE_MAGIC, tag, version, digest) + data
+def _neighbourhood_key(guest: GuestRemote, pool_id: int, high: int, oid1: int, oid2: int,
+                       group: int) -> bytes:
+    """What the keys of one neighbourhood's pages start with: its hash tag and
+    POOL:OBJ:GROUP (a read-ahead makes it once for the group's pages)."""
+    neighbourhood = b"%d:%x.%x.%x:%x" % (pool_id, high, oid1, oid2, group)
+    return b"%b%02x}:%b:" % (guest.prefix, zlib.crc32(neighbourhood) % FENCE_BUCKETS, neighbourhood)
 
 
 def decode_value(key: bytes, version: int, value: bytes | None) -> StoredPage | None:
     """The stored form in ``value``, or None unless it is exactly this key's
-    copy of this version (missing, damaged, another key's or an older one)."""
-    if value is None or len(value) < VALUE_HEADER.size:
+    copy of this version (missing, damaged, another key's or an older one).
+    Values are written as TMR2 (``encode_value``, in C); TMR1 values, written
+    before, are still read: the cluster keeps pages across tmemd's upgrades."""
+    if value is not None and value.startswith(VALUE_MAGIC_V1):
+        return _decode_value_v1(key, version, value)
+    return _decode_value_v2(key, version, value)
+
+
+def _decode_value_v1(key: bytes, version: int, value: bytes) -> StoredPage | None:
+    """TMR1: the same header, a BLAKE2b-128 digest keyed with the key."""
+    if len(value) < VALUE_HEADER.size:
         return None
     magic, tag, found_version, digest = VALUE_HEADER.unpack_from(value)
     data = value[VALUE_HEADER.size:]
-    if (magic != VALUE_MAGIC or found_version != version or tag not in (0, 1)
-            or digest != _digest(key, version, tag, data)):
+    if found_version != version or tag not in (0, 1) or value[5:8] != b"\0\0\0":
+        return None
+    hasher = hashlib.blake2b(key, digest_size=16)
+    hasher.update(_FILL.pack(version))
+    hasher.update(bytes((tag,)))
+    hasher.update(data)
+    if digest != hasher.digest():
         return None
     if tag == 0:
         if len(data) != _FILL.size:
@@ -346,14 +361,6 @@ def decode_value(key: bytes, version: int, value: bytes | None) -> StoredPage | 
         fill: int = _FILL.unpack(data)[0]
         return fill
     return data
-
-
-def _digest(key: bytes, version: int, tag: int, data: bytes) -> bytes:
-    hasher = hashlib.blake2b(key, digest_size=16)
-    hasher.update(_FILL.pack(version))
-    hasher.update(bytes((tag,)))
-    hasher.update(data)
-    return hasher.digest()
 
 
 def _group_of(pool_id: int, oid: Oid, index: int) -> tuple[tuple[int, int, int, int], int]:
@@ -759,6 +766,7 @@ class RemoteTier:
         oids differing in their low 4 bits, indexes in their low 2) that have no
         copy here and are not being read."""
         objects = pool.objects
+        base: bytes | None = None
         for low in range(16):
             oid = ((high << 4) | low, oid1, oid2)
             obj = objects.get(oid)
@@ -768,9 +776,10 @@ class RemoteTier:
                 value = obj.get(index)
                 if (type(value) is RemotePage and value.pending is None
                         and value.fetched is None and value not in self._reading):
-                    self._queue_read(_Read(
-                        guest, pool, value, page_key(guest, pool_id, oid, index, value.version),
-                        prefetch=True, ahead=ahead))
+                    if base is None:
+                        base = _neighbourhood_key(guest, pool_id, high, oid1, oid2, group)
+                    key = base + b"%x:%x" % ((low << 2) | (index & 3), value.version)
+                    self._queue_read(_Read(guest, pool, value, key, prefetch=True, ahead=ahead))
 
     def _follow(self, guest: GuestRemote, pool: Pool, pool_id: int, oid: Oid, index: int) -> None:
         """Read-ahead (Linux's swap and file readahead, by neighbourhood). A get of a
@@ -817,16 +826,19 @@ class RemoteTier:
         bound = self.settings.read_cache_bytes
         scanned = 0
         while self._cached_bytes > bound and cache and scanned < len(cache):
-            old, since = next(iter(cache.items()))
+            old, since = cache.popitem(last=False)
             if since == now or (now - since < CACHE_GRACE_S
                                 and self._cached_bytes <= bound * CACHE_HARD_FACTOR):
-                break  # this batch's (moved to the end, all cached at `now`), or young
+                # This batch's (moved to the end, all cached at `now`), or young: back
+                # in its place, the oldest.
+                cache[old] = since
+                cache.move_to_end(old, last=False)
+                break
             if self._waited_for(old, now):
-                cache.move_to_end(old)
+                cache[old] = since  # to the end
                 scanned += 1
                 continue
             self._pinned.pop(old, None)
-            del cache[old]
             old.fetched = None
             self._cached_bytes -= old.nbytes
 
@@ -1001,17 +1013,21 @@ class RemoteTier:
         page.pending = None
 
     async def _read_batch(self, reads: list[_Read], cached_at: float) -> None:
-        by_node: dict[str | None, list[_Read]] = defaultdict(list)
+        # A hash tag's reads are one MGET, its master looked up once.
+        by_tag: dict[bytes, list[_Read]] = defaultdict(list)
         for read in reads:
-            by_node[self._node_for(read.key)].append(read)
-        await asyncio.gather(*(self._read_node(node_reads, cached_at)
-                               for node_reads in by_node.values()))
+            by_tag[_tag_of(read.key)].append(read)
+        by_node: dict[str | None, list[list[_Read]]] = defaultdict(list)
+        for tag, tag_reads in by_tag.items():
+            by_node[self._node_for(tag)].append(tag_reads)
+        await asyncio.gather(*(self._read_node(tags, cached_at) for tags in by_node.values()))
 
-    async def _read_node(self, reads: list[_Read], cached_at: float) -> None:
-        """One master's share of a batch: the gets waiting for these reads wake when
-        this master has answered, not the slowest one."""
+    async def _read_node(self, tags: list[list[_Read]], cached_at: float) -> None:
+        """One master's share of a batch (its tags' reads): the gets waiting for
+        these reads wake when this master has answered, not the slowest one."""
+        reads = [read for tag_reads in tags for read in tag_reads]
         try:
-            await self._read_pages(reads)
+            await self._read_pages(tags, reads)
         finally:
             self._cache([read.page for read in reads], cached_at)
             # Read (or failed): a get from now on finds the copy, or reads again.
@@ -1022,12 +1038,11 @@ class RemoteTier:
                     for waiter in read.waiters:
                         waiter.read_ended()
 
-    async def _read_pages(self, reads: list[_Read]) -> None:
-        commands: dict[bytes, list[Any]] = {}
-        for read in reads:
-            commands.setdefault(_tag_of(read.key), ["MGET"]).append(read.key)
+    async def _read_pages(self, tags: list[list[_Read]], reads: list[_Read]) -> None:
+        """An MGET per tag's reads (``reads``: all of them)."""
+        commands = [["MGET", *[read.key for read in tag_reads]] for tag_reads in tags]
         by_key: dict[bytes, bytes | None] = {}
-        failed = await self._run(list(commands.values()), self._readers, results=by_key)
+        failed = await self._run(commands, self._readers, results=by_key)
         unread = {key for command in failed for key in command[1:]}
         if unread:
             log.warning("remote reads failed", extra={"pages": len(unread)})
