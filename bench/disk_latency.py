@@ -6,13 +6,16 @@ page cache and against qemu-nbd, QEMU's own NBD server (C), over the same data.
 host: a depth-1 NBD client on the host reads random pages of a 32 MiB image
 (every page read once before, so tmemd's pool and the host page cache hold them)
 from tmemd's cached disk and from qemu-nbd (--cache=writeback), then the same at
-depth 16. guest: a fresh 192 MiB TCG guest per variant writes 32 MiB of its disk
+depth 16; and from an empty server, asyncio and tmem_wire's NBD codec answering
+every READ with one page and nothing else, in a process of its own: the floor
+under any request path written that way. guest: a fresh 192 MiB TCG guest per variant writes 32 MiB of its disk
 where the disk is empty (O_DIRECT), then reads random pages of it with O_DIRECT,
 one at a time, three passes over the same pages (the guest's page cache holds
 none of them): a data disk that is a file in the host page cache (QEMU's file
 driver, the testbed's disk-hostcache), the image through qemu-nbd, the image
-through tmemd's cached disk (its first pass fills the pool), and the swap disk
-on tmemd's NBD export (the testbed's tmem-blk; the pages written are in tmem).
+through tmemd's cached disk (its first pass fills the pool), the swap disk
+on tmemd's NBD export (the testbed's tmem-blk; the pages written are in tmem),
+and the empty asyncio server above (the disk reads as one page repeated).
 For each guest variant QEMU's own figure too: query-blockstats' read time over
 read operations during the passes (what the device model waited per request).
 Prints µs per read and one JSON line. docs/PERFORMANCE.md, "The cached disk's
@@ -22,18 +25,22 @@ reads", says what the figures showed.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import random
 import shlex
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
+from typing import cast
 
 from tmem_host.bench import mixed_pages
 from tmem_host.daemon.process import TmemdProcess
+from tmem_host.limits import widen_socket_buffers
 from tmem_host.nbd.client import ClientRequest, NbdClient
 from tmem_host.vm.guestops import disk_by_serial
 from tmem_host.vm.launcher import Guest, VmConfig
@@ -44,7 +51,7 @@ from tmem_wire.frontswap import PAGE_SIZE
 
 IMAGE_MIB = 32
 EXPORT = "g1"
-QEMU_NBD_START_S = 5.0
+SERVER_START_S = 5.0
 # In the guest: random O_DIRECT page reads of the first {pages} pages of the disk
 # at sys.argv[1], the same pages each pass; µs per read for each pass.
 GUEST_READER = """
@@ -67,20 +74,30 @@ def write_image(path: Path) -> None:
 
 
 @contextmanager
-def qemu_nbd(image: Path, socket_path: Path) -> Iterator[Path]:
-    """qemu-nbd serving ``image`` (export EXPORT) on ``socket_path``, through the
-    host page cache, up to 4 clients."""
-    process = subprocess.Popen(["qemu-nbd", "--socket", str(socket_path), "--format", "raw",
-                                "--export-name", EXPORT, "--cache=writeback", "--shared", "4",
-                                str(image)])
+def listening(argv: list[str], socket_path: Path, what: str) -> Iterator[Path]:
+    """The server ``argv`` starts, once it listens on ``socket_path``; stopped after."""
+    process = subprocess.Popen(argv)
     try:
-        if not wait_until(lambda: socket_path.exists() or process.poll() is not None, QEMU_NBD_START_S) \
+        if not wait_until(lambda: socket_path.exists() or process.poll() is not None, SERVER_START_S) \
                 or not socket_path.exists():
-            raise RuntimeError(f"qemu-nbd did not listen on {socket_path} (exit {process.poll()})")
+            raise RuntimeError(f"{what} did not listen on {socket_path} (exit {process.poll()})")
         yield socket_path
     finally:
         process.terminate()
         process.wait()
+
+
+def qemu_nbd(image: Path, socket_path: Path) -> AbstractContextManager[Path]:
+    """qemu-nbd serving ``image`` (export EXPORT) on ``socket_path``, through the
+    host page cache, up to 4 clients."""
+    return listening(["qemu-nbd", "--socket", str(socket_path), "--format", "raw", "--export-name", EXPORT,
+                      "--cache=writeback", "--shared", "4", str(image)], socket_path, "qemu-nbd")
+
+
+def empty_export(socket_path: Path) -> AbstractContextManager[Path]:
+    """EmptyExport on ``socket_path``, in a process of its own (as tmemd is)."""
+    return listening([sys.executable, __file__, "--serve-empty", str(socket_path)], socket_path,
+                     "the empty export")
 
 
 @contextmanager
@@ -88,6 +105,56 @@ def cached_disk(image: Path, work_dir: Path) -> Iterator[Path]:
     """tmemd serving ``image`` as guest EXPORT's cached disk."""
     with TmemdProcess(work_dir / "tmemd", budget="512M", guests=(f"{EXPORT}:cached-disk={image}",)) as daemon:
         yield daemon.disk_socket(EXPORT)
+
+
+# Not READ_ONLY: QEMU opens a guest's disk read-write (a WRITE gets EINVAL).
+EMPTY_FLAGS = nbd.TransmissionFlag.HAS_FLAGS
+
+
+class EmptyExport(asyncio.Protocol):
+    """NBD through tmem_wire's codec, every READ answered with the same page: what
+    asyncio and the codec cost a request, without tmemd's export and store."""
+
+    def __init__(self) -> None:
+        self.codec = nbd.NbdServerConnection()
+        self.page = mixed_pages(1)[0]
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        widen_socket_buffers(self.transport.get_extra_info("socket"))
+        self.transport.write(self.codec.send(nbd.Greeting()))
+
+    def data_received(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.codec.receive_data(data)
+        output: list[bytes] = []
+        while True:
+            event = self.codec.next_event()
+            if event is nbd.NEED_DATA or event is nbd.PAUSED or isinstance(event, nbd.ConnectionClosed):
+                break
+            if isinstance(event, nbd.InfoOption):
+                output.append(self.codec.send(nbd.ExportInfo(
+                    name=EXPORT, size=IMAGE_MIB << 20, transmission_flags=EMPTY_FLAGS, minimum_block=PAGE_SIZE,
+                    preferred_block=PAGE_SIZE, maximum_payload=nbd.DEFAULT_MAX_PAYLOAD, description="")))
+            elif isinstance(event, nbd.ExportNameOption):
+                output.append(self.codec.send(nbd.ExportChosen(IMAGE_MIB << 20, EMPTY_FLAGS)))
+            elif isinstance(event, nbd.Request) and event.command == nbd.Command.READ:
+                output.append(self.codec.send(nbd.SimpleReply(event.handle, nbd.Error.OK)))
+                output.append(self.page * (event.length // PAGE_SIZE))
+            elif isinstance(event, nbd.Request):
+                output.append(self.codec.send(nbd.SimpleReply(event.handle, nbd.Error.EINVAL)))
+            elif not isinstance(event, nbd.ClientFlags):  # QEMU's other options: not here
+                output.append(self.codec.send(nbd.OptionError(nbd.ReplyType.ERR_UNSUP, "not supported")))
+        if output:
+            self.transport.write(b"".join(output))
+
+
+def serve_empty_export(socket_path: Path) -> None:
+    async def serve() -> None:
+        server = await asyncio.get_running_loop().create_unix_server(EmptyExport, str(socket_path))
+        await server.serve_forever()
+    asyncio.run(serve())
 
 
 def host_reads(socket_path: Path, reads: int) -> dict[str, float]:
@@ -143,7 +210,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reads", type=int, default=4000)
     parser.add_argument("--where", default="host,guest")
+    parser.add_argument("--serve-empty", type=Path, help=argparse.SUPPRESS)  # empty_export's process
     arguments = parser.parse_args()
+    if arguments.serve_empty:
+        serve_empty_export(arguments.serve_empty)
+        return
     where = set(arguments.where.split(","))
     results: dict[str, object] = {}
     with tempfile.TemporaryDirectory(prefix="disk-latency-") as temp:
@@ -159,7 +230,11 @@ def main() -> None:
             def host_qemu_nbd(run: Path) -> object:
                 with qemu_nbd(image, run / "qemu-nbd.sock") as socket_path:
                     return host_reads(socket_path, arguments.reads * 5)
-            variants += [("host: tmemd cached disk", host_tmemd), ("host: qemu-nbd", host_qemu_nbd)]
+            def host_empty(run: Path) -> object:
+                with empty_export(run / "empty.sock") as socket_path:
+                    return host_reads(socket_path, arguments.reads * 5)
+            variants += [("host: tmemd cached disk", host_tmemd), ("host: qemu-nbd", host_qemu_nbd),
+                         ("host: empty asyncio server", host_empty)]
         if "guest" in where:
             def guest_file(run: Path) -> object:
                 return guest_reads(run, arguments.reads, "data", True, data_disk_speed="hostcache")
@@ -178,7 +253,12 @@ def main() -> None:
                 with TmemdProcess(run / "tmemd", budget="512M", guests=(EXPORT,)) as daemon:
                     return guest_reads(run, arguments.reads, "swap", True, swap="nbd",
                                        nbd_socket=daemon.nbd_socket(EXPORT), nbd_export=EXPORT)
+            def guest_empty(run: Path) -> object:
+                with empty_export(run / "empty.sock") as socket_path:
+                    return guest_reads(run, arguments.reads, "data", False, data_disk_speed="nbd",
+                                       data_nbd_socket=socket_path)
             variants += [("guest: file in the host page cache", guest_file),
+                         ("guest: empty asyncio server", guest_empty),
                          ("guest: qemu-nbd", guest_qemu_nbd), ("guest: tmemd cached disk", guest_cached_disk),
                          ("guest: tmemd swap export", guest_swap_export)]
         for name, measure in variants:

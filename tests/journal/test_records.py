@@ -1,9 +1,11 @@
 """The C record builder (tmem_host.journal._records) makes the journal codec's
 bytes, record for record: checked against codec.put_record / codec.encode and
-decoded back with the codec's own decoder."""
+decoded back with the codec's own decoder. Its crc32 (ISA-L's, which the codec
+and save files use too) is zlib's CRC-32, checked against zlib itself."""
 
 from __future__ import annotations
 
+import zlib
 from typing import Any
 
 import pytest
@@ -11,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tmem_host.journal import codec
-from tmem_host.journal._records import batch_records, flush_records, object_records
+from tmem_host.journal._records import batch_records, crc32, flush_records, object_records
 from tmem_host.journal.journaled import _special_record
 from tmem_host.store.store import DedupBlob
 from tmem_host.store.tier import RemotePage
@@ -21,6 +23,19 @@ U64 = st.integers(0, 2**64 - 1)
 OIDS = st.tuples(U64, U64, U64)
 STORED = st.one_of(U64, st.binary(max_size=4096))  # a fill word or data bytes
 REFUSALS = [Status.REFUSED, Status.FROZEN]
+
+
+@given(st.binary(max_size=300_000), st.integers(0, 2**32 - 1), st.integers(0, 64))
+def test_crc32_is_zlibs(data: bytes, value: int, offset: int) -> None:
+    """The journal's records and save files written before ISA-L (zlib's crc32)
+    must still check, and a record the other way round: the same CRC, whole,
+    continued from any value, and over a memoryview that starts anywhere."""
+    assert crc32(data) == zlib.crc32(data)
+    assert crc32(data, value) == zlib.crc32(data, value)
+    view = memoryview(data)[min(offset, len(data)):]
+    assert crc32(view, value) == zlib.crc32(view, value)
+    head, tail = data[:offset], data[offset:]
+    assert crc32(tail, crc32(head)) == zlib.crc32(data)
 
 
 def reference(pool_id: int, keys: list[tuple[Oid, int]], statuses: list[Status],

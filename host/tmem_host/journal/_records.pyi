@@ -1,5 +1,9 @@
 from collections.abc import Callable, Mapping, Sequence
 
+from tmem_wire.abi import Buffer
+
+def crc32(data: Buffer, value: int = 0, /) -> int: ...
+
 def batch_records(pool_id: int, keys: Sequence[tuple[tuple[int, int, int], int]], statuses: Sequence[int],
                   objects: Mapping[tuple[int, int, int], Mapping[int, object]], ok: int, invalid: int,
                   special: Callable[[tuple[int, int, int], int, object], bytes]) -> tuple[bytes, int]: ...

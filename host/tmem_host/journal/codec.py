@@ -33,7 +33,6 @@ has no flags: every journaled pool is persistent and private.
 from __future__ import annotations
 
 import struct
-import zlib
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Final
@@ -43,6 +42,7 @@ from tmem_wire.abi import NEED_DATA as NEED_DATA
 from tmem_wire.abi import Buffer, Oid, TmemWireError
 from tmem_wire.abi import NeedData as NeedData
 
+from tmem_host.journal._records import crc32
 from tmem_host.store.tier import RemotePage
 
 MAGIC: Final = 0x4A54  # "TJ" little-endian
@@ -152,9 +152,9 @@ _PUT_HEAD = struct.Struct("<HBBI" + _PUT.format.lstrip("<"))
 def _frame(record_type: RecordType, *body: Buffer) -> list[Buffer]:
     length = sum(len(part) for part in body)
     rest = _HEADER_REST.pack(MAGIC, record_type, 0, length)
-    crc = zlib.crc32(rest)
+    crc = crc32(rest)
     for part in body:
-        crc = zlib.crc32(part, crc)
+        crc = crc32(part, crc)
     return [crc.to_bytes(_CRC_SIZE, "little"), rest, *body]
 
 
@@ -173,7 +173,7 @@ def put_record(pool_id: int, oid: Oid, index: int, stored: int | bytes | RemoteP
         tag = PageTag.DATA
     head = _PUT_HEAD.pack(MAGIC, RecordType.PUT, 0, _PUT.size + len(data),
                           pool_id, oid[0], oid[1], oid[2], index, tag)
-    return [zlib.crc32(data, zlib.crc32(head)).to_bytes(_CRC_SIZE, "little"), head, data]
+    return [crc32(data, crc32(head)).to_bytes(_CRC_SIZE, "little"), head, data]
 
 
 #: Bytes a PUT record adds to its stored page's data bytes.
@@ -244,7 +244,7 @@ class JournalDecoder:
             return NEED_DATA
         view = memoryview(buffer)
         try:
-            actual = zlib.crc32(view[start + _CRC_SIZE : end])
+            actual = crc32(view[start + _CRC_SIZE : end])
             if actual != crc:
                 raise JournalError(f"bad record crc at byte {self.consumed}")
             record = _decode_body(record_type, bytes(view[start + HEADER_SIZE : end]))

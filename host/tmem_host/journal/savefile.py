@@ -25,7 +25,6 @@ import hashlib
 import json
 import os
 import struct
-import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -33,6 +32,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Final
 
 from tmem_host.journal import codec
+from tmem_host.journal._records import crc32
 from tmem_host.statefiles import fsync_dir, open_state_file
 from tmem_wire.abi import Buffer
 from tmem_wire.frontswap import PAGE_SIZE
@@ -94,10 +94,10 @@ class _HashingWriter:
 
     def section(self, kind: Section, pieces: Sequence[Buffer]) -> None:
         head = SECTION_HEAD.pack(kind, sum(len(piece) for piece in pieces))
-        crc = zlib.crc32(head)
+        crc = crc32(head)
         self.raw(head)
         for piece in pieces:
-            crc = zlib.crc32(piece, crc)
+            crc = crc32(piece, crc)
             self.raw(piece)
         self.raw(_CRC.pack(crc))
         self.sections += 1
@@ -214,7 +214,7 @@ def read_save_file(path: Path) -> SavedGuest:
             crc = stream.read(_CRC.size)
             if len(body) < length or len(crc) < _CRC.size:
                 raise SaveFileError(f"{path} is cut short in the section at byte {at}")
-            if _CRC.unpack(crc)[0] != zlib.crc32(body, zlib.crc32(head)):
+            if _CRC.unpack(crc)[0] != crc32(body, crc32(head)):
                 raise SaveFileError(f"bad crc in the section at byte {at}")
             if kind == Section.END:
                 count, digest = _exact_unpack(_END, body, at)

@@ -794,6 +794,8 @@ class RemoteTier:
         if window <= 0:
             return
         stream, group = _group_of(pool_id, oid, index)
+        if group == guest.stream_group and stream == guest.stream:
+            return  # the neighbourhood's first get did this (its mark is gone)
         marks = guest.ahead_marks
         sequential = (stream, group) in marks or (
             stream == guest.stream and 0 < group - guest.stream_group <= 2)
