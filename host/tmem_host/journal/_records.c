@@ -10,13 +10,14 @@
  *     PUT           pool u8, oid 3 x u64, index u64, tag u8, stored page
  *     FLUSH_PAGE    pool u8, oid 3 x u64, index u64
  *     FLUSH_OBJECT  pool u8, oid 3 x u64
+ *     REMOTE        pool u8, oid 3 x u64, index u64, version u64, size u32
  *
  * little-endian, the crc32 (zlib's CRC-32, as Python's zlib.crc32) over
  * everything after it. A stored page that is an int is a fill word (tag FILL,
- * 8 bytes), bytes are data (tag DATA); any other value (a dedup blob, a page in
- * the remote tier) is handed to the caller's `special(oid, index, value)`, which
- * returns its record's bytes. tests/journal/test_records.py compares every
- * record with the codec's, byte for byte.
+ * 8 bytes), bytes are data (tag DATA), a RemotePage makes a REMOTE record; any
+ * other value (a dedup blob) is handed to the caller's `special(oid, index,
+ * value)`, which returns its record's bytes. tests/journal/test_records.py
+ * compares every record with the codec's, byte for byte.
  *
  * The CRC is ISA-L's crc32_gzip_refl (Debian's libisal-dev): zlib's CRC-32,
  * computed with PCLMULQDQ where the CPU has it (0.05 us for a 2.4 KiB record,
@@ -33,6 +34,7 @@
 #define TYPE_PUT 2
 #define TYPE_FLUSH_PAGE 3
 #define TYPE_FLUSH_OBJECT 4
+#define TYPE_REMOTE 8
 #define WHOLE_OBJECT UINT64_MAX  /* the ABI's index for "the whole object" */
 #define TAG_FILL 0
 #define TAG_DATA 1
@@ -112,14 +114,14 @@ split_key(PyObject *key, PyObject **oid, PyObject **index)
     return 0;
 }
 
-/* One record: header, key (FLUSH_OBJECT: without the index), then (PUT) the
- * tag and `data`. */
+/* One record: header, key (FLUSH_OBJECT: without the index), then the tag (PUT)
+ * and `data` (PUT: the stored page; REMOTE: version and size). */
 static int
 append_record(struct out *out, int type, int pool_id, const struct key *key, int tag,
               const char *data, size_t data_length)
 {
     size_t key_size = type == TYPE_FLUSH_OBJECT ? OBJECT_KEY_SIZE : KEY_SIZE;
-    size_t body = key_size + (type == TYPE_PUT ? 1 + data_length : 0);
+    size_t body = key_size + (type == TYPE_PUT) + data_length;
     if (reserve(out, HEADER_SIZE + body) < 0) {
         return -1;
     }
@@ -139,8 +141,10 @@ append_record(struct out *out, int type, int pool_id, const struct key *key, int
     }
     p += key_size;
     if (type == TYPE_PUT) {
-        p[0] = (unsigned char)tag;
-        memcpy(p + 1, data, data_length);
+        *p++ = (unsigned char)tag;
+    }
+    if (data_length) {
+        memcpy(p, data, data_length);
     }
     uint32_t crc = crc32_gzip_refl(0, record + 4, (uint64_t)(HEADER_SIZE - 4 + body));
     put_le(record, crc, 4);
@@ -148,7 +152,43 @@ append_record(struct out *out, int type, int pool_id, const struct key *key, int
     return 0;
 }
 
-/* The PUT record of a stored page, or `special`'s bytes for another value. */
+/* tmem_host.store.tier.RemotePage, looked up when the module is loaded. */
+static PyObject *remote_page_type;
+
+/* The REMOTE record of a page in the remote tier: its version and size. */
+static int
+append_remote(struct out *out, int pool_id, const struct key *key, PyObject *page)
+{
+    unsigned char tail[12];
+    PyObject *version = PyObject_GetAttrString(page, "version");
+    if (version == NULL) {
+        return -1;
+    }
+    uint64_t version_value = PyLong_AsUnsignedLongLong(version);
+    Py_DECREF(version);
+    if (version_value == (uint64_t)-1 && PyErr_Occurred()) {
+        return -1;
+    }
+    PyObject *nbytes = PyObject_GetAttrString(page, "nbytes");
+    if (nbytes == NULL) {
+        return -1;
+    }
+    unsigned long long nbytes_value = PyLong_AsUnsignedLongLong(nbytes);
+    Py_DECREF(nbytes);
+    if (nbytes_value == (unsigned long long)-1 && PyErr_Occurred()) {
+        return -1;
+    }
+    if (nbytes_value > UINT32_MAX) {
+        PyErr_SetString(PyExc_OverflowError, "a remote page's size is a u32");
+        return -1;
+    }
+    put_le(tail, version_value, 8);
+    put_le(tail + 8, nbytes_value, 4);
+    return append_record(out, TYPE_REMOTE, pool_id, key, 0, (const char *)tail, sizeof tail);
+}
+
+/* The PUT record of a stored page, the REMOTE record of a page in the remote
+ * tier, or `special`'s bytes for another value (a dedup blob). */
 static int
 append_put(struct out *out, int pool_id, PyObject *oid, PyObject *index, PyObject *value,
            PyObject *special)
@@ -169,6 +209,12 @@ append_put(struct out *out, int pool_id, PyObject *oid, PyObject *index, PyObjec
         }
         return append_record(out, TYPE_PUT, pool_id, &key, TAG_DATA, PyBytes_AS_STRING(value),
                              (size_t)PyBytes_GET_SIZE(value));
+    }
+    if (Py_IS_TYPE(value, (PyTypeObject *)remote_page_type)) {
+        if (parse_key(oid, index, &key) < 0) {
+            return -1;
+        }
+        return append_remote(out, pool_id, &key, value);
     }
     PyObject *record = PyObject_CallFunctionObjArgs(special, oid, index, value, NULL);
     if (record == NULL) {
@@ -428,5 +474,18 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC
 PyInit__records(void)
 {
+    PyObject *tier = PyImport_ImportModule("tmem_host.store.tier");
+    if (tier == NULL) {
+        return NULL;
+    }
+    remote_page_type = PyObject_GetAttrString(tier, "RemotePage");
+    Py_DECREF(tier);
+    if (remote_page_type == NULL) {
+        return NULL;
+    }
+    if (!PyType_Check(remote_page_type)) {
+        PyErr_SetString(PyExc_TypeError, "tmem_host.store.tier.RemotePage is not a class");
+        return NULL;
+    }
     return PyModule_Create(&module);
 }
