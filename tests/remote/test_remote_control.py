@@ -25,7 +25,7 @@ from tmem_host.nbd.client import NbdClient
 from tmem_host.waiting import wait_until
 
 from ..daemon.test_control import assert_shape, ok, tmemctl
-from .test_tier import read_errors, write_slots
+from .test_tier import read_errors, wait_for_demoter, write_slots
 
 # 8 MiB through a 4 MiB budget: about half of it goes to the cluster.
 SLOTS = range(0, 2048)
@@ -224,6 +224,7 @@ def test_save_reads_remote_pages_back_and_restore_takes_the_guest_over(
         tmemd_remote: TmemdProcess, tmp_path: Path, redis_cluster: LocalCluster) -> None:
     with NbdClient(tmemd_remote.nbd_socket("g1"), "g1") as client:
         write_slots(client, SLOTS)
+    wait_for_demoter(tmemd_remote)  # (CI once saw it move 256 more pages before the save)
     in_cluster = remote(tmemd_remote)["remote_pages"]
     assert in_cluster > len(SLOTS) // 4, in_cluster
     saved = tmp_path / "g1.tmemsave"

@@ -22,6 +22,7 @@ from tmem_host.daemon.process import TmemdProcess
 from tmem_host.nbd.client import ClientRequest, NbdClient
 from tmem_host.remote.cluster import LocalCluster
 from tmem_host.remote.tier import VALUE_HEADER, decode_value, is_page_key
+from tmem_host.replies import RemoteStats
 from tmem_host.waiting import wait_until
 from tmem_wire import nbd
 
@@ -74,11 +75,28 @@ def tmemd_remote(request: pytest.FixtureRequest, tmp_path: Path,
     redis_cluster.flushall()
 
 
-def remote_stats(tmemd: TmemdProcess, guest: str = "g1") -> dict[str, object]:
+def remote_totals(tmemd: TmemdProcess) -> RemoteStats:
     with tmemd.control() as control:
         remote = control.stats()["remote"]
     assert remote is not None
-    return dict(remote["guests"][guest])
+    return remote
+
+
+def wait_for_demoter(tmemd: TmemdProcess) -> None:
+    """Until the demoter has stopped moving pages to the cluster after the writes
+    (down to its target): no round trip for longer than its 0.5 s wake-up."""
+    samples = [remote_totals(tmemd)["round_trips"]]
+
+    def stopped() -> bool:
+        samples.append(remote_totals(tmemd)["round_trips"])
+        return samples[-1] == samples[-2]
+
+    time.sleep(0.7)
+    assert wait_until(stopped, 30, interval=0.7), "the demoter did not stop"
+
+
+def remote_stats(tmemd: TmemdProcess, guest: str = "g1") -> dict[str, object]:
+    return dict(remote_totals(tmemd)["guests"][guest])
 
 
 def test_pages_beyond_memory_go_to_the_cluster_and_come_back_exactly(
@@ -109,22 +127,11 @@ def test_a_64_page_read_is_one_round_trip_per_node(tmemd_remote: TmemdProcess,
         write_slots(client, range(0, 4096))
 
         def round_trips() -> int:
-            with tmemd_remote.control() as control:
-                remote = control.stats()["remote"]
-            assert remote is not None
-            return remote["round_trips"]
+            return remote_totals(tmemd_remote)["round_trips"]
 
         # The demoter goes on after the writes (down to its target): its pipelines
-        # are round trips too. Count from when it has stopped (longer without a
-        # round trip than its 0.5 s wake-up).
-        samples = [round_trips()]
-
-        def demoter_stopped() -> bool:
-            samples.append(round_trips())
-            return samples[-1] == samples[-2]
-
-        time.sleep(0.7)
-        assert wait_until(demoter_stopped, 30, interval=0.7), "the demoter did not stop"
+        # are round trips too. Count from when it has stopped.
+        wait_for_demoter(tmemd_remote)
 
         # 64 aligned slots share one hash tag: one MGET on one node.
         before = round_trips()
