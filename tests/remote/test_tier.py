@@ -256,6 +256,7 @@ def test_kill_9_of_tmemd_finds_its_remote_pages_again(tmemd_remote: TmemdProcess
     slots = range(0, 2048)
     with NbdClient(tmemd_remote.nbd_socket("g1"), "g1") as client:
         write_slots(client, slots)
+    wait_for_demoter(tmemd_remote)  # (else a demotion may land between the count and the kill)
     before = remote_stats(tmemd_remote)
     assert isinstance(before["remote_pages"], int) and before["remote_pages"] > 0
     tmemd_remote.crash_and_restart()
