@@ -146,7 +146,7 @@ def run_agent(arguments: argparse.Namespace) -> int:
             publishers.append(cache_publisher)
             serve_cache(session, cache_pool, cache_counters, source, mountpoint, ready=READY_FILE, stopping=stopping)
         else:
-            READY_FILE.write_text(f"{os.getpid()}\n")
+            counters.write_text_atomically(READY_FILE, f"{os.getpid()}\n")
             while not stopping.wait(1.0):
                 if server is not None and server.finished.is_set():
                     log.error("the NBD device went away")

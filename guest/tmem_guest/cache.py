@@ -34,7 +34,7 @@ from typing import Any, TypeVar
 import pyfuse3
 import trio
 
-from tmem_guest.counters import Counters
+from tmem_guest.counters import Counters, write_text_atomically
 from tmem_guest.readthrough import PageCacheBridge
 from tmem_guest.session import Session, SessionPool
 from tmem_wire.frontswap import page_span
@@ -312,7 +312,7 @@ def serve_cache(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(pyfuse3.main)
             nursery.start_soon(watch_stop)
-            ready.write_text(f"{os.getpid()}\n")
+            write_text_atomically(ready, f"{os.getpid()}\n")  # never read half-written
 
     try:
         trio.run(serve)

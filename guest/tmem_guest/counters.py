@@ -129,10 +129,15 @@ class Counters:
         return snapshot
 
 
-def write_json_atomically(path: Path, document: Mapping[str, object]) -> None:
+def write_text_atomically(path: Path, text: str) -> None:
+    """Readers see the old file or the whole new one, never a part (a rename)."""
     temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(document, sort_keys=True) + "\n")
+    temporary.write_text(text)
     os.replace(temporary, path)
+
+
+def write_json_atomically(path: Path, document: Mapping[str, object]) -> None:
+    write_text_atomically(path, json.dumps(document, sort_keys=True) + "\n")
 
 
 class StatsPublisher:

@@ -89,9 +89,7 @@ def start_agent(guest: Guest, arguments: str, timeout: float = 120.0) -> int:
         f"{arguments} > {AGENT_LOG_FILE} 2>&1 < /dev/null"
     )
     deadline = time.monotonic() + timeout
-    # The file may be seen between its creation and the agent's write of its pid.
-    while (ready := guest.ssh(f"cat {AGENT_READY_FILE}", check=False)).exit_status != 0 \
-            or not ready.stdout.strip():
+    while (ready := guest.ssh(f"cat {AGENT_READY_FILE}", check=False)).exit_status != 0:
         if time.monotonic() > deadline:
             raise AgentError(f"agent not ready in {timeout:.0f} s:\n{agent_log(guest)}")
         time.sleep(0.5)
