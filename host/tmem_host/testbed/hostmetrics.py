@@ -23,6 +23,7 @@ class ProcessUsage:
     cpu_s: float  # user + system
     rss_bytes: int
     peak_rss_bytes: int  # VmHWM: the high-water mark since the process started
+    guest_cpu_s: float = 0.0  # of cpu_s, the time its KVM vCPUs ran in guest mode
 
 
 def process_usage(pid: int) -> ProcessUsage | None:
@@ -36,7 +37,7 @@ def process_usage(pid: int) -> ProcessUsage | None:
         return None
     # Fields after the parenthesised command name, which may contain spaces.
     fields = stat[stat.rindex(")") + 2 :].split()
-    utime, stime = int(fields[11]), int(fields[12])
+    utime, stime, guest_time = int(fields[11]), int(fields[12]), int(fields[40])
     memory = {}
     for line in status.splitlines():
         name, _, rest = line.partition(":")
@@ -46,6 +47,7 @@ def process_usage(pid: int) -> ProcessUsage | None:
         cpu_s=(utime + stime) / _CLOCK_TICKS,
         rss_bytes=memory.get("VmRSS", 0),
         peak_rss_bytes=memory.get("VmHWM", 0),
+        guest_cpu_s=guest_time / _CLOCK_TICKS,
     )
 
 

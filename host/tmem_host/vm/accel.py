@@ -3,7 +3,10 @@
 On some hosts /dev/kvm opens and KVM_CREATE_VM succeeds, yet a KVM guest never
 gets past the kernel decompressor. So `auto` boots the image's kernel with a
 tiny initramfs that prints a marker and powers off; no marker within the probe
-timeout means TCG. The verdict is cached in ~/.cache/tmem-testbed/accel.json,
+timeout means TCG. On others (a CPU without VMX/SVM behind a /dev/kvm that
+opens) the vCPU thread spins in the host kernel and never enters the guest: the
+probe says so as soon as that thread has burned STUCK_VCPU_CPU_S of CPU with no
+tick of guest time, instead of holding a core until the timeout. The verdict is cached in ~/.cache/tmem-testbed/accel.json,
 keyed by the host kernel, the QEMU version and the guest kernel.
 """
 from __future__ import annotations
@@ -18,10 +21,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
+from tmem_host.testbed.hostmetrics import process_usage
 from tmem_host.vm.image import GuestImage, cache_root
 from tmem_host.vm.recipe import PROBE_MARKER
 
 PROBE_TIMEOUT_S = 25.0
+# A working KVM guest prints the marker in about a second, nearly all of it in
+# guest mode; this much CPU without one tick there is a vCPU that cannot enter.
+STUCK_VCPU_CPU_S = 2.0
 QEMU_BINARY = "qemu-system-x86_64"
 
 
@@ -83,6 +90,11 @@ def probe_kvm(image: GuestImage, timeout: float = PROBE_TIMEOUT_S) -> AccelVerdi
                     elapsed = time.monotonic() - started
                     return AccelVerdict("kvm", f"a KVM probe guest booted in {elapsed:.1f} s: "
                                                "using KVM", key)
+                usage = process_usage(process.pid)
+                if usage is not None and usage.cpu_s >= STUCK_VCPU_CPU_S and usage.guest_cpu_s == 0:
+                    return AccelVerdict("tcg", f"/dev/kvm opens but a KVM probe guest's vCPU spent "
+                                               f"{usage.cpu_s:.1f} s of CPU in the host without "
+                                               "entering the guest (hung): using TCG", key)
                 if process.poll() is not None:
                     assert process.stderr is not None
                     error = process.stderr.read().decode(errors="replace").strip()
