@@ -504,7 +504,7 @@ def _special_record(pool_id: int) -> Callable[[Oid, int, object], bytes]:
     """The record of a page the C record builder leaves to Python: a dedup blob's
     stored form (it builds a remote page's REMOTE record itself)."""
     def record(oid: Oid, index: int, value: object) -> bytes:
-        assert isinstance(value, (DedupBlob, RemotePage))
+        assert isinstance(value, DedupBlob)
         return b"".join(codec.put_record(pool_id, oid, index, stored_form(value)))
     return record
 
