@@ -240,9 +240,12 @@ def _tail(path: Path, lines: int = 30) -> str:
 class LocalCluster:
     def __init__(self, scratch_dir: Path, *, masters: int = 3, replicas_per_master: int = 1,
                  base_port: int | None = None, maxmemory_policy: str = "noeviction",
-                 appendonly: bool = True) -> None:
+                 appendonly: bool = True, aof_rewrite: bool = True) -> None:
         """``base_port``: the first client port to try (default: a random one in
-        PORT_RANGE); busy ports, or ports whose bus port is busy, are skipped."""
+        PORT_RANGE); busy ports, or ports whose bus port is busy, are skipped.
+        ``aof_rewrite=False``: the nodes never rewrite their append-only files on
+        their own (each rewrite forks and writes the node's whole data set; a
+        benchmark wants none landing in one timed row and not in another)."""
         if masters < 3:
             raise ValueError("redis-cli --cluster create needs at least 3 masters")
         if replicas_per_master < 0:
@@ -253,6 +256,7 @@ class LocalCluster:
         self.base_port = base_port
         self.maxmemory_policy = maxmemory_policy
         self.appendonly = appendonly
+        self.aof_rewrite = aof_rewrite
         self._nodes: list[RedisNode] = []
         self._next_port = base_port if base_port is not None else random.randrange(*PORT_RANGE)
 
@@ -343,6 +347,7 @@ class LocalCluster:
             "cluster-enabled yes", "cluster-config-file nodes.conf",
             f"cluster-node-timeout {NODE_TIMEOUT_MS}",
             f"appendonly {'yes' if self.appendonly else 'no'}", "appendfsync everysec",
+            f"auto-aof-rewrite-percentage {100 if self.aof_rewrite else 0}",
             # No RDB snapshots: their fork stalls the node and the AOF is the record.
             'save ""',
             # A replica's full sync starts at once, not after the default 5 s wait
