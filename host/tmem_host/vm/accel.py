@@ -6,8 +6,10 @@ tiny initramfs that prints a marker and powers off; no marker within the probe
 timeout means TCG. On others (a CPU without VMX/SVM behind a /dev/kvm that
 opens) the vCPU thread spins in the host kernel and never enters the guest: the
 probe says so as soon as that thread has burned STUCK_VCPU_CPU_S of CPU with no
-tick of guest time, instead of holding a core until the timeout. The verdict is cached in ~/.cache/tmem-testbed/accel.json,
-keyed by the host kernel, the QEMU version and the guest kernel.
+tick of guest time, instead of holding a core until the timeout.
+
+The verdict is cached in ~/.cache/tmem-testbed/accel.json, keyed by the host
+kernel, the QEMU version and the guest kernel.
 """
 from __future__ import annotations
 
